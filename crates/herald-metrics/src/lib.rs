@@ -1,0 +1,306 @@
+//! Herald's Prometheus metrics.
+//!
+//! [`Metrics::new`] registers every metric into a [`Registry`] that the caller (the
+//! `herald` binary, or a test) creates and owns; there is no global registry, so several
+//! nodes can run in one test process without sharing counters.
+//!
+//! Names carry the `herald_` prefix and labels come from small closed sets (a reason, a
+//! source, a close code) — never a channel or a client — so a scrape stays cheap at any
+//! number of connections. Label values are resolved once here, so the hot paths touch
+//! one atomic per update and never hash a label.
+//!
+//! Every metric is documented in `ARCHITECTURE.md` ("Metrics").
+#![deny(missing_docs)]
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+pub use prometheus;
+
+/// Why a connection attempt was refused before it became a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The node holds its configured maximum of connections.
+    Limit,
+    /// The HTTP upgrade did not complete within the handshake timeout.
+    HandshakeTimeout,
+    /// The upgrade request was malformed (not a WebSocket upgrade).
+    BadRequest,
+    /// The `Origin` header is not on the allowed list.
+    Origin,
+    /// The node is draining.
+    Draining,
+}
+
+/// Why a message was not delivered to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The subscriber's outbound queue was full; the subscriber is disconnected.
+    SlowConsumer,
+    /// The node's inbound queue from the broker was full.
+    HubOverflow,
+}
+
+/// Where a publication entered the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Herald's HTTP API.
+    Http,
+    /// A WebSocket client's publish op or binary frame.
+    Client,
+    /// Received from the broker without a Herald envelope (a backend published straight
+    /// into it).
+    External,
+}
+
+/// Handles to every Herald metric.
+#[derive(Clone)]
+pub struct Metrics {
+    /// WebSocket sessions currently open.
+    pub connections: IntGauge,
+    /// Channel subscriptions currently held by sessions on this node.
+    pub subscriptions: IntGauge,
+    /// Channels with at least one local subscriber.
+    pub channels: IntGauge,
+    /// Sessions opened.
+    pub connections_opened: IntCounter,
+    /// Sessions closed, for any reason.
+    pub connections_closed: IntCounter,
+    rejected_limit: IntCounter,
+    rejected_handshake: IntCounter,
+    rejected_bad_request: IntCounter,
+    rejected_origin: IntCounter,
+    rejected_draining: IntCounter,
+    close_codes: IntCounterVec,
+    published_http: IntCounter,
+    published_client: IntCounter,
+    published_external: IntCounter,
+    /// Frames written to subscribers' sockets (one per subscriber per message).
+    pub delivered: IntCounter,
+    dropped_slow: IntCounter,
+    dropped_overflow: IntCounter,
+    /// Sessions closed with 1013 because they could not keep up.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Bytes waiting in all sessions' outbound queues.
+    pub outbound_queue_bytes: IntGauge,
+    /// Error frames sent to clients, by code.
+    pub client_errors: IntCounterVec,
+    /// 1 while the broker is connected and usable, else 0.
+    pub broker_up: IntGauge,
+    /// Broker (re)connections after a failure.
+    pub broker_reconnects: IntCounter,
+    /// Time for the broker to accept a publish.
+    pub broker_publish_seconds: Histogram,
+    /// Time from the publishing node accepting a message to this node writing it to a
+    /// subscriber's socket (sampled once per socket write batch).
+    pub delivery_lag_seconds: Histogram,
+}
+
+impl Metrics {
+    /// Creates every metric and registers it, with the process collector and build
+    /// info, into `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let counter_vec =
+            |name: &str, help: &str, label: &str| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let latency_buckets = vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0,
+        ];
+
+        let rejected = counter_vec(
+            "herald_connections_rejected_total",
+            "Connection attempts refused before a session began, by reason.",
+            "reason",
+        )?;
+        let published = counter_vec(
+            "herald_messages_published_total",
+            "Publications accepted by this node, by where they entered (http, client) or, for publications received from the broker without a Herald envelope, external.",
+            "source",
+        )?;
+        let dropped = counter_vec(
+            "herald_messages_dropped_total",
+            "Messages not delivered, by reason (slow_consumer: per subscriber; hub_overflow: per message).",
+            "reason",
+        )?;
+
+        let build = IntGaugeVec::new(
+            Opts::new("herald_build_info", "Always 1; labels carry the build."),
+            &["version"],
+        )?;
+        registry.register(Box::new(build.clone()))?;
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+
+        Ok(Metrics {
+            connections: gauge("herald_connections", "WebSocket sessions currently open.")?,
+            subscriptions: gauge(
+                "herald_subscriptions",
+                "Channel subscriptions currently held by sessions on this node.",
+            )?,
+            channels: gauge(
+                "herald_channels",
+                "Channels with at least one subscriber on this node.",
+            )?,
+            connections_opened: counter(
+                "herald_connections_opened_total",
+                "WebSocket sessions opened.",
+            )?,
+            connections_closed: counter(
+                "herald_connections_closed_total",
+                "WebSocket sessions closed, for any reason.",
+            )?,
+            rejected_limit: rejected.with_label_values(&["limit"]),
+            rejected_handshake: rejected.with_label_values(&["handshake_timeout"]),
+            rejected_bad_request: rejected.with_label_values(&["bad_request"]),
+            rejected_origin: rejected.with_label_values(&["origin"]),
+            rejected_draining: rejected.with_label_values(&["draining"]),
+            close_codes: counter_vec(
+                "herald_close_codes_total",
+                "Close frames sent by the server, by WebSocket close code.",
+                "code",
+            )?,
+            published_http: published.with_label_values(&["http"]),
+            published_client: published.with_label_values(&["client"]),
+            published_external: published.with_label_values(&["external"]),
+            delivered: counter(
+                "herald_messages_delivered_total",
+                "Message frames written to subscribers' sockets.",
+            )?,
+            dropped_slow: dropped.with_label_values(&["slow_consumer"]),
+            dropped_overflow: dropped.with_label_values(&["hub_overflow"]),
+            slow_consumer_disconnects: counter(
+                "herald_slow_consumer_disconnects_total",
+                "Sessions closed with 1013 because their outbound queue overflowed.",
+            )?,
+            outbound_queue_bytes: gauge(
+                "herald_outbound_queue_bytes",
+                "Bytes waiting in all sessions' outbound queues.",
+            )?,
+            client_errors: counter_vec(
+                "herald_client_errors_total",
+                "Error frames sent to WebSocket clients, by error code.",
+                "code",
+            )?,
+            broker_up: gauge(
+                "herald_broker_up",
+                "1 while the broker is connected and usable, else 0.",
+            )?,
+            broker_reconnects: counter(
+                "herald_broker_reconnects_total",
+                "Broker reconnections after a failure.",
+            )?,
+            broker_publish_seconds: histogram(
+                "herald_broker_publish_seconds",
+                "Time for the broker to accept a publish (or a batch of them).",
+                latency_buckets.clone(),
+            )?,
+            delivery_lag_seconds: histogram(
+                "herald_delivery_lag_seconds",
+                "Time from the publishing node accepting a message to this node writing it to a subscriber's socket; sampled once per socket write batch.",
+                latency_buckets,
+            )?,
+        })
+    }
+
+    /// A connection attempt was refused.
+    pub fn rejected(&self, reason: RejectReason) {
+        match reason {
+            RejectReason::Limit => &self.rejected_limit,
+            RejectReason::HandshakeTimeout => &self.rejected_handshake,
+            RejectReason::BadRequest => &self.rejected_bad_request,
+            RejectReason::Origin => &self.rejected_origin,
+            RejectReason::Draining => &self.rejected_draining,
+        }
+        .inc();
+    }
+
+    /// The server sent a close frame with `code`.
+    pub fn close_code(&self, code: u16) {
+        self.close_codes
+            .with_label_values(&[itoa(code).as_str()])
+            .inc();
+    }
+
+    /// `n` publications entered through `source`.
+    pub fn published(&self, source: Source, n: u64) {
+        match source {
+            Source::Http => &self.published_http,
+            Source::Client => &self.published_client,
+            Source::External => &self.published_external,
+        }
+        .inc_by(n);
+    }
+
+    /// A message was dropped.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        match reason {
+            DropReason::SlowConsumer => &self.dropped_slow,
+            DropReason::HubOverflow => &self.dropped_overflow,
+        }
+        .inc_by(n);
+    }
+
+    /// A fresh set of metrics in a throwaway registry, for unit tests of other crates.
+    pub fn unregistered() -> Self {
+        Metrics::new(&Registry::new()).expect("a fresh registry has no name clashes")
+    }
+}
+
+fn itoa(n: u16) -> String {
+    n.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::Encoder;
+
+    #[test]
+    fn registers_and_encodes() {
+        let registry = Registry::new();
+        let m = Metrics::new(&registry).unwrap();
+        m.connections.inc();
+        m.rejected(RejectReason::Limit);
+        m.close_code(1013);
+        m.published(Source::Http, 2);
+        let mut out = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut out)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("herald_connections 1"), "{text}");
+        assert!(text.contains(r#"herald_connections_rejected_total{reason="limit"} 1"#));
+        assert!(text.contains(r#"herald_close_codes_total{code="1013"} 1"#));
+        assert!(text.contains(r#"herald_messages_published_total{source="http"} 2"#));
+        assert!(text.contains("herald_build_info"));
+        // Two nodes in one process each own their registry.
+        assert!(Metrics::new(&Registry::new()).is_ok());
+    }
+}

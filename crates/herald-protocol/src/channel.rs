@@ -1,0 +1,177 @@
+//! Channel names and publish-permission patterns.
+//!
+//! A channel name is 1 to 255 bytes drawn from `A-Z a-z 0-9 _ - . : @ /`. The limit of
+//! 255 lets the binary frame layout carry the name's length in one byte, and the
+//! character set keeps names safe to embed in Redis keys, URLs and log lines unescaped.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// The longest channel name, in bytes.
+pub const MAX_LEN: usize = 255;
+
+/// Why a string is not a channel name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidChannel {
+    /// The name is empty.
+    #[error("channel name is empty")]
+    Empty,
+    /// The name is longer than [`MAX_LEN`] bytes.
+    #[error("channel name is {0} bytes; the limit is 255")]
+    TooLong(usize),
+    /// The name holds a byte outside the allowed set.
+    #[error("channel name has a character outside A-Z a-z 0-9 _ - . : @ /")]
+    BadCharacter,
+}
+
+/// Whether `b` may appear in a channel name.
+#[inline]
+pub fn is_channel_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@' | b'/')
+}
+
+/// Checks `name` against the channel-name rules.
+pub fn validate(name: &[u8]) -> Result<(), InvalidChannel> {
+    if name.is_empty() {
+        return Err(InvalidChannel::Empty);
+    }
+    if name.len() > MAX_LEN {
+        return Err(InvalidChannel::TooLong(name.len()));
+    }
+    if !name.iter().all(|&b| is_channel_byte(b)) {
+        return Err(InvalidChannel::BadCharacter);
+    }
+    Ok(())
+}
+
+/// A validated channel name. Cheap to clone: the hub and every queue share one allocation.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelName(Arc<str>);
+
+impl ChannelName {
+    /// Validates `name` and wraps it.
+    pub fn new(name: &str) -> Result<Self, InvalidChannel> {
+        validate(name.as_bytes())?;
+        Ok(ChannelName(Arc::from(name)))
+    }
+
+    /// Validates raw bytes (e.g. from a binary frame) and wraps them.
+    pub fn from_bytes(name: &[u8]) -> Result<Self, InvalidChannel> {
+        validate(name)?;
+        // Validation admits ASCII only, so this cannot fail.
+        let s = std::str::from_utf8(name).map_err(|_| InvalidChannel::BadCharacter)?;
+        Ok(ChannelName(Arc::from(s)))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// A set of channel patterns, e.g. the channels clients may publish to.
+///
+/// A pattern is either an exact channel name, or a prefix followed by a single trailing
+/// `*` that matches any rest (`chat:*` matches `chat:lobby`; a lone `*` matches every
+/// channel). An empty set matches nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelPatterns {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+/// A pattern that is neither a channel name nor a channel-name prefix followed by `*`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid channel pattern {pattern:?}: use a channel name, or a prefix followed by one trailing '*'")]
+pub struct InvalidPattern {
+    /// The offending pattern.
+    pub pattern: String,
+}
+
+impl ChannelPatterns {
+    /// Parses a list of patterns.
+    pub fn new<I, S>(patterns: I) -> Result<Self, InvalidPattern>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut set = ChannelPatterns::default();
+        for p in patterns {
+            let p = p.as_ref();
+            let bad = || InvalidPattern {
+                pattern: p.to_owned(),
+            };
+            if let Some(prefix) = p.strip_suffix('*') {
+                if !prefix.bytes().all(is_channel_byte) || prefix.len() >= MAX_LEN {
+                    return Err(bad());
+                }
+                set.prefixes.push(prefix.to_owned());
+            } else {
+                validate(p.as_bytes()).map_err(|_| bad())?;
+                set.exact.push(p.to_owned());
+            }
+        }
+        Ok(set)
+    }
+
+    /// Whether `channel` matches any pattern.
+    pub fn matches(&self, channel: &str) -> bool {
+        self.exact.iter().any(|e| e == channel)
+            || self.prefixes.iter().any(|p| channel.starts_with(p.as_str()))
+    }
+
+    /// Whether the set holds no pattern at all.
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.prefixes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(ChannelName::new("news").is_ok());
+        assert!(ChannelName::new("a-b_c.d:e@f/G9").is_ok());
+        assert_eq!(ChannelName::new(""), Err(InvalidChannel::Empty));
+        assert_eq!(ChannelName::new("a b"), Err(InvalidChannel::BadCharacter));
+        assert_eq!(ChannelName::new("é"), Err(InvalidChannel::BadCharacter));
+        assert!(ChannelName::new(&"x".repeat(255)).is_ok());
+        assert_eq!(
+            ChannelName::new(&"x".repeat(256)),
+            Err(InvalidChannel::TooLong(256))
+        );
+    }
+
+    #[test]
+    fn patterns() {
+        let p = ChannelPatterns::new(["chat:*", "news"]).unwrap();
+        assert!(p.matches("chat:lobby"));
+        assert!(p.matches("news"));
+        assert!(!p.matches("newsy"));
+        assert!(!p.matches("private"));
+        assert!(ChannelPatterns::new(["*"]).unwrap().matches("anything"));
+        assert!(!ChannelPatterns::default().matches("news"));
+        assert!(ChannelPatterns::new(["a*b"]).is_err());
+        assert!(ChannelPatterns::new(["bad space"]).is_err());
+    }
+}

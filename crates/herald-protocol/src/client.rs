@@ -1,0 +1,245 @@
+//! Parsing client frames.
+//!
+//! Text frames are JSON objects with an `op` field; binary frames are publications in
+//! the layout `[1 byte L][L bytes channel name][payload]`. Unknown fields are ignored so
+//! that later protocol additions stay compatible with older servers.
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::channel::{ChannelName, InvalidChannel};
+use crate::ErrorCode;
+
+/// A well-formed client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Start receiving a channel's messages.
+    Subscribe {
+        /// Which channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+    /// Stop receiving a channel's messages.
+    Unsubscribe {
+        /// Which channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+    /// Publish JSON `data` to a channel.
+    Publish {
+        /// Which channel.
+        channel: ChannelName,
+        /// The raw JSON text of `data`, byte for byte as the client sent it.
+        data: Bytes,
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+    /// Application-level liveness check.
+    Ping {
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+}
+
+/// A frame the server must answer with an error, keeping the connection open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// The request id, when it could be read.
+    pub id: Option<u64>,
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: Cow<'static, str>,
+}
+
+impl RequestError {
+    fn new(id: Option<u64>, code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        RequestError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn channel(id: Option<u64>, e: InvalidChannel) -> Self {
+        RequestError::new(id, ErrorCode::InvalidChannel, e.to_string())
+    }
+}
+
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+}
+
+/// Parses a text frame.
+///
+/// `text` is the whole frame; when it is a publish, `data` is sliced out of `frame`
+/// (the same bytes, shared) instead of being copied.
+pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
+    let text = std::str::from_utf8(frame)
+        .map_err(|_| RequestError::new(None, ErrorCode::BadRequest, "frame is not UTF-8"))?;
+    let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
+        RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            format!("frame is not a JSON object of the expected shape: {e}"),
+        )
+    })?;
+    let id = match raw.id {
+        None => None,
+        Some(v) => Some(v.get().parse::<u64>().map_err(|_| {
+            RequestError::new(None, ErrorCode::BadRequest, "id must be an unsigned integer")
+        })?),
+    };
+    let op = raw
+        .op
+        .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field op"))?;
+    let channel = || -> Result<ChannelName, RequestError> {
+        let c = raw.channel.as_deref().ok_or_else(|| {
+            RequestError::new(id, ErrorCode::BadRequest, "missing field channel")
+        })?;
+        ChannelName::new(c).map_err(|e| RequestError::channel(id, e))
+    };
+    match &*op {
+        "subscribe" => Ok(Request::Subscribe {
+            channel: channel()?,
+            id,
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe {
+            channel: channel()?,
+            id,
+        }),
+        "publish" => {
+            let channel = channel()?;
+            let data = raw
+                .data
+                .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field data"))?;
+            Ok(Request::Publish {
+                channel,
+                data: slice_of(frame, data.get().as_bytes()),
+                id,
+            })
+        }
+        "ping" => Ok(Request::Ping { id }),
+        other => Err(RequestError::new(
+            id,
+            ErrorCode::BadRequest,
+            format!("unknown op {:?}", truncate(other, 32)),
+        )),
+    }
+}
+
+/// Parses a binary frame `[1 byte L][L bytes channel][payload]` into the channel and
+/// the payload (shared with `frame`, not copied).
+pub fn parse_binary(frame: &Bytes) -> Result<(ChannelName, Bytes), RequestError> {
+    let Some(&len) = frame.first() else {
+        return Err(RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            "binary frame is empty; expected [1 byte L][L bytes channel][payload]",
+        ));
+    };
+    let end = 1 + len as usize;
+    if frame.len() < end {
+        return Err(RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            "binary frame is shorter than its channel length byte says",
+        ));
+    }
+    let channel =
+        ChannelName::from_bytes(&frame[1..end]).map_err(|e| RequestError::channel(None, e))?;
+    Ok((channel, frame.slice(end..)))
+}
+
+/// `part` is a sub-slice of `whole`'s memory; share it instead of copying.
+fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
+    // serde_json borrows `RawValue`s from the input when it needs no unescaping, which
+    // is always the case for a raw value; fall back to a copy if that ever changes.
+    let start = part.as_ptr() as usize;
+    let base = whole.as_ptr() as usize;
+    if start >= base && start + part.len() <= base + whole.len() {
+        whole.slice(start - base..start - base + part.len())
+    } else {
+        Bytes::copy_from_slice(part)
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request, RequestError> {
+        parse_text(&Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn ops() {
+        assert_eq!(
+            parse(r#"{"op":"subscribe","channel":"news","id":1}"#).unwrap(),
+            Request::Subscribe {
+                channel: ChannelName::new("news").unwrap(),
+                id: Some(1)
+            }
+        );
+        assert_eq!(parse(r#"{"op":"ping"}"#).unwrap(), Request::Ping { id: None });
+        match parse(r#"{"op":"publish","channel":"c","data": {"a" : [1, 2]} ,"id":7}"#).unwrap() {
+            Request::Publish { data, id, .. } => {
+                assert_eq!(&data[..], br#"{"a" : [1, 2]}"#);
+                assert_eq!(id, Some(7));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_keep_the_id_when_readable() {
+        let e = parse(r#"{"op":"dance","id":3}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(3)));
+        let e = parse(r#"{"op":"subscribe","channel":"a b","id":4}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::InvalidChannel, Some(4)));
+        let e = parse(r#"{"op":"subscribe","id":5}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(5)));
+        let e = parse(r#"{"op":"ping","id":-1}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
+        let e = parse("not json").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = parse(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn binary_layout() {
+        let mut f = vec![4u8];
+        f.extend_from_slice(b"news");
+        f.extend_from_slice(&[0, 255, 1]);
+        let (c, p) = parse_binary(&Bytes::from(f)).unwrap();
+        assert_eq!(c.as_str(), "news");
+        assert_eq!(&p[..], &[0, 255, 1]);
+        assert!(parse_binary(&Bytes::from_static(&[9, b'a'])).is_err());
+        assert!(parse_binary(&Bytes::new()).is_err());
+        assert_eq!(
+            parse_binary(&Bytes::from_static(&[1, b' '])).unwrap_err().code,
+            ErrorCode::InvalidChannel
+        );
+    }
+}

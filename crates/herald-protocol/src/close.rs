@@ -1,0 +1,19 @@
+//! WebSocket close codes Herald sends, and what each means to a client.
+//!
+//! A client should reconnect (with jittered backoff) after every code here except
+//! [`POLICY_VIOLATION`] and [`MESSAGE_TOO_BIG`], which mean the client itself is at fault.
+
+/// The client or server ended the session normally.
+pub const NORMAL: u16 = 1000;
+/// The node is shutting down; reconnect to another node.
+pub const GOING_AWAY: u16 = 1001;
+/// The client broke a rule it keeps breaking (rate limit, heartbeat, protocol).
+pub const POLICY_VIOLATION: u16 = 1008;
+/// An incoming message exceeded the configured maximum size.
+pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// The gateway failed internally.
+pub const INTERNAL_ERROR: u16 = 1011;
+/// The node is draining for a restart; reconnect (to any node) right away.
+pub const SERVICE_RESTART: u16 = 1012;
+/// The client could not keep up (slow consumer) or the node is overloaded; reconnect later.
+pub const TRY_AGAIN_LATER: u16 = 1013;

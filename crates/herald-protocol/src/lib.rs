@@ -1,0 +1,86 @@
+//! Herald's wire protocol, version 1: everything that crosses a socket.
+//!
+//! This crate is the only place that defines bytes on the wire, so the gateway, the
+//! brokers, the bench tool and the tests agree by construction. It does no I/O and
+//! has no async runtime; `PROTOCOL.md` is its normative, human-readable twin.
+//!
+//! # Layout
+//! - [`channel`]: channel-name rules and publish-permission patterns.
+//! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
+//! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
+//! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
+//! - [`close`]: WebSocket close codes Herald uses and when.
+//!
+//! # Design
+//! A delivery is encoded once per node ([`server::encode_delivery`]) and the bytes are
+//! shared by every subscriber's queue, so fan-out costs no serialisation per subscriber.
+//! JSON `data` is carried as raw text and never re-serialised: subscribers receive the
+//! publisher's bytes exactly.
+#![deny(missing_docs)]
+
+pub mod channel;
+pub mod client;
+pub mod close;
+pub mod publication;
+pub mod server;
+
+pub use channel::{ChannelName, ChannelPatterns, InvalidChannel};
+pub use publication::{Payload, Publication};
+
+/// The protocol version announced in the welcome frame.
+pub const VERSION: u32 = 1;
+
+/// Error codes carried in `{"op":"error","code":..}` frames and HTTP error bodies.
+///
+/// The set is closed for version 1 except for additions; clients must treat an unknown
+/// code like `internal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not JSON, unknown op, missing or mistyped field.
+    BadRequest,
+    /// The channel name breaks the rules in [`channel`].
+    InvalidChannel,
+    /// The configuration does not let this client do that (e.g. publish there).
+    Forbidden,
+    /// The connection already holds the configured maximum of subscriptions.
+    TooManySubscriptions,
+    /// The connection sends faster than its configured message rate.
+    RateLimited,
+    /// The broker could not take the message; retrying later may work.
+    Unavailable,
+    /// Missing or wrong API key (HTTP only).
+    Unauthorized,
+    /// The request body or message is larger than the configured limit.
+    TooLarge,
+    /// No such endpoint (HTTP only).
+    NotFound,
+    /// Wrong HTTP method (HTTP only).
+    MethodNotAllowed,
+    /// Something failed inside the gateway.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

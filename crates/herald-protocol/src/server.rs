@@ -1,0 +1,169 @@
+//! Encoding server frames.
+//!
+//! Every function returns the finished frame payload. Text frames are returned as
+//! `String`s (valid UTF-8 by construction) and binary frames as `Bytes`; the gateway
+//! wraps them in WebSocket messages without copying.
+
+use std::fmt::Write as _;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::{ErrorCode, Payload, Publication, VERSION};
+
+/// `{"op":"welcome","version":1,"node":N,"conn":C}`: the first frame of every session.
+pub fn welcome(node: &str, conn: &str) -> String {
+    format!(
+        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}}}"#,
+        json_string(node),
+        json_string(conn)
+    )
+}
+
+/// The reply to a successful subscribe, unsubscribe or publish: `{"op":OP,"channel":C,"id":N}`.
+pub fn ack(op: Ack, channel: &str, id: Option<u64>) -> String {
+    let mut s = String::with_capacity(48 + channel.len());
+    // Channel names are restricted to characters that need no JSON escaping.
+    let _ = write!(s, r#"{{"op":"{}","channel":"{}""#, op.as_str(), channel);
+    push_id(&mut s, id);
+    s.push('}');
+    s
+}
+
+/// Which request an [`ack`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// A subscribe succeeded.
+    Subscribed,
+    /// An unsubscribe succeeded (also when the client was not subscribed).
+    Unsubscribed,
+    /// A publish was handed to the broker.
+    Published,
+}
+
+impl Ack {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ack::Subscribed => "subscribed",
+            Ack::Unsubscribed => "unsubscribed",
+            Ack::Published => "published",
+        }
+    }
+}
+
+/// `{"op":"pong","id":N}`.
+pub fn pong(id: Option<u64>) -> String {
+    let mut s = String::from(r#"{"op":"pong""#);
+    push_id(&mut s, id);
+    s.push('}');
+    s
+}
+
+/// `{"op":"error","id":N,"code":CODE,"message":TEXT}`.
+pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
+    let mut s = String::from(r#"{"op":"error""#);
+    push_id(&mut s, id);
+    let _ = write!(
+        s,
+        r#","code":"{}","message":{}}}"#,
+        code.as_str(),
+        json_string(message)
+    );
+    s
+}
+
+/// A delivery frame, encoded once per node and shared by every subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// `{"op":"message","channel":C,"data":D}` as a text frame.
+    Text(String),
+    /// `[1 byte L][L bytes channel][payload]` as a binary frame.
+    Binary(Bytes),
+}
+
+/// Encodes a publication for delivery to subscribers.
+pub fn encode_delivery(p: &Publication) -> Delivery {
+    let channel = p.channel.as_str();
+    match &p.payload {
+        Payload::Json(data) => {
+            // The broker only carries payloads that were checked to be JSON text, which is
+            // UTF-8; a payload that somehow is not gets delivered as a JSON string of its
+            // lossy text rather than as a broken frame.
+            let data = match std::str::from_utf8(data) {
+                Ok(s) => std::borrow::Cow::Borrowed(s),
+                Err(_) => std::borrow::Cow::Owned(json_string(&String::from_utf8_lossy(data))),
+            };
+            let mut s = String::with_capacity(40 + channel.len() + data.len());
+            s.push_str(r#"{"op":"message","channel":""#);
+            s.push_str(channel);
+            s.push_str(r#"","data":"#);
+            s.push_str(&data);
+            s.push('}');
+            Delivery::Text(s)
+        }
+        Payload::Binary(data) => Delivery::Binary(binary_frame(channel, data)),
+    }
+}
+
+/// Builds `[1 byte L][L bytes channel][payload]`. `channel` must be a valid channel
+/// name, so `L` fits in a byte.
+pub fn binary_frame(channel: &str, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(1 + channel.len() + payload.len());
+    b.put_u8(channel.len() as u8);
+    b.put_slice(channel.as_bytes());
+    b.put_slice(payload);
+    b.freeze()
+}
+
+fn push_id(s: &mut String, id: Option<u64>) {
+    if let Some(id) = id {
+        let _ = write!(s, r#","id":{id}"#);
+    }
+}
+
+/// Encodes `s` as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ChannelName;
+
+    #[test]
+    fn frames_are_valid_json() {
+        for s in [
+            welcome("node\"1", "c1"),
+            ack(Ack::Subscribed, "news", Some(1)),
+            ack(Ack::Published, "news", None),
+            pong(Some(9)),
+            error(None, ErrorCode::BadRequest, "bad \"quote\"\n"),
+        ] {
+            serde_json::from_str::<serde_json::Value>(&s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        }
+        assert_eq!(
+            ack(Ack::Subscribed, "news", Some(1)),
+            r#"{"op":"subscribed","channel":"news","id":1}"#
+        );
+    }
+
+    #[test]
+    fn delivery_keeps_data_bytes() {
+        let p = Publication::now(
+            ChannelName::new("news").unwrap(),
+            Payload::Json(Bytes::from_static(br#"{ "title" :"hi" }"#)),
+        );
+        assert_eq!(
+            encode_delivery(&p),
+            Delivery::Text(r#"{"op":"message","channel":"news","data":{ "title" :"hi" }}"#.into())
+        );
+        let p = Publication::now(
+            ChannelName::new("b").unwrap(),
+            Payload::Binary(Bytes::from_static(&[0, 1, 2])),
+        );
+        assert_eq!(
+            encode_delivery(&p),
+            Delivery::Binary(Bytes::from_static(&[1, b'b', 0, 1, 2]))
+        );
+    }
+}

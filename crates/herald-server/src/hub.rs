@@ -1,0 +1,192 @@
+//! The hub: which local sessions subscribe to which channel, and fan-out.
+//!
+//! The channel map is sharded by channel hash so subscribe/unsubscribe churn on one
+//! channel does not contend with fan-out on another. Fan-out encodes a publication once
+//! ([`herald_protocol::server::encode_delivery`]) and pushes a cheap clone of the same
+//! bytes into each subscriber's [`Outbox`]; it never awaits, so one slow subscriber can
+//! only ever hurt itself.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use herald_broker::{Broker, InboundReceiver};
+use herald_metrics::{DropReason, Metrics};
+use herald_protocol::server::{encode_delivery, Delivery};
+use herald_protocol::{ChannelName, Publication};
+use indexmap::IndexMap;
+use parking_lot::RwLock;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::outbox::{Item, Outbox, Pushed};
+
+/// A node-local session id.
+pub(crate) type ConnId = u64;
+
+const SHARDS: usize = 32;
+
+#[derive(Default)]
+struct Channel {
+    subscribers: IndexMap<ConnId, Arc<Outbox>>,
+}
+
+pub(crate) struct Hub {
+    shards: Box<[RwLock<HashMap<ChannelName, Channel>>]>,
+    hasher: RandomState,
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            broker,
+            metrics,
+        }
+    }
+
+    pub(crate) fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Channel>> {
+        &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
+    }
+
+    /// Adds `conn` to `channel`'s subscribers. Returns false if it already was one.
+    pub(crate) fn subscribe(&self, channel: &ChannelName, conn: ConnId, outbox: &Arc<Outbox>) -> bool {
+        let mut shard = self.shard(channel.as_str()).write();
+        let entry = shard.entry(channel.clone()).or_insert_with(|| {
+            // Under the shard lock, so interest changes for one channel reach the broker
+            // in the order they happened.
+            self.broker.subscribe(channel);
+            self.metrics.channels.inc();
+            Channel::default()
+        });
+        let added = entry.subscribers.insert(conn, outbox.clone()).is_none();
+        if added {
+            self.metrics.subscriptions.inc();
+        }
+        added
+    }
+
+    /// Removes `conn` from `channel`'s subscribers. Returns whether it was one.
+    pub(crate) fn unsubscribe(&self, channel: &ChannelName, conn: ConnId) -> bool {
+        let mut shard = self.shard(channel.as_str()).write();
+        let Some(entry) = shard.get_mut(channel.as_str()) else {
+            return false;
+        };
+        let removed = entry.subscribers.swap_remove(&conn).is_some();
+        if removed {
+            self.metrics.subscriptions.dec();
+        }
+        if entry.subscribers.is_empty() {
+            shard.remove(channel.as_str());
+            self.broker.unsubscribe(channel);
+            self.metrics.channels.dec();
+        }
+        removed
+    }
+
+    /// Local subscribers of `channel` (for tests and introspection).
+    #[cfg(test)]
+    pub(crate) fn n_subscribers(&self, channel: &str) -> usize {
+        self.shard(channel)
+            .read()
+            .get(channel)
+            .map_or(0, |c| c.subscribers.len())
+    }
+
+    /// Delivers `p` to every local subscriber of its channel.
+    pub(crate) fn dispatch(&self, p: &Publication) {
+        let shard = self.shard(p.channel.as_str()).read();
+        let Some(entry) = shard.get(p.channel.as_str()) else {
+            return;
+        };
+        let (msg, len) = match encode_delivery(p) {
+            Delivery::Text(s) => {
+                let len = s.len();
+                (Message::Text(s.into()), len)
+            }
+            Delivery::Binary(b) => {
+                let len = b.len();
+                (Message::Binary(b), len)
+            }
+        };
+        let mut queued = 0usize;
+        for outbox in entry.subscribers.values() {
+            let item = Item {
+                msg: msg.clone(),
+                len,
+                published_at_us: p.published_at_us,
+                delivery: true,
+            };
+            match outbox.push(item) {
+                Pushed::Queued => queued += 1,
+                Pushed::Overflow { discarded, bytes } => {
+                    self.metrics.slow_consumer_disconnects.inc();
+                    self.metrics.dropped(DropReason::SlowConsumer, discarded);
+                    self.metrics.outbound_queue_bytes.sub(bytes as i64);
+                }
+                Pushed::Closed => {}
+            }
+        }
+        self.metrics
+            .outbound_queue_bytes
+            .add((queued * len) as i64);
+    }
+
+    /// Feeds publications from the broker into fan-out until every sender is gone.
+    pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
+        let mut batch = Vec::with_capacity(64);
+        while inbound.recv_many(&mut batch, 64).await > 0 {
+            for p in batch.drain(..) {
+                self.dispatch(&p);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use herald_broker::{inbound, MemoryBroker};
+    use herald_protocol::Payload;
+
+    fn hub() -> Hub {
+        let metrics = Metrics::unregistered();
+        let (tx, _rx) = inbound(8, metrics.clone());
+        Hub::new(Arc::new(MemoryBroker::new(tx)), metrics)
+    }
+
+    #[test]
+    fn fan_out_shares_one_encoding() {
+        let hub = hub();
+        let news = ChannelName::new("news").unwrap();
+        let a = Arc::new(Outbox::new(1 << 20));
+        let b = Arc::new(Outbox::new(1 << 20));
+        assert!(hub.subscribe(&news, 1, &a));
+        assert!(!hub.subscribe(&news, 1, &a));
+        assert!(hub.subscribe(&news, 2, &b));
+        hub.dispatch(&Publication::now(
+            news.clone(),
+            Payload::Json(Bytes::from_static(b"1")),
+        ));
+        let (mut qa, mut qb) = (Vec::new(), Vec::new());
+        a.drain(&mut qa);
+        b.drain(&mut qb);
+        let (Message::Text(ta), Message::Text(tb)) = (&qa[0].msg, &qb[0].msg) else {
+            panic!("expected text");
+        };
+        assert_eq!(ta.as_str(), r#"{"op":"message","channel":"news","data":1}"#);
+        // The same allocation, not two copies.
+        assert_eq!(ta.as_str().as_ptr(), tb.as_str().as_ptr());
+        assert!(hub.unsubscribe(&news, 1));
+        assert!(hub.unsubscribe(&news, 2));
+        assert_eq!(hub.n_subscribers("news"), 0);
+        assert!(!hub.unsubscribe(&news, 2));
+    }
+}

@@ -1,0 +1,194 @@
+//! A session's outbound queue, bounded in bytes.
+//!
+//! The hub pushes deliveries without ever waiting: a push either fits under the
+//! session's byte budget or marks the session as a slow consumer, discards what it had
+//! queued and asks the writer to close with 1013. That is what keeps one stalled reader
+//! from slowing delivery to anyone else.
+
+use std::collections::VecDeque;
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+
+/// One frame waiting to be written.
+pub(crate) struct Item {
+    pub(crate) msg: Message,
+    /// Bytes charged against the budget.
+    pub(crate) len: usize,
+    /// When the publication was accepted (µs since the epoch), for the lag metric; 0 for
+    /// replies and control frames.
+    pub(crate) published_at_us: u64,
+    /// Whether this is a message delivery (counted as delivered once written).
+    pub(crate) delivery: bool,
+}
+
+/// How a session should end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Closing {
+    pub(crate) code: u16,
+    pub(crate) reason: &'static str,
+    /// Write what is queued before the close frame (drain) or discard it (slow consumer).
+    pub(crate) flush_queue: bool,
+}
+
+/// Outcome of [`Outbox::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// Over budget: the session is now closing as a slow consumer. Carries how many
+    /// queued deliveries were discarded with it (the pushed one included).
+    Overflow { discarded: u64, bytes: usize },
+    /// The session is already closing; the item was dropped.
+    Closed,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    bytes: usize,
+    closing: Option<Closing>,
+}
+
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
+    /// drain and its next wait is never missed.
+    wake: Notify,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_bytes: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closing: None,
+            }),
+            wake: Notify::new(),
+            max_bytes,
+        }
+    }
+
+    pub(crate) fn push(&self, item: Item) -> Pushed {
+        let mut s = self.state.lock();
+        if s.closing.is_some() {
+            return Pushed::Closed;
+        }
+        if s.bytes + item.len > self.max_bytes {
+            let discarded = 1 + s.queue.iter().filter(|i| i.delivery).count() as u64;
+            let bytes = s.bytes;
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+            s.closing = Some(Closing {
+                code: herald_protocol::close::TRY_AGAIN_LATER,
+                reason: "slow consumer",
+                flush_queue: false,
+            });
+            drop(s);
+            self.wake.notify_one();
+            return Pushed::Overflow { discarded, bytes };
+        }
+        let was_empty = s.queue.is_empty();
+        s.bytes += item.len;
+        s.queue.push_back(item);
+        drop(s);
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Asks the writer to end the session with `code`. The first close wins.
+    pub(crate) fn close(&self, code: u16, reason: &'static str, flush_queue: bool) {
+        let mut s = self.state.lock();
+        if s.closing.is_none() {
+            s.closing = Some(Closing {
+                code,
+                reason,
+                flush_queue,
+            });
+        }
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// Moves everything queued into `out`; returns the bytes moved and the closing
+    /// request, if any (then only if the queue should be written first).
+    pub(crate) fn drain(&self, out: &mut Vec<Item>) -> (usize, Option<Closing>) {
+        let mut s = self.state.lock();
+        let bytes = s.bytes;
+        let closing = s.closing.clone();
+        if closing.as_ref().is_none_or(|c| c.flush_queue) {
+            out.extend(s.queue.drain(..));
+        } else {
+            s.queue.clear();
+        }
+        s.bytes = 0;
+        if s.queue.capacity() > 64 {
+            // A burst grew the ring; give the memory back so idle sessions stay small.
+            s.queue.shrink_to(16);
+        }
+        (bytes, closing)
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.state.lock().closing.is_some()
+    }
+
+    /// Closing without writing what is queued (slow consumer).
+    pub(crate) fn is_discarding(&self) -> bool {
+        self.state
+            .lock()
+            .closing
+            .as_ref()
+            .is_some_and(|c| !c.flush_queue)
+    }
+
+    pub(crate) async fn wait(&self) {
+        self.wake.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(len: usize) -> Item {
+        Item {
+            msg: Message::Binary(vec![0; len].into()),
+            len,
+            published_at_us: 0,
+            delivery: true,
+        }
+    }
+
+    #[test]
+    fn overflow_discards_and_closes_with_1013() {
+        let o = Outbox::new(100);
+        assert_eq!(o.push(item(60)), Pushed::Queued);
+        assert_eq!(
+            o.push(item(60)),
+            Pushed::Overflow {
+                discarded: 2,
+                bytes: 60
+            }
+        );
+        assert_eq!(o.push(item(1)), Pushed::Closed);
+        let mut out = Vec::new();
+        let (_, closing) = o.drain(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(closing.unwrap().code, 1013);
+    }
+
+    #[test]
+    fn drain_close_keeps_queue() {
+        let o = Outbox::new(100);
+        o.push(item(10));
+        o.close(1001, "bye", true);
+        let mut out = Vec::new();
+        let (bytes, closing) = o.drain(&mut out);
+        assert_eq!((out.len(), bytes), (1, 10));
+        assert_eq!(closing.unwrap().code, 1001);
+    }
+}

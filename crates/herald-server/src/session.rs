@@ -1,0 +1,460 @@
+//! One WebSocket session: a reader loop that handles requests and a writer task that
+//! drains the session's [`Outbox`] into the socket.
+//!
+//! The two halves share a [`CancellationToken`]: whichever ends first (peer gone,
+//! write error, close handshake done or timed out) cancels it and the other follows.
+//! Everything the session sends — replies, deliveries, pings, the close frame — goes
+//! through the outbox, so the byte budget covers all of it and frames never interleave.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use herald_metrics::Source;
+use herald_protocol::client::{parse_binary, parse_text, Request, RequestError};
+use herald_protocol::server::{self as frames, Ack};
+use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use crate::hub::ConnId;
+use crate::outbox::{Closing, Item, Outbox, Pushed};
+use crate::Shared;
+
+/// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
+/// halves so that unit tests can drive it with in-memory streams.
+pub(crate) async fn run<S, R>(sink: S, stream: R, shared: Arc<Shared>, conn: ConnId)
+where
+    S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    let limits = &shared.config.limits;
+    let outbox = Arc::new(Outbox::new(limits.outbound_queue_bytes));
+    let done = CancellationToken::new();
+    shared.sessions.lock().insert(conn, outbox.clone());
+    shared.metrics.connections.inc();
+    shared.metrics.connections_opened.inc();
+
+    let mut session = Session {
+        conn,
+        outbox: outbox.clone(),
+        subscriptions: Vec::new(),
+        rate: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+        strikes: 0,
+        shared: shared.clone(),
+    };
+    session.reply(frames::welcome(&shared.node_id, &conn_name(&shared.node_id, conn)));
+    // Re-check after registering: a drain that snapshotted the sessions just before this
+    // one registered must still close it.
+    if shared.is_draining() {
+        outbox.close(shared.drain_code(), "node shutting down", true);
+    }
+
+    let writer = tokio::spawn(write_loop(
+        sink,
+        outbox.clone(),
+        done.clone(),
+        shared.clone(),
+    ));
+    session.read_loop(stream, &done).await;
+    done.cancel();
+    let _ = writer.await;
+
+    for channel in std::mem::take(&mut session.subscriptions) {
+        shared.hub.unsubscribe(&channel, conn);
+    }
+    // Whatever the writer did not take is gone with the session.
+    let (left, _) = outbox.drain(&mut Vec::new());
+    shared.metrics.outbound_queue_bytes.sub(left as i64);
+    shared.sessions.lock().remove(&conn);
+    shared.metrics.connections.dec();
+    shared.metrics.connections_closed.inc();
+}
+
+/// The connection id shown to clients: unique per node, and with the node id, per cluster.
+fn conn_name(node: &str, conn: ConnId) -> String {
+    format!("{node}-{conn:x}")
+}
+
+struct Session {
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    /// Channels this session subscribes to; a `Vec` because the limit is small and
+    /// most sessions hold a handful.
+    subscriptions: Vec<ChannelName>,
+    rate: TokenBucket,
+    /// Consecutive rate-limited messages.
+    strikes: u32,
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    async fn read_loop<R>(&mut self, mut stream: R, done: &CancellationToken)
+    where
+        R: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        let hb = self.shared.config.heartbeat.clone();
+        let mut last_heard = Instant::now();
+        // When we pinged a silent peer and still wait for any sign of life.
+        let mut pinged_at: Option<Instant> = None;
+        loop {
+            let deadline = match pinged_at {
+                Some(t) => t + hb.timeout,
+                None => last_heard + hb.interval,
+            };
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => return,
+                msg = stream.next() => {
+                    last_heard = Instant::now();
+                    pinged_at = None;
+                    match msg {
+                        Some(Ok(Message::Text(t))) => self.on_text(Bytes::from(t)).await,
+                        Some(Ok(Message::Binary(b))) => self.on_binary(b).await,
+                        // Pings are answered by tungstenite; pongs only prove liveness.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        // tungstenite answers the close; keep reading until it is flushed
+                        // and the stream ends.
+                        Some(Ok(Message::Close(_))) => {}
+                        Some(Err(WsError::Capacity(_))) => {
+                            self.close(close::MESSAGE_TOO_BIG, "message too big");
+                            return;
+                        }
+                        Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => {
+                            self.close(close::POLICY_VIOLATION, "protocol error");
+                            return;
+                        }
+                        Some(Err(_)) | None => return,
+                    }
+                    if self.strikes > self.shared.config.limits.rate_limit_strikes {
+                        self.close(close::POLICY_VIOLATION, "rate limit exceeded");
+                        return;
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    if pinged_at.is_some() {
+                        tracing::debug!(conn = self.conn, "heartbeat timeout");
+                        self.close(close::POLICY_VIOLATION, "heartbeat timeout");
+                        return;
+                    }
+                    pinged_at = Some(Instant::now());
+                    self.push(Message::Ping(Bytes::new()), 0);
+                }
+            }
+            if self.outbox.is_closing() {
+                // Closing (slow consumer, drain): the writer owns the rest; keep reading
+                // only so that the peer's close reply is seen.
+                self.drain_until_closed(&mut stream, done).await;
+                return;
+            }
+        }
+    }
+
+    /// After a close was requested: discard input until the stream ends or the writer
+    /// gives up.
+    async fn drain_until_closed<R>(&mut self, stream: &mut R, done: &CancellationToken)
+    where
+        R: Stream<Item = Result<Message, WsError>> + Unpin,
+    {
+        loop {
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => return,
+                msg = stream.next() => match msg {
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return,
+                },
+            }
+        }
+    }
+
+    fn close(&self, code: u16, reason: &'static str) {
+        self.outbox.close(code, reason, true);
+    }
+
+    fn push(&self, msg: Message, len: usize) {
+        let item = Item {
+            msg,
+            len,
+            published_at_us: 0,
+            delivery: false,
+        };
+        match self.outbox.push(item) {
+            Pushed::Queued => self.shared.metrics.outbound_queue_bytes.add(len as i64),
+            Pushed::Overflow { discarded, bytes } => {
+                let m = &self.shared.metrics;
+                m.slow_consumer_disconnects.inc();
+                m.dropped(herald_metrics::DropReason::SlowConsumer, discarded - 1);
+                m.outbound_queue_bytes.sub(bytes as i64);
+            }
+            Pushed::Closed => {}
+        }
+    }
+
+    fn reply(&self, text: String) {
+        let len = text.len();
+        self.push(Message::Text(text.into()), len);
+    }
+
+    fn error(&self, e: RequestError) {
+        self.shared
+            .metrics
+            .client_errors
+            .with_label_values(&[e.code.as_str()])
+            .inc();
+        self.reply(frames::error(e.id, e.code, &e.message));
+    }
+
+    /// Applies the rate limit; false when the message must be refused.
+    fn admit(&mut self) -> bool {
+        if self.rate.take() {
+            self.strikes = 0;
+            true
+        } else {
+            self.strikes += 1;
+            self.error(RequestError {
+                id: None,
+                code: ErrorCode::RateLimited,
+                message: "too many messages; slow down".into(),
+            });
+            false
+        }
+    }
+
+    async fn on_text(&mut self, frame: Bytes) {
+        if !self.admit() {
+            return;
+        }
+        match parse_text(&frame) {
+            Ok(Request::Subscribe { channel, id }) => self.subscribe(channel, id),
+            Ok(Request::Unsubscribe { channel, id }) => {
+                if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
+                    self.subscriptions.swap_remove(i);
+                    self.shared.hub.unsubscribe(&channel, self.conn);
+                }
+                self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), id));
+            }
+            Ok(Request::Publish { channel, data, id }) => {
+                self.publish(channel, Payload::Json(data), id).await
+            }
+            Ok(Request::Ping { id }) => self.reply(frames::pong(id)),
+            Err(e) => self.error(e),
+        }
+    }
+
+    async fn on_binary(&mut self, frame: Bytes) {
+        if !self.admit() {
+            return;
+        }
+        match parse_binary(&frame) {
+            Ok((channel, payload)) => self.publish(channel, Payload::Binary(payload), None).await,
+            Err(e) => self.error(e),
+        }
+    }
+
+    fn subscribe(&mut self, channel: ChannelName, id: Option<u64>) {
+        if !self.subscriptions.contains(&channel) {
+            if self.subscriptions.len() >= self.shared.config.limits.max_subscriptions {
+                return self.error(RequestError {
+                    id,
+                    code: ErrorCode::TooManySubscriptions,
+                    message: format!(
+                        "this connection already holds {} subscriptions",
+                        self.subscriptions.len()
+                    )
+                    .into(),
+                });
+            }
+            self.shared.hub.subscribe(&channel, self.conn, &self.outbox);
+            self.subscriptions.push(channel.clone());
+        }
+        // Acknowledge after registering: whatever is published once the client has
+        // seen this reply reaches it.
+        self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+    }
+
+    async fn publish(&mut self, channel: ChannelName, payload: Payload, id: Option<u64>) {
+        if !self.shared.publish_patterns.matches(channel.as_str()) {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::Forbidden,
+                message: "clients may not publish to this channel".into(),
+            });
+        }
+        let name = channel.clone();
+        match self.shared.publish(vec![Publication::now(channel, payload)], Source::Client).await {
+            Ok(()) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),
+            Err(e) => self.error(RequestError {
+                id,
+                code: ErrorCode::Unavailable,
+                message: e.to_string().into(),
+            }),
+        }
+    }
+}
+
+/// Sustained-rate limiter with a burst allowance.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: u32) -> Self {
+        TokenBucket {
+            tokens: burst as f64,
+            rate,
+            burst: burst as f64,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, done: CancellationToken, shared: Arc<Shared>)
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let metrics = &shared.metrics;
+    let close_timeout = shared.config.limits.close_timeout;
+    let mut batch: Vec<Item> = Vec::new();
+    loop {
+        let (bytes, closing) = outbox.drain(&mut batch);
+        metrics.outbound_queue_bytes.sub(bytes as i64);
+        if batch.is_empty() && closing.is_none() {
+            tokio::select! {
+                biased;
+                _ = done.cancelled() => return,
+                _ = outbox.wait() => continue,
+            }
+        }
+        if !batch.is_empty() {
+            match write_batch(&mut sink, &mut batch, &outbox, &done, &shared).await {
+                Written::All => {}
+                Written::Aborted => {} // fall through to the close below
+                Written::Failed => {
+                    done.cancel();
+                    return;
+                }
+            }
+        }
+        let closing = match closing {
+            Some(c) => c,
+            None if outbox.is_closing() => {
+                // Closed while we were writing: pick up the close (and, if the queue is
+                // to be flushed, what was queued before it) on the next round.
+                continue;
+            }
+            None => continue,
+        };
+        send_close(&mut sink, &closing, &done, close_timeout, &shared).await;
+        done.cancel();
+        return;
+    }
+}
+
+enum Written {
+    All,
+    /// The session started closing without flushing (slow consumer) mid-batch.
+    Aborted,
+    Failed,
+}
+
+async fn write_batch<S>(
+    sink: &mut S,
+    batch: &mut Vec<Item>,
+    outbox: &Outbox,
+    done: &CancellationToken,
+    shared: &Shared,
+) -> Written
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let metrics = &shared.metrics;
+    let mut delivered = 0u64;
+    let mut oldest_us = 0u64;
+    for item in batch.iter() {
+        if item.delivery {
+            delivered += 1;
+            if oldest_us == 0 {
+                oldest_us = item.published_at_us;
+            }
+        }
+    }
+    let write = async {
+        for item in batch.drain(..) {
+            sink.feed(item.msg).await?;
+        }
+        sink.flush().await
+    };
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            _ = done.cancelled() => return Written::Failed,
+            r = &mut write => {
+                return match r {
+                    Ok(()) => {
+                        metrics.delivered.inc_by(delivered);
+                        if oldest_us > 0 {
+                            let now = herald_protocol::publication::unix_micros();
+                            metrics
+                                .delivery_lag_seconds
+                                .observe(now.saturating_sub(oldest_us) as f64 / 1e6);
+                        }
+                        Written::All
+                    }
+                    Err(_) => Written::Failed,
+                };
+            }
+            // A push or close arrived while the socket was busy. Only a discarding close
+            // (slow consumer) interrupts the write; anything else waits for the next round,
+            // which drains before it waits, so the wake-up is not lost.
+            _ = outbox.wait() => {
+                if outbox.is_discarding() {
+                    return Written::Aborted;
+                }
+            }
+        }
+    }
+}
+
+async fn send_close<S>(
+    sink: &mut S,
+    closing: &Closing,
+    done: &CancellationToken,
+    close_timeout: Duration,
+    shared: &Shared,
+) where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    shared.metrics.close_code(closing.code);
+    let frame = CloseFrame {
+        code: CloseCode::from(closing.code),
+        reason: closing.reason.into(),
+    };
+    // A peer that reads nothing cannot take the close frame either: bound the attempt,
+    // then wait (bounded too) for the peer's reply, which ends the reader.
+    let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = timeout(close_timeout, done.cancelled()).await;
+    }
+}
