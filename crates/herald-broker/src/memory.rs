@@ -24,7 +24,10 @@ impl Broker for MemoryBroker {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             for p in batch {
-                self.inbound.send(p).await.map_err(|_| BrokerError::Closed)?;
+                self.inbound
+                    .send(p)
+                    .await
+                    .map_err(|_| BrokerError::Closed)?;
             }
             Ok(())
         })

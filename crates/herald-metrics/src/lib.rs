@@ -149,9 +149,7 @@ impl Metrics {
             &["version"],
         )?;
         registry.register(Box::new(build.clone()))?;
-        build
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
         #[cfg(target_os = "linux")]
         registry.register(Box::new(

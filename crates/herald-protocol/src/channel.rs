@@ -135,7 +135,10 @@ impl ChannelPatterns {
     /// Whether `channel` matches any pattern.
     pub fn matches(&self, channel: &str) -> bool {
         self.exact.iter().any(|e| e == channel)
-            || self.prefixes.iter().any(|p| channel.starts_with(p.as_str()))
+            || self
+                .prefixes
+                .iter()
+                .any(|p| channel.starts_with(p.as_str()))
     }
 
     /// Whether the set holds no pattern at all.

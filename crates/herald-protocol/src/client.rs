@@ -100,16 +100,21 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
     let id = match raw.id {
         None => None,
         Some(v) => Some(v.get().parse::<u64>().map_err(|_| {
-            RequestError::new(None, ErrorCode::BadRequest, "id must be an unsigned integer")
+            RequestError::new(
+                None,
+                ErrorCode::BadRequest,
+                "id must be an unsigned integer",
+            )
         })?),
     };
     let op = raw
         .op
         .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field op"))?;
     let channel = || -> Result<ChannelName, RequestError> {
-        let c = raw.channel.as_deref().ok_or_else(|| {
-            RequestError::new(id, ErrorCode::BadRequest, "missing field channel")
-        })?;
+        let c = raw
+            .channel
+            .as_deref()
+            .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field channel"))?;
         ChannelName::new(c).map_err(|e| RequestError::channel(id, e))
     };
     match &*op {
@@ -123,9 +128,9 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
         }),
         "publish" => {
             let channel = channel()?;
-            let data = raw
-                .data
-                .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field data"))?;
+            let data = raw.data.ok_or_else(|| {
+                RequestError::new(id, ErrorCode::BadRequest, "missing field data")
+            })?;
             Ok(Request::Publish {
                 channel,
                 data: slice_of(frame, data.get().as_bytes()),
@@ -201,7 +206,10 @@ mod tests {
                 id: Some(1)
             }
         );
-        assert_eq!(parse(r#"{"op":"ping"}"#).unwrap(), Request::Ping { id: None });
+        assert_eq!(
+            parse(r#"{"op":"ping"}"#).unwrap(),
+            Request::Ping { id: None }
+        );
         match parse(r#"{"op":"publish","channel":"c","data": {"a" : [1, 2]} ,"id":7}"#).unwrap() {
             Request::Publish { data, id, .. } => {
                 assert_eq!(&data[..], br#"{"a" : [1, 2]}"#);
@@ -238,7 +246,9 @@ mod tests {
         assert!(parse_binary(&Bytes::from_static(&[9, b'a'])).is_err());
         assert!(parse_binary(&Bytes::new()).is_err());
         assert_eq!(
-            parse_binary(&Bytes::from_static(&[1, b' '])).unwrap_err().code,
+            parse_binary(&Bytes::from_static(&[1, b' ']))
+                .unwrap_err()
+                .code,
             ErrorCode::InvalidChannel
         );
     }

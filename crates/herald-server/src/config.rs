@@ -191,7 +191,10 @@ impl GatewayConfig {
             return bad("channels.client_publish", &e.to_string());
         }
         if self.auth.api_key.as_deref() == Some("") {
-            return bad("auth.api_key", "must not be empty (leave it unset to disable)");
+            return bad(
+                "auth.api_key",
+                "must not be empty (leave it unset to disable)",
+            );
         }
         let l = &self.limits;
         let positive: [(&'static str, usize); 7] = [

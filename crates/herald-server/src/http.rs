@@ -111,7 +111,11 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, role: Role) -> Respo
             }
             api(req, &shared, &path).await
         }
-        _ => error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such endpoint",
+        ),
     }
 }
 
@@ -200,7 +204,13 @@ async fn api(req: Request<Incoming>, shared: &Shared, path: &str) -> Response<Bo
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
     let body = match read_body(req, shared.config.limits.max_body_bytes).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -219,7 +229,13 @@ async fn api(req: Request<Incoming>, shared: &Shared, path: &str) -> Response<Bo
                 Ok(p) => vec![p],
                 Err(resp) => return resp,
             },
-            None => return error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such endpoint"),
+            None => {
+                return error(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such endpoint",
+                )
+            }
         },
     };
     let n = batch.len();
@@ -336,8 +352,14 @@ fn parse_raw(
                 return Err(bad_request("body is not valid JSON"));
             }
             // Trim surrounding whitespace so the delivery frame stays compact.
-            let start = body.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(0);
-            let end = body.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(0, |e| e + 1);
+            let start = body
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(0);
+            let end = body
+                .iter()
+                .rposition(|b| !b.is_ascii_whitespace())
+                .map_or(0, |e| e + 1);
             Payload::Json(body.slice(start..end))
         }
         Some("application/octet-stream") => Payload::Binary(body),
@@ -374,10 +396,8 @@ fn upgrade(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
     let headers = req.headers();
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(token))
-            })
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
@@ -396,8 +416,10 @@ fn upgrade(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
             ErrorCode::BadRequest,
             "expected a WebSocket upgrade (GET, Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13)",
         );
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let origins = &shared.config.auth.allowed_origins;

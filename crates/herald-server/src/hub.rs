@@ -56,7 +56,12 @@ impl Hub {
     }
 
     /// Adds `conn` to `channel`'s subscribers. Returns false if it already was one.
-    pub(crate) fn subscribe(&self, channel: &ChannelName, conn: ConnId, outbox: &Arc<Outbox>) -> bool {
+    pub(crate) fn subscribe(
+        &self,
+        channel: &ChannelName,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+    ) -> bool {
         let mut shard = self.shard(channel.as_str()).write();
         let entry = shard.entry(channel.clone()).or_insert_with(|| {
             // Under the shard lock, so interest changes for one channel reach the broker
@@ -133,9 +138,7 @@ impl Hub {
                 Pushed::Closed => {}
             }
         }
-        self.metrics
-            .outbound_queue_bytes
-            .add((queued * len) as i64);
+        self.metrics.outbound_queue_bytes.add((queued * len) as i64);
     }
 
     /// Feeds publications from the broker into fan-out until every sender is gone.

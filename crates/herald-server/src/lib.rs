@@ -145,10 +145,12 @@ impl Gateway {
         registry: herald_metrics::prometheus::Registry,
     ) -> Result<Self, ServerError> {
         config.validate()?;
-        let publish_patterns = ChannelPatterns::new(&config.channels.client_publish)
-            .map_err(|e| config::InvalidConfig {
-                key: "channels.client_publish",
-                problem: e.to_string(),
+        let publish_patterns =
+            ChannelPatterns::new(&config.channels.client_publish).map_err(|e| {
+                config::InvalidConfig {
+                    key: "channels.client_publish",
+                    problem: e.to_string(),
+                }
             })?;
         let node_id = if config.node_id.is_empty() {
             "herald".to_owned()
@@ -187,7 +189,11 @@ impl Gateway {
         let mut accept = vec![tokio::spawn(http::serve(
             listeners.public,
             shared.clone(),
-            if split { http::Role::Public } else { http::Role::All },
+            if split {
+                http::Role::Public
+            } else {
+                http::Role::All
+            },
             stop.clone(),
         ))];
         if let Some(internal) = listeners.internal {

@@ -38,7 +38,10 @@ pub(crate) enum Pushed {
     Queued,
     /// Over budget: the session is now closing as a slow consumer. Carries how many
     /// queued deliveries were discarded with it (the pushed one included).
-    Overflow { discarded: u64, bytes: usize },
+    Overflow {
+        discarded: u64,
+        bytes: usize,
+    },
     /// The session is already closing; the item was dropped.
     Closed,
 }

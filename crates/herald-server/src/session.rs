@@ -47,22 +47,38 @@ where
         strikes: 0,
         shared: shared.clone(),
     };
-    session.reply(frames::welcome(&shared.node_id, &conn_name(&shared.node_id, conn)));
+    session.reply(frames::welcome(
+        &shared.node_id,
+        &conn_name(&shared.node_id, conn),
+    ));
     // Re-check after registering: a drain that snapshotted the sessions just before this
     // one registered must still close it.
     if shared.is_draining() {
         outbox.close(shared.drain_code(), "node shutting down", true);
     }
 
-    let writer = tokio::spawn(write_loop(
+    let reader_done = CancellationToken::new();
+    let mut writer = tokio::spawn(write_loop(
         sink,
         outbox.clone(),
         done.clone(),
+        reader_done.clone(),
         shared.clone(),
     ));
     session.read_loop(stream, &done).await;
-    done.cancel();
-    let _ = writer.await;
+    reader_done.cancel();
+    if outbox.is_closing() {
+        // The writer is sending our close frame; it bounds that by `close_timeout`.
+        // Bound it here too in case the writer is stuck in a write that never ends.
+        let limit = shared.config.limits.close_timeout * 2;
+        if timeout(limit, &mut writer).await.is_err() {
+            done.cancel();
+            let _ = writer.await;
+        }
+    } else {
+        done.cancel();
+        let _ = writer.await;
+    }
 
     for channel in std::mem::take(&mut session.subscriptions) {
         shared.hub.unsubscribe(&channel, conn);
@@ -122,27 +138,25 @@ impl Session {
                         Some(Ok(Message::Close(_))) => {}
                         Some(Err(WsError::Capacity(_))) => {
                             self.close(close::MESSAGE_TOO_BIG, "message too big");
-                            return;
                         }
                         Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => {
                             self.close(close::POLICY_VIOLATION, "protocol error");
-                            return;
                         }
                         Some(Err(_)) | None => return,
                     }
                     if self.strikes > self.shared.config.limits.rate_limit_strikes {
                         self.close(close::POLICY_VIOLATION, "rate limit exceeded");
-                        return;
                     }
                 }
                 _ = sleep_until(deadline) => {
                     if pinged_at.is_some() {
                         tracing::debug!(conn = self.conn, "heartbeat timeout");
                         self.close(close::POLICY_VIOLATION, "heartbeat timeout");
-                        return;
                     }
-                    pinged_at = Some(Instant::now());
-                    self.push(Message::Ping(Bytes::new()), 0);
+                    else {
+                        pinged_at = Some(Instant::now());
+                        self.push(Message::Ping(Bytes::new()), 0);
+                    }
                 }
             }
             if self.outbox.is_closing() {
@@ -286,7 +300,11 @@ impl Session {
             });
         }
         let name = channel.clone();
-        match self.shared.publish(vec![Publication::now(channel, payload)], Source::Client).await {
+        match self
+            .shared
+            .publish(vec![Publication::now(channel, payload)], Source::Client)
+            .await
+        {
             Ok(()) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),
             Err(e) => self.error(RequestError {
                 id,
@@ -329,8 +347,13 @@ impl TokenBucket {
     }
 }
 
-async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, done: CancellationToken, shared: Arc<Shared>)
-where
+async fn write_loop<S>(
+    mut sink: S,
+    outbox: Arc<Outbox>,
+    done: CancellationToken,
+    reader_done: CancellationToken,
+    shared: Arc<Shared>,
+) where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     let metrics = &shared.metrics;
@@ -365,7 +388,7 @@ where
             }
             None => continue,
         };
-        send_close(&mut sink, &closing, &done, close_timeout, &shared).await;
+        send_close(&mut sink, &closing, &reader_done, close_timeout, &shared).await;
         done.cancel();
         return;
     }
@@ -440,7 +463,7 @@ where
 async fn send_close<S>(
     sink: &mut S,
     closing: &Closing,
-    done: &CancellationToken,
+    reader_done: &CancellationToken,
     close_timeout: Duration,
     shared: &Shared,
 ) where
@@ -455,6 +478,6 @@ async fn send_close<S>(
     // then wait (bounded too) for the peer's reply, which ends the reader.
     let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
     if matches!(sent, Ok(Ok(()))) {
-        let _ = timeout(close_timeout, done.cancelled()).await;
+        let _ = timeout(close_timeout, reader_done.cancelled()).await;
     }
 }

@@ -1,1 +1,423 @@
+//! Test support for Herald: real gateways on loopback ports, real WebSocket and HTTP
+//! clients, so each integration test reads as a short story.
+//!
+//! - [`Node`]: a gateway running in this process on `127.0.0.1:0`, with a handle to shut
+//!   it down and its own metrics registry.
+//! - [`Client`]: a tokio-tungstenite client with helpers that fail loudly (with a
+//!   timeout) instead of hanging.
+//! - [`http`]: one HTTP/1.1 request over a fresh connection.
+#![allow(unreachable_pub)]
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use herald_broker::{inbound, MemoryBroker};
+use herald_metrics::{prometheus::Registry, Metrics};
+use herald_server::{Gateway, GatewayConfig, Listeners, ServerError};
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub use serde_json::json;
+
+/// How long any single expectation waits before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A configuration suited to tests: generous rates, short timeouts.
+pub fn test_config() -> GatewayConfig {
+    let mut c = GatewayConfig {
+        node_id: "test".into(),
+        ..GatewayConfig::default()
+    };
+    c.limits.messages_per_second = 10_000.0;
+    c.limits.message_burst = 10_000;
+    c.limits.close_timeout = Duration::from_secs(2);
+    c.shutdown.drain_window = Duration::from_millis(200);
+    c.shutdown.grace_period = Duration::from_secs(3);
+    c
+}
+
+/// A gateway running in this process.
+pub struct Node {
+    /// Where WebSocket clients connect.
+    pub addr: SocketAddr,
+    /// Where the API and metrics are served (same as `addr` unless split).
+    pub api: SocketAddr,
+    /// This node's metrics.
+    pub metrics: Metrics,
+    /// This node's registry (what `/metrics` serves).
+    pub registry: Registry,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+}
+
+impl Node {
+    /// Starts a node with [`test_config`].
+    pub async fn start() -> Node {
+        Node::start_with(|_| {}).await
+    }
+
+    /// Starts a node with [`test_config`] adjusted by `adjust`.
+    pub async fn start_with(adjust: impl FnOnce(&mut GatewayConfig)) -> Node {
+        Node::launch(adjust, false).await
+    }
+
+    /// Starts a node with separate public and internal listeners.
+    pub async fn start_split(adjust: impl FnOnce(&mut GatewayConfig)) -> Node {
+        Node::launch(adjust, true).await
+    }
+
+    async fn launch(adjust: impl FnOnce(&mut GatewayConfig), split: bool) -> Node {
+        let mut config = test_config();
+        adjust(&mut config);
+        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let internal = if split {
+            Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+        } else {
+            None
+        };
+        let addr = public.local_addr().unwrap();
+        let api = internal.as_ref().map_or(addr, |l| l.local_addr().unwrap());
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
+        let broker = Arc::new(MemoryBroker::new(tx));
+        let gateway =
+            Gateway::new(config, broker, rx, metrics.clone(), registry.clone()).expect("config");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.run(Listeners { public, internal }, async move {
+            let _ = stopped.await;
+        }));
+        Node {
+            addr,
+            api,
+            metrics,
+            registry,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// `ws://ADDR/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects a client and reads its welcome frame.
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.ws_url())
+            .await
+            .expect("connect to the node")
+    }
+
+    /// Publishes JSON `data` through `POST /api/publish`; returns the status.
+    pub async fn publish(&self, channel: &str, data: &str) -> u16 {
+        let body = format!(r#"{{"channel":"{channel}","data":{data}}}"#);
+        let r = http(
+            self.api,
+            "POST",
+            "/api/publish",
+            &[("content-type", "application/json")],
+            body.into_bytes(),
+        )
+        .await;
+        r.status
+    }
+
+    /// Begins shutdown (like SIGTERM) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Shuts down and waits for the drain to finish; returns how `run` ended.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        self.begin_shutdown();
+        let task = self.task.take().expect("not yet awaited");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("shutdown finished within 30 s")
+            .expect("gateway task panicked")
+    }
+
+    /// The value of an (unlabelled or labelled) metric sample as `/metrics` would show
+    /// it, e.g. `herald_connections` or `herald_close_codes_total{code="1013"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        use herald_metrics::prometheus::{Encoder, TextEncoder};
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        metric_value(&text, sample).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+    }
+}
+
+/// Finds `sample` (name plus label set, exactly as printed) in Prometheus text output.
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok())?
+    })
+}
+
+/// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A WebSocket client.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The welcome frame.
+    pub welcome: Value,
+    next_id: u64,
+}
+
+/// How the server ended a session, as the client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Closed {
+    /// The close code, if a close frame arrived.
+    pub code: Option<u16>,
+    /// Its reason text.
+    pub reason: String,
+}
+
+impl Client {
+    /// Connects and reads the welcome frame.
+    pub async fn connect(url: &str) -> Result<Client, tungstenite::Error> {
+        let (ws, _resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .map_err(|_| tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+            next_id: 1,
+        };
+        c.welcome = c.recv_json().await;
+        assert_eq!(c.welcome["op"], "welcome", "first frame: {}", c.welcome);
+        Ok(c)
+    }
+
+    /// Connects over a socket with a small receive buffer, so that a client that stops
+    /// reading backs up into the server quickly (slow-consumer tests).
+    pub async fn connect_with_small_buffer(addr: SocketAddr) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        let url = format!("ws://{addr}/ws");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .expect("upgrade");
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+            next_id: 1,
+        };
+        c.welcome = c.recv_json().await;
+        c
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .expect("send text");
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send_json(&mut self, v: &Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, b: Vec<u8>) {
+        self.ws
+            .send(Message::Binary(b.into()))
+            .await
+            .expect("send binary");
+    }
+
+    /// The next data frame (pings and pongs skipped); panics on close or timeout.
+    pub async fn recv(&mut self) -> Message {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame within the wait")
+                .expect("stream still open")
+                .expect("no protocol error");
+            match msg {
+                Message::Ping(_) | Message::Pong(_) => continue,
+                Message::Close(f) => panic!("unexpected close: {f:?}"),
+                m => return m,
+            }
+        }
+    }
+
+    /// The next frame, parsed as JSON.
+    pub async fn recv_json(&mut self) -> Value {
+        match self.recv().await {
+            Message::Text(t) => serde_json::from_str(&t).expect("server sent JSON"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next binary frame.
+    pub async fn recv_binary(&mut self) -> Bytes {
+        match self.recv().await {
+            Message::Binary(b) => b,
+            other => panic!("expected a binary frame, got {other:?}"),
+        }
+    }
+
+    /// Sends `{"op":op, "channel":channel, "id":N}` and returns the reply.
+    pub async fn request(&mut self, op: &str, channel: &str) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_json(&json!({"op": op, "channel": channel, "id": id}))
+            .await;
+        let reply = self.recv_json().await;
+        assert_eq!(reply["id"], id, "reply to request {id}: {reply}");
+        reply
+    }
+
+    /// Subscribes and asserts the acknowledgement.
+    pub async fn subscribe(&mut self, channel: &str) {
+        let r = self.request("subscribe", channel).await;
+        assert_eq!(r["op"], "subscribed", "{r}");
+    }
+
+    /// Reads until the server closes; returns the close code and reason. Data frames
+    /// before the close are counted in the second value.
+    pub async fn closed(&mut self) -> (Closed, usize) {
+        let mut frames = 0;
+        loop {
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("the server closed within the wait")
+            {
+                Some(Ok(Message::Close(f))) => {
+                    let (code, reason) = f
+                        .map_or((None, String::new()), |CloseFrame { code, reason }| {
+                            (Some(u16::from(code)), reason.to_string())
+                        });
+                    return (Closed { code, reason }, frames);
+                }
+                Some(Ok(Message::Text(_) | Message::Binary(_))) => frames += 1,
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    return (
+                        Closed {
+                            code: None,
+                            reason: String::new(),
+                        },
+                        frames,
+                    )
+                }
+            }
+        }
+    }
+
+    /// Asserts that no data frame arrives for `d`.
+    pub async fn expect_silence(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Read until the server's reply so the session really ended.
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, self.ws.next()).await {}
+    }
+
+    /// The underlying stream, for tests that need raw control.
+    pub fn ws(&mut self) -> &mut WebSocketStream<MaybeTlsStream<TcpStream>> {
+        &mut self.ws
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl HttpResponse {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Makes one HTTP/1.1 request over a new connection.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> HttpResponse {
+    use http_body_util::{BodyExt, Full};
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("http handshake");
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let resp = tokio::time::timeout(WAIT, sender.send_request(req))
+        .await
+        .expect("response within the wait")
+        .expect("response");
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    HttpResponse { status, body }
+}

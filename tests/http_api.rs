@@ -1,0 +1,226 @@
+//! The HTTP API: publish forms, batch, auth, and every error status.
+
+use herald_testkit::{http, Node};
+
+#[tokio::test]
+async fn batch_publishes_in_order() {
+    let node = Node::start().await;
+    let mut a = node.client().await;
+    a.subscribe("a").await;
+    let mut b = node.client().await;
+    b.subscribe("b").await;
+    let body = br#"{"publications":[
+        {"channel":"a","data":1},{"channel":"b","data":"x"},{"channel":"a","data":2}]}"#;
+    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["published"], 3);
+    assert_eq!(a.recv_json().await["data"], 1);
+    assert_eq!(a.recv_json().await["data"], 2);
+    assert_eq!(b.recv_json().await["data"], "x");
+}
+
+#[tokio::test]
+async fn a_batch_with_one_bad_entry_publishes_nothing() {
+    let node = Node::start().await;
+    let mut a = node.client().await;
+    a.subscribe("a").await;
+    let body = br#"{"publications":[{"channel":"a","data":1},{"channel":"no good","data":2}]}"#;
+    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "invalid_channel");
+    assert!(r.json()["message"]
+        .as_str()
+        .unwrap()
+        .contains("publications[1]"));
+    a.expect_silence(std::time::Duration::from_millis(200))
+        .await;
+}
+
+#[tokio::test]
+async fn batch_size_limit() {
+    let node = Node::start_with(|c| c.limits.max_batch = 2).await;
+    let body = br#"{"publications":[{"channel":"a","data":1},{"channel":"a","data":2},{"channel":"a","data":3}]}"#;
+    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    assert_eq!(r.status, 413);
+    assert_eq!(r.json()["code"], "too_large");
+}
+
+#[tokio::test]
+async fn errors_have_status_and_code() {
+    let node = Node::start_with(|c| c.limits.max_body_bytes = 64).await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    let cases: &[(&str, &[(&str, &str)], &[u8], u16, &str)] = &[
+        ("/api/publish", &[], b"{not json", 400, "bad_request"),
+        (
+            "/api/publish",
+            &[],
+            br#"{"channel":"news"}"#,
+            400,
+            "bad_request",
+        ),
+        (
+            "/api/publish",
+            &[],
+            br#"{"channel":"a b","data":1}"#,
+            400,
+            "invalid_channel",
+        ),
+        ("/api/publish", &[], &[b'x'; 65], 413, "too_large"),
+        (
+            "/api/publish/news",
+            &[("content-type", "application/json")],
+            b"{oops",
+            400,
+            "bad_request",
+        ),
+        (
+            "/api/publish/news",
+            &[("content-type", "text/plain")],
+            b"hi",
+            415,
+            "bad_request",
+        ),
+        (
+            "/api/publish/bad%20name",
+            &[("content-type", "application/json")],
+            b"1",
+            400,
+            "invalid_channel",
+        ),
+        ("/api/nothing", &[], b"", 404, "not_found"),
+    ];
+    for (path, headers, body, status, code) in cases {
+        let r = http(node.api, "POST", path, headers, body.to_vec()).await;
+        assert_eq!(
+            r.status,
+            *status,
+            "{path} {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], *code, "{path}");
+    }
+    let r = http(node.api, "GET", "/api/publish", &[], vec![]).await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    // Nothing bad was delivered, and the API still works.
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(sub.recv_json().await["data"], 1);
+}
+
+#[tokio::test]
+async fn api_key_is_required_when_configured() {
+    let node = Node::start_with(|c| c.auth.api_key = Some("s3cret".into())).await;
+    let body = br#"{"channel":"news","data":1}"#.to_vec();
+    let r = http(node.api, "POST", "/api/publish", &[], body.clone()).await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[("authorization", "Bearer wrong")],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[("authorization", "Bearer s3cret")],
+        body,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // Health stays public.
+    assert_eq!(
+        http(node.api, "GET", "/healthz", &[], vec![]).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn split_listeners_serve_their_own_endpoints() {
+    let node = Node::start_split(|_| {}).await;
+    assert_ne!(node.addr, node.api);
+    let body = br#"{"channel":"news","data":1}"#.to_vec();
+    assert_eq!(
+        http(node.addr, "POST", "/api/publish", &[], body.clone())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        http(node.addr, "GET", "/metrics", &[], vec![]).await.status,
+        404
+    );
+    assert_eq!(http(node.api, "GET", "/ws", &[], vec![]).await.status, 404);
+    let mut c = node.client().await;
+    c.subscribe("news").await;
+    assert_eq!(
+        http(node.api, "POST", "/api/publish", &[], body)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(c.recv_json().await["data"], 1);
+    for addr in [node.addr, node.api] {
+        assert_eq!(http(addr, "GET", "/healthz", &[], vec![]).await.status, 200);
+        assert_eq!(http(addr, "GET", "/readyz", &[], vec![]).await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn metrics_follow_connections() {
+    let node = Node::start().await;
+    let scrape = || async {
+        let r = http(node.api, "GET", "/metrics", &[], vec![]).await;
+        assert_eq!(r.status, 200);
+        String::from_utf8(r.body.to_vec()).unwrap()
+    };
+    let mut clients = Vec::new();
+    for _ in 0..7 {
+        let mut c = node.client().await;
+        c.subscribe("m").await;
+        clients.push(c);
+    }
+    let text = scrape().await;
+    assert_eq!(
+        herald_testkit::metric_value(&text, "herald_connections"),
+        Some(7.0)
+    );
+    assert_eq!(
+        herald_testkit::metric_value(&text, "herald_subscriptions"),
+        Some(7.0)
+    );
+    for c in clients.drain(..3) {
+        c.close().await;
+    }
+    herald_testkit::eventually("gauge follows", || node.metric("herald_connections") == 4.0).await;
+    assert_eq!(node.publish("m", "1").await, 200);
+    for c in &mut clients {
+        c.recv_json().await;
+    }
+    let text = scrape().await;
+    assert_eq!(
+        herald_testkit::metric_value(&text, "herald_connections"),
+        Some(4.0)
+    );
+    assert_eq!(
+        herald_testkit::metric_value(&text, "herald_connections_opened_total"),
+        Some(7.0)
+    );
+    assert_eq!(
+        herald_testkit::metric_value(&text, "herald_messages_delivered_total"),
+        Some(4.0)
+    );
+    assert_eq!(
+        herald_testkit::metric_value(&text, r#"herald_messages_published_total{source="http"}"#),
+        Some(1.0)
+    );
+}

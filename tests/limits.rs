@@ -1,0 +1,234 @@
+//! Every limit: its reply, and that nobody else is harmed.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use herald_testkit::{eventually, http, Client, Node};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// A bystander subscribed to `calm` still receives a fresh publication.
+async fn bystander_unharmed(node: &Node, bystander: &mut Client) {
+    assert_eq!(node.publish("calm", r#""still here""#).await, 200);
+    assert_eq!(bystander.recv_json().await["data"], "still here");
+}
+
+#[tokio::test]
+async fn oversize_message_closes_with_1009() {
+    let node = Node::start_with(|c| c.limits.max_message_bytes = 1024).await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+    let mut c = node.client().await;
+    // At the limit is fine.
+    let pad = "x".repeat(1024 - r#"{"op":"ping","pad":""}"#.len());
+    c.send_text(&format!(r#"{{"op":"ping","pad":"{pad}"}}"#))
+        .await;
+    assert_eq!(c.recv_json().await["op"], "pong");
+    // One byte over is not.
+    let pad = "x".repeat(1025 - r#"{"op":"ping","pad":""}"#.len());
+    c.send_text(&format!(r#"{{"op":"ping","pad":"{pad}"}}"#))
+        .await;
+    let (closed, _) = c.closed().await;
+    assert_eq!(closed.code, Some(1009), "{closed:?}");
+    bystander_unharmed(&node, &mut bystander).await;
+    eventually("the closed session is counted", || {
+        node.metric(r#"herald_close_codes_total{code="1009"}"#) == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rate_limit_errors_then_closes_with_1008() {
+    let node = Node::start_with(|c| {
+        c.limits.messages_per_second = 0.5;
+        c.limits.message_burst = 5;
+        c.limits.rate_limit_strikes = 3;
+    })
+    .await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+    let mut c = node.client().await;
+    for i in 0..5 {
+        c.send_text(&format!(r#"{{"op":"ping","id":{i}}}"#)).await;
+        assert_eq!(c.recv_json().await["op"], "pong");
+    }
+    for _ in 0..4 {
+        c.send_text(r#"{"op":"ping"}"#).await;
+    }
+    let mut limited = 0;
+    loop {
+        match c.ws().next().await {
+            Some(Ok(Message::Text(t))) => {
+                assert!(t.contains(r#""code":"rate_limited""#), "{t}");
+                limited += 1;
+            }
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 1008);
+                assert_eq!(f.reason.as_str(), "rate limit exceeded");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(limited, 4, "every refused message was answered");
+    bystander_unharmed(&node, &mut bystander).await;
+}
+
+#[tokio::test]
+async fn connection_limit_answers_503_before_upgrade() {
+    let node = Node::start_with(|c| c.limits.max_connections = 2).await;
+    let mut a = node.client().await;
+    let b = node.client().await;
+    match Client::connect(&node.ws_url()).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["code"], "unavailable");
+        }
+        Err(e) => panic!("expected HTTP 503, got {e}"),
+        Ok(_) => panic!("a third connection was accepted"),
+    }
+    assert_eq!(
+        node.metric(r#"herald_connections_rejected_total{reason="limit"}"#),
+        1.0
+    );
+    // The two admitted clients are unaffected, and a freed slot is reusable.
+    a.send_text(r#"{"op":"ping","id":1}"#).await;
+    assert_eq!(a.recv_json().await["op"], "pong");
+    b.close().await;
+    eventually("the slot is free", || {
+        node.metric("herald_connections") == 1.0
+    })
+    .await;
+    Client::connect(&node.ws_url())
+        .await
+        .expect("slot reusable");
+}
+
+#[tokio::test]
+async fn half_open_handshakes_are_dropped() {
+    let node = Node::start_with(|c| c.limits.handshake_timeout = Duration::from_millis(300)).await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+    // One sends nothing, one sends half a request.
+    let started = tokio::time::Instant::now();
+    let mut silent = TcpStream::connect(node.addr).await.unwrap();
+    let mut partial = TcpStream::connect(node.addr).await.unwrap();
+    partial
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n")
+        .await
+        .unwrap();
+    for s in [&mut silent, &mut partial] {
+        let mut buf = [0u8; 512];
+        // The server answers (408 or nothing) and closes; read to EOF.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => panic!("half-open connection kept for 5 s"),
+            }
+        }
+        assert!(started.elapsed() >= Duration::from_millis(200));
+    }
+    bystander_unharmed(&node, &mut bystander).await;
+}
+
+#[tokio::test]
+async fn dead_peer_is_closed_by_heartbeat_live_peer_is_kept() {
+    let node = Node::start_with(|c| {
+        c.heartbeat.interval = Duration::from_millis(200);
+        c.heartbeat.timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut live = node.client().await;
+    live.subscribe("calm").await;
+    let mut dead = node.client().await;
+    // `dead` reads nothing, so its client never answers pings. `live` keeps reading,
+    // and tungstenite answers each ping with a pong.
+    live.expect_silence(Duration::from_millis(1500)).await;
+    let (closed, _) = dead.closed().await;
+    assert_eq!(closed.code, Some(1008));
+    assert_eq!(closed.reason, "heartbeat timeout");
+    bystander_unharmed(&node, &mut live).await;
+    eventually("the dead session is gone", || {
+        node.metric("herald_connections") == 1.0
+    })
+    .await;
+}
+
+/// A subscriber that stops reading is closed with 1013 once its queue overflows; a
+/// healthy subscriber on the same channel receives every message meanwhile.
+#[tokio::test]
+async fn slow_consumer_is_closed_with_1013_and_nobody_else_suffers() {
+    const N: usize = 600;
+    const SIZE: usize = 32 * 1024;
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 256 * 1024;
+        c.limits.close_timeout = Duration::from_secs(8);
+    })
+    .await;
+    let mut slow = Client::connect_with_small_buffer(node.addr).await;
+    slow.subscribe("firehose").await;
+    let mut healthy = node.client().await;
+    healthy.subscribe("firehose").await;
+
+    let filler = "y".repeat(SIZE);
+    let mut received = 0;
+    for i in 0..N {
+        let data = format!(r#"{{"i":{i},"pad":"{filler}"}}"#);
+        assert_eq!(node.publish("firehose", &data).await, 200);
+        let m = healthy.recv_json().await;
+        assert_eq!(
+            m["data"]["i"], i,
+            "healthy subscriber got every message in order"
+        );
+        received += 1;
+    }
+    assert_eq!(received, N);
+    eventually("the slow consumer is flagged", || {
+        node.metric("herald_slow_consumer_disconnects_total") == 1.0
+    })
+    .await;
+    // Now the slow client reads: what fit in its buffers, then the 1013.
+    let (closed, frames) = slow.closed().await;
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+    assert_eq!(closed.reason, "slow consumer");
+    assert!(
+        frames < N,
+        "the slow client cannot have received everything"
+    );
+    assert!(node.metric(r#"herald_messages_dropped_total{reason="slow_consumer"}"#) >= 1.0);
+    // The healthy one is still connected and served.
+    assert_eq!(node.publish("firehose", "0").await, 200);
+    assert_eq!(healthy.recv_json().await["data"], 0);
+}
+
+#[tokio::test]
+async fn non_websocket_requests_to_ws_get_400() {
+    let node = Node::start().await;
+    let r = http(node.addr, "GET", "/ws", &[], vec![]).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let node =
+        Node::start_with(|c| c.auth.allowed_origins = vec!["https://app.example".into()]).await;
+    let connect = |origin: &'static str| {
+        let url = node.ws_url();
+        async move {
+            use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+            let mut req = url.into_client_request().unwrap();
+            req.headers_mut().insert("origin", origin.parse().unwrap());
+            tokio_tungstenite::connect_async(req).await
+        }
+    };
+    match connect("https://evil.example").await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("expected 403, got {:?}", other.map(|_| ())),
+    }
+    assert!(connect("https://app.example").await.is_ok());
+}

@@ -1,0 +1,8 @@
+//! Herald's integration suite, one test binary (it links once; modules share the
+//! harness in `herald-testkit`). Every test runs real gateways on loopback ports and
+//! talks to them over real sockets.
+
+mod http_api;
+mod lifecycle;
+mod limits;
+mod protocol;
