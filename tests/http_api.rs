@@ -45,12 +45,21 @@ async fn batch_size_limit() {
     assert_eq!(r.json()["code"], "too_large");
 }
 
+/// Path, headers, body, expected status, expected error code.
+type Case = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [u8],
+    u16,
+    &'static str,
+);
+
 #[tokio::test]
 async fn errors_have_status_and_code() {
     let node = Node::start_with(|c| c.limits.max_body_bytes = 64).await;
     let mut sub = node.client().await;
     sub.subscribe("news").await;
-    let cases: &[(&str, &[(&str, &str)], &[u8], u16, &str)] = &[
+    let cases: &[Case] = &[
         ("/api/publish", &[], b"{not json", 400, "bad_request"),
         (
             "/api/publish",

@@ -106,8 +106,8 @@ async fn route(req: Request<Incoming>, shared: Arc<Shared>, role: Role) -> Respo
                     "use POST",
                 );
             }
-            if let Err(resp) = authorize(&req, &shared) {
-                return resp;
+            if let Err(e) = authorize(&req, &shared) {
+                return e.into_response();
             }
             api(req, &shared, &path).await
         }
@@ -140,6 +140,27 @@ fn error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
     )
 }
 
+/// An API failure: status, code and message, rendered as a JSON error body.
+struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, message: &str) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.to_owned(),
+        }
+    }
+
+    fn into_response(self) -> Response<Body> {
+        error(self.status, self.code, &self.message)
+    }
+}
+
 fn metrics(shared: &Shared) -> Response<Body> {
     use herald_metrics::prometheus::{Encoder, TextEncoder};
     let mut buf = Vec::with_capacity(16 * 1024);
@@ -159,7 +180,7 @@ fn metrics(shared: &Shared) -> Response<Body> {
     r
 }
 
-fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), Response<Body>> {
+fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), ApiError> {
     let Some(key) = shared.config.auth.api_key.as_deref() else {
         return Ok(());
     };
@@ -170,7 +191,7 @@ fn authorize(req: &Request<Incoming>, shared: &Shared) -> Result<(), Response<Bo
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
         Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
-        _ => Err(error(
+        _ => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             "missing or wrong API key (Authorization: Bearer <key>)",
@@ -213,21 +234,21 @@ async fn api(req: Request<Incoming>, shared: &Shared, path: &str) -> Response<Bo
         });
     let body = match read_body(req, shared.config.limits.max_body_bytes).await {
         Ok(b) => b,
-        Err(resp) => return resp,
+        Err(e) => return e.into_response(),
     };
     let batch = match path {
         "/api/publish" => match parse_publish(&body) {
             Ok(p) => vec![p],
-            Err(resp) => return resp,
+            Err(e) => return e.into_response(),
         },
         "/api/batch" => match parse_batch(&body, shared.config.limits.max_batch) {
             Ok(ps) => ps,
-            Err(resp) => return resp,
+            Err(e) => return e.into_response(),
         },
         p => match p.strip_prefix("/api/publish/") {
             Some(name) => match parse_raw(name, content_type.as_deref(), body) {
                 Ok(p) => vec![p],
-                Err(resp) => return resp,
+                Err(e) => return e.into_response(),
             },
             None => {
                 return error(
@@ -249,9 +270,9 @@ async fn api(req: Request<Incoming>, shared: &Shared, path: &str) -> Response<Bo
     }
 }
 
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response<Body>> {
+async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, ApiError> {
     let too_large = || {
-        error(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
             &format!("request body is larger than {max} bytes"),
@@ -268,7 +289,7 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
     match Limited::new(req.into_body(), max).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(error(
+        Err(_) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::BadRequest,
             "could not read the request body",
@@ -276,13 +297,13 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Response
     }
 }
 
-fn bad_request(message: &str) -> Response<Body> {
-    error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+fn bad_request(message: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
 }
 
-fn channel(name: &str) -> Result<ChannelName, Response<Body>> {
+fn channel(name: &str) -> Result<ChannelName, ApiError> {
     ChannelName::new(name).map_err(|e| {
-        error(
+        ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidChannel,
             &e.to_string(),
@@ -297,7 +318,7 @@ fn data_of(body: &Bytes, data: &RawValue) -> Bytes {
     body.slice(offset..offset + part.len())
 }
 
-fn parse_publish(body: &Bytes) -> Result<Publication, Response<Body>> {
+fn parse_publish(body: &Bytes) -> Result<Publication, ApiError> {
     let p: PublishBody<'_> = serde_json::from_slice(body).map_err(|e| {
         bad_request(&format!(
             r#"expected {{"channel":"<name>","data":<JSON>}}: {e}"#
@@ -309,14 +330,14 @@ fn parse_publish(body: &Bytes) -> Result<Publication, Response<Body>> {
     ))
 }
 
-fn parse_batch(body: &Bytes, max: usize) -> Result<Vec<Publication>, Response<Body>> {
+fn parse_batch(body: &Bytes, max: usize) -> Result<Vec<Publication>, ApiError> {
     let b: BatchBody<'_> = serde_json::from_slice(body).map_err(|e| {
         bad_request(&format!(
             r#"expected {{"publications":[{{"channel":"<name>","data":<JSON>}}, ...]}}: {e}"#
         ))
     })?;
     if b.publications.len() > max {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
             &format!("a batch holds at most {max} publications"),
@@ -329,7 +350,7 @@ fn parse_batch(body: &Bytes, max: usize) -> Result<Vec<Publication>, Response<Bo
         .enumerate()
         .map(|(i, p)| {
             let c = ChannelName::new(p.channel).map_err(|e| {
-                error(
+                ApiError::new(
                     StatusCode::BAD_REQUEST,
                     ErrorCode::InvalidChannel,
                     &format!("publications[{i}]: {e}"),
@@ -340,11 +361,7 @@ fn parse_batch(body: &Bytes, max: usize) -> Result<Vec<Publication>, Response<Bo
         .collect()
 }
 
-fn parse_raw(
-    name: &str,
-    content_type: Option<&str>,
-    body: Bytes,
-) -> Result<Publication, Response<Body>> {
+fn parse_raw(name: &str, content_type: Option<&str>, body: Bytes) -> Result<Publication, ApiError> {
     let channel = channel(name)?;
     let payload = match content_type {
         Some("application/json") => {
@@ -364,7 +381,7 @@ fn parse_raw(
         }
         Some("application/octet-stream") => Payload::Binary(body),
         _ => {
-            return Err(error(
+            return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::BadRequest,
                 "Content-Type must be application/json or application/octet-stream",
