@@ -6,3 +6,4 @@ mod http_api;
 mod lifecycle;
 mod limits;
 mod protocol;
+mod redis;

@@ -51,7 +51,9 @@ pub trait Broker: Send + Sync + 'static {
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// This node now serves `channel`: deliver its publications to the inbound queue.
-    fn subscribe(&self, channel: &ChannelName);
+    /// The returned [`Ready`] resolves once the broker actually delivers them, so that a
+    /// client is acknowledged only when nothing published afterwards can be missed.
+    fn subscribe(&self, channel: &ChannelName) -> Ready;
 
     /// This node no longer serves `channel`.
     fn unsubscribe(&self, channel: &ChannelName);
@@ -61,6 +63,53 @@ pub trait Broker: Send + Sync + 'static {
 
     /// A short name for logs (`memory`, `redis`, ...).
     fn kind(&self) -> &'static str;
+}
+
+/// Resolves once a broker subscription is active. Cheap to clone: every session that
+/// subscribes to a channel while its broker subscription is pending waits on the same one.
+#[derive(Clone, Debug)]
+pub struct Ready(tokio::sync::watch::Receiver<bool>);
+
+/// Marks a [`Ready`] as active.
+#[derive(Debug)]
+pub struct ReadySetter(tokio::sync::watch::Sender<bool>);
+
+impl Ready {
+    /// Already active (brokers without a subscription step).
+    pub fn now() -> Ready {
+        Ready(tokio::sync::watch::channel(true).1)
+    }
+
+    /// Pending until the setter is used.
+    pub fn pending() -> (ReadySetter, Ready) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (ReadySetter(tx), Ready(rx))
+    }
+
+    /// Whether it is active now.
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Waits until active, at most `limit`. Returns whether it became active.
+    pub async fn wait(mut self, limit: std::time::Duration) -> bool {
+        matches!(
+            tokio::time::timeout(limit, self.0.wait_for(|v| *v)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+impl ReadySetter {
+    /// Marks the subscription active, waking every waiter.
+    pub fn set(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Whether it was already set.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
 }
 
 /// The hub was dropped; nobody reads the inbound queue any more.

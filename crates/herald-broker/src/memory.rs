@@ -2,7 +2,7 @@
 
 use herald_protocol::{ChannelName, Publication};
 
-use crate::{BoxFuture, Broker, BrokerError, Inbound};
+use crate::{BoxFuture, Broker, BrokerError, Inbound, Ready};
 
 /// Delivers every publication straight to this node's hub.
 ///
@@ -33,7 +33,9 @@ impl Broker for MemoryBroker {
         })
     }
 
-    fn subscribe(&self, _channel: &ChannelName) {}
+    fn subscribe(&self, _channel: &ChannelName) -> Ready {
+        Ready::now()
+    }
 
     fn unsubscribe(&self, _channel: &ChannelName) {}
 

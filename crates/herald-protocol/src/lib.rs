@@ -10,6 +10,7 @@
 //! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
 //! - [`close`]: WebSocket close codes Herald uses and when.
+//! - [`envelope`]: how a publication travels through a broker between nodes.
 //!
 //! # Design
 //! A delivery is encoded once per node ([`server::encode_delivery`]) and the bytes are
@@ -21,6 +22,7 @@
 pub mod channel;
 pub mod client;
 pub mod close;
+pub mod envelope;
 pub mod publication;
 pub mod server;
 

@@ -81,6 +81,10 @@ pub struct LimitsConfig {
     /// Time a closing session gets to flush its close frame and hear the peer's reply.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// Time a subscribe waits for the broker to confirm before it fails with
+    /// `unavailable` (only brokers with a subscription step, i.e. Redis, ever wait).
+    #[serde(with = "humantime_serde")]
+    pub subscribe_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -98,6 +102,7 @@ impl Default for LimitsConfig {
             max_batch: 1000,
             inbound_queue: 16 * 1024,
             close_timeout: Duration::from_secs(3),
+            subscribe_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use herald_broker::{Broker, InboundReceiver};
+use herald_broker::{Broker, InboundReceiver, Ready};
 use herald_metrics::{DropReason, Metrics};
 use herald_protocol::server::{encode_delivery, Delivery};
 use herald_protocol::{ChannelName, Publication};
@@ -25,9 +25,10 @@ pub(crate) type ConnId = u64;
 
 const SHARDS: usize = 32;
 
-#[derive(Default)]
 struct Channel {
     subscribers: IndexMap<ConnId, Arc<Outbox>>,
+    /// Whether the broker delivers this channel yet.
+    ready: Ready,
 }
 
 pub(crate) struct Hub {
@@ -55,26 +56,28 @@ impl Hub {
         &self.shards[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 
-    /// Adds `conn` to `channel`'s subscribers. Returns false if it already was one.
+    /// Adds `conn` to `channel`'s subscribers; the returned [`Ready`] tells when the
+    /// broker delivers the channel.
     pub(crate) fn subscribe(
         &self,
         channel: &ChannelName,
         conn: ConnId,
         outbox: &Arc<Outbox>,
-    ) -> bool {
+    ) -> Ready {
         let mut shard = self.shard(channel.as_str()).write();
         let entry = shard.entry(channel.clone()).or_insert_with(|| {
             // Under the shard lock, so interest changes for one channel reach the broker
             // in the order they happened.
-            self.broker.subscribe(channel);
             self.metrics.channels.inc();
-            Channel::default()
+            Channel {
+                subscribers: IndexMap::new(),
+                ready: self.broker.subscribe(channel),
+            }
         });
-        let added = entry.subscribers.insert(conn, outbox.clone()).is_none();
-        if added {
+        if entry.subscribers.insert(conn, outbox.clone()).is_none() {
             self.metrics.subscriptions.inc();
         }
-        added
+        entry.ready.clone()
     }
 
     /// Removes `conn` from `channel`'s subscribers. Returns whether it was one.
@@ -171,9 +174,10 @@ mod tests {
         let news = ChannelName::new("news").unwrap();
         let a = Arc::new(Outbox::new(1 << 20));
         let b = Arc::new(Outbox::new(1 << 20));
-        assert!(hub.subscribe(&news, 1, &a));
-        assert!(!hub.subscribe(&news, 1, &a));
-        assert!(hub.subscribe(&news, 2, &b));
+        assert!(hub.subscribe(&news, 1, &a).is_ready());
+        hub.subscribe(&news, 1, &a);
+        hub.subscribe(&news, 2, &b);
+        assert_eq!(hub.n_subscribers("news"), 2);
         hub.dispatch(&Publication::now(
             news.clone(),
             Payload::Json(Bytes::from_static(b"1")),

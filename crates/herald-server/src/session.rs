@@ -244,7 +244,7 @@ impl Session {
             return;
         }
         match parse_text(&frame) {
-            Ok(Request::Subscribe { channel, id }) => self.subscribe(channel, id),
+            Ok(Request::Subscribe { channel, id }) => self.subscribe(channel, id).await,
             Ok(Request::Unsubscribe { channel, id }) => {
                 if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
                     self.subscriptions.swap_remove(i);
@@ -270,7 +270,7 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, channel: ChannelName, id: Option<u64>) {
+    async fn subscribe(&mut self, channel: ChannelName, id: Option<u64>) {
         if !self.subscriptions.contains(&channel) {
             if self.subscriptions.len() >= self.shared.config.limits.max_subscriptions {
                 return self.error(RequestError {
@@ -283,11 +283,24 @@ impl Session {
                     .into(),
                 });
             }
-            self.shared.hub.subscribe(&channel, self.conn, &self.outbox);
+            let ready = self.shared.hub.subscribe(&channel, self.conn, &self.outbox);
             self.subscriptions.push(channel.clone());
+            // Acknowledge only once the broker delivers the channel: whatever is
+            // published after the client has seen the reply reaches it.
+            if !ready.is_ready()
+                && !ready
+                    .wait(self.shared.config.limits.subscribe_timeout)
+                    .await
+            {
+                self.subscriptions.retain(|c| *c != channel);
+                self.shared.hub.unsubscribe(&channel, self.conn);
+                return self.error(RequestError {
+                    id,
+                    code: ErrorCode::Unavailable,
+                    message: "the broker did not confirm the subscription; retry later".into(),
+                });
+            }
         }
-        // Acknowledge after registering: whatever is published once the client has
-        // seen this reply reaches it.
         self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
     }
 

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use herald_broker::{inbound, MemoryBroker};
+use herald_broker::{inbound, Broker, InboundReceiver, MemoryBroker};
 use herald_metrics::{prometheus::Registry, Metrics};
+use herald_redis::{RedisBroker, RedisConfig};
 use herald_server::{Gateway, GatewayConfig, Listeners, ServerError};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,6 +27,20 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use serde_json::json;
+
+mod redis_server;
+pub use redis_server::{RedisCluster, RedisServer};
+
+/// Redis settings suited to tests: fast probes, fast reconnects.
+pub fn redis_config(url: &str) -> RedisConfig {
+    RedisConfig {
+        url: url.to_owned(),
+        probe_interval: Duration::from_millis(200),
+        timeout: Duration::from_secs(1),
+        max_reconnect_delay: Duration::from_millis(100),
+        ..RedisConfig::default()
+    }
+}
 
 /// How long any single expectation waits before the test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -74,9 +89,49 @@ impl Node {
         Node::launch(adjust, true).await
     }
 
+    /// Starts a node on the Redis broker at `url` (test timings: fast probes and
+    /// reconnects), and waits until it is connected.
+    pub async fn start_redis(url: &str, adjust: impl FnOnce(&mut GatewayConfig)) -> Node {
+        Node::start_redis_with(redis_config(url), adjust).await
+    }
+
+    /// Starts a node on the Redis broker with explicit settings, and waits until it is
+    /// connected.
+    pub async fn start_redis_with(
+        redis: RedisConfig,
+        adjust: impl FnOnce(&mut GatewayConfig),
+    ) -> Node {
+        let mut config = test_config();
+        adjust(&mut config);
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
+        let broker = RedisBroker::start(redis, tx, metrics.clone()).expect("redis settings");
+        assert!(
+            broker.wait_up(Duration::from_secs(10)).await,
+            "the node could not connect to Redis"
+        );
+        Node::serve(config, Arc::new(broker), rx, metrics, registry, false).await
+    }
+
     async fn launch(adjust: impl FnOnce(&mut GatewayConfig), split: bool) -> Node {
         let mut config = test_config();
         adjust(&mut config);
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).unwrap();
+        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
+        let broker = Arc::new(MemoryBroker::new(tx));
+        Node::serve(config, broker, rx, metrics, registry, split).await
+    }
+
+    async fn serve(
+        config: GatewayConfig,
+        broker: Arc<dyn Broker>,
+        rx: InboundReceiver,
+        metrics: Metrics,
+        registry: Registry,
+        split: bool,
+    ) -> Node {
         let public = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let internal = if split {
             Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
@@ -85,10 +140,6 @@ impl Node {
         };
         let addr = public.local_addr().unwrap();
         let api = internal.as_ref().map_or(addr, |l| l.local_addr().unwrap());
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
-        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
-        let broker = Arc::new(MemoryBroker::new(tx));
         let gateway =
             Gateway::new(config, broker, rx, metrics.clone(), registry.clone()).expect("config");
         let (stop, stopped) = oneshot::channel::<()>();

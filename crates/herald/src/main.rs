@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use herald_broker::{inbound, MemoryBroker};
+use herald_broker::{inbound, Broker, MemoryBroker};
 use herald_metrics::{prometheus::Registry, Metrics};
+use herald_redis::RedisBroker;
 use herald_server::{Gateway, Listeners};
 use tokio::net::TcpListener;
 
@@ -76,7 +77,18 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::new(&registry).context("registering metrics")?;
     let gateway_config = settings.gateway();
     let (tx, rx) = inbound(gateway_config.limits.inbound_queue, metrics.clone());
-    let broker = Arc::new(MemoryBroker::new(tx));
+    let broker: Arc<dyn Broker> = if settings.redis.url.is_empty() {
+        Arc::new(MemoryBroker::new(tx))
+    } else {
+        let redis = RedisBroker::start(settings.redis.clone(), tx, metrics.clone())?;
+        // Start serving either way (readiness reports the broker), but give Redis a
+        // moment so that a healthy start does not flap through "not ready".
+        if !redis.wait_up(settings.redis.timeout).await {
+            tracing::warn!("Redis is not reachable yet; retrying in the background");
+        }
+        Arc::new(redis)
+    };
+    let broker_kind = broker.kind();
 
     let public = TcpListener::bind(settings.listen)
         .await
@@ -94,7 +106,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     let gateway = Gateway::new(gateway_config, broker, rx, metrics, registry)?;
     tracing::info!(
         node = %settings.node_id,
-        broker = "memory",
+        broker = broker_kind,
         public = %public_addr,
         internal = %internal_addr.map_or("(same)".to_owned(), |a| a.to_string()),
         "herald listening: ws://{public_addr}/ws"

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
+use herald_redis::RedisConfig;
 use herald_server::config::{
     AuthConfig, ChannelsConfig, HeartbeatConfig, LimitsConfig, ShutdownConfig, WebSocketConfig,
 };
@@ -25,6 +26,9 @@ pub(crate) struct Cli {
     /// Separate address for /api/* and /metrics.
     #[arg(long, value_name = "ADDR")]
     pub(crate) internal_listen: Option<String>,
+    /// Redis URL (redis://HOST:PORT); switches from the embedded broker to Redis.
+    #[arg(long, value_name = "URL")]
+    pub(crate) redis: Option<String>,
     /// This node's id (default: host name and a random suffix).
     #[arg(long, value_name = "ID")]
     pub(crate) node_id: Option<String>,
@@ -47,6 +51,8 @@ pub(crate) struct Settings {
     /// Node id; empty picks one.
     pub(crate) node_id: String,
     pub(crate) log: LogConfig,
+    /// The broker: Redis when `redis.url` is set, else the embedded one.
+    pub(crate) redis: RedisConfig,
     pub(crate) auth: AuthConfig,
     pub(crate) channels: ChannelsConfig,
     pub(crate) limits: LimitsConfig,
@@ -63,6 +69,7 @@ impl Default for Settings {
             internal_listen: None,
             node_id: String::new(),
             log: LogConfig::default(),
+            redis: RedisConfig::default(),
             auth: g.auth,
             channels: g.channels,
             limits: g.limits,
@@ -115,6 +122,7 @@ impl Settings {
             ("listen", cli.listen.clone()),
             ("internal_listen", cli.internal_listen.clone()),
             ("node_id", cli.node_id.clone()),
+            ("redis.url", cli.redis.clone()),
             ("log.format", cli.log_format.clone()),
         ];
         for (key, value) in flags {
@@ -133,6 +141,9 @@ impl Settings {
             ));
         }
         settings.gateway().validate().map_err(|e| e.to_string())?;
+        if !settings.redis.url.is_empty() {
+            settings.redis.validate().map_err(|e| e.to_string())?;
+        }
         Ok(settings)
     }
 
@@ -210,6 +221,8 @@ mod tests {
             ("HERALD_CHANNELS__CLIENT_PUBLISH", "a b"),
             ("HERALD_LOG__FORMAT", "xml"),
             ("HERALD_HEARTBEAT__INTERVAL", "soon"),
+            ("HERALD_REDIS__URL", "http://not-redis"),
+            ("HERALD_REDIS__PREFIX", "bad prefix"),
         ] {
             assert!(
                 Settings::load(&Cli::default(), env(&[(k, v)])).is_err(),

@@ -73,9 +73,21 @@ fn signal(child: &Child, sig: &str) {
 fn invalid_configuration_exits_64_before_binding() {
     for (args, env, needle) in [
         (vec!["--listen", "nonsense"], vec![], "listen"),
-        (vec![], vec![("HERALD_LIMITS__MAX_CONNECTIONS", "0")], "max_connections"),
-        (vec!["--config", "/nonexistent/herald.toml"], vec![], "herald.toml"),
-        (vec![], vec![("HERALD_LIMITS__NO_SUCH_KEY", "1")], "no_such_key"),
+        (
+            vec![],
+            vec![("HERALD_LIMITS__MAX_CONNECTIONS", "0")],
+            "max_connections",
+        ),
+        (
+            vec!["--config", "/nonexistent/herald.toml"],
+            vec![],
+            "herald.toml",
+        ),
+        (
+            vec![],
+            vec![("HERALD_LIMITS__NO_SUCH_KEY", "1")],
+            "no_such_key",
+        ),
     ] {
         let out = herald()
             .args(&args)
@@ -85,7 +97,10 @@ fn invalid_configuration_exits_64_before_binding() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
-        assert!(!stderr.contains("listening"), "bound before failing: {stderr}");
+        assert!(
+            !stderr.contains("listening"),
+            "bound before failing: {stderr}"
+        );
     }
 }
 
@@ -113,7 +128,14 @@ async fn sigterm_drains_clients_and_exits_0() {
         c.subscribe("news").await;
         clients.push(c);
     }
-    let r = http(addr, "POST", "/api/publish", &[], br#"{"channel":"news","data":1}"#.to_vec()).await;
+    let r = http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[],
+        br#"{"channel":"news","data":1}"#.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     for c in &mut clients {
         assert_eq!(c.recv_json().await["data"], 1);
@@ -123,22 +145,27 @@ async fn sigterm_drains_clients_and_exits_0() {
         let (closed, _) = c.closed().await;
         assert_eq!(closed.code, Some(1001));
     }
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_with_restart_closes_with_1012() {
     // Configuration from the environment reaches the running node.
-    let (mut child, addr) = start(&["--log-format", "json"], &[("HERALD_SHUTDOWN__RESTART", "true")]);
+    let (mut child, addr) = start(
+        &["--log-format", "json"],
+        &[("HERALD_SHUTDOWN__RESTART", "true")],
+    );
     let mut c = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
     signal(&child, "-INT");
     let (closed, _) = c.closed().await;
     assert_eq!(closed.code, Some(1012));
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-        .await
-        .unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+            .await
+            .unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -1,0 +1,158 @@
+//! The envelope: how a [`Publication`] travels through a broker between nodes.
+//!
+//! The broker's channel carries the channel name (with a deployment prefix, e.g.
+//! `herald:news`); the message body is either a Herald envelope or a raw payload that a
+//! backend published straight into the broker.
+//!
+//! ```text
+//! offset  size  field
+//! 0       6     magic: 00 'H' 'R' 'L' 'D' 01   (01 = envelope version 1)
+//! 6       1     kind: 0 = JSON, 1 = binary
+//! 7       1     flags: bit 0 = offset and epoch follow (reserved for recovery; unset in v1)
+//! 8       8     published_at_us: u64 big-endian, µs since the Unix epoch on the publishing node
+//! [16     8     offset: u64 big-endian, per-channel position        (only with flag bit 0)]
+//! [24     8     epoch:  u64 big-endian, identifies the offset stream (only with flag bit 0)]
+//! ...           payload, unchanged
+//! ```
+//!
+//! The magic starts with a NUL byte, which no JSON text and no text a human types starts
+//! with, so a raw payload is never mistaken for an envelope. A body without the magic
+//! is a **raw publication**: if it is valid UTF-8 JSON it is delivered as a JSON
+//! message, exactly as published; otherwise it is delivered as a binary message in the
+//! binary frame layout. Either way it carries no timestamp (`published_at_us = 0`).
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::{ChannelName, Payload, Publication};
+
+/// The first bytes of every envelope.
+pub const MAGIC: &[u8; 6] = b"\x00HRLD\x01";
+/// Length of the fixed header.
+pub const HEADER_LEN: usize = 16;
+const FLAG_OFFSET: u8 = 1;
+
+/// Encodes a publication's body for the broker (the channel travels separately).
+pub fn encode(p: &Publication) -> Bytes {
+    let payload = match &p.payload {
+        Payload::Json(b) | Payload::Binary(b) => b,
+    };
+    let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    b.put_slice(MAGIC);
+    b.put_u8(match p.payload {
+        Payload::Json(_) => 0,
+        Payload::Binary(_) => 1,
+    });
+    b.put_u8(0);
+    b.put_u64(p.published_at_us);
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// Whether a body decoded as an envelope or as a raw publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A Herald node published it.
+    Herald,
+    /// Someone published it straight into the broker.
+    Raw,
+}
+
+/// Decodes a body received from the broker on `channel`.
+pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
+    if body.len() >= HEADER_LEN && body.starts_with(MAGIC) && body[6] <= 1 {
+        let flags = body[7];
+        let at = u64::from_be_bytes(body[8..16].try_into().unwrap_or([0; 8]));
+        let start = if flags & FLAG_OFFSET != 0 {
+            HEADER_LEN + 16
+        } else {
+            HEADER_LEN
+        };
+        if body.len() >= start {
+            let data = body.slice(start..);
+            let payload = if body[6] == 0 {
+                Payload::Json(data)
+            } else {
+                Payload::Binary(data)
+            };
+            return (
+                Publication {
+                    channel,
+                    payload,
+                    published_at_us: at,
+                },
+                Origin::Herald,
+            );
+        }
+    }
+    let is_json = std::str::from_utf8(&body).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
+    let payload = if is_json {
+        Payload::Json(trim_json(body))
+    } else {
+        Payload::Binary(body)
+    };
+    (
+        Publication {
+            channel,
+            payload,
+            published_at_us: 0,
+        },
+        Origin::Raw,
+    )
+}
+
+/// Leading and trailing whitespace around a JSON text is not part of the value; drop it
+/// so the delivery frame stays compact.
+fn trim_json(b: Bytes) -> Bytes {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(0);
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    b.slice(start..end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch() -> ChannelName {
+        ChannelName::new("news").unwrap()
+    }
+
+    #[test]
+    fn round_trip() {
+        for payload in [
+            Payload::Json(Bytes::from_static(br#"{"a":1}"#)),
+            Payload::Binary(Bytes::from_static(&[0, 1, 2, 255])),
+            Payload::Binary(Bytes::new()),
+        ] {
+            let p = Publication {
+                channel: ch(),
+                payload,
+                published_at_us: 1_700_000_000_123_456,
+            };
+            let (q, origin) = decode(ch(), encode(&p));
+            assert_eq!((q, origin), (p, Origin::Herald));
+        }
+    }
+
+    #[test]
+    fn raw_payloads() {
+        let (p, o) = decode(ch(), Bytes::from_static(b" {\"title\":\"hi\"}\n"));
+        assert_eq!(o, Origin::Raw);
+        assert_eq!(
+            p.payload,
+            Payload::Json(Bytes::from_static(b"{\"title\":\"hi\"}"))
+        );
+        assert_eq!(p.published_at_us, 0);
+        let (p, _) = decode(ch(), Bytes::from_static(b"hello"));
+        assert_eq!(p.payload, Payload::Binary(Bytes::from_static(b"hello")));
+        let (p, _) = decode(ch(), Bytes::from_static(&[0xff, 0]));
+        assert_eq!(p.payload, Payload::Binary(Bytes::from_static(&[0xff, 0])));
+        // A truncated envelope is raw bytes, not a panic.
+        let (p, o) = decode(ch(), Bytes::from_static(b"\x00HRLD\x01\x00"));
+        assert_eq!(o, Origin::Raw);
+        assert!(matches!(p.payload, Payload::Binary(_)));
+    }
+}

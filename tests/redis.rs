@@ -1,0 +1,306 @@
+//! Scale-out through real `redis-server` processes: routing, envelopes, outages,
+//! Redis Cluster.
+
+use std::time::{Duration, Instant};
+
+use herald_testkit::{eventually, http, redis_config, Node, RedisCluster, RedisServer};
+use tokio_tungstenite::tungstenite::Message;
+
+fn numsub(redis: &RedisServer, channel: &str) -> u64 {
+    // Output: the channel name on one line, its subscriber count on the next.
+    redis
+        .cli(&["PUBSUB", "NUMSUB", channel])
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn eventually_numsub(redis: &RedisServer, channel: &str, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = numsub(redis, channel);
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: {got} Redis subscribers, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_nodes_share_one_redis() {
+    let redis = RedisServer::start();
+    let allow = |c: &mut herald_server::GatewayConfig| c.channels.client_publish = vec!["*".into()];
+    let a = Node::start_redis(&redis.url(), allow).await;
+    let b = Node::start_redis(&redis.url(), allow).await;
+    let c = Node::start_redis(&redis.url(), allow).await;
+
+    let mut sub = a.client().await;
+    sub.subscribe("news").await;
+    // Interest-based routing: only A subscribes, and only to what it serves.
+    assert_eq!(numsub(&redis, "herald:news"), 1);
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "herald:*"]);
+    assert_eq!(
+        channels.trim(),
+        "herald:news",
+        "B and C subscribe to nothing"
+    );
+
+    // HTTP on C reaches a client on A.
+    assert_eq!(c.publish("news", r#"{"via":"http"}"#).await, 200);
+    match sub.recv().await {
+        Message::Text(t) => assert_eq!(
+            t.as_str(),
+            r#"{"op":"message","channel":"news","data":{"via":"http"}}"#
+        ),
+        other => panic!("{other:?}"),
+    }
+    // Straight into Redis, as a backend would.
+    redis.cli(&["PUBLISH", "herald:news", r#"{"title":"hi"}"#]);
+    assert_eq!(sub.recv_json().await["data"]["title"], "hi");
+    // A raw payload that is not JSON arrives as a binary frame.
+    redis.cli(&["PUBLISH", "herald:news", "plain text"]);
+    assert_eq!(&sub.recv_binary().await[..], b"\x04newsplain text");
+    // Binary over HTTP on B, byte-exact.
+    let payload: Vec<u8> = (0..=255u8).collect();
+    let r = http(
+        b.api,
+        "POST",
+        "/api/publish/news",
+        &[("content-type", "application/octet-stream")],
+        payload.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mut expected = b"\x04news".to_vec();
+    expected.extend_from_slice(&payload);
+    assert_eq!(&sub.recv_binary().await[..], &expected[..]);
+    assert_eq!(
+        a.metric(r#"herald_messages_published_total{source="external"}"#),
+        2.0
+    );
+
+    // One path: a client on A publishing reaches A's own subscribers exactly once.
+    let mut publisher = a.client().await;
+    publisher
+        .send_text(r#"{"op":"publish","channel":"news","data":"once","id":1}"#)
+        .await;
+    assert_eq!(publisher.recv_json().await["op"], "published");
+    assert_eq!(sub.recv_json().await["data"], "once");
+    sub.expect_silence(Duration::from_millis(300)).await;
+
+    // Per-channel order from one publisher is kept across nodes.
+    for i in 0..50 {
+        assert_eq!(c.publish("news", &i.to_string()).await, 200);
+    }
+    for i in 0..50 {
+        assert_eq!(sub.recv_json().await["data"], i);
+    }
+
+    // The last local subscriber leaving removes A's Redis subscription.
+    assert_eq!(
+        sub.request("unsubscribe", "news").await["op"],
+        "unsubscribed"
+    );
+    eventually_numsub(&redis, "herald:news", 0).await;
+    drop((b, c));
+}
+
+#[tokio::test]
+async fn subscribers_on_every_node_each_get_one_copy() {
+    let redis = RedisServer::start();
+    let nodes = [
+        Node::start_redis(&redis.url(), |_| {}).await,
+        Node::start_redis(&redis.url(), |_| {}).await,
+    ];
+    let mut clients = Vec::new();
+    for node in &nodes {
+        for _ in 0..3 {
+            let mut c = node.client().await;
+            c.subscribe("fan").await;
+            clients.push(c);
+        }
+    }
+    // One Redis subscription per node, whatever its client count.
+    assert_eq!(numsub(&redis, "herald:fan"), 2);
+    assert_eq!(nodes[0].publish("fan", "1").await, 200);
+    for c in &mut clients {
+        assert_eq!(c.recv_json().await["data"], 1);
+    }
+    for c in &mut clients {
+        c.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn prefix_isolates_deployments() {
+    let redis = RedisServer::start();
+    let mut other = redis_config(&redis.url());
+    other.prefix = "other:".into();
+    let a = Node::start_redis(&redis.url(), |_| {}).await;
+    let b = Node::start_redis_with(other, |_| {}).await;
+    let mut ca = a.client().await;
+    ca.subscribe("news").await;
+    let mut cb = b.client().await;
+    cb.subscribe("news").await;
+    assert_eq!(numsub(&redis, "other:news"), 1);
+    assert_eq!(b.publish("news", "1").await, 200);
+    assert_eq!(cb.recv_json().await["data"], 1);
+    ca.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn redis_outage_keeps_clients_and_resumes_within_a_second() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.client_publish = vec!["*".into()];
+        c.limits.subscribe_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    assert_eq!(
+        http(node.api, "GET", "/readyz", &[], vec![]).await.status,
+        200
+    );
+
+    redis.kill();
+    eventually("the broker is down", || {
+        node.metric("herald_broker_up") == 0.0
+    })
+    .await;
+    let r = http(node.api, "GET", "/readyz", &[], vec![]).await;
+    assert_eq!(
+        (r.status, r.json()["status"].as_str()),
+        (503, Some("broker_down"))
+    );
+    assert_eq!(
+        http(node.api, "GET", "/healthz", &[], vec![]).await.status,
+        200
+    );
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[],
+        br#"{"channel":"news","data":1}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (503, Some("unavailable"))
+    );
+    sub.send_text(r#"{"op":"publish","channel":"news","data":1,"id":4}"#)
+        .await;
+    let e = sub.recv_json().await;
+    assert_eq!(
+        (e["code"].as_str(), e["id"].as_u64()),
+        (Some("unavailable"), Some(4))
+    );
+    // A new channel cannot be confirmed while Redis is away.
+    let e = sub.request("subscribe", "later").await;
+    assert_eq!(e["code"], "unavailable", "{e}");
+    // The client is still connected and served.
+    sub.send_text(r#"{"op":"ping","id":5}"#).await;
+    assert_eq!(sub.recv_json().await["op"], "pong");
+    assert_eq!(node.metric("herald_connections"), 1.0);
+
+    redis.restart();
+    let back = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        if node.publish("news", &n.to_string()).await == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(5),
+            "publishing never recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        sub.recv_json().await["data"],
+        n,
+        "the resubscribed channel delivers"
+    );
+    let took = back.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "delivery resumed after {took:?}"
+    );
+    assert_eq!(
+        http(node.api, "GET", "/readyz", &[], vec![]).await.status,
+        200
+    );
+    assert!(node.metric("herald_broker_reconnects_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn killed_subscription_connection_is_repaired() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |_| {}).await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    let killed: u64 = redis
+        .cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(killed >= 1, "the node's subscription connection was killed");
+    let started = Instant::now();
+    let mut n = 0;
+    loop {
+        n += 1;
+        redis.cli(&["PUBLISH", "herald:news", &n.to_string()]);
+        tokio::select! {
+            m = sub.recv_json() => { assert_eq!(m["data"], n); break; }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "delivery did not resume"
+        );
+    }
+    assert!(node.metric("herald_broker_reconnects_total") >= 1.0);
+}
+
+#[tokio::test]
+async fn redis_cluster_spreads_channels_over_masters() {
+    let cluster = RedisCluster::start(3);
+    let mut cfg = redis_config(&cluster.urls());
+    cfg.cluster = true;
+    let a = Node::start_redis_with(cfg.clone(), |_| {}).await;
+    let b = Node::start_redis_with(cfg, |_| {}).await;
+    let channels: Vec<String> = (0..12).map(|i| format!("room:{i}")).collect();
+    let mut sub = a.client().await;
+    for ch in &channels {
+        sub.subscribe(ch).await;
+    }
+    for (i, ch) in channels.iter().enumerate() {
+        assert_eq!(b.publish(ch, &i.to_string()).await, 200, "{ch}");
+        let m = sub.recv_json().await;
+        assert_eq!(
+            (m["channel"].as_str(), m["data"].as_u64()),
+            (Some(ch.as_str()), Some(i as u64))
+        );
+    }
+    // Sharded subscriptions live on the master that owns each channel's slot.
+    let masters_used = cluster
+        .servers
+        .iter()
+        .filter(|s| {
+            !s.cli(&["PUBSUB", "SHARDCHANNELS", "herald:*"])
+                .trim()
+                .is_empty()
+        })
+        .count();
+    assert!(
+        masters_used >= 2,
+        "channels spread over {masters_used} master(s)"
+    );
+}
