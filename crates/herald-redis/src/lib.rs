@@ -434,10 +434,8 @@ fn push_handler(
                     let _ = inbound.try_send(p);
                 }
             }
-            PushKind::Disconnection => {
-                if current.load(Ordering::Acquire) == generation {
-                    lost.notify_one();
-                }
+            PushKind::Disconnection if current.load(Ordering::Acquire) == generation => {
+                lost.notify_one();
             }
             _ => {}
         }
