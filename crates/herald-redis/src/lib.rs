@@ -95,9 +95,11 @@ pub enum RedisBrokerError {
 }
 
 impl RedisConfig {
-    /// Checks the settings without connecting.
+    /// Checks the settings without connecting (an empty URL is valid: Redis unused).
     pub fn validate(&self) -> Result<(), RedisBrokerError> {
-        self.connection_infos().map(|_| ())?;
+        if !self.url.is_empty() {
+            self.connection_infos()?;
+        }
         if !self
             .prefix
             .bytes()
@@ -196,8 +198,8 @@ impl RedisBroker {
         inbound: Inbound,
         metrics: Metrics,
     ) -> Result<Self, RedisBrokerError> {
-        config.validate()?;
         let infos = config.connection_infos()?;
+        config.validate()?;
         metrics.broker_up.set(0);
         let inner = Arc::new(Inner {
             config,

@@ -141,9 +141,7 @@ impl Settings {
             ));
         }
         settings.gateway().validate().map_err(|e| e.to_string())?;
-        if !settings.redis.url.is_empty() {
-            settings.redis.validate().map_err(|e| e.to_string())?;
-        }
+        settings.redis.validate().map_err(|e| e.to_string())?;
         Ok(settings)
     }
 
