@@ -133,6 +133,10 @@ async fn half_open_handshakes_are_dropped() {
         assert!(started.elapsed() >= Duration::from_millis(200));
     }
     bystander_unharmed(&node, &mut bystander).await;
+    eventually("both are counted", || {
+        node.metric(r#"herald_connections_rejected_total{reason="handshake_timeout"}"#) == 2.0
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -59,6 +59,8 @@ pub enum Source {
 pub struct Metrics {
     /// WebSocket sessions currently open.
     pub connections: IntGauge,
+    /// The configured connection limit (for "near the limit" alerts).
+    pub max_connections: IntGauge,
     /// Channel subscriptions currently held by sessions on this node.
     pub subscriptions: IntGauge,
     /// Channels with at least one local subscriber.
@@ -158,6 +160,10 @@ impl Metrics {
 
         Ok(Metrics {
             connections: gauge("herald_connections", "WebSocket sessions currently open.")?,
+            max_connections: gauge(
+                "herald_max_connections",
+                "The node's configured limit on WebSocket sessions.",
+            )?,
             subscriptions: gauge(
                 "herald_subscriptions",
                 "Channel subscriptions currently held by sessions on this node.",

@@ -1,7 +1,7 @@
 //! HTTP: routing, the publish API, health/readiness/metrics, and the WebSocket upgrade.
 
 use std::convert::Infallible;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,18 +65,27 @@ pub(crate) async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let timeout = shared.config.limits.handshake_timeout;
-            let svc = hyper::service::service_fn(move |req| {
+            // A timeout before any request is a half-open handshake; one after is just
+            // an idle keep-alive connection closing.
+            let served = Arc::new(AtomicBool::new(false));
+            let svc = {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(req, shared, role).await) }
-            });
+                let served = served.clone();
+                hyper::service::service_fn(move |req| {
+                    served.store(true, Ordering::Relaxed);
+                    let shared = shared.clone();
+                    async move { Ok::<_, Infallible>(route(req, shared, role).await) }
+                })
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
             if let Err(e) = conn.await {
-                if e.is_timeout() {
+                if e.is_timeout() && !served.load(Ordering::Relaxed) {
                     tracing::debug!("handshake timeout");
+                    shared.metrics.rejected(RejectReason::HandshakeTimeout);
                 }
             }
         });

@@ -158,6 +158,9 @@ impl Gateway {
             config.node_id.clone()
         };
         metrics.broker_up.set(i64::from(broker.is_up()));
+        metrics
+            .max_connections
+            .set(config.limits.max_connections as i64);
         let shared = Arc::new(Shared {
             hub: Arc::new(Hub::new(broker, metrics.clone())),
             node_id,
