@@ -6,5 +6,6 @@ mod deploy;
 mod http_api;
 mod lifecycle;
 mod limits;
+mod observability;
 mod protocol;
 mod redis;

@@ -158,6 +158,32 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
 
+        let close_codes = counter_vec(
+            "herald_close_codes_total",
+            "Close frames sent by the server, by WebSocket close code.",
+            "code",
+        )?;
+        let client_errors = counter_vec(
+            "herald_client_errors_total",
+            "Error frames sent to WebSocket clients, by error code.",
+            "code",
+        )?;
+        // Create the known series up front, so they read 0 (not absent) until used and
+        // rate() works from the first increment.
+        for code in ["1000", "1001", "1008", "1009", "1011", "1012", "1013"] {
+            close_codes.with_label_values(&[code]);
+        }
+        for code in [
+            "bad_request",
+            "invalid_channel",
+            "forbidden",
+            "too_many_subscriptions",
+            "rate_limited",
+            "unavailable",
+        ] {
+            client_errors.with_label_values(&[code]);
+        }
+
         Ok(Metrics {
             connections: gauge("herald_connections", "WebSocket sessions currently open.")?,
             max_connections: gauge(
@@ -185,11 +211,7 @@ impl Metrics {
             rejected_bad_request: rejected.with_label_values(&["bad_request"]),
             rejected_origin: rejected.with_label_values(&["origin"]),
             rejected_draining: rejected.with_label_values(&["draining"]),
-            close_codes: counter_vec(
-                "herald_close_codes_total",
-                "Close frames sent by the server, by WebSocket close code.",
-                "code",
-            )?,
+            close_codes,
             published_http: published.with_label_values(&["http"]),
             published_client: published.with_label_values(&["client"]),
             published_external: published.with_label_values(&["external"]),
@@ -207,11 +229,7 @@ impl Metrics {
                 "herald_outbound_queue_bytes",
                 "Bytes waiting in all sessions' outbound queues.",
             )?,
-            client_errors: counter_vec(
-                "herald_client_errors_total",
-                "Error frames sent to WebSocket clients, by error code.",
-                "code",
-            )?,
+            client_errors,
             broker_up: gauge(
                 "herald_broker_up",
                 "1 while the broker is connected and usable, else 0.",
