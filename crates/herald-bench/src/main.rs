@@ -1,1 +1,44 @@
-fn main() {}
+//! `herald-bench`: Herald's benchmark harness.
+//!
+//! - `herald-bench run` runs every scenario (fan-out, many channels, cross-node,
+//!   latency, idle memory, connect rate) for Herald and each peer (the raw-write floor,
+//!   Node `ws` + `ioredis`, Python `websockets` + `redis.asyncio`) in one run, prints
+//!   Markdown tables with Herald/peer ratios, and writes `results.json` and `chart.svg`.
+//! - `herald-bench worker` is a load-generator process the orchestrator spawns (many,
+//!   to stay under the per-process open-file limit and to use both cores).
+//! - `herald-bench floor` is the raw-write floor server.
+//!
+//! Every loop is bounded in count and time; servers bind to loopback only.
+
+use clap::{Parser, Subcommand};
+
+mod floor;
+mod procfs;
+mod report;
+mod run;
+mod worker;
+
+#[derive(Parser)]
+#[command(version, about = "Herald's benchmark harness")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the scenarios for every target and report.
+    Run(run::RunArgs),
+    /// A load-generator process (spawned by `run`).
+    Worker(worker::WorkerArgs),
+    /// The raw-write floor server (spawned by `run`).
+    Floor(floor::FloorArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(a) => run::run(a),
+        Cmd::Worker(a) => worker::run(a),
+        Cmd::Floor(a) => floor::run(a),
+    }
+}

@@ -1,0 +1,212 @@
+//! The raw-write floor: the physical limit of this machine for a scenario.
+//!
+//! It accepts the same WebSocket connections as Herald (real HTTP upgrade, welcome,
+//! subscribe acknowledged) and then writes the same delivery frames, pre-encoded once,
+//! straight to the sockets with batched `write_all`s: no broker, no per-connection
+//! protocol work, no queues beyond one broadcast per channel. Publications arrive on a
+//! control socket as lines `channel<TAB>json-data`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// Where the floor listens.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct FloorArgs {
+    /// WebSocket listener.
+    #[arg(long)]
+    pub(crate) listen: SocketAddr,
+    /// Control listener (publications, one per line).
+    #[arg(long)]
+    pub(crate) control: SocketAddr,
+}
+
+/// One broadcast per channel; created on first use.
+#[derive(Default)]
+struct Channels(std::sync::Mutex<HashMap<String, broadcast::Sender<Bytes>>>);
+
+impl Channels {
+    fn sender(&self, name: &str) -> broadcast::Sender<Bytes> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(name.to_owned())
+            .or_insert_with(|| broadcast::channel(4096).0)
+            .clone()
+    }
+}
+
+pub(crate) fn run(args: FloorArgs) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(main(args))
+}
+
+async fn main(args: FloorArgs) -> anyhow::Result<()> {
+    let channels = Arc::new(Channels::default());
+    let ws = TcpListener::bind(args.listen).await?;
+    let control = TcpListener::bind(args.control).await?;
+    eprintln!(
+        "floor listening on {} (control {})",
+        args.listen, args.control
+    );
+    let c = channels.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = control.accept().await {
+            tokio::spawn(control_loop(stream, c.clone()));
+        }
+    });
+    loop {
+        let (stream, _) = ws.accept().await?;
+        let channels = channels.clone();
+        tokio::spawn(async move {
+            let _ = connection(stream, channels).await;
+        });
+    }
+}
+
+/// Reads publications and broadcasts each read's worth, per channel, as one buffer of
+/// concatenated frames: the batching that makes this a floor.
+async fn control_loop(stream: TcpStream, channels: Arc<Channels>) {
+    let mut reader = BufReader::with_capacity(1 << 20, stream);
+    let mut line = String::new();
+    let mut batches: HashMap<String, BytesMut> = HashMap::new();
+    loop {
+        line.clear();
+        match reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        push(&mut batches, &line);
+        // Take whatever else is already buffered into the same batch.
+        while reader.buffer().contains(&b'\n') {
+            line.clear();
+            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                break;
+            }
+            push(&mut batches, &line);
+        }
+        for (name, buf) in batches.drain() {
+            let _ = channels.sender(&name).send(buf.freeze());
+        }
+    }
+}
+
+fn push(batches: &mut HashMap<String, BytesMut>, line: &str) {
+    let Some((channel, data)) = line.trim_end().split_once('\t') else {
+        return;
+    };
+    let text = format!(r#"{{"op":"message","channel":"{channel}","data":{data}}}"#);
+    let buf = batches.entry(channel.to_owned()).or_default();
+    frame(buf, 0x1, text.as_bytes());
+}
+
+/// Appends an unmasked server frame.
+fn frame(buf: &mut BytesMut, opcode: u8, payload: &[u8]) {
+    buf.put_u8(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => buf.put_u8(n as u8),
+        n if n <= u16::MAX as usize => {
+            buf.put_u8(126);
+            buf.put_u16(n as u16);
+        }
+        n => {
+            buf.put_u8(127);
+            buf.put_u64(n as u64);
+        }
+    }
+    buf.put_slice(payload);
+}
+
+async fn connection(mut stream: TcpStream, channels: Arc<Channels>) -> anyhow::Result<()> {
+    stream.set_nodelay(true)?;
+    // HTTP upgrade.
+    let mut req = Vec::with_capacity(512);
+    let mut byte = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut byte).await?;
+        anyhow::ensure!(n > 0, "closed during handshake");
+        req.extend_from_slice(&byte[..n]);
+    }
+    let text = String::from_utf8_lossy(&req);
+    let key = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("sec-websocket-key")
+                .then(|| v.trim().to_owned())
+        })
+        .ok_or_else(|| anyhow::anyhow!("no key"))?;
+    let mut out = BytesMut::new();
+    out.put_slice(
+        format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+            derive_accept_key(key.as_bytes())
+        )
+        .as_bytes(),
+    );
+    frame(
+        &mut out,
+        0x1,
+        br#"{"op":"welcome","version":1,"node":"floor","conn":"0"}"#,
+    );
+    stream.write_all(&out).await?;
+    // One client frame: the subscribe (masked, small).
+    let payload = read_client_frame(&mut stream).await?;
+    let msg: serde_json::Value = serde_json::from_slice(&payload)?;
+    let channel = msg["channel"].as_str().unwrap_or("bench-0").to_owned();
+    let mut ack = BytesMut::new();
+    frame(
+        &mut ack,
+        0x1,
+        format!(r#"{{"op":"subscribed","channel":"{channel}","id":1}}"#).as_bytes(),
+    );
+    let mut rx = channels.sender(&channel).subscribe();
+    stream.write_all(&ack).await?;
+    let (mut read, mut write) = stream.into_split();
+    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut sink = [0u8; 256];
+        while read.read(&mut sink).await.map(|n| n > 0).unwrap_or(false) {}
+        let _ = closed_tx.send(());
+    });
+    loop {
+        tokio::select! {
+            _ = &mut closed => return Ok(()),
+            m = rx.recv() => match m {
+                Ok(batch) => write.write_all(&batch).await?,
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+}
+
+async fn read_client_frame(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    let mut head = [0u8; 2];
+    stream.read_exact(&mut head).await?;
+    let mut len = (head[1] & 0x7f) as usize;
+    if len == 126 {
+        let mut b = [0u8; 2];
+        stream.read_exact(&mut b).await?;
+        len = u16::from_be_bytes(b) as usize;
+    } else if len == 127 {
+        anyhow::bail!("subscribe frame too large");
+    }
+    let mut mask = [0u8; 4];
+    if head[1] & 0x80 != 0 {
+        stream.read_exact(&mut mask).await?;
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload).await?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
+    }
+    Ok(payload)
+}

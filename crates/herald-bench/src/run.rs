@@ -1,0 +1,730 @@
+//! The orchestrator: starts Redis, each target and the load-generator workers, runs
+//! every scenario for every target in one run, and reports figures and ratios.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::procfs;
+
+/// What to run.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct RunArgs {
+    /// Tiny sizes and one-second phases: checks that every scenario and peer works.
+    #[arg(long)]
+    pub(crate) smoke: bool,
+    /// Scenarios, in order.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "fanout,channels,crossnode,latency,idle,connect"
+    )]
+    pub(crate) scenarios: Vec<String>,
+    /// Targets: herald, floor, node, python.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "herald,floor,node,python"
+    )]
+    pub(crate) targets: Vec<String>,
+    /// Subscribers in the fan-out, many-channels and cross-node scenarios.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) subscribers: usize,
+    /// Channels in the many-channels scenario.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) channels: usize,
+    /// Idle connections in the idle scenario.
+    #[arg(long, default_value_t = 15000)]
+    pub(crate) idle: usize,
+    /// Handshakes in the connect-rate scenario.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) handshakes: usize,
+    /// Length of each measured phase, seconds.
+    #[arg(long, default_value_t = 8.0)]
+    pub(crate) seconds: f64,
+    /// Latency scenario publish rate, as a fraction of the floor's maximum.
+    #[arg(long, default_value_t = 0.5)]
+    pub(crate) latency_fraction: f64,
+    /// Publications in flight in the closed-loop scenarios.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) window: u64,
+    /// Where results.json and chart.svg go.
+    #[arg(long, default_value = "bench-results")]
+    pub(crate) out: PathBuf,
+}
+
+impl RunArgs {
+    fn apply_smoke(&mut self) {
+        if self.smoke {
+            self.subscribers = 20;
+            self.channels = 4;
+            self.idle = 40;
+            self.handshakes = 40;
+            self.seconds = 1.0;
+            self.window = 8;
+        }
+    }
+}
+
+/// One measured figure set.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    pub(crate) scenario: String,
+    pub(crate) target: String,
+    pub(crate) figures: BTreeMap<String, f64>,
+    pub(crate) note: String,
+}
+
+const PAYLOAD_PAD: usize = 60;
+const SOURCES: &str = "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7";
+/// Connections per worker process, under the 20,000 open-file hard limit.
+const PER_WORKER: usize = 15_000;
+
+pub(crate) fn run(mut args: RunArgs) -> anyhow::Result<()> {
+    args.apply_smoke();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(main(args))
+}
+
+async fn main(args: RunArgs) -> anyhow::Result<()> {
+    let machine = procfs::machine();
+    eprintln!("herald-bench: {machine}");
+    for t in &args.targets {
+        setup(t).await.with_context(|| format!("setting up {t}"))?;
+    }
+    let redis = Redis::start().await?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut floor_rate: Option<f64> = None;
+    for scenario in &args.scenarios {
+        for target in &args.targets {
+            eprintln!("== {scenario} / {target}");
+            let row = match scenario.as_str() {
+                "fanout" => {
+                    closed_loop(&args, &redis, target, scenario, 1, args.subscribers, 1).await
+                }
+                "channels" => {
+                    closed_loop(
+                        &args,
+                        &redis,
+                        target,
+                        scenario,
+                        1,
+                        args.subscribers,
+                        args.channels,
+                    )
+                    .await
+                }
+                "crossnode" => {
+                    closed_loop(&args, &redis, target, scenario, 2, args.subscribers, 1).await
+                }
+                "latency" => latency(&args, &redis, target, floor_rate).await,
+                "idle" => idle(&args, &redis, target).await,
+                "connect" => connect_rate(&args, &redis, target).await,
+                other => bail!("unknown scenario {other}"),
+            }
+            .with_context(|| format!("{scenario} / {target}"))?;
+            if scenario == "fanout" && target == "floor" {
+                floor_rate = row.figures.get("published_per_s").copied();
+            }
+            eprintln!("   {}", fmt_figures(&row.figures));
+            rows.push(row);
+        }
+    }
+    let report = crate::report::Report {
+        machine,
+        args: format!("{args:?}"),
+        rows,
+    };
+    std::fs::create_dir_all(&args.out)?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    std::fs::write(args.out.join("chart.svg"), report.svg())?;
+    println!("{}", report.table());
+    eprintln!(
+        "wrote {} and {}",
+        args.out.join("results.json").display(),
+        args.out.join("chart.svg").display()
+    );
+    Ok(())
+}
+
+fn fmt_figures(f: &BTreeMap<String, f64>) -> String {
+    f.iter()
+        .map(|(k, v)| format!("{k}={v:.3}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn peers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("peers")
+}
+
+/// Installs a peer's dependencies when they are missing.
+async fn setup(target: &str) -> anyhow::Result<()> {
+    match target {
+        "herald" | "floor" => Ok(()),
+        "node" => {
+            let dir = peers_dir().join("node");
+            if dir.join("node_modules/ws").is_dir() && dir.join("node_modules/ioredis").is_dir() {
+                return Ok(());
+            }
+            eprintln!("installing the Node peer's packages (npm install)");
+            let ok = Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--silent"])
+                .current_dir(&dir)
+                .status()
+                .await
+                .context("running npm (install Node.js and npm)")?
+                .success();
+            anyhow::ensure!(ok, "npm install failed in {}", dir.display());
+            Ok(())
+        }
+        "python" => {
+            let have = Command::new("python3")
+                .args(["-c", "import websockets, redis.asyncio"])
+                .stderr(Stdio::null())
+                .status()
+                .await
+                .context("running python3")?
+                .success();
+            if have {
+                return Ok(());
+            }
+            eprintln!("installing the Python peer's packages (pip install)");
+            let req = peers_dir().join("python/requirements.txt");
+            let ok = Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "-r"])
+                .arg(&req)
+                .status()
+                .await?
+                .success();
+            anyhow::ensure!(ok, "pip install -r {} failed", req.display());
+            Ok(())
+        }
+        other => bail!("unknown target {other}"),
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+async fn wait_port(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "{what} did not listen on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> anyhow::Result<Redis> {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--client-output-buffer-limit",
+                "pubsub",
+                "256mb",
+                "128mb",
+                "60",
+            ])
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting redis-server (apt-get install redis-server)")?;
+        wait_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server").await?;
+        Ok(Redis { child, port })
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// A running target: its processes, where clients connect, how to publish.
+struct Target {
+    procs: Vec<Child>,
+    addrs: Vec<SocketAddr>,
+    publisher: Publisher,
+}
+
+enum Publisher {
+    Redis(redis::aio::MultiplexedConnection),
+    Floor(Vec<TcpStream>),
+}
+
+impl Publisher {
+    async fn publish(&mut self, msgs: &[(String, String)]) -> anyhow::Result<()> {
+        match self {
+            Publisher::Redis(conn) => {
+                let mut pipe = redis::pipe();
+                for (c, d) in msgs {
+                    pipe.cmd("PUBLISH")
+                        .arg(format!("herald:{c}"))
+                        .arg(d)
+                        .ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+            }
+            Publisher::Floor(socks) => {
+                let mut buf = String::new();
+                for (c, d) in msgs {
+                    buf.push_str(c);
+                    buf.push('\t');
+                    buf.push_str(d);
+                    buf.push('\n');
+                }
+                for s in socks {
+                    s.write_all(buf.as_bytes()).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Target {
+    async fn start(kind: &str, nodes: usize, redis: &Redis) -> anyhow::Result<Target> {
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        let mut controls = Vec::new();
+        for i in 0..nodes {
+            let port = free_port();
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let child = match kind {
+                "herald" => {
+                    let bin = sibling("herald")?;
+                    Command::new(bin)
+                        .args(["--listen", &addr.to_string(), "--redis", &redis.url()])
+                        .args(["--node-id", &format!("bench-{i}")])
+                        .env("HERALD_LOG__LEVEL", "warn")
+                        .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
+                        .env("HERALD_HEARTBEAT__INTERVAL", "300s")
+                        .env("HERALD_LIMITS__INBOUND_QUEUE", "65536")
+                        .spawn()?
+                }
+                "floor" => {
+                    let control = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                    controls.push(control);
+                    Command::new(std::env::current_exe()?)
+                        .args([
+                            "floor",
+                            "--listen",
+                            &addr.to_string(),
+                            "--control",
+                            &control.to_string(),
+                        ])
+                        .spawn()?
+                }
+                "node" => Command::new("node")
+                    .arg(peers_dir().join("node/server.js"))
+                    .env("PORT", port.to_string())
+                    .env("REDIS_URL", redis.url())
+                    .stdout(Stdio::null())
+                    .spawn()?,
+                "python" => Command::new("python3")
+                    .arg(peers_dir().join("python/server.py"))
+                    .env("PORT", port.to_string())
+                    .env("REDIS_URL", redis.url())
+                    .stdout(Stdio::null())
+                    .spawn()?,
+                other => bail!("unknown target {other}"),
+            };
+            procs.push(child);
+            wait_port(addr, kind).await?;
+            addrs.push(addr);
+        }
+        let publisher = if kind == "floor" {
+            let mut socks = Vec::new();
+            for c in controls {
+                wait_port(c, "floor control").await?;
+                let s = TcpStream::connect(c).await?;
+                s.set_nodelay(true)?;
+                socks.push(s);
+            }
+            Publisher::Floor(socks)
+        } else {
+            let client = redis::Client::open(redis.url())?;
+            Publisher::Redis(client.get_multiplexed_async_connection().await?)
+        };
+        Ok(Target {
+            procs,
+            addrs,
+            publisher,
+        })
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.procs.iter().filter_map(|c| c.id()).collect()
+    }
+
+    fn cpu(&self) -> f64 {
+        self.pids().into_iter().map(procfs::cpu_seconds).sum()
+    }
+
+    fn rss(&self) -> u64 {
+        self.pids().into_iter().map(procfs::rss_bytes).sum()
+    }
+
+    async fn stop(mut self) {
+        for c in &mut self.procs {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+}
+
+/// A binary built next to this one (target/release/herald for a release bench).
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let p = me.with_file_name(name);
+    anyhow::ensure!(
+        p.is_file(),
+        "{} not found: build it first (cargo build --release -p herald -p herald-bench)",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// A load-generator process.
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    ready: Value,
+}
+
+impl Worker {
+    async fn start(
+        addr: SocketAddr,
+        connections: usize,
+        channels: usize,
+        offset: usize,
+    ) -> anyhow::Result<Worker> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["worker", "--addr", &addr.to_string()])
+            .args(["--connections", &connections.to_string()])
+            .args(["--channels", &channels.to_string()])
+            .args(["--offset", &offset.to_string()])
+            .args(["--sources", SOURCES])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut w = Worker {
+            child,
+            stdin,
+            stdout,
+            ready: Value::Null,
+        };
+        w.ready = w.line().await?;
+        let failed = w.ready["failed"].as_u64().unwrap_or(0);
+        anyhow::ensure!(failed == 0, "{failed} connections failed: {}", w.ready);
+        Ok(w)
+    }
+
+    async fn line(&mut self) -> anyhow::Result<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(600), self.stdout.next_line())
+            .await
+            .context("worker silent")??
+            .context("worker exited")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    async fn cmd(&mut self, c: &str) -> anyhow::Result<Value> {
+        self.stdin.write_all(format!("{c}\n").as_bytes()).await?;
+        self.line().await
+    }
+
+    async fn quit(mut self) {
+        let _ = self.stdin.write_all(b"quit\n").await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Starts workers holding `n` subscribers spread over `addrs` and `channels`.
+async fn workers(
+    addrs: &[SocketAddr],
+    n: usize,
+    channels: usize,
+    split: usize,
+) -> anyhow::Result<Vec<Worker>> {
+    // At least `split` processes (receiving is CPU-bound), at most PER_WORKER each.
+    let per_addr = n / addrs.len();
+    let mut out = Vec::new();
+    let mut offset = 0;
+    for addr in addrs {
+        let procs = split.max(per_addr.div_ceil(PER_WORKER)).max(1);
+        let mut left = per_addr;
+        for p in 0..procs {
+            let k = left / (procs - p);
+            left -= k;
+            if k == 0 {
+                continue;
+            }
+            out.push(Worker::start(*addr, k, channels, offset).await?);
+            offset += k;
+        }
+    }
+    Ok(out)
+}
+
+async fn total(ws: &mut [Worker]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for w in ws.iter_mut() {
+        sum += w.cmd("count").await?["received"].as_u64().unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+fn payload(seq: u64) -> String {
+    format!(
+        r#"{{"seq":{seq},"ts":{},"pad":"{}"}}"#,
+        herald_protocol::publication::unix_micros(),
+        "x".repeat(PAYLOAD_PAD)
+    )
+}
+
+/// Fan-out, many channels and cross-node: publish as fast as delivery keeps up (at most
+/// `window` publications outstanding) and measure deliveries and server CPU.
+async fn closed_loop(
+    args: &RunArgs,
+    redis: &Redis,
+    kind: &str,
+    scenario: &str,
+    nodes: usize,
+    subscribers: usize,
+    channels: usize,
+) -> anyhow::Result<Row> {
+    let mut target = Target::start(kind, nodes, redis).await?;
+    let mut ws = workers(&target.addrs, subscribers, channels, 2 / nodes).await?;
+    let per_message = subscribers as f64 / channels as f64;
+    for w in ws.iter_mut() {
+        w.cmd("reset").await?;
+    }
+    let cpu0 = target.cpu();
+    let started = Instant::now();
+    let phase = Duration::from_secs_f64(args.seconds);
+    let mut published = 0u64;
+    let mut received = 0u64;
+    while started.elapsed() < phase {
+        received = total(&mut ws).await?;
+        let outstanding = published as f64 - received as f64 / per_message;
+        if outstanding < args.window as f64 {
+            let k = args.window - outstanding.max(0.0) as u64;
+            let msgs: Vec<(String, String)> = (0..k)
+                .map(|i| {
+                    let seq = published + i;
+                    (format!("bench-{}", seq % channels as u64), payload(seq))
+                })
+                .collect();
+            target.publisher.publish(&msgs).await?;
+            published += k;
+        } else {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+    // Drain what is in flight (bounded).
+    let expected = (published as f64 * per_message) as u64;
+    let drain_deadline = Instant::now() + Duration::from_secs(5);
+    while received < expected && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        received = total(&mut ws).await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = target.cpu() - cpu0;
+    let mut figures = BTreeMap::new();
+    figures.insert("delivered_per_s".into(), received as f64 / elapsed);
+    figures.insert("published_per_s".into(), published as f64 / elapsed);
+    figures.insert(
+        "cpu_us_per_delivery".into(),
+        cpu * 1e6 / received.max(1) as f64,
+    );
+    figures.insert("server_cpu_cores".into(), cpu / elapsed);
+    figures.insert("lost".into(), expected.saturating_sub(received) as f64);
+    for w in ws {
+        w.quit().await;
+    }
+    target.stop().await;
+    Ok(Row {
+        scenario: scenario.into(),
+        target: kind.into(),
+        figures,
+        note: format!("{subscribers} subscribers, {channels} channel(s), {nodes} node(s)"),
+    })
+}
+
+/// Publish at a fixed rate and report publish→receive latency percentiles.
+async fn latency(
+    args: &RunArgs,
+    redis: &Redis,
+    kind: &str,
+    floor_rate: Option<f64>,
+) -> anyhow::Result<Row> {
+    let rate = floor_rate.map_or(200.0, |r| (r * args.latency_fraction).max(1.0));
+    let mut target = Target::start(kind, 1, redis).await?;
+    let mut ws = workers(&target.addrs, args.subscribers, 1, 1).await?;
+    for w in ws.iter_mut() {
+        w.cmd("reset").await?;
+    }
+    let started = Instant::now();
+    let phase = Duration::from_secs_f64(args.seconds);
+    let mut published = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    while started.elapsed() < phase {
+        tick.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        if due > published {
+            let msgs: Vec<(String, String)> = (published..due)
+                .map(|s| ("bench-0".to_owned(), payload(s)))
+                .collect();
+            target.publisher.publish(&msgs).await?;
+            published = due;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut figures = BTreeMap::new();
+    let (mut p50, mut p99, mut p999, mut recv) = (0f64, 0f64, 0f64, 0u64);
+    for w in ws.iter_mut() {
+        let s = w.cmd("stats").await?;
+        recv += s["received"].as_u64().unwrap_or(0);
+        // With several workers, report the worst of each percentile.
+        p50 = p50.max(s["p50_us"].as_f64().unwrap_or(0.0));
+        p99 = p99.max(s["p99_us"].as_f64().unwrap_or(0.0));
+        p999 = p999.max(s["p999_us"].as_f64().unwrap_or(0.0));
+    }
+    figures.insert("publish_rate".into(), rate);
+    figures.insert("p50_us".into(), p50);
+    figures.insert("p99_us".into(), p99);
+    figures.insert("p999_us".into(), p999);
+    figures.insert(
+        "lost".into(),
+        (published * args.subscribers as u64).saturating_sub(recv) as f64,
+    );
+    for w in ws {
+        w.quit().await;
+    }
+    target.stop().await;
+    Ok(Row {
+        scenario: "latency".into(),
+        target: kind.into(),
+        figures,
+        note: format!(
+            "{} subscribers at {rate:.0} publications/s",
+            args.subscribers
+        ),
+    })
+}
+
+/// Resident memory per idle subscribed connection, and after churn.
+async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> {
+    let target = Target::start(kind, 1, redis).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = target.rss();
+    let ws = workers(&target.addrs, args.idle, 100, 1).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loaded = target.rss();
+    let mut ws = ws;
+    for w in ws.iter_mut() {
+        w.cmd("close").await?;
+    }
+    for w in ws {
+        w.quit().await;
+    }
+    // Churn: a second full wave, then everyone leaves.
+    let mut again = workers(&target.addrs, args.idle, 100, 1).await?;
+    for w in again.iter_mut() {
+        w.cmd("close").await?;
+    }
+    for w in again {
+        w.quit().await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = target.rss();
+    let n = args.idle as f64;
+    let mut figures = BTreeMap::new();
+    figures.insert("base_rss_mib".into(), base as f64 / 1048576.0);
+    figures.insert(
+        "kib_per_connection".into(),
+        (loaded.saturating_sub(base)) as f64 / n / 1024.0,
+    );
+    figures.insert(
+        "after_churn_mib_over_base".into(),
+        after.saturating_sub(base) as f64 / 1048576.0,
+    );
+    target.stop().await;
+    Ok(Row {
+        scenario: "idle".into(),
+        target: kind.into(),
+        figures,
+        note: format!("{} idle subscribed connections, fresh process", args.idle),
+    })
+}
+
+/// Completed handshakes per second and server CPU per handshake.
+async fn connect_rate(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> {
+    let target = Target::start(kind, 1, redis).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu0 = target.cpu();
+    let started = Instant::now();
+    let w = Worker::start(target.addrs[0], args.handshakes, 0, 0).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = target.cpu() - cpu0;
+    let mut figures = BTreeMap::new();
+    figures.insert("handshakes_per_s".into(), args.handshakes as f64 / elapsed);
+    figures.insert(
+        "cpu_us_per_handshake".into(),
+        cpu * 1e6 / args.handshakes as f64,
+    );
+    w.quit().await;
+    target.stop().await;
+    Ok(Row {
+        scenario: "connect".into(),
+        target: kind.into(),
+        figures,
+        note: format!("{} handshakes, 128 in flight", args.handshakes),
+    })
+}

@@ -1,0 +1,258 @@
+//! A load-generator process: holds many WebSocket clients and counts what they receive.
+//!
+//! The orchestrator drives it over stdin/stdout, one line each way:
+//! `count` → `{"received":N}`; `stats` → counts and latency percentiles; `reset` →
+//! zero the counters; `close` → drop every connection; `quit`. Progress and the ready
+//! report are JSON lines too. Everything runs on one thread (a `LocalSet`), so counters
+//! are plain cells and the process uses one core at most.
+
+use std::cell::{Cell, RefCell};
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpSocket;
+use tokio::task::LocalSet;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// What a worker does.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct WorkerArgs {
+    /// Server address (host:port); the path is /ws.
+    #[arg(long)]
+    pub(crate) addr: SocketAddr,
+    /// Connections to hold.
+    #[arg(long)]
+    pub(crate) connections: usize,
+    /// Channels to spread subscriptions over (`bench-0` ... `bench-{M-1}`); 0: do not
+    /// subscribe (connect-rate scenario).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) channels: usize,
+    /// Index of this worker's first connection (channel assignment continues across
+    /// workers).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) offset: usize,
+    /// Source addresses to bind client sockets to, comma-separated (spreads ephemeral
+    /// ports over several loopback addresses).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    pub(crate) sources: Vec<IpAddr>,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 128)]
+    pub(crate) concurrency: usize,
+    /// Give up on connecting after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub(crate) connect_timeout_s: u64,
+}
+
+struct Counters {
+    received: Cell<u64>,
+    latency: RefCell<Histogram<u64>>,
+}
+
+pub(crate) fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    LocalSet::new().block_on(&rt, main(args))
+}
+
+async fn main(args: WorkerArgs) -> anyhow::Result<()> {
+    let counters = Rc::new(Counters {
+        received: Cell::new(0),
+        latency: RefCell::new(Histogram::new_with_bounds(1, 60_000_000, 3)?),
+    });
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.connect_timeout_s);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
+    let mut pending = Vec::with_capacity(args.connections);
+    for i in 0..args.connections {
+        let permit = sem.clone().acquire_owned().await?;
+        let source = args.sources[i % args.sources.len()];
+        let channel =
+            (args.channels > 0).then(|| format!("bench-{}", (args.offset + i) % args.channels));
+        let addr = args.addr;
+        let counters = counters.clone();
+        pending.push(tokio::task::spawn_local(async move {
+            let r = tokio::time::timeout_at(deadline.into(), connect(addr, source, channel)).await;
+            drop(permit);
+            match r {
+                Ok(Ok(ws)) => {
+                    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+                    tokio::task::spawn_local(read(ws, counters, close_rx));
+                    Ok(close_tx)
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("connect timed out".to_owned()),
+            }
+        }));
+        if i % 1000 == 999 {
+            eprintln!(
+                "worker: {} connecting ({} s)",
+                i + 1,
+                started.elapsed().as_secs()
+            );
+        }
+    }
+    let mut conns = Vec::with_capacity(args.connections);
+    let mut errors: Vec<String> = Vec::new();
+    for p in pending {
+        match p.await? {
+            Ok(c) => conns.push(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    let elapsed = started.elapsed();
+    errors.sort();
+    errors.dedup();
+    println!(
+        "{}",
+        json!({
+            "ready": conns.len(),
+            "failed": args.connections - conns.len(),
+            "elapsed_s": elapsed.as_secs_f64(),
+            "errors": errors.iter().take(3).collect::<Vec<_>>(),
+        })
+    );
+
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        match line.trim() {
+            "count" => println!("{}", json!({"received": counters.received.get()})),
+            "stats" => {
+                let h = counters.latency.borrow();
+                println!(
+                    "{}",
+                    json!({
+                        "received": counters.received.get(),
+                        "lat_count": h.len(),
+                        "p50_us": h.value_at_quantile(0.5),
+                        "p99_us": h.value_at_quantile(0.99),
+                        "p999_us": h.value_at_quantile(0.999),
+                        "max_us": h.max(),
+                    })
+                );
+            }
+            "reset" => {
+                counters.received.set(0);
+                counters.latency.borrow_mut().reset();
+                println!("{}", json!({"reset": true}));
+            }
+            "close" => {
+                let n = conns.len();
+                for c in conns.drain(..) {
+                    let _ = c.send(());
+                }
+                // Let the close frames go out.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                println!("{}", json!({"closed": n}));
+            }
+            "quit" | "" => break,
+            other => eprintln!("worker: unknown command {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn connect(addr: SocketAddr, source: IpAddr, channel: Option<String>) -> anyhow::Result<Ws> {
+    let socket = match source {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.set_recv_buffer_size(64 * 1024)?;
+    let stream = socket.connect(addr).await.context("tcp connect")?;
+    stream.set_nodelay(true)?;
+    // Small buffers: the load generator must hold tens of thousands of clients.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/ws"),
+        stream,
+        Some(config),
+    )
+    .await
+    .context("websocket handshake")?;
+    // The welcome frame.
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) if t.contains("welcome") => {}
+        other => anyhow::bail!("expected a welcome, got {other:?}"),
+    }
+    if let Some(channel) = channel {
+        ws.send(Message::Text(
+            format!(r#"{{"op":"subscribe","channel":"{channel}","id":1}}"#).into(),
+        ))
+        .await?;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.contains("\"subscribed\"") => break,
+                Some(Ok(
+                    Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_),
+                )) => {}
+                other => anyhow::bail!("expected subscribed, got {other:?}"),
+            }
+        }
+    }
+    Ok(ws)
+}
+
+async fn read(mut ws: Ws, counters: Rc<Counters>, mut close: tokio::sync::oneshot::Receiver<()>) {
+    loop {
+        tokio::select! {
+            _ = &mut close => {
+                let _ = ws.close(None).await;
+                return;
+            }
+            msg = ws.next() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    counters.received.set(counters.received.get() + 1);
+                    if let Some(ts) = timestamp(t.as_bytes()) {
+                        let now = herald_protocol::publication::unix_micros();
+                        let _ = counters.latency.borrow_mut().record(now.saturating_sub(ts).max(1));
+                    }
+                }
+                Some(Ok(Message::Binary(_))) => counters.received.set(counters.received.get() + 1),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            }
+        }
+    }
+}
+
+/// The publisher's timestamp, `"ts":<µs>`, found by a scan rather than a JSON parse
+/// so the load generator spends its CPU on receiving.
+pub(crate) fn timestamp(frame: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"ts\":";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = frame[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&frame[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_timestamp() {
+        assert_eq!(
+            super::timestamp(
+                br#"{"op":"message","channel":"c","data":{"seq":1,"ts":1234,"p":"x"}}"#
+            ),
+            Some(1234)
+        );
+        assert_eq!(super::timestamp(b"{}"), None);
+    }
+}
