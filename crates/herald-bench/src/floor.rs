@@ -3,8 +3,10 @@
 //! It accepts the same WebSocket connections as Herald (real HTTP upgrade, welcome,
 //! subscribe acknowledged) and then writes the same delivery frames, pre-encoded once,
 //! straight to the sockets with batched `write_all`s: no broker, no per-connection
-//! protocol work, no queues beyond one broadcast per channel. Publications arrive on a
-//! control socket as lines `channel<TAB>json-data`.
+//! protocol work, no per-connection tasks: two writer shards own the sockets and
+//! write each batch to each socket with one non-blocking `write`. Publications arrive
+//! on a control socket as lines `channel<TAB>json-data`; everything read at once
+//! becomes one batch.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,18 +29,21 @@ pub(crate) struct FloorArgs {
     pub(crate) control: SocketAddr,
 }
 
-/// One broadcast per channel; created on first use.
-#[derive(Default)]
-struct Channels(std::sync::Mutex<HashMap<String, broadcast::Sender<Bytes>>>);
+/// A batch of publications: per channel, the concatenated frames.
+type Batch = Arc<Vec<(String, Bytes)>>;
 
-impl Channels {
-    fn sender(&self, name: &str) -> broadcast::Sender<Bytes> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(name.to_owned())
-            .or_insert_with(|| broadcast::channel(4096).0)
-            .clone()
-    }
+/// A subscribed client socket owned by a writer shard.
+struct Conn {
+    stream: TcpStream,
+    /// Bytes the kernel would not take yet.
+    pending: BytesMut,
 }
+
+/// Writers own disjoint sets of sockets; each batch is written to every socket of its
+/// channel with one non-blocking write per socket.
+const SHARDS: usize = 2;
+/// A socket further behind than this is dropped (it is not a floor's job to buffer).
+const MAX_PENDING: usize = 16 << 20;
 
 pub(crate) fn run(args: FloorArgs) -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -49,52 +54,116 @@ pub(crate) fn run(args: FloorArgs) -> anyhow::Result<()> {
 }
 
 async fn main(args: FloorArgs) -> anyhow::Result<()> {
-    let channels = Arc::new(Channels::default());
     let ws = TcpListener::bind(args.listen).await?;
     let control = TcpListener::bind(args.control).await?;
-    eprintln!(
-        "floor listening on {} (control {})",
-        args.listen, args.control
-    );
-    let c = channels.clone();
+    eprintln!("floor listening on {} (control {})", args.listen, args.control);
+    let (batches, _) = broadcast::channel::<Batch>(65536);
+    let mut shards = Vec::new();
+    for _ in 0..SHARDS {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(String, TcpStream)>();
+        tokio::spawn(shard(rx, batches.subscribe()));
+        shards.push(tx);
+    }
+    let b = batches.clone();
     tokio::spawn(async move {
         while let Ok((stream, _)) = control.accept().await {
-            tokio::spawn(control_loop(stream, c.clone()));
+            tokio::spawn(control_loop(stream, b.clone()));
         }
     });
+    let mut next = 0usize;
     loop {
         let (stream, _) = ws.accept().await?;
-        let channels = channels.clone();
+        let shard = shards[next % SHARDS].clone();
+        next += 1;
         tokio::spawn(async move {
-            let _ = connection(stream, channels).await;
+            if let Ok((channel, stream)) = handshake(stream).await {
+                let _ = shard.send((channel, stream));
+            }
         });
     }
 }
 
+async fn shard(
+    mut new: tokio::sync::mpsc::UnboundedReceiver<(String, TcpStream)>,
+    mut batches: broadcast::Receiver<Batch>,
+) {
+    let mut by_channel: HashMap<String, Vec<Conn>> = HashMap::new();
+    let mut retry = tokio::time::interval(std::time::Duration::from_millis(1));
+    loop {
+        tokio::select! {
+            c = new.recv() => match c {
+                Some((channel, stream)) => by_channel.entry(channel).or_default().push(Conn {
+                    stream,
+                    pending: BytesMut::new(),
+                }),
+                None => return,
+            },
+            b = batches.recv() => match b {
+                Ok(batch) => {
+                    for (channel, frames) in batch.iter() {
+                        if let Some(conns) = by_channel.get_mut(channel) {
+                            conns.retain_mut(|c| write(c, frames));
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            _ = retry.tick() => {
+                for conns in by_channel.values_mut() {
+                    conns.retain_mut(|c| c.pending.is_empty() || write(c, &Bytes::new()));
+                }
+            }
+        }
+    }
+}
+
+/// One non-blocking write of what is pending plus `frames`; false when the socket is
+/// gone or hopelessly behind.
+fn write(c: &mut Conn, frames: &Bytes) -> bool {
+    if c.pending.is_empty() {
+        match c.stream.try_write(frames) {
+            Ok(n) if n == frames.len() => return true,
+            Ok(n) => c.pending.extend_from_slice(&frames[n..]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.pending.extend_from_slice(frames),
+            Err(_) => return false,
+        }
+        return true;
+    }
+    c.pending.extend_from_slice(frames);
+    match c.stream.try_write(&c.pending) {
+        Ok(n) => {
+            let _ = c.pending.split_to(n);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        Err(_) => return false,
+    }
+    c.pending.len() < MAX_PENDING
+}
+
 /// Reads publications and broadcasts each read's worth, per channel, as one buffer of
 /// concatenated frames: the batching that makes this a floor.
-async fn control_loop(stream: TcpStream, channels: Arc<Channels>) {
+async fn control_loop(stream: TcpStream, batches: broadcast::Sender<Batch>) {
     let mut reader = BufReader::with_capacity(1 << 20, stream);
     let mut line = String::new();
-    let mut batches: HashMap<String, BytesMut> = HashMap::new();
+    let mut grouped: HashMap<String, BytesMut> = HashMap::new();
     loop {
         line.clear();
         match reader.read_line(&mut line).await {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        push(&mut batches, &line);
+        push(&mut grouped, &line);
         // Take whatever else is already buffered into the same batch.
         while reader.buffer().contains(&b'\n') {
             line.clear();
             if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
                 break;
             }
-            push(&mut batches, &line);
+            push(&mut grouped, &line);
         }
-        for (name, buf) in batches.drain() {
-            let _ = channels.sender(&name).send(buf.freeze());
-        }
+        let batch: Vec<(String, Bytes)> = grouped.drain().map(|(c, b)| (c, b.freeze())).collect();
+        let _ = batches.send(Arc::new(batch));
     }
 }
 
@@ -124,7 +193,8 @@ fn frame(buf: &mut BytesMut, opcode: u8, payload: &[u8]) {
     buf.put_slice(payload);
 }
 
-async fn connection(mut stream: TcpStream, channels: Arc<Channels>) -> anyhow::Result<()> {
+/// The HTTP upgrade, the welcome, and the subscribe; returns the channel.
+async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)> {
     stream.set_nodelay(true)?;
     // HTTP upgrade.
     let mut req = Vec::with_capacity(512);
@@ -167,25 +237,8 @@ async fn connection(mut stream: TcpStream, channels: Arc<Channels>) -> anyhow::R
         0x1,
         format!(r#"{{"op":"subscribed","channel":"{channel}","id":1}}"#).as_bytes(),
     );
-    let mut rx = channels.sender(&channel).subscribe();
     stream.write_all(&ack).await?;
-    let (mut read, mut write) = stream.into_split();
-    let (closed_tx, mut closed) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        let mut sink = [0u8; 256];
-        while read.read(&mut sink).await.map(|n| n > 0).unwrap_or(false) {}
-        let _ = closed_tx.send(());
-    });
-    loop {
-        tokio::select! {
-            _ = &mut closed => return Ok(()),
-            m = rx.recv() => match m {
-                Ok(batch) => write.write_all(&batch).await?,
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return Ok(()),
-            }
-        }
-    }
+    Ok((channel, stream))
 }
 
 async fn read_client_frame(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {

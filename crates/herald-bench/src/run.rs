@@ -606,7 +606,7 @@ async fn latency(
 ) -> anyhow::Result<Row> {
     let rate = floor_rate.map_or(200.0, |r| (r * args.latency_fraction).max(1.0));
     let mut target = Target::start(kind, 1, redis).await?;
-    let mut ws = workers(&target.addrs, args.subscribers, 1, 1).await?;
+    let mut ws = workers(&target.addrs, args.subscribers, 1, 2).await?;
     for w in ws.iter_mut() {
         w.cmd("reset").await?;
     }
