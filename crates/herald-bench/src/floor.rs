@@ -56,7 +56,10 @@ pub(crate) fn run(args: FloorArgs) -> anyhow::Result<()> {
 async fn main(args: FloorArgs) -> anyhow::Result<()> {
     let ws = TcpListener::bind(args.listen).await?;
     let control = TcpListener::bind(args.control).await?;
-    eprintln!("floor listening on {} (control {})", args.listen, args.control);
+    eprintln!(
+        "floor listening on {} (control {})",
+        args.listen, args.control
+    );
     let (batches, _) = broadcast::channel::<Batch>(65536);
     let mut shards = Vec::new();
     for _ in 0..SHARDS {
@@ -72,7 +75,14 @@ async fn main(args: FloorArgs) -> anyhow::Result<()> {
     });
     let mut next = 0usize;
     loop {
-        let (stream, _) = ws.accept().await?;
+        let stream = match ws.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                eprintln!("floor: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
+        };
         let shard = shards[next % SHARDS].clone();
         next += 1;
         tokio::spawn(async move {
@@ -89,6 +99,7 @@ async fn shard(
 ) {
     let mut by_channel: HashMap<String, Vec<Conn>> = HashMap::new();
     let mut retry = tokio::time::interval(std::time::Duration::from_millis(1));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             c = new.recv() => match c {
@@ -113,6 +124,18 @@ async fn shard(
                 for conns in by_channel.values_mut() {
                     conns.retain_mut(|c| c.pending.is_empty() || write(c, &Bytes::new()));
                 }
+                // Notice clients that left (idle sockets are never written to).
+                ticks += 1;
+                if ticks.is_multiple_of(500) {
+                    let mut sink = [0u8; 512];
+                    for conns in by_channel.values_mut() {
+                        conns.retain_mut(|c| match c.stream.try_read(&mut sink) {
+                            Ok(0) => false,
+                            Ok(_) => true,
+                            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
+                        });
+                    }
+                }
             }
         }
     }
@@ -125,7 +148,9 @@ fn write(c: &mut Conn, frames: &Bytes) -> bool {
         match c.stream.try_write(frames) {
             Ok(n) if n == frames.len() => return true,
             Ok(n) => c.pending.extend_from_slice(&frames[n..]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => c.pending.extend_from_slice(frames),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                c.pending.extend_from_slice(frames)
+            }
             Err(_) => return false,
         }
         return true;

@@ -100,7 +100,7 @@ impl Report {
 
     /// Grouped bars: each scenario's first figure, per target, scaled to the best.
     pub(crate) fn svg(&self) -> String {
-        let mut groups: Vec<(String, &'static str, bool, Vec<(String, f64)>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         for r in &self.rows {
             let Some((metric, higher)) = columns(&r.scenario).first().copied() else {
                 continue;
@@ -164,6 +164,9 @@ impl Report {
         s
     }
 }
+
+/// A chart group: scenario, metric, whether higher is better, bars (target, value).
+type Group = (String, &'static str, bool, Vec<(String, f64)>);
 
 fn human(v: f64) -> String {
     if v.is_nan() {

@@ -682,7 +682,8 @@ async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> 
     for w in again {
         w.quit().await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Allocators give freed memory back on a timer (jemalloc: 10 s decay).
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let after = target.rss();
     let n = args.idle as f64;
     let mut figures = BTreeMap::new();

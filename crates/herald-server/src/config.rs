@@ -133,7 +133,9 @@ impl Default for HeartbeatConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSocketConfig {
-    /// Initial read buffer per session (allocated eagerly; grows for big messages).
+    /// Read buffer per session, allocated eagerly and also the most read per syscall
+    /// until a frame header announces a bigger frame (which is then read whole).
+    /// Small keeps idle sessions cheap; client messages are small ops.
     pub read_buffer_bytes: usize,
     /// Bytes buffered before a socket write; a write batch is flushed as a whole anyway.
     pub write_buffer_bytes: usize,
@@ -142,7 +144,7 @@ pub struct WebSocketConfig {
 impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
-            read_buffer_bytes: 1024,
+            read_buffer_bytes: 256,
             write_buffer_bytes: 16 * 1024,
         }
     }

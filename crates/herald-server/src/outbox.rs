@@ -128,9 +128,9 @@ impl Outbox {
             s.queue.clear();
         }
         s.bytes = 0;
-        if s.queue.capacity() > 64 {
-            // A burst grew the ring; give the memory back so idle sessions stay small.
-            s.queue.shrink_to(16);
+        if s.queue.is_empty() {
+            // Most sessions are idle most of the time: hold no ring between bursts.
+            s.queue = VecDeque::new();
         }
         (bytes, closing)
     }

@@ -129,8 +129,10 @@ impl Session {
                     last_heard = Instant::now();
                     pinged_at = None;
                     match msg {
-                        Some(Ok(Message::Text(t))) => self.on_text(Bytes::from(t)).await,
-                        Some(Ok(Message::Binary(b))) => self.on_binary(b).await,
+                        // Boxed: requests are rare next to deliveries, and keeping their
+                        // state out of this future keeps every idle session small.
+                        Some(Ok(Message::Text(t))) => Box::pin(self.on_text(Bytes::from(t))).await,
+                        Some(Ok(Message::Binary(b))) => Box::pin(self.on_binary(b)).await,
                         // Pings are answered by tungstenite; pongs only prove liveness.
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                         // tungstenite answers the close; keep reading until it is flushed
@@ -371,8 +373,9 @@ async fn write_loop<S>(
 {
     let metrics = &shared.metrics;
     let close_timeout = shared.config.limits.close_timeout;
-    let mut batch: Vec<Item> = Vec::new();
     loop {
+        // A fresh vector per round: idle sessions then hold no buffer at all.
+        let mut batch: Vec<Item> = Vec::new();
         let (bytes, closing) = outbox.drain(&mut batch);
         metrics.outbound_queue_bytes.sub(bytes as i64);
         if batch.is_empty() && closing.is_none() {
@@ -383,7 +386,8 @@ async fn write_loop<S>(
             }
         }
         if !batch.is_empty() {
-            match write_batch(&mut sink, &mut batch, &outbox, &done, &shared).await {
+            // Boxed: its state is only needed while writing, not in every idle writer.
+            match Box::pin(write_batch(&mut sink, &mut batch, &outbox, &done, &shared)).await {
                 Written::All => {}
                 Written::Aborted => {} // fall through to the close below
                 Written::Failed => {
@@ -401,7 +405,15 @@ async fn write_loop<S>(
             }
             None => continue,
         };
-        send_close(&mut sink, &closing, &reader_done, close_timeout, &shared).await;
+        // Boxed: once per session, so its state need not live in every idle writer.
+        Box::pin(send_close(
+            &mut sink,
+            &closing,
+            &reader_done,
+            close_timeout,
+            &shared,
+        ))
+        .await;
         done.cancel();
         return;
     }
