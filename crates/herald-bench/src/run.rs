@@ -107,7 +107,8 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let redis = Redis::start().await?;
     let mut rows: Vec<Row> = Vec::new();
-    let mut floor_rate: Option<f64> = None;
+    // Each target's fan-out maximum (publications/s), for the latency scenario.
+    let mut max_rate: BTreeMap<String, f64> = BTreeMap::new();
     for scenario in &args.scenarios {
         for target in &args.targets {
             eprintln!("== {scenario} / {target}");
@@ -130,14 +131,16 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "crossnode" => {
                     closed_loop(&args, &redis, target, scenario, 2, args.subscribers, 1).await
                 }
-                "latency" => latency(&args, &redis, target, floor_rate).await,
+                "latency" => latency(&args, &redis, target, &max_rate).await,
                 "idle" => idle(&args, &redis, target).await,
                 "connect" => connect_rate(&args, &redis, target).await,
                 other => bail!("unknown scenario {other}"),
             }
             .with_context(|| format!("{scenario} / {target}"))?;
-            if scenario == "fanout" && target == "floor" {
-                floor_rate = row.figures.get("published_per_s").copied();
+            if scenario == "fanout" {
+                if let Some(r) = row.figures.get("published_per_s") {
+                    max_rate.insert(target.clone(), *r);
+                }
             }
             eprintln!("   {}", fmt_figures(&row.figures));
             rows.push(row);

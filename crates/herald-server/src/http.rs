@@ -478,15 +478,19 @@ fn upgrade(req: Request<Incoming>, shared: Arc<Shared>) -> Response<Body> {
         .write_buffer_size(shared.config.websocket.write_buffer_bytes)
         .max_message_size(Some(shared.config.limits.max_message_bytes))
         .max_frame_size(Some(shared.config.limits.max_message_bytes));
+    // Take the upgrade handle now, so the task holds it rather than the whole request,
+    // and box the stream setup: the task lives as long as the session, and its size is
+    // that of its largest state.
+    let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let _slot = slot;
-        match hyper::upgrade::on(req).await {
+        match upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
+                let ws = Box::pin(WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     WsRole::Server,
                     Some(ws_config),
-                )
+                ))
                 .await;
                 let (sink, stream) = ws.split();
                 session::run(sink, stream, shared, conn).await;

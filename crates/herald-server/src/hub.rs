@@ -172,8 +172,8 @@ mod tests {
     fn fan_out_shares_one_encoding() {
         let hub = hub();
         let news = ChannelName::new("news").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20));
-        let b = Arc::new(Outbox::new(1 << 20));
+        let a = Arc::new(Outbox::new(1 << 20, 0));
+        let b = Arc::new(Outbox::new(1 << 20, 0));
         assert!(hub.subscribe(&news, 1, &a).is_ready());
         hub.subscribe(&news, 1, &a);
         hub.subscribe(&news, 2, &b);

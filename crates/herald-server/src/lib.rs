@@ -81,11 +81,19 @@ pub(crate) struct Shared {
     pub(crate) next_conn: AtomicU64,
     /// Set when shutdown begins: readiness fails and upgrades are refused.
     pub(crate) draining: AtomicBool,
+    /// The node's clock origin for [`Shared::now_ms`].
+    pub(crate) epoch: Instant,
 }
 
 impl Shared {
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since the gateway started (monotonic); sessions store times in
+    /// this unit in atomics instead of holding timers.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     pub(crate) fn drain_code(&self) -> u16 {
@@ -171,6 +179,7 @@ impl Gateway {
             n_slots: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
             draining: AtomicBool::new(false),
+            epoch: Instant::now(),
             config,
         });
         Ok(Gateway { shared, inbound })
@@ -188,6 +197,7 @@ impl Gateway {
         let Gateway { shared, inbound } = self;
         let dispatcher = tokio::spawn(shared.hub.clone().run_dispatcher(inbound));
         let stop = CancellationToken::new();
+        let sweeper = tokio::spawn(heartbeat(shared.clone(), stop.clone()));
         let split = listeners.internal.is_some();
         let mut accept = vec![tokio::spawn(http::serve(
             listeners.public,
@@ -231,8 +241,50 @@ impl Gateway {
             let _ = task.await;
         }
         dispatcher.abort();
+        let _ = sweeper.await;
         tracing::info!("drained");
         Ok(())
+    }
+}
+
+/// Pings sessions that have been silent for `heartbeat.interval` and closes those that
+/// then stay silent for `heartbeat.timeout`. One task for the node instead of a timer
+/// per session: an idle session costs no timer, and a busy one does not re-arm a timer
+/// per message.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let hb = shared.config.heartbeat.clone();
+    let interval_ms = hb.interval.as_millis() as u64;
+    let timeout_ms = hb.timeout.as_millis() as u64;
+    // Checks four times per shortest period, so deadlines are kept within a quarter.
+    let period = (hb.interval.min(hb.timeout) / 4).max(std::time::Duration::from_millis(10));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = shared.now_ms();
+        let sessions: Vec<Arc<Outbox>> = shared.sessions.lock().values().cloned().collect();
+        for outbox in sessions {
+            let pinged = outbox.pinged_ms.load(Ordering::Relaxed);
+            if pinged != 0 {
+                if now.saturating_sub(pinged) >= timeout_ms {
+                    tracing::debug!("heartbeat timeout");
+                    outbox.close(close::POLICY_VIOLATION, "heartbeat timeout", true);
+                }
+            } else if now.saturating_sub(outbox.last_heard_ms.load(Ordering::Relaxed))
+                >= interval_ms
+            {
+                outbox.pinged_ms.store(now.max(1), Ordering::Relaxed);
+                outbox.push(outbox::Item {
+                    msg: tokio_tungstenite::tungstenite::Message::Ping(bytes::Bytes::new()),
+                    len: 0,
+                    published_at_us: 0,
+                    delivery: false,
+                });
+            }
+        }
     }
 }
 

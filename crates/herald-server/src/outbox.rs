@@ -6,6 +6,7 @@
 //! from slowing delivery to anyone else.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::Notify;
@@ -52,7 +53,49 @@ struct State {
     closing: Option<Closing>,
 }
 
+/// A one-shot flag that tasks can wait for (a lighter `CancellationToken`: sessions
+/// hold two each, so their size counts).
+#[derive(Default)]
+pub(crate) struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub(crate) fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn is_fired(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a fire in between is not missed.
+            notified.as_mut().enable();
+            if self.is_fired() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The state every party of a session shares: the queue, the two end-of-life signals,
+/// and the heartbeat clock that the node's sweeper reads.
 pub(crate) struct Outbox {
+    /// The session is over: whoever finishes first fires it, the other half stops.
+    pub(crate) done: Signal,
+    /// The reader has ended (the peer's close reply arrived, or the socket died).
+    pub(crate) reader_done: Signal,
+    /// When the peer was last heard from, in ms on the node's clock.
+    pub(crate) last_heard_ms: AtomicU64,
+    /// When the sweeper pinged the silent peer, in ms; 0 when not waiting for it.
+    pub(crate) pinged_ms: AtomicU64,
     state: Mutex<State>,
     /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
     /// drain and its next wait is never missed.
@@ -61,8 +104,12 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize, now_ms: u64) -> Self {
         Outbox {
+            done: Signal::default(),
+            reader_done: Signal::default(),
+            last_heard_ms: AtomicU64::new(now_ms),
+            pinged_ms: AtomicU64::new(0),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -168,7 +215,7 @@ mod tests {
 
     #[test]
     fn overflow_discards_and_closes_with_1013() {
-        let o = Outbox::new(100);
+        let o = Outbox::new(100, 0);
         assert_eq!(o.push(item(60)), Pushed::Queued);
         assert_eq!(
             o.push(item(60)),
@@ -186,7 +233,7 @@ mod tests {
 
     #[test]
     fn drain_close_keeps_queue() {
-        let o = Outbox::new(100);
+        let o = Outbox::new(100, 0);
         o.push(item(10));
         o.close(1001, "bye", true);
         let mut out = Vec::new();

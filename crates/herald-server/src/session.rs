@@ -1,11 +1,14 @@
 //! One WebSocket session: a reader loop that handles requests and a writer task that
 //! drains the session's [`Outbox`] into the socket.
 //!
-//! The two halves share a [`CancellationToken`]: whichever ends first (peer gone,
-//! write error, close handshake done or timed out) cancels it and the other follows.
+//! The two halves share the outbox's `done` signal: whichever ends first (peer gone,
+//! write error, close handshake done or timed out) fires it and the other follows.
+//! Heartbeats are the node's sweeper's job (see `heartbeat`); the reader only records
+//! when it last heard from the peer, so an idle session holds no timer.
 //! Everything the session sends — replies, deliveries, pings, the close frame — goes
 //! through the outbox, so the byte budget covers all of it and frames never interleave.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,14 +18,13 @@ use herald_metrics::Source;
 use herald_protocol::client::{parse_binary, parse_text, Request, RequestError};
 use herald_protocol::server::{self as frames, Ack};
 use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_util::sync::CancellationToken;
 
 use crate::hub::ConnId;
-use crate::outbox::{Closing, Item, Outbox, Pushed};
+use crate::outbox::{Closing, Item, Outbox, Pushed, Signal};
 use crate::Shared;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
@@ -33,8 +35,7 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let limits = &shared.config.limits;
-    let outbox = Arc::new(Outbox::new(limits.outbound_queue_bytes));
-    let done = CancellationToken::new();
+    let outbox = Arc::new(Outbox::new(limits.outbound_queue_bytes, shared.now_ms()));
     shared.sessions.lock().insert(conn, outbox.clone());
     shared.metrics.connections.inc();
     shared.metrics.connections_opened.inc();
@@ -57,26 +58,19 @@ where
         outbox.close(shared.drain_code(), "node shutting down", true);
     }
 
-    let reader_done = CancellationToken::new();
-    let mut writer = tokio::spawn(write_loop(
-        sink,
-        outbox.clone(),
-        done.clone(),
-        reader_done.clone(),
-        shared.clone(),
-    ));
-    session.read_loop(stream, &done).await;
-    reader_done.cancel();
+    let mut writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone()));
+    session.read_loop(stream).await;
+    outbox.reader_done.fire();
     if outbox.is_closing() {
         // The writer is sending our close frame; it bounds that by `close_timeout`.
         // Bound it here too in case the writer is stuck in a write that never ends.
         let limit = shared.config.limits.close_timeout * 2;
-        if timeout(limit, &mut writer).await.is_err() {
-            done.cancel();
+        if Box::pin(timeout(limit, &mut writer)).await.is_err() {
+            outbox.done.fire();
             let _ = writer.await;
         }
     } else {
-        done.cancel();
+        outbox.done.fire();
         let _ = writer.await;
     }
 
@@ -109,25 +103,18 @@ struct Session {
 }
 
 impl Session {
-    async fn read_loop<R>(&mut self, mut stream: R, done: &CancellationToken)
+    async fn read_loop<R>(&mut self, mut stream: R)
     where
         R: Stream<Item = Result<Message, WsError>> + Unpin,
     {
-        let hb = self.shared.config.heartbeat.clone();
-        let mut last_heard = Instant::now();
-        // When we pinged a silent peer and still wait for any sign of life.
-        let mut pinged_at: Option<Instant> = None;
+        let outbox = self.outbox.clone();
         loop {
-            let deadline = match pinged_at {
-                Some(t) => t + hb.timeout,
-                None => last_heard + hb.interval,
-            };
             tokio::select! {
                 biased;
-                _ = done.cancelled() => return,
+                _ = outbox.done.wait() => return,
                 msg = stream.next() => {
-                    last_heard = Instant::now();
-                    pinged_at = None;
+                    outbox.last_heard_ms.store(self.shared.now_ms(), Ordering::Relaxed);
+                    outbox.pinged_ms.store(0, Ordering::Relaxed);
                     match msg {
                         // Boxed: requests are rare next to deliveries, and keeping their
                         // state out of this future keeps every idle session small.
@@ -150,40 +137,12 @@ impl Session {
                         self.close(close::POLICY_VIOLATION, "rate limit exceeded");
                     }
                 }
-                _ = sleep_until(deadline) => {
-                    if pinged_at.is_some() {
-                        tracing::debug!(conn = self.conn, "heartbeat timeout");
-                        self.close(close::POLICY_VIOLATION, "heartbeat timeout");
-                    }
-                    else {
-                        pinged_at = Some(Instant::now());
-                        self.push(Message::Ping(Bytes::new()), 0);
-                    }
-                }
             }
-            if self.outbox.is_closing() {
-                // Closing (slow consumer, drain): the writer owns the rest; keep reading
-                // only so that the peer's close reply is seen.
-                self.drain_until_closed(&mut stream, done).await;
+            if outbox.is_closing() {
+                // Closing (slow consumer, drain, heartbeat): the writer owns the rest;
+                // keep reading only so that the peer's close reply is seen.
+                Box::pin(drain_until_closed(&mut stream, &outbox)).await;
                 return;
-            }
-        }
-    }
-
-    /// After a close was requested: discard input until the stream ends or the writer
-    /// gives up.
-    async fn drain_until_closed<R>(&mut self, stream: &mut R, done: &CancellationToken)
-    where
-        R: Stream<Item = Result<Message, WsError>> + Unpin,
-    {
-        loop {
-            tokio::select! {
-                biased;
-                _ = done.cancelled() => return,
-                msg = stream.next() => match msg {
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return,
-                },
             }
         }
     }
@@ -330,12 +289,30 @@ impl Session {
     }
 }
 
+/// After a close was requested: discard input until the stream ends or the writer
+/// gives up.
+async fn drain_until_closed<R>(stream: &mut R, outbox: &Outbox)
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+{
+    loop {
+        tokio::select! {
+            biased;
+            _ = outbox.done.wait() => return,
+            msg = stream.next() => match msg {
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
 /// Sustained-rate limiter with a burst allowance.
 struct TokenBucket {
     tokens: f64,
     rate: f64,
     burst: f64,
-    last: Instant,
+    last: std::time::Instant,
 }
 
 impl TokenBucket {
@@ -344,12 +321,12 @@ impl TokenBucket {
             tokens: burst as f64,
             rate,
             burst: burst as f64,
-            last: Instant::now(),
+            last: std::time::Instant::now(),
         }
     }
 
     fn take(&mut self) -> bool {
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
@@ -362,13 +339,8 @@ impl TokenBucket {
     }
 }
 
-async fn write_loop<S>(
-    mut sink: S,
-    outbox: Arc<Outbox>,
-    done: CancellationToken,
-    reader_done: CancellationToken,
-    shared: Arc<Shared>,
-) where
+async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, shared: Arc<Shared>)
+where
     S: Sink<Message, Error = WsError> + Unpin,
 {
     let metrics = &shared.metrics;
@@ -381,17 +353,17 @@ async fn write_loop<S>(
         if batch.is_empty() && closing.is_none() {
             tokio::select! {
                 biased;
-                _ = done.cancelled() => return,
+                _ = outbox.done.wait() => return,
                 _ = outbox.wait() => continue,
             }
         }
         if !batch.is_empty() {
             // Boxed: its state is only needed while writing, not in every idle writer.
-            match Box::pin(write_batch(&mut sink, &mut batch, &outbox, &done, &shared)).await {
+            match Box::pin(write_batch(&mut sink, &mut batch, &outbox, &shared)).await {
                 Written::All => {}
                 Written::Aborted => {} // fall through to the close below
                 Written::Failed => {
-                    done.cancel();
+                    outbox.done.fire();
                     return;
                 }
             }
@@ -409,12 +381,12 @@ async fn write_loop<S>(
         Box::pin(send_close(
             &mut sink,
             &closing,
-            &reader_done,
+            &outbox.reader_done,
             close_timeout,
             &shared,
         ))
         .await;
-        done.cancel();
+        outbox.done.fire();
         return;
     }
 }
@@ -430,7 +402,6 @@ async fn write_batch<S>(
     sink: &mut S,
     batch: &mut Vec<Item>,
     outbox: &Outbox,
-    done: &CancellationToken,
     shared: &Shared,
 ) -> Written
 where
@@ -457,7 +428,7 @@ where
     loop {
         tokio::select! {
             biased;
-            _ = done.cancelled() => return Written::Failed,
+            _ = outbox.done.wait() => return Written::Failed,
             r = &mut write => {
                 return match r {
                     Ok(()) => {
@@ -488,7 +459,7 @@ where
 async fn send_close<S>(
     sink: &mut S,
     closing: &Closing,
-    reader_done: &CancellationToken,
+    reader_done: &Signal,
     close_timeout: Duration,
     shared: &Shared,
 ) where
@@ -503,6 +474,6 @@ async fn send_close<S>(
     // then wait (bounded too) for the peer's reply, which ends the reader.
     let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
     if matches!(sent, Ok(Ok(()))) {
-        let _ = timeout(close_timeout, reader_done.cancelled()).await;
+        let _ = timeout(close_timeout, reader_done.wait()).await;
     }
 }
