@@ -52,11 +52,11 @@ impl Report {
             let rows: Vec<&Row> = self.rows.iter().filter(|r| r.scenario == s).collect();
             let herald = rows.iter().find(|r| r.target == "herald");
             let cols = columns(s);
-            let _ = writeln!(
-                out,
-                "\n### {s} ({})\n",
-                rows.first().map_or("", |r| r.note.as_str())
-            );
+            let _ = writeln!(out, "\n### {s}\n");
+            for r in &rows {
+                let _ = writeln!(out, "- {}: {}", r.target, r.note);
+            }
+            out.push('\n');
             let mut header = String::from("| target |");
             let mut rule = String::from("|---|");
             for (c, higher) in cols {

@@ -601,13 +601,19 @@ async fn closed_loop(
 }
 
 /// Publish at a fixed rate and report publish→receive latency percentiles.
+///
+/// The rate is `latency_fraction` of the floor's fan-out maximum; a target whose own
+/// maximum is below that rate (it would only measure an ever-growing queue) runs at
+/// the same fraction of its own maximum instead, and says so in its note.
 async fn latency(
     args: &RunArgs,
     redis: &Redis,
     kind: &str,
-    floor_rate: Option<f64>,
+    max_rate: &BTreeMap<String, f64>,
 ) -> anyhow::Result<Row> {
-    let rate = floor_rate.map_or(200.0, |r| (r * args.latency_fraction).max(1.0));
+    let floor = max_rate.get("floor").copied().unwrap_or(400.0);
+    let own = max_rate.get(kind).copied().unwrap_or(floor);
+    let rate = (args.latency_fraction * floor.min(own)).max(1.0);
     let mut target = Target::start(kind, 1, redis).await?;
     let mut ws = workers(&target.addrs, args.subscribers, 1, 2).await?;
     for w in ws.iter_mut() {
@@ -655,10 +661,19 @@ async fn latency(
         scenario: "latency".into(),
         target: kind.into(),
         figures,
-        note: format!(
-            "{} subscribers at {rate:.0} publications/s",
-            args.subscribers
-        ),
+        note: if own < floor {
+            format!(
+                "{} subscribers at {rate:.0} publications/s ({}% of its own maximum: it cannot sustain {:.0}/s)",
+                args.subscribers,
+                (args.latency_fraction * 100.0) as u32,
+                args.latency_fraction * floor
+            )
+        } else {
+            format!(
+                "{} subscribers at {rate:.0} publications/s",
+                args.subscribers
+            )
+        },
     })
 }
 
