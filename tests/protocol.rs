@@ -342,3 +342,19 @@ async fn client_close_is_clean() {
     })
     .await;
 }
+
+/// A session whose writer has parked (idle past `websocket.writer_linger`) still gets
+/// deliveries, replies and pings, in order.
+#[tokio::test]
+async fn idle_sessions_wake_up_for_deliveries() {
+    let node = Node::start_with(|c| c.websocket.writer_linger = Duration::from_millis(10)).await;
+    let mut c = node.client().await;
+    c.subscribe("later").await;
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(node.publish("later", &round.to_string()).await, 200);
+        assert_eq!(c.recv_json().await["data"], round);
+        c.send_text(r#"{"op":"ping","id":9}"#).await;
+        assert_eq!(c.recv_json().await["op"], "pong");
+    }
+}

@@ -683,7 +683,8 @@ async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = target.rss();
     let ws = workers(&target.addrs, args.idle, 100, 1).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Idle means quiet for a while (Herald's writers linger 2 s after their last write).
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let loaded = target.rss();
     let mut ws = ws;
     for w in ws.iter_mut() {

@@ -139,6 +139,10 @@ pub struct WebSocketConfig {
     pub read_buffer_bytes: usize,
     /// Bytes buffered before a socket write; a write batch is flushed as a whole anyway.
     pub write_buffer_bytes: usize,
+    /// How long a session's writer task stays after its last write before it parks the
+    /// socket and ends (idle sessions then hold no writer task).
+    #[serde(with = "humantime_serde")]
+    pub writer_linger: Duration,
 }
 
 impl Default for WebSocketConfig {
@@ -146,6 +150,7 @@ impl Default for WebSocketConfig {
         WebSocketConfig {
             read_buffer_bytes: 256,
             write_buffer_bytes: 16 * 1024,
+            writer_linger: Duration::from_secs(2),
         }
     }
 }

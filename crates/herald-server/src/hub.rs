@@ -172,8 +172,13 @@ mod tests {
     fn fan_out_shares_one_encoding() {
         let hub = hub();
         let news = ChannelName::new("news").unwrap();
-        let a = Arc::new(Outbox::new(1 << 20, 0));
-        let b = Arc::new(Outbox::new(1 << 20, 0));
+        let env = Arc::new(crate::outbox::WriterEnv {
+            metrics: Metrics::unregistered(),
+            close_timeout: std::time::Duration::from_secs(1),
+            linger: std::time::Duration::from_secs(1),
+        });
+        let a = Arc::new(Outbox::new(1 << 20, 0, env.clone()));
+        let b = Arc::new(Outbox::new(1 << 20, 0, env.clone()));
         assert!(hub.subscribe(&news, 1, &a).is_ready());
         hub.subscribe(&news, 1, &a);
         hub.subscribe(&news, 2, &b);

@@ -83,6 +83,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// The node's clock origin for [`Shared::now_ms`].
     pub(crate) epoch: Instant,
+    /// Shared by every session's writer.
+    pub(crate) writer_env: Arc<outbox::WriterEnv>,
 }
 
 impl Shared {
@@ -169,6 +171,11 @@ impl Gateway {
         metrics
             .max_connections
             .set(config.limits.max_connections as i64);
+        let writer_env = Arc::new(outbox::WriterEnv {
+            metrics: metrics.clone(),
+            close_timeout: config.limits.close_timeout,
+            linger: config.websocket.writer_linger,
+        });
         let shared = Arc::new(Shared {
             hub: Arc::new(Hub::new(broker, metrics.clone())),
             node_id,
@@ -180,6 +187,7 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             epoch: Instant::now(),
+            writer_env,
             config,
         });
         Ok(Gateway { shared, inbound })

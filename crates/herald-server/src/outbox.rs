@@ -8,9 +8,39 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Sink;
+use herald_metrics::Metrics;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// The sending half of a session's socket, owned by its writer task while one runs and
+/// parked in the outbox otherwise.
+pub(crate) type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
+
+/// What every writer needs, shared by all sessions of a node.
+pub(crate) struct WriterEnv {
+    pub(crate) metrics: Metrics,
+    /// `limits.close_timeout`.
+    pub(crate) close_timeout: Duration,
+    /// How long a writer with nothing to write stays before parking its sink and ending.
+    pub(crate) linger: Duration,
+}
+
+/// Where the writer is.
+enum Writer {
+    /// No sink yet, or the session is over.
+    Detached,
+    /// A writer task owns the sink.
+    Running,
+    /// Nothing to write lately: the sink waits here and no task exists. An idle session
+    /// then costs no task at all; the next push starts a writer.
+    Parked(BoxSink),
+}
 
 /// One frame waiting to be written.
 pub(crate) struct Item {
@@ -51,6 +81,7 @@ struct State {
     queue: VecDeque<Item>,
     bytes: usize,
     closing: Option<Closing>,
+    writer: Writer,
 }
 
 /// A one-shot flag that tasks can wait for (a lighter `CancellationToken`: sessions
@@ -101,10 +132,11 @@ pub(crate) struct Outbox {
     /// drain and its next wait is never missed.
     wake: Notify,
     max_bytes: usize,
+    pub(crate) env: Arc<WriterEnv>,
 }
 
 impl Outbox {
-    pub(crate) fn new(max_bytes: usize, now_ms: u64) -> Self {
+    pub(crate) fn new(max_bytes: usize, now_ms: u64, env: Arc<WriterEnv>) -> Self {
         Outbox {
             done: Signal::default(),
             reader_done: Signal::default(),
@@ -114,13 +146,63 @@ impl Outbox {
                 queue: VecDeque::new(),
                 bytes: 0,
                 closing: None,
+                writer: Writer::Detached,
             }),
             wake: Notify::new(),
             max_bytes,
+            env,
         }
     }
 
-    pub(crate) fn push(&self, item: Item) -> Pushed {
+    /// Gives the outbox the socket's sending half; a writer starts when there is
+    /// something to send.
+    pub(crate) fn attach(self: &Arc<Self>, sink: BoxSink) {
+        let mut s = self.state.lock();
+        let start = !s.queue.is_empty() || s.closing.is_some();
+        s.writer = Writer::Parked(sink);
+        self.start_writer(s, start);
+    }
+
+    /// Takes the sink back (the session is over): a parked sink is dropped, closing the
+    /// socket's sending half; a running writer ends on `done`.
+    pub(crate) fn detach(&self) -> Option<BoxSink> {
+        let mut s = self.state.lock();
+        match std::mem::replace(&mut s.writer, Writer::Detached) {
+            Writer::Parked(sink) => Some(sink),
+            _ => None,
+        }
+    }
+
+    /// Called by a writer with nothing to do: parks the sink and lets the task end,
+    /// unless something arrived meanwhile (then the writer keeps the sink).
+    pub(crate) fn park(&self, sink: BoxSink) -> Result<(), BoxSink> {
+        let mut s = self.state.lock();
+        if !s.queue.is_empty() || s.closing.is_some() || !matches!(s.writer, Writer::Running) {
+            return Err(sink);
+        }
+        s.writer = Writer::Parked(sink);
+        Ok(())
+    }
+
+    /// With the state lock held: if `wanted` and the sink is parked, hand it to a new
+    /// writer task (after releasing the lock); otherwise wake the running writer.
+    fn start_writer(self: &Arc<Self>, mut s: parking_lot::MutexGuard<'_, State>, wanted: bool) {
+        if !wanted {
+            return;
+        }
+        if matches!(s.writer, Writer::Parked(_)) {
+            let Writer::Parked(sink) = std::mem::replace(&mut s.writer, Writer::Running) else {
+                return;
+            };
+            drop(s);
+            tokio::spawn(crate::session::write_loop(sink, self.clone()));
+        } else {
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let mut s = self.state.lock();
         if s.closing.is_some() {
             return Pushed::Closed;
@@ -135,22 +217,18 @@ impl Outbox {
                 reason: "slow consumer",
                 flush_queue: false,
             });
-            drop(s);
-            self.wake.notify_one();
+            self.start_writer(s, true);
             return Pushed::Overflow { discarded, bytes };
         }
         let was_empty = s.queue.is_empty();
         s.bytes += item.len;
         s.queue.push_back(item);
-        drop(s);
-        if was_empty {
-            self.wake.notify_one();
-        }
+        self.start_writer(s, was_empty);
         Pushed::Queued
     }
 
     /// Asks the writer to end the session with `code`. The first close wins.
-    pub(crate) fn close(&self, code: u16, reason: &'static str, flush_queue: bool) {
+    pub(crate) fn close(self: &Arc<Self>, code: u16, reason: &'static str, flush_queue: bool) {
         let mut s = self.state.lock();
         if s.closing.is_none() {
             s.closing = Some(Closing {
@@ -159,8 +237,7 @@ impl Outbox {
                 flush_queue,
             });
         }
-        drop(s);
-        self.wake.notify_one();
+        self.start_writer(s, true);
     }
 
     /// Moves everything queued into `out`; returns the bytes moved and the closing
@@ -204,6 +281,14 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn env() -> Arc<WriterEnv> {
+        Arc::new(WriterEnv {
+            metrics: Metrics::unregistered(),
+            close_timeout: Duration::from_secs(1),
+            linger: Duration::from_secs(1),
+        })
+    }
+
     fn item(len: usize) -> Item {
         Item {
             msg: Message::Binary(vec![0; len].into()),
@@ -215,7 +300,7 @@ mod tests {
 
     #[test]
     fn overflow_discards_and_closes_with_1013() {
-        let o = Outbox::new(100, 0);
+        let o = Arc::new(Outbox::new(100, 0, env()));
         assert_eq!(o.push(item(60)), Pushed::Queued);
         assert_eq!(
             o.push(item(60)),
@@ -233,7 +318,7 @@ mod tests {
 
     #[test]
     fn drain_close_keeps_queue() {
-        let o = Outbox::new(100, 0);
+        let o = Arc::new(Outbox::new(100, 0, env()));
         o.push(item(10));
         o.close(1001, "bye", true);
         let mut out = Vec::new();

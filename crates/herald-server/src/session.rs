@@ -1,5 +1,7 @@
 //! One WebSocket session: a reader loop that handles requests and a writer task that
-//! drains the session's [`Outbox`] into the socket.
+//! drains the session's [`Outbox`] into the socket. The writer exists only while there
+//! is something to write (plus a short linger); otherwise the socket's sending half is
+//! parked in the outbox, so an idle session is one task.
 //!
 //! The two halves share the outbox's `done` signal: whichever ends first (peer gone,
 //! write error, close handshake done or timed out) fires it and the other follows.
@@ -24,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::hub::ConnId;
-use crate::outbox::{Closing, Item, Outbox, Pushed, Signal};
+use crate::outbox::{BoxSink, Closing, Item, Outbox, Pushed, Signal};
 use crate::Shared;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
@@ -35,7 +37,12 @@ where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let limits = &shared.config.limits;
-    let outbox = Arc::new(Outbox::new(limits.outbound_queue_bytes, shared.now_ms()));
+    let outbox = Arc::new(Outbox::new(
+        limits.outbound_queue_bytes,
+        shared.now_ms(),
+        shared.writer_env.clone(),
+    ));
+    outbox.attach(Box::pin(sink));
     shared.sessions.lock().insert(conn, outbox.clone());
     shared.metrics.connections.inc();
     shared.metrics.connections_opened.inc();
@@ -58,21 +65,16 @@ where
         outbox.close(shared.drain_code(), "node shutting down", true);
     }
 
-    let mut writer = tokio::spawn(write_loop(sink, outbox.clone(), shared.clone()));
     session.read_loop(stream).await;
     outbox.reader_done.fire();
     if outbox.is_closing() {
-        // The writer is sending our close frame; it bounds that by `close_timeout`.
-        // Bound it here too in case the writer is stuck in a write that never ends.
+        // A writer is sending our close frame and ends the session (`done`) when the
+        // peer answers or `close_timeout` passes; bound the wait here too.
         let limit = shared.config.limits.close_timeout * 2;
-        if Box::pin(timeout(limit, &mut writer)).await.is_err() {
-            outbox.done.fire();
-            let _ = writer.await;
-        }
-    } else {
-        outbox.done.fire();
-        let _ = writer.await;
+        let _ = Box::pin(timeout(limit, outbox.done.wait())).await;
     }
+    outbox.done.fire();
+    drop(outbox.detach());
 
     for channel in std::mem::take(&mut session.subscriptions) {
         shared.hub.unsubscribe(&channel, conn);
@@ -339,12 +341,12 @@ impl TokenBucket {
     }
 }
 
-async fn write_loop<S>(mut sink: S, outbox: Arc<Outbox>, shared: Arc<Shared>)
-where
-    S: Sink<Message, Error = WsError> + Unpin,
-{
-    let metrics = &shared.metrics;
-    let close_timeout = shared.config.limits.close_timeout;
+/// Writes what the outbox holds until the session ends or nothing arrives for the
+/// linger period, then parks the sink back in the outbox and ends.
+pub(crate) async fn write_loop(mut sink: BoxSink, outbox: Arc<Outbox>) {
+    let env = outbox.env.clone();
+    let metrics = &env.metrics;
+    let close_timeout = env.close_timeout;
     loop {
         // A fresh vector per round: idle sessions then hold no buffer at all.
         let mut batch: Vec<Item> = Vec::new();
@@ -355,11 +357,18 @@ where
                 biased;
                 _ = outbox.done.wait() => return,
                 _ = outbox.wait() => continue,
+                _ = tokio::time::sleep(env.linger) => match outbox.park(sink) {
+                    Ok(()) => return,
+                    Err(s) => {
+                        sink = s;
+                        continue;
+                    }
+                },
             }
         }
         if !batch.is_empty() {
             // Boxed: its state is only needed while writing, not in every idle writer.
-            match Box::pin(write_batch(&mut sink, &mut batch, &outbox, &shared)).await {
+            match Box::pin(write_batch(&mut sink, &mut batch, &outbox, metrics)).await {
                 Written::All => {}
                 Written::Aborted => {} // fall through to the close below
                 Written::Failed => {
@@ -383,7 +392,7 @@ where
             &closing,
             &outbox.reader_done,
             close_timeout,
-            &shared,
+            metrics,
         ))
         .await;
         outbox.done.fire();
@@ -402,12 +411,11 @@ async fn write_batch<S>(
     sink: &mut S,
     batch: &mut Vec<Item>,
     outbox: &Outbox,
-    shared: &Shared,
+    metrics: &herald_metrics::Metrics,
 ) -> Written
 where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    let metrics = &shared.metrics;
     let mut delivered = 0u64;
     let mut oldest_us = 0u64;
     for item in batch.iter() {
@@ -461,11 +469,11 @@ async fn send_close<S>(
     closing: &Closing,
     reader_done: &Signal,
     close_timeout: Duration,
-    shared: &Shared,
+    metrics: &herald_metrics::Metrics,
 ) where
     S: Sink<Message, Error = WsError> + Unpin,
 {
-    shared.metrics.close_code(closing.code);
+    metrics.close_code(closing.code);
     let frame = CloseFrame {
         code: CloseCode::from(closing.code),
         reason: closing.reason.into(),

@@ -54,6 +54,8 @@ pub fn test_config() -> GatewayConfig {
     c.limits.messages_per_second = 10_000.0;
     c.limits.message_burst = 10_000;
     c.limits.close_timeout = Duration::from_secs(2);
+    // Writers park almost at once, so every test also exercises restarting them.
+    c.websocket.writer_linger = Duration::from_millis(20);
     c.shutdown.drain_window = Duration::from_millis(200);
     c.shutdown.grace_period = Duration::from_secs(3);
     c
