@@ -46,6 +46,7 @@ where
     shared.sessions.lock().insert(conn, outbox.clone());
     shared.metrics.connections.inc();
     shared.metrics.connections_opened.inc();
+    tracing::debug!(conn, "session opened");
 
     let mut session = Session {
         conn,
@@ -85,6 +86,7 @@ where
     shared.sessions.lock().remove(&conn);
     shared.metrics.connections.dec();
     shared.metrics.connections_closed.inc();
+    tracing::debug!(conn, "session closed");
 }
 
 /// The connection id shown to clients: unique per node, and with the node id, per cluster.
