@@ -485,45 +485,24 @@ async fn sync(
         )
     };
     let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
-    let limit = inner.config.timeout;
-    let timed = |r: Result<redis::RedisResult<()>, tokio::time::error::Elapsed>| {
-        r.unwrap_or_else(|_| {
-            Err(redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "subscription command timed out",
-            )))
-        })
-    };
     for chunk in to_sub.chunks(BATCH) {
-        let keys: Vec<String> = chunk.iter().map(key).collect();
-        let r = match conn.clone() {
-            Conn::Single(mut c) => tokio::time::timeout(limit, c.subscribe(&keys)).await,
-            // A sharded subscribe takes channels of one slot only: one command each,
-            // many in flight.
-            Conn::Cluster(c) => {
-                tokio::time::timeout(
-                    limit,
-                    each(c, keys, |mut c, k| async move { c.ssubscribe(k).await }),
-                )
-                .await
-            }
-        };
-        timed(r)?;
+        interest(
+            conn,
+            chunk.iter().map(key).collect(),
+            true,
+            inner.config.timeout,
+        )
+        .await?;
         active.extend(chunk.iter().cloned());
     }
     for chunk in to_unsub.chunks(BATCH) {
-        let keys: Vec<String> = chunk.iter().map(key).collect();
-        let r = match conn.clone() {
-            Conn::Single(mut c) => tokio::time::timeout(limit, c.unsubscribe(&keys)).await,
-            Conn::Cluster(c) => {
-                tokio::time::timeout(
-                    limit,
-                    each(c, keys, |mut c, k| async move { c.sunsubscribe(k).await }),
-                )
-                .await
-            }
-        };
-        timed(r)?;
+        interest(
+            conn,
+            chunk.iter().map(key).collect(),
+            false,
+            inner.config.timeout,
+        )
+        .await?;
         for c in chunk {
             active.remove(c);
         }
@@ -536,6 +515,40 @@ async fn sync(
         }
     }
     Ok(())
+}
+
+/// Subscribes to (or unsubscribes from) `keys`, within `limit`.
+async fn interest(
+    conn: &Conn,
+    keys: Vec<String>,
+    subscribe: bool,
+    limit: Duration,
+) -> redis::RedisResult<()> {
+    let r = match conn.clone() {
+        Conn::Single(mut c) if subscribe => tokio::time::timeout(limit, c.subscribe(&keys)).await,
+        Conn::Single(mut c) => tokio::time::timeout(limit, c.unsubscribe(&keys)).await,
+        // A sharded (un)subscribe takes channels of one slot only: one command each,
+        // many in flight.
+        Conn::Cluster(c) => {
+            tokio::time::timeout(
+                limit,
+                each(c, keys, move |mut c, k| async move {
+                    if subscribe {
+                        c.ssubscribe(k).await
+                    } else {
+                        c.sunsubscribe(k).await
+                    }
+                }),
+            )
+            .await
+        }
+    };
+    r.unwrap_or_else(|_| {
+        Err(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "subscription command timed out",
+        )))
+    })
 }
 
 async fn each<F, Fut>(conn: ClusterConnection, keys: Vec<String>, f: F) -> redis::RedisResult<()>
