@@ -22,6 +22,7 @@ use settings::{Cli, Settings};
 /// per-connection allocations and frees them in waves (churn, deploys); jemalloc keeps
 /// them compact and gives freed memory back to the OS, where glibc's malloc keeps
 /// fragmented arenas (measured in BENCHMARKS.md, idle scenario).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
