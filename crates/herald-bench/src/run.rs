@@ -181,9 +181,9 @@ fn peers_dir() -> PathBuf {
 async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
         "herald" | "floor" => Ok(()),
-        "node" => {
-            let dir = peers_dir().join("node");
-            if dir.join("node_modules/ws").is_dir() && dir.join("node_modules/ioredis").is_dir() {
+        "node" | "socketio" => {
+            let dir = peers_dir().join(target);
+            if dir.join("node_modules/.package-lock.json").is_file() {
                 return Ok(());
             }
             eprintln!("installing the Node peer's packages (npm install)");
@@ -365,6 +365,13 @@ impl Target {
                     .env("REDIS_URL", redis.url())
                     .stdout(Stdio::null())
                     .spawn()?,
+                "socketio" => Command::new("node")
+                    .arg(peers_dir().join("socketio/server.js"))
+                    .env("PORT", port.to_string())
+                    .env("REDIS_URL", redis.url())
+                    .env("PRIMARY", if i == 0 { "1" } else { "0" })
+                    .stdout(Stdio::null())
+                    .spawn()?,
                 "python" => Command::new("python3")
                     .arg(peers_dir().join("python/server.py"))
                     .env("PORT", port.to_string())
@@ -443,6 +450,7 @@ impl Worker {
         connections: usize,
         channels: usize,
         offset: usize,
+        kind: &str,
     ) -> anyhow::Result<Worker> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["worker", "--addr", &addr.to_string()])
@@ -450,6 +458,14 @@ impl Worker {
             .args(["--channels", &channels.to_string()])
             .args(["--offset", &offset.to_string()])
             .args(["--sources", SOURCES])
+            .args([
+                "--protocol",
+                if kind == "socketio" {
+                    "socketio"
+                } else {
+                    "herald"
+                },
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
@@ -494,6 +510,7 @@ async fn workers(
     n: usize,
     channels: usize,
     split: usize,
+    kind: &str,
 ) -> anyhow::Result<Vec<Worker>> {
     // At least `split` processes (receiving is CPU-bound), at most PER_WORKER each.
     let per_addr = n / addrs.len();
@@ -508,7 +525,7 @@ async fn workers(
             if k == 0 {
                 continue;
             }
-            out.push(Worker::start(*addr, k, channels, offset).await?);
+            out.push(Worker::start(*addr, k, channels, offset, kind).await?);
             offset += k;
         }
     }
@@ -543,7 +560,7 @@ async fn closed_loop(
     channels: usize,
 ) -> anyhow::Result<Row> {
     let mut target = Target::start(kind, nodes, redis).await?;
-    let mut ws = workers(&target.addrs, subscribers, channels, 2 / nodes).await?;
+    let mut ws = workers(&target.addrs, subscribers, channels, 2 / nodes, kind).await?;
     let per_message = subscribers as f64 / channels as f64;
     for w in ws.iter_mut() {
         w.cmd("reset").await?;
@@ -615,7 +632,7 @@ async fn latency(
     let own = max_rate.get(kind).copied().unwrap_or(floor);
     let rate = (args.latency_fraction * floor.min(own)).max(1.0);
     let mut target = Target::start(kind, 1, redis).await?;
-    let mut ws = workers(&target.addrs, args.subscribers, 1, 2).await?;
+    let mut ws = workers(&target.addrs, args.subscribers, 1, 2, kind).await?;
     for w in ws.iter_mut() {
         w.cmd("reset").await?;
     }
@@ -682,7 +699,7 @@ async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> 
     let target = Target::start(kind, 1, redis).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = target.rss();
-    let ws = workers(&target.addrs, args.idle, 100, 1).await?;
+    let ws = workers(&target.addrs, args.idle, 100, 1, kind).await?;
     // Idle means quiet for a while (Herald's writers linger 2 s after their last write).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let loaded = target.rss();
@@ -694,7 +711,7 @@ async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> 
         w.quit().await;
     }
     // Churn: a second full wave, then everyone leaves.
-    let mut again = workers(&target.addrs, args.idle, 100, 1).await?;
+    let mut again = workers(&target.addrs, args.idle, 100, 1, kind).await?;
     for w in again.iter_mut() {
         w.cmd("close").await?;
     }
@@ -730,7 +747,7 @@ async fn connect_rate(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu0 = target.cpu();
     let started = Instant::now();
-    let w = Worker::start(target.addrs[0], args.handshakes, 0, 0).await?;
+    let w = Worker::start(target.addrs[0], args.handshakes, 0, 0, kind).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = target.cpu() - cpu0;
     let mut figures = BTreeMap::new();

@@ -45,6 +45,10 @@ pub(crate) struct WorkerArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     pub(crate) concurrency: usize,
+    /// The server's protocol: `herald` (also spoken by the floor and the Node and Python
+    /// peers) or `socketio` (Engine.IO 4 over WebSocket, rooms as channels).
+    #[arg(long, default_value = "herald")]
+    pub(crate) protocol: String,
     /// Give up on connecting after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub(crate) connect_timeout_s: u64,
@@ -79,8 +83,11 @@ async fn main(args: WorkerArgs) -> anyhow::Result<()> {
             (args.channels > 0).then(|| format!("bench-{}", (args.offset + i) % args.channels));
         let addr = args.addr;
         let counters = counters.clone();
+        let socketio = args.protocol == "socketio";
         pending.push(tokio::task::spawn_local(async move {
-            let r = tokio::time::timeout_at(deadline.into(), connect(addr, source, channel)).await;
+            let r =
+                tokio::time::timeout_at(deadline.into(), connect(addr, source, channel, socketio))
+                    .await;
             drop(permit);
             match r {
                 Ok(Ok(ws)) => {
@@ -162,7 +169,12 @@ async fn main(args: WorkerArgs) -> anyhow::Result<()> {
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-async fn connect(addr: SocketAddr, source: IpAddr, channel: Option<String>) -> anyhow::Result<Ws> {
+async fn connect(
+    addr: SocketAddr,
+    source: IpAddr,
+    channel: Option<String>,
+    socketio: bool,
+) -> anyhow::Result<Ws> {
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
@@ -175,13 +187,21 @@ async fn connect(addr: SocketAddr, source: IpAddr, channel: Option<String>) -> a
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(0);
+    let path = if socketio {
+        "/socket.io/?EIO=4&transport=websocket"
+    } else {
+        "/ws"
+    };
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        format!("ws://{addr}/ws"),
+        format!("ws://{addr}{path}"),
         stream,
         Some(config),
     )
     .await
     .context("websocket handshake")?;
+    if socketio {
+        return socketio_join(ws, channel).await;
+    }
     // The welcome frame.
     match ws.next().await {
         Some(Ok(Message::Text(t))) if t.contains("welcome") => {}
@@ -205,6 +225,43 @@ async fn connect(addr: SocketAddr, source: IpAddr, channel: Option<String>) -> a
     Ok(ws)
 }
 
+/// Engine.IO open, Socket.IO namespace connect, then `subscribe` (joins the room).
+async fn socketio_join(mut ws: Ws, channel: Option<String>) -> anyhow::Result<Ws> {
+    let next = async |ws: &mut Ws| -> anyhow::Result<String> {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) if t.as_str() == "2" => {
+                    ws.send(Message::Text("3".into())).await?;
+                }
+                Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+                Some(Ok(_)) => {}
+                other => anyhow::bail!("socket.io handshake: {other:?}"),
+            }
+        }
+    };
+    anyhow::ensure!(
+        next(&mut ws).await?.starts_with('0'),
+        "no engine.io open packet"
+    );
+    ws.send(Message::Text("40".into())).await?;
+    anyhow::ensure!(
+        next(&mut ws).await?.starts_with("40"),
+        "namespace not joined"
+    );
+    if let Some(channel) = channel {
+        ws.send(Message::Text(
+            format!(r#"42["subscribe","{channel}"]"#).into(),
+        ))
+        .await?;
+        loop {
+            if next(&mut ws).await?.starts_with(r#"42["subscribed""#) {
+                break;
+            }
+        }
+    }
+    Ok(ws)
+}
+
 async fn read(mut ws: Ws, counters: Rc<Counters>, mut close: tokio::sync::oneshot::Receiver<()>) {
     loop {
         tokio::select! {
@@ -213,6 +270,10 @@ async fn read(mut ws: Ws, counters: Rc<Counters>, mut close: tokio::sync::onesho
                 return;
             }
             msg = ws.next() => match msg {
+                // Engine.IO ping: answer, it is not a message.
+                Some(Ok(Message::Text(t))) if t.as_str() == "2" => {
+                    let _ = ws.send(Message::Text("3".into())).await;
+                }
                 Some(Ok(Message::Text(t))) => {
                     counters.received.set(counters.received.get() + 1);
                     if let Some(ts) = timestamp(t.as_bytes()) {
