@@ -29,11 +29,11 @@ pub(crate) struct RunArgs {
         default_value = "fanout,channels,crossnode,latency,idle,connect"
     )]
     pub(crate) scenarios: Vec<String>,
-    /// Targets: herald, floor, node, python.
+    /// Targets: herald, floor, node, python, socketio.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "herald,floor,node,python"
+        default_value = "herald,floor,node,python,socketio"
     )]
     pub(crate) targets: Vec<String>,
     /// Subscribers in the fan-out, many-channels and cross-node scenarios.
