@@ -289,6 +289,15 @@ impl Metrics {
         .inc_by(n);
     }
 
+    /// Messages dropped so far for `reason`.
+    pub fn dropped_total(&self, reason: DropReason) -> u64 {
+        match reason {
+            DropReason::SlowConsumer => &self.dropped_slow,
+            DropReason::HubOverflow => &self.dropped_overflow,
+        }
+        .get()
+    }
+
     /// A fresh set of metrics in a throwaway registry, for unit tests of other crates.
     pub fn unregistered() -> Self {
         Metrics::new(&Registry::new()).expect("a fresh registry has no name clashes")

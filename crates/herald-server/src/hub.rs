@@ -11,7 +11,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use herald_broker::{Broker, InboundReceiver, Ready};
-use herald_metrics::{DropReason, Metrics};
+use herald_metrics::Metrics;
 use herald_protocol::server::{encode_delivery, Delivery};
 use herald_protocol::{ChannelName, Publication};
 use indexmap::IndexMap;
@@ -131,16 +131,12 @@ impl Hub {
                 published_at_us: p.published_at_us,
                 delivery: true,
             };
-            match outbox.push(item) {
-                Pushed::Queued => queued += 1,
-                Pushed::Overflow { discarded, bytes } => {
-                    self.metrics.slow_consumer_disconnects.inc();
-                    self.metrics.dropped(DropReason::SlowConsumer, discarded);
-                    self.metrics.outbound_queue_bytes.sub(bytes as i64);
-                }
-                Pushed::Closed => {}
+            if outbox.push(item) == Pushed::Queued {
+                queued += 1;
             }
         }
+        // One update per message rather than per subscriber: the gauge is shared by
+        // every core.
         self.metrics.outbound_queue_bytes.add((queued * len) as i64);
     }
 

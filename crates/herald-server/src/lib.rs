@@ -285,12 +285,10 @@ async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
                 >= interval_ms
             {
                 outbox.pinged_ms.store(now.max(1), Ordering::Relaxed);
-                outbox.push(outbox::Item {
-                    msg: tokio_tungstenite::tungstenite::Message::Ping(bytes::Bytes::new()),
-                    len: 0,
-                    published_at_us: 0,
-                    delivery: false,
-                });
+                outbox.push(outbox::Item::control(
+                    tokio_tungstenite::tungstenite::Message::Ping(bytes::Bytes::new()),
+                    0,
+                ));
             }
         }
     }

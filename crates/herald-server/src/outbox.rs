@@ -54,6 +54,18 @@ pub(crate) struct Item {
     pub(crate) delivery: bool,
 }
 
+impl Item {
+    /// A reply or control frame (not a delivery) of `len` budgeted bytes.
+    pub(crate) fn control(msg: Message, len: usize) -> Self {
+        Item {
+            msg,
+            len,
+            published_at_us: 0,
+            delivery: false,
+        }
+    }
+}
+
 /// How a session should end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Closing {
@@ -67,12 +79,9 @@ pub(crate) struct Closing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
     Queued,
-    /// Over budget: the session is now closing as a slow consumer. Carries how many
-    /// queued deliveries were discarded with it (the pushed one included).
-    Overflow {
-        discarded: u64,
-        bytes: usize,
-    },
+    /// Over budget: the session is now closing as a slow consumer; what it had queued
+    /// is discarded (and counted here, so no caller has to).
+    Overflow,
     /// The session is already closing; the item was dropped.
     Closed,
 }
@@ -208,8 +217,12 @@ impl Outbox {
             return Pushed::Closed;
         }
         if s.bytes + item.len > self.max_bytes {
-            let discarded = 1 + s.queue.iter().filter(|i| i.delivery).count() as u64;
-            let bytes = s.bytes;
+            let discarded = s.queue.iter().chain([&item]).filter(|i| i.delivery).count();
+            let m = &self.env.metrics;
+            m.slow_consumer_disconnects.inc();
+            m.dropped(herald_metrics::DropReason::SlowConsumer, discarded as u64);
+            // Callers added these bytes to the gauge when they were queued.
+            m.outbound_queue_bytes.sub(s.bytes as i64);
             s.queue = VecDeque::new();
             s.bytes = 0;
             s.closing = Some(Closing {
@@ -218,7 +231,7 @@ impl Outbox {
                 flush_queue: false,
             });
             self.start_writer(s, true);
-            return Pushed::Overflow { discarded, bytes };
+            return Pushed::Overflow;
         }
         let was_empty = s.queue.is_empty();
         s.bytes += item.len;
@@ -301,19 +314,35 @@ mod tests {
     #[test]
     fn overflow_discards_and_closes_with_1013() {
         let o = Arc::new(Outbox::new(100, 0, env()));
+        let m = o.env.metrics.clone();
         assert_eq!(o.push(item(60)), Pushed::Queued);
-        assert_eq!(
-            o.push(item(60)),
-            Pushed::Overflow {
-                discarded: 2,
-                bytes: 60
-            }
-        );
+        // The caller accounts for what it queued; the outbox for what it discards.
+        m.outbound_queue_bytes.add(60);
+        assert_eq!(o.push(item(60)), Pushed::Overflow);
+        assert_eq!(m.slow_consumer_disconnects.get(), 1);
+        assert_eq!(m.dropped_total(herald_metrics::DropReason::SlowConsumer), 2);
+        assert_eq!(m.outbound_queue_bytes.get(), 0);
         assert_eq!(o.push(item(1)), Pushed::Closed);
         let mut out = Vec::new();
         let (_, closing) = o.drain(&mut out);
         assert!(out.is_empty());
         assert_eq!(closing.unwrap().code, 1013);
+    }
+
+    #[test]
+    fn an_overflowing_reply_is_not_a_dropped_delivery() {
+        let o = Arc::new(Outbox::new(100, 0, env()));
+        o.push(item(60));
+        assert_eq!(
+            o.push(Item::control(Message::Ping(Default::default()), 60)),
+            Pushed::Overflow
+        );
+        assert_eq!(
+            o.env
+                .metrics
+                .dropped_total(herald_metrics::DropReason::SlowConsumer),
+            1
+        );
     }
 
     #[test]

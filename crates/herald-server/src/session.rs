@@ -155,28 +155,15 @@ impl Session {
         self.outbox.close(code, reason, true);
     }
 
-    fn push(&self, msg: Message, len: usize) {
-        let item = Item {
-            msg,
-            len,
-            published_at_us: 0,
-            delivery: false,
-        };
-        match self.outbox.push(item) {
-            Pushed::Queued => self.shared.metrics.outbound_queue_bytes.add(len as i64),
-            Pushed::Overflow { discarded, bytes } => {
-                let m = &self.shared.metrics;
-                m.slow_consumer_disconnects.inc();
-                m.dropped(herald_metrics::DropReason::SlowConsumer, discarded - 1);
-                m.outbound_queue_bytes.sub(bytes as i64);
-            }
-            Pushed::Closed => {}
-        }
-    }
-
     fn reply(&self, text: String) {
         let len = text.len();
-        self.push(Message::Text(text.into()), len);
+        if self
+            .outbox
+            .push(Item::control(Message::Text(text.into()), len))
+            == Pushed::Queued
+        {
+            self.shared.metrics.outbound_queue_bytes.add(len as i64);
+        }
     }
 
     fn error(&self, e: RequestError) {
@@ -379,14 +366,10 @@ pub(crate) async fn write_loop(mut sink: BoxSink, outbox: Arc<Outbox>) {
                 }
             }
         }
-        let closing = match closing {
-            Some(c) => c,
-            None if outbox.is_closing() => {
-                // Closed while we were writing: pick up the close (and, if the queue is
-                // to be flushed, what was queued before it) on the next round.
-                continue;
-            }
-            None => continue,
+        // A close requested while we were writing is picked up (with, if the queue is
+        // to be flushed, what was queued before it) by the next round's drain.
+        let Some(closing) = closing else {
+            continue;
         };
         // Boxed: once per session, so its state need not live in every idle writer.
         Box::pin(send_close(
