@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use herald_testkit::{free_port, Client, Node, RedisServer};
+use herald_testkit::{free_port, system_tool, Client, Node, RedisServer};
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -12,16 +12,6 @@ fn repo(path: &str) -> String {
         .join(path)
         .to_string_lossy()
         .into_owned()
-}
-
-fn tool(name: &str, package: &str) -> String {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return p.to_string_lossy().into_owned();
-        }
-    }
-    panic!("`{name}` not found: install it with `apt-get install {package}` (`bash .ci/run` does)");
 }
 
 struct Haproxy(Child);
@@ -50,7 +40,7 @@ fn haproxy(port: u16, nodes: &[&Node]) -> Haproxy {
     let path =
         std::env::temp_dir().join(format!("herald-haproxy-{}-{port}.cfg", std::process::id()));
     std::fs::write(&path, cfg).unwrap();
-    let child = Command::new(tool("haproxy", "haproxy"))
+    let child = Command::new(system_tool("haproxy", "haproxy"))
         .args(["-db", "-f"])
         .arg(&path)
         .stdout(Stdio::null())
@@ -118,7 +108,7 @@ async fn haproxy_fails_over_when_a_node_drains() {
 
 #[test]
 fn shipped_haproxy_config_is_valid() {
-    let out = Command::new(tool("haproxy", "haproxy"))
+    let out = Command::new(system_tool("haproxy", "haproxy"))
         .args(["-c", "-f", &repo("deploy/haproxy.cfg")])
         .output()
         .unwrap();
@@ -131,7 +121,7 @@ fn shipped_haproxy_config_is_valid() {
 
 #[test]
 fn shipped_alert_rules_are_valid() {
-    let out = Command::new(tool("promtool", "prometheus"))
+    let out = Command::new(system_tool("promtool", "prometheus"))
         .args(["check", "rules", &repo("deploy/alerts.yml")])
         .output()
         .unwrap();

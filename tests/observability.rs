@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use herald_testkit::{free_port, http, Node, RedisServer};
+use herald_testkit::{free_port, http, system_tool, Node, RedisServer};
 
 struct Prometheus {
     child: Child,
@@ -21,10 +21,7 @@ impl Drop for Prometheus {
 }
 
 fn prometheus(targets: &[std::net::SocketAddr]) -> Prometheus {
-    let bin = ["/usr/bin/prometheus", "/usr/local/bin/prometheus"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .expect("`prometheus` not found: install it with `apt-get install prometheus` (`bash .ci/run` does)");
+    let bin = system_tool("prometheus", "prometheus");
     let port = free_port();
     let dir = std::env::temp_dir().join(format!("herald-prom-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -84,13 +84,7 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
             );
         }
     }
-    let is_json = std::str::from_utf8(&body).is_ok()
-        && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok();
-    let payload = if is_json {
-        Payload::Json(trim_json(body))
-    } else {
-        Payload::Binary(body)
-    };
+    let payload = Payload::json(body.clone()).unwrap_or(Payload::Binary(body));
     (
         Publication {
             channel,
@@ -99,17 +93,6 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
         },
         Origin::Raw,
     )
-}
-
-/// Leading and trailing whitespace around a JSON text is not part of the value; drop it
-/// so the delivery frame stays compact.
-fn trim_json(b: Bytes) -> Bytes {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(0);
-    let end = b
-        .iter()
-        .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    b.slice(start..end)
 }
 
 #[cfg(test)]

@@ -14,6 +14,26 @@ pub enum Payload {
 }
 
 impl Payload {
+    /// `text` as a JSON payload if it is one JSON value in UTF-8, with the whitespace
+    /// around it trimmed (it is not part of the value, and the delivery frame stays
+    /// compact); `None` otherwise. The value itself is kept byte for byte.
+    pub fn json(text: Bytes) -> Option<Payload> {
+        if std::str::from_utf8(&text).is_err()
+            || serde_json::from_slice::<serde::de::IgnoredAny>(&text).is_err()
+        {
+            return None;
+        }
+        let start = text
+            .iter()
+            .position(|c| !c.is_ascii_whitespace())
+            .unwrap_or(0);
+        let end = text
+            .iter()
+            .rposition(|c| !c.is_ascii_whitespace())
+            .map_or(start, |e| e + 1);
+        Some(Payload::Json(text.slice(start..end)))
+    }
+
     /// The payload's length in bytes.
     pub fn len(&self) -> usize {
         match self {

@@ -374,19 +374,7 @@ fn parse_raw(name: &str, content_type: Option<&str>, body: Bytes) -> Result<Publ
     let channel = channel(name)?;
     let payload = match content_type {
         Some("application/json") => {
-            if serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err() {
-                return Err(bad_request("body is not valid JSON"));
-            }
-            // Trim surrounding whitespace so the delivery frame stays compact.
-            let start = body
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(0);
-            let end = body
-                .iter()
-                .rposition(|b| !b.is_ascii_whitespace())
-                .map_or(0, |e| e + 1);
-            Payload::Json(body.slice(start..end))
+            Payload::json(body).ok_or_else(|| bad_request("body is not valid JSON"))?
         }
         Some("application/octet-stream") => Payload::Binary(body),
         _ => {

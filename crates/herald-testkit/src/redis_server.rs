@@ -5,21 +5,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const INSTALL: &str = "install it with `apt-get install redis-server` \
-    (the README's test command, `bash .ci/run`, does this when it is missing)";
-
-fn find(bin: &str) -> PathBuf {
+/// The path of a system program the tests start for real (`redis-server`, `haproxy`,
+/// `prometheus`, ...). A missing one fails the test with the command that installs it;
+/// it never skips.
+pub fn system_tool(bin: &str, package: &str) -> PathBuf {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
-        .chain([
-            "/usr/bin".into(),
-            "/usr/local/bin".into(),
-            "/usr/sbin".into(),
-        ])
+        .chain(["/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin"].map(PathBuf::from))
         .map(|d| d.join(bin))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{bin}` not found: {INSTALL}"))
+        .unwrap_or_else(|| {
+            panic!(
+                "`{bin}` not found: install it with `apt-get install {package}` \
+                 (the README's test command, `bash .ci/run`, does this when it is missing)"
+            )
+        })
 }
 
 /// A port that was free a moment ago.
@@ -60,7 +61,7 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(find("redis-server"))
+        let child = Command::new(system_tool("redis-server", "redis-server"))
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.to_string_lossy()])
@@ -68,7 +69,7 @@ impl RedisServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}; {INSTALL}"));
+            .unwrap_or_else(|e| panic!("cannot start redis-server: {e}"));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cli(&["PING"]).trim() != "PONG" {
@@ -119,12 +120,12 @@ impl Drop for RedisServer {
 }
 
 fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new(find("redis-cli"))
+    let out = Command::new(system_tool("redis-cli", "redis-tools"))
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}; {INSTALL}"));
+        .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
