@@ -48,6 +48,8 @@ pub enum BrokerError {
 pub trait Broker: Send + Sync + 'static {
     /// Hands `batch` to the broker, in order. Resolves `Ok` only once the broker has
     /// accepted every publication in it; on `Err` none or only a prefix was accepted.
+    /// A broker that is down answers [`BrokerError::Unavailable`] at once rather than
+    /// waiting for a connection.
     fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// This node now serves `channel`: deliver its publications to the inbound queue.

@@ -266,7 +266,7 @@ impl Metrics {
     /// The server sent a close frame with `code`.
     pub fn close_code(&self, code: u16) {
         self.close_codes
-            .with_label_values(&[itoa(code).as_str()])
+            .with_label_values(&[code.to_string().as_str()])
             .inc();
     }
 
@@ -302,10 +302,6 @@ impl Metrics {
     pub fn unregistered() -> Self {
         Metrics::new(&Registry::new()).expect("a fresh registry has no name clashes")
     }
-}
-
-fn itoa(n: u16) -> String {
-    n.to_string()
 }
 
 #[cfg(test)]
