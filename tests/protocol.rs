@@ -51,7 +51,10 @@ async fn readme_flow_subscribe_then_http_publish() {
 
 #[tokio::test]
 async fn every_op_gets_its_reply() {
-    let node = Node::start_with(|c| c.channels.client_publish = vec!["chat:*".into()]).await;
+    let node = Node::start_with(|c| {
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["chat:*"]).unwrap()
+    })
+    .await;
     let mut c = node.client().await;
     c.send_text(r#"{"op":"ping","id":5}"#).await;
     assert_eq!(c.recv_json().await, json!({"op":"pong","id":5}));
@@ -104,7 +107,10 @@ async fn client_publish_is_forbidden_by_default() {
 
 #[tokio::test]
 async fn text_data_arrives_byte_for_byte() {
-    let node = Node::start_with(|c| c.channels.client_publish = vec!["*".into()]).await;
+    let node = Node::start_with(|c| {
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["*"]).unwrap()
+    })
+    .await;
     let mut sub = node.client().await;
     sub.subscribe("exact").await;
     let data = r#"{ "z" :1,"a":[ 1.50, -0, 1e3, "\u00e9é\"\\/"] ,"n":null }"#;
@@ -151,7 +157,10 @@ async fn text_data_arrives_byte_for_byte() {
 
 #[tokio::test]
 async fn binary_round_trip_is_byte_exact() {
-    let node = Node::start_with(|c| c.channels.client_publish = vec!["bin".into()]).await;
+    let node = Node::start_with(|c| {
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["bin"]).unwrap()
+    })
+    .await;
     let mut sub = node.client().await;
     sub.subscribe("bin").await;
     let payload: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();

@@ -19,7 +19,9 @@ fn numsub(redis: &RedisServer, channel: &str) -> u64 {
 #[tokio::test]
 async fn three_nodes_share_one_redis() {
     let redis = RedisServer::start();
-    let allow = |c: &mut herald_server::GatewayConfig| c.channels.client_publish = vec!["*".into()];
+    let allow = |c: &mut herald_server::GatewayConfig| {
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["*"]).unwrap()
+    };
     let a = Node::start_redis(&redis.url(), allow).await;
     let b = Node::start_redis(&redis.url(), allow).await;
     let c = Node::start_redis(&redis.url(), allow).await;
@@ -145,7 +147,7 @@ async fn prefix_isolates_deployments() {
 async fn redis_outage_keeps_clients_and_resumes_within_a_second() {
     let mut redis = RedisServer::start();
     let node = Node::start_redis(&redis.url(), |c| {
-        c.channels.client_publish = vec!["*".into()];
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["*"]).unwrap();
         c.limits.subscribe_timeout = Duration::from_millis(300);
     })
     .await;

@@ -92,10 +92,30 @@ impl fmt::Debug for ChannelName {
 /// A pattern is either an exact channel name, or a prefix followed by a single trailing
 /// `*` that matches any rest (`chat:*` matches `chat:lobby`; a lone `*` matches every
 /// channel). An empty set matches nothing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// In configuration it is a list of strings, checked when it is read, so code that
+/// holds a `ChannelPatterns` never parses it again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
 pub struct ChannelPatterns {
     exact: Vec<String>,
     prefixes: Vec<String>,
+    /// The patterns as written, for printing the configuration back.
+    written: Vec<String>,
+}
+
+impl TryFrom<Vec<String>> for ChannelPatterns {
+    type Error = InvalidPattern;
+
+    fn try_from(v: Vec<String>) -> Result<Self, InvalidPattern> {
+        ChannelPatterns::new(v)
+    }
+}
+
+impl From<ChannelPatterns> for Vec<String> {
+    fn from(p: ChannelPatterns) -> Vec<String> {
+        p.written
+    }
 }
 
 /// A pattern that is neither a channel name nor a channel-name prefix followed by `*`.
@@ -128,6 +148,7 @@ impl ChannelPatterns {
                 validate(p.as_bytes()).map_err(|_| bad())?;
                 set.exact.push(p.to_owned());
             }
+            set.written.push(p.to_owned());
         }
         Ok(set)
     }
@@ -176,5 +197,13 @@ mod tests {
         assert!(!ChannelPatterns::default().matches("news"));
         assert!(ChannelPatterns::new(["a*b"]).is_err());
         assert!(ChannelPatterns::new(["bad space"]).is_err());
+    }
+
+    #[test]
+    fn patterns_read_and_print_as_lists() {
+        let p: ChannelPatterns = serde_json::from_str(r#"["news","chat:*"]"#).unwrap();
+        assert!(p.matches("chat:x"));
+        assert_eq!(serde_json::to_string(&p).unwrap(), r#"["news","chat:*"]"#);
+        assert!(serde_json::from_str::<ChannelPatterns>(r#"["a b"]"#).is_err());
     }
 }

@@ -169,6 +169,17 @@ pub fn parse_binary(frame: &Bytes) -> Result<(ChannelName, Bytes), RequestError>
     Ok((channel, frame.slice(end..)))
 }
 
+/// `{"op":"subscribe","channel":C,"id":N}`, as a client sends it (for Rust clients: the
+/// bench tool, tests).
+pub fn encode_subscribe(channel: &ChannelName, id: Option<u64>) -> String {
+    let mut s = format!(r#"{{"op":"subscribe","channel":"{channel}""#);
+    if let Some(id) = id {
+        s.push_str(&format!(r#","id":{id}"#));
+    }
+    s.push('}');
+    s
+}
+
 /// `part` is a sub-slice of `whole`'s memory; share it instead of copying.
 fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
     // serde_json borrows `RawValue`s from the input when it needs no unescaping, which
@@ -233,6 +244,19 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let e = parse(r#"[1,2]"#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn encoded_subscribe_parses_back() {
+        let news = ChannelName::new("news").unwrap();
+        let frame = Bytes::from(encode_subscribe(&news, Some(7)));
+        assert_eq!(
+            parse_text(&frame).unwrap(),
+            Request::Subscribe {
+                channel: news,
+                id: Some(7)
+            }
+        );
     }
 
     #[test]

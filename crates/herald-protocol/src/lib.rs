@@ -11,6 +11,7 @@
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
 //! - [`close`]: WebSocket close codes Herald uses and when.
 //! - [`envelope`]: how a publication travels through a broker between nodes.
+//! - [`api`]: the HTTP API's request and reply bodies.
 //!
 //! # Design
 //! A delivery is encoded once per node ([`server::encode_delivery`]) and the bytes are
@@ -19,6 +20,7 @@
 //! publisher's bytes exactly.
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod channel;
 pub mod client;
 pub mod close;

@@ -9,11 +9,15 @@ use std::time::Duration;
 use herald_protocol::ChannelPatterns;
 use serde::{Deserialize, Serialize};
 
-/// Everything [`crate::run`] needs besides sockets, broker and metrics.
+/// Everything [`crate::Gateway`] needs besides sockets, broker and metrics.
+///
+/// Its sections deny unknown keys; the top level does not, because the binary flattens
+/// it into its own settings (and reports unknown top-level keys itself).
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct GatewayConfig {
-    /// This node's id, announced in welcome frames and logs. Empty: the binary picks one.
+    /// This node's id, announced in welcome frames and logs. Empty: one is picked from
+    /// the host name and a random suffix ([`GatewayConfig::node_id`]).
     pub node_id: String,
     /// Who may call what.
     pub auth: AuthConfig,
@@ -46,7 +50,7 @@ pub struct AuthConfig {
 pub struct ChannelsConfig {
     /// Channel patterns WebSocket clients may publish to (`news`, `chat:*`, `*`).
     /// Empty (the default): clients may only subscribe; backends publish over HTTP.
-    pub client_publish: Vec<String>,
+    pub client_publish: ChannelPatterns,
 }
 
 /// Per-node and per-connection limits.
@@ -191,6 +195,24 @@ pub struct InvalidConfig {
 }
 
 impl GatewayConfig {
+    /// The node id: `node_id` when set, otherwise the host name with a random suffix
+    /// (so that nodes started from one image still differ).
+    pub fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "herald".to_owned());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("{host}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
+    }
+
     /// Checks every value; the binary calls this before binding anything.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         let bad = |key, problem: &str| {
@@ -199,9 +221,6 @@ impl GatewayConfig {
                 problem: problem.to_owned(),
             })
         };
-        if let Err(e) = ChannelPatterns::new(&self.channels.client_publish) {
-            return bad("channels.client_publish", &e.to_string());
-        }
         if self.auth.api_key.as_deref() == Some("") {
             return bad(
                 "auth.api_key",

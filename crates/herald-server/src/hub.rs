@@ -3,8 +3,8 @@
 //! The channel map is sharded by channel hash so subscribe/unsubscribe churn on one
 //! channel does not contend with fan-out on another. Fan-out encodes a publication once
 //! ([`herald_protocol::server::encode_delivery`]) and pushes a cheap clone of the same
-//! bytes into each subscriber's [`Outbox`]; it never awaits, so one slow subscriber can
-//! only ever hurt itself.
+//! bytes into each subscriber's [`SessionHandle`]; it never awaits, so one slow
+//! subscriber can only ever hurt itself.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -18,7 +18,7 @@ use indexmap::IndexMap;
 use parking_lot::RwLock;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::outbox::{Item, Outbox, Pushed};
+use crate::handle::{Item, SessionHandle};
 
 /// A node-local session id.
 pub(crate) type ConnId = u64;
@@ -26,7 +26,7 @@ pub(crate) type ConnId = u64;
 const SHARDS: usize = 32;
 
 struct Channel {
-    subscribers: IndexMap<ConnId, Arc<Outbox>>,
+    subscribers: IndexMap<ConnId, Arc<SessionHandle>>,
     /// Whether the broker delivers this channel yet.
     ready: Ready,
 }
@@ -62,7 +62,7 @@ impl Hub {
         &self,
         channel: &ChannelName,
         conn: ConnId,
-        outbox: &Arc<Outbox>,
+        handle: &Arc<SessionHandle>,
     ) -> Ready {
         let mut shard = self.shard(channel.as_str()).write();
         let entry = shard.entry(channel.clone()).or_insert_with(|| {
@@ -74,7 +74,7 @@ impl Hub {
                 ready: self.broker.subscribe(channel),
             }
         });
-        if entry.subscribers.insert(conn, outbox.clone()).is_none() {
+        if entry.subscribers.insert(conn, handle.clone()).is_none() {
             self.metrics.subscriptions.inc();
         }
         entry.ready.clone()
@@ -123,21 +123,13 @@ impl Hub {
                 (Message::Binary(b), len)
             }
         };
-        let mut queued = 0usize;
-        for outbox in entry.subscribers.values() {
-            let item = Item {
-                msg: msg.clone(),
-                len,
-                published_at_us: p.published_at_us,
-                delivery: true,
-            };
-            if outbox.push(item) == Pushed::Queued {
-                queued += 1;
-            }
-        }
-        // One update per message rather than per subscriber: the gauge is shared by
-        // every core.
-        self.metrics.outbound_queue_bytes.add((queued * len) as i64);
+        let item = Item {
+            msg,
+            len,
+            published_at_us: p.published_at_us,
+            delivery: true,
+        };
+        SessionHandle::push_to_all(entry.subscribers.values(), &item, &self.metrics);
     }
 
     /// Feeds publications from the broker into fan-out until every sender is gone.
@@ -168,13 +160,9 @@ mod tests {
     fn fan_out_shares_one_encoding() {
         let hub = hub();
         let news = ChannelName::new("news").unwrap();
-        let env = Arc::new(crate::outbox::WriterEnv {
-            metrics: Metrics::unregistered(),
-            close_timeout: std::time::Duration::from_secs(1),
-            linger: std::time::Duration::from_secs(1),
-        });
-        let a = Arc::new(Outbox::new(1 << 20, 0, env.clone()));
-        let b = Arc::new(Outbox::new(1 << 20, 0, env.clone()));
+        let env = crate::handle::tests::env(1 << 20);
+        let a = Arc::new(SessionHandle::new(0, env.clone()));
+        let b = Arc::new(SessionHandle::new(0, env.clone()));
         assert!(hub.subscribe(&news, 1, &a).is_ready());
         hub.subscribe(&news, 1, &a);
         hub.subscribe(&news, 2, &b);

@@ -9,15 +9,14 @@
 #![allow(unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use herald_broker::{inbound, Broker, InboundReceiver, MemoryBroker};
+use herald::Settings;
 use herald_metrics::{prometheus::Registry, Metrics};
-use herald_redis::{RedisBroker, RedisConfig};
-use herald_server::{Gateway, GatewayConfig, Listeners, ServerError};
+use herald_redis::RedisConfig;
+use herald_server::{GatewayConfig, Listeners, ServerError};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -103,37 +102,34 @@ impl Node {
         redis: RedisConfig,
         adjust: impl FnOnce(&mut GatewayConfig),
     ) -> Node {
-        let mut config = test_config();
-        adjust(&mut config);
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
-        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
-        let broker = RedisBroker::start(redis, tx, metrics.clone()).expect("redis settings");
-        assert!(
-            broker.wait_up(Duration::from_secs(10)).await,
-            "the node could not connect to Redis"
-        );
-        Node::serve(config, Arc::new(broker), rx, metrics, registry, false).await
+        let mut settings = Settings {
+            redis,
+            gateway: test_config(),
+            ..Settings::default()
+        };
+        adjust(&mut settings.gateway);
+        Node::serve(settings, false).await
     }
 
     async fn launch(adjust: impl FnOnce(&mut GatewayConfig), split: bool) -> Node {
-        let mut config = test_config();
-        adjust(&mut config);
-        let registry = Registry::new();
-        let metrics = Metrics::new(&registry).unwrap();
-        let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
-        let broker = Arc::new(MemoryBroker::new(tx));
-        Node::serve(config, broker, rx, metrics, registry, split).await
+        let mut settings = Settings {
+            gateway: test_config(),
+            ..Settings::default()
+        };
+        adjust(&mut settings.gateway);
+        Node::serve(settings, split).await
     }
 
-    async fn serve(
-        config: GatewayConfig,
-        broker: Arc<dyn Broker>,
-        rx: InboundReceiver,
-        metrics: Metrics,
-        registry: Registry,
-        split: bool,
-    ) -> Node {
+    /// Starts the gateway `settings` describe, through the same wiring as the binary
+    /// (`herald::gateway`), on loopback listeners.
+    async fn serve(settings: Settings, split: bool) -> Node {
+        let registry = Registry::new();
+        let gateway = herald::gateway(&settings, registry.clone()).expect("gateway settings");
+        assert!(
+            gateway.wait_broker_up(Duration::from_secs(10)).await,
+            "the node could not connect to its broker"
+        );
+        let metrics = gateway.metrics().clone();
         let public = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let internal = if split {
             Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
@@ -142,8 +138,6 @@ impl Node {
         };
         let addr = public.local_addr().unwrap();
         let api = internal.as_ref().map_or(addr, |l| l.local_addr().unwrap());
-        let gateway =
-            Gateway::new(config, broker, rx, metrics.clone(), registry.clone()).expect("config");
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(gateway.run(Listeners { public, internal }, async move {
             let _ = stopped.await;

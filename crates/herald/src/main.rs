@@ -4,19 +4,13 @@
 //! Everything with behaviour lives in the library crates; this file only wires them.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use herald_broker::{inbound, Broker, MemoryBroker};
-use herald_metrics::{prometheus::Registry, Metrics};
-use herald_redis::RedisBroker;
-use herald_server::{Gateway, Listeners};
+use herald::{Cli, Settings};
+use herald_metrics::prometheus::Registry;
+use herald_server::Listeners;
 use tokio::net::TcpListener;
-
-mod settings;
-
-use settings::{Cli, Settings};
 
 /// jemalloc instead of the system allocator: a gateway makes many small, long-lived
 /// per-connection allocations and frees them in waves (churn, deploys); jemalloc keeps
@@ -31,7 +25,7 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut settings = match Settings::load(&cli, std::env::vars().collect()) {
+    let settings = match Settings::load(&cli, std::env::vars().collect()) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("herald: invalid configuration: {e}");
@@ -39,7 +33,7 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        match toml_string(&settings) {
+        match settings.to_toml() {
             Ok(s) => {
                 println!("{s}");
                 return ExitCode::SUCCESS;
@@ -49,9 +43,6 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_CONFIG);
             }
         }
-    }
-    if settings.node_id.is_empty() {
-        settings.node_id = default_node_id();
     }
     init_logging(&settings);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -81,22 +72,12 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(nofile = n, "raised the open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let registry = Registry::new();
-    let metrics = Metrics::new(&registry).context("registering metrics")?;
-    let gateway_config = settings.gateway();
-    let (tx, rx) = inbound(gateway_config.limits.inbound_queue, metrics.clone());
-    let broker: Arc<dyn Broker> = if settings.redis.url.is_empty() {
-        Arc::new(MemoryBroker::new(tx))
-    } else {
-        let redis = RedisBroker::start(settings.redis.clone(), tx, metrics.clone())?;
-        // Start serving either way (readiness reports the broker), but give Redis a
-        // moment so that a healthy start does not flap through "not ready".
-        if !redis.wait_up(settings.redis.timeout).await {
-            tracing::warn!("Redis is not reachable yet; retrying in the background");
-        }
-        Arc::new(redis)
-    };
-    let broker_kind = broker.kind();
+    let gateway = herald::gateway(&settings, Registry::new())?;
+    // Start serving either way (readiness reports the broker), but give Redis a moment
+    // so that a healthy start does not flap through "not ready".
+    if !gateway.wait_broker_up(settings.redis.timeout).await {
+        tracing::warn!("the broker is not reachable yet; retrying in the background");
+    }
 
     let public = TcpListener::bind(settings.listen)
         .await
@@ -111,10 +92,9 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let public_addr = public.local_addr()?;
     let internal_addr = internal.as_ref().map(|l| l.local_addr()).transpose()?;
-    let gateway = Gateway::new(gateway_config, broker, rx, metrics, registry)?;
     tracing::info!(
-        node = %settings.node_id,
-        broker = broker_kind,
+        node = gateway.node_id(),
+        broker = gateway.broker_kind(),
         public = %public_addr,
         internal = %internal_addr.map_or("(same)".to_owned(), |a| a.to_string()),
         "herald listening: ws://{public_addr}/ws"
@@ -155,21 +135,4 @@ fn init_logging(settings: &Settings) {
     } else {
         builder.init();
     }
-}
-
-fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "herald".to_owned());
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{host}-{:04x}", (nanos ^ std::process::id()) & 0xffff)
-}
-
-fn toml_string(settings: &Settings) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(settings)?)
 }

@@ -7,75 +7,64 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use herald_redis::RedisConfig;
-use herald_server::config::{
-    AuthConfig, ChannelsConfig, HeartbeatConfig, LimitsConfig, ShutdownConfig, WebSocketConfig,
-};
 use herald_server::GatewayConfig;
 use serde::{Deserialize, Serialize};
 
 /// Herald: a horizontally scalable WebSocket pub/sub gateway.
 #[derive(Debug, Parser, Default)]
 #[command(version, about)]
-pub(crate) struct Cli {
+pub struct Cli {
     /// Configuration file (TOML); see herald.toml in the repository for every key.
     #[arg(long, value_name = "FILE")]
-    pub(crate) config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Address for WebSocket clients (and, unless --internal-listen is set, the API).
     #[arg(long, value_name = "ADDR")]
-    pub(crate) listen: Option<String>,
+    pub listen: Option<String>,
     /// Separate address for /api/* and /metrics.
     #[arg(long, value_name = "ADDR")]
-    pub(crate) internal_listen: Option<String>,
+    pub internal_listen: Option<String>,
     /// Redis URL (redis://HOST:PORT); switches from the embedded broker to Redis.
     #[arg(long, value_name = "URL")]
-    pub(crate) redis: Option<String>,
+    pub redis: Option<String>,
     /// This node's id (default: host name and a random suffix).
     #[arg(long, value_name = "ID")]
-    pub(crate) node_id: Option<String>,
+    pub node_id: Option<String>,
     /// Log format: text or json.
     #[arg(long, value_name = "FORMAT")]
-    pub(crate) log_format: Option<String>,
-    /// Check the configuration, print the effective settings as JSON and exit.
+    pub log_format: Option<String>,
+    /// Check the configuration, print the effective settings as TOML and exit.
     #[arg(long)]
-    pub(crate) check_config: bool,
+    pub check_config: bool,
 }
 
-/// The whole configuration of a `herald` process.
+/// The whole configuration of a `herald` process: where it listens, how it logs, its
+/// broker, and the gateway's own settings, whose keys sit at the top level of the file
+/// (`node_id`, `[limits]`, `[auth]`, ...).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default, deny_unknown_fields)]
-pub(crate) struct Settings {
+#[serde(default)]
+pub struct Settings {
     /// Address for WebSocket clients.
-    pub(crate) listen: SocketAddr,
+    pub listen: SocketAddr,
     /// Optional separate address for the API and metrics.
-    pub(crate) internal_listen: Option<SocketAddr>,
-    /// Node id; empty picks one.
-    pub(crate) node_id: String,
-    pub(crate) log: LogConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub internal_listen: Option<SocketAddr>,
+    /// Logging.
+    pub log: LogConfig,
     /// The broker: Redis when `redis.url` is set, else the embedded one.
-    pub(crate) redis: RedisConfig,
-    pub(crate) auth: AuthConfig,
-    pub(crate) channels: ChannelsConfig,
-    pub(crate) limits: LimitsConfig,
-    pub(crate) heartbeat: HeartbeatConfig,
-    pub(crate) websocket: WebSocketConfig,
-    pub(crate) shutdown: ShutdownConfig,
+    pub redis: RedisConfig,
+    /// Everything the gateway itself reads.
+    #[serde(flatten)]
+    pub gateway: GatewayConfig,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        let g = GatewayConfig::default();
         Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             internal_listen: None,
-            node_id: String::new(),
             log: LogConfig::default(),
             redis: RedisConfig::default(),
-            auth: g.auth,
-            channels: g.channels,
-            limits: g.limits,
-            heartbeat: g.heartbeat,
-            websocket: g.websocket,
-            shutdown: g.shutdown,
+            gateway: GatewayConfig::default(),
         }
     }
 }
@@ -83,11 +72,11 @@ impl Default for Settings {
 /// Logging.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
-pub(crate) struct LogConfig {
+pub struct LogConfig {
     /// `text` (human-readable) or `json`.
-    pub(crate) format: String,
+    pub format: String,
     /// A tracing filter, e.g. `info` or `herald_server=debug,info`; `RUST_LOG` wins.
-    pub(crate) level: String,
+    pub level: String,
 }
 
 impl Default for LogConfig {
@@ -99,10 +88,23 @@ impl Default for LogConfig {
     }
 }
 
+/// Every key the top level of the settings may hold.
+fn top_level_keys() -> std::collections::HashSet<String> {
+    let with_all = Settings {
+        internal_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        ..Settings::default()
+    };
+    match serde_json::to_value(with_all) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().map(|(k, _)| k).collect(),
+        _ => Default::default(),
+    }
+}
+
 impl Settings {
     /// Builds the settings from `cli` and an environment given as a map (the process
-    /// environment in `main`, a literal map in tests).
-    pub(crate) fn load(cli: &Cli, env: HashMap<String, String>) -> Result<Self, String> {
+    /// environment in `main`, a literal map in tests). Unknown keys are errors, so a
+    /// typo never silently leaves a default in place.
+    pub fn load(cli: &Cli, env: HashMap<String, String>) -> Result<Self, String> {
         let defaults = config::Config::try_from(&Settings::default()).map_err(|e| e.to_string())?;
         let mut b = config::Config::builder().add_source(defaults);
         if let Some(path) = &cli.config {
@@ -130,31 +132,32 @@ impl Settings {
                 b = b.set_override(key, v).map_err(|e| e.to_string())?;
             }
         }
-        let settings: Settings = b
-            .build()
-            .and_then(|c| c.try_deserialize())
+        let merged = b.build().map_err(|e| e.to_string())?;
+        // The gateway's keys are flattened into the top level, where serde cannot deny
+        // unknown fields (every section below does): check the top level here.
+        let top: HashMap<String, config::Value> = merged
+            .clone()
+            .try_deserialize()
             .map_err(|e| e.to_string())?;
+        let known = top_level_keys();
+        if let Some(key) = top.keys().find(|k| !known.contains(k.as_str())) {
+            return Err(format!("{key}: unknown key (herald.toml lists every key)"));
+        }
+        let settings: Settings = merged.try_deserialize().map_err(|e| e.to_string())?;
         if !matches!(settings.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format: expected \"text\" or \"json\", got {:?}",
                 settings.log.format
             ));
         }
-        settings.gateway().validate().map_err(|e| e.to_string())?;
+        settings.gateway.validate().map_err(|e| e.to_string())?;
         settings.redis.validate().map_err(|e| e.to_string())?;
         Ok(settings)
     }
 
-    pub(crate) fn gateway(&self) -> GatewayConfig {
-        GatewayConfig {
-            node_id: self.node_id.clone(),
-            auth: self.auth.clone(),
-            channels: self.channels.clone(),
-            limits: self.limits.clone(),
-            heartbeat: self.heartbeat.clone(),
-            websocket: self.websocket.clone(),
-            shutdown: self.shutdown.clone(),
-        }
+    /// The settings as TOML, as `--check-config` prints them.
+    pub fn to_toml(&self) -> Result<String, String> {
+        toml::to_string(self).map_err(|e| e.to_string())
     }
 }
 
@@ -174,8 +177,8 @@ mod tests {
     fn defaults() {
         let s = Settings::load(&Cli::default(), HashMap::new()).unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(s.limits.max_connections, 10_000);
-        assert_eq!(s.heartbeat.interval, Duration::from_secs(25));
+        assert_eq!(s.gateway.limits.max_connections, 10_000);
+        assert_eq!(s.gateway.heartbeat.interval, Duration::from_secs(25));
     }
 
     #[test]
@@ -203,11 +206,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.listen.port(), 9000);
-        assert_eq!(s.limits.max_connections, 6, "env beats file");
-        assert_eq!(s.limits.max_subscriptions, 7, "file beats defaults");
-        assert_eq!(s.node_id, "from-flag", "flags beat env");
-        assert_eq!(s.heartbeat.interval, Duration::from_secs(3));
-        assert_eq!(s.channels.client_publish, vec!["chat:*", "news"]);
+        assert_eq!(s.gateway.limits.max_connections, 6, "env beats file");
+        assert_eq!(s.gateway.limits.max_subscriptions, 7, "file beats defaults");
+        assert_eq!(s.gateway.node_id, "from-flag", "flags beat env");
+        assert_eq!(s.gateway.heartbeat.interval, Duration::from_secs(3));
+        assert!(s.gateway.channels.client_publish.matches("chat:x"));
+        assert!(s.gateway.channels.client_publish.matches("news"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_at_every_level() {
+        for (k, v) in [
+            ("HERALD_LIMTIS__MAX_CONNECTIONS", "5"),
+            ("HERALD_NODEID", "x"),
+        ] {
+            let e = Settings::load(&Cli::default(), env(&[(k, v)])).unwrap_err();
+            assert!(e.contains("unknown"), "{k}: {e}");
+        }
+        let e = Settings::load(
+            &Cli::default(),
+            env(&[("HERALD_LIMITS__MAX_CONECTIONS", "5")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("max_conections"), "{e}");
+    }
+
+    #[test]
+    fn check_config_output_is_toml_that_loads_back() {
+        let s = Settings::load(
+            &Cli::default(),
+            env(&[
+                ("HERALD_CHANNELS__CLIENT_PUBLISH", "chat:*"),
+                ("HERALD_NODE_ID", "n1"),
+            ]),
+        )
+        .unwrap();
+        let text = s.to_toml().unwrap();
+        assert!(text.contains("[limits]"), "{text}");
+        let dir = std::env::temp_dir().join(format!("herald-toml-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("printed.toml");
+        std::fs::write(&file, &text).unwrap();
+        let cli = Cli {
+            config: Some(file),
+            ..Cli::default()
+        };
+        let back = Settings::load(&cli, HashMap::new()).unwrap();
+        assert_eq!(back.to_toml().unwrap(), text);
+        assert_eq!(back.gateway.node_id, "n1");
     }
 
     #[test]

@@ -1,0 +1,108 @@
+//! [`RedisConfig`]: the `[redis]` settings, and [`RedisBrokerError`].
+
+use std::time::Duration;
+
+use redis::{IntoConnectionInfo, ProtocolVersion};
+use serde::{Deserialize, Serialize};
+
+/// Redis settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:pass@]host:port[/db]`; with `cluster`, a comma-separated list of
+    /// seed nodes. Empty: no Redis (the node runs on the embedded broker).
+    pub url: String,
+    /// Use Redis Cluster with sharded pub/sub (Redis 7+).
+    pub cluster: bool,
+    /// Prepended to every Redis channel Herald uses, so deployments can share a Redis.
+    pub prefix: String,
+    /// How often the connection is probed with `PING`.
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
+    /// A probe, connect or (un)subscribe slower than this marks the connection dead.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest pause between reconnection attempts.
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_delay: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: String::new(),
+            cluster: false,
+            prefix: "herald:".into(),
+            probe_interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            max_reconnect_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Why the Redis broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisBrokerError {
+    /// The URL does not parse.
+    #[error("invalid Redis URL {url:?}: {source}")]
+    Url {
+        /// The offending URL.
+        url: String,
+        /// What the redis crate said.
+        source: redis::RedisError,
+    },
+    /// The prefix holds characters outside the channel-name set.
+    #[error("redis.prefix {0:?} may only hold A-Z a-z 0-9 _ - . : @ /")]
+    Prefix(String),
+}
+
+impl RedisConfig {
+    /// Checks the settings without connecting (an empty URL is valid: Redis unused).
+    pub fn validate(&self) -> Result<(), RedisBrokerError> {
+        if !self.url.is_empty() {
+            self.connection_infos()?;
+        }
+        if !self
+            .prefix
+            .bytes()
+            .all(herald_protocol::channel::is_channel_byte)
+        {
+            return Err(RedisBrokerError::Prefix(self.prefix.clone()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn connection_infos(&self) -> Result<Vec<redis::ConnectionInfo>, RedisBrokerError> {
+        self.url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                let info = u
+                    .into_connection_info()
+                    .map_err(|source| RedisBrokerError::Url {
+                        url: u.to_owned(),
+                        source,
+                    })?;
+                let settings = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                Ok(info.set_redis_settings(settings))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|v| {
+                if v.is_empty() {
+                    Err(RedisBrokerError::Url {
+                        url: self.url.clone(),
+                        source: redis::RedisError::from((
+                            redis::ErrorKind::InvalidClientConfig,
+                            "no URL given",
+                        )),
+                    })
+                } else {
+                    Ok(v)
+                }
+            })
+    }
+}

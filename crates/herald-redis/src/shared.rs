@@ -1,0 +1,47 @@
+//! What the broker facade and its supervisor share.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use herald_broker::{Inbound, Ready, ReadySetter};
+use herald_metrics::Metrics;
+use herald_protocol::ChannelName;
+use parking_lot::{Mutex, RwLock};
+use redis::aio::MultiplexedConnection;
+use redis::cluster_async::ClusterConnection;
+use tokio::sync::Notify;
+
+use crate::config::RedisConfig;
+
+/// A connection of either kind; both are cheap handles to a shared driver task.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+/// A channel the hub wants, and the readiness its subscribers wait on.
+pub(crate) struct Wanted {
+    pub(crate) setter: ReadySetter,
+    pub(crate) ready: Ready,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: RedisConfig,
+    pub(crate) infos: Vec<redis::ConnectionInfo>,
+    pub(crate) inbound: Inbound,
+    pub(crate) metrics: Metrics,
+    /// What the hub wants served.
+    pub(crate) desired: Mutex<HashMap<ChannelName, Wanted>>,
+    /// Wakes the supervisor when `desired` changed.
+    pub(crate) changed: Notify,
+    /// The live connection, if any.
+    pub(crate) conn: RwLock<Option<Conn>>,
+    pub(crate) up: AtomicBool,
+    /// Bumped per connection, so that a stale connection's disconnect push cannot
+    /// tear down its successor.
+    pub(crate) generation: Arc<AtomicU64>,
+    /// The current connection reported a disconnect.
+    pub(crate) lost: Arc<Notify>,
+}

@@ -1,0 +1,487 @@
+//! [`SessionHandle`]: what the rest of the node holds of a session.
+//!
+//! A session is two halves, a reader (`session`) and a writer (`writer`), and many
+//! parties that talk to it: the hub pushes deliveries, the sweeper pings it and reads its
+//! liveness clock, the drain closes it. They all meet here, in one handle that holds:
+//!
+//! - the **outbound queue**, bounded in bytes: a push either fits or marks the session a
+//!   slow consumer, discards what it had queued and asks the writer to close with 1013.
+//!   A push never waits, so one stalled reader can only ever hurt itself;
+//! - the **lifecycle signals** (`done`, `reader_done`) and the close request;
+//! - the **liveness clock** the heartbeat sweeper reads;
+//! - the **writer slot**: the socket's sending half is either owned by a running writer
+//!   task or parked here, so an idle session holds no writer task. A push to a parked
+//!   session starts a writer through [`SessionEnv::start_writer`], which the writer
+//!   module provides: the handle knows how to ask for a writer, not how one works.
+//!
+//! The handle is the only code that changes `herald_outbound_queue_bytes`.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Sink;
+use herald_metrics::{DropReason, Metrics};
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// The sending half of a session's socket, owned by its writer task while one runs and
+/// parked in the handle otherwise.
+pub(crate) type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
+
+/// Starts a writer task that owns `sink` and drains `handle`.
+pub(crate) type StartWriter = fn(sink: BoxSink, handle: Arc<SessionHandle>);
+
+/// What every session of a node shares.
+pub(crate) struct SessionEnv {
+    pub(crate) metrics: Metrics,
+    /// `limits.close_timeout`.
+    pub(crate) close_timeout: Duration,
+    /// How long a writer with nothing to write stays before parking its sink and ending.
+    pub(crate) linger: Duration,
+    /// `limits.outbound_queue_bytes`.
+    pub(crate) max_queued_bytes: usize,
+    /// How a push to a parked session gets a writer (the writer module's `start`).
+    pub(crate) start_writer: StartWriter,
+    /// Where writer tasks are spawned, so that shutdown can wait for them.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
+}
+
+/// Where the socket's sending half is.
+enum WriterSlot {
+    /// No sink yet, or the session is over.
+    Detached,
+    /// A writer task owns the sink.
+    Running,
+    /// Nothing to write lately: the sink waits here and no task exists. An idle session
+    /// then costs no task at all; the next push starts a writer.
+    Parked(BoxSink),
+}
+
+/// One frame waiting to be written.
+pub(crate) struct Item {
+    pub(crate) msg: Message,
+    /// Bytes charged against the budget.
+    pub(crate) len: usize,
+    /// When the publication was accepted (µs since the epoch), for the lag metric; 0 for
+    /// replies and control frames.
+    pub(crate) published_at_us: u64,
+    /// Whether this is a message delivery (counted as delivered once written).
+    pub(crate) delivery: bool,
+}
+
+impl Item {
+    /// A reply or control frame (not a delivery) of `len` budgeted bytes.
+    pub(crate) fn control(msg: Message, len: usize) -> Self {
+        Item {
+            msg,
+            len,
+            published_at_us: 0,
+            delivery: false,
+        }
+    }
+
+    /// A text reply, charged its length.
+    pub(crate) fn reply(text: String) -> Self {
+        let len = text.len();
+        Item::control(Message::Text(text.into()), len)
+    }
+}
+
+/// How a session should end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Closing {
+    pub(crate) code: u16,
+    pub(crate) reason: &'static str,
+    /// Write what is queued before the close frame (drain) or discard it (slow consumer).
+    pub(crate) flush_queue: bool,
+}
+
+/// Outcome of [`SessionHandle::push`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pushed {
+    Queued,
+    /// Over budget: the session is now closing as a slow consumer; what it had queued
+    /// is discarded and counted as dropped.
+    Overflow,
+    /// The session is already closing; the item was dropped.
+    Closed,
+}
+
+struct State {
+    queue: VecDeque<Item>,
+    bytes: usize,
+    closing: Option<Closing>,
+    writer: WriterSlot,
+}
+
+/// A one-shot flag that tasks can wait for (a lighter `CancellationToken`: sessions
+/// hold two each, so their size counts).
+#[derive(Default)]
+pub(crate) struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    pub(crate) fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub(crate) fn is_fired(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a fire in between is not missed.
+            notified.as_mut().enable();
+            if self.is_fired() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A session as the rest of the node sees it: its outbound queue, its lifecycle
+/// signals and its liveness clock.
+pub(crate) struct SessionHandle {
+    /// The session is over: whoever finishes first fires it, the other half stops.
+    pub(crate) done: Signal,
+    /// The reader has ended (the peer's close reply arrived, or the socket died).
+    pub(crate) reader_done: Signal,
+    /// When the peer was last heard from, in ms on the node's clock.
+    last_heard_ms: AtomicU64,
+    /// When the sweeper pinged the silent peer, in ms; 0 when not waiting for it.
+    pinged_ms: AtomicU64,
+    state: Mutex<State>,
+    /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
+    /// drain and its next wait is never missed.
+    wake: Notify,
+    pub(crate) env: Arc<SessionEnv>,
+}
+
+/// What the heartbeat sweeper should do with a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Liveness {
+    /// Heard from recently, or pinged and still within the timeout.
+    Alive,
+    /// Silent for the interval: ping it now.
+    Ping,
+    /// Pinged and silent for the timeout: close it.
+    Dead,
+}
+
+impl SessionHandle {
+    pub(crate) fn new(now_ms: u64, env: Arc<SessionEnv>) -> Self {
+        SessionHandle {
+            done: Signal::default(),
+            reader_done: Signal::default(),
+            last_heard_ms: AtomicU64::new(now_ms),
+            pinged_ms: AtomicU64::new(0),
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                closing: None,
+                writer: WriterSlot::Detached,
+            }),
+            wake: Notify::new(),
+            env,
+        }
+    }
+
+    /// The peer said something (any frame): it is alive.
+    pub(crate) fn heard(&self, now_ms: u64) {
+        self.last_heard_ms.store(now_ms, Ordering::Relaxed);
+        self.pinged_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The sweeper's verdict at `now_ms`; `Ping` also records that a ping is due now.
+    pub(crate) fn check_liveness(
+        &self,
+        now_ms: u64,
+        interval_ms: u64,
+        timeout_ms: u64,
+    ) -> Liveness {
+        let pinged = self.pinged_ms.load(Ordering::Relaxed);
+        if pinged != 0 {
+            if now_ms.saturating_sub(pinged) >= timeout_ms {
+                Liveness::Dead
+            } else {
+                Liveness::Alive
+            }
+        } else if now_ms.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed)) >= interval_ms {
+            self.pinged_ms.store(now_ms.max(1), Ordering::Relaxed);
+            Liveness::Ping
+        } else {
+            Liveness::Alive
+        }
+    }
+
+    /// Gives the handle the socket's sending half; a writer starts when there is
+    /// something to send.
+    pub(crate) fn attach(self: &Arc<Self>, sink: BoxSink) {
+        let mut s = self.state.lock();
+        let start = !s.queue.is_empty() || s.closing.is_some();
+        s.writer = WriterSlot::Parked(sink);
+        self.start_writer(s, start);
+    }
+
+    /// Takes the sink back (the session is over): a parked sink is returned so the
+    /// caller can drop it, closing the socket's sending half; a running writer ends on
+    /// `done`.
+    pub(crate) fn detach(&self) -> Option<BoxSink> {
+        let mut s = self.state.lock();
+        match std::mem::replace(&mut s.writer, WriterSlot::Detached) {
+            WriterSlot::Parked(sink) => Some(sink),
+            _ => None,
+        }
+    }
+
+    /// Called by a writer with nothing to do: parks the sink and lets the task end,
+    /// unless something arrived meanwhile (then the writer keeps the sink).
+    pub(crate) fn park(&self, sink: BoxSink) -> Result<(), BoxSink> {
+        let mut s = self.state.lock();
+        if !s.queue.is_empty() || s.closing.is_some() || !matches!(s.writer, WriterSlot::Running) {
+            return Err(sink);
+        }
+        s.writer = WriterSlot::Parked(sink);
+        Ok(())
+    }
+
+    /// With the state lock held: if `wanted` and the sink is parked, hand it to a new
+    /// writer (after releasing the lock); otherwise wake the running writer.
+    fn start_writer(self: &Arc<Self>, mut s: MutexGuard<'_, State>, wanted: bool) {
+        if !wanted {
+            return;
+        }
+        if matches!(s.writer, WriterSlot::Parked(_)) {
+            let WriterSlot::Parked(sink) = std::mem::replace(&mut s.writer, WriterSlot::Running)
+            else {
+                return;
+            };
+            drop(s);
+            (self.env.start_writer)(sink, self.clone());
+        } else {
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Queues a reply or control frame.
+    pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
+        let len = item.len;
+        let pushed = self.enqueue(item);
+        if pushed == Pushed::Queued {
+            self.env.metrics.outbound_queue_bytes.add(len as i64);
+        }
+        pushed
+    }
+
+    /// Queues `item` (one encoded delivery) to every handle in `to`, sharing its bytes.
+    /// Fan-out touches the node-wide queued-bytes gauge once per message instead of once
+    /// per subscriber: the gauge is shared by every core.
+    pub(crate) fn push_to_all<'a>(
+        to: impl Iterator<Item = &'a Arc<SessionHandle>>,
+        item: &Item,
+        metrics: &Metrics,
+    ) {
+        let mut queued = 0usize;
+        for handle in to {
+            let copy = Item {
+                msg: item.msg.clone(),
+                len: item.len,
+                published_at_us: item.published_at_us,
+                delivery: item.delivery,
+            };
+            if handle.enqueue(copy) == Pushed::Queued {
+                queued += 1;
+            }
+        }
+        metrics.outbound_queue_bytes.add((queued * item.len) as i64);
+    }
+
+    /// Queues `item` without touching the gauge for it (the caller adds what was queued).
+    fn enqueue(self: &Arc<Self>, item: Item) -> Pushed {
+        let mut s = self.state.lock();
+        if s.closing.is_some() {
+            return Pushed::Closed;
+        }
+        if s.bytes + item.len > self.env.max_queued_bytes {
+            let discarded = s.queue.iter().chain([&item]).filter(|i| i.delivery).count();
+            let m = &self.env.metrics;
+            m.slow_consumer_disconnects.inc();
+            m.dropped(DropReason::SlowConsumer, discarded as u64);
+            m.outbound_queue_bytes.sub(s.bytes as i64);
+            s.queue = VecDeque::new();
+            s.bytes = 0;
+            s.closing = Some(Closing {
+                code: herald_protocol::close::TRY_AGAIN_LATER,
+                reason: "slow consumer",
+                flush_queue: false,
+            });
+            self.start_writer(s, true);
+            return Pushed::Overflow;
+        }
+        let was_empty = s.queue.is_empty();
+        s.bytes += item.len;
+        s.queue.push_back(item);
+        self.start_writer(s, was_empty);
+        Pushed::Queued
+    }
+
+    /// Asks the writer to end the session with `code`. The first close wins.
+    pub(crate) fn close(self: &Arc<Self>, code: u16, reason: &'static str, flush_queue: bool) {
+        let mut s = self.state.lock();
+        if s.closing.is_none() {
+            s.closing = Some(Closing {
+                code,
+                reason,
+                flush_queue,
+            });
+        }
+        self.start_writer(s, true);
+    }
+
+    /// Moves everything queued into `out` and returns the closing request, if any
+    /// (then the queue is moved only if it should be written first).
+    pub(crate) fn drain(&self, out: &mut Vec<Item>) -> Option<Closing> {
+        let mut s = self.state.lock();
+        let closing = s.closing.clone();
+        if closing.as_ref().is_none_or(|c| c.flush_queue) {
+            out.extend(s.queue.drain(..));
+        } else {
+            s.queue.clear();
+        }
+        self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
+        s.bytes = 0;
+        if s.queue.is_empty() {
+            // Most sessions are idle most of the time: hold no ring between bursts.
+            s.queue = VecDeque::new();
+        }
+        closing
+    }
+
+    /// The session is over: whatever is still queued is gone with it.
+    pub(crate) fn discard(&self) {
+        let mut s = self.state.lock();
+        self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
+        s.bytes = 0;
+        s.queue = VecDeque::new();
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.state.lock().closing.is_some()
+    }
+
+    /// Closing without writing what is queued (slow consumer).
+    pub(crate) fn is_discarding(&self) -> bool {
+        self.state
+            .lock()
+            .closing
+            .as_ref()
+            .is_some_and(|c| !c.flush_queue)
+    }
+
+    /// Waits for a push or close to wake the writer.
+    pub(crate) async fn woken(&self) {
+        self.wake.notified().await
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// An environment whose writers are never started (the sink stays with the test).
+    pub(crate) fn env(max_queued_bytes: usize) -> Arc<SessionEnv> {
+        Arc::new(SessionEnv {
+            metrics: Metrics::unregistered(),
+            close_timeout: Duration::from_secs(1),
+            linger: Duration::from_secs(1),
+            max_queued_bytes,
+            start_writer: |_, _| {},
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    fn item(len: usize) -> Item {
+        Item {
+            msg: Message::Binary(vec![0; len].into()),
+            len,
+            published_at_us: 0,
+            delivery: true,
+        }
+    }
+
+    #[test]
+    fn overflow_discards_and_closes_with_1013() {
+        let o = Arc::new(SessionHandle::new(0, env(100)));
+        let m = o.env.metrics.clone();
+        assert_eq!(o.push(item(60)), Pushed::Queued);
+        assert_eq!(m.outbound_queue_bytes.get(), 60);
+        assert_eq!(o.push(item(60)), Pushed::Overflow);
+        assert_eq!(m.slow_consumer_disconnects.get(), 1);
+        assert_eq!(m.dropped_total(DropReason::SlowConsumer), 2);
+        assert_eq!(m.outbound_queue_bytes.get(), 0);
+        assert_eq!(o.push(item(1)), Pushed::Closed);
+        let mut out = Vec::new();
+        let closing = o.drain(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(closing.unwrap().code, 1013);
+    }
+
+    #[test]
+    fn an_overflowing_reply_is_not_a_dropped_delivery() {
+        let o = Arc::new(SessionHandle::new(0, env(100)));
+        o.push(item(60));
+        assert_eq!(
+            o.push(Item::control(Message::Ping(Default::default()), 60)),
+            Pushed::Overflow
+        );
+        assert_eq!(o.env.metrics.dropped_total(DropReason::SlowConsumer), 1);
+    }
+
+    #[test]
+    fn drain_close_keeps_queue_and_balances_the_gauge() {
+        let o = Arc::new(SessionHandle::new(0, env(100)));
+        o.push(item(10));
+        o.close(1001, "bye", true);
+        let mut out = Vec::new();
+        let closing = o.drain(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(closing.unwrap().code, 1001);
+        assert_eq!(o.env.metrics.outbound_queue_bytes.get(), 0);
+    }
+
+    #[test]
+    fn fan_out_counts_queued_bytes_once_per_message() {
+        let env = env(100);
+        let a = Arc::new(SessionHandle::new(0, env.clone()));
+        let b = Arc::new(SessionHandle::new(0, env.clone()));
+        let m = env.metrics.clone();
+        SessionHandle::push_to_all([&a, &b].into_iter(), &item(30), &m);
+        assert_eq!(m.outbound_queue_bytes.get(), 60);
+        a.discard();
+        b.drain(&mut Vec::new());
+        assert_eq!(m.outbound_queue_bytes.get(), 0);
+    }
+
+    #[test]
+    fn liveness_pings_then_gives_up() {
+        let o = SessionHandle::new(0, env(100));
+        assert_eq!(o.check_liveness(50, 100, 30), Liveness::Alive);
+        assert_eq!(o.check_liveness(100, 100, 30), Liveness::Ping);
+        assert_eq!(o.check_liveness(120, 100, 30), Liveness::Alive);
+        assert_eq!(o.check_liveness(130, 100, 30), Liveness::Dead);
+        o.heard(131);
+        assert_eq!(o.check_liveness(140, 100, 30), Liveness::Alive);
+    }
+}

@@ -1,0 +1,43 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use bytes::Bytes;
+use herald_protocol::{api, ErrorCode};
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::reply::{json, Body, Refusal};
+use crate::node::Node;
+
+/// The process is up and serving HTTP.
+pub(crate) fn healthz() -> Response<Body> {
+    json(StatusCode::OK, api::status("ok"))
+}
+
+/// The node should get traffic: not draining and its broker is usable.
+pub(crate) fn readyz(node: &Node) -> Response<Body> {
+    match node.is_ready() {
+        Ok(()) => json(StatusCode::OK, api::status("ready")),
+        Err(why) => json(StatusCode::SERVICE_UNAVAILABLE, api::status(why)),
+    }
+}
+
+/// The node's registry in Prometheus's text format.
+pub(crate) fn metrics(node: &Node) -> Response<Body> {
+    use herald_metrics::prometheus::{Encoder, TextEncoder};
+    let mut buf = Vec::with_capacity(16 * 1024);
+    if let Err(e) = TextEncoder::new().encode(&node.registry.gather(), &mut buf) {
+        return Refusal::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        )
+        .into_response();
+    }
+    let mut r = Response::new(Full::new(Bytes::from(buf)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    r
+}

@@ -1,0 +1,150 @@
+//! HTTP: the accept loop and routing. Each job has its own module:
+//!
+//! - `upgrade`: the WebSocket handshake on `/ws` (validate, admit, start);
+//! - `api`: the publish API under `/api/`;
+//! - `health`: `/healthz`, `/readyz`, `/metrics`;
+//! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`).
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_metrics::RejectReason;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ServerError;
+use crate::node::Node;
+
+mod api;
+mod health;
+mod reply;
+mod upgrade;
+
+use reply::{Body, Refusal};
+
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `/ws`, `/healthz`, `/readyz`.
+    Public,
+    /// `/api/*`, `/metrics`, `/healthz`, `/readyz`.
+    Internal,
+    /// Everything (one listener).
+    All,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Internal => "internal",
+            Role::Public | Role::All => "public",
+        }
+    }
+}
+
+/// Accepts connections until `stop` is cancelled; fails only when accepting cannot
+/// work again (transient failures such as running out of file descriptors back off).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    node: Arc<Node>,
+    role: Role,
+    stop: CancellationToken,
+) -> Result<(), ServerError> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => stream,
+                Err(e) if is_per_connection(&e) => continue,
+                Err(e) if is_resource_shortage(&e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+                Err(source) => {
+                    tracing::error!(error = %source, listener = role.name(), "accept failed");
+                    return Err(ServerError::Listener { listener: role.name(), source });
+                }
+            },
+        };
+        backoff = Duration::from_millis(5);
+        let _ = stream.set_nodelay(true);
+        let tasks = node.http_tasks.clone();
+        tasks.spawn(connection(stream, node.clone(), role, stop.clone()));
+    }
+}
+
+/// The accepted connection failed, not the listener: take the next one.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Out of file descriptors, buffers or memory: it passes once connections close.
+fn is_resource_shortage(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM (Linux numbers).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Serves one HTTP connection; on `stop`, finishes the request in flight and closes.
+async fn connection(stream: TcpStream, node: Arc<Node>, role: Role, stop: CancellationToken) {
+    let timeout = node.config.limits.handshake_timeout;
+    // A timeout before any request is a half-open handshake; one after is just an idle
+    // keep-alive connection closing.
+    let served = Arc::new(AtomicBool::new(false));
+    let svc = {
+        let node = node.clone();
+        let served = served.clone();
+        hyper::service::service_fn(move |req| {
+            served.store(true, Ordering::Relaxed);
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(route(req, node, role).await) }
+        })
+    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        if e.is_timeout() && !served.load(Ordering::Relaxed) {
+            tracing::debug!("handshake timeout");
+            node.metrics.rejected(RejectReason::HandshakeTimeout);
+        }
+    }
+}
+
+async fn route(req: Request<Incoming>, node: Arc<Node>, role: Role) -> Response<Body> {
+    let public = matches!(role, Role::Public | Role::All);
+    let internal = matches!(role, Role::Internal | Role::All);
+    match req.uri().path() {
+        "/healthz" => health::healthz(),
+        "/readyz" => health::readyz(&node),
+        "/ws" if public => upgrade::upgrade(req, node),
+        "/metrics" if internal => health::metrics(&node),
+        p if internal && p.starts_with("/api/") => api::handle(req, &node).await,
+        _ => Refusal::not_found().into_response(),
+    }
+}

@@ -1,0 +1,61 @@
+//! HTTP responses: JSON bodies (from `herald_protocol::api`) with their status codes.
+
+use bytes::Bytes;
+use herald_protocol::{api, ErrorCode};
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+pub(crate) type Body = Full<Bytes>;
+
+/// A JSON response.
+pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A request the gateway refuses: status, code and message, rendered as the API's
+/// error body.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) code: ErrorCode,
+    pub(crate) message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A refused request body: the status follows from the code.
+    pub(crate) fn body(e: api::BodyError) -> Self {
+        let status = match e.code {
+            ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Refusal::new(status, e.code, e.message)
+    }
+
+    /// `404 not_found`.
+    pub(crate) fn not_found() -> Self {
+        Refusal::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "no such endpoint",
+        )
+    }
+
+    pub(crate) fn into_response(self) -> Response<Body> {
+        json(self.status, api::error(self.code, &self.message))
+    }
+}

@@ -1,0 +1,164 @@
+//! The WebSocket upgrade on `/ws`, in three steps:
+//!
+//! 1. **validate** the handshake (GET, `Connection: Upgrade`, `Upgrade: websocket`,
+//!    version 13, a key): 400 otherwise;
+//! 2. **admit** the client: not while draining (503), only from an allowed origin
+//!    (403), only with a free connection slot (503). The slot is taken before the 101,
+//!    so the limit holds before any work is done for the session;
+//! 3. **start** the session task and answer 101.
+//!
+//! Every refusal is counted in `herald_connections_rejected_total{reason}`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use herald_metrics::RejectReason;
+use herald_protocol::ErrorCode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+
+use super::reply::{Body, Refusal};
+use crate::node::{Node, Slot};
+use crate::session;
+
+/// Serves `GET /ws`.
+pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
+    let admitted = validate(&req).and_then(|accept| {
+        let slot = admit(req.headers(), &node)?;
+        Ok((accept, slot))
+    });
+    match admitted {
+        Ok((accept, slot)) => start(req, node, slot, &accept),
+        Err((reason, refusal)) => {
+            node.metrics.rejected(reason);
+            let mut r = refusal.into_response();
+            if reason == RejectReason::BadRequest {
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            r
+        }
+    }
+}
+
+type Rejected = (RejectReason, Refusal);
+
+/// Checks that `req` is a WebSocket handshake; returns the `Sec-WebSocket-Accept` value.
+fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    let key = headers.get(header::SEC_WEBSOCKET_KEY);
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    match key {
+        Some(key)
+            if req.method() == Method::GET
+                && has_token(header::CONNECTION, "upgrade")
+                && has_token(header::UPGRADE, "websocket")
+                && version_ok =>
+        {
+            Ok(derive_accept_key(key.as_bytes()))
+        }
+        _ => Err((
+            RejectReason::BadRequest,
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "expected a WebSocket upgrade (GET, Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13)",
+            ),
+        )),
+    }
+}
+
+/// Decides whether this node takes the client; on yes, holds its connection slot.
+fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
+    if node.is_draining() {
+        return Err((
+            RejectReason::Draining,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "node is draining; connect to another node",
+            ),
+        ));
+    }
+    let origins = &node.config.auth.allowed_origins;
+    if !origins.is_empty() {
+        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| origins.iter().any(|a| a == o)) {
+            return Err((
+                RejectReason::Origin,
+                Refusal::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Forbidden,
+                    "origin not allowed",
+                ),
+            ));
+        }
+    }
+    node.take_slot().ok_or_else(|| {
+        (
+            RejectReason::Limit,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "node is at its connection limit; try another node or later",
+            ),
+        )
+    })
+}
+
+/// Spawns the session (it runs once hyper hands over the connection) and answers 101.
+fn start(req: Request<Incoming>, node: Arc<Node>, slot: Slot, accept: &str) -> Response<Body> {
+    let conn = node.next_conn_id();
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(node.config.websocket.read_buffer_bytes)
+        .write_buffer_size(node.config.websocket.write_buffer_bytes)
+        .max_message_size(Some(node.config.limits.max_message_bytes))
+        .max_frame_size(Some(node.config.limits.max_message_bytes));
+    // Take the upgrade handle now, so the task holds it rather than the whole request,
+    // and box the stream setup: the task lives as long as the session, and its size is
+    // that of its largest state.
+    let upgrade = hyper::upgrade::on(req);
+    let tasks = node.session_tasks.clone();
+    tasks.spawn(async move {
+        let _slot = slot;
+        match upgrade.await {
+            Ok(upgraded) => {
+                let ws = Box::pin(WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    WsRole::Server,
+                    Some(ws_config),
+                ))
+                .await;
+                let (sink, stream) = ws.split();
+                session::run(sink, stream, node, conn).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    r
+}

@@ -1,0 +1,156 @@
+//! [`Node`]: the state every task of one gateway shares.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use herald_broker::{Broker, BrokerError};
+use herald_metrics::{Metrics, Source};
+use herald_protocol::{close, Publication};
+use parking_lot::Mutex;
+use tokio_util::task::TaskTracker;
+
+use crate::config::GatewayConfig;
+use crate::handle::{SessionEnv, SessionHandle};
+use crate::hub::{ConnId, Hub};
+
+/// State shared by every task of one gateway.
+pub(crate) struct Node {
+    pub(crate) config: GatewayConfig,
+    /// Announced in welcome frames and logs; never empty.
+    pub(crate) node_id: String,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) metrics: Metrics,
+    /// What `/metrics` serves; `metrics` is registered in it.
+    pub(crate) registry: herald_metrics::prometheus::Registry,
+    /// Open sessions, so that the drain and the heartbeat sweeper can reach each one.
+    pub(crate) sessions: Mutex<HashMap<ConnId, Arc<SessionHandle>>>,
+    /// Connection slots taken (upgrades in progress plus open sessions); checked
+    /// against `limits.max_connections` before an upgrade is accepted.
+    n_slots: AtomicUsize,
+    next_conn: AtomicU64,
+    /// Set when shutdown begins: readiness fails and upgrades are refused.
+    draining: AtomicBool,
+    /// The node's clock origin for [`Node::now_ms`].
+    started: Instant,
+    /// Shared by every session's handle.
+    pub(crate) session_env: Arc<SessionEnv>,
+    /// Every session's reader and writer tasks: shutdown waits for them to end.
+    pub(crate) session_tasks: TaskTracker,
+    /// Every HTTP connection task: shut down gracefully after the sessions.
+    pub(crate) http_tasks: TaskTracker,
+}
+
+impl Node {
+    pub(crate) fn new(
+        config: GatewayConfig,
+        node_id: String,
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        registry: herald_metrics::prometheus::Registry,
+    ) -> Self {
+        let session_tasks = TaskTracker::new();
+        let session_env = Arc::new(SessionEnv {
+            metrics: metrics.clone(),
+            close_timeout: config.limits.close_timeout,
+            linger: config.websocket.writer_linger,
+            max_queued_bytes: config.limits.outbound_queue_bytes,
+            start_writer: crate::writer::start,
+            tasks: session_tasks.clone(),
+        });
+        Node {
+            hub: Arc::new(Hub::new(broker, metrics.clone())),
+            node_id,
+            metrics,
+            registry,
+            sessions: Mutex::default(),
+            n_slots: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            session_env,
+            session_tasks,
+            http_tasks: TaskTracker::new(),
+            config,
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn begin_drain(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Milliseconds since the gateway started (monotonic); sessions store times in
+    /// this unit in atomics instead of holding timers.
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn drain_code(&self) -> u16 {
+        if self.config.shutdown.restart {
+            close::SERVICE_RESTART
+        } else {
+            close::GOING_AWAY
+        }
+    }
+
+    pub(crate) fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Takes a connection slot, or `None` at `limits.max_connections`. The slot is
+    /// given back when the returned guard drops (upgrade failed or session over).
+    pub(crate) fn take_slot(self: &Arc<Self>) -> Option<Slot> {
+        let max = self.config.limits.max_connections;
+        if self.n_slots.fetch_add(1, Ordering::AcqRel) >= max {
+            self.n_slots.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
+
+    /// Hands publications to the broker and counts them.
+    pub(crate) async fn publish(
+        &self,
+        batch: Vec<Publication>,
+        source: Source,
+    ) -> Result<(), BrokerError> {
+        let n = batch.len() as u64;
+        let started = Instant::now();
+        // A broker that is down refuses at once (the trait's contract): no check here.
+        self.hub.broker().publish(batch).await?;
+        self.metrics
+            .broker_publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.published(source, n);
+        Ok(())
+    }
+
+    pub(crate) fn is_ready(&self) -> Result<(), &'static str> {
+        if self.is_draining() {
+            Err("draining")
+        } else if !self.hub.broker().is_up() {
+            Err("broker_down")
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A snapshot of the open sessions (the lock is not held while they are visited).
+    pub(crate) fn session_handles(&self) -> Vec<Arc<SessionHandle>> {
+        self.sessions.lock().values().cloned().collect()
+    }
+}
+
+/// A taken connection slot; dropping it gives the slot back.
+pub(crate) struct Slot(Arc<Node>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.n_slots.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,168 @@
+//! A session's writer: drains its [`SessionHandle`]'s queue into the socket.
+//!
+//! The writer task exists only while there is something to write (plus
+//! `websocket.writer_linger`); then it parks the socket's sending half back in the handle
+//! and ends, so an idle session is one task (its reader). The next push starts a new
+//! writer through [`start`], which the node hands to every handle as
+//! `SessionEnv::start_writer`.
+//!
+//! Everything a session sends (replies, deliveries, pings, the close frame) goes through
+//! the handle's queue and this writer, so the byte budget covers all of it and frames
+//! never interleave.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::handle::{BoxSink, Closing, Item, SessionHandle, Signal};
+
+/// Starts a writer task that owns `sink` and drains `handle` (a
+/// [`crate::handle::StartWriter`]).
+pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>) {
+    let tasks = handle.env.tasks.clone();
+    tasks.spawn(write_loop(sink, handle));
+}
+
+/// Writes what the handle holds until the session ends or nothing arrives for the
+/// linger period, then parks the sink back in the handle and ends.
+async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
+    let env = handle.env.clone();
+    let metrics = &env.metrics;
+    loop {
+        // A fresh vector per round: idle sessions then hold no buffer at all.
+        let mut batch: Vec<Item> = Vec::new();
+        let closing = handle.drain(&mut batch);
+        if batch.is_empty() && closing.is_none() {
+            tokio::select! {
+                biased;
+                _ = handle.done.wait() => return,
+                _ = handle.woken() => continue,
+                _ = tokio::time::sleep(env.linger) => match handle.park(sink) {
+                    Ok(()) => return,
+                    Err(s) => {
+                        sink = s;
+                        continue;
+                    }
+                },
+            }
+        }
+        if !batch.is_empty() {
+            // Boxed: its state is only needed while writing, not in every idle writer.
+            match Box::pin(write_batch(&mut sink, &mut batch, &handle, metrics)).await {
+                Written::All => {}
+                Written::Aborted => {} // fall through to the close below
+                Written::Failed => {
+                    handle.done.fire();
+                    return;
+                }
+            }
+        }
+        // A close requested while we were writing is picked up (with, if the queue is
+        // to be flushed, what was queued before it) by the next round's drain.
+        let Some(closing) = closing else {
+            continue;
+        };
+        // Boxed: once per session, so its state need not live in every idle writer.
+        Box::pin(send_close(
+            &mut sink,
+            &closing,
+            &handle.reader_done,
+            env.close_timeout,
+            metrics,
+        ))
+        .await;
+        handle.done.fire();
+        return;
+    }
+}
+
+enum Written {
+    All,
+    /// The session started closing without flushing (slow consumer) mid-batch.
+    Aborted,
+    Failed,
+}
+
+async fn write_batch<S>(
+    sink: &mut S,
+    batch: &mut Vec<Item>,
+    handle: &SessionHandle,
+    metrics: &herald_metrics::Metrics,
+) -> Written
+where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut delivered = 0u64;
+    let mut oldest_us = 0u64;
+    for item in batch.iter() {
+        if item.delivery {
+            delivered += 1;
+            if oldest_us == 0 {
+                oldest_us = item.published_at_us;
+            }
+        }
+    }
+    let write = async {
+        for item in batch.drain(..) {
+            sink.feed(item.msg).await?;
+        }
+        sink.flush().await
+    };
+    tokio::pin!(write);
+    loop {
+        tokio::select! {
+            biased;
+            _ = handle.done.wait() => return Written::Failed,
+            r = &mut write => {
+                return match r {
+                    Ok(()) => {
+                        metrics.delivered.inc_by(delivered);
+                        if oldest_us > 0 {
+                            let now = herald_protocol::publication::unix_micros();
+                            metrics
+                                .delivery_lag_seconds
+                                .observe(now.saturating_sub(oldest_us) as f64 / 1e6);
+                        }
+                        Written::All
+                    }
+                    Err(_) => Written::Failed,
+                };
+            }
+            // A push or close arrived while the socket was busy. Only a discarding close
+            // (slow consumer) interrupts the write; anything else waits for the next round,
+            // which drains before it waits, so the wake-up is not lost.
+            _ = handle.woken() => {
+                if handle.is_discarding() {
+                    return Written::Aborted;
+                }
+            }
+        }
+    }
+}
+
+async fn send_close<S>(
+    sink: &mut S,
+    closing: &Closing,
+    reader_done: &Signal,
+    close_timeout: Duration,
+    metrics: &herald_metrics::Metrics,
+) where
+    S: Sink<Message, Error = WsError> + Unpin,
+{
+    metrics.close_code(closing.code);
+    let frame = CloseFrame {
+        code: CloseCode::from(closing.code),
+        reason: closing.reason.into(),
+    };
+    // A peer that reads nothing cannot take the close frame either: bound the attempt,
+    // then wait (bounded too) for the peer's reply, which ends the reader.
+    let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
+    if matches!(sent, Ok(Ok(()))) {
+        let _ = timeout(close_timeout, reader_done.wait()).await;
+    }
+}
