@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use herald_protocol::{client, server, ChannelName, Payload, Publication};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
@@ -196,9 +197,15 @@ fn push(batches: &mut HashMap<String, BytesMut>, line: &str) {
     let Some((channel, data)) = line.trim_end().split_once('\t') else {
         return;
     };
-    let text = format!(r#"{{"op":"message","channel":"{channel}","data":{data}}}"#);
+    let Ok(name) = ChannelName::new(channel) else {
+        return;
+    };
+    let p = Publication::now(name, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
     let buf = batches.entry(channel.to_owned()).or_default();
-    frame(buf, 0x1, text.as_bytes());
+    match server::encode_delivery(&p) {
+        server::Delivery::Text(text) => frame(buf, 0x1, text.as_bytes()),
+        server::Delivery::Binary(b) => frame(buf, 0x2, &b),
+    }
 }
 
 /// Appends an unmasked server frame.
@@ -246,22 +253,21 @@ async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)>
         )
         .as_bytes(),
     );
-    frame(
-        &mut out,
-        0x1,
-        br#"{"op":"welcome","version":1,"node":"floor","conn":"0"}"#,
-    );
+    frame(&mut out, 0x1, server::welcome("floor", "0").as_bytes());
     stream.write_all(&out).await?;
     // One client frame: the subscribe (masked, small).
     let payload = read_client_frame(&mut stream).await?;
-    let msg: serde_json::Value = serde_json::from_slice(&payload)?;
-    let channel = msg["channel"].as_str().unwrap_or("bench-0").to_owned();
+    let (channel, id) = match client::parse_text(&Bytes::from(payload)) {
+        Ok(client::Request::Subscribe { channel, id }) => (channel, id),
+        other => anyhow::bail!("expected a subscribe, got {other:?}"),
+    };
     let mut ack = BytesMut::new();
     frame(
         &mut ack,
         0x1,
-        format!(r#"{{"op":"subscribed","channel":"{channel}","id":1}}"#).as_bytes(),
+        server::ack(server::Ack::Subscribed, channel.as_str(), id).as_bytes(),
     );
+    let channel = channel.as_str().to_owned();
     stream.write_all(&ack).await?;
     Ok((channel, stream))
 }

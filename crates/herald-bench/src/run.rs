@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+use herald_harness::{free_port, RedisServer};
+
 use crate::procfs;
 
 /// What to run.
@@ -29,7 +31,8 @@ pub(crate) struct RunArgs {
         default_value = "fanout,channels,crossnode,latency,idle,connect"
     )]
     pub(crate) scenarios: Vec<String>,
-    /// Targets: herald, floor, node, python, socketio.
+    /// Targets: herald, floor, node, python, socketio, and `herald@PATH` for another
+    /// Herald binary (before/after comparisons in one run).
     #[arg(
         long,
         value_delimiter = ',',
@@ -105,7 +108,18 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
     for t in &args.targets {
         setup(t).await.with_context(|| format!("setting up {t}"))?;
     }
-    let redis = Redis::start().await?;
+    // Pub/sub clients may buffer a lot during the fan-out bursts: raise Redis's limit so
+    // it measures Herald, not Redis disconnecting a slow peer.
+    let redis = RedisServer::start_with(
+        free_port(),
+        &[
+            "--client-output-buffer-limit",
+            "pubsub",
+            "256mb",
+            "128mb",
+            "60",
+        ],
+    );
     let mut rows: Vec<Row> = Vec::new();
     // Each target's fan-out maximum (publications/s), for the latency scenario.
     let mut max_rate: BTreeMap<String, f64> = BTreeMap::new();
@@ -181,6 +195,10 @@ fn peers_dir() -> PathBuf {
 async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
         "herald" | "floor" => Ok(()),
+        t if t.starts_with("herald@") => {
+            anyhow::ensure!(Path::new(&t[7..]).is_file(), "{}: no such binary", &t[7..]);
+            Ok(())
+        }
         "node" | "socketio" => {
             let dir = peers_dir().join(target);
             if dir.join("node_modules/.package-lock.json").is_file() {
@@ -223,13 +241,6 @@ async fn setup(target: &str) -> anyhow::Result<()> {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 async fn wait_port(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).await.is_err() {
@@ -237,51 +248,6 @@ async fn wait_port(addr: SocketAddr, what: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
-}
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    async fn start() -> anyhow::Result<Redis> {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args([
-                "--client-output-buffer-limit",
-                "pubsub",
-                "256mb",
-                "128mb",
-                "60",
-            ])
-            .stdout(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting redis-server (apt-get install redis-server)")?;
-        wait_port(SocketAddr::from(([127, 0, 0, 1], port)), "redis-server").await?;
-        Ok(Redis { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
 }
 
 /// A running target: its processes, where clients connect, how to publish.
@@ -327,7 +293,7 @@ impl Publisher {
 }
 
 impl Target {
-    async fn start(kind: &str, nodes: usize, redis: &Redis) -> anyhow::Result<Target> {
+    async fn start(kind: &str, nodes: usize, redis: &RedisServer) -> anyhow::Result<Target> {
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
         let mut controls = Vec::new();
@@ -335,8 +301,13 @@ impl Target {
             let port = free_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let child = match kind {
-                "herald" => {
-                    let bin = sibling("herald")?;
+                k if k == "herald" || k.starts_with("herald@") => {
+                    // `herald@PATH`: another build of Herald (e.g. before a change),
+                    // measured in the same run as this one.
+                    let bin = match k.strip_prefix("herald@") {
+                        Some(path) => PathBuf::from(path),
+                        None => sibling("herald")?,
+                    };
                     Command::new(bin)
                         .args(["--listen", &addr.to_string(), "--redis", &redis.url()])
                         .args(["--node-id", &format!("bench-{i}")])
@@ -552,7 +523,7 @@ fn payload(seq: u64) -> String {
 /// `window` publications outstanding) and measure deliveries and server CPU.
 async fn closed_loop(
     args: &RunArgs,
-    redis: &Redis,
+    redis: &RedisServer,
     kind: &str,
     scenario: &str,
     nodes: usize,
@@ -624,7 +595,7 @@ async fn closed_loop(
 /// the same fraction of its own maximum instead, and says so in its note.
 async fn latency(
     args: &RunArgs,
-    redis: &Redis,
+    redis: &RedisServer,
     kind: &str,
     max_rate: &BTreeMap<String, f64>,
 ) -> anyhow::Result<Row> {
@@ -695,7 +666,7 @@ async fn latency(
 }
 
 /// Resident memory per idle subscribed connection, and after churn.
-async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> {
+async fn idle(args: &RunArgs, redis: &RedisServer, kind: &str) -> anyhow::Result<Row> {
     let target = Target::start(kind, 1, redis).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let base = target.rss();
@@ -742,7 +713,7 @@ async fn idle(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> 
 }
 
 /// Completed handshakes per second and server CPU per handshake.
-async fn connect_rate(args: &RunArgs, redis: &Redis, kind: &str) -> anyhow::Result<Row> {
+async fn connect_rate(args: &RunArgs, redis: &RedisServer, kind: &str) -> anyhow::Result<Row> {
     let target = Target::start(kind, 1, redis).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu0 = target.cpu();

@@ -208,8 +208,9 @@ async fn connect(
         other => anyhow::bail!("expected a welcome, got {other:?}"),
     }
     if let Some(channel) = channel {
+        let channel = herald_protocol::ChannelName::new(&channel)?;
         ws.send(Message::Text(
-            format!(r#"{{"op":"subscribe","channel":"{channel}","id":1}}"#).into(),
+            herald_protocol::client::encode_subscribe(&channel, Some(1)).into(),
         ))
         .await?;
         loop {

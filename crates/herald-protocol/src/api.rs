@@ -17,6 +17,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::client::slice_of;
 use crate::server::json_string;
 use crate::{ChannelName, ErrorCode, Payload, Publication};
 
@@ -61,7 +62,7 @@ pub fn parse_publish(body: &Bytes) -> Result<Publication, BodyError> {
         .map_err(|e| BodyError::new(ErrorCode::InvalidChannel, e.to_string()))?;
     Ok(Publication::now(
         channel,
-        Payload::Json(data_of(body, p.data)),
+        Payload::Json(slice_of(body, p.data.get().as_bytes())),
     ))
 }
 
@@ -90,21 +91,12 @@ pub fn parse_batch(body: &Bytes, max: usize) -> Result<Vec<Publication>, BodyErr
             let c = ChannelName::new(p.channel).map_err(|e| {
                 BodyError::new(ErrorCode::InvalidChannel, format!("publications[{i}]: {e}"))
             })?;
-            Ok(Publication::now(c, Payload::Json(data_of(body, p.data))))
+            Ok(Publication::now(
+                c,
+                Payload::Json(slice_of(body, p.data.get().as_bytes())),
+            ))
         })
         .collect()
-}
-
-/// `data` is a slice of `body`: share it rather than copy.
-fn data_of(body: &Bytes, data: &RawValue) -> Bytes {
-    let part = data.get().as_bytes();
-    let base = body.as_ptr() as usize;
-    let start = part.as_ptr() as usize;
-    if start >= base && start + part.len() <= base + body.len() {
-        body.slice(start - base..start - base + part.len())
-    } else {
-        Bytes::copy_from_slice(part)
-    }
 }
 
 /// `{"ok":true,"published":N}`: the reply to an accepted publish or batch.

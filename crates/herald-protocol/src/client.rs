@@ -181,7 +181,7 @@ pub fn encode_subscribe(channel: &ChannelName, id: Option<u64>) -> String {
 }
 
 /// `part` is a sub-slice of `whole`'s memory; share it instead of copying.
-fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
+pub(crate) fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
     // serde_json borrows `RawValue`s from the input when it needs no unescaping, which
     // is always the case for a raw value; fall back to a copy if that ever changes.
     let start = part.as_ptr() as usize;

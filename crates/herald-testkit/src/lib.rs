@@ -27,8 +27,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use serde_json::json;
 
-mod redis_server;
-pub use redis_server::{free_port, system_tool, RedisCluster, RedisServer};
+pub use herald_harness::{free_port, system_tool, RedisCluster, RedisServer};
 
 /// Redis settings suited to tests: fast probes, fast reconnects.
 pub fn redis_config(url: &str) -> RedisConfig {

@@ -1,4 +1,11 @@
-//! Real `redis-server` processes on free loopback ports.
+//! Real processes for Herald's tests and benchmark tool: free loopback ports, system
+//! programs (a missing one fails with the command that installs it, never a skip),
+//! and `redis-server` / Redis Cluster on free ports.
+//!
+//! It panics where it cannot go on (a missing program, a server that does not come
+//! up): both of its users, the test kit and the bench tool, treat that as fatal, and
+//! the message says what to install. It has no dependencies, so the bench tool takes
+//! nothing test-only into its release build.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -104,6 +111,11 @@ impl RedisServer {
     /// Runs `redis-cli -p PORT ARGS...` and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
         cli(self.port, args)
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's working directory.
