@@ -258,7 +258,7 @@ async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)>
     // One client frame: the subscribe (masked, small).
     let payload = read_client_frame(&mut stream).await?;
     let (channel, id) = match client::parse_text(&Bytes::from(payload)) {
-        Ok(client::Request::Subscribe { channel, id }) => (channel, id),
+        Ok(client::Request::Subscribe { channel, id, .. }) => (channel, id),
         other => anyhow::bail!("expected a subscribe, got {other:?}"),
     };
     let mut ack = BytesMut::new();

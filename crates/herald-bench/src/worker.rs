@@ -210,7 +210,7 @@ async fn connect(
     if let Some(channel) = channel {
         let channel = herald_protocol::ChannelName::new(&channel)?;
         ws.send(Message::Text(
-            herald_protocol::client::encode_subscribe(&channel, Some(1)).into(),
+            herald_protocol::client::encode_subscribe(&channel, Some(1), None).into(),
         ))
         .await?;
         loop {

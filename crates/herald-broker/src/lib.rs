@@ -17,13 +17,19 @@
 //! - **Bounded.** Nothing between a publisher and the hub grows without bound: a broker
 //!   that cannot apply backpressure to its source (Redis) drops at [`Inbound::try_send`]
 //!   and counts the drop; one that can (memory) waits in [`Inbound::send`].
+//! - **History.** A publication sent with a [`HistoryPolicy`] is stored in its channel's
+//!   stream and gets the next offset of the channel's current epoch, atomically with
+//!   being handed on; it reaches the hub with that position. [`Broker::history`] reads a
+//!   stream back. Offsets of one epoch are contiguous: a node that sees a jump lost
+//!   something in transit and can fetch it from the stream.
 #![deny(missing_docs)]
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use herald_metrics::{DropReason, Metrics};
-use herald_protocol::{ChannelName, Publication};
+use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use tokio::sync::mpsc;
 
 mod memory;
@@ -33,24 +39,123 @@ pub use memory::MemoryBroker;
 /// A boxed future, so that [`Broker`] stays object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Why a broker could not take a publication.
+/// Why a broker could not take a publication or answer a read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BrokerError {
-    /// The broker is down or unreachable; the message was not accepted.
+    /// The broker is down or unreachable, or refused; the request did not take effect.
+    /// The text is for logs (it may name internals); clients get a generic message.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker did not answer in time: a publish may or may not have taken effect.
+    #[error("broker did not answer in time")]
+    Timeout,
     /// The broker (or the node's hub behind it) has shut down.
     #[error("broker closed")]
     Closed,
 }
 
+/// How a history channel keeps its publications (from the channel's rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    /// Publications kept per channel (at least this many; Redis trims approximately).
+    pub size: usize,
+    /// The stream expires this long after the channel's last publication.
+    pub ttl: Duration,
+    /// The channel's offset and epoch expire this long after its last publication or
+    /// read (longer than `ttl`, so that a client can still learn that history expired
+    /// rather than silently starting a new epoch).
+    pub meta_ttl: Duration,
+}
+
+/// Makes retried publishes safe: a publish with a key seen within `window` publishes
+/// nothing and answers the first result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// The caller's key (per channel).
+    pub key: String,
+    /// How long the key is remembered.
+    pub window: Duration,
+}
+
+/// One publication to hand to the broker, with how to treat it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishRequest {
+    /// What to publish.
+    pub publication: Publication,
+    /// Store it in the channel's stream (history channels).
+    pub history: Option<HistoryPolicy>,
+    /// Deduplicate retries.
+    pub idempotency: Option<Idempotency>,
+}
+
+impl PublishRequest {
+    /// A publication on a channel without history, without deduplication.
+    pub fn plain(publication: Publication) -> Self {
+        PublishRequest {
+            publication,
+            history: None,
+            idempotency: None,
+        }
+    }
+}
+
+/// What became of one publication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Published {
+    /// Its place in the channel's stream (history channels).
+    pub position: Option<StreamPosition>,
+    /// An earlier publish with the same idempotency key took effect; nothing new did.
+    pub duplicate: bool,
+}
+
+/// A page of a channel's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// The stream's current position: the last publication's offset (0 when none yet)
+    /// and the current epoch.
+    pub top: StreamPosition,
+    /// Publications after the requested offset, oldest first, at most the requested
+    /// number, all of the current epoch. Missing ones (trimmed, expired) are simply not
+    /// there: the caller compares offsets.
+    pub publications: Vec<Publication>,
+}
+
+/// A fresh epoch: random, so that a reset stream never reuses an earlier one.
+pub fn new_epoch() -> Epoch {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::hash::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    Epoch::from_random(h.finish())
+}
+
 /// Carries publications between nodes.
 pub trait Broker: Send + Sync + 'static {
-    /// Hands `batch` to the broker, in order. Resolves `Ok` only once the broker has
-    /// accepted every publication in it; on `Err` none or only a prefix was accepted.
-    /// A broker that is down answers [`BrokerError::Unavailable`] at once rather than
+    /// Hands `batch` to the broker, in order. Resolves `Ok` (one [`Published`] per
+    /// request, in order) only once the broker has accepted every publication in it; on
+    /// `Err` none or only a prefix was accepted ([`BrokerError::Timeout`]: unknown). A
+    /// broker that is down answers [`BrokerError::Unavailable`] at once rather than
     /// waiting for a connection.
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>>;
+    fn publish(
+        &self,
+        batch: Vec<PublishRequest>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>>;
+
+    /// Reads `channel`'s stream: its current position, and up to `limit` publications
+    /// after offset `since`. A channel without a stream yet gets one (offset 0, a new
+    /// epoch), so that the position a client is given stays valid for the first
+    /// publication.
+    fn history(
+        &self,
+        channel: &ChannelName,
+        policy: HistoryPolicy,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>>;
 
     /// This node now serves `channel`: deliver its publications to the inbound queue.
     /// The returned [`Ready`] resolves once the broker actually delivers them, so that a
@@ -108,6 +213,12 @@ impl ReadySetter {
         self.0.send_replace(true);
     }
 
+    /// Marks the subscription inactive again (the broker lost its connection): new
+    /// subscribers wait until it is re-established.
+    pub fn unset(&self) {
+        self.0.send_replace(false);
+    }
+
     /// Whether it was already set.
     pub fn is_set(&self) -> bool {
         *self.0.borrow()
@@ -119,16 +230,27 @@ impl ReadySetter {
 #[error("the node's hub has shut down")]
 pub struct HubClosed;
 
+/// What a broker hands to the node's hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// A publication for a channel the node serves.
+    Publication(Publication),
+    /// The broker lost its subscriptions and has them again (after an outage or a
+    /// killed connection): publications may have been missed meanwhile, so history
+    /// channels should catch up from their streams.
+    Resubscribed,
+}
+
 /// The sending half of the queue from a broker to the node's hub.
 #[derive(Clone)]
 pub struct Inbound {
-    tx: mpsc::Sender<Publication>,
+    tx: mpsc::Sender<Received>,
     metrics: Metrics,
 }
 
 /// The receiving half, owned by the hub's dispatcher.
 pub struct InboundReceiver {
-    rx: mpsc::Receiver<Publication>,
+    rx: mpsc::Receiver<Received>,
 }
 
 /// Creates the inbound queue, holding at most `capacity` publications.
@@ -140,13 +262,26 @@ pub fn inbound(capacity: usize, metrics: Metrics) -> (Inbound, InboundReceiver) 
 impl Inbound {
     /// Queues `p`, waiting while the queue is full (backpressure to the publisher).
     pub async fn send(&self, p: Publication) -> Result<(), HubClosed> {
-        self.tx.send(p).await.map_err(|_| HubClosed)
+        self.tx
+            .send(Received::Publication(p))
+            .await
+            .map_err(|_| HubClosed)
+    }
+
+    /// Tells the hub that the broker's subscriptions were re-established, waiting for
+    /// room (the marker must not be lost, or history channels would not catch up).
+    pub async fn resubscribed(&self) -> Result<(), HubClosed> {
+        self.tx
+            .send(Received::Resubscribed)
+            .await
+            .map_err(|_| HubClosed)
     }
 
     /// Queues `p` if there is room; otherwise drops it and counts the drop
-    /// (`herald_messages_dropped_total{reason="hub_overflow"}`). Returns whether it was queued.
+    /// (`herald_messages_dropped_total{reason="hub_overflow"}`). Returns whether it was
+    /// queued. On a history channel the hub notices the gap and repairs it.
     pub fn try_send(&self, p: Publication) -> Result<bool, HubClosed> {
-        match self.tx.try_send(p) {
+        match self.tx.try_send(Received::Publication(p)) {
             Ok(()) => Ok(true),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 self.metrics.dropped(DropReason::HubOverflow, 1);
@@ -158,14 +293,14 @@ impl Inbound {
 }
 
 impl InboundReceiver {
-    /// The next publication, or `None` once every [`Inbound`] is gone.
-    pub async fn recv(&mut self) -> Option<Publication> {
+    /// The next item, or `None` once every [`Inbound`] is gone.
+    pub async fn recv(&mut self) -> Option<Received> {
         self.rx.recv().await
     }
 
-    /// Receives up to `limit` publications into `buf`, waiting for at least one.
+    /// Receives up to `limit` items into `buf`, waiting for at least one.
     /// Returns 0 once every [`Inbound`] is gone.
-    pub async fn recv_many(&mut self, buf: &mut Vec<Publication>, limit: usize) -> usize {
+    pub async fn recv_many(&mut self, buf: &mut Vec<Received>, limit: usize) -> usize {
         self.rx.recv_many(buf, limit).await
     }
 }

@@ -1,35 +1,211 @@
 //! The embedded broker: one node, no external service.
 
-use herald_protocol::{ChannelName, Publication};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
-use crate::{BoxFuture, Broker, BrokerError, Inbound, Ready};
+use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
+use tokio::sync::Mutex;
 
-/// Delivers every publication straight to this node's hub.
+use crate::{
+    new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PublishRequest,
+    Published, Ready,
+};
+
+/// How often expired streams and idempotency keys are swept out (also done lazily on
+/// every access, so this only bounds the memory of channels nobody touches again).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Delivers every publication straight to this node's hub, and keeps the history of
+/// history channels in a bounded ring per channel.
 ///
 /// It ignores interest: the hub already drops channels nobody subscribes to, and with
 /// one node there is nobody else to route to. Publishing waits while the hub's inbound
 /// queue is full, so a fast HTTP publisher is slowed down instead of losing messages.
+/// Publishes are serialised (one lock around assigning offsets and queueing), so the hub
+/// receives every channel's offsets in order. Epochs are random per process: a restart
+/// loses the history, and a client resuming across it is told so.
 pub struct MemoryBroker {
     inbound: Inbound,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    streams: HashMap<ChannelName, Stream>,
+    /// (channel, key) → first result and when the key expires.
+    seen: HashMap<(ChannelName, String), (Published, Instant)>,
+    last_sweep: Option<Instant>,
+}
+
+struct Stream {
+    epoch: Epoch,
+    /// The last offset assigned.
+    top: u64,
+    /// The newest publications, oldest first, at most `policy.size`.
+    ring: VecDeque<Publication>,
+    policy: HistoryPolicy,
+    /// Last publication: the ring expires `ttl` after it.
+    published: Instant,
+    /// Last publication or read: the stream (offset and epoch) expires `meta_ttl` after.
+    touched: Instant,
+}
+
+impl Stream {
+    fn new(policy: HistoryPolicy, now: Instant) -> Self {
+        Stream {
+            epoch: new_epoch(),
+            top: 0,
+            ring: VecDeque::new(),
+            policy,
+            published: now,
+            touched: now,
+        }
+    }
+
+    /// Applies expiry at `now`; false when the whole stream is gone.
+    fn expire(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.touched) >= self.policy.meta_ttl {
+            return false;
+        }
+        if now.duration_since(self.published) >= self.policy.ttl {
+            self.ring = VecDeque::new();
+        }
+        true
+    }
+
+    fn position(&self) -> StreamPosition {
+        StreamPosition {
+            offset: self.top,
+            epoch: self.epoch,
+        }
+    }
+}
+
+impl State {
+    /// The live stream of `channel`, created (new epoch) when missing or expired.
+    fn stream(
+        &mut self,
+        channel: &ChannelName,
+        policy: HistoryPolicy,
+        now: Instant,
+    ) -> &mut Stream {
+        if self
+            .streams
+            .get_mut(channel)
+            .is_some_and(|s| !s.expire(now))
+        {
+            self.streams.remove(channel);
+        }
+        let s = self
+            .streams
+            .entry(channel.clone())
+            .or_insert_with(|| Stream::new(policy, now));
+        // The rule may have changed since the stream was made.
+        s.policy = policy;
+        s.touched = now;
+        s
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        if self
+            .last_sweep
+            .is_some_and(|t| now.duration_since(t) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.last_sweep = Some(now);
+        self.streams.retain(|_, s| s.expire(now));
+        self.seen.retain(|_, (_, until)| *until > now);
+    }
 }
 
 impl MemoryBroker {
     /// A broker that feeds `inbound`.
     pub fn new(inbound: Inbound) -> Self {
-        MemoryBroker { inbound }
+        MemoryBroker {
+            inbound,
+            state: Mutex::new(State::default()),
+        }
     }
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(
+        &self,
+        batch: Vec<PublishRequest>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>> {
         Box::pin(async move {
-            for p in batch {
+            let mut state = self.state.lock().await;
+            let now = Instant::now();
+            state.sweep(now);
+            let mut results = Vec::with_capacity(batch.len());
+            for req in batch {
+                let key = req
+                    .idempotency
+                    .as_ref()
+                    .map(|i| ((req.publication.channel.clone(), i.key.clone()), i.window));
+                if let Some((k, _)) = &key {
+                    if let Some((first, until)) = state.seen.get(k) {
+                        if *until > now {
+                            results.push(Published {
+                                duplicate: true,
+                                ..*first
+                            });
+                            continue;
+                        }
+                    }
+                }
+                let mut p = req.publication;
+                if let Some(policy) = req.history {
+                    let s = state.stream(&p.channel, policy, now);
+                    s.top += 1;
+                    s.published = now;
+                    p.position = Some(s.position());
+                    s.ring.push_back(p.clone());
+                    while s.ring.len() > policy.size {
+                        s.ring.pop_front();
+                    }
+                }
+                let result = Published {
+                    position: p.position,
+                    duplicate: false,
+                };
+                // Queued while holding the lock, so the hub sees offsets in order.
                 self.inbound
                     .send(p)
                     .await
                     .map_err(|_| BrokerError::Closed)?;
+                if let Some((k, window)) = key {
+                    state.seen.insert(k, (result, now + window));
+                }
+                results.push(result);
             }
-            Ok(())
+            Ok(results)
+        })
+    }
+
+    fn history(
+        &self,
+        channel: &ChannelName,
+        policy: HistoryPolicy,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let s = state.stream(&channel, policy, Instant::now());
+            let publications = s
+                .ring
+                .iter()
+                .filter(|p| p.offset().is_some_and(|o| o > since))
+                .take(limit)
+                .cloned()
+                .collect();
+            Ok(HistoryPage {
+                top: s.position(),
+                publications,
+            })
         })
     }
 
@@ -51,7 +227,7 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbound;
+    use crate::{inbound, Idempotency, Received};
     use bytes::Bytes;
     use herald_metrics::Metrics;
     use herald_protocol::Payload;
@@ -63,17 +239,133 @@ mod tests {
         )
     }
 
+    fn policy(size: usize) -> HistoryPolicy {
+        HistoryPolicy {
+            size,
+            ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(600),
+        }
+    }
+
+    fn received(r: Option<Received>) -> Publication {
+        match r {
+            Some(Received::Publication(p)) => p,
+            other => panic!("expected a publication, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn delivers_in_order() {
         let (tx, mut rx) = inbound(16, Metrics::unregistered());
         let broker = MemoryBroker::new(tx);
         broker
-            .publish((0..10).map(publication).collect())
+            .publish(
+                (0..10)
+                    .map(|n| PublishRequest::plain(publication(n)))
+                    .collect(),
+            )
             .await
             .unwrap();
         for n in 0..10 {
-            assert_eq!(rx.recv().await.unwrap().payload, publication(n).payload);
+            assert_eq!(received(rx.recv().await).payload, publication(n).payload);
         }
+    }
+
+    #[tokio::test]
+    async fn history_assigns_contiguous_offsets_and_keeps_the_newest() {
+        let (tx, mut rx) = inbound(64, Metrics::unregistered());
+        let broker = MemoryBroker::new(tx);
+        let reqs = (0..10)
+            .map(|n| PublishRequest {
+                history: Some(policy(4)),
+                ..PublishRequest::plain(publication(n))
+            })
+            .collect();
+        let results = broker.publish(reqs).await.unwrap();
+        let offsets: Vec<u64> = results.iter().map(|r| r.position.unwrap().offset).collect();
+        assert_eq!(offsets, (1..=10).collect::<Vec<_>>());
+        for n in 1..=10 {
+            assert_eq!(received(rx.recv().await).offset(), Some(n));
+        }
+        let page = broker
+            .history(&ChannelName::new("c").unwrap(), policy(4), 5, 100)
+            .await
+            .unwrap();
+        assert_eq!(page.top.offset, 10);
+        assert_eq!(page.top.epoch, results[0].position.unwrap().epoch);
+        let got: Vec<u64> = page
+            .publications
+            .iter()
+            .filter_map(Publication::offset)
+            .collect();
+        assert_eq!(got, vec![7, 8, 9, 10], "trimmed to the newest 4");
+    }
+
+    #[tokio::test]
+    async fn reading_an_empty_channel_fixes_its_epoch() {
+        let (tx, _rx) = inbound(4, Metrics::unregistered());
+        let broker = MemoryBroker::new(tx);
+        let c = ChannelName::new("c").unwrap();
+        let before = broker.history(&c, policy(4), 0, 10).await.unwrap().top;
+        assert_eq!(before.offset, 0);
+        let r = broker
+            .publish(vec![PublishRequest {
+                history: Some(policy(4)),
+                ..PublishRequest::plain(publication(1))
+            }])
+            .await
+            .unwrap();
+        assert_eq!(r[0].position.unwrap().epoch, before.epoch);
+    }
+
+    #[tokio::test]
+    async fn expired_history_keeps_the_epoch_and_expired_streams_get_a_new_one() {
+        let (tx, _rx) = inbound(16, Metrics::unregistered());
+        let broker = MemoryBroker::new(tx);
+        let c = ChannelName::new("c").unwrap();
+        let short = HistoryPolicy {
+            size: 10,
+            ttl: Duration::from_millis(30),
+            meta_ttl: Duration::from_millis(200),
+        };
+        let req = || PublishRequest {
+            history: Some(short),
+            ..PublishRequest::plain(publication(1))
+        };
+        let first = broker.publish(vec![req()]).await.unwrap()[0]
+            .position
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let page = broker.history(&c, short, 0, 10).await.unwrap();
+        assert_eq!(
+            (page.top, page.publications.len()),
+            (first, 0),
+            "history expired, position kept"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let page = broker.history(&c, short, 0, 10).await.unwrap();
+        assert_eq!(page.top.offset, 0);
+        assert_ne!(page.top.epoch, first.epoch, "a new stream, a new epoch");
+    }
+
+    #[tokio::test]
+    async fn idempotent_publishes_take_effect_once() {
+        let (tx, mut rx) = inbound(16, Metrics::unregistered());
+        let broker = MemoryBroker::new(tx);
+        let req = || PublishRequest {
+            history: Some(policy(4)),
+            idempotency: Some(Idempotency {
+                key: "k".into(),
+                window: Duration::from_secs(60),
+            }),
+            ..PublishRequest::plain(publication(1))
+        };
+        let a = broker.publish(vec![req()]).await.unwrap()[0];
+        let b = broker.publish(vec![req()]).await.unwrap()[0];
+        assert!(!a.duplicate && b.duplicate);
+        assert_eq!(a.position, b.position);
+        received(rx.recv().await);
+        assert!(rx.rx.try_recv().is_err(), "the retry published nothing");
     }
 
     #[tokio::test]
@@ -90,7 +382,9 @@ mod tests {
         drop(rx);
         let broker = MemoryBroker::new(tx);
         assert_eq!(
-            broker.publish(vec![publication(0)]).await,
+            broker
+                .publish(vec![PublishRequest::plain(publication(0))])
+                .await,
             Err(BrokerError::Closed)
         );
     }

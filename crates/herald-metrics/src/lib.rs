@@ -97,6 +97,23 @@ pub struct Metrics {
     /// Time from the publishing node accepting a message to this node writing it to a
     /// subscriber's socket (sampled once per socket write batch).
     pub delivery_lag_seconds: Histogram,
+    /// Subscribes with `since` that resumed with every missed publication.
+    pub recovered: IntCounter,
+    /// Subscribes with `since` that could not resume (told `recovered:false`).
+    pub not_recovered: IntCounter,
+    /// Publications delivered from history to resuming subscribers.
+    pub replayed: IntCounter,
+    /// Gaps in a history channel's offsets that the node repaired from the stream.
+    pub history_repairs: IntCounter,
+    /// Publications the node fetched from streams to repair gaps.
+    pub history_repaired: IntCounter,
+    /// Gaps or epoch changes the node could not repair; its subscribers got a `reset`.
+    pub history_unrepairable: IntCounter,
+    /// Publications of a history channel that arrived again (already delivered) and
+    /// were skipped.
+    pub history_duplicates: IntCounter,
+    /// Time for the broker's history script (a publish batch on history channels).
+    pub history_script_seconds: Histogram,
 }
 
 impl Metrics {
@@ -144,6 +161,12 @@ impl Metrics {
             "herald_messages_dropped_total",
             "Messages not delivered, by reason (slow_consumer: per subscriber; hub_overflow: per message).",
             "reason",
+        )?;
+
+        let recoveries = counter_vec(
+            "herald_recoveries_total",
+            "Subscribes that asked to resume (since), by outcome (recovered, not_recovered).",
+            "outcome",
         )?;
 
         let build = IntGaugeVec::new(
@@ -246,6 +269,33 @@ impl Metrics {
             delivery_lag_seconds: histogram(
                 "herald_delivery_lag_seconds",
                 "Time from the publishing node accepting a message to this node writing it to a subscriber's socket; sampled once per socket write batch.",
+                latency_buckets.clone(),
+            )?,
+            recovered: recoveries.with_label_values(&["recovered"]),
+            not_recovered: recoveries.with_label_values(&["not_recovered"]),
+            replayed: counter(
+                "herald_publications_replayed_total",
+                "Publications delivered from history to subscribers that resumed.",
+            )?,
+            history_repairs: counter(
+                "herald_history_repairs_total",
+                "Gaps in history channels' offsets that the node repaired from the stream.",
+            )?,
+            history_repaired: counter(
+                "herald_history_repaired_publications_total",
+                "Publications fetched from streams to repair gaps.",
+            )?,
+            history_unrepairable: counter(
+                "herald_history_unrepairable_total",
+                "Gaps or epoch changes the node could not repair (subscribers got a reset frame).",
+            )?,
+            history_duplicates: counter(
+                "herald_history_duplicates_total",
+                "Publications of history channels that arrived again and were skipped.",
+            )?,
+            history_script_seconds: histogram(
+                "herald_history_script_seconds",
+                "Time for the broker to run a publish batch on history channels.",
                 latency_buckets,
             )?,
         })

@@ -87,6 +87,69 @@ impl fmt::Debug for ChannelName {
     }
 }
 
+/// One channel pattern: an exact channel name, or a prefix followed by a single trailing
+/// `*` (`news:*`; a lone `*` matches every channel). In configuration it is a string.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ChannelPattern {
+    /// The pattern as written.
+    written: String,
+    /// Whether it ends in `*` (then `written` minus the `*` is a prefix).
+    prefix: bool,
+}
+
+impl ChannelPattern {
+    /// Parses a pattern.
+    pub fn new(p: &str) -> Result<Self, InvalidPattern> {
+        let bad = || InvalidPattern {
+            pattern: p.to_owned(),
+        };
+        if let Some(prefix) = p.strip_suffix('*') {
+            if !prefix.bytes().all(is_channel_byte) || prefix.len() >= MAX_LEN {
+                return Err(bad());
+            }
+            Ok(ChannelPattern {
+                written: p.to_owned(),
+                prefix: true,
+            })
+        } else {
+            validate(p.as_bytes()).map_err(|_| bad())?;
+            Ok(ChannelPattern {
+                written: p.to_owned(),
+                prefix: false,
+            })
+        }
+    }
+
+    /// Whether `channel` matches.
+    pub fn matches(&self, channel: &str) -> bool {
+        if self.prefix {
+            channel.starts_with(&self.written[..self.written.len() - 1])
+        } else {
+            channel == self.written
+        }
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.written
+    }
+}
+
+impl TryFrom<String> for ChannelPattern {
+    type Error = InvalidPattern;
+
+    fn try_from(s: String) -> Result<Self, InvalidPattern> {
+        ChannelPattern::new(&s)
+    }
+}
+
+impl From<ChannelPattern> for String {
+    fn from(p: ChannelPattern) -> String {
+        p.written
+    }
+}
+
 /// A set of channel patterns, e.g. the channels clients may publish to.
 ///
 /// A pattern is either an exact channel name, or a prefix followed by a single trailing
@@ -197,6 +260,12 @@ mod tests {
         assert!(!ChannelPatterns::default().matches("news"));
         assert!(ChannelPatterns::new(["a*b"]).is_err());
         assert!(ChannelPatterns::new(["bad space"]).is_err());
+        let one = ChannelPattern::new("news:*").unwrap();
+        assert!(one.matches("news:a") && !one.matches("new"));
+        assert!(ChannelPattern::new("*").unwrap().matches("x"));
+        assert!(ChannelPattern::new("exact").unwrap().matches("exact"));
+        assert!(!ChannelPattern::new("exact").unwrap().matches("exactly"));
+        assert!(ChannelPattern::new("a*b").is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::channel::{ChannelName, InvalidChannel};
-use crate::ErrorCode;
+use crate::{Epoch, ErrorCode};
 
 /// A well-formed client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,12 @@ pub enum Request {
         channel: ChannelName,
         /// Echoed in the reply.
         id: Option<u64>,
+        /// The client tracks stream positions on this subscription (`"recover":true`, or
+        /// implied by `since`): binary deliveries on history channels then carry their
+        /// offset (see [`crate::server::encode_delivery`]).
+        recover: bool,
+        /// Resume after this position: deliver what was published since, then go live.
+        since: Option<Since>,
     },
     /// Stop receiving a channel's messages.
     Unsubscribe {
@@ -44,6 +50,23 @@ pub enum Request {
         /// Echoed in the reply.
         id: Option<u64>,
     },
+}
+
+/// A position a client resumes from: `{"offset":41,"epoch":"Xk3f0a1b"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Since {
+    /// The last offset the client received.
+    pub offset: u64,
+    /// The epoch it was in; `None` when the text is not an epoch this server could have
+    /// issued (then the client cannot be resumed, and is told so).
+    pub epoch: Option<Epoch>,
+}
+
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
 }
 
 /// A frame the server must answer with an error, keeping the connection open.
@@ -81,6 +104,9 @@ struct RawRequest<'a> {
     id: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    recover: Option<bool>,
+    #[serde(borrow)]
+    since: Option<RawSince<'a>>,
 }
 
 /// Parses a text frame.
@@ -118,10 +144,18 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
         ChannelName::new(c).map_err(|e| RequestError::channel(id, e))
     };
     match &*op {
-        "subscribe" => Ok(Request::Subscribe {
-            channel: channel()?,
-            id,
-        }),
+        "subscribe" => {
+            let since = raw.since.map(|s| Since {
+                offset: s.offset,
+                epoch: Epoch::parse(&s.epoch),
+            });
+            Ok(Request::Subscribe {
+                channel: channel()?,
+                id,
+                recover: raw.recover.unwrap_or(false) || since.is_some(),
+                since,
+            })
+        }
         "unsubscribe" => Ok(Request::Unsubscribe {
             channel: channel()?,
             id,
@@ -169,12 +203,22 @@ pub fn parse_binary(frame: &Bytes) -> Result<(ChannelName, Bytes), RequestError>
     Ok((channel, frame.slice(end..)))
 }
 
-/// `{"op":"subscribe","channel":C,"id":N}`, as a client sends it (for Rust clients: the
-/// bench tool, tests).
-pub fn encode_subscribe(channel: &ChannelName, id: Option<u64>) -> String {
+/// `{"op":"subscribe","channel":C,"id":N}`, with `"since":{"offset":O,"epoch":E}` when
+/// resuming, as a client sends it (for Rust clients: the bench tool, tests).
+pub fn encode_subscribe(
+    channel: &ChannelName,
+    id: Option<u64>,
+    since: Option<crate::StreamPosition>,
+) -> String {
     let mut s = format!(r#"{{"op":"subscribe","channel":"{channel}""#);
     if let Some(id) = id {
         s.push_str(&format!(r#","id":{id}"#));
+    }
+    if let Some(p) = since {
+        s.push_str(&format!(
+            r#","since":{{"offset":{},"epoch":"{}"}}"#,
+            p.offset, p.epoch
+        ));
     }
     s.push('}');
     s
@@ -214,8 +258,31 @@ mod tests {
             parse(r#"{"op":"subscribe","channel":"news","id":1}"#).unwrap(),
             Request::Subscribe {
                 channel: ChannelName::new("news").unwrap(),
-                id: Some(1)
+                id: Some(1),
+                recover: false,
+                since: None,
             }
+        );
+        assert_eq!(
+            parse(r#"{"op":"subscribe","channel":"n","since":{"offset":41,"epoch":"0000000a"}}"#)
+                .unwrap(),
+            Request::Subscribe {
+                channel: ChannelName::new("n").unwrap(),
+                id: None,
+                recover: true,
+                since: Some(Since {
+                    offset: 41,
+                    epoch: Epoch::new(10)
+                }),
+            }
+        );
+        // An epoch this server could not have issued is no error: the resume fails.
+        match parse(r#"{"op":"subscribe","channel":"n","since":{"offset":1,"epoch":"?"}}"#) {
+            Ok(Request::Subscribe { since, .. }) => assert_eq!(since.unwrap().epoch, None),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            parse(r#"{"op":"subscribe","channel":"n","since":{"offset":-1,"epoch":"a"}}"#).is_err()
         );
         assert_eq!(
             parse(r#"{"op":"ping"}"#).unwrap(),
@@ -249,14 +316,31 @@ mod tests {
     #[test]
     fn encoded_subscribe_parses_back() {
         let news = ChannelName::new("news").unwrap();
-        let frame = Bytes::from(encode_subscribe(&news, Some(7)));
+        let frame = Bytes::from(encode_subscribe(&news, Some(7), None));
         assert_eq!(
             parse_text(&frame).unwrap(),
             Request::Subscribe {
-                channel: news,
-                id: Some(7)
+                channel: news.clone(),
+                id: Some(7),
+                recover: false,
+                since: None,
             }
         );
+        let at = crate::StreamPosition {
+            offset: 9,
+            epoch: Epoch::new(5).unwrap(),
+        };
+        let frame = Bytes::from(encode_subscribe(&news, None, Some(at)));
+        match parse_text(&frame).unwrap() {
+            Request::Subscribe { since, .. } => assert_eq!(
+                since,
+                Some(Since {
+                    offset: 9,
+                    epoch: Some(at.epoch)
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -8,12 +8,16 @@
 //! offset  size  field
 //! 0       6     magic: 00 'H' 'R' 'L' 'D' 01   (01 = envelope version 1)
 //! 6       1     kind: 0 = JSON, 1 = binary
-//! 7       1     flags: bit 0 = offset and epoch follow (reserved for recovery; unset in v1)
+//! 7       1     flags: bit 0 = offset and epoch follow (publications on history channels)
 //! 8       8     published_at_us: u64 big-endian, µs since the Unix epoch on the publishing node
 //! [16     8     offset: u64 big-endian, per-channel position        (only with flag bit 0)]
 //! [24     8     epoch:  u64 big-endian, identifies the offset stream (only with flag bit 0)]
 //! ...           payload, unchanged
 //! ```
+//!
+//! On history channels the publishing node sends the first 16 bytes ([`head`], flag bit
+//! 0 set) and the payload to the broker, which assigns the position and puts the body
+//! together (in Redis, the history script does this atomically with storing it).
 //!
 //! The magic starts with a NUL byte, which no JSON text and no text a human types starts
 //! with, so a raw payload is never mistaken for an envelope. A body without the magic
@@ -23,7 +27,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::{ChannelName, Payload, Publication};
+use crate::{ChannelName, Epoch, Payload, Publication, StreamPosition};
 
 /// The first bytes of every envelope.
 pub const MAGIC: &[u8; 6] = b"\x00HRLD\x01";
@@ -31,21 +35,44 @@ pub const MAGIC: &[u8; 6] = b"\x00HRLD\x01";
 pub const HEADER_LEN: usize = 16;
 const FLAG_OFFSET: u8 = 1;
 
-/// Encodes a publication's body for the broker (the channel travels separately).
+/// Encodes a publication's body for the broker (the channel travels separately), with
+/// its position when it has one.
 pub fn encode(p: &Publication) -> Bytes {
-    let payload = match &p.payload {
+    let payload = payload_of(p);
+    let mut b = BytesMut::with_capacity(HEADER_LEN + 16 + payload.len());
+    put_head(&mut b, p, p.position.is_some());
+    if let Some(pos) = p.position {
+        b.put_u64(pos.offset);
+        b.put_u64(pos.epoch.get());
+    }
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// The fixed header of a publication that a broker will give a position: magic, kind,
+/// flag bit 0 set, timestamp. The broker appends offset, epoch and the payload.
+pub fn head(p: &Publication) -> [u8; HEADER_LEN] {
+    let mut b = BytesMut::with_capacity(HEADER_LEN);
+    put_head(&mut b, p, true);
+    let mut out = [0u8; HEADER_LEN];
+    out.copy_from_slice(&b);
+    out
+}
+
+fn payload_of(p: &Publication) -> &Bytes {
+    match &p.payload {
         Payload::Json(b) | Payload::Binary(b) => b,
-    };
-    let mut b = BytesMut::with_capacity(HEADER_LEN + payload.len());
+    }
+}
+
+fn put_head(b: &mut BytesMut, p: &Publication, positioned: bool) {
     b.put_slice(MAGIC);
     b.put_u8(match p.payload {
         Payload::Json(_) => 0,
         Payload::Binary(_) => 1,
     });
-    b.put_u8(0);
+    b.put_u8(if positioned { FLAG_OFFSET } else { 0 });
     b.put_u64(p.published_at_us);
-    b.put_slice(payload);
-    b.freeze()
 }
 
 /// Whether a body decoded as an envelope or as a raw publication.
@@ -61,13 +88,19 @@ pub enum Origin {
 pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
     if body.len() >= HEADER_LEN && body.starts_with(MAGIC) && body[6] <= 1 {
         let flags = body[7];
-        let at = u64::from_be_bytes(body[8..16].try_into().unwrap_or([0; 8]));
-        let start = if flags & FLAG_OFFSET != 0 {
-            HEADER_LEN + 16
+        let at = be_u64(&body[8..16]);
+        let (start, position) = if flags & FLAG_OFFSET != 0 && body.len() >= HEADER_LEN + 16 {
+            let offset = be_u64(&body[16..24]);
+            let epoch = Epoch::new(be_u64(&body[24..32]));
+            (
+                HEADER_LEN + 16,
+                epoch.map(|epoch| StreamPosition { offset, epoch }),
+            )
         } else {
-            HEADER_LEN
+            (HEADER_LEN, None)
         };
-        if body.len() >= start {
+        let positioned_ok = flags & FLAG_OFFSET == 0 || position.is_some();
+        if body.len() >= start && positioned_ok {
             let data = body.slice(start..);
             let payload = if body[6] == 0 {
                 Payload::Json(data)
@@ -79,6 +112,7 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
                     channel,
                     payload,
                     published_at_us: at,
+                    position,
                 },
                 Origin::Herald,
             );
@@ -90,9 +124,14 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
             channel,
             payload,
             published_at_us: 0,
+            position: None,
         },
         Origin::Raw,
     )
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
 }
 
 #[cfg(test)]
@@ -110,14 +149,37 @@ mod tests {
             Payload::Binary(Bytes::from_static(&[0, 1, 2, 255])),
             Payload::Binary(Bytes::new()),
         ] {
-            let p = Publication {
-                channel: ch(),
-                payload,
-                published_at_us: 1_700_000_000_123_456,
-            };
-            let (q, origin) = decode(ch(), encode(&p));
-            assert_eq!((q, origin), (p, Origin::Herald));
+            for position in [
+                None,
+                Some(StreamPosition {
+                    offset: 42,
+                    epoch: Epoch::new(7).unwrap(),
+                }),
+            ] {
+                let p = Publication {
+                    channel: ch(),
+                    payload: payload.clone(),
+                    published_at_us: 1_700_000_000_123_456,
+                    position,
+                };
+                let (q, origin) = decode(ch(), encode(&p));
+                assert_eq!((q, origin), (p, Origin::Herald));
+            }
         }
+    }
+
+    #[test]
+    fn head_plus_position_plus_payload_is_the_positioned_body() {
+        let mut p = Publication::now(ch(), Payload::Json(Bytes::from_static(b"[1]")));
+        p.position = Some(StreamPosition {
+            offset: 3,
+            epoch: Epoch::new(99).unwrap(),
+        });
+        let mut body = head(&p).to_vec();
+        body.extend_from_slice(&3u64.to_be_bytes());
+        body.extend_from_slice(&99u64.to_be_bytes());
+        body.extend_from_slice(b"[1]");
+        assert_eq!(Bytes::from(body), encode(&p));
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub mod envelope;
 pub mod publication;
 pub mod server;
 
-pub use channel::{ChannelName, ChannelPatterns, InvalidChannel};
-pub use publication::{Payload, Publication};
+pub use channel::{ChannelName, ChannelPattern, ChannelPatterns, InvalidChannel};
+pub use publication::{Epoch, Payload, Publication, StreamPosition};
 
 /// The protocol version announced in the welcome frame.
 pub const VERSION: u32 = 1;
@@ -62,6 +62,9 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// Something failed inside the gateway.
     Internal,
+    /// The broker did not answer in time: the publication may or may not have been
+    /// published. Retrying with the same `idempotency_key` is safe (HTTP only).
+    UnknownOutcome,
 }
 
 impl ErrorCode {
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnknownOutcome => "unknown_outcome",
         }
     }
 }

@@ -59,17 +59,96 @@ pub struct Publication {
     /// when unknown (e.g. published straight into a broker by a backend). Carried so
     /// that every node can measure end-to-end delivery lag.
     pub published_at_us: u64,
+    /// Its place in the channel's stream, on channels with history (set by the broker
+    /// that stored it); `None` on channels without history.
+    pub position: Option<StreamPosition>,
 }
 
 impl Publication {
-    /// A publication stamped with the current time.
+    /// A publication stamped with the current time, not yet in any stream.
     pub fn now(channel: ChannelName, payload: Payload) -> Self {
         Publication {
             channel,
             payload,
             published_at_us: unix_micros(),
+            position: None,
         }
     }
+
+    /// Its offset in the channel's stream, if it has one.
+    pub fn offset(&self) -> Option<u64> {
+        self.position.map(|p| p.offset)
+    }
+}
+
+/// Identifies one run of a channel's offsets. It changes whenever the channel's history
+/// is lost or reset (Redis restarted without persistence, keys evicted or expired, a
+/// memory-broker node restarted), so that a client holding an offset of an earlier run
+/// can tell that it cannot resume from it.
+///
+/// On the wire it is a string of 8 characters from `0-9a-z` (base 36); inside a
+/// broker it is the number (below 36^8, which a Lua script handles exactly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch(u64);
+
+impl Epoch {
+    /// Epoch values are below this (36^8).
+    pub const LIMIT: u64 = 2_821_109_907_456;
+
+    /// The epoch with this number, if it is in range.
+    pub fn new(n: u64) -> Option<Epoch> {
+        (n < Epoch::LIMIT).then_some(Epoch(n))
+    }
+
+    /// An epoch from 64 random bits.
+    pub fn from_random(bits: u64) -> Epoch {
+        Epoch(bits % Epoch::LIMIT)
+    }
+
+    /// Its number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// Parses the wire form (exactly 8 characters of `0-9a-z`).
+    pub fn parse(s: &str) -> Option<Epoch> {
+        if s.len() != 8 {
+            return None;
+        }
+        let mut n = 0u64;
+        for c in s.bytes() {
+            let d = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'z' => c - b'a' + 10,
+                _ => return None,
+            };
+            n = n * 36 + u64::from(d);
+        }
+        Epoch::new(n)
+    }
+}
+
+impl std::fmt::Display for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut buf = [b'0'; 8];
+        let mut n = self.0;
+        for slot in buf.iter_mut().rev() {
+            let d = (n % 36) as u8;
+            *slot = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+            n /= 36;
+        }
+        f.write_str(std::str::from_utf8(&buf).unwrap_or("00000000"))
+    }
+}
+
+/// A place in a channel's stream: the offset of a publication (the first is 1; 0 is
+/// "before the first") within an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    /// Publications so far in this epoch, i.e. the last one's offset.
+    pub offset: u64,
+    /// Which run of offsets.
+    pub epoch: Epoch,
 }
 
 /// Microseconds since the Unix epoch, by the system clock.
@@ -78,4 +157,27 @@ pub fn unix_micros() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_print_and_parse_back() {
+        for n in [0, 1, 35, 36, Epoch::LIMIT - 1] {
+            let e = Epoch::new(n).unwrap();
+            let s = e.to_string();
+            assert_eq!(s.len(), 8, "{s}");
+            assert_eq!(Epoch::parse(&s), Some(e));
+        }
+        assert_eq!(Epoch::new(Epoch::LIMIT), None);
+        assert_eq!(
+            Epoch::parse("zzzzzzzz").map(Epoch::get),
+            Some(Epoch::LIMIT - 1)
+        );
+        for bad in ["", "0000000", "000000000", "0000000A", "0000-000"] {
+            assert_eq!(Epoch::parse(bad), None, "{bad}");
+        }
+    }
 }

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::{ErrorCode, Payload, Publication, VERSION};
+use crate::{ErrorCode, Payload, Publication, StreamPosition, VERSION};
 
 /// `{"op":"welcome","version":1,"node":N,"conn":C}`: the first frame of every session.
 pub fn welcome(node: &str, conn: &str) -> String {
@@ -27,6 +27,41 @@ pub fn ack(op: Ack, channel: &str, id: Option<u64>) -> String {
     push_id(&mut s, id);
     s.push('}');
     s
+}
+
+/// `{"op":"subscribed","channel":C,"id":N,"offset":O,"epoch":E[,"recovered":R]}`: the
+/// reply to a subscribe on a history channel. `position` is the stream's at subscribe
+/// time; `recovered` is there when the client asked to resume (`since`).
+pub fn subscribed(
+    channel: &str,
+    id: Option<u64>,
+    position: StreamPosition,
+    recovered: Option<bool>,
+) -> String {
+    let mut s = ack(Ack::Subscribed, channel, id);
+    s.pop();
+    push_position(&mut s, position);
+    if let Some(r) = recovered {
+        let _ = write!(s, r#","recovered":{r}"#);
+    }
+    s.push('}');
+    s
+}
+
+/// `{"op":"reset","channel":C,"offset":O,"epoch":E}`: the node could not deliver every
+/// publication of a history channel to this subscriber (the channel's history was reset
+/// or lost, or a gap could not be repaired). The client should reload its state from
+/// the application and continue from this position; the next delivery is `O + 1`.
+pub fn reset(channel: &str, position: StreamPosition) -> String {
+    let mut s = String::with_capacity(64 + channel.len());
+    let _ = write!(s, r#"{{"op":"reset","channel":"{channel}""#);
+    push_position(&mut s, position);
+    s.push('}');
+    s
+}
+
+fn push_position(s: &mut String, p: StreamPosition) {
+    let _ = write!(s, r#","offset":{},"epoch":"{}""#, p.offset, p.epoch);
 }
 
 /// Which request an [`ack`] answers.
@@ -74,13 +109,16 @@ pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 /// A delivery frame, encoded once per node and shared by every subscriber.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
-    /// `{"op":"message","channel":C,"data":D}` as a text frame.
+    /// `{"op":"message","channel":C,"data":D}` as a text frame, with `,"offset":O`
+    /// before the closing brace on history channels.
     Text(String),
     /// `[1 byte L][L bytes channel][payload]` as a binary frame.
     Binary(Bytes),
 }
 
-/// Encodes a publication for delivery to subscribers.
+/// Encodes a publication for delivery to subscribers. Binary publications on history
+/// channels are encoded here without their offset; subscribers that track positions get
+/// [`binary_frame_with_offset`] instead.
 pub fn encode_delivery(p: &Publication) -> Delivery {
     let channel = p.channel.as_str();
     match &p.payload {
@@ -92,11 +130,14 @@ pub fn encode_delivery(p: &Publication) -> Delivery {
                 Ok(s) => std::borrow::Cow::Borrowed(s),
                 Err(_) => std::borrow::Cow::Owned(json_string(&String::from_utf8_lossy(data))),
             };
-            let mut s = String::with_capacity(40 + channel.len() + data.len());
+            let mut s = String::with_capacity(64 + channel.len() + data.len());
             s.push_str(r#"{"op":"message","channel":""#);
             s.push_str(channel);
             s.push_str(r#"","data":"#);
             s.push_str(&data);
+            if let Some(offset) = p.offset() {
+                let _ = write!(s, r#","offset":{offset}"#);
+            }
             s.push('}');
             Delivery::Text(s)
         }
@@ -108,6 +149,20 @@ pub fn encode_delivery(p: &Publication) -> Delivery {
 /// name, so `L` fits in a byte.
 pub fn binary_frame(channel: &str, payload: &[u8]) -> Bytes {
     let mut b = BytesMut::with_capacity(1 + channel.len() + payload.len());
+    b.put_u8(channel.len() as u8);
+    b.put_slice(channel.as_bytes());
+    b.put_slice(payload);
+    b.freeze()
+}
+
+/// Builds `[0x00][8 bytes offset, big-endian][1 byte L][L bytes channel][payload]`: the
+/// binary delivery of a history channel to a subscriber that tracks positions. The
+/// leading zero byte cannot start a plain binary delivery (channel names are never
+/// empty), so a client tells the two layouts apart by it.
+pub fn binary_frame_with_offset(channel: &str, offset: u64, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(10 + channel.len() + payload.len());
+    b.put_u8(0);
+    b.put_u64(offset);
     b.put_u8(channel.len() as u8);
     b.put_slice(channel.as_bytes());
     b.put_slice(payload);
@@ -144,6 +199,39 @@ mod tests {
         assert_eq!(
             ack(Ack::Subscribed, "news", Some(1)),
             r#"{"op":"subscribed","channel":"news","id":1}"#
+        );
+    }
+
+    #[test]
+    fn history_frames() {
+        let at = StreamPosition {
+            offset: 57,
+            epoch: crate::Epoch::new(36).unwrap(),
+        };
+        assert_eq!(
+            subscribed("news", Some(1), at, Some(true)),
+            r#"{"op":"subscribed","channel":"news","id":1,"offset":57,"epoch":"00000010","recovered":true}"#
+        );
+        assert_eq!(
+            subscribed("news", None, at, None),
+            r#"{"op":"subscribed","channel":"news","offset":57,"epoch":"00000010"}"#
+        );
+        assert_eq!(
+            reset("news", at),
+            r#"{"op":"reset","channel":"news","offset":57,"epoch":"00000010"}"#
+        );
+        let mut p = Publication::now(
+            ChannelName::new("news").unwrap(),
+            Payload::Json(Bytes::from_static(b"1")),
+        );
+        p.position = Some(at);
+        assert_eq!(
+            encode_delivery(&p),
+            Delivery::Text(r#"{"op":"message","channel":"news","data":1,"offset":57}"#.into())
+        );
+        assert_eq!(
+            &binary_frame_with_offset("b", 2, &[9])[..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 2, 1, b'b', 9]
         );
     }
 

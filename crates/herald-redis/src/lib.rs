@@ -32,30 +32,38 @@
 //! - `supervisor`: the task that connects, (re)subscribes in batches, probes and
 //!   reconnects.
 //! - `push`: decoding what Redis pushes and handing it to the hub's inbound queue.
+//! - `history`: publishing (plain `PUBLISH`, or the publish script for history channels
+//!   and idempotency keys) and reading history; the scripts and the keys they use.
 #![deny(missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use herald_broker::{BoxFuture, Broker, BrokerError, Inbound, Ready};
+use herald_broker::{
+    BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PublishRequest, Published,
+    Ready,
+};
 use herald_metrics::Metrics;
-use herald_protocol::envelope;
-use herald_protocol::{ChannelName, Publication};
+use herald_protocol::ChannelName;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 mod config;
+mod history;
 mod push;
 mod shared;
 mod supervisor;
 
 pub use config::{RedisBrokerError, RedisConfig};
+pub use history::{HISTORY_SCRIPT, PUBLISH_SCRIPT};
 
 use shared::{Conn, Inner, Wanted};
 
 /// The Redis broker. Dropping it stops its supervisor task.
 pub struct RedisBroker {
     inner: Arc<Inner>,
+    /// The publish and history scripts, hashed once.
+    scripts: history::Scripts,
     supervisor: tokio::task::JoinHandle<()>,
 }
 
@@ -90,53 +98,62 @@ impl RedisBroker {
             lost: Arc::new(Notify::new()),
         });
         let supervisor = tokio::spawn(supervisor::supervise(inner.clone()));
-        Ok(RedisBroker { inner, supervisor })
+        Ok(RedisBroker {
+            inner,
+            scripts: history::Scripts::new(),
+            supervisor,
+        })
+    }
+}
+
+impl RedisBroker {
+    fn target(&self, conn: Conn) -> history::Redis<'_> {
+        history::Redis {
+            conn,
+            scripts: &self.scripts,
+            prefix: &self.inner.config.prefix,
+            timeout: self.inner.config.timeout,
+        }
+    }
+
+    /// The connection, while Redis is up.
+    fn live(&self) -> Result<Conn, BrokerError> {
+        let conn = self.inner.conn.read().clone();
+        conn.filter(|_| self.is_up())
+            .ok_or_else(|| BrokerError::Unavailable("Redis is not connected".into()))
     }
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, batch: Vec<Publication>) -> BoxFuture<'_, Result<(), BrokerError>> {
+    fn publish(
+        &self,
+        batch: Vec<PublishRequest>,
+    ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>> {
         Box::pin(async move {
-            let conn = self.inner.conn.read().clone();
-            let Some(conn) = conn.filter(|_| self.is_up()) else {
-                return Err(BrokerError::Unavailable("Redis is not connected".into()));
-            };
-            let prefix = &self.inner.config.prefix;
-            let limit = self.inner.config.timeout;
-            let result = match conn {
-                Conn::Single(mut c) => {
-                    let mut pipe = redis::pipe();
-                    for p in &batch {
-                        pipe.cmd("PUBLISH")
-                            .arg(format!("{prefix}{}", p.channel))
-                            .arg(envelope::encode(p).as_ref())
-                            .ignore();
-                    }
-                    tokio::time::timeout(limit, pipe.query_async::<()>(&mut c)).await
-                }
-                Conn::Cluster(mut c) => {
-                    // Sequential: keeps per-channel order without relying on how the
-                    // cluster client interleaves requests to different masters.
-                    tokio::time::timeout(limit, async {
-                        for p in &batch {
-                            redis::cmd("SPUBLISH")
-                                .arg(format!("{prefix}{}", p.channel))
-                                .arg(envelope::encode(p).as_ref())
-                                .query_async::<()>(&mut c)
-                                .await?;
-                        }
-                        Ok(())
-                    })
-                    .await
-                }
-            };
-            match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(BrokerError::Unavailable(format!("Redis: {e}"))),
-                Err(_) => Err(BrokerError::Unavailable(
-                    "Redis did not answer in time".into(),
-                )),
+            let conn = self.live()?;
+            let started = std::time::Instant::now();
+            let r = history::publish(self.target(conn), &batch).await;
+            if batch.iter().any(|r| r.history.is_some()) {
+                self.inner
+                    .metrics
+                    .history_script_seconds
+                    .observe(started.elapsed().as_secs_f64());
             }
+            r
+        })
+    }
+
+    fn history(
+        &self,
+        channel: &ChannelName,
+        policy: HistoryPolicy,
+        since: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let conn = self.live()?;
+            history::history(self.target(conn), &channel, policy, since, limit).await
         })
     }
 

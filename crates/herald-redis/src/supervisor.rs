@@ -41,6 +41,8 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         // Resubscribe everything before declaring the node usable again.
         if let Err(e) = sync(&inner, &conn, &mut active).await {
             tracing::warn!(error = %e, "Redis resubscribe failed");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(inner.config.max_reconnect_delay);
             continue;
         }
         *inner.conn.write() = Some(conn.clone());
@@ -49,6 +51,11 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         if connected_before {
             inner.metrics.broker_reconnects.inc();
             tracing::info!(channels = active.len(), "Redis connection restored");
+            // Publications may have been missed while the subscriptions were down: the
+            // hub catches its history channels up from their streams.
+            if inner.inbound.resubscribed().await.is_err() {
+                return;
+            }
         } else {
             tracing::info!(channels = active.len(), "Redis connected");
         }
@@ -58,6 +65,11 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         inner.up.store(false, Ordering::Release);
         inner.metrics.broker_up.set(0);
         *inner.conn.write() = None;
+        // Nothing is delivered until the resubscribe: a new subscriber must wait (or
+        // fail with `unavailable`) rather than be told deliveries flow.
+        for wanted in inner.desired.lock().values() {
+            wanted.setter.unset();
+        }
         tracing::warn!(reason = why, "Redis connection lost; reconnecting");
     }
 }

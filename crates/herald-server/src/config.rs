@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use herald_protocol::ChannelPatterns;
+use herald_broker::HistoryPolicy;
+use herald_protocol::{ChannelPattern, ChannelPatterns};
 use serde::{Deserialize, Serialize};
 
 /// Everything [`crate::Gateway`] needs besides sockets, broker and metrics.
@@ -45,12 +46,94 @@ pub struct AuthConfig {
 }
 
 /// Channel permissions.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelsConfig {
     /// Channel patterns WebSocket clients may publish to (`news`, `chat:*`, `*`).
     /// Empty (the default): clients may only subscribe; backends publish over HTTP.
     pub client_publish: ChannelPatterns,
+    /// Per-channel policy, first match wins (`[[channels.rules]]`). A channel that
+    /// matches no rule has no history.
+    pub rules: Vec<ChannelRule>,
+    /// How long an `idempotency_key` of the publish API is remembered.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            client_publish: ChannelPatterns::default(),
+            rules: Vec::new(),
+            idempotency_window: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ChannelsConfig {
+    /// The first rule that matches `channel`.
+    pub fn rule(&self, channel: &str) -> Option<&ChannelRule> {
+        self.rules.iter().find(|r| r.pattern.matches(channel))
+    }
+
+    /// How `channel` keeps history, if it does.
+    pub fn history(&self, channel: &str) -> Option<HistoryPolicy> {
+        self.rule(channel).and_then(ChannelRule::history)
+    }
+}
+
+/// One `[[channels.rules]]` entry: the policy for channels matching `pattern`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRule {
+    /// Which channels (`news`, `news:*`, `*`).
+    pub pattern: ChannelPattern,
+    /// Publications kept per channel; 0 (the default): no history, at-most-once.
+    #[serde(default)]
+    pub history_size: usize,
+    /// A channel's history expires this long after its last publication.
+    #[serde(default = "default_history_ttl", with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// A channel's offset and epoch expire this long after its last publication or
+    /// read. Longer than `history_ttl`, so that a client resuming after the history
+    /// expired is told `recovered:false` rather than handed a fresh epoch silently.
+    #[serde(default = "default_history_meta_ttl", with = "humantime_serde")]
+    pub history_meta_ttl: Duration,
+    /// A resume that missed more publications than this is refused
+    /// (`recovered:false`); 0 (the default): `history_size`.
+    #[serde(default)]
+    pub max_recovery: usize,
+}
+
+fn default_history_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+fn default_history_meta_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// The most publications a history channel keeps (`history_size`).
+pub const MAX_HISTORY_SIZE: usize = 1_000_000;
+
+impl ChannelRule {
+    /// How this rule's channels keep history, if they do.
+    pub fn history(&self) -> Option<HistoryPolicy> {
+        (self.history_size > 0).then_some(HistoryPolicy {
+            size: self.history_size,
+            ttl: self.history_ttl,
+            meta_ttl: self.history_meta_ttl,
+        })
+    }
+
+    /// The most publications a resume may replay.
+    pub fn max_recovery(&self) -> usize {
+        if self.max_recovery == 0 {
+            self.history_size
+        } else {
+            self.max_recovery.min(self.history_size)
+        }
+    }
 }
 
 /// Per-node and per-connection limits.
@@ -89,6 +172,11 @@ pub struct LimitsConfig {
     /// `unavailable` (only brokers with a subscription step, i.e. Redis, ever wait).
     #[serde(with = "humantime_serde")]
     pub subscribe_timeout: Duration,
+    /// Publications `GET /api/history` returns at most per request.
+    pub max_history_page: usize,
+    /// Publications buffered for one subscriber while its subscribe on a history
+    /// channel reads the history; past it the subscriber is closed as a slow consumer.
+    pub max_recovery_buffer: usize,
 }
 
 impl Default for LimitsConfig {
@@ -107,6 +195,8 @@ impl Default for LimitsConfig {
             inbound_queue: 16 * 1024,
             close_timeout: Duration::from_secs(3),
             subscribe_timeout: Duration::from_secs(5),
+            max_history_page: 1000,
+            max_recovery_buffer: 10_000,
         }
     }
 }
@@ -227,8 +317,36 @@ impl GatewayConfig {
                 "must not be empty (leave it unset to disable)",
             );
         }
+        for (i, r) in self.channels.rules.iter().enumerate() {
+            let key = "channels.rules";
+            let at = format!("rule {} (pattern {:?})", i + 1, r.pattern.as_str());
+            if r.history_size > MAX_HISTORY_SIZE {
+                return bad(
+                    key,
+                    &format!("{at}: history_size may be at most {MAX_HISTORY_SIZE}"),
+                );
+            }
+            if r.history_size > 0 && (r.history_ttl.is_zero() || r.history_meta_ttl.is_zero()) {
+                return bad(
+                    key,
+                    &format!("{at}: history_ttl and history_meta_ttl must be greater than 0"),
+                );
+            }
+            if r.history_meta_ttl < r.history_ttl {
+                return bad(
+                    key,
+                    &format!("{at}: history_meta_ttl must not be shorter than history_ttl"),
+                );
+            }
+            if r.history_size == 0 && r.max_recovery > 0 {
+                return bad(key, &format!("{at}: max_recovery needs history_size > 0"));
+            }
+        }
+        if self.channels.idempotency_window.is_zero() {
+            return bad("channels.idempotency_window", "must be greater than 0");
+        }
         let l = &self.limits;
-        let positive: [(&'static str, usize); 7] = [
+        let positive: [(&'static str, usize); 9] = [
             ("limits.max_connections", l.max_connections),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_subscriptions", l.max_subscriptions),
@@ -236,6 +354,8 @@ impl GatewayConfig {
             ("limits.max_body_bytes", l.max_body_bytes),
             ("limits.max_batch", l.max_batch),
             ("limits.inbound_queue", l.inbound_queue),
+            ("limits.max_history_page", l.max_history_page),
+            ("limits.max_recovery_buffer", l.max_recovery_buffer),
         ];
         for (key, v) in positive {
             if v == 0 {

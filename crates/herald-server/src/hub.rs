@@ -5,30 +5,92 @@
 //! ([`herald_protocol::server::encode_delivery`]) and pushes a cheap clone of the same
 //! bytes into each subscriber's [`SessionHandle`]; it never awaits, so one slow
 //! subscriber can only ever hurt itself.
+//!
+//! History channels add, per channel, where the node's delivery of the stream stands
+//! (`History`): an arriving publication is delivered only if it is the next offset
+//! ([`recovery::verdict`]); a jump starts a **repair** (the missing range is read from
+//! the stream once, delivered in order, then what arrived meanwhile); an epoch change
+//! or a hole the stream cannot fill is announced with a `reset` frame. A subscriber
+//! whose subscribe is still reading the history has its deliveries buffered and merged
+//! after the history ([`recovery::merge`]), so it sees every offset once, in order.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use herald_broker::{Broker, InboundReceiver, Ready};
+use herald_broker::{Broker, HistoryPage, HistoryPolicy, InboundReceiver, Ready, Received};
 use herald_metrics::Metrics;
-use herald_protocol::server::{encode_delivery, Delivery};
-use herald_protocol::{ChannelName, Publication};
+use herald_protocol::client::Since;
+use herald_protocol::server::{self, encode_delivery, Delivery};
+use herald_protocol::{close, ChannelName, Payload, Publication, StreamPosition};
 use indexmap::IndexMap;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::handle::{Item, SessionHandle};
+use crate::recovery::{self, Merged, Out, Verdict};
 
 /// A node-local session id.
 pub(crate) type ConnId = u64;
 
 const SHARDS: usize = 32;
+/// Repairs reading streams at once (after a Redis outage every history channel the
+/// node serves catches up; this keeps that from flooding Redis).
+const REPAIRS_AT_ONCE: usize = 16;
 
 struct Channel {
-    subscribers: IndexMap<ConnId, Arc<SessionHandle>>,
+    subscribers: IndexMap<ConnId, Subscriber>,
     /// Whether the broker delivers this channel yet.
     ready: Ready,
+    /// History channels only.
+    history: Option<Mutex<History>>,
+}
+
+struct Subscriber {
+    handle: Arc<SessionHandle>,
+    /// Binary deliveries carry their offset (the client tracks positions).
+    positions: bool,
+    /// Its subscribe is reading the history: deliveries go to `History::pending`.
+    recovering: AtomicBool,
+    /// It already has every offset up to this (from history): skip them live.
+    through: AtomicU64,
+}
+
+/// Where the node's delivery of a history channel's stream stands.
+struct History {
+    /// Tells this channel's state from a later one of the same name (a repair that
+    /// finishes after the channel was dropped and re-created must not touch it).
+    id: u64,
+    policy: HistoryPolicy,
+    /// The last publication delivered to the channel's subscribers.
+    last: Option<StreamPosition>,
+    /// A repair is reading the stream: arriving publications wait here, in order.
+    repairing: Option<Vec<Publication>>,
+    /// Recovering subscribers' buffers: every publication that reached the channel
+    /// since they subscribed (duplicates possible; the merge sorts them out).
+    pending: HashMap<ConnId, Vec<Publication>>,
+}
+
+/// How a session subscribes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SubscribeOpts {
+    /// The channel's history policy (from its rule), if it keeps history.
+    pub(crate) history: Option<HistoryPolicy>,
+    /// The client tracks positions on this subscription.
+    pub(crate) positions: bool,
+}
+
+/// What [`Hub::complete`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// The subscriber got its `subscribed` reply and is live; `recovered` as answered.
+    Done { recovered: Option<bool> },
+    /// Read the history again (a hole between history and live publications).
+    ReadAgain,
+    /// The subscriber is no longer there.
+    Gone,
 }
 
 pub(crate) struct Hub {
@@ -36,15 +98,22 @@ pub(crate) struct Hub {
     hasher: RandomState,
     broker: Arc<dyn Broker>,
     metrics: Metrics,
+    /// `limits.max_recovery_buffer`.
+    max_pending: usize,
+    next_history_id: AtomicU64,
+    repairs: Arc<Semaphore>,
 }
 
 impl Hub {
-    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics) -> Self {
+    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics, max_pending: usize) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             broker,
             metrics,
+            max_pending,
+            next_history_id: AtomicU64::new(1),
+            repairs: Arc::new(Semaphore::new(REPAIRS_AT_ONCE)),
         }
     }
 
@@ -57,12 +126,14 @@ impl Hub {
     }
 
     /// Adds `conn` to `channel`'s subscribers; the returned [`Ready`] tells when the
-    /// broker delivers the channel.
+    /// broker delivers the channel. On a history channel the subscriber starts out
+    /// recovering (its deliveries are buffered) until [`Hub::complete`].
     pub(crate) fn subscribe(
         &self,
         channel: &ChannelName,
         conn: ConnId,
         handle: &Arc<SessionHandle>,
+        opts: SubscribeOpts,
     ) -> Ready {
         let mut shard = self.shard(channel.as_str()).write();
         let entry = shard.entry(channel.clone()).or_insert_with(|| {
@@ -72,9 +143,28 @@ impl Hub {
             Channel {
                 subscribers: IndexMap::new(),
                 ready: self.broker.subscribe(channel),
+                history: opts.history.map(|policy| {
+                    Mutex::new(History {
+                        id: self.next_history_id.fetch_add(1, Ordering::Relaxed),
+                        policy,
+                        last: None,
+                        repairing: None,
+                        pending: HashMap::new(),
+                    })
+                }),
             }
         });
-        if entry.subscribers.insert(conn, handle.clone()).is_none() {
+        let recovering = entry.history.is_some();
+        if let Some(h) = &entry.history {
+            h.lock().pending.insert(conn, Vec::new());
+        }
+        let sub = Subscriber {
+            handle: handle.clone(),
+            positions: opts.positions,
+            recovering: AtomicBool::new(recovering),
+            through: AtomicU64::new(0),
+        };
+        if entry.subscribers.insert(conn, sub).is_none() {
             self.metrics.subscriptions.inc();
         }
         entry.ready.clone()
@@ -90,12 +180,90 @@ impl Hub {
         if removed {
             self.metrics.subscriptions.dec();
         }
+        if let Some(h) = &entry.history {
+            h.lock().pending.remove(&conn);
+        }
         if entry.subscribers.is_empty() {
             shard.remove(channel.as_str());
             self.broker.unsubscribe(channel);
             self.metrics.channels.dec();
         }
         removed
+    }
+
+    /// Completes `conn`'s subscribe on a history channel with a history read (`page`):
+    /// queues the `subscribed` reply (with the stream position and, for a resume,
+    /// `recovered`), the missed publications when recovered, and what arrived live
+    /// meanwhile, then makes the subscriber live, all under the channel's lock so that
+    /// nothing published meanwhile is lost or repeated.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn complete(
+        &self,
+        channel: &ChannelName,
+        conn: ConnId,
+        id: Option<u64>,
+        page: &HistoryPage,
+        since: Option<Since>,
+        max_recovery: usize,
+        last_attempt: bool,
+    ) -> Completion {
+        let shard = self.shard(channel.as_str()).read();
+        let Some(entry) = shard.get(channel.as_str()) else {
+            return Completion::Gone;
+        };
+        let (Some(sub), Some(h)) = (entry.subscribers.get(&conn), &entry.history) else {
+            return Completion::Gone;
+        };
+        let mut h = h.lock();
+        let Some(pending) = h.pending.get(&conn) else {
+            return Completion::Gone;
+        };
+        let merged = recovery::merge(
+            page.top,
+            &page.publications,
+            pending,
+            since,
+            max_recovery,
+            last_attempt,
+        );
+        let Merged::Ready {
+            recovered,
+            out,
+            through,
+        } = merged
+        else {
+            return Completion::ReadAgain;
+        };
+        h.pending.remove(&conn);
+        sub.handle.push(Item::reply(server::subscribed(
+            channel.as_str(),
+            id,
+            page.top,
+            recovered,
+        )));
+        let mut replayed = 0u64;
+        for o in out {
+            match o {
+                Out::Publication(p) => {
+                    if p.offset().is_some_and(|o| o <= page.top.offset) {
+                        replayed += 1;
+                    }
+                    sub.handle.push(item_for(&p, sub.positions));
+                }
+                Out::Reset(at) => {
+                    self.metrics.history_unrepairable.inc();
+                    sub.handle
+                        .push(Item::reply(server::reset(channel.as_str(), at)));
+                }
+            }
+        }
+        self.metrics.replayed.inc_by(replayed);
+        sub.through.store(through.offset, Ordering::Relaxed);
+        sub.recovering.store(false, Ordering::Relaxed);
+        if h.last.is_none() {
+            h.last = Some(through);
+        }
+        Completion::Done { recovered }
     }
 
     /// Local subscribers of `channel` (for tests and introspection).
@@ -108,12 +276,208 @@ impl Hub {
     }
 
     /// Delivers `p` to every local subscriber of its channel.
-    pub(crate) fn dispatch(&self, p: &Publication) {
+    pub(crate) fn dispatch(self: &Arc<Self>, p: Publication) {
         let shard = self.shard(p.channel.as_str()).read();
         let Some(entry) = shard.get(p.channel.as_str()) else {
             return;
         };
-        let (msg, len) = match encode_delivery(p) {
+        match (&entry.history, p.position) {
+            (Some(h), Some(_)) => {
+                let mut h = h.lock();
+                self.feed_pending(entry, &mut h, std::slice::from_ref(&p));
+                if let Some(waiting) = &mut h.repairing {
+                    waiting.push(p);
+                    return;
+                }
+                self.accept(entry, &mut h, p, true);
+            }
+            _ => {
+                let item = item_for(&p, false);
+                SessionHandle::push_to_all(
+                    entry.subscribers.values().map(|s| &s.handle),
+                    &item,
+                    &self.metrics,
+                );
+            }
+        }
+    }
+
+    /// Appends what reached the channel to every recovering subscriber's buffer; one
+    /// that overflows (its history read takes too long for the publication rate) is
+    /// closed as a slow consumer, like a subscriber whose queue overflows.
+    fn feed_pending(&self, entry: &Channel, h: &mut History, ps: &[Publication]) {
+        if h.pending.is_empty() || ps.is_empty() {
+            return;
+        }
+        let max = self.max_pending;
+        h.pending.retain(|conn, buf| {
+            buf.extend(ps.iter().cloned());
+            if buf.len() <= max {
+                return true;
+            }
+            if let Some(s) = entry.subscribers.get(conn) {
+                self.metrics.slow_consumer_disconnects.inc();
+                self.metrics
+                    .dropped(herald_metrics::DropReason::SlowConsumer, buf.len() as u64);
+                s.handle
+                    .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+            }
+            false
+        });
+    }
+
+    /// Applies [`recovery::verdict`] to an arriving (or repaired) publication.
+    fn accept(
+        self: &Arc<Self>,
+        entry: &Channel,
+        h: &mut History,
+        p: Publication,
+        may_repair: bool,
+    ) {
+        let Some(pos) = p.position else { return };
+        match recovery::verdict(h.last, pos) {
+            Verdict::Deliver => {
+                h.last = Some(pos);
+                self.fan_out(entry, &p);
+            }
+            Verdict::Duplicate => self.metrics.history_duplicates.inc(),
+            Verdict::Gap { after } if may_repair => {
+                h.repairing = Some(vec![p.clone()]);
+                let since = StreamPosition {
+                    offset: after,
+                    epoch: pos.epoch,
+                };
+                tokio::spawn(self.clone().repair(p.channel, h.id, h.policy, since));
+            }
+            Verdict::Gap { .. } | Verdict::NewEpoch => {
+                self.metrics.history_unrepairable.inc();
+                let at = StreamPosition {
+                    offset: pos.offset.saturating_sub(1),
+                    epoch: pos.epoch,
+                };
+                let reset = Item::reply(server::reset(p.channel.as_str(), at));
+                for s in entry.subscribers.values() {
+                    if !s.recovering.load(Ordering::Relaxed) {
+                        s.through.store(at.offset, Ordering::Relaxed);
+                        s.handle.push(Item::control(reset.msg.clone(), reset.len));
+                    }
+                }
+                h.last = Some(pos);
+                self.fan_out(entry, &p);
+            }
+        }
+    }
+
+    /// Delivers a history publication to the live subscribers that do not have it yet.
+    fn fan_out(&self, entry: &Channel, p: &Publication) {
+        let offset = p.offset().unwrap_or(0);
+        let live = |positions: bool| {
+            entry.subscribers.values().filter(move |s| {
+                s.positions == positions
+                    && !s.recovering.load(Ordering::Relaxed)
+                    && s.through.load(Ordering::Relaxed) < offset
+            })
+        };
+        let plain = item_for(p, false);
+        let m = &self.metrics;
+        if matches!(p.payload, Payload::Binary(_)) {
+            SessionHandle::push_to_all(live(false).map(|s| &s.handle), &plain, m);
+            let positioned = item_for(p, true);
+            SessionHandle::push_to_all(live(true).map(|s| &s.handle), &positioned, m);
+        } else {
+            // Text deliveries carry the offset for everyone: one encoding.
+            SessionHandle::push_to_all(live(false).chain(live(true)).map(|s| &s.handle), &plain, m);
+        }
+    }
+
+    /// Reads the publications after `since` from the stream and delivers them, then
+    /// what arrived while reading; a hole the stream cannot fill becomes a `reset`.
+    async fn repair(
+        self: Arc<Self>,
+        channel: ChannelName,
+        id: u64,
+        policy: HistoryPolicy,
+        since: StreamPosition,
+    ) {
+        let page = {
+            let _permit = self.repairs.clone().acquire_owned().await;
+            self.broker
+                .history(&channel, policy, since.offset, policy.size)
+                .await
+        };
+        let shard = self.shard(channel.as_str()).read();
+        let Some(entry) = shard.get(channel.as_str()) else {
+            return;
+        };
+        let Some(h) = &entry.history else { return };
+        let mut h = h.lock();
+        if h.id != id {
+            return;
+        }
+        let waiting = h.repairing.take().unwrap_or_default();
+        let fetched = match page {
+            Ok(page) if page.top.epoch == since.epoch => page.publications,
+            Ok(_) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(channel = %channel, error = %e, "history repair failed");
+                Vec::new()
+            }
+        };
+        self.metrics.history_repairs.inc();
+        self.feed_pending(entry, &mut h, &fetched);
+        for p in fetched {
+            if p.position
+                .is_some_and(|pos| recovery::verdict(h.last, pos) == Verdict::Deliver)
+            {
+                self.metrics.history_repaired.inc();
+            }
+            self.accept(entry, &mut h, p, false);
+        }
+        for p in waiting {
+            self.accept(entry, &mut h, p, false);
+        }
+    }
+
+    /// The broker's subscriptions were re-established: catch every history channel up
+    /// from its stream.
+    fn catch_up(self: &Arc<Self>) {
+        for shard in self.shards.iter() {
+            for (channel, entry) in shard.read().iter() {
+                let Some(h) = &entry.history else { continue };
+                let mut h = h.lock();
+                let (Some(last), None) = (h.last, &h.repairing) else {
+                    continue;
+                };
+                h.repairing = Some(Vec::new());
+                tokio::spawn(self.clone().repair(channel.clone(), h.id, h.policy, last));
+            }
+        }
+    }
+
+    /// Feeds what the broker hands over into fan-out until every sender is gone.
+    pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
+        let mut batch = Vec::with_capacity(64);
+        while inbound.recv_many(&mut batch, 64).await > 0 {
+            for r in batch.drain(..) {
+                match r {
+                    Received::Publication(p) => self.dispatch(p),
+                    Received::Resubscribed => self.catch_up(),
+                }
+            }
+        }
+    }
+}
+
+/// The queue item delivering `p`: text frames carry the offset for everyone; binary
+/// frames carry it only for subscribers that track positions.
+fn item_for(p: &Publication, positions: bool) -> Item {
+    let (msg, len) = match (&p.payload, p.offset()) {
+        (Payload::Binary(data), Some(offset)) if positions => {
+            let b = server::binary_frame_with_offset(p.channel.as_str(), offset, data);
+            let len = b.len();
+            (Message::Binary(b), len)
+        }
+        _ => match encode_delivery(p) {
             Delivery::Text(s) => {
                 let len = s.len();
                 (Message::Text(s.into()), len)
@@ -122,24 +486,13 @@ impl Hub {
                 let len = b.len();
                 (Message::Binary(b), len)
             }
-        };
-        let item = Item {
-            msg,
-            len,
-            published_at_us: p.published_at_us,
-            delivery: true,
-        };
-        SessionHandle::push_to_all(entry.subscribers.values(), &item, &self.metrics);
-    }
-
-    /// Feeds publications from the broker into fan-out until every sender is gone.
-    pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
-        let mut batch = Vec::with_capacity(64);
-        while inbound.recv_many(&mut batch, 64).await > 0 {
-            for p in batch.drain(..) {
-                self.dispatch(&p);
-            }
-        }
+        },
+    };
+    Item {
+        msg,
+        len,
+        published_at_us: p.published_at_us,
+        delivery: true,
     }
 }
 
@@ -150,10 +503,10 @@ mod tests {
     use herald_broker::{inbound, MemoryBroker};
     use herald_protocol::Payload;
 
-    fn hub() -> Hub {
+    fn hub() -> Arc<Hub> {
         let metrics = Metrics::unregistered();
         let (tx, _rx) = inbound(8, metrics.clone());
-        Hub::new(Arc::new(MemoryBroker::new(tx)), metrics)
+        Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics, 100))
     }
 
     #[test]
@@ -163,11 +516,12 @@ mod tests {
         let env = crate::handle::tests::env(1 << 20);
         let a = Arc::new(SessionHandle::new(0, env.clone()));
         let b = Arc::new(SessionHandle::new(0, env.clone()));
-        assert!(hub.subscribe(&news, 1, &a).is_ready());
-        hub.subscribe(&news, 1, &a);
-        hub.subscribe(&news, 2, &b);
+        let opts = SubscribeOpts::default();
+        assert!(hub.subscribe(&news, 1, &a, opts).is_ready());
+        hub.subscribe(&news, 1, &a, opts);
+        hub.subscribe(&news, 2, &b, opts);
         assert_eq!(hub.n_subscribers("news"), 2);
-        hub.dispatch(&Publication::now(
+        hub.dispatch(Publication::now(
             news.clone(),
             Payload::Json(Bytes::from_static(b"1")),
         ));

@@ -37,6 +37,7 @@ mod http;
 mod hub;
 mod lifecycle;
 mod node;
+mod recovery;
 mod session;
 mod writer;
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use herald_broker::{Broker, BrokerError};
+use herald_broker::{Broker, BrokerError, Idempotency, PublishRequest, Published};
 use herald_metrics::{Metrics, Source};
 use herald_protocol::{close, Publication};
 use parking_lot::Mutex;
@@ -60,7 +60,11 @@ impl Node {
             tasks: session_tasks.clone(),
         });
         Node {
-            hub: Arc::new(Hub::new(broker, metrics.clone())),
+            hub: Arc::new(Hub::new(
+                broker,
+                metrics.clone(),
+                config.limits.max_recovery_buffer,
+            )),
             node_id,
             metrics,
             registry,
@@ -113,21 +117,32 @@ impl Node {
         Some(Slot(self.clone()))
     }
 
-    /// Hands publications to the broker and counts them.
+    /// Hands publications to the broker, each with its channel's history policy and
+    /// its idempotency key (if any), and counts what was newly published.
     pub(crate) async fn publish(
         &self,
-        batch: Vec<Publication>,
+        batch: Vec<(Publication, Option<String>)>,
         source: Source,
-    ) -> Result<(), BrokerError> {
-        let n = batch.len() as u64;
+    ) -> Result<Vec<Published>, BrokerError> {
+        let channels = &self.config.channels;
+        let window = channels.idempotency_window;
+        let requests = batch
+            .into_iter()
+            .map(|(publication, key)| PublishRequest {
+                history: channels.history(publication.channel.as_str()),
+                idempotency: key.map(|key| Idempotency { key, window }),
+                publication,
+            })
+            .collect();
         let started = Instant::now();
         // A broker that is down refuses at once (the trait's contract): no check here.
-        self.hub.broker().publish(batch).await?;
+        let results = self.hub.broker().publish(requests).await?;
         self.metrics
             .broker_publish_seconds
             .observe(started.elapsed().as_secs_f64());
-        self.metrics.published(source, n);
-        Ok(())
+        let new = results.iter().filter(|r| !r.duplicate).count();
+        self.metrics.published(source, new as u64);
+        Ok(results)
     }
 
     pub(crate) fn is_ready(&self) -> Result<(), &'static str> {

@@ -12,15 +12,16 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::{Sink, Stream, StreamExt};
+use herald_broker::BrokerError;
 use herald_metrics::Source;
-use herald_protocol::client::{parse_binary, parse_text, Request, RequestError};
+use herald_protocol::client::{parse_binary, parse_text, Request, RequestError, Since};
 use herald_protocol::server::{self as frames, Ack};
 use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::handle::{Item, SessionHandle};
-use crate::hub::ConnId;
+use crate::hub::{Completion, ConnId, SubscribeOpts};
 use crate::node::Node;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
@@ -176,7 +177,12 @@ impl Session {
             return;
         }
         match parse_text(&frame) {
-            Ok(Request::Subscribe { channel, id }) => self.subscribe(channel, id).await,
+            Ok(Request::Subscribe {
+                channel,
+                id,
+                recover,
+                since,
+            }) => self.subscribe(channel, id, recover, since).await,
             Ok(Request::Unsubscribe { channel, id }) => {
                 if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
                     self.subscriptions.swap_remove(i);
@@ -202,34 +208,116 @@ impl Session {
         }
     }
 
-    async fn subscribe(&mut self, channel: ChannelName, id: Option<u64>) {
-        if !self.subscriptions.contains(&channel) {
-            if self.subscriptions.len() >= self.node.config.limits.max_subscriptions {
-                return self.error(RequestError {
-                    id,
-                    code: ErrorCode::TooManySubscriptions,
-                    message: format!(
-                        "this connection already holds {} subscriptions",
-                        self.subscriptions.len()
+    async fn subscribe(
+        &mut self,
+        channel: ChannelName,
+        id: Option<u64>,
+        recover: bool,
+        since: Option<Since>,
+    ) {
+        if self.subscriptions.contains(&channel) {
+            return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+        }
+        if self.subscriptions.len() >= self.node.config.limits.max_subscriptions {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::TooManySubscriptions,
+                message: format!(
+                    "this connection already holds {} subscriptions",
+                    self.subscriptions.len()
+                )
+                .into(),
+            });
+        }
+        let rule = self.node.config.channels.rule(channel.as_str());
+        let history = rule.and_then(|r| r.history());
+        let opts = SubscribeOpts {
+            history,
+            positions: recover,
+        };
+        let ready = self
+            .node
+            .hub
+            .subscribe(&channel, self.conn, &self.handle, opts);
+        self.subscriptions.push(channel.clone());
+        let limit = self.node.config.limits.subscribe_timeout;
+        // Acknowledge only once the broker delivers the channel: whatever is published
+        // after the client has seen the reply reaches it.
+        if !ready.is_ready() && !ready.wait(limit).await {
+            return self.refuse_subscribe(
+                &channel,
+                id,
+                "the broker did not confirm the subscription; retry later",
+            );
+        }
+        let (Some(policy), Some(rule)) = (history, rule) else {
+            return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+        };
+        let max = rule.max_recovery();
+        // A resume reads what the client missed; a plain subscribe only the position.
+        let (from, count) = match since {
+            Some(s) => (s.offset, max),
+            None => (0, 0),
+        };
+        const ATTEMPTS: usize = 3;
+        for attempt in 1..=ATTEMPTS {
+            let read = self
+                .node
+                .hub
+                .broker()
+                .history(&channel, policy, from, count);
+            let page = match timeout(limit, read).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "history read failed");
+                    return self.refuse_subscribe(
+                        &channel,
+                        id,
+                        "the channel's history could not be read; retry later",
+                    );
+                }
+                Err(_) => {
+                    return self.refuse_subscribe(
+                        &channel,
+                        id,
+                        "the channel's history could not be read in time; retry later",
                     )
-                    .into(),
-                });
-            }
-            let ready = self.node.hub.subscribe(&channel, self.conn, &self.handle);
-            self.subscriptions.push(channel.clone());
-            // Acknowledge only once the broker delivers the channel: whatever is
-            // published after the client has seen the reply reaches it.
-            if !ready.is_ready() && !ready.wait(self.node.config.limits.subscribe_timeout).await {
-                self.subscriptions.retain(|c| *c != channel);
-                self.node.hub.unsubscribe(&channel, self.conn);
-                return self.error(RequestError {
-                    id,
-                    code: ErrorCode::Unavailable,
-                    message: "the broker did not confirm the subscription; retry later".into(),
-                });
+                }
+            };
+            let done = self.node.hub.complete(
+                &channel,
+                self.conn,
+                id,
+                &page,
+                since,
+                max,
+                attempt == ATTEMPTS,
+            );
+            match done {
+                Completion::Done { recovered } => {
+                    let m = &self.node.metrics;
+                    match recovered {
+                        Some(true) => m.recovered.inc(),
+                        Some(false) => m.not_recovered.inc(),
+                        None => {}
+                    }
+                    return;
+                }
+                Completion::ReadAgain => continue,
+                Completion::Gone => return,
             }
         }
-        self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+    }
+
+    /// Undoes a subscribe that cannot be acknowledged and says why.
+    fn refuse_subscribe(&mut self, channel: &ChannelName, id: Option<u64>, why: &'static str) {
+        self.subscriptions.retain(|c| c != channel);
+        self.node.hub.unsubscribe(channel, self.conn);
+        self.error(RequestError {
+            id,
+            code: ErrorCode::Unavailable,
+            message: why.into(),
+        });
     }
 
     async fn publish(&mut self, channel: ChannelName, payload: Payload, id: Option<u64>) {
@@ -249,15 +337,28 @@ impl Session {
         let name = channel.clone();
         match self
             .node
-            .publish(vec![Publication::now(channel, payload)], Source::Client)
+            .publish(
+                vec![(Publication::now(channel, payload), None)],
+                Source::Client,
+            )
             .await
         {
-            Ok(()) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),
-            Err(e) => self.error(RequestError {
-                id,
-                code: ErrorCode::Unavailable,
-                message: e.to_string().into(),
-            }),
+            Ok(_) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),
+            Err(e) => {
+                // The broker's text may name internals: log it, send a plain reason.
+                tracing::debug!(error = %e, "client publish failed");
+                let message = match e {
+                    BrokerError::Timeout => {
+                        "the broker did not answer in time; the message may or may not have been published"
+                    }
+                    _ => "the broker is unavailable; the message was not published",
+                };
+                self.error(RequestError {
+                    id,
+                    code: ErrorCode::Unavailable,
+                    message: message.into(),
+                })
+            }
         }
     }
 }

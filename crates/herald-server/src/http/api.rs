@@ -1,9 +1,11 @@
-//! The publish API: `POST /api/publish`, `/api/publish/{channel}` and `/api/batch`.
+//! The publish API (`POST /api/publish`, `/api/publish/{channel}`, `/api/batch`) and
+//! history (`GET /api/history/{channel}`).
 //!
 //! The bodies are `herald_protocol::api`'s; this module adds what is HTTP: the API key,
 //! the method, content types, the body-size limit and status codes.
 
 use bytes::Bytes;
+use herald_broker::BrokerError;
 use herald_metrics::Source;
 use herald_protocol::{api, ChannelName, ErrorCode, Payload, Publication};
 use http_body_util::{BodyExt, Limited};
@@ -16,25 +18,25 @@ use crate::node::Node;
 
 /// Serves one request under `/api/`.
 pub(crate) async fn handle(req: Request<Incoming>, node: &Node) -> Response<Body> {
-    match publications(req, node).await {
-        Ok(batch) => {
-            let n = batch.len();
-            match node.publish(batch, Source::Http).await {
-                Ok(()) => json(StatusCode::OK, api::published(n)),
-                Err(e) => Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::Unavailable,
-                    e.to_string(),
-                )
-                .into_response(),
-            }
-        }
+    match serve(req, node).await {
+        Ok(r) => r,
         Err(refusal) => refusal.into_response(),
     }
 }
 
-/// The publications a request asks for, or why it is refused.
-async fn publications(req: Request<Incoming>, node: &Node) -> Result<Vec<Publication>, Refusal> {
+async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
+    let path = req.uri().path().to_owned();
+    if let Some(name) = path.strip_prefix("/api/history/") {
+        if req.method() != Method::GET {
+            return Err(Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotAllowed,
+                "use GET",
+            ));
+        }
+        authorize(&req, node)?;
+        return history(name, req.uri().query().unwrap_or(""), node).await;
+    }
     if req.method() != Method::POST {
         return Err(Refusal::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -43,19 +45,115 @@ async fn publications(req: Request<Incoming>, node: &Node) -> Result<Vec<Publica
         ));
     }
     authorize(&req, node)?;
-    let path = req.uri().path().to_owned();
     let content_type = content_type(&req);
     let body = read_body(req, node.config.limits.max_body_bytes).await?;
-    match path.as_str() {
-        "/api/publish" => Ok(vec![api::parse_publish(&body).map_err(Refusal::body)?]),
-        "/api/batch" => {
-            api::parse_batch(&body, node.config.limits.max_batch).map_err(Refusal::body)
-        }
+    let (batch, single) = match path.as_str() {
+        "/api/publish" => (
+            vec![api::parse_publish(&body).map_err(Refusal::body)?],
+            true,
+        ),
+        "/api/batch" => (
+            api::parse_batch(&body, node.config.limits.max_batch).map_err(Refusal::body)?,
+            false,
+        ),
         p => match p.strip_prefix("/api/publish/") {
-            Some(name) => Ok(vec![raw(name, content_type.as_deref(), body)?]),
-            None => Err(Refusal::not_found()),
+            Some(name) => (
+                vec![api::Publish {
+                    publication: raw(name, content_type.as_deref(), body)?,
+                    idempotency_key: None,
+                }],
+                true,
+            ),
+            None => return Err(Refusal::not_found()),
         },
+    };
+    let batch = batch
+        .into_iter()
+        .map(|p| (p.publication, p.idempotency_key))
+        .collect();
+    let results = node
+        .publish(batch, Source::Http)
+        .await
+        .map_err(broker_refusal)?;
+    let outcomes: Vec<api::Outcome> = results
+        .iter()
+        .map(|r| api::Outcome {
+            position: r.position,
+            duplicate: r.duplicate,
+        })
+        .collect();
+    let body = match (single, outcomes.first()) {
+        (true, Some(o)) => api::published(o),
+        _ => api::published_batch(&outcomes),
+    };
+    Ok(json(StatusCode::OK, body))
+}
+
+/// What a broker failure means to an API caller. The broker's own text may name
+/// internals (hosts, Redis errors): it is logged, not sent.
+fn broker_refusal(e: BrokerError) -> Refusal {
+    match e {
+        BrokerError::Timeout => Refusal::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::UnknownOutcome,
+            "the broker did not answer in time: the publication may or may not have been \
+             published; retry with the same idempotency_key to publish it exactly once",
+        ),
+        BrokerError::Unavailable(why) => {
+            tracing::warn!(error = %why, "broker refused a request");
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "the broker is unavailable; nothing was published; retry later",
+            )
+        }
+        BrokerError::Closed => Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "the node is shutting down; nothing was published",
+        ),
     }
+}
+
+/// `GET /api/history/{channel}?since=&epoch=&limit=`.
+async fn history(name: &str, query: &str, node: &Node) -> Result<Response<Body>, Refusal> {
+    let channel = ChannelName::new(name).map_err(|e| {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidChannel,
+            e.to_string(),
+        )
+    })?;
+    let q = api::parse_history_query(query).map_err(Refusal::body)?;
+    let Some(policy) = node.config.channels.history(channel.as_str()) else {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this channel keeps no history (no [[channels.rules]] entry with history_size > 0)",
+        ));
+    };
+    let max = node.config.limits.max_history_page;
+    let limit = q.limit.unwrap_or(max).min(max);
+    let page = node
+        .hub
+        .broker()
+        .history(&channel, policy, q.since, limit)
+        .await
+        .map_err(broker_refusal)?;
+    let same_epoch = !q.bad_epoch && q.epoch.is_none_or(|e| e == page.top.epoch);
+    let first = page.publications.first().and_then(Publication::offset);
+    let complete = same_epoch
+        && q.since <= page.top.offset
+        && (q.since == page.top.offset || first == Some(q.since + 1));
+    let publications = if same_epoch {
+        &page.publications[..]
+    } else {
+        &[]
+    };
+    Ok(json(
+        StatusCode::OK,
+        api::history(page.top, complete, publications),
+    ))
 }
 
 /// The media type, lower-cased, without parameters.
