@@ -8,4 +8,5 @@ mod lifecycle;
 mod limits;
 mod observability;
 mod protocol;
+mod recovery;
 mod redis;

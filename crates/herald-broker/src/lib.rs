@@ -298,6 +298,11 @@ impl InboundReceiver {
         self.rx.recv().await
     }
 
+    /// The next item if one is queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Received> {
+        self.rx.try_recv().ok()
+    }
+
     /// Receives up to `limit` items into `buf`, waiting for at least one.
     /// Returns 0 once every [`Inbound`] is gone.
     pub async fn recv_many(&mut self, buf: &mut Vec<Received>, limit: usize) -> usize {

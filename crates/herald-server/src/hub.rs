@@ -509,6 +509,164 @@ mod tests {
         Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics, 100))
     }
 
+    fn texts(h: &SessionHandle) -> Vec<serde_json::Value> {
+        let mut q = Vec::new();
+        h.drain(&mut q);
+        q.into_iter()
+            .map(|i| match i.msg {
+                Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn positioned(channel: &ChannelName, offset: u64) -> Publication {
+        let mut p = Publication::now(
+            channel.clone(),
+            Payload::Json(Bytes::from(offset.to_string())),
+        );
+        p.position = Some(StreamPosition {
+            offset,
+            epoch: herald_protocol::Epoch::new(1).unwrap(),
+        });
+        p
+    }
+
+    /// Publications that reach the channel while a subscriber reads the history are
+    /// held for it and merged after the history: none lost, none twice. A subscriber
+    /// that was live all along gets each once too.
+    #[tokio::test]
+    async fn live_publications_during_a_resume_are_merged_after_the_history() {
+        let hub = hub();
+        let news = ChannelName::new("news").unwrap();
+        let env = crate::handle::tests::env(1 << 20);
+        let policy = HistoryPolicy {
+            size: 100,
+            ttl: std::time::Duration::from_secs(60),
+            meta_ttl: std::time::Duration::from_secs(60),
+        };
+        let opts = SubscribeOpts {
+            history: Some(policy),
+            positions: true,
+        };
+        let live = Arc::new(SessionHandle::new(0, env.clone()));
+        hub.subscribe(&news, 1, &live, opts);
+        let top = StreamPosition {
+            offset: 0,
+            epoch: herald_protocol::Epoch::new(1).unwrap(),
+        };
+        let empty = HistoryPage {
+            top,
+            publications: vec![],
+        };
+        assert_eq!(
+            hub.complete(&news, 1, Some(1), &empty, None, 100, false),
+            Completion::Done { recovered: None }
+        );
+        hub.dispatch(positioned(&news, 1));
+        hub.dispatch(positioned(&news, 2));
+
+        // A client that had offset 1 resumes; its history read saw the stream up to 2,
+        // then 3 and 4 arrive before the subscribe completes (2 arrives again too).
+        let resuming = Arc::new(SessionHandle::new(0, env.clone()));
+        hub.subscribe(&news, 2, &resuming, opts);
+        hub.dispatch(positioned(&news, 3));
+        hub.dispatch(positioned(&news, 4));
+        let page = HistoryPage {
+            top: StreamPosition { offset: 2, ..top },
+            publications: vec![positioned(&news, 2)],
+        };
+        let since = Some(Since {
+            offset: 1,
+            epoch: Some(top.epoch),
+        });
+        assert_eq!(
+            hub.complete(&news, 2, Some(7), &page, since, 100, false),
+            Completion::Done {
+                recovered: Some(true)
+            }
+        );
+        hub.dispatch(positioned(&news, 5));
+        let got = texts(&resuming);
+        assert_eq!(got[0]["op"], "subscribed");
+        assert_eq!(
+            (got[0]["offset"].as_u64(), got[0]["recovered"].as_bool()),
+            (Some(2), Some(true))
+        );
+        let offsets: Vec<u64> = got[1..]
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![2, 3, 4, 5]);
+        let offsets: Vec<u64> = texts(&live)[1..]
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_waits_for_the_repair_and_duplicates_are_skipped() {
+        // The memory broker's stream has 1..=3; the node saw only 1 and then 3.
+        let metrics = Metrics::unregistered();
+        let (tx, mut rx) = herald_broker::inbound(16, metrics.clone());
+        let broker = Arc::new(MemoryBroker::new(tx));
+        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 100));
+        let news = ChannelName::new("news").unwrap();
+        let policy = HistoryPolicy {
+            size: 100,
+            ttl: std::time::Duration::from_secs(60),
+            meta_ttl: std::time::Duration::from_secs(60),
+        };
+        let reqs = (1..=3)
+            .map(|n| herald_broker::PublishRequest {
+                history: Some(policy),
+                ..herald_broker::PublishRequest::plain(Publication::now(
+                    news.clone(),
+                    Payload::Json(Bytes::from(format!("{n}"))),
+                ))
+            })
+            .collect();
+        broker.publish(reqs).await.unwrap();
+        let mut stream = Vec::new();
+        while let Some(Received::Publication(p)) = rx.try_recv() {
+            stream.push(p);
+        }
+        let env = crate::handle::tests::env(1 << 20);
+        let h = Arc::new(SessionHandle::new(0, env));
+        let opts = SubscribeOpts {
+            history: Some(policy),
+            positions: false,
+        };
+        hub.subscribe(&news, 1, &h, opts);
+        let page = HistoryPage {
+            top: StreamPosition {
+                offset: 0,
+                ..stream[0].position.unwrap()
+            },
+            publications: vec![],
+        };
+        hub.complete(&news, 1, None, &page, None, 100, false);
+        hub.dispatch(stream[0].clone());
+        hub.dispatch(stream[2].clone());
+        hub.dispatch(stream[0].clone());
+        for _ in 0..500 {
+            if metrics.history_repairs.get() == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let offsets: Vec<u64> = texts(&h)[1..]
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![1, 2, 3]);
+        // The repair delivered 2 and 3 from the stream; the live 3 and the second 1
+        // were then skipped.
+        assert_eq!(metrics.history_repaired.get(), 2);
+        assert_eq!(metrics.history_duplicates.get(), 2);
+    }
+
     #[test]
     fn fan_out_shares_one_encoding() {
         let hub = hub();

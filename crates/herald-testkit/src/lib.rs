@@ -16,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use herald::Settings;
 use herald_metrics::{prometheus::Registry, Metrics};
 use herald_redis::RedisConfig;
+use herald_server::config::ChannelRule;
 use herald_server::{GatewayConfig, Listeners, ServerError};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -37,6 +38,18 @@ pub fn redis_config(url: &str) -> RedisConfig {
         timeout: Duration::from_secs(1),
         max_reconnect_delay: Duration::from_millis(100),
         ..RedisConfig::default()
+    }
+}
+
+/// A `[[channels.rules]]` entry keeping `size` publications for channels matching
+/// `pattern` (default TTLs).
+pub fn history_rule(pattern: &str, size: usize) -> ChannelRule {
+    ChannelRule {
+        pattern: herald_protocol::ChannelPattern::new(pattern).expect("pattern"),
+        history_size: size,
+        history_ttl: Duration::from_secs(600),
+        history_meta_ttl: Duration::from_secs(3600),
+        max_recovery: 0,
     }
 }
 
@@ -175,6 +188,51 @@ impl Node {
         )
         .await;
         r.status
+    }
+
+    /// Publishes through `POST /api/publish` with an optional idempotency key; returns
+    /// the status and the JSON reply.
+    pub async fn publish_with_key(
+        &self,
+        channel: &str,
+        data: &str,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let key = key.map_or(String::new(), |k| format!(r#","idempotency_key":"{k}""#));
+        let body = format!(r#"{{"channel":"{channel}","data":{data}{key}}}"#);
+        let r = http(
+            self.api,
+            "POST",
+            "/api/publish",
+            &[("content-type", "application/json")],
+            body.into_bytes(),
+        )
+        .await;
+        let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status, v)
+    }
+
+    /// Publishes the JSON numbers `from..=to` to `channel` in one `POST /api/batch`;
+    /// panics unless it is accepted.
+    pub async fn publish_numbers(&self, channel: &str, from: u64, to: u64) {
+        let items: Vec<String> = (from..=to)
+            .map(|n| format!(r#"{{"channel":"{channel}","data":{n}}}"#))
+            .collect();
+        let body = format!(r#"{{"publications":[{}]}}"#, items.join(","));
+        let r = http(
+            self.api,
+            "POST",
+            "/api/batch",
+            &[("content-type", "application/json")],
+            body.into_bytes(),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            200,
+            "batch refused: {}",
+            String::from_utf8_lossy(&r.body)
+        );
     }
 
     /// Begins shutdown (like SIGTERM) without waiting for it.
@@ -352,6 +410,37 @@ impl Client {
     pub async fn subscribe(&mut self, channel: &str) {
         let r = self.request("subscribe", channel).await;
         assert_eq!(r["op"], "subscribed", "{r}");
+    }
+
+    /// Subscribes, resuming after `since` (offset, epoch) when given, and returns the
+    /// `subscribed` reply (panics on anything else).
+    pub async fn subscribe_since(&mut self, channel: &str, since: Option<(u64, &str)>) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = json!({"op": "subscribe", "channel": channel, "id": id, "recover": true});
+        if let Some((offset, epoch)) = since {
+            req["since"] = json!({"offset": offset, "epoch": epoch});
+        }
+        self.send_json(&req).await;
+        let reply = self.recv_json().await;
+        assert_eq!(reply["op"], "subscribed", "{reply}");
+        assert_eq!(reply["id"], id, "{reply}");
+        reply
+    }
+
+    /// The next `n` text frames, each asserted to be a `message` (or, where the server
+    /// said so, a `reset`: those are returned too).
+    pub async fn messages(&mut self, n: usize) -> Vec<Value> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let v = self.recv_json().await;
+            assert!(
+                v["op"] == "message" || v["op"] == "reset",
+                "not a delivery: {v}"
+            );
+            out.push(v);
+        }
+        out
     }
 
     /// Reads until the server closes; returns the close code and reason. Data frames

@@ -1,0 +1,461 @@
+//! History channels: offsets, resuming with `since`, node-level repair, idempotent
+//! publishing, and what clients are told when the history cannot help.
+
+use std::time::Duration;
+
+use herald_testkit::{
+    eventually, history_rule, http, redis_config, Client, Node, RedisServer, WAIT,
+};
+use serde_json::Value;
+
+fn offsets(msgs: &[Value]) -> Vec<u64> {
+    msgs.iter()
+        .map(|m| {
+            assert_eq!(m["op"], "message", "{m}");
+            m["offset"].as_u64().expect("an offset")
+        })
+        .collect()
+}
+
+/// Asserts that `msgs` are the publications `from..=to` of the numbers test: offsets
+/// contiguous and each message's data equal to its publication number.
+fn assert_numbers(msgs: &[Value], from: u64, to: u64, first_offset: u64) {
+    let got = offsets(msgs);
+    let want: Vec<u64> = (first_offset..first_offset + (to - from + 1)).collect();
+    assert_eq!(got, want, "offsets");
+    let data: Vec<u64> = msgs.iter().map(|m| m["data"].as_u64().unwrap()).collect();
+    assert_eq!(data, (from..=to).collect::<Vec<_>>(), "data");
+}
+
+fn epoch(v: &Value) -> String {
+    v["epoch"].as_str().expect("an epoch").to_owned()
+}
+
+/// The story of the issue, on any pair of nodes (the same node twice on the memory
+/// broker): read 10, leave, 100 are published, come back with `since`.
+async fn resume_story(a: &Node, b: &Node) {
+    let mut client = a.client().await;
+    let sub = client.subscribe_since("news:a", None).await;
+    assert_eq!(sub["offset"], 0, "{sub}");
+    let e = epoch(&sub);
+    a.publish_numbers("news:a", 1, 10).await;
+    assert_numbers(&client.messages(10).await, 1, 10, 1);
+    client.close().await;
+
+    b.publish_numbers("news:a", 11, 110).await;
+    let mut back = b.client().await;
+    let sub = back.subscribe_since("news:a", Some((10, &e))).await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!((sub["offset"].as_u64(), epoch(&sub)), (Some(110), e));
+    assert_numbers(&back.messages(100).await, 11, 110, 11);
+    // Then live, continuing the same sequence.
+    b.publish_numbers("news:a", 111, 111).await;
+    assert_numbers(&back.messages(1).await, 111, 111, 111);
+    back.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_one_node() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 1000)]).await;
+    resume_story(&node, &node).await;
+    assert_eq!(
+        node.metric(r#"herald_recoveries_total{outcome="recovered"}"#),
+        1.0
+    );
+    assert_eq!(node.metric("herald_publications_replayed_total"), 100.0);
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node() {
+    let redis = RedisServer::start();
+    let rules = |c: &mut herald_server::GatewayConfig| {
+        c.channels.rules = vec![history_rule("news:*", 1000)]
+    };
+    let a = Node::start_redis(&redis.url(), rules).await;
+    let b = Node::start_redis(&redis.url(), rules).await;
+    resume_story(&a, &b).await;
+}
+
+#[tokio::test]
+async fn channels_without_a_rule_stay_at_most_once() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 10)]).await;
+    let mut client = node.client().await;
+    client.subscribe("chat").await;
+    let (status, reply) = node.publish_with_key("chat", "1", None).await;
+    assert_eq!(
+        (status, &reply),
+        (200, &serde_json::json!({"ok":true,"published":1}))
+    );
+    let m = client.recv_json().await;
+    assert!(m.get("offset").is_none(), "{m}");
+    let r = http(node.api, "GET", "/api/history/chat", &[], vec![]).await;
+    assert_eq!(r.status, 404);
+}
+
+/// More missed than the channel keeps, or history expired: `recovered:false`, nothing
+/// from history, then live from the current position.
+async fn refused_resume(node: &Node, channel: &str, missed: u64, wait: Duration) {
+    let mut client = node.client().await;
+    let e = epoch(&client.subscribe_since(channel, None).await);
+    client.close().await;
+    node.publish_numbers(channel, 1, missed).await;
+    tokio::time::sleep(wait).await;
+    let mut back = node.client().await;
+    let sub = back.subscribe_since(channel, Some((0, &e))).await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(sub["offset"], missed, "{sub}");
+    back.expect_silence(Duration::from_millis(100)).await;
+    node.publish_numbers(channel, missed + 1, missed + 1).await;
+    assert_numbers(&back.messages(1).await, missed + 1, missed + 1, missed + 1);
+    assert_eq!(
+        node.metric(r#"herald_recoveries_total{outcome="not_recovered"}"#),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn trimmed_history_is_not_recovered() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 20)]).await;
+    refused_resume(&node, "news:t", 50, Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn trimmed_history_is_not_recovered_on_redis() {
+    // Redis trims streams approximately; the resume is refused on the rule's size all
+    // the same.
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 20)]
+    })
+    .await;
+    refused_resume(&node, "news:t", 50, Duration::ZERO).await;
+}
+
+#[tokio::test]
+async fn expired_history_is_not_recovered() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        let mut rule = history_rule("news:*", 100);
+        rule.history_ttl = Duration::from_millis(200);
+        c.channels.rules = vec![rule];
+    })
+    .await;
+    refused_resume(&node, "news:x", 5, Duration::from_millis(600)).await;
+}
+
+#[tokio::test]
+async fn a_resume_from_another_epoch_is_not_recovered() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 100)]).await;
+    node.publish_numbers("news:e", 1, 3).await;
+    let mut client = node.client().await;
+    for bad in ["zzzzzzzz", "not-an-epoch"] {
+        let sub = client.subscribe_since("news:e", Some((1, bad))).await;
+        assert_eq!(sub["recovered"], false, "{sub}");
+        client.request("unsubscribe", "news:e").await;
+    }
+}
+
+/// Idempotent publishing: a retry with the same key publishes nothing new and answers
+/// the first result.
+async fn idempotency_story(node: &Node) {
+    let mut client = node.client().await;
+    client.subscribe_since("news:i", None).await;
+    let (s1, first) = node
+        .publish_with_key("news:i", r#"{"n":1}"#, Some("order-17"))
+        .await;
+    let (s2, again) = node
+        .publish_with_key("news:i", r#"{"n":1}"#, Some("order-17"))
+        .await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(first["published"], 1, "{first}");
+    assert_eq!(again["published"], 0, "{again}");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(
+        (&first["offset"], &first["epoch"]),
+        (&again["offset"], &again["epoch"])
+    );
+    let (_, other) = node
+        .publish_with_key("news:i", r#"{"n":2}"#, Some("order-18"))
+        .await;
+    assert_eq!(other["offset"], first["offset"].as_u64().unwrap() + 1);
+    let got = client.messages(2).await;
+    assert_eq!(offsets(&got), vec![1, 2]);
+    client.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn idempotent_publish_publishes_once() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 100)]).await;
+    idempotency_story(&node).await;
+}
+
+#[tokio::test]
+async fn idempotent_publish_publishes_once_on_redis() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 100)]
+    })
+    .await;
+    idempotency_story(&node).await;
+}
+
+#[tokio::test]
+async fn history_api_pages_a_channel() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 100)];
+        c.limits.max_history_page = 5;
+    })
+    .await;
+    node.publish_numbers("news:h", 1, 12).await;
+    let r = http(node.api, "GET", "/api/history/news:h?since=3", &[], vec![]).await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["offset"], 12);
+    assert_eq!(v["complete"], true);
+    let data: Vec<u64> = v["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        data,
+        vec![4, 5, 6, 7, 8],
+        "capped at limits.max_history_page"
+    );
+    let e = epoch(&v);
+    let r = http(
+        node.api,
+        "GET",
+        &format!("/api/history/news:h?since=10&epoch={e}&limit=1"),
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.json()["publications"][0]["offset"], 11);
+    let r = http(
+        node.api,
+        "GET",
+        "/api/history/news:h?since=1&epoch=00000000",
+        &[],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.json()["complete"], false, "another epoch");
+    let r = http(node.api, "GET", "/api/history/news:h?since=x", &[], vec![]).await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (400, Some("bad_request"))
+    );
+}
+
+/// Publications racing with a resume: no gap, no duplicate, whatever the interleaving.
+#[tokio::test]
+async fn publications_racing_with_a_resume_are_merged_by_offset() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 10_000)]
+    })
+    .await;
+    let mut first = node.client().await;
+    let e = epoch(&first.subscribe_since("news:r", None).await);
+    node.publish_numbers("news:r", 1, 50).await;
+    first.messages(50).await;
+    first.close().await;
+    let publisher = {
+        let api = node.api;
+        tokio::spawn(async move {
+            for k in 0..40u64 {
+                let items: Vec<String> = (51 + k * 25..51 + (k + 1) * 25)
+                    .map(|n| format!(r#"{{"channel":"news:r","data":{n}}}"#))
+                    .collect();
+                let body = format!(r#"{{"publications":[{}]}}"#, items.join(","));
+                let r = http(
+                    api,
+                    "POST",
+                    "/api/batch",
+                    &[("content-type", "application/json")],
+                    body.into_bytes(),
+                )
+                .await;
+                assert_eq!(r.status, 200);
+            }
+        })
+    };
+    let mut resumed = Vec::new();
+    for _ in 0..20 {
+        // Resume from offset 50 at different moments while publishing goes on.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let mut c = node.client().await;
+        let sub = c.subscribe_since("news:r", Some((50, &e))).await;
+        assert_eq!(sub["recovered"], true, "{sub}");
+        resumed.push(c);
+    }
+    publisher.await.unwrap();
+    for mut c in resumed {
+        let got = c.messages(1000).await;
+        assert_numbers(&got, 51, 1050, 51);
+        c.expect_silence(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis restarted without persistence: the epoch changes; live subscribers are told
+/// with a `reset`, and a resume from the old epoch is refused.
+#[tokio::test]
+async fn a_redis_restart_without_persistence_changes_the_epoch() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 100)]
+    })
+    .await;
+    let mut live = node.client().await;
+    let old = epoch(&live.subscribe_since("news:z", None).await);
+    node.publish_numbers("news:z", 1, 5).await;
+    assert_eq!(offsets(&live.messages(5).await), vec![1, 2, 3, 4, 5]);
+
+    redis.restart();
+    eventually("the node is back on Redis", || {
+        node.metric("herald_broker_up") == 1.0
+    })
+    .await;
+    // Publishing works again (retry while the node reconnects).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, _) = node.publish_with_key("news:z", "6", None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish kept failing"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = live.messages(2).await;
+    assert_eq!(got[0]["op"], "reset", "{got:?}");
+    let new = epoch(&got[0]);
+    assert_ne!(new, old);
+    assert_eq!(
+        (got[0]["offset"].as_u64(), got[1]["offset"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(got[1]["data"], 6);
+    assert!(node.metric("herald_history_unrepairable_total") >= 1.0);
+
+    let mut back = node.client().await;
+    let sub = back.subscribe_since("news:z", Some((5, &old))).await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(epoch(&sub), new);
+}
+
+/// The node's pub/sub connection is killed while a publisher keeps publishing (and
+/// retries what got no answer, with idempotency keys): the subscriber still sees every
+/// offset exactly once, because the node repairs the gap from the stream.
+#[tokio::test]
+async fn a_killed_pubsub_connection_is_repaired_from_the_stream() {
+    let redis = RedisServer::start();
+    let rules = |c: &mut herald_server::GatewayConfig| {
+        c.channels.rules = vec![history_rule("news:*", 10_000)]
+    };
+    let serving = Node::start_redis(&redis.url(), rules).await;
+    // The publisher's node serves no channel, so it holds no pub/sub connection.
+    let publishing = Node::start_redis(&redis.url(), rules).await;
+    let mut client = serving.client().await;
+    client.subscribe_since("news:k", None).await;
+
+    const N: u64 = 2000;
+    let api = publishing.api;
+    let publisher = tokio::spawn(async move {
+        // 1,000 per second: 10 every 10 ms, each retried until accepted.
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for k in 0..N / 10 {
+            tick.tick().await;
+            for n in k * 10 + 1..=k * 10 + 10 {
+                let body = format!(r#"{{"channel":"news:k","data":{n},"idempotency_key":"n{n}"}}"#);
+                loop {
+                    let r = http(
+                        api,
+                        "POST",
+                        "/api/publish",
+                        &[("content-type", "application/json")],
+                        body.clone().into_bytes(),
+                    )
+                    .await;
+                    if r.status == 200 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert_ne!(killed.trim(), "0", "a pub/sub connection was killed");
+    publisher.await.unwrap();
+    let got = client.messages(N as usize).await;
+    assert_numbers(&got, 1, N, 1);
+    client.expect_silence(Duration::from_millis(200)).await;
+    assert!(serving.metric("herald_history_repairs_total") >= 1.0);
+    assert!(serving.metric("herald_broker_reconnects_total") >= 1.0);
+}
+
+/// A channel the node already serves is not acknowledged while Redis is down:
+/// `subscribed` means deliveries flow.
+#[tokio::test]
+async fn no_subscribed_while_redis_is_down() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis_with(redis_config(&redis.url()), |c| {
+        c.limits.subscribe_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut first = node.client().await;
+    first.subscribe("served").await;
+    redis.kill();
+    eventually("the node sees Redis down", || {
+        node.metric("herald_broker_up") == 0.0
+    })
+    .await;
+    let mut second = node.client().await;
+    let reply = second.request("subscribe", "served").await;
+    assert_eq!(reply["op"], "error", "{reply}");
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    // The first subscriber is unharmed and, once Redis is back, both work.
+    redis.restart();
+    eventually("the node is back on Redis", || {
+        node.metric("herald_broker_up") == 1.0
+    })
+    .await;
+    second.subscribe("served").await;
+    assert_eq!(node.publish("served", "1").await, 200);
+    for c in [&mut first, &mut second] {
+        assert_eq!(c.recv_json().await["data"], 1);
+    }
+}
+
+#[tokio::test]
+async fn binary_deliveries_carry_the_offset_for_clients_that_track_positions() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("bin:*", 10)]).await;
+    let mut tracking = node.client().await;
+    tracking.subscribe_since("bin:x", None).await;
+    let mut plain = Client::connect(&node.ws_url()).await.unwrap();
+    plain.subscribe("bin:x").await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish/bin:x",
+        &[("content-type", "application/octet-stream")],
+        vec![7, 8],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let mut want = vec![0u8, 0, 0, 0, 0, 0, 0, 0, 1, 5];
+    want.extend_from_slice(b"bin:x");
+    want.extend_from_slice(&[7, 8]);
+    assert_eq!(&tracking.recv_binary().await[..], &want[..]);
+    let mut v1 = vec![5u8];
+    v1.extend_from_slice(b"bin:x");
+    v1.extend_from_slice(&[7, 8]);
+    assert_eq!(&plain.recv_binary().await[..], &v1[..]);
+}
