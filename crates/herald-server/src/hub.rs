@@ -286,7 +286,11 @@ impl Hub {
                 let mut h = h.lock();
                 self.feed_pending(entry, &mut h, std::slice::from_ref(&p));
                 if let Some(waiting) = &mut h.repairing {
-                    waiting.push(p);
+                    // Bounded: what does not fit is a gap again afterwards, which the
+                    // next repair reads from the stream.
+                    if waiting.len() < self.max_pending {
+                        waiting.push(p);
+                    }
                     return;
                 }
                 self.accept(entry, &mut h, p, true);

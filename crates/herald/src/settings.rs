@@ -231,6 +231,49 @@ mod tests {
         assert!(e.contains("max_conections"), "{e}");
     }
 
+    fn load_file(name: &str, text: &str) -> Result<Settings, String> {
+        let dir = std::env::temp_dir().join(format!("herald-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join(name);
+        std::fs::write(&file, text).unwrap();
+        let cli = Cli {
+            config: Some(file),
+            ..Cli::default()
+        };
+        Settings::load(&cli, HashMap::new())
+    }
+
+    #[test]
+    fn channel_rules_are_read_checked_and_printed() {
+        let s = load_file(
+            "rules.toml",
+            "[[channels.rules]]\npattern = \"news:*\"\nhistory_size = 50\nhistory_ttl = \"1m\"\n\n[[channels.rules]]\npattern = \"*\"\n",
+        )
+        .unwrap();
+        let c = &s.gateway.channels;
+        assert_eq!(c.history("news:a").map(|h| h.size), Some(50));
+        assert_eq!(
+            c.history("chat"),
+            None,
+            "the catch-all rule keeps no history"
+        );
+        let printed = s.to_toml().unwrap();
+        assert!(printed.contains("[[channels.rules]]"), "{printed}");
+        assert!(printed.contains("pattern = \"news:*\""), "{printed}");
+        for (bad, says) in [
+            ("pattern = \"a b\"", "invalid channel pattern"),
+            (
+                "pattern = \"x\"\nhistory_size = 5\nhistory_ttl = \"48h\"",
+                "history_meta_ttl",
+            ),
+            ("pattern = \"x\"\nhistory_size = 2000000", "history_size"),
+            ("pattern = \"x\"\nhistroy_size = 5", "histroy_size"),
+        ] {
+            let e = load_file("bad.toml", &format!("[[channels.rules]]\n{bad}\n")).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn check_config_output_is_toml_that_loads_back() {
         let s = Settings::load(
