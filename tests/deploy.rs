@@ -1,10 +1,16 @@
 //! The deployment: HAProxy in front of nodes, and the shipped configuration files.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald_testkit::{free_port, system_tool, Client, Node, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use herald_testkit::{free_port, history_rule, system_tool, try_http, Client, Node, RedisServer};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
 
 fn repo(path: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,12 +29,12 @@ impl Drop for Haproxy {
     }
 }
 
-/// HAProxy balancing two nodes with health checks on /readyz, like deploy/haproxy.cfg.
-fn haproxy(port: u16, nodes: &[&Node]) -> Haproxy {
+/// HAProxy balancing nodes with health checks on /readyz, like deploy/haproxy.cfg.
+fn haproxy(port: u16, nodes: &[SocketAddr]) -> Haproxy {
     let servers: String = nodes
         .iter()
         .enumerate()
-        .map(|(i, n)| format!("    server n{i} {} check\n", n.addr))
+        .map(|(i, addr)| format!("    server n{i} {addr} check\n"))
         .collect();
     let cfg = format!(
         "global\n    maxconn 1000\n\
@@ -72,7 +78,7 @@ async fn haproxy_fails_over_when_a_node_drains() {
     let mut a = Node::start_redis(&redis.url(), |c| c.node_id = "node-a".into()).await;
     let b = Node::start_redis(&redis.url(), |c| c.node_id = "node-b".into()).await;
     let port = free_port();
-    let _lb = haproxy(port, &[&a, &b]);
+    let _lb = haproxy(port, &[a.addr, b.addr]);
     let url = format!("ws://127.0.0.1:{port}/ws");
 
     // Through the balancer, until we land on node A.
@@ -104,6 +110,257 @@ async fn haproxy_fails_over_when_a_node_drains() {
     assert_eq!(b.publish("news", "2").await, 200);
     assert_eq!(again.recv_json().await["data"], 2);
     a.shutdown().await.unwrap();
+}
+
+/// What one resuming client saw.
+#[derive(Default)]
+struct Seen {
+    offsets: Vec<u64>,
+    reconnects: usize,
+    refused_resumes: usize,
+    resets: usize,
+    failed_connects: usize,
+    finished: bool,
+}
+
+/// A client that holds a subscription through HAProxy and, whenever its connection
+/// ends (a node draining with 1012, a refused upgrade), reconnects and resumes with the
+/// last position it saw. It stops once it has offset `until` (when that is known).
+async fn resuming_client(
+    url: String,
+    channel: &'static str,
+    subscribed: Arc<AtomicUsize>,
+    until: Arc<AtomicU64>,
+) -> Seen {
+    let mut seen = Seen::default();
+    let mut position: Option<(u64, String)> = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if Instant::now() > deadline {
+            return seen;
+        }
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            seen.failed_connects += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let mut req = json!({"op": "subscribe", "channel": channel, "id": 1, "recover": true});
+        if let Some((offset, epoch)) = &position {
+            req["since"] = json!({"offset": offset, "epoch": epoch});
+        }
+        if ws
+            .send(Message::Text(req.to_string().into()))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let mut quiet_since = Instant::now();
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_millis(100), ws.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(_) => break,
+                Err(_) => {
+                    // Quiet: done once everything published has arrived.
+                    let target = until.load(Ordering::Acquire);
+                    if target != 0 && seen.offsets.last() >= Some(&target) {
+                        seen.finished = true;
+                        return seen;
+                    }
+                    if quiet_since.elapsed() > Duration::from_secs(10) {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            quiet_since = Instant::now();
+            let Message::Text(t) = msg else { continue };
+            // Deliveries are the bulk: read the offset without a full JSON parse.
+            if t.starts_with(r#"{"op":"message""#) {
+                let at = t
+                    .rfind(r#""offset":"#)
+                    .expect("history deliveries carry offsets");
+                let offset: u64 = t[at + 9..t.len() - 1].parse().expect("an offset");
+                seen.offsets.push(offset);
+                if let Some((o, _)) = &mut position {
+                    *o = offset;
+                }
+                let target = until.load(Ordering::Acquire);
+                if target != 0 && offset >= target {
+                    seen.finished = true;
+                    return seen;
+                }
+                continue;
+            }
+            let v: Value = serde_json::from_str(&t).expect("JSON");
+            match v["op"].as_str() {
+                Some("subscribed") => {
+                    if v["recovered"] == false {
+                        seen.refused_resumes += 1;
+                    }
+                    if position.is_none() {
+                        subscribed.fetch_add(1, Ordering::AcqRel);
+                    } else {
+                        seen.reconnects += 1;
+                    }
+                    let epoch = v["epoch"].as_str().expect("epoch").to_owned();
+                    let offset = position
+                        .as_ref()
+                        .map_or(v["offset"].as_u64().unwrap(), |p| p.0);
+                    position = Some((offset, epoch));
+                }
+                Some("reset") => seen.resets += 1,
+                Some("welcome") => {}
+                _ => panic!("unexpected frame {v}"),
+            }
+        }
+    }
+}
+
+/// A rolling restart: 500 publications/s on a history channel while each of three nodes
+/// behind HAProxy is drained (1012) and started again, one after the other. 200 clients
+/// resume with `since` through HAProxy: none loses, repeats or reorders a publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_loses_nothing_for_resuming_clients() {
+    const CLIENTS: usize = 200;
+    const CHANNEL: &str = "feed:rolling";
+    let redis = RedisServer::start();
+    let config = |c: &mut herald_server::GatewayConfig| {
+        c.channels.rules = vec![history_rule("feed:*", 10_000)];
+        c.shutdown.restart = true;
+        c.shutdown.drain_window = Duration::from_millis(300);
+        c.shutdown.grace_period = Duration::from_secs(3);
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Some(Node::start_redis(&redis.url(), config).await));
+    }
+    let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
+    let port = free_port();
+    let _lb = haproxy(port, &addrs);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    connect_retrying(&url).await.close().await;
+
+    let subscribed = Arc::new(AtomicUsize::new(0));
+    let until = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(resuming_client(
+                url.clone(),
+                CHANNEL,
+                subscribed.clone(),
+                until.clone(),
+            ))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while subscribed.load(Ordering::Acquire) < CLIENTS {
+        assert!(Instant::now() < deadline, "clients did not all subscribe");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 500 publications per second (5 every 10 ms) for the whole restart, each with an
+    // idempotency key and retried on another node until accepted.
+    let running = Arc::new(AtomicUsize::new(1));
+    let publisher = {
+        let (addrs, running) = (addrs.clone(), running.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut n = 0u64;
+            let mut next = 0usize;
+            while running.load(Ordering::Acquire) == 1 {
+                tick.tick().await;
+                let items: Vec<String> = (n + 1..=n + 5)
+                    .map(|k| {
+                        format!(r#"{{"channel":"{CHANNEL}","data":{k},"idempotency_key":"p{k}"}}"#)
+                    })
+                    .collect();
+                let body = format!(r#"{{"publications":[{}]}}"#, items.join(","));
+                loop {
+                    let addr = addrs[next % addrs.len()];
+                    next += 1;
+                    let sent = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        try_publish(addr, body.clone()),
+                    )
+                    .await;
+                    if matches!(sent, Ok(true)) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                n += 5;
+            }
+            n
+        })
+    };
+
+    for (i, addr) in addrs.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let old = nodes[i].take().expect("running");
+        old.shutdown().await.expect("a clean drain");
+        nodes[i] = Some(Node::start_redis_at(*addr, &redis.url(), config).await);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    running.store(0, Ordering::Release);
+    let published = publisher.await.unwrap();
+    until.store(published, Ordering::Release);
+
+    let mut all = Vec::new();
+    for c in clients {
+        all.push(c.await.unwrap());
+    }
+    let unfinished: Vec<String> = all
+        .iter()
+        .filter(|s| !s.finished)
+        .map(|s| {
+            format!(
+                "last={:?} n={} reconnects={} failed_connects={} refused={} resets={}",
+                s.offsets.last(),
+                s.offsets.len(),
+                s.reconnects,
+                s.failed_connects,
+                s.refused_resumes,
+                s.resets
+            )
+        })
+        .collect();
+    assert!(
+        unfinished.is_empty(),
+        "published {published}; {} clients unfinished: {unfinished:#?}",
+        unfinished.len()
+    );
+    let mut reconnects = 0;
+    for seen in all {
+        assert_eq!(seen.refused_resumes, 0, "a resume was refused");
+        assert_eq!(seen.resets, 0, "a reset was sent");
+        assert_eq!(
+            seen.offsets,
+            (1..=published).collect::<Vec<_>>(),
+            "lost, repeated or reordered publications"
+        );
+        reconnects += seen.reconnects;
+    }
+    // Every client was on a node that restarted.
+    assert!(reconnects >= CLIENTS, "only {reconnects} reconnects");
+    assert!(published >= 1500, "published {published}");
+}
+
+async fn try_publish(addr: SocketAddr, body: String) -> bool {
+    let r = try_http(
+        addr,
+        "POST",
+        "/api/batch",
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    r.is_ok_and(|r| r.status == 200)
 }
 
 #[test]

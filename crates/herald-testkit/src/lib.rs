@@ -134,6 +134,23 @@ impl Node {
 
     /// Starts the gateway `settings` describe, through the same wiring as the binary
     /// (`herald::gateway`), on loopback listeners.
+    /// Starts a node on the Redis broker listening on `addr` (e.g. the address of a node
+    /// that was shut down: a restart behind a load balancer).
+    pub async fn start_redis_at(
+        addr: SocketAddr,
+        url: &str,
+        adjust: impl FnOnce(&mut GatewayConfig),
+    ) -> Node {
+        let mut settings = Settings {
+            redis: redis_config(url),
+            gateway: test_config(),
+            listen: addr,
+            ..Settings::default()
+        };
+        adjust(&mut settings.gateway);
+        Node::serve(settings, false).await
+    }
+
     async fn serve(settings: Settings, split: bool) -> Node {
         let registry = Registry::new();
         let gateway = herald::gateway(&settings, registry.clone()).expect("gateway settings");
@@ -142,7 +159,14 @@ impl Node {
             "the node could not connect to its broker"
         );
         let metrics = gateway.metrics().clone();
-        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        // `listen` is 127.0.0.1:8080 unless a test chose an address: tests use free ports.
+        let public = if settings.listen == Settings::default().listen {
+            TcpListener::bind("127.0.0.1:0").await.expect("bind")
+        } else {
+            TcpListener::bind(settings.listen)
+                .await
+                .expect("bind the chosen address")
+        };
         let internal = if split {
             Some(TcpListener::bind("127.0.0.1:0").await.expect("bind"))
         } else {
@@ -520,7 +544,7 @@ impl HttpResponse {
     }
 }
 
-/// Makes one HTTP/1.1 request over a new connection.
+/// Makes one HTTP/1.1 request over a new connection; panics if there is no answer.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -528,12 +552,26 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> HttpResponse {
+    try_http(addr, method, path, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"))
+}
+
+/// Makes one HTTP/1.1 request over a new connection; `Err` says why there was no
+/// answer (for tests where a node may be restarting).
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<HttpResponse, String> {
     use http_body_util::{BodyExt, Full};
-    let stream = TcpStream::connect(addr).await.expect("connect");
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
-            .expect("http handshake");
+            .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let mut req = hyper::Request::builder()
         .method(method)
@@ -542,11 +580,13 @@ pub async fn http(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let req = req.body(Full::new(Bytes::from(body))).expect("request");
+    let req = req
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(WAIT, sender.send_request(req))
         .await
-        .expect("response within the wait")
-        .expect("response");
+        .map_err(|_| "no response within the wait".to_owned())?
+        .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
@@ -554,5 +594,5 @@ pub async fn http(
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    HttpResponse { status, body }
+    Ok(HttpResponse { status, body })
 }
