@@ -34,6 +34,15 @@ fn columns(scenario: &str) -> &'static [(&'static str, bool)] {
             ("after_churn_mib_over_base", false),
         ],
         "connect" => &[("handshakes_per_s", true), ("cpu_us_per_handshake", false)],
+        "history" => &[
+            ("publish_per_s_history_off", true),
+            ("publish_per_s_history_on", true),
+            ("redis_cpu_us_per_pub_history_off", false),
+            ("redis_cpu_us_per_pub_history_on", false),
+            ("redis_cpu_on_over_off", false),
+            ("replay_1000_ms_median", false),
+            ("replay_1000_ms_max", false),
+        ],
         _ => &[],
     }
 }

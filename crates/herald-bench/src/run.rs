@@ -28,15 +28,16 @@ pub(crate) struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fanout,channels,crossnode,latency,idle,connect"
+        default_value = "fanout,channels,crossnode,latency,idle,connect,history"
     )]
     pub(crate) scenarios: Vec<String>,
-    /// Targets: herald, floor, node, python, socketio, and `herald@PATH` for another
-    /// Herald binary (before/after comparisons in one run).
+    /// Targets: herald, herald-history (every bench channel keeps history; publishes go
+    /// through the history script), floor, node, python, socketio, and `herald@PATH`
+    /// for another Herald binary (before/after comparisons in one run).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "herald,floor,node,python,socketio"
+        default_value = "herald,herald-history,floor,node,python,socketio"
     )]
     pub(crate) targets: Vec<String>,
     /// Subscribers in the fan-out, many-channels and cross-node scenarios.
@@ -148,6 +149,11 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "latency" => latency(&args, &redis, target, &max_rate).await,
                 "idle" => idle(&args, &redis, target).await,
                 "connect" => connect_rate(&args, &redis, target).await,
+                "history" => match history_costs(&args, &redis, target).await {
+                    Ok(Some(row)) => Ok(row),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                },
                 other => bail!("unknown scenario {other}"),
             }
             .with_context(|| format!("{scenario} / {target}"))?;
@@ -194,7 +200,7 @@ fn peers_dir() -> PathBuf {
 /// Installs a peer's dependencies when they are missing.
 async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
-        "herald" | "floor" => Ok(()),
+        "herald" | "herald-history" | "floor" => Ok(()),
         t if t.starts_with("herald@") => {
             anyhow::ensure!(Path::new(&t[7..]).is_file(), "{}: no such binary", &t[7..]);
             Ok(())
@@ -259,6 +265,8 @@ struct Target {
 
 enum Publisher {
     Redis(redis::aio::MultiplexedConnection),
+    /// Herald's publish script (history channels), pipelined.
+    Script(redis::aio::MultiplexedConnection, redis::Script),
     Floor(Vec<TcpStream>),
 }
 
@@ -272,6 +280,13 @@ impl Publisher {
                         .arg(format!("herald:{c}"))
                         .arg(d)
                         .ignore();
+                }
+                pipe.query_async::<()>(conn).await?;
+            }
+            Publisher::Script(conn, script) => {
+                let mut pipe = redis::pipe();
+                for (c, d) in msgs {
+                    history_publish(&mut pipe, script, c, d);
                 }
                 pipe.query_async::<()>(conn).await?;
             }
@@ -292,6 +307,49 @@ impl Publisher {
     }
 }
 
+/// Adds one invocation of Herald's publish script (the supported way for a backend to
+/// publish into a history channel) for `data` on `channel` to `pipe`.
+fn history_publish(pipe: &mut redis::Pipeline, script: &redis::Script, channel: &str, data: &str) {
+    let Ok(name) = herald_protocol::ChannelName::new(channel) else {
+        return;
+    };
+    let p = herald_protocol::Publication::now(
+        name,
+        herald_protocol::Payload::Json(bytes::Bytes::copy_from_slice(data.as_bytes())),
+    );
+    let key = format!("herald:{channel}");
+    pipe.cmd("EVALSHA")
+        .arg(script.get_hash())
+        .arg(3)
+        .arg(format!("{{{key}}}.meta"))
+        .arg(format!("{{{key}}}.stream"))
+        .arg(format!("{{{key}}}.idem."))
+        .arg(&key)
+        .arg(&herald_protocol::envelope::head(&p)[..])
+        .arg(data.as_bytes())
+        .arg(HISTORY_SIZE)
+        .arg(600_000)
+        .arg(86_400_000)
+        .arg(12345)
+        .arg("PUBLISH")
+        .arg(0)
+        .ignore();
+}
+
+/// Publications kept per channel by the `herald-history` target.
+const HISTORY_SIZE: usize = 1000;
+
+/// The `herald-history` target's configuration: every bench channel keeps history.
+fn history_config() -> anyhow::Result<PathBuf> {
+    let path =
+        std::env::temp_dir().join(format!("herald-bench-history-{}.toml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!("[[channels.rules]]\npattern = \"bench-*\"\nhistory_size = {HISTORY_SIZE}\n"),
+    )?;
+    Ok(path)
+}
+
 impl Target {
     async fn start(kind: &str, nodes: usize, redis: &RedisServer) -> anyhow::Result<Target> {
         let mut procs = Vec::new();
@@ -301,20 +359,25 @@ impl Target {
             let port = free_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let child = match kind {
-                k if k == "herald" || k.starts_with("herald@") => {
+                k if k == "herald" || k == "herald-history" || k.starts_with("herald@") => {
                     // `herald@PATH`: another build of Herald (e.g. before a change),
-                    // measured in the same run as this one.
+                    // measured in the same run as this one. `herald-history`: this
+                    // build with every bench channel keeping history.
                     let bin = match k.strip_prefix("herald@") {
                         Some(path) => PathBuf::from(path),
                         None => sibling("herald")?,
                     };
-                    Command::new(bin)
-                        .args(["--listen", &addr.to_string(), "--redis", &redis.url()])
+                    let mut cmd = Command::new(bin);
+                    if k == "herald-history" {
+                        cmd.arg("--config").arg(history_config()?);
+                    }
+                    cmd.args(["--listen", &addr.to_string(), "--redis", &redis.url()])
                         .args(["--node-id", &format!("bench-{i}")])
                         .env("HERALD_LOG__LEVEL", "warn")
                         .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
                         .env("HERALD_HEARTBEAT__INTERVAL", "300s")
                         .env("HERALD_LIMITS__INBOUND_QUEUE", "65536")
+                        .kill_on_drop(true)
                         .spawn()?
                 }
                 "floor" => {
@@ -328,6 +391,7 @@ impl Target {
                             "--control",
                             &control.to_string(),
                         ])
+                        .kill_on_drop(true)
                         .spawn()?
                 }
                 "node" => Command::new("node")
@@ -335,6 +399,7 @@ impl Target {
                     .env("PORT", port.to_string())
                     .env("REDIS_URL", redis.url())
                     .stdout(Stdio::null())
+                    .kill_on_drop(true)
                     .spawn()?,
                 "socketio" => Command::new("node")
                     .arg(peers_dir().join("socketio/server.js"))
@@ -342,12 +407,14 @@ impl Target {
                     .env("REDIS_URL", redis.url())
                     .env("PRIMARY", if i == 0 { "1" } else { "0" })
                     .stdout(Stdio::null())
+                    .kill_on_drop(true)
                     .spawn()?,
                 "python" => Command::new("python3")
                     .arg(peers_dir().join("python/server.py"))
                     .env("PORT", port.to_string())
                     .env("REDIS_URL", redis.url())
                     .stdout(Stdio::null())
+                    .kill_on_drop(true)
                     .spawn()?,
                 other => bail!("unknown target {other}"),
             };
@@ -366,7 +433,15 @@ impl Target {
             Publisher::Floor(socks)
         } else {
             let client = redis::Client::open(redis.url())?;
-            Publisher::Redis(client.get_multiplexed_async_connection().await?)
+            let conn = client.get_multiplexed_async_connection().await?;
+            if kind == "herald-history" {
+                let script = redis::Script::new(herald_redis::PUBLISH_SCRIPT);
+                let mut c = conn.clone();
+                script.prepare_invoke().load_async(&mut c).await?;
+                Publisher::Script(conn, script)
+            } else {
+                Publisher::Redis(conn)
+            }
         };
         Ok(Target {
             procs,
@@ -517,6 +592,120 @@ fn payload(seq: u64) -> String {
         herald_protocol::publication::unix_micros(),
         "x".repeat(PAYLOAD_PAD)
     )
+}
+
+/// What history costs, Herald only: publish rate and Redis CPU per publication with
+/// history off (`PUBLISH` of the envelope) and on (the publish script: offset, stream,
+/// TTLs, publish), each to a node with subscribers; and the time a resuming client
+/// takes to receive 1,000 missed publications from one node (subscribe sent → 1,000th
+/// message read).
+async fn history_costs(
+    args: &RunArgs,
+    redis: &RedisServer,
+    kind: &str,
+) -> anyhow::Result<Option<Row>> {
+    if kind != "herald" {
+        return Ok(None);
+    }
+    let n: u64 = if args.smoke { 2_000 } else { 100_000 };
+    let subscribers = if args.smoke { 5 } else { 100 };
+    let redis_pid = redis.pid().context("redis-server is running")?;
+    let mut figures = BTreeMap::new();
+    for (mode, target_kind) in [("off", "herald"), ("on", "herald-history")] {
+        let mut target = Target::start(target_kind, 1, redis).await?;
+        let ws = workers(&target.addrs, subscribers, 1, 1, target_kind).await?;
+        let cpu0 = procfs::cpu_seconds(redis_pid);
+        let started = Instant::now();
+        let mut seq = 0u64;
+        while seq < n {
+            let msgs: Vec<(String, String)> = (seq..(seq + 100).min(n))
+                .map(|i| ("bench-0".to_owned(), payload(i)))
+                .collect();
+            seq += msgs.len() as u64;
+            target.publisher.publish(&msgs).await?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = procfs::cpu_seconds(redis_pid) - cpu0;
+        figures.insert(format!("publish_per_s_history_{mode}"), n as f64 / elapsed);
+        figures.insert(
+            format!("redis_cpu_us_per_pub_history_{mode}"),
+            cpu * 1e6 / n as f64,
+        );
+        if mode == "on" {
+            let (median, max) = replay(&mut target, if args.smoke { 3 } else { 20 }).await?;
+            figures.insert("replay_1000_ms_median".into(), median);
+            figures.insert("replay_1000_ms_max".into(), max);
+        }
+        for w in ws {
+            w.quit().await;
+        }
+        target.stop().await;
+    }
+    let on = figures["redis_cpu_us_per_pub_history_on"];
+    let off = figures["redis_cpu_us_per_pub_history_off"];
+    figures.insert("redis_cpu_on_over_off".into(), on / off.max(1e-9));
+    Ok(Some(Row {
+        scenario: "history".into(),
+        target: kind.into(),
+        figures,
+        note: format!(
+            "{n} publications in pipelined batches of 100 to a channel with {subscribers} subscribers on one node; replay: 1,000 missed publications"
+        ),
+    }))
+}
+
+/// Publishes 1,000 publications to a fresh history channel, then `reps` times connects
+/// a client that resumes from before them; returns the median and the longest time
+/// until its 1,000th message, in ms.
+async fn replay(target: &mut Target, reps: usize) -> anyhow::Result<(f64, f64)> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let channel = "bench-replay";
+    let url = format!("ws://{}/ws", target.addrs[0]);
+    // Learn the channel's epoch and position.
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+    ws.next().await;
+    ws.send(Message::Text(
+        format!(r#"{{"op":"subscribe","channel":"{channel}","id":1}}"#).into(),
+    ))
+    .await?;
+    let sub: Value = match ws.next().await {
+        Some(Ok(Message::Text(t))) => serde_json::from_str(&t)?,
+        other => bail!("expected subscribed, got {other:?}"),
+    };
+    let epoch = sub["epoch"].as_str().context("an epoch")?.to_owned();
+    let from = sub["offset"].as_u64().context("an offset")?;
+    drop(ws);
+    let msgs: Vec<(String, String)> = (0..1000)
+        .map(|i| (channel.to_owned(), payload(i)))
+        .collect();
+    for chunk in msgs.chunks(100) {
+        target.publisher.publish(chunk).await?;
+    }
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
+        ws.next().await; // welcome
+        let started = Instant::now();
+        ws.send(Message::Text(
+            format!(r#"{{"op":"subscribe","channel":"{channel}","id":1,"since":{{"offset":{from},"epoch":"{epoch}"}}}}"#).into(),
+        ))
+        .await?;
+        let mut got = 0;
+        while got < 1000 {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) if t.starts_with(r#"{"op":"message""#) => got += 1,
+                Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""recovered":false"#) => {
+                    bail!("the resume was refused: {t}")
+                }
+                Ok(Some(Ok(_))) => {}
+                other => bail!("replay stopped after {got}: {other:?}"),
+            }
+        }
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[times.len() - 1]))
 }
 
 /// Fan-out, many channels and cross-node: publish as fast as delivery keeps up (at most
