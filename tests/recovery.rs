@@ -459,3 +459,48 @@ async fn binary_deliveries_carry_the_offset_for_clients_that_track_positions() {
     v1.extend_from_slice(&[7, 8]);
     assert_eq!(&plain.recv_binary().await[..], &v1[..]);
 }
+
+/// On Redis Cluster the stream, its metadata and the sharded pub/sub channel share a
+/// slot, so the same scripts number, store and publish on whichever master owns it.
+#[tokio::test]
+async fn history_works_on_redis_cluster() {
+    let cluster = herald_testkit::RedisCluster::start(3);
+    let mut cfg = redis_config(&cluster.urls());
+    cfg.cluster = true;
+    let rules =
+        |c: &mut herald_server::GatewayConfig| c.channels.rules = vec![history_rule("room:*", 100)];
+    let a = Node::start_redis_with(cfg.clone(), rules).await;
+    let b = Node::start_redis_with(cfg, rules).await;
+    let channels: Vec<String> = (0..6).map(|i| format!("room:{i}")).collect();
+    let mut positions = Vec::new();
+    let mut client = a.client().await;
+    for ch in &channels {
+        let sub = client.subscribe_since(ch, None).await;
+        positions.push(epoch(&sub));
+    }
+    for ch in &channels {
+        b.publish_numbers(ch, 1, 3).await;
+    }
+    for ch in &channels {
+        let got = client.messages(3).await;
+        assert!(got.iter().all(|m| m["channel"] == ch.as_str()), "{got:?}");
+        assert_numbers(&got, 1, 3, 1);
+    }
+    client.close().await;
+    for ch in &channels {
+        b.publish_numbers(ch, 4, 6).await;
+    }
+    let mut back = b.client().await;
+    for (ch, e) in channels.iter().zip(&positions) {
+        let sub = back.subscribe_since(ch, Some((3, e))).await;
+        assert_eq!(sub["recovered"], true, "{sub}");
+        assert_numbers(&back.messages(3).await, 4, 6, 4);
+    }
+    // The keys landed on more than one master.
+    let masters = cluster
+        .servers
+        .iter()
+        .filter(|s| !s.cli(&["KEYS", "{herald:room:*}.stream"]).trim().is_empty())
+        .count();
+    assert!(masters >= 2, "streams on {masters} master(s)");
+}
