@@ -75,6 +75,53 @@ async fn rate_limit_errors_then_closes_with_1008() {
     bystander_unharmed(&node, &mut bystander).await;
 }
 
+/// Strikes are not cleared by the messages that get through: a client that keeps
+/// sending at twice its rate is closed, and each refusal names the request it refused.
+#[tokio::test]
+async fn a_client_steadily_over_its_rate_is_closed() {
+    let node = Node::start_with(|c| {
+        c.limits.messages_per_second = 20.0;
+        c.limits.message_burst = 1;
+        c.limits.rate_limit_strikes = 5;
+        c.limits.rate_limit_window = Duration::from_secs(10);
+    })
+    .await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+    let mut c = node.client().await;
+    let mut refused_ids = Vec::new();
+    let mut closed = None;
+    'send: for i in 0..200u64 {
+        // 40 per second: every other message is over the rate.
+        c.send_text(&format!(r#"{{"op":"ping","id":{i}}}"#)).await;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(1), c.ws().next()).await
+        {
+            match msg {
+                Ok(Message::Text(t)) if t.contains("rate_limited") => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    refused_ids.push(v["id"].as_u64().expect("the refused request's id"));
+                }
+                Ok(Message::Text(t)) => assert!(t.contains("pong"), "{t}"),
+                Ok(Message::Close(f)) => {
+                    closed = f.map(|f| u16::from(f.code));
+                    break 'send;
+                }
+                Ok(_) => {}
+                Err(_) => break 'send,
+            }
+        }
+    }
+    assert_eq!(closed, Some(1008), "closed for exceeding the rate");
+    assert!(refused_ids.len() > 5, "{refused_ids:?}");
+    assert!(
+        refused_ids.windows(2).all(|w| w[0] < w[1]),
+        "{refused_ids:?}"
+    );
+    bystander_unharmed(&node, &mut bystander).await;
+}
+
 #[tokio::test]
 async fn connection_limit_answers_503_before_upgrade() {
     let node = Node::start_with(|c| c.limits.max_connections = 2).await;
@@ -235,4 +282,50 @@ async fn origin_allow_list() {
         other => panic!("expected 403, got {:?}", other.map(|_| ())),
     }
     assert!(connect("https://app.example").await.is_ok());
+}
+
+/// A peer whose TCP stack is alive but that reads nothing cannot take a draining close
+/// that first flushes its queue: the write deadline drops the socket, so the drain
+/// ends at once instead of holding the session (its queue, its connection slot) until
+/// the grace period, and the drop is counted.
+#[tokio::test]
+async fn a_stalled_peer_is_dropped_at_the_write_deadline() {
+    let mut node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 64 << 20;
+        c.limits.max_body_bytes = 1 << 20;
+        c.websocket.write_timeout = Duration::from_millis(300);
+        c.limits.close_timeout = Duration::from_millis(300);
+        c.shutdown.drain_window = Duration::from_millis(10);
+        c.shutdown.grace_period = Duration::from_secs(30);
+    })
+    .await;
+    let mut stalled = Client::connect_with_small_buffer(node.addr).await;
+    stalled.subscribe("firehose").await;
+    // Far more than the kernel's socket buffers can hold: the writer blocks.
+    let filler = "z".repeat(100_000);
+    for i in 0..100 {
+        let data = format!(r#"{{"i":{i},"pad":"{filler}"}}"#);
+        assert_eq!(node.publish("firehose", &data).await, 200);
+    }
+    eventually("the writer is stuck", || {
+        node.metric("herald_outbound_queue_bytes") > 1_000_000.0
+    })
+    .await;
+    let metrics = node.metrics.clone();
+    node.begin_shutdown();
+    let started = std::time::Instant::now();
+    node.shutdown().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the drain waited {:?} on a stalled socket",
+        started.elapsed()
+    );
+    assert!(metrics.write_timeouts.get() >= 1);
+    assert_eq!(metrics.connections.get(), 0);
+    assert_eq!(metrics.outbound_queue_bytes.get(), 0, "its queue was freed");
+    assert!(
+        metrics.dropped_total(herald_metrics::DropReason::Disconnected) >= 1,
+        "what it never got is counted"
+    );
+    drop(stalled);
 }

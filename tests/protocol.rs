@@ -139,6 +139,18 @@ async fn text_data_arrives_byte_for_byte() {
         Message::Text(t) => assert_eq!(t.as_str(), expected),
         other => panic!("{other:?}"),
     }
+    // null is data like any other value, over WebSocket as over HTTP.
+    publisher
+        .send_text(r#"{"op":"publish","channel":"exact","data":null,"id":5}"#)
+        .await;
+    assert_eq!(publisher.recv_json().await["id"], 5);
+    match sub.recv().await {
+        Message::Text(t) => assert_eq!(
+            t.as_str(),
+            r#"{"op":"message","channel":"exact","data":null}"#
+        ),
+        other => panic!("{other:?}"),
+    }
     // Over HTTP with the channel in the path.
     let r = http(
         node.api,
@@ -259,6 +271,8 @@ async fn bad_frames_get_errors_and_harm_no_one() {
     let cases: &[(&str, &str, Option<u64>)] = &[
         ("not json", "bad_request", None),
         ("[1,2,3]", "bad_request", None),
+        // An array in a subscribe's field order is still not an object.
+        (r#"["subscribe","news",1,null]"#, "bad_request", None),
         (r#"{"op":"dance","id":1}"#, "bad_request", Some(1)),
         (r#"{"op":"subscribe","id":2}"#, "bad_request", Some(2)),
         (
@@ -306,9 +320,11 @@ async fn bad_frames_get_errors_and_harm_no_one() {
             "{e}"
         );
     }
-    // Still usable.
+    // Still usable, and the array above subscribed to nothing.
     c.send_text(r#"{"op":"ping","id":10}"#).await;
     assert_eq!(c.recv_json().await, json!({"op":"pong","id":10}));
+    assert_eq!(node.publish("news", "1").await, 200);
+    c.expect_silence(Duration::from_millis(100)).await;
     assert_eq!(node.publish("calm", "true").await, 200);
     assert_eq!(bystander.recv_json().await["data"], true);
     assert!(node.metric(r#"herald_client_errors_total{code="bad_request"}"#) >= 7.0);

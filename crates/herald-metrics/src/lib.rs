@@ -40,6 +40,9 @@ pub enum DropReason {
     SlowConsumer,
     /// The node's inbound queue from the broker was full.
     HubOverflow,
+    /// The subscriber's connection ended (closed, failed, or timed out writing) with
+    /// messages still queued for it.
+    Disconnected,
 }
 
 /// Where a publication entered the system.
@@ -82,6 +85,10 @@ pub struct Metrics {
     pub delivered: IntCounter,
     dropped_slow: IntCounter,
     dropped_overflow: IntCounter,
+    dropped_disconnected: IntCounter,
+    /// Socket writes (or close frames) that did not complete within
+    /// `websocket.write_timeout`: the socket was dropped.
+    pub write_timeouts: IntCounter,
     /// Sessions closed with 1013 because they could not keep up.
     pub slow_consumer_disconnects: IntCounter,
     /// Bytes waiting in all sessions' outbound queues.
@@ -159,7 +166,7 @@ impl Metrics {
         )?;
         let dropped = counter_vec(
             "herald_messages_dropped_total",
-            "Messages not delivered, by reason (slow_consumer: per subscriber; hub_overflow: per message).",
+            "Messages not delivered, by reason (slow_consumer and disconnected: per subscriber; hub_overflow: per message).",
             "reason",
         )?;
 
@@ -244,6 +251,11 @@ impl Metrics {
             )?,
             dropped_slow: dropped.with_label_values(&["slow_consumer"]),
             dropped_overflow: dropped.with_label_values(&["hub_overflow"]),
+            dropped_disconnected: dropped.with_label_values(&["disconnected"]),
+            write_timeouts: counter(
+                "herald_write_timeouts_total",
+                "Socket writes that did not complete within websocket.write_timeout; the connection was dropped.",
+            )?,
             slow_consumer_disconnects: counter(
                 "herald_slow_consumer_disconnects_total",
                 "Sessions closed with 1013 because their outbound queue overflowed.",
@@ -335,6 +347,7 @@ impl Metrics {
         match reason {
             DropReason::SlowConsumer => &self.dropped_slow,
             DropReason::HubOverflow => &self.dropped_overflow,
+            DropReason::Disconnected => &self.dropped_disconnected,
         }
         .inc_by(n);
     }
@@ -344,6 +357,7 @@ impl Metrics {
         match reason {
             DropReason::SlowConsumer => &self.dropped_slow,
             DropReason::HubOverflow => &self.dropped_overflow,
+            DropReason::Disconnected => &self.dropped_disconnected,
         }
         .get()
     }

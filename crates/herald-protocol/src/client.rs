@@ -102,11 +102,32 @@ struct RawRequest<'a> {
     channel: Option<Cow<'a, str>>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    /// Present with any JSON value, `null` included (a plain `Option` would turn
+    /// `null` into "missing").
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
     recover: Option<bool>,
     #[serde(borrow)]
     since: Option<RawSince<'a>>,
+}
+
+fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+impl Request {
+    /// The request's `id`, echoed in its reply.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Request::Subscribe { id, .. }
+            | Request::Unsubscribe { id, .. }
+            | Request::Publish { id, .. }
+            | Request::Ping { id } => *id,
+        }
+    }
 }
 
 /// Parses a text frame.
@@ -116,6 +137,15 @@ struct RawRequest<'a> {
 pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
     let text = std::str::from_utf8(frame)
         .map_err(|_| RequestError::new(None, ErrorCode::BadRequest, "frame is not UTF-8"))?;
+    // serde reads a struct from a JSON array too (by position): PROTOCOL.md says a
+    // frame is an object, so anything else is refused before parsing.
+    if !text.trim_start().starts_with('{') {
+        return Err(RequestError::new(
+            None,
+            ErrorCode::BadRequest,
+            "frame must be a JSON object with an op",
+        ));
+    }
     let raw: RawRequest<'_> = serde_json::from_str(text).map_err(|e| {
         RequestError::new(
             None,
@@ -295,6 +325,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // null is data like any other JSON value (as over HTTP).
+        match parse(r#"{"op":"publish","channel":"c","data":null,"id":8}"#).unwrap() {
+            Request::Publish { data, id, .. } => {
+                assert_eq!((&data[..], id), (&b"null"[..], Some(8)))
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = parse(r#"{"op":"publish","channel":"c","id":9}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(9)));
     }
 
     #[test]
@@ -310,6 +349,11 @@ mod tests {
         let e = parse("not json").unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
         let e = parse(r#"[1,2]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        // An array that would fill the fields by position is not a request either.
+        let e = parse(r#"["subscribe","news",1,null]"#).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        let e = parse(r#" "op" "#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
     }
 

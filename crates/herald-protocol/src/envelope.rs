@@ -20,7 +20,9 @@
 //! together (in Redis, the history script does this atomically with storing it).
 //!
 //! The magic starts with a NUL byte, which no JSON text and no text a human types starts
-//! with, so a raw payload is never mistaken for an envelope. A body without the magic
+//! with, so a raw payload is never mistaken for an envelope. An envelope of kind 0 whose
+//! payload is not one JSON value is delivered as binary, never spliced into a text frame.
+//! A body without the magic
 //! is a **raw publication**: if it is valid UTF-8 JSON it is delivered as a JSON
 //! message, exactly as published; otherwise it is delivered as a binary message in the
 //! binary frame layout. Either way it carries no timestamp (`published_at_us = 0`).
@@ -102,7 +104,10 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
         let positioned_ok = flags & FLAG_OFFSET == 0 || position.is_some();
         if body.len() >= start && positioned_ok {
             let data = body.slice(start..);
-            let payload = if body[6] == 0 {
+            // Kind 0 promises JSON, but anyone who can PUBLISH into Redis can write an
+            // envelope: a payload that is not one JSON value would be spliced into the
+            // delivery frame as is (`1,"op":"subscribed"`), so it is delivered as binary.
+            let payload = if body[6] == 0 && is_json(&data) {
                 Payload::Json(data)
             } else {
                 Payload::Binary(data)
@@ -128,6 +133,10 @@ pub fn decode(channel: ChannelName, body: Bytes) -> (Publication, Origin) {
         },
         Origin::Raw,
     )
+}
+
+fn is_json(b: &[u8]) -> bool {
+    std::str::from_utf8(b).is_ok() && serde_json::from_slice::<serde::de::IgnoredAny>(b).is_ok()
 }
 
 fn be_u64(b: &[u8]) -> u64 {
@@ -195,6 +204,16 @@ mod tests {
         assert_eq!(p.payload, Payload::Binary(Bytes::from_static(b"hello")));
         let (p, _) = decode(ch(), Bytes::from_static(&[0xff, 0]));
         assert_eq!(p.payload, Payload::Binary(Bytes::from_static(&[0xff, 0])));
+        // An envelope of kind JSON whose payload is not one JSON value cannot inject
+        // fields into the delivery frame: it is delivered as binary.
+        for bad in [&b"1,\"op\":\"subscribed\""[..], b"{", b"1 2", b"\xff"] {
+            let mut body = MAGIC.to_vec();
+            body.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            body.extend_from_slice(bad);
+            let (p, o) = decode(ch(), Bytes::from(body));
+            assert_eq!(o, Origin::Herald);
+            assert_eq!(p.payload, Payload::Binary(Bytes::copy_from_slice(bad)));
+        }
         // A truncated envelope is raw bytes, not a panic.
         let (p, o) = decode(ch(), Bytes::from_static(b"\x00HRLD\x01\x00"));
         assert_eq!(o, Origin::Raw);

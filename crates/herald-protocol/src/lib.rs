@@ -37,7 +37,7 @@ pub const VERSION: u32 = 1;
 /// Error codes carried in `{"op":"error","code":..}` frames and HTTP error bodies.
 ///
 /// The set is closed for version 1 except for additions; clients must treat an unknown
-/// code like `internal`.
+/// code like `unavailable` (PROTOCOL.md: retry later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// Not JSON, unknown op, missing or mistyped field.

@@ -54,6 +54,27 @@ pub enum RedisBrokerError {
     /// The prefix holds characters outside the channel-name set.
     #[error("redis.prefix {0:?} may only hold A-Z a-z 0-9 _ - . : @ /")]
     Prefix(String),
+    /// A duration that must be positive is zero.
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+}
+
+/// `url` with any password replaced by `***`, for messages.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}")
+            } else {
+                format!("{scheme}://{user}@{host}")
+            }
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl RedisConfig {
@@ -69,6 +90,15 @@ impl RedisConfig {
         {
             return Err(RedisBrokerError::Prefix(self.prefix.clone()));
         }
+        for (key, d) in [
+            ("redis.probe_interval", self.probe_interval),
+            ("redis.timeout", self.timeout),
+            ("redis.max_reconnect_delay", self.max_reconnect_delay),
+        ] {
+            if d.is_zero() {
+                return Err(RedisBrokerError::Zero(key));
+            }
+        }
         Ok(())
     }
 
@@ -81,7 +111,7 @@ impl RedisConfig {
                 let info = u
                     .into_connection_info()
                     .map_err(|source| RedisBrokerError::Url {
-                        url: u.to_owned(),
+                        url: redacted(u),
                         source,
                     })?;
                 let settings = info
@@ -94,7 +124,7 @@ impl RedisConfig {
             .and_then(|v| {
                 if v.is_empty() {
                     Err(RedisBrokerError::Url {
-                        url: self.url.clone(),
+                        url: redacted(&self.url),
                         source: redis::RedisError::from((
                             redis::ErrorKind::InvalidClientConfig,
                             "no URL given",
@@ -104,5 +134,38 @@ impl RedisConfig {
                     Ok(v)
                 }
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(
+            redacted("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(redacted("redis://u:s3cret@host"), "redis://u:***@host");
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+        let bad = RedisConfig {
+            url: "redis://:s3cret@host:notaport".into(),
+            ..RedisConfig::default()
+        };
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn zero_durations_are_refused() {
+        let c = RedisConfig {
+            probe_interval: Duration::ZERO,
+            ..RedisConfig::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(RedisBrokerError::Zero("redis.probe_interval"))
+        ));
     }
 }

@@ -54,7 +54,7 @@ mod push;
 mod shared;
 mod supervisor;
 
-pub use config::{RedisBrokerError, RedisConfig};
+pub use config::{redacted, RedisBrokerError, RedisConfig};
 pub use history::{HISTORY_SCRIPT, PUBLISH_SCRIPT};
 
 use shared::{Conn, Inner, Wanted};

@@ -154,8 +154,12 @@ pub struct LimitsConfig {
     pub messages_per_second: f64,
     /// Messages a session may send in a burst above the sustained rate.
     pub message_burst: u32,
-    /// Consecutive rate-limited messages after which the session is closed with 1008.
+    /// Rate-limited messages within `rate_limit_window` after which the session is
+    /// closed with 1008 (admitted messages in between do not clear them).
     pub rate_limit_strikes: u32,
+    /// The window in which rate-limit strikes add up.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_window: Duration,
     /// Bytes a session's outbound queue holds at most; a subscriber that falls this far
     /// behind is closed with 1013 (slow consumer).
     pub outbound_queue_bytes: usize,
@@ -189,6 +193,7 @@ impl Default for LimitsConfig {
             messages_per_second: 50.0,
             message_burst: 100,
             rate_limit_strikes: 20,
+            rate_limit_window: Duration::from_secs(10),
             outbound_queue_bytes: 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             max_batch: 1000,
@@ -237,6 +242,12 @@ pub struct WebSocketConfig {
     /// socket and ends (idle sessions then hold no writer task).
     #[serde(with = "humantime_serde")]
     pub writer_linger: Duration,
+    /// A write of one batch of frames that takes longer than this (the peer's TCP stack
+    /// accepts nothing) drops the connection, freeing its queue and its slot
+    /// (`herald_write_timeouts_total`). The close frame is bounded by
+    /// `limits.close_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for WebSocketConfig {
@@ -245,6 +256,7 @@ impl Default for WebSocketConfig {
             read_buffer_bytes: 256,
             write_buffer_bytes: 16 * 1024,
             writer_linger: Duration::from_secs(2),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -368,11 +380,20 @@ impl GatewayConfig {
         if l.message_burst == 0 {
             return bad("limits.message_burst", "must be greater than 0");
         }
+        if l.rate_limit_window.is_zero() {
+            return bad("limits.rate_limit_window", "must be greater than 0");
+        }
         if l.handshake_timeout.is_zero() {
             return bad("limits.handshake_timeout", "must be greater than 0");
         }
         if self.heartbeat.interval.is_zero() || self.heartbeat.timeout.is_zero() {
             return bad("heartbeat", "interval and timeout must be greater than 0");
+        }
+        if self.websocket.write_timeout.is_zero() || self.limits.close_timeout.is_zero() {
+            return bad(
+                "websocket.write_timeout",
+                "write_timeout and limits.close_timeout must be greater than 0",
+            );
         }
         if self.websocket.read_buffer_bytes < 64 {
             return bad("websocket.read_buffer_bytes", "must be at least 64");

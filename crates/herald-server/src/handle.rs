@@ -40,6 +40,8 @@ pub(crate) struct SessionEnv {
     pub(crate) metrics: Metrics,
     /// `limits.close_timeout`.
     pub(crate) close_timeout: Duration,
+    /// `websocket.write_timeout`: a batch write that takes longer drops the socket.
+    pub(crate) write_timeout: Duration,
     /// How long a writer with nothing to write stays before parking its sink and ending.
     pub(crate) linger: Duration,
     /// `limits.outbound_queue_bytes`.
@@ -61,10 +63,15 @@ enum WriterSlot {
     Parked(BoxSink),
 }
 
+/// What a queued item costs beyond its frame's bytes: its slot in the queue (the frame
+/// itself is a reference-counted handle to bytes shared by every subscriber). Charged
+/// per item, so a flood of tiny frames cannot hold many times the byte budget.
+pub(crate) const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
+
 /// One frame waiting to be written.
 pub(crate) struct Item {
     pub(crate) msg: Message,
-    /// Bytes charged against the budget.
+    /// The frame's payload bytes (the budget charges [`Item::cost`]).
     pub(crate) len: usize,
     /// When the publication was accepted (µs since the epoch), for the lag metric; 0 for
     /// replies and control frames.
@@ -88,6 +95,11 @@ impl Item {
     pub(crate) fn reply(text: String) -> Self {
         let len = text.len();
         Item::control(Message::Text(text.into()), len)
+    }
+
+    /// What it costs against the session's budget: its bytes and its queue slot.
+    pub(crate) fn cost(&self) -> usize {
+        self.len + ITEM_OVERHEAD
     }
 }
 
@@ -113,7 +125,11 @@ pub(crate) enum Pushed {
 
 struct State {
     queue: VecDeque<Item>,
+    /// What `queue` costs.
     bytes: usize,
+    /// What the batch the writer took and is writing costs: still held in memory, so
+    /// still within the budget until [`SessionHandle::finish_batch`].
+    inflight: usize,
     closing: Option<Closing>,
     writer: WriterSlot,
 }
@@ -189,6 +205,7 @@ impl SessionHandle {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
+                inflight: 0,
                 closing: None,
                 writer: WriterSlot::Detached,
             }),
@@ -277,10 +294,10 @@ impl SessionHandle {
 
     /// Queues a reply or control frame.
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
-        let len = item.len;
+        let cost = item.cost();
         let pushed = self.enqueue(item);
         if pushed == Pushed::Queued {
-            self.env.metrics.outbound_queue_bytes.add(len as i64);
+            self.env.metrics.outbound_queue_bytes.add(cost as i64);
         }
         pushed
     }
@@ -305,7 +322,9 @@ impl SessionHandle {
                 queued += 1;
             }
         }
-        metrics.outbound_queue_bytes.add((queued * item.len) as i64);
+        metrics
+            .outbound_queue_bytes
+            .add((queued * item.cost()) as i64);
     }
 
     /// Queues `item` without touching the gauge for it (the caller adds what was queued).
@@ -314,7 +333,7 @@ impl SessionHandle {
         if s.closing.is_some() {
             return Pushed::Closed;
         }
-        if s.bytes + item.len > self.env.max_queued_bytes {
+        if s.bytes + s.inflight + item.cost() > self.env.max_queued_bytes {
             let discarded = s.queue.iter().chain([&item]).filter(|i| i.delivery).count();
             let m = &self.env.metrics;
             m.slow_consumer_disconnects.inc();
@@ -331,7 +350,7 @@ impl SessionHandle {
             return Pushed::Overflow;
         }
         let was_empty = s.queue.is_empty();
-        s.bytes += item.len;
+        s.bytes += item.cost();
         s.queue.push_back(item);
         self.start_writer(s, was_empty);
         Pushed::Queued
@@ -350,17 +369,23 @@ impl SessionHandle {
         self.start_writer(s, true);
     }
 
-    /// Moves everything queued into `out` and returns the closing request, if any
-    /// (then the queue is moved only if it should be written first).
+    /// Moves everything queued into `out` (the writer's batch, which stays within the
+    /// budget until [`SessionHandle::finish_batch`]) and returns the closing request, if
+    /// any (then the queue is moved only if it should be written first).
     pub(crate) fn drain(&self, out: &mut Vec<Item>) -> Option<Closing> {
         let mut s = self.state.lock();
         let closing = s.closing.clone();
         if closing.as_ref().is_none_or(|c| c.flush_queue) {
             out.extend(s.queue.drain(..));
+            s.inflight += s.bytes;
         } else {
+            let dropped = s.queue.iter().filter(|i| i.delivery).count();
+            self.env
+                .metrics
+                .dropped(DropReason::SlowConsumer, dropped as u64);
+            self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
             s.queue.clear();
         }
-        self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
         s.bytes = 0;
         if s.queue.is_empty() {
             // Most sessions are idle most of the time: hold no ring between bursts.
@@ -369,11 +394,27 @@ impl SessionHandle {
         closing
     }
 
-    /// The session is over: whatever is still queued is gone with it.
+    /// The writer is done with its batch (written, or given up): its memory is freed.
+    pub(crate) fn finish_batch(&self) {
+        let mut s = self.state.lock();
+        self.env.metrics.outbound_queue_bytes.sub(s.inflight as i64);
+        s.inflight = 0;
+    }
+
+    /// The session is over: whatever is still queued is gone with it (counted as
+    /// dropped: `disconnected`).
     pub(crate) fn discard(&self) {
         let mut s = self.state.lock();
-        self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
+        let dropped = s.queue.iter().filter(|i| i.delivery).count();
+        self.env
+            .metrics
+            .dropped(DropReason::Disconnected, dropped as u64);
+        self.env
+            .metrics
+            .outbound_queue_bytes
+            .sub((s.bytes + s.inflight) as i64);
         s.bytes = 0;
+        s.inflight = 0;
         s.queue = VecDeque::new();
     }
 
@@ -405,6 +446,7 @@ pub(crate) mod tests {
         Arc::new(SessionEnv {
             metrics: Metrics::unregistered(),
             close_timeout: Duration::from_secs(1),
+            write_timeout: Duration::from_secs(1),
             linger: Duration::from_secs(1),
             max_queued_bytes,
             start_writer: |_, _| {},
@@ -423,10 +465,10 @@ pub(crate) mod tests {
 
     #[test]
     fn overflow_discards_and_closes_with_1013() {
-        let o = Arc::new(SessionHandle::new(0, env(100)));
+        let o = Arc::new(SessionHandle::new(0, env(100 + ITEM_OVERHEAD)));
         let m = o.env.metrics.clone();
         assert_eq!(o.push(item(60)), Pushed::Queued);
-        assert_eq!(m.outbound_queue_bytes.get(), 60);
+        assert_eq!(m.outbound_queue_bytes.get(), (60 + ITEM_OVERHEAD) as i64);
         assert_eq!(o.push(item(60)), Pushed::Overflow);
         assert_eq!(m.slow_consumer_disconnects.get(), 1);
         assert_eq!(m.dropped_total(DropReason::SlowConsumer), 2);
@@ -440,7 +482,7 @@ pub(crate) mod tests {
 
     #[test]
     fn an_overflowing_reply_is_not_a_dropped_delivery() {
-        let o = Arc::new(SessionHandle::new(0, env(100)));
+        let o = Arc::new(SessionHandle::new(0, env(100 + 2 * ITEM_OVERHEAD)));
         o.push(item(60));
         assert_eq!(
             o.push(Item::control(Message::Ping(Default::default()), 60)),
@@ -451,26 +493,65 @@ pub(crate) mod tests {
 
     #[test]
     fn drain_close_keeps_queue_and_balances_the_gauge() {
-        let o = Arc::new(SessionHandle::new(0, env(100)));
+        let o = Arc::new(SessionHandle::new(0, env(1000)));
         o.push(item(10));
         o.close(1001, "bye", true);
         let mut out = Vec::new();
         let closing = o.drain(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(closing.unwrap().code, 1001);
+        // The batch is in memory until written.
+        assert_eq!(
+            o.env.metrics.outbound_queue_bytes.get(),
+            (10 + ITEM_OVERHEAD) as i64
+        );
+        o.finish_batch();
         assert_eq!(o.env.metrics.outbound_queue_bytes.get(), 0);
+    }
+
+    /// The worst case the budget allows: a flood of 2-byte frames to a session that
+    /// reads nothing. Each item is charged its slot, and the batch being written counts
+    /// until written, so what a session holds stays within its budget.
+    #[test]
+    fn tiny_frames_and_the_writers_batch_stay_within_the_budget() {
+        let budget = 64 * 1024;
+        let o = Arc::new(SessionHandle::new(0, env(budget)));
+        let mut queued = 0usize;
+        while o.push(item(2)) == Pushed::Queued {
+            queued += 1;
+        }
+        let held = queued * (2 + std::mem::size_of::<Item>());
+        assert!(
+            held <= budget,
+            "{queued} items hold {held} bytes, budget {budget}"
+        );
+        assert!(queued >= budget / (2 + ITEM_OVERHEAD) - 1, "{queued}");
+        // The writer's batch is inside the budget: with a full batch taken, a new push
+        // that would exceed the budget overflows rather than queueing on top of it.
+        let o = Arc::new(SessionHandle::new(0, env(budget)));
+        for _ in 0..(budget / (2 + ITEM_OVERHEAD)) {
+            o.push(item(2));
+        }
+        let mut batch = Vec::new();
+        o.drain(&mut batch);
+        assert_eq!(o.push(item(2)), Pushed::Overflow);
     }
 
     #[test]
     fn fan_out_counts_queued_bytes_once_per_message() {
-        let env = env(100);
+        let env = env(1000);
         let a = Arc::new(SessionHandle::new(0, env.clone()));
         let b = Arc::new(SessionHandle::new(0, env.clone()));
         let m = env.metrics.clone();
         SessionHandle::push_to_all([&a, &b].into_iter(), &item(30), &m);
-        assert_eq!(m.outbound_queue_bytes.get(), 60);
+        assert_eq!(
+            m.outbound_queue_bytes.get(),
+            2 * (30 + ITEM_OVERHEAD) as i64
+        );
         a.discard();
+        assert_eq!(m.dropped_total(DropReason::Disconnected), 1);
         b.drain(&mut Vec::new());
+        b.finish_batch();
         assert_eq!(m.outbound_queue_bytes.get(), 0);
     }
 

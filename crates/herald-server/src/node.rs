@@ -54,6 +54,7 @@ impl Node {
         let session_env = Arc::new(SessionEnv {
             metrics: metrics.clone(),
             close_timeout: config.limits.close_timeout,
+            write_timeout: config.websocket.write_timeout,
             linger: config.websocket.writer_linger,
             max_queued_bytes: config.limits.outbound_queue_bytes,
             start_writer: crate::writer::start,

@@ -45,6 +45,7 @@ where
         subscriptions: Vec::new(),
         rate: TokenBucket::new(limits.messages_per_second, limits.message_burst),
         strikes: 0,
+        strikes_since: std::time::Instant::now(),
         node: node.clone(),
     };
     session.reply(frames::welcome(
@@ -90,8 +91,10 @@ struct Session {
     /// most sessions hold a handful.
     subscriptions: Vec<ChannelName>,
     rate: TokenBucket,
-    /// Consecutive rate-limited messages.
+    /// Rate-limited messages in the current strike window.
     strikes: u32,
+    /// When the current strike window began.
+    strikes_since: std::time::Instant,
     node: Arc<Node>,
 }
 
@@ -156,27 +159,42 @@ impl Session {
         self.reply(frames::error(e.id, e.code, &e.message));
     }
 
-    /// Applies the rate limit; false when the message must be refused.
-    fn admit(&mut self) -> bool {
+    /// Applies the rate limit; false when the message must be refused (then it is
+    /// answered with `rate_limited`, carrying the request's `id`).
+    ///
+    /// Policy: messages over the sustained rate (after the burst) are refused and count
+    /// as strikes; more than `limits.rate_limit_strikes` strikes within one
+    /// `limits.rate_limit_window` close the session (1008). Admitted messages do not
+    /// clear strikes, so a client that keeps sending above its rate is closed even
+    /// though some of its messages get through.
+    fn admit(&mut self, id: Option<u64>) -> bool {
         if self.rate.take() {
-            self.strikes = 0;
-            true
-        } else {
-            self.strikes += 1;
-            self.error(RequestError {
-                id: None,
-                code: ErrorCode::RateLimited,
-                message: "too many messages; slow down".into(),
-            });
-            false
+            return true;
         }
+        let now = std::time::Instant::now();
+        if now.duration_since(self.strikes_since) >= self.node.config.limits.rate_limit_window {
+            self.strikes = 0;
+            self.strikes_since = now;
+        }
+        self.strikes += 1;
+        self.error(RequestError {
+            id,
+            code: ErrorCode::RateLimited,
+            message: "too many messages; slow down".into(),
+        });
+        false
     }
 
     async fn on_text(&mut self, frame: Bytes) {
-        if !self.admit() {
+        let parsed = parse_text(&frame);
+        let id = match &parsed {
+            Ok(r) => r.id(),
+            Err(e) => e.id,
+        };
+        if !self.admit(id) {
             return;
         }
-        match parse_text(&frame) {
+        match parsed {
             Ok(Request::Subscribe {
                 channel,
                 id,
@@ -199,7 +217,7 @@ impl Session {
     }
 
     async fn on_binary(&mut self, frame: Bytes) {
-        if !self.admit() {
+        if !self.admit(None) {
             return;
         }
         match parse_binary(&frame) {

@@ -19,6 +19,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use herald_metrics::DropReason;
+
 use crate::handle::{BoxSink, Closing, Item, SessionHandle, Signal};
 
 /// Starts a writer task that owns `sink` and drains `handle` (a
@@ -53,10 +55,28 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
         }
         if !batch.is_empty() {
             // Boxed: its state is only needed while writing, not in every idle writer.
-            match Box::pin(write_batch(&mut sink, &mut batch, &handle, metrics)).await {
-                Written::All => {}
-                Written::Aborted => {} // fall through to the close below
-                Written::Failed => {
+            let deliveries = batch.iter().filter(|i| i.delivery).count() as u64;
+            let written = Box::pin(timeout(
+                env.write_timeout,
+                write_batch(&mut sink, &mut batch, &handle, metrics),
+            ))
+            .await;
+            handle.finish_batch();
+            match written {
+                Ok(Written::All) => {}
+                // Slow consumer mid-batch: what the batch held is dropped with the
+                // queue; fall through to the close.
+                Ok(Written::Aborted) => metrics.dropped(DropReason::SlowConsumer, deliveries),
+                Ok(Written::Failed) => {
+                    metrics.dropped(DropReason::Disconnected, deliveries);
+                    handle.done.fire();
+                    return;
+                }
+                Err(_) => {
+                    // The peer's TCP stack is alive but takes nothing: give the socket
+                    // up rather than hold its memory and connection slot.
+                    metrics.write_timeouts.inc();
+                    metrics.dropped(DropReason::Disconnected, deliveries);
                     handle.done.fire();
                     return;
                 }
@@ -162,7 +182,11 @@ async fn send_close<S>(
     // A peer that reads nothing cannot take the close frame either: bound the attempt,
     // then wait (bounded too) for the peer's reply, which ends the reader.
     let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
-    if matches!(sent, Ok(Ok(()))) {
-        let _ = timeout(close_timeout, reader_done.wait()).await;
+    match sent {
+        Ok(Ok(())) => {
+            let _ = timeout(close_timeout, reader_done.wait()).await;
+        }
+        Ok(Err(_)) => {}
+        Err(_) => metrics.write_timeouts.inc(),
     }
 }

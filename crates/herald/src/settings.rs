@@ -40,8 +40,11 @@ pub struct Cli {
 /// The whole configuration of a `herald` process: where it listens, how it logs, its
 /// broker, and the gateway's own settings, whose keys sit at the top level of the file
 /// (`node_id`, `[limits]`, `[auth]`, ...).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+///
+/// Printed with the gateway's keys flattened in; read in two parts (see
+/// [`Settings::load`]), because serde's `flatten` buffers values and would lose the
+/// `config` crate's parsing of environment strings into numbers and booleans.
+#[derive(Debug, Clone, Serialize)]
 pub struct Settings {
     /// Address for WebSocket clients.
     pub listen: SocketAddr,
@@ -88,6 +91,34 @@ impl Default for LogConfig {
     }
 }
 
+/// The keys of [`Settings`] that are the process's, not the gateway's.
+#[derive(Deserialize)]
+#[serde(default)]
+struct ProcessSettings {
+    listen: SocketAddr,
+    internal_listen: Option<SocketAddr>,
+    log: LogConfig,
+    redis: RedisConfig,
+}
+
+impl Default for ProcessSettings {
+    fn default() -> Self {
+        let s = Settings::default();
+        ProcessSettings {
+            listen: s.listen,
+            internal_listen: s.internal_listen,
+            log: s.log,
+            redis: s.redis,
+        }
+    }
+}
+
+/// Environment variables that hold comma-separated lists, and their keys.
+const LIST_VARS: &[(&str, &str)] = &[
+    ("HERALD_CHANNELS__CLIENT_PUBLISH", "channels.client_publish"),
+    ("HERALD_AUTH__ALLOWED_ORIGINS", "auth.allowed_origins"),
+];
+
 /// Every key the top level of the settings may hold.
 fn top_level_keys() -> std::collections::HashSet<String> {
     let with_all = Settings {
@@ -110,16 +141,33 @@ impl Settings {
         if let Some(path) = &cli.config {
             b = b.add_source(config::File::from(path.as_path()).required(true));
         }
+        // Lists are comma-separated in the environment. The config crate splits lists
+        // only when it also guesses every value's type (turning an API key "000123"
+        // into the number 123), so lists are split here and every other value stays a
+        // string that its field's type parses.
+        let mut env = env;
+        let mut lists = Vec::new();
+        for (var, key) in LIST_VARS {
+            if let Some(v) = env.remove(*var) {
+                let items: Vec<String> = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                lists.push((*key, items));
+            }
+        }
         b = b.add_source(
             config::Environment::with_prefix("HERALD")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("channels.client_publish")
-                .with_list_parse_key("auth.allowed_origins")
+                .try_parsing(false)
                 .source(Some(env)),
         );
+        for (key, items) in lists {
+            b = b.set_override(key, items).map_err(|e| e.to_string())?;
+        }
         let flags = [
             ("listen", cli.listen.clone()),
             ("internal_listen", cli.internal_listen.clone()),
@@ -143,7 +191,19 @@ impl Settings {
         if let Some(key) = top.keys().find(|k| !known.contains(k.as_str())) {
             return Err(format!("{key}: unknown key (herald.toml lists every key)"));
         }
-        let settings: Settings = merged.try_deserialize().map_err(|e| e.to_string())?;
+        // The process's own keys, then the gateway's (which ignores the process's).
+        let process: ProcessSettings = merged
+            .clone()
+            .try_deserialize()
+            .map_err(|e| e.to_string())?;
+        let gateway: GatewayConfig = merged.try_deserialize().map_err(|e| e.to_string())?;
+        let settings = Settings {
+            listen: process.listen,
+            internal_listen: process.internal_listen,
+            log: process.log,
+            redis: process.redis,
+            gateway,
+        };
         if !matches!(settings.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format: expected \"text\" or \"json\", got {:?}",
@@ -297,6 +357,31 @@ mod tests {
         let back = Settings::load(&cli, HashMap::new()).unwrap();
         assert_eq!(back.to_toml().unwrap(), text);
         assert_eq!(back.gateway.node_id, "n1");
+    }
+
+    #[test]
+    fn strings_from_the_environment_stay_strings() {
+        let s = Settings::load(
+            &Cli::default(),
+            env(&[
+                ("HERALD_AUTH__API_KEY", "000123"),
+                ("HERALD_NODE_ID", "007"),
+                ("HERALD_LIMITS__MAX_CONNECTIONS", "42"),
+                ("HERALD_LIMITS__MESSAGES_PER_SECOND", "2.5"),
+                ("HERALD_SHUTDOWN__RESTART", "true"),
+                (
+                    "HERALD_AUTH__ALLOWED_ORIGINS",
+                    "https://a.example,https://b.example",
+                ),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.gateway.auth.api_key.as_deref(), Some("000123"));
+        assert_eq!(s.gateway.node_id, "007");
+        assert_eq!(s.gateway.limits.max_connections, 42);
+        assert_eq!(s.gateway.limits.messages_per_second, 2.5);
+        assert!(s.gateway.shutdown.restart);
+        assert_eq!(s.gateway.auth.allowed_origins.len(), 2);
     }
 
     #[test]
