@@ -64,8 +64,13 @@ struct History {
     /// finishes after the channel was dropped and re-created must not touch it).
     id: u64,
     policy: HistoryPolicy,
-    /// The last publication delivered to the channel's subscribers.
+    /// The last publication that reached the node and was delivered (set by arrivals
+    /// only: a subscriber completing its subscribe says what *it* has, not what the
+    /// node has seen, and other live subscribers may still need what is in flight).
     last: Option<StreamPosition>,
+    /// Until the first arrival: the lowest position a live subscriber has, so that the
+    /// first arrival is checked for a gap against it.
+    floor: Option<StreamPosition>,
     /// A repair is reading the stream: arriving publications wait here, in order.
     repairing: Option<Vec<Publication>>,
     /// Recovering subscribers' buffers: every publication that reached the channel
@@ -148,6 +153,7 @@ impl Hub {
                         id: self.next_history_id.fetch_add(1, Ordering::Relaxed),
                         policy,
                         last: None,
+                        floor: None,
                         repairing: None,
                         pending: HashMap::new(),
                     })
@@ -260,8 +266,10 @@ impl Hub {
         self.metrics.replayed.inc_by(replayed);
         sub.through.store(through.offset, Ordering::Relaxed);
         sub.recovering.store(false, Ordering::Relaxed);
-        if h.last.is_none() {
-            h.last = Some(through);
+        // Once publications arrive, this subscriber already has everything up to the
+        // node's last (what arrived since it subscribed was merged above).
+        if h.last.is_none() && h.floor.is_none_or(|f| through.offset < f.offset) {
+            h.floor = Some(through);
         }
         Completion::Done { recovered }
     }
@@ -339,7 +347,7 @@ impl Hub {
         may_repair: bool,
     ) {
         let Some(pos) = p.position else { return };
-        match recovery::verdict(h.last, pos) {
+        match recovery::verdict(h.last.or(h.floor), pos) {
             Verdict::Deliver => {
                 h.last = Some(pos);
                 self.fan_out(entry, &p);
@@ -430,8 +438,9 @@ impl Hub {
         self.metrics.history_repairs.inc();
         self.feed_pending(entry, &mut h, &fetched);
         for p in fetched {
+            let reference = h.last.or(h.floor);
             if p.position
-                .is_some_and(|pos| recovery::verdict(h.last, pos) == Verdict::Deliver)
+                .is_some_and(|pos| recovery::verdict(reference, pos) == Verdict::Deliver)
             {
                 self.metrics.history_repaired.inc();
             }
@@ -449,7 +458,7 @@ impl Hub {
             for (channel, entry) in shard.read().iter() {
                 let Some(h) = &entry.history else { continue };
                 let mut h = h.lock();
-                let (Some(last), None) = (h.last, &h.repairing) else {
+                let (Some(last), None) = (h.last.or(h.floor), &h.repairing) else {
                     continue;
                 };
                 h.repairing = Some(Vec::new());
@@ -607,6 +616,48 @@ mod tests {
             .map(|m| m["offset"].as_u64().unwrap())
             .collect();
         assert_eq!(offsets, vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Found by the rolling-restart test: on a fresh node two subscribers complete
+    /// before any publication arrives, the one whose history read was later first. The
+    /// other still gets what was in flight between the two reads.
+    #[tokio::test]
+    async fn subscribers_completing_out_of_order_each_get_what_was_in_flight() {
+        let hub = hub();
+        let news = ChannelName::new("news").unwrap();
+        let env = crate::handle::tests::env(1 << 20);
+        let opts = SubscribeOpts {
+            history: Some(HistoryPolicy {
+                size: 100,
+                ttl: std::time::Duration::from_secs(60),
+                meta_ttl: std::time::Duration::from_secs(60),
+            }),
+            positions: true,
+        };
+        let early = Arc::new(SessionHandle::new(0, env.clone()));
+        let late = Arc::new(SessionHandle::new(0, env.clone()));
+        hub.subscribe(&news, 1, &early, opts);
+        hub.subscribe(&news, 2, &late, opts);
+        let at = |offset| HistoryPage {
+            top: StreamPosition {
+                offset,
+                epoch: herald_protocol::Epoch::new(1).unwrap(),
+            },
+            publications: vec![],
+        };
+        hub.complete(&news, 2, None, &at(5), None, 100, false);
+        hub.complete(&news, 1, None, &at(3), None, 100, false);
+        for n in 4..=6 {
+            hub.dispatch(positioned(&news, n));
+        }
+        let offsets = |h: &SessionHandle| -> Vec<u64> {
+            texts(h)[1..]
+                .iter()
+                .map(|m| m["offset"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(offsets(&early), vec![4, 5, 6]);
+        assert_eq!(offsets(&late), vec![6]);
     }
 
     #[tokio::test]
