@@ -329,3 +329,59 @@ async fn a_stalled_peer_is_dropped_at_the_write_deadline() {
     );
     drop(stalled);
 }
+
+/// A slow POST cannot hold a connection and a body buffer: 408 at the body deadline.
+/// And the node holds at most `limits.max_http_connections` HTTP connections: idle ones
+/// past it are closed at once, counted, and nobody else is affected.
+#[tokio::test]
+async fn slow_bodies_and_too_many_http_connections_are_refused() {
+    let node = Node::start_with(|c| {
+        c.limits.body_timeout = Duration::from_millis(300);
+        c.limits.max_http_connections = 4;
+        c.limits.handshake_timeout = Duration::from_secs(20);
+    })
+    .await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+
+    let mut slow = TcpStream::connect(node.api).await.unwrap();
+    slow.write_all(
+        b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"chan",
+    )
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Four idle connections take every HTTP slot; a fifth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(TcpStream::connect(node.api).await.unwrap());
+    }
+    eventually("the idle connections are served", || {
+        node.metric(r#"herald_connections_rejected_total{reason="http_limit"}"#) == 0.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut fifth = TcpStream::connect(node.api).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(2), fifth.read(&mut buf))
+        .await
+        .expect("closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the fifth connection is closed without an answer");
+    assert_eq!(
+        node.metric(r#"herald_connections_rejected_total{reason="http_limit"}"#),
+        1.0
+    );
+    // WebSocket sessions are not HTTP connections: the bystander still works; and once
+    // the idle connections go, HTTP is served again.
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bystander_unharmed(&node, &mut bystander).await;
+}

@@ -31,6 +31,8 @@ pub enum RejectReason {
     Origin,
     /// The node is draining.
     Draining,
+    /// The node holds `limits.max_http_connections` HTTP connections already.
+    HttpLimit,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -77,6 +79,7 @@ pub struct Metrics {
     rejected_bad_request: IntCounter,
     rejected_origin: IntCounter,
     rejected_draining: IntCounter,
+    rejected_http_limit: IntCounter,
     close_codes: IntCounterVec,
     published_http: IntCounter,
     published_client: IntCounter,
@@ -241,6 +244,7 @@ impl Metrics {
             rejected_bad_request: rejected.with_label_values(&["bad_request"]),
             rejected_origin: rejected.with_label_values(&["origin"]),
             rejected_draining: rejected.with_label_values(&["draining"]),
+            rejected_http_limit: rejected.with_label_values(&["http_limit"]),
             close_codes,
             published_http: published.with_label_values(&["http"]),
             published_client: published.with_label_values(&["client"]),
@@ -321,6 +325,7 @@ impl Metrics {
             RejectReason::BadRequest => &self.rejected_bad_request,
             RejectReason::Origin => &self.rejected_origin,
             RejectReason::Draining => &self.rejected_draining,
+            RejectReason::HttpLimit => &self.rejected_http_limit,
         }
         .inc();
     }

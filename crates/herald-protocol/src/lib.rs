@@ -65,6 +65,8 @@ pub enum ErrorCode {
     /// The broker did not answer in time: the publication may or may not have been
     /// published. Retrying with the same `idempotency_key` is safe (HTTP only).
     UnknownOutcome,
+    /// The request body did not arrive within `limits.body_timeout` (HTTP only).
+    RequestTimeout,
 }
 
 impl ErrorCode {
@@ -83,6 +85,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::Internal => "internal",
             ErrorCode::UnknownOutcome => "unknown_outcome",
+            ErrorCode::RequestTimeout => "request_timeout",
         }
     }
 }

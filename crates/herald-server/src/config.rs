@@ -165,6 +165,14 @@ pub struct LimitsConfig {
     pub outbound_queue_bytes: usize,
     /// Largest HTTP request body on `/api/*` (413 past it).
     pub max_body_bytes: usize,
+    /// Time a request body has to arrive completely (408 past it), so a slow POST
+    /// cannot hold a connection and a body buffer indefinitely.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// HTTP connections (API calls, health checks, WebSocket handshakes in progress;
+    /// not established WebSocket sessions) a node holds at most; past it new
+    /// connections are closed at once.
+    pub max_http_connections: usize,
     /// Publications in one `POST /api/batch` at most.
     pub max_batch: usize,
     /// Publications buffered between the broker and the hub's fan-out.
@@ -196,6 +204,8 @@ impl Default for LimitsConfig {
             rate_limit_window: Duration::from_secs(10),
             outbound_queue_bytes: 1024 * 1024,
             max_body_bytes: 1024 * 1024,
+            body_timeout: Duration::from_secs(10),
+            max_http_connections: 4096,
             max_batch: 1000,
             inbound_queue: 16 * 1024,
             close_timeout: Duration::from_secs(3),
@@ -358,7 +368,10 @@ impl GatewayConfig {
             return bad("channels.idempotency_window", "must be greater than 0");
         }
         let l = &self.limits;
-        let positive: [(&'static str, usize); 9] = [
+        if l.body_timeout.is_zero() {
+            return bad("limits.body_timeout", "must be greater than 0");
+        }
+        let positive: [(&'static str, usize); 10] = [
             ("limits.max_connections", l.max_connections),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_subscriptions", l.max_subscriptions),
@@ -368,6 +381,7 @@ impl GatewayConfig {
             ("limits.inbound_queue", l.inbound_queue),
             ("limits.max_history_page", l.max_history_page),
             ("limits.max_recovery_buffer", l.max_recovery_buffer),
+            ("limits.max_http_connections", l.max_http_connections),
         ];
         for (key, v) in positive {
             if v == 0 {

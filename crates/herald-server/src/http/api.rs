@@ -46,7 +46,7 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     }
     authorize(&req, node)?;
     let content_type = content_type(&req);
-    let body = read_body(req, node.config.limits.max_body_bytes).await?;
+    let body = read_body(req, &node.config.limits).await?;
     let (batch, single) = match path.as_str() {
         "/api/publish" => (
             vec![api::parse_publish(&body).map_err(Refusal::body)?],
@@ -197,7 +197,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Refusal> {
+async fn read_body(
+    req: Request<Incoming>,
+    limits: &crate::config::LimitsConfig,
+) -> Result<Bytes, Refusal> {
+    let max = limits.max_body_bytes;
     let too_large = || {
         Refusal::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -213,7 +217,21 @@ async fn read_body(req: Request<Incoming>, max: usize) -> Result<Bytes, Refusal>
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(req.into_body(), max).collect().await {
+    let read = tokio::time::timeout(
+        limits.body_timeout,
+        Limited::new(req.into_body(), max).collect(),
+    );
+    let Ok(read) = read.await else {
+        return Err(Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::RequestTimeout,
+            format!(
+                "the request body did not arrive within {:?}",
+                limits.body_timeout
+            ),
+        ));
+    };
+    match read {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(_) => Err(Refusal::new(

@@ -76,6 +76,13 @@ pub(crate) async fn serve(
             },
         };
         backoff = Duration::from_millis(5);
+        // The tracker counts live connection tasks (an upgraded WebSocket's task ends
+        // once the session task owns the socket).
+        if node.http_tasks.len() >= node.config.limits.max_http_connections {
+            node.metrics.rejected(RejectReason::HttpLimit);
+            drop(stream);
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let tasks = node.http_tasks.clone();
         tasks.spawn(connection(stream, node.clone(), role, stop.clone()));
