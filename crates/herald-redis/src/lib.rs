@@ -159,7 +159,8 @@ impl Broker for RedisBroker {
 
     fn subscribe(&self, channel: &ChannelName) -> Ready {
         let mut desired = self.inner.desired.lock();
-        let w = desired.entry(channel.clone()).or_insert_with(|| {
+        desired.changed.insert(channel.clone());
+        let w = desired.wanted.entry(channel.clone()).or_insert_with(|| {
             let (setter, ready) = Ready::pending();
             Wanted { setter, ready }
         });
@@ -170,7 +171,10 @@ impl Broker for RedisBroker {
     }
 
     fn unsubscribe(&self, channel: &ChannelName) {
-        self.inner.desired.lock().remove(channel);
+        let mut desired = self.inner.desired.lock();
+        desired.wanted.remove(channel);
+        desired.changed.insert(channel.clone());
+        drop(desired);
         self.inner.changed.notify_one();
     }
 

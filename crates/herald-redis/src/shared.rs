@@ -1,6 +1,6 @@
 //! What the broker facade and its supervisor share.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 
@@ -27,13 +27,23 @@ pub(crate) struct Wanted {
     pub(crate) ready: Ready,
 }
 
+/// What the hub wants served, and what changed since the supervisor last looked.
+/// Every operation on it is O(1) or O(changes): the supervisor never scans every
+/// channel under this lock (the hub calls in while holding a shard lock).
+#[derive(Default)]
+pub(crate) struct Desired {
+    pub(crate) wanted: HashMap<ChannelName, Wanted>,
+    /// Channels subscribed or unsubscribed since the last sync.
+    pub(crate) changed: HashSet<ChannelName>,
+}
+
 pub(crate) struct Inner {
     pub(crate) config: RedisConfig,
     pub(crate) infos: Vec<redis::ConnectionInfo>,
     pub(crate) inbound: Inbound,
     pub(crate) metrics: Metrics,
     /// What the hub wants served.
-    pub(crate) desired: Mutex<HashMap<ChannelName, Wanted>>,
+    pub(crate) desired: Mutex<Desired>,
     /// Wakes the supervisor when `desired` changed.
     pub(crate) changed: Notify,
     /// The live connection, if any.

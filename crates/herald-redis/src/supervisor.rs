@@ -39,7 +39,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         delay = Duration::from_millis(25);
         let mut active: HashSet<ChannelName> = HashSet::new();
         // Resubscribe everything before declaring the node usable again.
-        if let Err(e) = sync(&inner, &conn, &mut active).await {
+        if let Err(e) = sync(&inner, &conn, &mut active, true).await {
             tracing::warn!(error = %e, "Redis resubscribe failed");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(inner.config.max_reconnect_delay);
@@ -67,7 +67,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         *inner.conn.write() = None;
         // Nothing is delivered until the resubscribe: a new subscriber must wait (or
         // fail with `unavailable`) rather than be told deliveries flow.
-        for wanted in inner.desired.lock().values() {
+        for wanted in inner.desired.lock().wanted.values() {
             wanted.setter.unset();
         }
         tracing::warn!(reason = why, "Redis connection lost; reconnecting");
@@ -83,7 +83,7 @@ async fn serve(inner: &Inner, conn: &Conn, active: &mut HashSet<ChannelName>) ->
         tokio::select! {
             _ = inner.lost.notified() => return "disconnected",
             _ = inner.changed.notified() => {
-                if let Err(e) = sync(inner, conn, active).await {
+                if let Err(e) = sync(inner, conn, active, false).await {
                     tracing::warn!(error = %e, "Redis (un)subscribe failed");
                     return "subscribe failed";
                 }
@@ -133,27 +133,35 @@ async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
     }
 }
 
-/// Brings Redis's subscriptions in line with the desired set, in batches.
+/// Brings Redis's subscriptions in line with the desired set, in batches: every
+/// wanted channel when `full` (a new connection), otherwise only what changed since
+/// the last round.
 async fn sync(
     inner: &Inner,
     conn: &Conn,
     active: &mut HashSet<ChannelName>,
+    full: bool,
 ) -> redis::RedisResult<()> {
     const BATCH: usize = 512;
-    let (to_sub, to_unsub): (Vec<ChannelName>, Vec<ChannelName>) = {
-        let desired = inner.desired.lock();
-        (
-            desired
-                .keys()
-                .filter(|c| !active.contains(*c))
-                .cloned()
-                .collect(),
-            active
-                .iter()
-                .filter(|c| !desired.contains_key(*c))
-                .cloned()
-                .collect(),
-        )
+    let (to_sub, to_unsub, looked_at) = {
+        let mut desired = inner.desired.lock();
+        let changed: Vec<ChannelName> = if full {
+            // Once per connection: every wanted channel.
+            desired.changed.clear();
+            desired.wanted.keys().cloned().collect()
+        } else {
+            desired.changed.drain().collect()
+        };
+        let mut to_sub = Vec::new();
+        let mut to_unsub = Vec::new();
+        for c in &changed {
+            match (desired.wanted.contains_key(c), active.contains(c)) {
+                (true, false) => to_sub.push(c.clone()),
+                (false, true) => to_unsub.push(c.clone()),
+                _ => {}
+            }
+        }
+        (to_sub, to_unsub, changed)
     };
     let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
     for chunk in to_sub.chunks(BATCH) {
@@ -180,9 +188,12 @@ async fn sync(
     }
     // Wake everyone waiting on a channel that Redis now delivers, including channels
     // that were dropped and wanted again between two rounds.
-    for (channel, wanted) in inner.desired.lock().iter() {
-        if active.contains(channel) && !wanted.setter.is_set() {
-            wanted.setter.set();
+    let desired = inner.desired.lock();
+    for channel in &looked_at {
+        if let Some(wanted) = desired.wanted.get(channel) {
+            if active.contains(channel) && !wanted.setter.is_set() {
+                wanted.setter.set();
+            }
         }
     }
     Ok(())
