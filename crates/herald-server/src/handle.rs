@@ -36,6 +36,7 @@ pub(crate) type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
 pub(crate) type StartWriter = fn(sink: BoxSink, handle: Arc<SessionHandle>);
 
 /// What every session of a node shares.
+#[derive(Clone)]
 pub(crate) struct SessionEnv {
     pub(crate) metrics: Metrics,
     /// `limits.close_timeout`.
@@ -295,9 +296,12 @@ impl SessionHandle {
     /// Queues a reply or control frame.
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let cost = item.cost();
+        let delivery = item.delivery;
         let pushed = self.enqueue(item);
-        if pushed == Pushed::Queued {
-            self.env.metrics.outbound_queue_bytes.add(cost as i64);
+        match pushed {
+            Pushed::Queued => self.env.metrics.outbound_queue_bytes.add(cost as i64),
+            Pushed::Closed if delivery => self.env.metrics.dropped(DropReason::Disconnected, 1),
+            _ => {}
         }
         pushed
     }
@@ -310,7 +314,7 @@ impl SessionHandle {
         item: &Item,
         metrics: &Metrics,
     ) {
-        let mut queued = 0usize;
+        let (mut queued, mut closing) = (0usize, 0u64);
         for handle in to {
             let copy = Item {
                 msg: item.msg.clone(),
@@ -318,13 +322,21 @@ impl SessionHandle {
                 published_at_us: item.published_at_us,
                 delivery: item.delivery,
             };
-            if handle.enqueue(copy) == Pushed::Queued {
-                queued += 1;
+            match handle.enqueue(copy) {
+                Pushed::Queued => queued += 1,
+                Pushed::Closed => closing += 1,
+                Pushed::Overflow => {}
             }
         }
         metrics
             .outbound_queue_bytes
             .add((queued * item.cost()) as i64);
+        if item.delivery && closing > 0 {
+            // Sessions already closing (drain, heartbeat, slow consumer) take nothing
+            // more: counted, and on history channels the client resumes from what it
+            // last received.
+            metrics.dropped(DropReason::Disconnected, closing);
+        }
     }
 
     /// Queues `item` without touching the gauge for it (the caller adds what was queued).

@@ -42,6 +42,8 @@ mod session;
 mod writer;
 
 #[cfg(test)]
+mod exactly_once;
+#[cfg(test)]
 mod layering;
 
 pub use config::GatewayConfig;
