@@ -383,3 +383,28 @@ async fn idle_sessions_wake_up_for_deliveries() {
         assert_eq!(c.recv_json().await["op"], "pong");
     }
 }
+
+/// RFC 6455: a text message that is not UTF-8 closes with 1007; a frame that breaks the
+/// framing rules with 1002. Nobody else is affected.
+#[tokio::test]
+async fn invalid_utf8_closes_with_1007_and_protocol_errors_with_1002() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let node = Node::start().await;
+    let mut bystander = node.client().await;
+    bystander.subscribe("calm").await;
+    let mut c = node.client().await;
+    let frame = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    c.ws().send(Message::Frame(frame)).await.unwrap();
+    let (closed, _) = c.closed().await;
+    assert_eq!(closed.code, Some(1007), "{closed:?}");
+    // A continuation frame with nothing to continue breaks the framing rules.
+    let mut c = node.client().await;
+    let frame = Frame::message(vec![1, 2], OpCode::Data(Data::Continue), true);
+    c.ws().send(Message::Frame(frame)).await.unwrap();
+    let (closed, _) = c.closed().await;
+    assert_eq!(closed.code, Some(1002), "{closed:?}");
+    assert_eq!(node.publish("calm", "1").await, 200);
+    assert_eq!(bystander.recv_json().await["data"], 1);
+}

@@ -1,13 +1,18 @@
 //! WebSocket close codes Herald sends, and what each means to a client.
 //!
 //! A client should reconnect (with jittered backoff) after every code here except
-//! [`POLICY_VIOLATION`] and [`MESSAGE_TOO_BIG`], which mean the client itself is at fault.
+//! [`PROTOCOL_ERROR`], [`INVALID_PAYLOAD`], [`POLICY_VIOLATION`] and [`MESSAGE_TOO_BIG`],
+//! which mean the client itself is at fault.
 
 /// The client or server ended the session normally.
 pub const NORMAL: u16 = 1000;
 /// The node is shutting down; reconnect to another node.
 pub const GOING_AWAY: u16 = 1001;
-/// The client broke a rule it keeps breaking (rate limit, heartbeat, protocol).
+/// The client sent a frame that breaks RFC 6455 (bad opcode, masking, fragmentation).
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// A text message was not valid UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
+/// The client broke a rule it keeps breaking (rate limit, heartbeat).
 pub const POLICY_VIOLATION: u16 = 1008;
 /// An incoming message exceeded the configured maximum size.
 pub const MESSAGE_TOO_BIG: u16 = 1009;

@@ -258,6 +258,10 @@ pub struct WebSocketConfig {
     /// `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Conformance testing only: every session echoes each message back and speaks no
+    /// Herald protocol (no welcome, no requests). Refused unless the public listener is
+    /// a loopback address.
+    pub echo: bool,
 }
 
 impl Default for WebSocketConfig {
@@ -267,6 +271,7 @@ impl Default for WebSocketConfig {
             write_buffer_bytes: 16 * 1024,
             writer_linger: Duration::from_secs(2),
             write_timeout: Duration::from_secs(10),
+            echo: false,
         }
     }
 }

@@ -22,6 +22,9 @@ pub enum ServerError {
         /// What accept reported.
         source: std::io::Error,
     },
+    /// A listener's address could not be read.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
     /// One of the gateway's own tasks (fan-out dispatcher, heartbeat sweeper) ended
     /// unexpectedly; the gateway drained and stopped.
     #[error("the {0} task ended unexpectedly")]

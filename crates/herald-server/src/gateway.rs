@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, InvalidConfig};
 use crate::error::ServerError;
 use crate::http::{self, Role};
 use crate::lifecycle;
@@ -105,6 +105,17 @@ impl Gateway {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
         let Gateway { node, inbound } = self;
+        if node.config.websocket.echo {
+            let addr = listeners.public.local_addr()?;
+            if !addr.ip().is_loopback() {
+                return Err(ServerError::Config(InvalidConfig {
+                    key: "websocket.echo",
+                    problem: format!(
+                        "echo mode is for conformance tests on a loopback listener, not {addr}"
+                    ),
+                }));
+            }
+        }
         let stop = CancellationToken::new();
         let mut background = JoinSet::new();
         background.spawn({

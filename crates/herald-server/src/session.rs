@@ -48,10 +48,13 @@ where
         strikes_since: std::time::Instant::now(),
         node: node.clone(),
     };
-    session.reply(frames::welcome(
-        &node.node_id,
-        &conn_name(&node.node_id, conn),
-    ));
+    // An echo session (conformance testing) speaks no Herald protocol at all.
+    if !node.config.websocket.echo {
+        session.reply(frames::welcome(
+            &node.node_id,
+            &conn_name(&node.node_id, conn),
+        ));
+    }
     // Re-check after registering: a drain that snapshotted the sessions just before this
     // one registered must still close it.
     if node.is_draining() {
@@ -123,8 +126,11 @@ impl Session {
                         Some(Err(WsError::Capacity(_))) => {
                             self.close(close::MESSAGE_TOO_BIG, "message too big");
                         }
-                        Some(Err(WsError::Protocol(_) | WsError::Utf8(_))) => {
-                            self.close(close::POLICY_VIOLATION, "protocol error");
+                        Some(Err(WsError::Utf8(_))) => {
+                            self.close(close::INVALID_PAYLOAD, "invalid UTF-8");
+                        }
+                        Some(Err(WsError::Protocol(_))) => {
+                            self.close(close::PROTOCOL_ERROR, "protocol error");
                         }
                         Some(Err(_)) | None => return,
                     }
@@ -185,7 +191,21 @@ impl Session {
         false
     }
 
+    /// Echo mode (`websocket.echo`, conformance testing only): the message goes back
+    /// as it came, through the same queue and writer as every other frame.
+    fn echo(&self, msg: Message) {
+        let len = msg.len();
+        self.handle.push(Item::control(msg, len));
+    }
+
     async fn on_text(&mut self, frame: Bytes) {
+        if self.node.config.websocket.echo {
+            let text = match String::from_utf8(frame.to_vec()) {
+                Ok(t) => t,
+                Err(_) => return,
+            };
+            return self.echo(Message::Text(text.into()));
+        }
         let parsed = parse_text(&frame);
         let id = match &parsed {
             Ok(r) => r.id(),
@@ -217,6 +237,9 @@ impl Session {
     }
 
     async fn on_binary(&mut self, frame: Bytes) {
+        if self.node.config.websocket.echo {
+            return self.echo(Message::Binary(frame));
+        }
         if !self.admit(None) {
             return;
         }

@@ -211,6 +211,12 @@ impl Settings {
             ));
         }
         settings.gateway.validate().map_err(|e| e.to_string())?;
+        if settings.gateway.websocket.echo && !settings.listen.ip().is_loopback() {
+            return Err(format!(
+                "websocket.echo: echo mode is for conformance tests on a loopback listener, not {}",
+                settings.listen
+            ));
+        }
         settings.redis.validate().map_err(|e| e.to_string())?;
         Ok(settings)
     }
@@ -382,6 +388,18 @@ mod tests {
         assert_eq!(s.gateway.limits.messages_per_second, 2.5);
         assert!(s.gateway.shutdown.restart);
         assert_eq!(s.gateway.auth.allowed_origins.len(), 2);
+    }
+
+    #[test]
+    fn echo_mode_is_refused_off_loopback() {
+        let echo = ("HERALD_WEBSOCKET__ECHO", "true");
+        assert!(Settings::load(&Cli::default(), env(&[echo])).is_ok());
+        let e = Settings::load(
+            &Cli::default(),
+            env(&[echo, ("HERALD_LISTEN", "0.0.0.0:8080")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("websocket.echo"), "{e}");
     }
 
     #[test]
