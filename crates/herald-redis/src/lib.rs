@@ -20,6 +20,14 @@
 //! - **Redis Cluster** (`cluster = true`): sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`,
 //!   Redis 7+), so each channel lives on the master that owns its slot; the redis
 //!   crate's cluster client follows slot moves and resubscribes after failovers.
+//!   Known limits: the cluster client forwards pushes from its node connections to our
+//!   handler through an unbounded channel inside the crate. Our handler never waits
+//!   (it `try_send`s into the bounded inbound queue and counts drops), so that channel
+//!   is drained as fast as the crate's forwarding task runs; it can only back up while
+//!   that task waits to queue a node reconnect (a bounded queue of 100). And a
+//!   disconnect of one master's connection still reconnects the whole cluster
+//!   connection (every shard resubscribes; history channels catch up from their
+//!   streams): handing it to the crate alone left that shard unsubscribed in a test.
 //!
 //! Message bodies are [`herald_protocol::envelope`]s, or raw payloads published by a
 //! backend with `PUBLISH herald:news '{"title":"hi"}'`.
@@ -91,11 +99,12 @@ impl RedisBroker {
             inbound,
             metrics,
             desired: Mutex::default(),
-            changed: Notify::new(),
+            changed: Arc::new(Notify::new()),
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             generation: Arc::new(AtomicU64::new(0)),
             lost: Arc::new(Notify::new()),
+            lost_generation: Arc::new(AtomicU64::new(0)),
         });
         let supervisor = tokio::spawn(supervisor::supervise(inner.clone()));
         Ok(RedisBroker {

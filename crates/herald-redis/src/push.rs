@@ -22,6 +22,7 @@ pub(crate) fn push_handler(
     let prefix = inner.config.prefix.clone();
     let current = inner.generation.clone();
     let lost = inner.lost.clone();
+    let lost_generation = inner.lost_generation.clone();
     move |info: PushInfo| {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
@@ -34,6 +35,7 @@ pub(crate) fn push_handler(
                 }
             }
             PushKind::Disconnection if current.load(Ordering::Acquire) == generation => {
+                lost_generation.store(generation, Ordering::Release);
                 lost.notify_one();
             }
             _ => {}

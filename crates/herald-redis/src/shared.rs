@@ -45,13 +45,16 @@ pub(crate) struct Inner {
     /// What the hub wants served.
     pub(crate) desired: Mutex<Desired>,
     /// Wakes the supervisor when `desired` changed.
-    pub(crate) changed: Notify,
+    pub(crate) changed: Arc<Notify>,
     /// The live connection, if any.
     pub(crate) conn: RwLock<Option<Conn>>,
     pub(crate) up: AtomicBool,
     /// Bumped per connection, so that a stale connection's disconnect push cannot
     /// tear down its successor.
     pub(crate) generation: Arc<AtomicU64>,
-    /// The current connection reported a disconnect.
+    /// A connection reported a disconnect: `lost_generation` says which, so that a
+    /// report that arrives while the supervisor is already reconnecting cannot tear
+    /// down the connection that replaced it.
     pub(crate) lost: Arc<Notify>,
+    pub(crate) lost_generation: Arc<AtomicU64>,
 }

@@ -39,7 +39,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         delay = Duration::from_millis(25);
         let mut active: HashSet<ChannelName> = HashSet::new();
         // Resubscribe everything before declaring the node usable again.
-        if let Err(e) = sync(&inner, &conn, &mut active, true).await {
+        if let Err(e) = sync(&inner, &conn, &mut active, Pass::NewConnection).await {
             tracing::warn!(error = %e, "Redis resubscribe failed");
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(inner.config.max_reconnect_delay);
@@ -61,7 +61,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         }
         connected_before = true;
 
-        let why = serve(&inner, &conn, &mut active).await;
+        let why = serve(&inner, &conn, &mut active, generation).await;
         inner.up.store(false, Ordering::Release);
         inner.metrics.broker_up.set(0);
         *inner.conn.write() = None;
@@ -75,15 +75,26 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
 }
 
 /// Runs one connection until it fails; returns why.
-async fn serve(inner: &Inner, conn: &Conn, active: &mut HashSet<ChannelName>) -> &'static str {
+async fn serve(
+    inner: &Inner,
+    conn: &Conn,
+    active: &mut HashSet<ChannelName>,
+    generation: u64,
+) -> &'static str {
     let mut probe = tokio::time::interval(inner.config.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe.tick().await;
     loop {
         tokio::select! {
-            _ = inner.lost.notified() => return "disconnected",
+            _ = inner.lost.notified() => {
+                // A report from an earlier connection (it raced with the reconnect that
+                // replaced it) is stale: this one is fine.
+                if inner.lost_generation.load(Ordering::Acquire) == generation {
+                    return "disconnected";
+                }
+            }
             _ = inner.changed.notified() => {
-                if let Err(e) = sync(inner, conn, active, false).await {
+                if let Err(e) = sync(inner, conn, active, Pass::Changes).await {
                     tracing::warn!(error = %e, "Redis (un)subscribe failed");
                     return "subscribe failed";
                 }
@@ -133,24 +144,32 @@ async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
     }
 }
 
-/// Brings Redis's subscriptions in line with the desired set, in batches: every
-/// wanted channel when `full` (a new connection), otherwise only what changed since
-/// the last round.
+/// Which channels a [`sync`] looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Only those subscribed or unsubscribed since the last pass.
+    Changes,
+    /// Every wanted channel (a new connection has none yet).
+    NewConnection,
+}
+
+/// Brings Redis's subscriptions in line with the desired set, in batches.
 async fn sync(
     inner: &Inner,
     conn: &Conn,
     active: &mut HashSet<ChannelName>,
-    full: bool,
+    pass: Pass,
 ) -> redis::RedisResult<()> {
     const BATCH: usize = 512;
     let (to_sub, to_unsub, looked_at) = {
         let mut desired = inner.desired.lock();
-        let changed: Vec<ChannelName> = if full {
-            // Once per connection: every wanted channel.
-            desired.changed.clear();
-            desired.wanted.keys().cloned().collect()
-        } else {
+        let changed: Vec<ChannelName> = if pass == Pass::Changes {
             desired.changed.drain().collect()
+        } else {
+            // Once per connection: every wanted channel.
+            let mut all: HashSet<ChannelName> = desired.changed.drain().collect();
+            all.extend(desired.wanted.keys().cloned());
+            all.into_iter().collect()
         };
         let mut to_sub = Vec::new();
         let mut to_unsub = Vec::new();
