@@ -34,6 +34,13 @@ fn columns(scenario: &str) -> &'static [(&'static str, bool)] {
             ("after_churn_mib_over_base", false),
         ],
         "connect" => &[("handshakes_per_s", true), ("cpu_us_per_handshake", false)],
+        "churn" => &[
+            ("bystander_p50_us_quiet", false),
+            ("bystander_p50_us_churn", false),
+            ("bystander_p99_us_quiet", false),
+            ("bystander_p99_us_churn", false),
+            ("bystander_lost_churn", false),
+        ],
         "history" => &[
             ("publish_per_s_history_off", true),
             ("publish_per_s_history_on", true),

@@ -28,7 +28,7 @@ pub(crate) struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fanout,channels,crossnode,latency,idle,connect,history"
+        default_value = "fanout,channels,crossnode,latency,idle,connect,history,churn"
     )]
     pub(crate) scenarios: Vec<String>,
     /// Targets: herald, herald-history (every bench channel keeps history; publishes go
@@ -49,6 +49,9 @@ pub(crate) struct RunArgs {
     /// Idle connections in the idle scenario.
     #[arg(long, default_value_t = 15000)]
     pub(crate) idle: usize,
+    /// Churning connections in the churn scenario.
+    #[arg(long, default_value_t = 10000)]
+    pub(crate) churn: usize,
     /// Handshakes in the connect-rate scenario.
     #[arg(long, default_value_t = 5000)]
     pub(crate) handshakes: usize,
@@ -73,6 +76,7 @@ impl RunArgs {
             self.channels = 4;
             self.idle = 40;
             self.handshakes = 40;
+            self.churn = 50;
             self.seconds = 1.0;
             self.window = 8;
         }
@@ -149,6 +153,11 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "latency" => latency(&args, &redis, target, &max_rate).await,
                 "idle" => idle(&args, &redis, target).await,
                 "connect" => connect_rate(&args, &redis, target).await,
+                "churn" => match churn(&args, &redis, target).await {
+                    Ok(Some(row)) => Ok(row),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                },
                 "history" => match history_costs(&args, &redis, target).await {
                     Ok(Some(row)) => Ok(row),
                     Ok(None) => continue,
@@ -498,11 +507,23 @@ impl Worker {
         offset: usize,
         kind: &str,
     ) -> anyhow::Result<Worker> {
+        Worker::start_with(addr, connections, channels, offset, kind, &[]).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        connections: usize,
+        channels: usize,
+        offset: usize,
+        kind: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Worker> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["worker", "--addr", &addr.to_string()])
             .args(["--connections", &connections.to_string()])
             .args(["--channels", &channels.to_string()])
             .args(["--offset", &offset.to_string()])
+            .args(extra)
             .args(["--sources", SOURCES])
             .args([
                 "--protocol",
@@ -706,6 +727,89 @@ async fn replay(target: &mut Target, reps: usize) -> anyhow::Result<(f64, f64)> 
     }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], times[times.len() - 1]))
+}
+
+/// Subscription churn, Herald only: a bystander's delivery lag on a steady channel
+/// while `churn` connections spread over 100 other channels each move to another
+/// channel (unsubscribe + subscribe) every second, against the same without churn.
+/// Fan-out must not depend on the size or churn of the subscription map.
+async fn churn(args: &RunArgs, redis: &RedisServer, kind: &str) -> anyhow::Result<Option<Row>> {
+    if kind != "herald" && !kind.starts_with("herald@") {
+        return Ok(None);
+    }
+    let mut target = Target::start(kind, 1, redis).await?;
+    let addr = target.addrs[0];
+    let mut bystander = Worker::start(addr, 1, 1, 0, kind).await?;
+    let phase = Duration::from_secs_f64(args.seconds);
+    let rate = 200.0;
+    let mut figures = BTreeMap::new();
+    let mut churners = Vec::new();
+    for mode in ["quiet", "churn"] {
+        if mode == "churn" {
+            let per_worker = PER_WORKER.min(args.churn);
+            let mut left = args.churn;
+            let mut offset = 0;
+            while left > 0 {
+                let n = per_worker.min(left);
+                churners.push(
+                    Worker::start_with(
+                        addr,
+                        n,
+                        100,
+                        offset,
+                        kind,
+                        &["--channel-prefix", "churn", "--churn-every-ms", "1000"],
+                    )
+                    .await?,
+                );
+                left -= n;
+                offset += n;
+            }
+        }
+        bystander.cmd("reset").await?;
+        let started = Instant::now();
+        let mut seq = 0u64;
+        while started.elapsed() < phase {
+            let due = (started.elapsed().as_secs_f64() * rate) as u64;
+            if seq < due {
+                let msgs: Vec<(String, String)> = (seq..due)
+                    .map(|i| ("bench-0".to_owned(), payload(i)))
+                    .collect();
+                target.publisher.publish(&msgs).await?;
+                seq = due;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s = bystander.cmd("stats").await?;
+        figures.insert(
+            format!("bystander_p50_us_{mode}"),
+            s["p50_us"].as_f64().unwrap_or(f64::NAN),
+        );
+        figures.insert(
+            format!("bystander_p99_us_{mode}"),
+            s["p99_us"].as_f64().unwrap_or(f64::NAN),
+        );
+        figures.insert(
+            format!("bystander_lost_{mode}"),
+            seq.saturating_sub(s["received"].as_u64().unwrap_or(0)) as f64,
+        );
+    }
+    figures.insert("churn_moves_per_s".into(), args.churn as f64);
+    for w in churners {
+        w.quit().await;
+    }
+    bystander.quit().await;
+    target.stop().await;
+    Ok(Some(Row {
+        scenario: "churn".into(),
+        target: kind.into(),
+        figures,
+        note: format!(
+            "bystander on one channel at {rate}/s; {} connections over 100 channels, each moving every second",
+            args.churn
+        ),
+    }))
 }
 
 /// Fan-out, many channels and cross-node: publish as fast as delivery keeps up (at most

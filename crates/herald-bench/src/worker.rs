@@ -52,6 +52,13 @@ pub(crate) struct WorkerArgs {
     /// Give up on connecting after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub(crate) connect_timeout_s: u64,
+    /// Channel names are `PREFIX-N`.
+    #[arg(long, default_value = "bench")]
+    pub(crate) channel_prefix: String,
+    /// Churn: every connection moves to another of the `channels` channels (an
+    /// unsubscribe and a subscribe) this often, in milliseconds; 0: never.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) churn_every_ms: u64,
 }
 
 struct Counters {
@@ -79,8 +86,17 @@ async fn main(args: WorkerArgs) -> anyhow::Result<()> {
     for i in 0..args.connections {
         let permit = sem.clone().acquire_owned().await?;
         let source = args.sources[i % args.sources.len()];
+        let prefix = args.channel_prefix.clone();
         let channel =
-            (args.channels > 0).then(|| format!("bench-{}", (args.offset + i) % args.channels));
+            (args.channels > 0).then(|| format!("{prefix}-{}", (args.offset + i) % args.channels));
+        let churn = (args.churn_every_ms > 0 && args.channels > 1).then(|| Churn {
+            every: Duration::from_millis(args.churn_every_ms),
+            prefix: prefix.clone(),
+            channels: args.channels,
+            at: (args.offset + i) % args.channels,
+            // Spread the first move over the period, so moves are steady, not waves.
+            first: Duration::from_millis((i as u64 * 7919) % args.churn_every_ms),
+        });
         let addr = args.addr;
         let counters = counters.clone();
         let socketio = args.protocol == "socketio";
@@ -92,7 +108,7 @@ async fn main(args: WorkerArgs) -> anyhow::Result<()> {
             match r {
                 Ok(Ok(ws)) => {
                     let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
-                    tokio::task::spawn_local(read(ws, counters, close_rx));
+                    tokio::task::spawn_local(read(ws, counters, close_rx, churn));
                     Ok(close_tx)
                 }
                 Ok(Err(e)) => Err(e.to_string()),
@@ -263,12 +279,51 @@ async fn socketio_join(mut ws: Ws, channel: Option<String>) -> anyhow::Result<Ws
     Ok(ws)
 }
 
-async fn read(mut ws: Ws, counters: Rc<Counters>, mut close: tokio::sync::oneshot::Receiver<()>) {
+/// How a churning connection moves between channels.
+struct Churn {
+    every: Duration,
+    prefix: String,
+    channels: usize,
+    /// The channel it holds now.
+    at: usize,
+    first: Duration,
+}
+
+async fn read(
+    mut ws: Ws,
+    counters: Rc<Counters>,
+    mut close: tokio::sync::oneshot::Receiver<()>,
+    mut churn: Option<Churn>,
+) {
+    let mut tick = churn.as_ref().map(|c| {
+        tokio::time::interval_at(tokio::time::Instant::now() + c.first + c.every, c.every)
+    });
     loop {
+        let moved = async {
+            match &mut tick {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         tokio::select! {
             _ = &mut close => {
                 let _ = ws.close(None).await;
                 return;
+            }
+            _ = moved => {
+                if let Some(c) = &mut churn {
+                    let from = format!("{}-{}", c.prefix, c.at);
+                    c.at = (c.at + 1 + c.at * 31 % (c.channels - 1)) % c.channels;
+                    let to = format!("{}-{}", c.prefix, c.at);
+                    let ops = format!(
+                        r#"{{"op":"unsubscribe","channel":"{from}"}}"#
+                    );
+                    let _ = ws.send(Message::Text(ops.into())).await;
+                    let sub = format!(r#"{{"op":"subscribe","channel":"{to}"}}"#);
+                    let _ = ws.send(Message::Text(sub.into())).await;
+                }
             }
             msg = ws.next() => match msg {
                 // Engine.IO ping: answer, it is not a message.
