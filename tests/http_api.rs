@@ -11,7 +11,14 @@ async fn batch_publishes_in_order() {
     b.subscribe("b").await;
     let body = br#"{"publications":[
         {"channel":"a","data":1},{"channel":"b","data":"x"},{"channel":"a","data":2}]}"#;
-    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/batch",
+        &[("content-type", "application/json")],
+        body.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["published"], 3);
     assert_eq!(a.recv_json().await["data"], 1);
@@ -25,7 +32,14 @@ async fn a_batch_with_one_bad_entry_publishes_nothing() {
     let mut a = node.client().await;
     a.subscribe("a").await;
     let body = br#"{"publications":[{"channel":"a","data":1},{"channel":"no good","data":2}]}"#;
-    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/batch",
+        &[("content-type", "application/json")],
+        body.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["code"], "invalid_channel");
     assert!(r.json()["message"]
@@ -40,7 +54,14 @@ async fn a_batch_with_one_bad_entry_publishes_nothing() {
 async fn batch_size_limit() {
     let node = Node::start_with(|c| c.limits.max_batch = 2).await;
     let body = br#"{"publications":[{"channel":"a","data":1},{"channel":"a","data":2},{"channel":"a","data":3}]}"#;
-    let r = http(node.api, "POST", "/api/batch", &[], body.to_vec()).await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/batch",
+        &[("content-type", "application/json")],
+        body.to_vec(),
+    )
+    .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "too_large");
 }
@@ -60,22 +81,34 @@ async fn errors_have_status_and_code() {
     let mut sub = node.client().await;
     sub.subscribe("news").await;
     let cases: &[Case] = &[
-        ("/api/publish", &[], b"{not json", 400, "bad_request"),
         (
             "/api/publish",
-            &[],
+            &[("content-type", "application/json")],
+            b"{not json",
+            400,
+            "bad_request",
+        ),
+        (
+            "/api/publish",
+            &[("content-type", "application/json")],
             br#"{"channel":"news"}"#,
             400,
             "bad_request",
         ),
         (
             "/api/publish",
-            &[],
+            &[("content-type", "application/json")],
             br#"{"channel":"a b","data":1}"#,
             400,
             "invalid_channel",
         ),
-        ("/api/publish", &[], &[b'x'; 65], 413, "too_large"),
+        (
+            "/api/publish",
+            &[("content-type", "application/json")],
+            &[b'x'; 65],
+            413,
+            "too_large",
+        ),
         (
             "/api/publish/news",
             &[("content-type", "application/json")],
@@ -98,6 +131,29 @@ async fn errors_have_status_and_code() {
             "invalid_channel",
         ),
         ("/api/nothing", &[], b"", 404, "not_found"),
+        // JSON bodies only as application/json: text/plain and form bodies are what a
+        // web page can send cross-site without a preflight.
+        (
+            "/api/publish",
+            &[("content-type", "text/plain")],
+            br#"{"channel":"news","data":1}"#,
+            415,
+            "bad_request",
+        ),
+        (
+            "/api/batch",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            br#"{"publications":[]}"#,
+            415,
+            "bad_request",
+        ),
+        (
+            "/api/publish",
+            &[],
+            br#"{"channel":"news","data":1}"#,
+            415,
+            "bad_request",
+        ),
     ];
     for (path, headers, body, status, code) in cases {
         let r = http(node.api, "POST", path, headers, body.to_vec()).await;
@@ -123,7 +179,14 @@ async fn errors_have_status_and_code() {
 async fn api_key_is_required_when_configured() {
     let node = Node::start_with(|c| c.auth.api_key = Some("s3cret".into())).await;
     let body = br#"{"channel":"news","data":1}"#.to_vec();
-    let r = http(node.api, "POST", "/api/publish", &[], body.clone()).await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[("content-type", "application/json")],
+        body.clone(),
+    )
+    .await;
     assert_eq!(
         (r.status, r.json()["code"].as_str()),
         (401, Some("unauthorized"))
@@ -141,7 +204,10 @@ async fn api_key_is_required_when_configured() {
         node.api,
         "POST",
         "/api/publish",
-        &[("authorization", "Bearer s3cret")],
+        &[
+            ("authorization", "Bearer s3cret"),
+            ("content-type", "application/json"),
+        ],
         body,
     )
     .await;
@@ -159,9 +225,15 @@ async fn split_listeners_serve_their_own_endpoints() {
     assert_ne!(node.addr, node.api);
     let body = br#"{"channel":"news","data":1}"#.to_vec();
     assert_eq!(
-        http(node.addr, "POST", "/api/publish", &[], body.clone())
-            .await
-            .status,
+        http(
+            node.addr,
+            "POST",
+            "/api/publish",
+            &[("content-type", "application/json")],
+            body.clone()
+        )
+        .await
+        .status,
         404
     );
     assert_eq!(
@@ -172,9 +244,15 @@ async fn split_listeners_serve_their_own_endpoints() {
     let mut c = node.client().await;
     c.subscribe("news").await;
     assert_eq!(
-        http(node.api, "POST", "/api/publish", &[], body)
-            .await
-            .status,
+        http(
+            node.api,
+            "POST",
+            "/api/publish",
+            &[("content-type", "application/json")],
+            body
+        )
+        .await
+        .status,
         200
     );
     assert_eq!(c.recv_json().await["data"], 1);

@@ -34,7 +34,7 @@ async fn readme_flow_subscribe_then_http_publish() {
         node.api,
         "POST",
         "/api/publish",
-        &[],
+        &[("content-type", "application/json")],
         br#"{"channel":"news","data":{"title":"hi"}}"#.to_vec(),
     )
     .await;
@@ -117,9 +117,15 @@ async fn text_data_arrives_byte_for_byte() {
     // Over HTTP.
     let body = format!(r#"{{"channel":"exact","data":{data}}}"#);
     assert_eq!(
-        http(node.api, "POST", "/api/publish", &[], body.into_bytes())
-            .await
-            .status,
+        http(
+            node.api,
+            "POST",
+            "/api/publish",
+            &[("content-type", "application/json")],
+            body.into_bytes()
+        )
+        .await
+        .status,
         200
     );
     let expected = format!(r#"{{"op":"message","channel":"exact","data":{data}}}"#);

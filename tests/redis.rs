@@ -176,7 +176,7 @@ async fn redis_outage_keeps_clients_and_resumes_within_a_second() {
         node.api,
         "POST",
         "/api/publish",
-        &[],
+        &[("content-type", "application/json")],
         br#"{"channel":"news","data":1}"#.to_vec(),
     )
     .await;

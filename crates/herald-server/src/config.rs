@@ -40,8 +40,9 @@ pub struct GatewayConfig {
 pub struct AuthConfig {
     /// When set, `/api/*` requires `Authorization: Bearer <api_key>`.
     pub api_key: Option<String>,
-    /// Browser origins allowed to open WebSockets (exact `Origin` header values).
-    /// Empty: any origin, and requests without an `Origin` header, are accepted.
+    /// Browser origins allowed to open WebSockets: exact `Origin` header values, or
+    /// with one `*` for one or more DNS labels (`https://*.example.com`). Empty: any
+    /// origin, and requests without an `Origin` header, are accepted.
     pub allowed_origins: Vec<String>,
 }
 

@@ -222,9 +222,29 @@ impl Settings {
     }
 
     /// The settings as TOML, as `--check-config` prints them.
+    /// Secrets are never printed: the API key appears as a fingerprint (enough to tell
+    /// which key a node has), the Redis URL without its password.
     pub fn to_toml(&self) -> Result<String, String> {
-        toml::to_string(self).map_err(|e| e.to_string())
+        let mut shown = self.clone();
+        if let Some(key) = &shown.gateway.auth.api_key {
+            shown.gateway.auth.api_key = Some(fingerprint(key));
+        }
+        shown.redis.url = shown
+            .redis
+            .url
+            .split(',')
+            .map(herald_redis::redacted)
+            .collect::<Vec<_>>()
+            .join(",");
+        toml::to_string(&shown).map_err(|e| e.to_string())
     }
+}
+
+/// `sha1:` and the first 12 hex digits of the SHA-1 of `secret`: identifies a key
+/// without revealing it.
+pub fn fingerprint(secret: &str) -> String {
+    let digest = sha1_smol::Sha1::from(secret).digest().to_string();
+    format!("sha1:{}", &digest[..12])
 }
 
 #[cfg(test)]
@@ -400,6 +420,25 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("websocket.echo"), "{e}");
+    }
+
+    #[test]
+    fn check_config_never_prints_secrets() {
+        let s = Settings::load(
+            &Cli::default(),
+            env(&[
+                ("HERALD_AUTH__API_KEY", "k-very-secret-123"),
+                ("HERALD_REDIS__URL", "redis://app:hunter2@redis:6379/0"),
+            ]),
+        )
+        .unwrap();
+        let text = s.to_toml().unwrap();
+        assert!(!text.contains("k-very-secret-123"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains(&fingerprint("k-very-secret-123")), "{text}");
+        assert!(text.contains("redis://app:***@redis:6379/0"), "{text}");
+        // The settings themselves keep the key.
+        assert_eq!(s.gateway.auth.api_key.as_deref(), Some("k-very-secret-123"));
     }
 
     #[test]

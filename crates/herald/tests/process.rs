@@ -132,7 +132,7 @@ async fn sigterm_drains_clients_and_exits_0() {
         addr,
         "POST",
         "/api/publish",
-        &[],
+        &[("content-type", "application/json")],
         br#"{"channel":"news","data":1}"#.to_vec(),
     )
     .await;

@@ -46,6 +46,18 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     }
     authorize(&req, node)?;
     let content_type = content_type(&req);
+    // JSON bodies only as `application/json`: a browser page can send `text/plain` or
+    // form bodies cross-site without a preflight, so accepting them would let any web
+    // page publish into a node it can reach.
+    if matches!(path.as_str(), "/api/publish" | "/api/batch")
+        && content_type.as_deref() != Some("application/json")
+    {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            "Content-Type must be application/json",
+        ));
+    }
     let body = read_body(req, &node.config.limits).await?;
     let (batch, single) = match path.as_str() {
         "/api/publish" => (

@@ -100,7 +100,7 @@ fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
     let origins = &node.config.auth.allowed_origins;
     if !origins.is_empty() {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origin.is_some_and(|o| origins.iter().any(|a| a == o)) {
+        if !origin.is_some_and(|o| origins.iter().any(|a| origin_matches(a, o))) {
             return Err((
                 RejectReason::Origin,
                 Refusal::new(
@@ -161,4 +161,43 @@ fn start(req: Request<Incoming>, node: Arc<Node>, slot: Slot, accept: &str) -> R
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// Whether `origin` is allowed by `pattern`: an exact origin, or one with a single `*`
+/// standing for one or more DNS labels (`https://*.example.com` allows
+/// `https://app.example.com` and `https://a.b.example.com`, not `https://example.com`
+/// nor `https://evil.com?.example.com`).
+fn origin_matches(pattern: &str, origin: &str) -> bool {
+    let Some((prefix, suffix)) = pattern.split_once('*') else {
+        return pattern == origin;
+    };
+    origin.len() > prefix.len() + suffix.len()
+        && origin.starts_with(prefix)
+        && origin.ends_with(suffix)
+        && origin[prefix.len()..origin.len() - suffix.len()]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::origin_matches;
+
+    #[test]
+    fn origin_patterns() {
+        let p = "https://*.example.com";
+        assert!(origin_matches(p, "https://app.example.com"));
+        assert!(origin_matches(p, "https://a.b.example.com"));
+        for no in [
+            "https://example.com",
+            "http://app.example.com",
+            "https://app.example.com.evil.io",
+            "https://evil.com/.example.com",
+            "https://evil.com?.example.com",
+        ] {
+            assert!(!origin_matches(p, no), "{no}");
+        }
+        assert!(origin_matches("https://x.io", "https://x.io"));
+        assert!(!origin_matches("https://x.io", "https://x.io.evil"));
+    }
 }
