@@ -30,7 +30,12 @@ fn modules() -> BTreeMap<String, String> {
             if matches!(parts.last().map(String::as_str), Some("mod" | "lib")) {
                 parts.pop();
             }
-            let text = std::fs::read_to_string(&path).expect("read source");
+            let mut text = std::fs::read_to_string(&path).expect("read source");
+            // Inline test modules (`#[cfg(test)] mod tests { use super::*; ... }`)
+            // import their own file through `super`: not a dependency between files.
+            if let Some(at) = inline_test_module(&text) {
+                text.truncate(at);
+            }
             let code: String = text
                 .lines()
                 .map(|l| l.split("//").next().unwrap_or(""))
@@ -40,6 +45,19 @@ fn modules() -> BTreeMap<String, String> {
         }
     }
     out
+}
+
+/// Where an inline `#[cfg(test)]` module starts, if the file has one.
+fn inline_test_module(text: &str) -> Option<usize> {
+    text.match_indices("#[cfg(test)]").find_map(|(at, m)| {
+        let rest = text[at + m.len()..].trim_start();
+        let rest = rest.strip_prefix("pub(crate) ").unwrap_or(rest);
+        let rest = rest.strip_prefix("mod ")?;
+        let name_len = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        rest[name_len..].trim_start().starts_with('{').then_some(at)
+    })
 }
 
 fn join(base: &str, name: &str) -> String {
