@@ -38,6 +38,25 @@ use redis::{Script, Value};
 
 use crate::shared::Conn;
 
+/// Lua shared by both scripts: the channel's epoch (`KEYS[1]` is its meta hash,
+/// `KEYS[2]` its stream), created from `new` when missing; a stream that outlived its
+/// meta hash (evicted, expired) is deleted then, so offsets restart cleanly.
+macro_rules! ensure_epoch {
+    () => {
+        r#"
+local function ensure_epoch(new)
+  local e = redis.call('HGET', KEYS[1], 'e')
+  if not e then
+    e = new
+    redis.call('HSET', KEYS[1], 'e', e, 's', 0)
+    redis.call('DEL', KEYS[2])
+  end
+  return e
+end
+"#
+    };
+}
+
 /// The publish script.
 ///
 /// `KEYS`: meta, stream, idempotency key (any name when unused).
@@ -46,7 +65,9 @@ use crate::shared::Conn;
 /// ms, 7 epoch to use if the channel has none (decimal, below 36^8), 8 `PUBLISH` or
 /// `SPUBLISH`, 9 idempotency window ms (0: none).
 /// Returns `{offset, epoch, duplicate}` (offset and epoch 0 without history).
-pub const PUBLISH_SCRIPT: &str = r#"
+pub const PUBLISH_SCRIPT: &str = concat!(
+    ensure_epoch!(),
+    r#"
 -- 8 bytes big-endian; numbers here stay below 2^53, so the two halves are exact.
 -- (struct.pack is C: a Lua loop building the bytes cost more than the rest.)
 local function be64(n)
@@ -64,13 +85,7 @@ end
 local offset, epoch = 0, 0
 local body
 if tonumber(ARGV[4]) > 0 then
-  local e = redis.call('HGET', KEYS[1], 'e')
-  if not e then
-    e = ARGV[7]
-    redis.call('HSET', KEYS[1], 'e', e, 's', 0)
-    redis.call('DEL', KEYS[2])
-  end
-  epoch = tonumber(e)
+  epoch = tonumber(ensure_epoch(ARGV[7]))
   offset = redis.call('HINCRBY', KEYS[1], 's', 1)
   body = ARGV[2] .. be64(offset) .. be64(epoch) .. ARGV[3]
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], offset .. '-0', 'd', body)
@@ -84,17 +99,15 @@ if window > 0 then
   redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', window)
 end
 return {offset, epoch, 0}
-"#;
+"#
+);
 
 /// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
 /// none, 2 meta TTL ms, 3 since (offset), 4 limit. Returns `{epoch, top, entries}`.
-pub const HISTORY_SCRIPT: &str = r#"
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
-  e = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', e, 's', 0)
-  redis.call('DEL', KEYS[2])
-end
+pub const HISTORY_SCRIPT: &str = concat!(
+    ensure_epoch!(),
+    r#"
+local e = ensure_epoch(ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local top = tonumber(redis.call('HGET', KEYS[1], 's'))
 local entries = {}
@@ -102,7 +115,8 @@ if tonumber(ARGV[4]) > 0 and top > tonumber(ARGV[3]) then
   entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end
 return {tonumber(e), top, entries}
-"#;
+"#
+);
 
 /// The two scripts, hashed once.
 pub(crate) struct Scripts {

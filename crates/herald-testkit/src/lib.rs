@@ -202,16 +202,7 @@ impl Node {
 
     /// Publishes JSON `data` through `POST /api/publish`; returns the status.
     pub async fn publish(&self, channel: &str, data: &str) -> u16 {
-        let body = format!(r#"{{"channel":"{channel}","data":{data}}}"#);
-        let r = http(
-            self.api,
-            "POST",
-            "/api/publish",
-            &[("content-type", "application/json")],
-            body.into_bytes(),
-        )
-        .await;
-        r.status
+        self.publish_with_key(channel, data, None).await.0
     }
 
     /// Publishes through `POST /api/publish` with an optional idempotency key; returns

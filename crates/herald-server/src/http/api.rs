@@ -28,21 +28,13 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     let path = req.uri().path().to_owned();
     if let Some(name) = path.strip_prefix("/api/history/") {
         if req.method() != Method::GET {
-            return Err(Refusal::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::MethodNotAllowed,
-                "use GET",
-            ));
+            return Err(Refusal::method_not_allowed("use GET"));
         }
         authorize(&req, node)?;
         return history(name, req.uri().query().unwrap_or(""), node).await;
     }
     if req.method() != Method::POST {
-        return Err(Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::MethodNotAllowed,
-            "use POST",
-        ));
+        return Err(Refusal::method_not_allowed("use POST"));
     }
     authorize(&req, node)?;
     let content_type = content_type(&req);

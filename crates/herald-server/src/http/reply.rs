@@ -46,6 +46,15 @@ impl Refusal {
         Refusal::new(status, e.code, e.message)
     }
 
+    /// `405 method_not_allowed`.
+    pub(crate) fn method_not_allowed(hint: &str) -> Self {
+        Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::MethodNotAllowed,
+            hint,
+        )
+    }
+
     /// `404 not_found`.
     pub(crate) fn not_found() -> Self {
         Refusal::new(
