@@ -256,7 +256,47 @@ async fn killed_subscription_connection_is_repaired() {
             "delivery did not resume"
         );
     }
-    assert!(node.metric("herald_broker_reconnects_total") >= 1.0);
+    // One kill, one reconnect: the disconnect report and a failing probe for the same
+    // connection must not make the replacement connection drop at once as well.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(node.metric("herald_broker_reconnects_total"), 1.0);
+    assert_eq!(node.metric("herald_broker_up"), 1.0);
+}
+
+/// A connection that works but whose (re)subscribe fails must not make the supervisor
+/// reconnect in a hot loop: it backs off like any failed connect.
+#[tokio::test]
+async fn a_failing_resubscribe_backs_off() {
+    // SUBSCRIBE is disabled on this server, so every sync with a wanted channel fails.
+    let redis = RedisServer::start_with(
+        herald_testkit::free_port(),
+        &["--rename-command", "SUBSCRIBE", ""],
+    );
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.limits.subscribe_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut client = node.client().await;
+    // The channel stays wanted while the subscribe waits for the broker.
+    client
+        .send_text(r#"{"op":"subscribe","channel":"news","id":1}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let connections = |r: &RedisServer| -> u64 {
+        r.cli(&["INFO", "stats"])
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = connections(&redis);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = connections(&redis) - before;
+    // With test timings (max_reconnect_delay 100 ms) that is about ten a second; a hot
+    // loop makes thousands.
+    assert!(during <= 30, "{during} connections in one second");
+    let reply = client.recv_json().await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
 }
 
 #[tokio::test]

@@ -36,7 +36,6 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                     continue;
                 }
             };
-        delay = Duration::from_millis(25);
         let mut active: HashSet<ChannelName> = HashSet::new();
         // Resubscribe everything before declaring the node usable again.
         if let Err(e) = sync(&inner, &conn, &mut active, Pass::NewConnection).await {
@@ -45,6 +44,9 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
             delay = (delay * 2).min(inner.config.max_reconnect_delay);
             continue;
         }
+        // Only a connection that resubscribed counts as recovered: a server that
+        // accepts connections but fails the resubscribe keeps the backoff growing.
+        delay = Duration::from_millis(25);
         *inner.conn.write() = Some(conn.clone());
         inner.up.store(true, Ordering::Release);
         inner.metrics.broker_up.set(1);
