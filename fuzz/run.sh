@@ -11,7 +11,7 @@ if ! rustup toolchain list | grep -q '^nightly'; then
 fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 secs=${FUZZ_SECONDS:-15}
-for t in client_text binary_frame envelope channel; do
+for t in client_text binary_frame envelope channel token; do
   mkdir -p "target/fuzz-corpus/$t"
   log="target/fuzz-$t.log"
   if ! cargo +nightly fuzz run "$t" "target/fuzz-corpus/$t" "fuzz/corpus/$t" -- \

@@ -2,6 +2,7 @@
 //! harness in `herald-testkit`). Every test runs real gateways on loopback ports and
 //! talks to them over real sockets.
 
+mod auth;
 mod deploy;
 mod http_api;
 mod lifecycle;

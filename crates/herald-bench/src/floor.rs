@@ -253,7 +253,11 @@ async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)>
         )
         .as_bytes(),
     );
-    frame(&mut out, 0x1, server::welcome("floor", "0").as_bytes());
+    frame(
+        &mut out,
+        0x1,
+        server::welcome("floor", "0", None).as_bytes(),
+    );
     stream.write_all(&out).await?;
     // One client frame: the subscribe (masked, small).
     let payload = read_client_frame(&mut stream).await?;

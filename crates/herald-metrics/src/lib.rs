@@ -33,6 +33,8 @@ pub enum RejectReason {
     Draining,
     /// The node holds `limits.max_http_connections` HTTP connections already.
     HttpLimit,
+    /// No token where one is required, or a token that does not verify.
+    Unauthorized,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -80,6 +82,7 @@ pub struct Metrics {
     rejected_origin: IntCounter,
     rejected_draining: IntCounter,
     rejected_http_limit: IntCounter,
+    rejected_unauthorized: IntCounter,
     close_codes: IntCounterVec,
     published_http: IntCounter,
     published_client: IntCounter,
@@ -245,6 +248,7 @@ impl Metrics {
             rejected_origin: rejected.with_label_values(&["origin"]),
             rejected_draining: rejected.with_label_values(&["draining"]),
             rejected_http_limit: rejected.with_label_values(&["http_limit"]),
+            rejected_unauthorized: rejected.with_label_values(&["unauthorized"]),
             close_codes,
             published_http: published.with_label_values(&["http"]),
             published_client: published.with_label_values(&["client"]),
@@ -326,6 +330,7 @@ impl Metrics {
             RejectReason::Origin => &self.rejected_origin,
             RejectReason::Draining => &self.rejected_draining,
             RejectReason::HttpLimit => &self.rejected_http_limit,
+            RejectReason::Unauthorized => &self.rejected_unauthorized,
         }
         .inc();
     }

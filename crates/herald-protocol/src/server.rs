@@ -11,9 +11,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::{ErrorCode, Payload, Publication, StreamPosition, VERSION};
 
 /// `{"op":"welcome","version":1,"node":N,"conn":C}`: the first frame of every session.
-pub fn welcome(node: &str, conn: &str) -> String {
+/// With a verified token, `"user"` carries its `sub`.
+pub fn welcome(node: &str, conn: &str, user: Option<&str>) -> String {
+    let user = user.map_or(String::new(), |u| format!(r#","user":{}"#, json_string(u)));
     format!(
-        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}}}"#,
+        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}{user}}}"#,
         json_string(node),
         json_string(conn)
     )
@@ -188,7 +190,8 @@ mod tests {
     #[test]
     fn frames_are_valid_json() {
         for s in [
-            welcome("node\"1", "c1"),
+            welcome("node\"1", "c1", None),
+            welcome("n", "c", Some("user \"42\"")),
             ack(Ack::Subscribed, "news", Some(1)),
             ack(Ack::Published, "news", None),
             pong(Some(9)),

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use herald_auth::{JwtConfig, Verifier};
 use herald_broker::HistoryPolicy;
 use herald_protocol::{ChannelPattern, ChannelPatterns};
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,7 @@ pub struct GatewayConfig {
 }
 
 /// Who may call what.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// When set, `/api/*` requires `Authorization: Bearer <api_key>`.
@@ -44,6 +45,22 @@ pub struct AuthConfig {
     /// with one `*` for one or more DNS labels (`https://*.example.com`). Empty: any
     /// origin, and requests without an `Origin` header, are accepted.
     pub allowed_origins: Vec<String>,
+    /// Whether a WebSocket without a token is accepted (true keeps a laptop setup
+    /// working without a token issuer; set false in front of real users).
+    pub anonymous: bool,
+    /// Which connection tokens (JWT) are accepted.
+    pub jwt: JwtConfig,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            api_key: None,
+            allowed_origins: Vec::new(),
+            anonymous: true,
+            jwt: JwtConfig::default(),
+        }
+    }
 }
 
 /// Channel permissions.
@@ -339,6 +356,15 @@ impl GatewayConfig {
                 problem: problem.to_owned(),
             })
         };
+        if let Err(e) = Verifier::new(&self.auth.jwt) {
+            return bad("auth.jwt", &e.to_string());
+        }
+        if !self.auth.anonymous && !self.auth.jwt.is_enabled() {
+            return bad(
+                "auth.anonymous",
+                "is false but no [auth.jwt] key is set: nobody could connect",
+            );
+        }
         if self.auth.api_key.as_deref() == Some("") {
             return bad(
                 "auth.api_key",

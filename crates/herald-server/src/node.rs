@@ -36,6 +36,8 @@ pub(crate) struct Node {
     started: Instant,
     /// Shared by every session's handle.
     pub(crate) session_env: Arc<SessionEnv>,
+    /// Verifies connection tokens (`None`: no key configured, tokens are ignored).
+    pub(crate) verifier: Option<herald_auth::Verifier>,
     /// Every session's reader and writer tasks: shutdown waits for them to end.
     pub(crate) session_tasks: TaskTracker,
     /// Every HTTP connection task: shut down gracefully after the sessions.
@@ -60,7 +62,10 @@ impl Node {
             start_writer: crate::writer::start,
             tasks: session_tasks.clone(),
         });
+        // Checked by `GatewayConfig::validate` already; parsed once here.
+        let verifier = herald_auth::Verifier::new(&config.auth.jwt).ok().flatten();
         Node {
+            verifier,
             hub: Arc::new(Hub::new(
                 broker,
                 metrics.clone(),

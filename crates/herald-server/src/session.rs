@@ -26,8 +26,13 @@ use crate::node::Node;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
-pub(crate) async fn run<S, R>(sink: S, stream: R, node: Arc<Node>, conn: ConnId)
-where
+pub(crate) async fn run<S, R>(
+    sink: S,
+    stream: R,
+    node: Arc<Node>,
+    conn: ConnId,
+    identity: Option<herald_auth::Identity>,
+) where
     S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
@@ -46,6 +51,7 @@ where
         rate: TokenBucket::new(limits.messages_per_second, limits.message_burst),
         strikes: 0,
         strikes_since: std::time::Instant::now(),
+        identity: identity.map(Box::new),
         node: node.clone(),
     };
     // An echo session (conformance testing) speaks no Herald protocol at all.
@@ -53,6 +59,7 @@ where
         session.reply(frames::welcome(
             &node.node_id,
             &conn_name(&node.node_id, conn),
+            session.identity.as_ref().map(|i| i.user.as_str()),
         ));
     }
     // Re-check after registering: a drain that snapshotted the sessions just before this
@@ -98,6 +105,9 @@ struct Session {
     strikes: u32,
     /// When the current strike window began.
     strikes_since: std::time::Instant,
+    /// What the client's token grants, if it connected with one (boxed: most sessions
+    /// in a laptop setup have none, and every idle session carries this field).
+    identity: Option<Box<herald_auth::Identity>>,
     node: Arc<Node>,
 }
 
@@ -362,13 +372,19 @@ impl Session {
     }
 
     async fn publish(&mut self, channel: ChannelName, payload: Payload, id: Option<u64>) {
-        if !self
+        // Allowed for everyone by `channels.client_publish`, or for this client by its
+        // token's `publish` claim.
+        let allowed = self
             .node
             .config
             .channels
             .client_publish
             .matches(channel.as_str())
-        {
+            || self
+                .identity
+                .as_ref()
+                .is_some_and(|i| i.publish.matches(channel.as_str()));
+        if !allowed {
             return self.error(RequestError {
                 id,
                 code: ErrorCode::Forbidden,

@@ -338,6 +338,19 @@ impl Client {
         Ok(c)
     }
 
+    /// Wraps a WebSocket the test opened itself (e.g. with extra request headers) and
+    /// reads its welcome frame.
+    pub async fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+            next_id: 1,
+        };
+        c.welcome = c.recv_json().await;
+        assert_eq!(c.welcome["op"], "welcome", "first frame: {}", c.welcome);
+        c
+    }
+
     /// Connects over a socket with a small receive buffer, so that a client that stops
     /// reading backs up into the server quickly (slow-consumer tests).
     pub async fn connect_with_small_buffer(addr: SocketAddr) -> Client {

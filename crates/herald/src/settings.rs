@@ -229,6 +229,9 @@ impl Settings {
         if let Some(key) = &shown.gateway.auth.api_key {
             shown.gateway.auth.api_key = Some(fingerprint(key));
         }
+        if let Some(secret) = &shown.gateway.auth.jwt.hmac_secret {
+            shown.gateway.auth.jwt.hmac_secret = Some(fingerprint(secret));
+        }
         shown.redis.url = shown
             .redis
             .url
@@ -428,6 +431,10 @@ mod tests {
             &Cli::default(),
             env(&[
                 ("HERALD_AUTH__API_KEY", "k-very-secret-123"),
+                (
+                    "HERALD_AUTH__JWT__HMAC_SECRET",
+                    "jwt-secret-jwt-secret-jwt-secret-0001",
+                ),
                 ("HERALD_REDIS__URL", "redis://app:hunter2@redis:6379/0"),
             ]),
         )
@@ -435,6 +442,7 @@ mod tests {
         let text = s.to_toml().unwrap();
         assert!(!text.contains("k-very-secret-123"), "{text}");
         assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("jwt-secret-jwt-secret"), "{text}");
         assert!(text.contains(&fingerprint("k-very-secret-123")), "{text}");
         assert!(text.contains("redis://app:***@redis:6379/0"), "{text}");
         // The settings themselves keep the key.

@@ -2,9 +2,11 @@
 //!
 //! 1. **validate** the handshake (GET, `Connection: Upgrade`, `Upgrade: websocket`,
 //!    version 13, a key): 400 otherwise;
-//! 2. **admit** the client: not while draining (503), only from an allowed origin
-//!    (403), only with a free connection slot (503). The slot is taken before the 101,
-//!    so the limit holds before any work is done for the session;
+//! 2. **authenticate** it (a token in `Authorization` or `access_token`; 401 for a
+//!    token that does not verify, or for none when `auth.anonymous` is false), then
+//!    **admit** it: not while draining (503), only from an allowed origin (403), only
+//!    with a free connection slot (503). The slot is taken before the 101, so the limit
+//!    holds before any work is done for the session;
 //! 3. **start** the session task and answer 101.
 //!
 //! Every refusal is counted in `herald_connections_rejected_total{reason}`.
@@ -24,6 +26,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
+use herald_auth::Identity;
+
 use super::reply::{Body, Refusal};
 use crate::node::{Node, Slot};
 use crate::session;
@@ -31,11 +35,12 @@ use crate::session;
 /// Serves `GET /ws`.
 pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
     let admitted = validate(&req).and_then(|accept| {
+        let identity = authenticate(&req, &node)?;
         let slot = admit(req.headers(), &node)?;
-        Ok((accept, slot))
+        Ok((accept, identity, slot))
     });
     match admitted {
-        Ok((accept, slot)) => start(req, node, slot, &accept),
+        Ok((accept, identity, slot)) => start(req, node, slot, identity, &accept),
         Err((reason, refusal)) => {
             node.metrics.rejected(reason);
             let mut r = refusal.into_response();
@@ -85,6 +90,38 @@ fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
     }
 }
 
+/// The client's identity from its token (`Authorization: Bearer`, or the
+/// `access_token` query parameter for browsers, which cannot set headers on a
+/// WebSocket). The token is never logged or echoed.
+fn authenticate(req: &Request<Incoming>, node: &Node) -> Result<Option<Identity>, Rejected> {
+    let refuse = |message: String| {
+        (
+            RejectReason::Unauthorized,
+            Refusal::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message),
+        )
+    };
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let query = req.uri().query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("access_token="))
+    });
+    let token = header.or(query).filter(|t| !t.is_empty());
+    match (token, &node.verifier) {
+        (Some(token), Some(verifier)) => verifier
+            .verify(token)
+            .map(Some)
+            .map_err(|e| refuse(e.to_string())),
+        (None, _) | (Some(_), None) if node.config.auth.anonymous => Ok(None),
+        _ => Err(refuse(
+            "a token is required (Authorization: Bearer <jwt>, or ?access_token=<jwt>)".into(),
+        )),
+    }
+}
+
 /// Decides whether this node takes the client; on yes, holds its connection slot.
 fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
     if node.is_draining() {
@@ -124,7 +161,13 @@ fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
 }
 
 /// Spawns the session (it runs once hyper hands over the connection) and answers 101.
-fn start(req: Request<Incoming>, node: Arc<Node>, slot: Slot, accept: &str) -> Response<Body> {
+fn start(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    slot: Slot,
+    identity: Option<Identity>,
+    accept: &str,
+) -> Response<Body> {
     let conn = node.next_conn_id();
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
@@ -147,7 +190,7 @@ fn start(req: Request<Incoming>, node: Arc<Node>, slot: Slot, accept: &str) -> R
                 ))
                 .await;
                 let (sink, stream) = ws.split();
-                session::run(sink, stream, node, conn).await;
+                session::run(sink, stream, node, conn, identity).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
