@@ -156,27 +156,30 @@ impl Verifier {
                 key: DecodingKey::from_secret(secret.as_bytes()),
             });
         }
-        if let Some(path) = &config.rsa_public_key_file {
-            let pem = read("rsa_public_key_file", path)?;
-            let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| KeyError {
-                key: "rsa_public_key_file",
+        type FromPem = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+        let pems: [(&'static str, &Option<PathBuf>, FromPem, Algorithm); 2] = [
+            (
+                "rsa_public_key_file",
+                &config.rsa_public_key_file,
+                DecodingKey::from_rsa_pem,
+                Algorithm::RS256,
+            ),
+            (
+                "ecdsa_public_key_file",
+                &config.ecdsa_public_key_file,
+                DecodingKey::from_ec_pem,
+                Algorithm::ES256,
+            ),
+        ];
+        for (name, path, parse, alg) in pems {
+            let Some(path) = path else { continue };
+            let key = parse(&read(name, path)?).map_err(|e| KeyError {
+                key: name,
                 problem: e.to_string(),
             })?;
             keys.push(Key {
                 kid: None,
-                algorithms: vec![Algorithm::RS256],
-                key,
-            });
-        }
-        if let Some(path) = &config.ecdsa_public_key_file {
-            let pem = read("ecdsa_public_key_file", path)?;
-            let key = DecodingKey::from_ec_pem(&pem).map_err(|e| KeyError {
-                key: "ecdsa_public_key_file",
-                problem: e.to_string(),
-            })?;
-            keys.push(Key {
-                kid: None,
-                algorithms: vec![Algorithm::ES256],
+                algorithms: vec![alg],
                 key,
             });
         }

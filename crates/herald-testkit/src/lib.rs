@@ -328,14 +328,7 @@ impl Client {
         let (ws, _resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
             .await
             .map_err(|_| tungstenite::Error::Io(std::io::ErrorKind::TimedOut.into()))??;
-        let mut c = Client {
-            ws,
-            welcome: Value::Null,
-            next_id: 1,
-        };
-        c.welcome = c.recv_json().await;
-        assert_eq!(c.welcome["op"], "welcome", "first frame: {}", c.welcome);
-        Ok(c)
+        Ok(Client::from_stream(ws).await)
     }
 
     /// Wraps a WebSocket the test opened itself (e.g. with extra request headers) and
