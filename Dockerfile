@@ -10,4 +10,8 @@ COPY --from=build /src/target/release/herald /usr/local/bin/herald
 USER herald
 EXPOSE 8080 9090
 ENTRYPOINT ["/usr/local/bin/herald"]
-CMD ["--listen", "0.0.0.0:8080"]
+# WebSockets on every interface; the publish API and /metrics only inside the container
+# (loopback) until you give them a key: set HERALD_AUTH__API_KEY and
+# --internal-listen 0.0.0.0:9090 (see docker-compose.yml). Herald refuses to serve the
+# API on a public address without a key.
+CMD ["--listen", "0.0.0.0:8080", "--internal-listen", "127.0.0.1:9090"]

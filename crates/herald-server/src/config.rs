@@ -50,6 +50,9 @@ pub struct AuthConfig {
     pub anonymous: bool,
     /// Which connection tokens (JWT) are accepted.
     pub jwt: JwtConfig,
+    /// Accept serving `/api/*` and `/metrics` on a non-loopback address with no
+    /// `api_key` (the binary refuses to start otherwise).
+    pub public_api_without_key: bool,
 }
 
 impl Default for AuthConfig {
@@ -59,6 +62,7 @@ impl Default for AuthConfig {
             allowed_origins: Vec::new(),
             anonymous: true,
             jwt: JwtConfig::default(),
+            public_api_without_key: false,
         }
     }
 }

@@ -211,6 +211,20 @@ impl Settings {
             ));
         }
         settings.gateway.validate().map_err(|e| e.to_string())?;
+        // The publish API and /metrics are served on internal_listen, or on listen when
+        // there is no internal listener. Reachable from other hosts with no key, anyone
+        // there can publish to every client: refuse, unless the operator says so.
+        let api = settings.internal_listen.unwrap_or(settings.listen);
+        let auth = &settings.gateway.auth;
+        if !api.ip().is_loopback() && auth.api_key.is_none() && !auth.public_api_without_key {
+            return Err(format!(
+                "the publish API and /metrics would be served on {api} with no key: set \
+                 auth.api_key (HERALD_AUTH__API_KEY), or serve them on a loopback \
+                 internal_listen (e.g. --internal-listen 127.0.0.1:9090), or set \
+                 auth.public_api_without_key = true to accept that anyone reaching {api} \
+                 can publish"
+            ));
+        }
         if settings.gateway.websocket.echo && !settings.listen.ip().is_loopback() {
             return Err(format!(
                 "websocket.echo: echo mode is for conformance tests on a loopback listener, not {}",
@@ -414,12 +428,40 @@ mod tests {
     }
 
     #[test]
+    fn a_public_api_needs_a_key_or_an_explicit_opt_out() {
+        let public = ("HERALD_LISTEN", "0.0.0.0:8080");
+        let e = Settings::load(&Cli::default(), env(&[public])).unwrap_err();
+        assert!(e.contains("auth.api_key"), "{e}");
+        for extra in [
+            ("HERALD_AUTH__API_KEY", "k"),
+            ("HERALD_INTERNAL_LISTEN", "127.0.0.1:9090"),
+            ("HERALD_AUTH__PUBLIC_API_WITHOUT_KEY", "true"),
+        ] {
+            assert!(
+                Settings::load(&Cli::default(), env(&[public, extra])).is_ok(),
+                "{extra:?}"
+            );
+        }
+        // A public internal listener is public too.
+        let e = Settings::load(
+            &Cli::default(),
+            env(&[("HERALD_INTERNAL_LISTEN", "0.0.0.0:9090")]),
+        )
+        .unwrap_err();
+        assert!(e.contains("0.0.0.0:9090"), "{e}");
+    }
+
+    #[test]
     fn echo_mode_is_refused_off_loopback() {
         let echo = ("HERALD_WEBSOCKET__ECHO", "true");
         assert!(Settings::load(&Cli::default(), env(&[echo])).is_ok());
         let e = Settings::load(
             &Cli::default(),
-            env(&[echo, ("HERALD_LISTEN", "0.0.0.0:8080")]),
+            env(&[
+                echo,
+                ("HERALD_LISTEN", "0.0.0.0:8080"),
+                ("HERALD_AUTH__API_KEY", "k"),
+            ]),
         )
         .unwrap_err();
         assert!(e.contains("websocket.echo"), "{e}");
