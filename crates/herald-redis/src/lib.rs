@@ -99,7 +99,7 @@ impl RedisBroker {
             inbound,
             metrics,
             desired: Mutex::default(),
-            changed: Arc::new(Notify::new()),
+            changed: Notify::new(),
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             generation: Arc::new(AtomicU64::new(0)),

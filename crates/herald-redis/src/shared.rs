@@ -45,7 +45,7 @@ pub(crate) struct Inner {
     /// What the hub wants served.
     pub(crate) desired: Mutex<Desired>,
     /// Wakes the supervisor when `desired` changed.
-    pub(crate) changed: Arc<Notify>,
+    pub(crate) changed: Notify,
     /// The live connection, if any.
     pub(crate) conn: RwLock<Option<Conn>>,
     pub(crate) up: AtomicBool,

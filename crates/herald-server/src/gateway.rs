@@ -55,8 +55,15 @@ impl Gateway {
         metrics
             .max_connections
             .set(config.limits.max_connections as i64);
+        // Keys are read and parsed once, here, not per handshake.
+        let verifier = herald_auth::Verifier::new(&config.auth.jwt).map_err(|e| InvalidConfig {
+            key: "auth.jwt",
+            problem: e.to_string(),
+        })?;
         let node_id = config.node_id();
-        let node = Arc::new(Node::new(config, node_id, broker, metrics, registry));
+        let node = Arc::new(Node::new(
+            config, verifier, node_id, broker, metrics, registry,
+        ));
         Ok(Gateway { node, inbound: rx })
     }
 

@@ -383,9 +383,10 @@ impl Hub {
     /// Delivers a history publication to the live subscribers that do not have it yet.
     fn fan_out(&self, entry: &Channel, p: &Publication) {
         let offset = p.offset().unwrap_or(0);
-        let live = |positions: bool| {
+        // `positions`: only subscribers that do (or do not) track positions; `None`: all.
+        let live = |positions: Option<bool>| {
             entry.subscribers.values().filter(move |s| {
-                s.positions == positions
+                positions.is_none_or(|p| s.positions == p)
                     && !s.recovering.load(Ordering::Relaxed)
                     && s.through.load(Ordering::Relaxed) < offset
             })
@@ -393,12 +394,12 @@ impl Hub {
         let plain = item_for(p, false);
         let m = &self.metrics;
         if matches!(p.payload, Payload::Binary(_)) {
-            SessionHandle::push_to_all(live(false).map(|s| &s.handle), &plain, m);
+            SessionHandle::push_to_all(live(Some(false)).map(|s| &s.handle), &plain, m);
             let positioned = item_for(p, true);
-            SessionHandle::push_to_all(live(true).map(|s| &s.handle), &positioned, m);
+            SessionHandle::push_to_all(live(Some(true)).map(|s| &s.handle), &positioned, m);
         } else {
-            // Text deliveries carry the offset for everyone: one encoding.
-            SessionHandle::push_to_all(live(false).chain(live(true)).map(|s| &s.handle), &plain, m);
+            // Text deliveries carry the offset for everyone: one encoding, one pass.
+            SessionHandle::push_to_all(live(None).map(|s| &s.handle), &plain, m);
         }
     }
 

@@ -47,6 +47,7 @@ pub(crate) struct Node {
 impl Node {
     pub(crate) fn new(
         config: GatewayConfig,
+        verifier: Option<herald_auth::Verifier>,
         node_id: String,
         broker: Arc<dyn Broker>,
         metrics: Metrics,
@@ -62,8 +63,6 @@ impl Node {
             start_writer: crate::writer::start,
             tasks: session_tasks.clone(),
         });
-        // Checked by `GatewayConfig::validate` already; parsed once here.
-        let verifier = herald_auth::Verifier::new(&config.auth.jwt).ok().flatten();
         Node {
             verifier,
             hub: Arc::new(Hub::new(

@@ -121,13 +121,7 @@ fn broker_refusal(e: BrokerError) -> Refusal {
 
 /// `GET /api/history/{channel}?since=&epoch=&limit=`.
 async fn history(name: &str, query: &str, node: &Node) -> Result<Response<Body>, Refusal> {
-    let channel = ChannelName::new(name).map_err(|e| {
-        Refusal::new(
-            StatusCode::BAD_REQUEST,
-            ErrorCode::InvalidChannel,
-            e.to_string(),
-        )
-    })?;
+    let channel = path_channel(name)?;
     let q = api::parse_history_query(query).map_err(Refusal::body)?;
     let Some(policy) = node.config.channels.history(channel.as_str()) else {
         return Err(Refusal::new(
@@ -246,15 +240,20 @@ async fn read_body(
     }
 }
 
-/// `POST /api/publish/{channel}`: the body is the payload, typed by `Content-Type`.
-fn raw(name: &str, content_type: Option<&str>, body: Bytes) -> Result<Publication, Refusal> {
-    let channel = ChannelName::new(name).map_err(|e| {
+/// A channel name taken from the request path.
+fn path_channel(name: &str) -> Result<ChannelName, Refusal> {
+    ChannelName::new(name).map_err(|e| {
         Refusal::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidChannel,
             e.to_string(),
         )
-    })?;
+    })
+}
+
+/// `POST /api/publish/{channel}`: the body is the payload, typed by `Content-Type`.
+fn raw(name: &str, content_type: Option<&str>, body: Bytes) -> Result<Publication, Refusal> {
+    let channel = path_channel(name)?;
     let payload = match content_type {
         Some("application/json") => Payload::json(body).ok_or_else(|| {
             Refusal::new(
