@@ -117,14 +117,13 @@ pub(crate) fn merge(
     newer.dedup_by_key(|p| p.position);
     for p in newer {
         let Some(pos) = p.position else { continue };
-        if pos.epoch != at.epoch || pos.offset != at.offset + 1 {
-            if pos.epoch == at.epoch && pos.offset <= at.offset {
-                continue;
-            }
-            out.push(Out::Reset(StreamPosition {
+        match verdict(Some(at), pos) {
+            Verdict::Duplicate => continue,
+            Verdict::Deliver => {}
+            Verdict::Gap { .. } | Verdict::NewEpoch => out.push(Out::Reset(StreamPosition {
                 offset: pos.offset.saturating_sub(1),
                 epoch: pos.epoch,
-            }));
+            })),
         }
         out.push(Out::Publication(p.clone()));
         at = pos;
