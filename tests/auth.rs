@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use herald_testkit::{system_tool, Client, Node};
+use herald_server::config::{PublishAccess, SubscribeAccess};
+use herald_testkit::{history_rule, system_tool, Client, Node};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -295,4 +296,209 @@ async fn the_publish_claim_lets_a_client_publish() {
     anon.send_text(r#"{"op":"publish","channel":"chat:room","data":1,"id":1}"#)
         .await;
     assert_eq!(anon.recv_json().await["code"], "forbidden");
+}
+
+/// A client connected with `token` as `Authorization: Bearer`.
+async fn connect_as(node: &Node, token: &str) -> Client {
+    let mut req = node.ws_url().into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    Client::from_stream(ws).await
+}
+
+fn hs(claims: serde_json::Value) -> String {
+    token(
+        Algorithm::HS256,
+        None,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        claims,
+    )
+}
+
+/// The reply to one request (an `id` is added).
+async fn ask(c: &mut Client, mut req: serde_json::Value, id: u64) -> serde_json::Value {
+    req["id"] = json!(id);
+    c.send_json(&req).await;
+    let r = c.recv_json().await;
+    assert_eq!(r["id"], id, "{r}");
+    r
+}
+
+/// A node with the rules of the issue's example: public, personal, member-only and
+/// private (claims) channels.
+async fn ruled_node() -> Node {
+    Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        let rule = |pattern: &str, subscribe, publish| {
+            let mut r = history_rule(pattern, 0);
+            r.subscribe = subscribe;
+            r.publish = publish;
+            r
+        };
+        c.channels.rules = vec![
+            rule("public:*", SubscribeAccess::Anyone, PublishAccess::Nobody),
+            rule(
+                "user:{sub}:*",
+                SubscribeAccess::Authenticated,
+                PublishAccess::Nobody,
+            ),
+            rule(
+                "members:*",
+                SubscribeAccess::Authenticated,
+                PublishAccess::Authenticated,
+            ),
+            rule("private:*", SubscribeAccess::Claims, PublishAccess::Claims),
+        ];
+    })
+    .await
+}
+
+#[tokio::test]
+async fn channel_rules_decide_who_subscribes() {
+    let node = ruled_node().await;
+    let sub = |c: &str| json!({"op": "subscribe", "channel": c});
+    let mut u42 = connect_as(&node, &hs(json!({"sub": "42", "exp": now() + 60}))).await;
+    assert_eq!(
+        ask(&mut u42, sub("user:42:inbox"), 1).await["op"],
+        "subscribed"
+    );
+    let refused = ask(&mut u42, sub("user:43:inbox"), 2).await;
+    assert_eq!(
+        (&refused["op"], &refused["code"]),
+        (&json!("error"), &json!("forbidden"))
+    );
+    assert_eq!(
+        ask(&mut u42, sub("members:all"), 3).await["op"],
+        "subscribed"
+    );
+    assert_eq!(
+        ask(&mut u42, sub("private:vip"), 4).await["code"],
+        "forbidden"
+    );
+    // Anonymous: public channels only.
+    let mut anon = node.client().await;
+    assert_eq!(
+        ask(&mut anon, sub("public:news"), 1).await["op"],
+        "subscribed"
+    );
+    assert_eq!(
+        ask(&mut anon, sub("user:42:inbox"), 2).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        ask(&mut anon, sub("members:all"), 3).await["code"],
+        "forbidden"
+    );
+    // `claims` follows the token's channels claim.
+    let vip = hs(json!({"sub": "7", "exp": now() + 60, "channels": ["private:vip"]}));
+    let mut vip = connect_as(&node, &vip).await;
+    assert_eq!(
+        ask(&mut vip, sub("private:vip"), 1).await["op"],
+        "subscribed"
+    );
+    assert_eq!(
+        ask(&mut vip, sub("private:other"), 2).await["code"],
+        "forbidden"
+    );
+
+    // The refused clients were not harmed: their subscriptions still deliver, and
+    // nothing reached a channel they were refused.
+    assert_eq!(node.publish("user:42:inbox", r#"{"n":1}"#).await, 200);
+    assert_eq!(node.publish("public:news", r#"{"n":2}"#).await, 200);
+    assert_eq!(node.publish("private:vip", r#"{"n":3}"#).await, 200);
+    assert_eq!(u42.recv_json().await["data"]["n"], 1);
+    assert_eq!(anon.recv_json().await["data"]["n"], 2);
+    assert_eq!(vip.recv_json().await["data"]["n"], 3);
+    for c in [&mut u42, &mut anon, &mut vip] {
+        c.expect_silence(std::time::Duration::from_millis(200))
+            .await;
+    }
+    assert_eq!(
+        node.metric("herald_client_errors_total{code=\"forbidden\"}"),
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn subscription_tokens_open_one_private_channel_to_one_user() {
+    let node = ruled_node().await;
+    let mut u42 = connect_as(&node, &hs(json!({"sub": "42", "exp": now() + 60}))).await;
+    let grant =
+        |user: &str, channel: &str| hs(json!({"sub": user, "exp": now() + 60, "channel": channel}));
+    let sub = |c: &str, t: String| json!({"op": "subscribe", "channel": c, "token": t});
+    let ok = ask(&mut u42, sub("private:x", grant("42", "private:x")), 1).await;
+    assert_eq!(ok["op"], "subscribed", "{ok}");
+    let wrong_channel = ask(&mut u42, sub("private:y", grant("42", "private:x")), 2).await;
+    assert_eq!(wrong_channel["code"], "forbidden");
+    let other_user = ask(&mut u42, sub("private:z", grant("43", "private:z")), 3).await;
+    assert_eq!(other_user["code"], "forbidden");
+    let forged = ask(&mut u42, sub("private:z", "not.a.token".into()), 4).await;
+    assert_eq!(forged["code"], "forbidden");
+    // A subscription token opens no connection, and a connection token no channel.
+    assert_eq!(
+        upgrade(&node, Some(&grant("42", "private:x")), None)
+            .await
+            .0,
+        401
+    );
+    let conn_token = hs(json!({"sub": "42", "exp": now() + 60}));
+    assert_eq!(
+        ask(&mut u42, sub("private:w", conn_token), 5).await["code"],
+        "forbidden"
+    );
+    // Publishing on `claims` follows the publish claim; `authenticated` any token.
+    let pubs = |c: &str| json!({"op": "publish", "channel": c, "data": 1});
+    assert_eq!(
+        ask(&mut u42, pubs("private:x"), 6).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        ask(&mut u42, pubs("public:news"), 7).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        ask(&mut u42, pubs("members:all"), 8).await["op"],
+        "published"
+    );
+    // The granted subscription delivers.
+    assert_eq!(node.publish("private:x", "5").await, 200);
+    assert_eq!(u42.recv_json().await["data"], 5);
+}
+
+#[tokio::test]
+async fn refresh_keeps_a_connection_and_expiry_closes_it_with_4001() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.expiry_grace = std::time::Duration::from_millis(500);
+    })
+    .await;
+    // Both expire in 2 s; one refreshes before that.
+    let soon = now() + 2;
+    let mut keeps = connect_as(&node, &hs(json!({"sub": "1", "exp": soon}))).await;
+    let mut lapses = connect_as(&node, &hs(json!({"sub": "2", "exp": soon}))).await;
+    keeps.subscribe("news").await;
+    lapses.subscribe("news").await;
+    let later = now() + 600;
+    let fresh = hs(json!({"sub": "1", "exp": later}));
+    let r = ask(&mut keeps, json!({"op": "refresh", "token": fresh}), 1).await;
+    assert_eq!(
+        (&r["op"], &r["expires"]),
+        (&json!("refreshed"), &json!(later))
+    );
+    // Refreshing with another user's token, or a bad one, is refused (and harmless).
+    let other = hs(json!({"sub": "9", "exp": later}));
+    let r = ask(&mut keeps, json!({"op": "refresh", "token": other}), 2).await;
+    assert_eq!(r["code"], "forbidden");
+    let r = ask(&mut keeps, json!({"op": "refresh", "token": "x"}), 3).await;
+    assert_eq!(r["code"], "forbidden");
+
+    let (closed, _) = lapses.closed().await;
+    assert_eq!(closed.code, Some(4001), "{}", closed.reason);
+    assert_eq!(closed.reason, "token expired");
+    assert!(node.metric("herald_close_codes_total{code=\"4001\"}") >= 1.0);
+    // The refreshed one lives on past the old expiry and still receives.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(keeps.recv_json().await["data"], 1);
 }

@@ -85,6 +85,10 @@ pub enum AuthError {
     /// A required claim is missing or of the wrong type.
     #[error("the token lacks a required claim ({0})")]
     Claims(String),
+    /// A subscription token (with a `channel` claim) where a connection token belongs,
+    /// or the other way round.
+    #[error("{0}")]
+    WrongKind(&'static str),
 }
 
 /// Who a verified token says the client is, and what it may do.
@@ -100,6 +104,17 @@ pub struct Identity {
     pub publish: ChannelPatterns,
 }
 
+/// What a verified subscription token grants: one channel, to one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The user it was issued to (`sub`); must be the connection's user.
+    pub user: String,
+    /// The channel it opens (`channel`).
+    pub channel: String,
+    /// When it expires (`exp`, seconds since the Unix epoch).
+    pub expires_at: u64,
+}
+
 #[derive(Deserialize)]
 struct Claims {
     sub: String,
@@ -108,6 +123,8 @@ struct Claims {
     channels: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    /// Only in subscription tokens.
+    channel: Option<String>,
 }
 
 /// One key and the algorithms it may verify.
@@ -225,8 +242,43 @@ impl Verifier {
         }))
     }
 
-    /// Verifies `token` now.
+    /// Verifies a connection token now.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let c = self.claims(token)?;
+        if c.channel.is_some() {
+            // Both kinds come from the same issuer and keys: without this a token
+            // meant for one channel would open a whole connection.
+            return Err(AuthError::WrongKind(
+                "a subscription token (with a channel claim) cannot open a connection",
+            ));
+        }
+        let patterns = |list: &[String], name: &str| {
+            ChannelPatterns::new(list).map_err(|_| AuthError::Claims(name.to_owned()))
+        };
+        Ok(Identity {
+            channels: patterns(&c.channels, "channels")?,
+            publish: patterns(&c.publish, "publish")?,
+            user: c.sub,
+            expires_at: c.exp,
+        })
+    }
+
+    /// Verifies a subscription token (one with a `channel` claim) now.
+    pub fn verify_subscription(&self, token: &str) -> Result<Grant, AuthError> {
+        let c = self.claims(token)?;
+        let Some(channel) = c.channel else {
+            return Err(AuthError::WrongKind(
+                "a subscription token needs a channel claim",
+            ));
+        };
+        Ok(Grant {
+            user: c.sub,
+            channel,
+            expires_at: c.exp,
+        })
+    }
+
+    fn claims(&self, token: &str) -> Result<Claims, AuthError> {
         let header = decode_header(token).map_err(|_| AuthError::Malformed)?;
         // A token naming a key (`kid`) is verified by that key; otherwise (or if no
         // key has that name) by the configured key of its algorithm.
@@ -267,15 +319,6 @@ impl Verifier {
                 _ => AuthError::Malformed,
             }
         })?;
-        let c = data.claims;
-        let patterns = |list: &[String], name: &str| {
-            ChannelPatterns::new(list).map_err(|_| AuthError::Claims(name.to_owned()))
-        };
-        Ok(Identity {
-            channels: patterns(&c.channels, "channels")?,
-            publish: patterns(&c.publish, "publish")?,
-            user: c.sub,
-            expires_at: c.exp,
-        })
+        Ok(data.claims)
     }
 }

@@ -206,7 +206,9 @@ impl Metrics {
         )?;
         // Create the known series up front, so they read 0 (not absent) until used and
         // rate() works from the first increment.
-        for code in ["1000", "1001", "1008", "1009", "1011", "1012", "1013"] {
+        for code in [
+            "1000", "1001", "1008", "1009", "1011", "1012", "1013", "4001",
+        ] {
             close_codes.with_label_values(&[code]);
         }
         for code in [

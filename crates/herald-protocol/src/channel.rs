@@ -89,6 +89,12 @@ impl fmt::Debug for ChannelName {
 
 /// One channel pattern: an exact channel name, or a prefix followed by a single trailing
 /// `*` (`news:*`; a lone `*` matches every channel). In configuration it is a string.
+///
+/// A rule's pattern may also hold one `{sub}` placeholder (`user:{sub}:*`): it stands for
+/// one or more channel characters when a channel is matched against the rule
+/// ([`ChannelPattern::matches`]), and for exactly the connection's user id when a
+/// permission is checked ([`ChannelPattern::matches_user`]). That is how one rule gives
+/// every user a personal namespace.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ChannelPattern {
@@ -96,7 +102,12 @@ pub struct ChannelPattern {
     written: String,
     /// Whether it ends in `*` (then `written` minus the `*` is a prefix).
     prefix: bool,
+    /// Where `{sub}` starts in `written`, if it holds one.
+    sub: Option<usize>,
 }
+
+/// The user-id placeholder of a rule pattern.
+const SUB: &str = "{sub}";
 
 impl ChannelPattern {
     /// Parses a pattern.
@@ -104,30 +115,83 @@ impl ChannelPattern {
         let bad = || InvalidPattern {
             pattern: p.to_owned(),
         };
-        if let Some(prefix) = p.strip_suffix('*') {
-            if !prefix.bytes().all(is_channel_byte) || prefix.len() >= MAX_LEN {
-                return Err(bad());
+        let sub = p.find(SUB);
+        // The pattern without its placeholder must be an ordinary pattern.
+        let plain = match sub {
+            Some(i) => format!("{}x{}", &p[..i], &p[i + SUB.len()..]),
+            None => p.to_owned(),
+        };
+        let prefix = match plain.strip_suffix('*') {
+            Some(head) => {
+                if !head.bytes().all(is_channel_byte) || head.len() >= MAX_LEN {
+                    return Err(bad());
+                }
+                true
             }
-            Ok(ChannelPattern {
-                written: p.to_owned(),
-                prefix: true,
-            })
+            None => {
+                validate(plain.as_bytes()).map_err(|_| bad())?;
+                false
+            }
+        };
+        Ok(ChannelPattern {
+            written: p.to_owned(),
+            prefix,
+            sub,
+        })
+    }
+
+    /// The parts around `{sub}` (the second without the trailing `*`).
+    fn parts(&self) -> (&str, &str) {
+        let body = if self.prefix {
+            &self.written[..self.written.len() - 1]
         } else {
-            validate(p.as_bytes()).map_err(|_| bad())?;
-            Ok(ChannelPattern {
-                written: p.to_owned(),
-                prefix: false,
-            })
+            &self.written[..]
+        };
+        match self.sub {
+            Some(i) => (&body[..i], &body[i + SUB.len()..]),
+            None => (body, ""),
         }
     }
 
-    /// Whether `channel` matches.
+    /// Whether `channel` matches, `{sub}` standing for one or more characters.
     pub fn matches(&self, channel: &str) -> bool {
-        if self.prefix {
-            channel.starts_with(&self.written[..self.written.len() - 1])
-        } else {
-            channel == self.written
+        let (head, tail) = self.parts();
+        let Some(rest) = channel.strip_prefix(head) else {
+            return false;
+        };
+        match (self.sub.is_some(), self.prefix) {
+            (false, true) => true,
+            (false, false) => rest.is_empty(),
+            // At least one character for `{sub}`, then the tail somewhere after it.
+            (true, true) => {
+                let first = rest.chars().next().map_or(0, char::len_utf8);
+                rest.len() > tail.len() && rest[first..].contains(tail)
+            }
+            (true, false) => rest.len() > tail.len() && rest.ends_with(tail),
         }
+    }
+
+    /// Whether `channel` matches with `{sub}` replaced by `user` (without `{sub}`, the
+    /// same as [`ChannelPattern::matches`]).
+    pub fn matches_user(&self, channel: &str, user: &str) -> bool {
+        if self.sub.is_none() {
+            return self.matches(channel);
+        }
+        let (head, tail) = self.parts();
+        let rest = channel
+            .strip_prefix(head)
+            .and_then(|r| r.strip_prefix(user))
+            .filter(|_| !user.is_empty());
+        match rest {
+            Some(r) if self.prefix => r.starts_with(tail),
+            Some(r) => r == tail,
+            None => false,
+        }
+    }
+
+    /// Whether the pattern holds `{sub}`.
+    pub fn has_user(&self) -> bool {
+        self.sub.is_some()
     }
 
     /// The pattern as written.
@@ -266,6 +330,32 @@ mod tests {
         assert!(ChannelPattern::new("exact").unwrap().matches("exact"));
         assert!(!ChannelPattern::new("exact").unwrap().matches("exactly"));
         assert!(ChannelPattern::new("a*b").is_err());
+    }
+
+    #[test]
+    fn user_placeholder() {
+        let p = ChannelPattern::new("user:{sub}:*").unwrap();
+        assert!(p.has_user());
+        // As a rule: any user's channel.
+        assert!(p.matches("user:42:inbox") && p.matches("user:43:x"));
+        assert!(!p.matches("user::inbox") && !p.matches("user:42") && !p.matches("users:1:a"));
+        // As a permission: only the connection's own.
+        assert!(p.matches_user("user:42:inbox", "42"));
+        assert!(!p.matches_user("user:43:inbox", "42"));
+        assert!(!p.matches_user("user:420:inbox", "42"));
+        assert!(!p.matches_user("user::inbox", ""));
+        let exact = ChannelPattern::new("dm.{sub}").unwrap();
+        assert!(exact.matches("dm.7") && !exact.matches("dm."));
+        assert!(exact.matches_user("dm.7", "7") && !exact.matches_user("dm.77", "7"));
+        let end = ChannelPattern::new("inbox:{sub}").unwrap();
+        assert!(end.matches_user("inbox:a@b.c", "a@b.c"));
+        assert!(!end.matches("inbox:"));
+        for bad in ["user:{sub}:{sub}", "user:{su}", "{sub", "a*{sub}"] {
+            assert!(ChannelPattern::new(bad).is_err(), "{bad}");
+        }
+        // Without a placeholder both agree.
+        let plain = ChannelPattern::new("news:*").unwrap();
+        assert!(plain.matches_user("news:a", "x") && !plain.matches_user("new", "x"));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Request {
         recover: bool,
         /// Resume after this position: deliver what was published since, then go live.
         since: Option<Since>,
+        /// A subscription token for a channel the client's own token does not open.
+        token: Option<String>,
     },
     /// Stop receiving a channel's messages.
     Unsubscribe {
@@ -42,6 +44,13 @@ pub enum Request {
         channel: ChannelName,
         /// The raw JSON text of `data`, byte for byte as the client sent it.
         data: Bytes,
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
+    /// A new connection token before the current one expires.
+    Refresh {
+        /// The token (a JWT, never logged).
+        token: String,
         /// Echoed in the reply.
         id: Option<u64>,
     },
@@ -109,6 +118,8 @@ struct RawRequest<'a> {
     recover: Option<bool>,
     #[serde(borrow)]
     since: Option<RawSince<'a>>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -125,6 +136,7 @@ impl Request {
             Request::Subscribe { id, .. }
             | Request::Unsubscribe { id, .. }
             | Request::Publish { id, .. }
+            | Request::Refresh { id, .. }
             | Request::Ping { id } => *id,
         }
     }
@@ -184,8 +196,16 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
                 id,
                 recover: raw.recover.unwrap_or(false) || since.is_some(),
                 since,
+                token: raw.token.map(Cow::into_owned),
             })
         }
+        "refresh" => Ok(Request::Refresh {
+            token: raw
+                .token
+                .ok_or_else(|| RequestError::new(id, ErrorCode::BadRequest, "missing field token"))?
+                .into_owned(),
+            id,
+        }),
         "unsubscribe" => Ok(Request::Unsubscribe {
             channel: channel()?,
             id,
@@ -291,6 +311,7 @@ mod tests {
                 id: Some(1),
                 recover: false,
                 since: None,
+                token: None,
             }
         );
         assert_eq!(
@@ -304,6 +325,7 @@ mod tests {
                     offset: 41,
                     epoch: Epoch::new(10)
                 }),
+                token: None,
             }
         );
         // An epoch this server could not have issued is no error: the resume fails.
@@ -334,6 +356,25 @@ mod tests {
         }
         let e = parse(r#"{"op":"publish","channel":"c","id":9}"#).unwrap_err();
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(9)));
+    }
+
+    #[test]
+    fn tokens() {
+        match parse(r#"{"op":"subscribe","channel":"private:x","token":"a.b.c","id":2}"#) {
+            Ok(Request::Subscribe { token, id, .. }) => {
+                assert_eq!((token.as_deref(), id), (Some("a.b.c"), Some(2)))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse(r#"{"op":"refresh","token":"t","id":3}"#).unwrap(),
+            Request::Refresh {
+                token: "t".into(),
+                id: Some(3)
+            }
+        );
+        let e = parse(r#"{"op":"refresh","id":4}"#).unwrap_err();
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(4)));
     }
 
     #[test]
@@ -368,6 +409,7 @@ mod tests {
                 id: Some(7),
                 recover: false,
                 since: None,
+                token: None,
             }
         );
         let at = crate::StreamPosition {

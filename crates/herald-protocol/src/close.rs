@@ -2,7 +2,8 @@
 //!
 //! A client should reconnect (with jittered backoff) after every code here except
 //! [`PROTOCOL_ERROR`], [`INVALID_PAYLOAD`], [`POLICY_VIOLATION`] and [`MESSAGE_TOO_BIG`],
-//! which mean the client itself is at fault.
+//! which mean the client itself is at fault. [`TOKEN_EXPIRED`] asks for a new token
+//! first.
 
 /// The client or server ended the session normally.
 pub const NORMAL: u16 = 1000;
@@ -22,3 +23,6 @@ pub const INTERNAL_ERROR: u16 = 1011;
 pub const SERVICE_RESTART: u16 = 1012;
 /// The client could not keep up (slow consumer) or the node is overloaded; reconnect later.
 pub const TRY_AGAIN_LATER: u16 = 1013;
+/// The connection's token expired and no `refresh` arrived within the grace period:
+/// fetch a new token, then reconnect.
+pub const TOKEN_EXPIRED: u16 = 4001;

@@ -87,6 +87,15 @@ impl Ack {
     }
 }
 
+/// `{"op":"refreshed","id":N,"expires":EXP}`: the connection now runs on a new token
+/// that expires at `expires` (seconds since the Unix epoch).
+pub fn refreshed(id: Option<u64>, expires: u64) -> String {
+    let mut s = String::from(r#"{"op":"refreshed""#);
+    push_id(&mut s, id);
+    let _ = write!(s, r#","expires":{expires}}}"#);
+    s
+}
+
 /// `{"op":"pong","id":N}`.
 pub fn pong(id: Option<u64>) -> String {
     let mut s = String::from(r#"{"op":"pong""#);

@@ -53,6 +53,10 @@ pub struct AuthConfig {
     /// Accept serving `/api/*` and `/metrics` on a non-loopback address with no
     /// `api_key` (the binary refuses to start otherwise).
     pub public_api_without_key: bool,
+    /// How long past its token's `exp` a connection stays open waiting for a
+    /// `refresh`; then it is closed with 4001 (token expired).
+    #[serde(with = "humantime_serde")]
+    pub expiry_grace: Duration,
 }
 
 impl Default for AuthConfig {
@@ -63,6 +67,7 @@ impl Default for AuthConfig {
             anonymous: true,
             jwt: JwtConfig::default(),
             public_api_without_key: false,
+            expiry_grace: Duration::from_secs(10),
         }
     }
 }
@@ -125,6 +130,44 @@ pub struct ChannelRule {
     /// (`recovered:false`); 0 (the default): `history_size`.
     #[serde(default)]
     pub max_recovery: usize,
+    /// Who may subscribe to these channels (default: anyone).
+    #[serde(default)]
+    pub subscribe: SubscribeAccess,
+    /// Which clients may publish to them over WebSocket (default: nobody; backends
+    /// publish over the HTTP API).
+    #[serde(default)]
+    pub publish: PublishAccess,
+}
+
+/// A rule's `subscribe`. Whatever it says, a token's `channels` claim and a
+/// subscription token for the channel also let a client subscribe; and a pattern with
+/// `{sub}` admits only the user it names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeAccess {
+    /// Every client, with a token or without.
+    #[default]
+    Anyone,
+    /// Clients that connected with a valid token.
+    Authenticated,
+    /// Only clients whose token's `channels` claim matches (or that present a
+    /// subscription token for the channel).
+    Claims,
+}
+
+/// A rule's `publish` (WebSocket publishes; the HTTP API is governed by API keys).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishAccess {
+    /// No client: backends only.
+    #[default]
+    Nobody,
+    /// Every client, with a token or without.
+    Anyone,
+    /// Clients that connected with a valid token.
+    Authenticated,
+    /// Clients whose token's `publish` claim matches.
+    Claims,
 }
 
 fn default_history_ttl() -> Duration {

@@ -178,6 +178,8 @@ pub(crate) struct SessionHandle {
     last_heard_ms: AtomicU64,
     /// When the sweeper pinged the silent peer, in ms; 0 when not waiting for it.
     pinged_ms: AtomicU64,
+    /// When the session's token expires (`exp`, Unix seconds); 0: it has none.
+    expires_at: AtomicU64,
     state: Mutex<State>,
     /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
     /// drain and its next wait is never missed.
@@ -203,6 +205,7 @@ impl SessionHandle {
             reader_done: Signal::default(),
             last_heard_ms: AtomicU64::new(now_ms),
             pinged_ms: AtomicU64::new(0),
+            expires_at: AtomicU64::new(0),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -219,6 +222,17 @@ impl SessionHandle {
     pub(crate) fn heard(&self, now_ms: u64) {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
         self.pinged_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The session now runs on a token that expires at `exp` (Unix seconds).
+    pub(crate) fn set_expiry(&self, exp: u64) {
+        self.expires_at.store(exp, Ordering::Relaxed);
+    }
+
+    /// Whether the session's token expired more than `grace` before `now` (Unix time).
+    pub(crate) fn is_expired(&self, now: Duration, grace: Duration) -> bool {
+        let exp = self.expires_at.load(Ordering::Relaxed);
+        exp != 0 && now >= Duration::from_secs(exp) + grace
     }
 
     /// The sweeper's verdict at `now_ms`; `Ping` also records that a ping is due now.

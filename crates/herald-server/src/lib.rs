@@ -11,8 +11,10 @@
 //! - `http`: the accept loop and routing; `http::upgrade` (validate the handshake,
 //!   admit: drain, origin, slot, then start the session), `http::api` (the publish API),
 //!   `http::health` (health, readiness, metrics), `http::reply` (JSON responses).
-//! - `lifecycle`: the node's heartbeat sweeper and the drain.
-//! - `session`: one session's start and end, and its reader (requests, rate limit).
+//! - `lifecycle`: the node's sweeper (heartbeats, token expiry) and the drain.
+//! - `session`: one session's start and end, and its reader (requests, rate limit,
+//!   token refresh).
+//! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
 //! - `node`: `Node`, the state every task shares (config, hub, metrics, open sessions,
 //!   connection slots, task trackers).
 //! - `hub`: channel → local subscribers, and fan-out of broker publications.
@@ -29,6 +31,7 @@
 //! writer → socket.
 #![deny(missing_docs)]
 
+mod access;
 pub mod config;
 mod error;
 mod gateway;

@@ -1,4 +1,4 @@
-//! Node-wide session care: the heartbeat sweeper and the drain.
+//! Node-wide session care: the heartbeat (and token expiry) sweeper and the drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +18,12 @@ pub(crate) async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     let hb = node.config.heartbeat.clone();
     let interval_ms = hb.interval.as_millis() as u64;
     let timeout_ms = hb.timeout.as_millis() as u64;
-    // Checks four times per shortest period, so deadlines are kept within a quarter.
-    let period = (hb.interval.min(hb.timeout) / 4).max(Duration::from_millis(10));
+    let grace = node.config.auth.expiry_grace;
+    // Checks four times per shortest period, so deadlines are kept within a quarter
+    // (token expiry to within a second: `exp` counts whole seconds).
+    let period = (hb.interval.min(hb.timeout) / 4)
+        .min((grace / 4).max(Duration::from_millis(250)))
+        .max(Duration::from_millis(10));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -28,7 +32,15 @@ pub(crate) async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = node.now_ms();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         for handle in node.session_handles() {
+            if handle.is_expired(wall, grace) {
+                tracing::debug!("token expired");
+                handle.close(close::TOKEN_EXPIRED, "token expired", true);
+                continue;
+            }
             match handle.check_liveness(now, interval_ms, timeout_ms) {
                 Liveness::Alive => {}
                 Liveness::Ping => {

@@ -20,6 +20,7 @@ use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
+use crate::access;
 use crate::handle::{Item, SessionHandle};
 use crate::hub::{Completion, ConnId, SubscribeOpts};
 use crate::node::Node;
@@ -38,6 +39,9 @@ pub(crate) async fn run<S, R>(
 {
     let limits = &node.config.limits;
     let handle = Arc::new(SessionHandle::new(node.now_ms(), node.session_env.clone()));
+    if let Some(i) = &identity {
+        handle.set_expiry(i.expires_at);
+    }
     handle.attach(Box::pin(sink));
     node.sessions.lock().insert(conn, handle.clone());
     node.metrics.connections.inc();
@@ -230,7 +234,12 @@ impl Session {
                 id,
                 recover,
                 since,
-            }) => self.subscribe(channel, id, recover, since).await,
+                token,
+            }) => {
+                if self.may_subscribe(&channel, id, token.as_deref()) {
+                    self.subscribe(channel, id, recover, since).await
+                }
+            }
             Ok(Request::Unsubscribe { channel, id }) => {
                 if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
                     self.subscriptions.swap_remove(i);
@@ -241,6 +250,7 @@ impl Session {
             Ok(Request::Publish { channel, data, id }) => {
                 self.publish(channel, Payload::Json(data), id).await
             }
+            Ok(Request::Refresh { token, id }) => self.refresh(&token, id),
             Ok(Request::Ping { id }) => self.reply(frames::pong(id)),
             Err(e) => self.error(e),
         }
@@ -257,6 +267,68 @@ impl Session {
             Ok((channel, payload)) => self.publish(channel, Payload::Binary(payload), None).await,
             Err(e) => self.error(e),
         }
+    }
+
+    /// Whether this client may subscribe to `channel` (with the subscription `token` it
+    /// sent, if any); answers `forbidden` when not.
+    fn may_subscribe(&self, channel: &ChannelName, id: Option<u64>, token: Option<&str>) -> bool {
+        let grant = match (token, &self.node.verifier) {
+            (None, _) => None,
+            (Some(t), Some(v)) => match v.verify_subscription(t) {
+                Ok(g) => Some(g),
+                Err(e) => {
+                    self.forbidden(id, format!("subscription token refused: {e}"));
+                    return false;
+                }
+            },
+            (Some(_), None) => {
+                self.forbidden(id, "this node accepts no tokens".into());
+                return false;
+            }
+        };
+        let identity = self.identity.as_deref();
+        if access::may_subscribe(
+            &self.node.config.channels,
+            channel.as_str(),
+            identity,
+            grant.as_ref(),
+        ) {
+            return true;
+        }
+        self.forbidden(id, "not allowed to subscribe to this channel".into());
+        false
+    }
+
+    fn forbidden(&self, id: Option<u64>, message: String) {
+        self.error(RequestError {
+            id,
+            code: ErrorCode::Forbidden,
+            message: message.into(),
+        });
+    }
+
+    /// `refresh`: the connection continues on a new token for the same user.
+    fn refresh(&mut self, token: &str, id: Option<u64>) {
+        let Some(verifier) = &self.node.verifier else {
+            return self.forbidden(id, "this node accepts no tokens".into());
+        };
+        let fresh = match verifier.verify(token) {
+            Ok(i) => i,
+            Err(e) => return self.forbidden(id, format!("token refused: {e}")),
+        };
+        match &self.identity {
+            Some(current) if current.user == fresh.user => {}
+            Some(_) => return self.forbidden(id, "the token is for another user".into()),
+            None => {
+                return self.forbidden(
+                    id,
+                    "an anonymous connection cannot take a token; reconnect with it".into(),
+                )
+            }
+        }
+        self.handle.set_expiry(fresh.expires_at);
+        self.reply(frames::refreshed(id, fresh.expires_at));
+        self.identity = Some(Box::new(fresh));
     }
 
     async fn subscribe(
@@ -372,24 +444,9 @@ impl Session {
     }
 
     async fn publish(&mut self, channel: ChannelName, payload: Payload, id: Option<u64>) {
-        // Allowed for everyone by `channels.client_publish`, or for this client by its
-        // token's `publish` claim.
-        let allowed = self
-            .node
-            .config
-            .channels
-            .client_publish
-            .matches(channel.as_str())
-            || self
-                .identity
-                .as_ref()
-                .is_some_and(|i| i.publish.matches(channel.as_str()));
-        if !allowed {
-            return self.error(RequestError {
-                id,
-                code: ErrorCode::Forbidden,
-                message: "clients may not publish to this channel".into(),
-            });
+        let identity = self.identity.as_deref();
+        if !access::may_publish(&self.node.config.channels, channel.as_str(), identity) {
+            return self.forbidden(id, "not allowed to publish to this channel".into());
         }
         let name = channel.clone();
         match self

@@ -50,6 +50,8 @@ pub fn history_rule(pattern: &str, size: usize) -> ChannelRule {
         history_ttl: Duration::from_secs(600),
         history_meta_ttl: Duration::from_secs(3600),
         max_recovery: 0,
+        subscribe: Default::default(),
+        publish: Default::default(),
     }
 }
 

@@ -362,6 +362,18 @@ mod tests {
         );
         let printed = s.to_toml().unwrap();
         assert!(printed.contains("[[channels.rules]]"), "{printed}");
+        assert!(printed.contains("subscribe = \"anyone\""), "{printed}");
+        let s = load_file(
+            "access.toml",
+            "[[channels.rules]]\npattern = \"user:{sub}:*\"\nsubscribe = \"authenticated\"\npublish = \"claims\"\n",
+        )
+        .unwrap();
+        let rule = s.gateway.channels.rule("user:1:a").unwrap();
+        assert_eq!(
+            rule.subscribe,
+            herald_server::config::SubscribeAccess::Authenticated
+        );
+        assert_eq!(rule.publish, herald_server::config::PublishAccess::Claims);
         assert!(printed.contains("pattern = \"news:*\""), "{printed}");
         for (bad, says) in [
             ("pattern = \"a b\"", "invalid channel pattern"),
@@ -371,6 +383,8 @@ mod tests {
             ),
             ("pattern = \"x\"\nhistory_size = 2000000", "history_size"),
             ("pattern = \"x\"\nhistroy_size = 5", "histroy_size"),
+            ("pattern = \"x\"\nsubscribe = \"everyone\"", "everyone"),
+            ("pattern = \"x\"\npublish = \"all\"", "all"),
         ] {
             let e = load_file("bad.toml", &format!("[[channels.rules]]\n{bad}\n")).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
