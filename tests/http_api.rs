@@ -220,6 +220,89 @@ async fn api_key_is_required_when_configured() {
 }
 
 #[tokio::test]
+async fn scoped_api_keys_publish_only_inside_their_scope() {
+    let node = Node::start_with(|c| {
+        c.auth.api_key = Some("old-key-everything".into());
+        c.auth.api_keys = vec![herald_auth::ApiKeyConfig {
+            key: "news-only".into(),
+            channels: herald_protocol::ChannelPatterns::new(["news:*"]).unwrap(),
+        }];
+        c.channels.rules = vec![herald_testkit::history_rule("*", 10)];
+    })
+    .await;
+    let mut sub = node.client().await;
+    sub.subscribe("news:a").await;
+    sub.subscribe("billing").await;
+    let call = |method: &'static str, path: &'static str, key: &'static str, body: &str| {
+        let body = body.as_bytes().to_vec();
+        let api = node.api;
+        async move {
+            let auth = format!("Bearer {key}");
+            let r = http(
+                api,
+                method,
+                path,
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await;
+            (r.status, r.json()["code"].as_str().map(str::to_owned))
+        }
+    };
+    // Both keys work (rotation), each within its scope.
+    let one = |c: &str, n: u32| format!(r#"{{"channel":"{c}","data":{n}}}"#);
+    assert_eq!(
+        call("POST", "/api/publish", "news-only", &one("news:a", 1))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            "POST",
+            "/api/publish",
+            "old-key-everything",
+            &one("billing", 2)
+        )
+        .await
+        .0,
+        200
+    );
+    // Outside its scope: 403, nothing published, and a batch is all or nothing.
+    assert_eq!(
+        call("POST", "/api/publish", "news-only", &one("billing", 3)).await,
+        (403, Some("forbidden".into()))
+    );
+    let batch =
+        r#"{"publications":[{"channel":"news:a","data":4},{"channel":"billing","data":5}]}"#;
+    assert_eq!(call("POST", "/api/batch", "news-only", batch).await.0, 403);
+    assert_eq!(
+        call("GET", "/api/history/billing", "news-only", "").await.0,
+        403
+    );
+    assert_eq!(
+        call("GET", "/api/history/news:a", "news-only", "").await.0,
+        200
+    );
+    // A prefix, a longer string or another key's scope do not pass.
+    for wrong in ["news-onl", "news-only!", "old-key"] {
+        assert_eq!(
+            call("POST", "/api/publish", wrong, &one("news:a", 6))
+                .await
+                .0,
+            401
+        );
+    }
+    assert_eq!(sub.recv_json().await["data"], 1);
+    assert_eq!(sub.recv_json().await["data"], 2);
+    sub.expect_silence(std::time::Duration::from_millis(300))
+        .await;
+}
+
+#[tokio::test]
 async fn split_listeners_serve_their_own_endpoints() {
     let node = Node::start_split(|_| {}).await;
     assert_ne!(node.addr, node.api);

@@ -8,7 +8,13 @@
 //! none` cannot be expressed (the jsonwebtoken crate has no such algorithm) and a token
 //! whose algorithm no key allows is refused. `exp` is required; `nbf`, `aud` and `iss`
 //! are checked when present (`aud`/`iss` are required when configured).
+//!
+//! [`ApiKeys`] checks the backends' API keys (`auth.api_key`, `[[auth.api_keys]]`).
 #![deny(missing_docs)]
+
+mod keys;
+
+pub use keys::{ApiKeyConfig, ApiKeys, KeyCheck};
 
 use std::path::PathBuf;
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use herald_auth::{JwtConfig, Verifier};
+use herald_auth::{ApiKeyConfig, JwtConfig, Verifier};
 use herald_broker::HistoryPolicy;
 use herald_protocol::{ChannelPattern, ChannelPatterns};
 use serde::{Deserialize, Serialize};
@@ -39,8 +39,11 @@ pub struct GatewayConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
-    /// When set, `/api/*` requires `Authorization: Bearer <api_key>`.
+    /// When set, `/api/*` requires `Authorization: Bearer <api_key>` (this key or one
+    /// of `api_keys`).
     pub api_key: Option<String>,
+    /// More API keys (rotation), each optionally scoped to channel patterns.
+    pub api_keys: Vec<ApiKeyConfig>,
     /// Browser origins allowed to open WebSockets: exact `Origin` header values, or
     /// with one `*` for one or more DNS labels (`https://*.example.com`). Empty: any
     /// origin, and requests without an `Origin` header, are accepted.
@@ -63,6 +66,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             api_key: None,
+            api_keys: Vec::new(),
             allowed_origins: Vec::new(),
             anonymous: true,
             jwt: JwtConfig::default(),
@@ -417,6 +421,9 @@ impl GatewayConfig {
                 "auth.api_key",
                 "must not be empty (leave it unset to disable)",
             );
+        }
+        if self.auth.api_keys.iter().any(|k| k.key.is_empty()) {
+            return bad("auth.api_keys", "a key must not be empty");
         }
         for (i, r) in self.channels.rules.iter().enumerate() {
             let key = "channels.rules";

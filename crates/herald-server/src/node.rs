@@ -38,6 +38,8 @@ pub(crate) struct Node {
     pub(crate) session_env: Arc<SessionEnv>,
     /// Verifies connection tokens (`None`: no key configured, tokens are ignored).
     pub(crate) verifier: Option<herald_auth::Verifier>,
+    /// The backends' API keys (hashed once, here).
+    pub(crate) api_keys: herald_auth::ApiKeys,
     /// Every session's reader and writer tasks: shutdown waits for them to end.
     pub(crate) session_tasks: TaskTracker,
     /// Every HTTP connection task: shut down gracefully after the sessions.
@@ -64,6 +66,10 @@ impl Node {
             tasks: session_tasks.clone(),
         });
         Node {
+            api_keys: herald_auth::ApiKeys::new(
+                config.auth.api_key.as_deref(),
+                &config.auth.api_keys,
+            ),
             verifier,
             hub: Arc::new(Hub::new(
                 broker,

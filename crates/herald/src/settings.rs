@@ -216,7 +216,8 @@ impl Settings {
         // there can publish to every client: refuse, unless the operator says so.
         let api = settings.internal_listen.unwrap_or(settings.listen);
         let auth = &settings.gateway.auth;
-        if !api.ip().is_loopback() && auth.api_key.is_none() && !auth.public_api_without_key {
+        let keyless = auth.api_key.is_none() && auth.api_keys.is_empty();
+        if !api.ip().is_loopback() && keyless && !auth.public_api_without_key {
             return Err(format!(
                 "the publish API and /metrics would be served on {api} with no key: set \
                  auth.api_key (HERALD_AUTH__API_KEY), or serve them on a loopback \
@@ -240,6 +241,9 @@ impl Settings {
     /// which key a node has), the Redis URL without its password.
     pub fn to_toml(&self) -> Result<String, String> {
         let mut shown = self.clone();
+        for k in &mut shown.gateway.auth.api_keys {
+            k.key = fingerprint(&k.key);
+        }
         if let Some(key) = &shown.gateway.auth.api_key {
             shown.gateway.auth.api_key = Some(fingerprint(key));
         }
@@ -503,6 +507,16 @@ mod tests {
         assert!(text.contains("redis://app:***@redis:6379/0"), "{text}");
         // The settings themselves keep the key.
         assert_eq!(s.gateway.auth.api_key.as_deref(), Some("k-very-secret-123"));
+        // Scoped keys from a file: fingerprints only.
+        let s = load_file(
+            "keys.toml",
+            "[[auth.api_keys]]\nkey = \"scoped-secret-777\"\nchannels = [\"news:*\"]\n",
+        )
+        .unwrap();
+        let text = s.to_toml().unwrap();
+        assert!(!text.contains("scoped-secret-777"), "{text}");
+        assert!(text.contains(&fingerprint("scoped-secret-777")), "{text}");
+        assert!(text.contains("news:*"), "{text}");
     }
 
     #[test]

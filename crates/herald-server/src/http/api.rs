@@ -5,9 +5,10 @@
 //! the method, content types, the body-size limit and status codes.
 
 use bytes::Bytes;
+use herald_auth::KeyCheck;
 use herald_broker::BrokerError;
 use herald_metrics::Source;
-use herald_protocol::{api, ChannelName, ErrorCode, Payload, Publication};
+use herald_protocol::{api, ChannelName, ChannelPatterns, ErrorCode, Payload, Publication};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header;
@@ -30,13 +31,13 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         if req.method() != Method::GET {
             return Err(Refusal::method_not_allowed("use GET"));
         }
-        authorize(&req, node)?;
-        return history(name, req.uri().query().unwrap_or(""), node).await;
+        let scope = authorize(&req, node)?;
+        return history(name, req.uri().query().unwrap_or(""), scope, node).await;
     }
     if req.method() != Method::POST {
         return Err(Refusal::method_not_allowed("use POST"));
     }
-    authorize(&req, node)?;
+    let scope = authorize(&req, node)?;
     let content_type = content_type(&req);
     // JSON bodies only as `application/json`: a browser page can send `text/plain` or
     // form bodies cross-site without a preflight, so accepting them would let any web
@@ -71,6 +72,9 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
             None => return Err(Refusal::not_found()),
         },
     };
+    for p in &batch {
+        in_scope(scope, &p.publication.channel)?;
+    }
     let batch = batch
         .into_iter()
         .map(|p| (p.publication, p.idempotency_key))
@@ -120,8 +124,14 @@ fn broker_refusal(e: BrokerError) -> Refusal {
 }
 
 /// `GET /api/history/{channel}?since=&epoch=&limit=`.
-async fn history(name: &str, query: &str, node: &Node) -> Result<Response<Body>, Refusal> {
+async fn history(
+    name: &str,
+    query: &str,
+    scope: Option<&ChannelPatterns>,
+    node: &Node,
+) -> Result<Response<Body>, Refusal> {
     let channel = path_channel(name)?;
+    in_scope(scope, &channel)?;
     let q = api::parse_history_query(query).map_err(Refusal::body)?;
     let Some(policy) = node.config.channels.history(channel.as_str()) else {
         return Err(Refusal::new(
@@ -168,18 +178,21 @@ fn content_type(req: &Request<Incoming>) -> Option<String> {
         })
 }
 
-fn authorize(req: &Request<Incoming>, node: &Node) -> Result<(), Refusal> {
-    let Some(key) = node.config.auth.api_key.as_deref() else {
-        return Ok(());
-    };
+/// Checks the API key; returns the channels it may use (`None`: no key is configured,
+/// every channel).
+fn authorize<'n>(
+    req: &Request<Incoming>,
+    node: &'n Node,
+) -> Result<Option<&'n ChannelPatterns>, Refusal> {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if constant_time_eq(g.as_bytes(), key.as_bytes()) => Ok(()),
-        _ => Err(Refusal::new(
+    match node.api_keys.check(given) {
+        KeyCheck::Open => Ok(None),
+        KeyCheck::Key(channels) => Ok(Some(channels)),
+        KeyCheck::Refused => Err(Refusal::new(
             StatusCode::UNAUTHORIZED,
             ErrorCode::Unauthorized,
             "missing or wrong API key (Authorization: Bearer <key>)",
@@ -187,12 +200,16 @@ fn authorize(req: &Request<Incoming>, node: &Node) -> Result<(), Refusal> {
     }
 }
 
-/// Compares secrets without leaking, through timing, how long a matching prefix is.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
+/// 403 unless the key's scope covers `channel`.
+fn in_scope(scope: Option<&ChannelPatterns>, channel: &ChannelName) -> Result<(), Refusal> {
+    match scope {
+        Some(s) if !s.matches(channel.as_str()) => Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("this API key may not use channel {channel}; nothing was published"),
+        )),
+        _ => Ok(()),
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn read_body(
