@@ -4,6 +4,7 @@
 
 mod auth;
 mod deploy;
+mod edge;
 mod http_api;
 mod lifecycle;
 mod limits;

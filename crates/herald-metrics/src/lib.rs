@@ -35,6 +35,13 @@ pub enum RejectReason {
     HttpLimit,
     /// No token where one is required, or a token that does not verify.
     Unauthorized,
+    /// The client's address holds `limits.max_connections_per_ip` sessions already.
+    PerIp,
+    /// The token's user holds `limits.max_connections_per_user` sessions already.
+    PerUser,
+    /// A connection to a listener that expects a PROXY protocol header came without a
+    /// valid one.
+    ProxyProtocol,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -82,6 +89,9 @@ pub struct Metrics {
     rejected_origin: IntCounter,
     rejected_draining: IntCounter,
     rejected_http_limit: IntCounter,
+    rejected_per_ip: IntCounter,
+    rejected_per_user: IntCounter,
+    rejected_proxy: IntCounter,
     rejected_unauthorized: IntCounter,
     close_codes: IntCounterVec,
     published_http: IntCounter,
@@ -250,6 +260,9 @@ impl Metrics {
             rejected_origin: rejected.with_label_values(&["origin"]),
             rejected_draining: rejected.with_label_values(&["draining"]),
             rejected_http_limit: rejected.with_label_values(&["http_limit"]),
+            rejected_per_ip: rejected.with_label_values(&["per_ip"]),
+            rejected_per_user: rejected.with_label_values(&["per_user"]),
+            rejected_proxy: rejected.with_label_values(&["proxy_protocol"]),
             rejected_unauthorized: rejected.with_label_values(&["unauthorized"]),
             close_codes,
             published_http: published.with_label_values(&["http"]),
@@ -332,6 +345,9 @@ impl Metrics {
             RejectReason::Origin => &self.rejected_origin,
             RejectReason::Draining => &self.rejected_draining,
             RejectReason::HttpLimit => &self.rejected_http_limit,
+            RejectReason::PerIp => &self.rejected_per_ip,
+            RejectReason::PerUser => &self.rejected_per_user,
+            RejectReason::ProxyProtocol => &self.rejected_proxy,
             RejectReason::Unauthorized => &self.rejected_unauthorized,
         }
         .inc();

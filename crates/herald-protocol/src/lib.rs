@@ -67,6 +67,9 @@ pub enum ErrorCode {
     UnknownOutcome,
     /// The request body did not arrive within `limits.body_timeout` (HTTP only).
     RequestTimeout,
+    /// The client's address or user holds as many connections as allowed (HTTP 429
+    /// before the upgrade).
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -86,6 +89,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::UnknownOutcome => "unknown_outcome",
             ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }

@@ -33,6 +33,22 @@ pub struct GatewayConfig {
     pub websocket: WebSocketConfig,
     /// Draining on shutdown.
     pub shutdown: ShutdownConfig,
+    /// The client's address behind a load balancer.
+    pub proxy: ProxyConfig,
+}
+
+/// How the real client address is learnt behind a load balancer (used for
+/// `limits.max_connections_per_ip` and logs).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Every connection to the public listener starts with a PROXY protocol header (v1
+    /// or v2, as HAProxy's `send-proxy`/`send-proxy-v2` write it); connections without
+    /// one are dropped. Enable only when nothing but the proxy can reach the port.
+    pub protocol: bool,
+    /// Networks of proxies whose `X-Forwarded-For` header is believed (`10.0.0.0/8`).
+    /// Empty: the header is ignored.
+    pub trusted: Vec<ipnet::IpNet>,
 }
 
 /// Who may call what.
@@ -258,6 +274,10 @@ pub struct LimitsConfig {
     /// Publications buffered for one subscriber while its subscribe on a history
     /// channel reads the history; past it the subscriber is closed as a slow consumer.
     pub max_recovery_buffer: usize,
+    /// WebSocket sessions from one client address (see `[proxy]`); 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// WebSocket sessions of one user (a token's `sub`); 0: no limit.
+    pub max_connections_per_user: usize,
 }
 
 impl Default for LimitsConfig {
@@ -281,6 +301,10 @@ impl Default for LimitsConfig {
             subscribe_timeout: Duration::from_secs(5),
             max_history_page: 1000,
             max_recovery_buffer: 10_000,
+            // Off: behind a load balancer that does not pass the client's address,
+            // every client shares the balancer's.
+            max_connections_per_ip: 0,
+            max_connections_per_user: 100,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! [`Node`]: the state every task of one gateway shares.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,6 +30,8 @@ pub(crate) struct Node {
     /// Connection slots taken (upgrades in progress plus open sessions); checked
     /// against `limits.max_connections` before an upgrade is accepted.
     n_slots: AtomicUsize,
+    /// Sessions per client address and per user, for the per-client limits.
+    per_client: Mutex<PerClient>,
     next_conn: AtomicU64,
     /// Set when shutdown begins: readiness fails and upgrades are refused.
     draining: AtomicBool,
@@ -81,6 +84,7 @@ impl Node {
             registry,
             sessions: Mutex::default(),
             n_slots: AtomicUsize::new(0),
+            per_client: Mutex::default(),
             next_conn: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             started: Instant::now(),
@@ -117,15 +121,52 @@ impl Node {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes a connection slot, or `None` at `limits.max_connections`. The slot is
-    /// given back when the returned guard drops (upgrade failed or session over).
-    pub(crate) fn take_slot(self: &Arc<Self>) -> Option<Slot> {
+    /// Takes a connection slot for a client at `ip` (and `user`, with a token), or
+    /// says which limit is reached: `limits.max_connections`,
+    /// `max_connections_per_ip`, `max_connections_per_user`. Everything taken is given
+    /// back when the returned guard drops (upgrade failed or session over).
+    pub(crate) fn take_slot(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        user: Option<&str>,
+    ) -> Result<Slot, SlotRefused> {
         let max = self.config.limits.max_connections;
         if self.n_slots.fetch_add(1, Ordering::AcqRel) >= max {
             self.n_slots.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(SlotRefused::Node);
         }
-        Some(Slot(self.clone()))
+        // From here the guard owns what was taken, so every refusal gives it back.
+        let mut slot = Slot {
+            node: self.clone(),
+            ip: None,
+            user: None,
+        };
+        let limits = &self.config.limits;
+        if limits.max_connections_per_ip == 0
+            && (limits.max_connections_per_user == 0 || user.is_none())
+        {
+            return Ok(slot);
+        }
+        let mut per = self.per_client.lock();
+        if limits.max_connections_per_ip > 0 {
+            let n = per.ip.entry(ip).or_default();
+            if *n >= limits.max_connections_per_ip {
+                return Err(SlotRefused::PerIp);
+            }
+            *n += 1;
+            slot.ip = Some(ip);
+        }
+        if let (Some(user), true) = (user, limits.max_connections_per_user > 0) {
+            let user: Arc<str> = Arc::from(user);
+            let n = per.user.entry(user.clone()).or_default();
+            if *n >= limits.max_connections_per_user {
+                drop(per);
+                return Err(SlotRefused::PerUser);
+            }
+            *n += 1;
+            slot.user = Some(user);
+        }
+        Ok(slot)
     }
 
     /// Hands publications to the broker, each with its channel's history policy and
@@ -172,11 +213,50 @@ impl Node {
     }
 }
 
-/// A taken connection slot; dropping it gives the slot back.
-pub(crate) struct Slot(Arc<Node>);
+/// Which connection limit refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SlotRefused {
+    Node,
+    PerIp,
+    PerUser,
+}
+
+/// Connections held per client address and per user (only counted when the matching
+/// limit is set).
+#[derive(Default)]
+pub(crate) struct PerClient {
+    ip: HashMap<IpAddr, usize>,
+    user: HashMap<Arc<str>, usize>,
+}
+
+/// A taken connection slot; dropping it gives the slot back (and the client's and
+/// user's counts, if they were taken).
+pub(crate) struct Slot {
+    node: Arc<Node>,
+    ip: Option<IpAddr>,
+    user: Option<Arc<str>>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.n_slots.fetch_sub(1, Ordering::AcqRel);
+        self.node.n_slots.fetch_sub(1, Ordering::AcqRel);
+        if self.ip.is_none() && self.user.is_none() {
+            return;
+        }
+        let mut per = self.node.per_client.lock();
+        fn give_back<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+            if let Some(n) = map.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(key);
+                }
+            }
+        }
+        if let Some(ip) = &self.ip {
+            give_back(&mut per.ip, ip);
+        }
+        if let Some(user) = &self.user {
+            give_back(&mut per.user, user);
+        }
     }
 }

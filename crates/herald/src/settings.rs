@@ -117,6 +117,7 @@ impl Default for ProcessSettings {
 const LIST_VARS: &[(&str, &str)] = &[
     ("HERALD_CHANNELS__CLIENT_PUBLISH", "channels.client_publish"),
     ("HERALD_AUTH__ALLOWED_ORIGINS", "auth.allowed_origins"),
+    ("HERALD_PROXY__TRUSTED", "proxy.trusted"),
 ];
 
 /// Every key the top level of the settings may hold.

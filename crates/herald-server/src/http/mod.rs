@@ -3,10 +3,12 @@
 //! - `upgrade`: the WebSocket handshake on `/ws` (validate, admit, start);
 //! - `api`: the publish API under `/api/`;
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
-//! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`).
+//! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
+//! - `edge`: the client's real address (PROXY protocol, `X-Forwarded-For`).
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,7 @@ use crate::error::ServerError;
 use crate::node::Node;
 
 mod api;
+mod edge;
 mod health;
 mod reply;
 mod upgrade;
@@ -58,10 +61,10 @@ pub(crate) async fn serve(
 ) -> Result<(), ServerError> {
     let mut backoff = Duration::from_millis(5);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = listener.accept() => match r {
-                Ok((stream, _peer)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) if is_per_connection(&e) => continue,
                 Err(e) if is_resource_shortage(&e) => {
                     tracing::warn!(error = %e, "accept failed; backing off");
@@ -85,7 +88,7 @@ pub(crate) async fn serve(
         }
         let _ = stream.set_nodelay(true);
         let tasks = node.http_tasks.clone();
-        tasks.spawn(connection(stream, node.clone(), role, stop.clone()));
+        tasks.spawn(connection(stream, peer, node.clone(), role, stop.clone()));
     }
 }
 
@@ -108,8 +111,24 @@ fn is_resource_shortage(e: &io::Error) -> bool {
 }
 
 /// Serves one HTTP connection; on `stop`, finishes the request in flight and closes.
-async fn connection(stream: TcpStream, node: Arc<Node>, role: Role, stop: CancellationToken) {
+async fn connection(
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
+    node: Arc<Node>,
+    role: Role,
+    stop: CancellationToken,
+) {
     let timeout = node.config.limits.handshake_timeout;
+    if node.config.proxy.protocol && role != Role::Internal {
+        match edge::read_proxy_header(&mut stream, peer, timeout).await {
+            Ok(client) => peer = client,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection without a valid PROXY header");
+                node.metrics.rejected(RejectReason::ProxyProtocol);
+                return;
+            }
+        }
+    }
     // A timeout before any request is a half-open handshake; one after is just an idle
     // keep-alive connection closing.
     let served = Arc::new(AtomicBool::new(false));
@@ -119,7 +138,7 @@ async fn connection(stream: TcpStream, node: Arc<Node>, role: Role, stop: Cancel
         hyper::service::service_fn(move |req| {
             served.store(true, Ordering::Relaxed);
             let node = node.clone();
-            async move { Ok::<_, Infallible>(route(req, node, role).await) }
+            async move { Ok::<_, Infallible>(route(req, node, role, peer).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -143,13 +162,21 @@ async fn connection(stream: TcpStream, node: Arc<Node>, role: Role, stop: Cancel
     }
 }
 
-async fn route(req: Request<Incoming>, node: Arc<Node>, role: Role) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    role: Role,
+    peer: SocketAddr,
+) -> Response<Body> {
     let public = matches!(role, Role::Public | Role::All);
     let internal = matches!(role, Role::Internal | Role::All);
     match req.uri().path() {
         "/healthz" => health::healthz(),
         "/readyz" => health::readyz(&node),
-        "/ws" if public => upgrade::upgrade(req, node),
+        "/ws" if public => {
+            let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
+            upgrade::upgrade(req, node, client)
+        }
         "/metrics" if internal => health::metrics(&node),
         p if internal && p.starts_with("/api/") => api::handle(req, &node).await,
         _ => Refusal::not_found().into_response(),

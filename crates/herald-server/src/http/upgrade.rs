@@ -5,12 +5,14 @@
 //! 2. **authenticate** it (a token in `Authorization` or `access_token`; 401 for a
 //!    token that does not verify, or for none when `auth.anonymous` is false), then
 //!    **admit** it: not while draining (503), only from an allowed origin (403), only
-//!    with a free connection slot (503). The slot is taken before the 101, so the limit
-//!    holds before any work is done for the session;
+//!    with a free connection slot (503) and within the per-address and per-user limits
+//!    (429; the address is the one `edge` found). The slot is taken before the 101,
+//!    so the limits hold before any work is done for the session;
 //! 3. **start** the session task and answer 101.
 //!
 //! Every refusal is counted in `herald_connections_rejected_total{reason}`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,18 +31,19 @@ use tokio_tungstenite::WebSocketStream;
 use herald_auth::Identity;
 
 use super::reply::{Body, Refusal};
-use crate::node::{Node, Slot};
+use crate::node::{Node, Slot, SlotRefused};
 use crate::session;
 
 /// Serves `GET /ws`.
-pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
+pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -> Response<Body> {
     let admitted = validate(&req).and_then(|accept| {
         let identity = authenticate(&req, &node)?;
-        let slot = admit(req.headers(), &node)?;
+        let user = identity.as_ref().map(|i| i.user.as_str());
+        let slot = admit(req.headers(), &node, client, user)?;
         Ok((accept, identity, slot))
     });
     match admitted {
-        Ok((accept, identity, slot)) => start(req, node, slot, identity, &accept),
+        Ok((accept, identity, slot)) => start(req, node, slot, identity, client, &accept),
         Err((reason, refusal)) => {
             node.metrics.rejected(reason);
             let mut r = refusal.into_response();
@@ -123,7 +126,12 @@ fn authenticate(req: &Request<Incoming>, node: &Node) -> Result<Option<Identity>
 }
 
 /// Decides whether this node takes the client; on yes, holds its connection slot.
-fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
+fn admit(
+    headers: &HeaderMap,
+    node: &Arc<Node>,
+    client: IpAddr,
+    user: Option<&str>,
+) -> Result<Slot, Rejected> {
     if node.is_draining() {
         return Err((
             RejectReason::Draining,
@@ -148,16 +156,33 @@ fn admit(headers: &HeaderMap, node: &Arc<Node>) -> Result<Slot, Rejected> {
             ));
         }
     }
-    node.take_slot().ok_or_else(|| {
-        (
-            RejectReason::Limit,
-            Refusal::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                "node is at its connection limit; try another node or later",
+    node.take_slot(client, user)
+        .map_err(|refused| match refused {
+            SlotRefused::Node => (
+                RejectReason::Limit,
+                Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "node is at its connection limit; try another node or later",
+                ),
             ),
-        )
-    })
+            SlotRefused::PerIp => (
+                RejectReason::PerIp,
+                Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyConnections,
+                    "too many connections from this address (limits.max_connections_per_ip)",
+                ),
+            ),
+            SlotRefused::PerUser => (
+                RejectReason::PerUser,
+                Refusal::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyConnections,
+                    "too many connections for this user (limits.max_connections_per_user)",
+                ),
+            ),
+        })
 }
 
 /// Spawns the session (it runs once hyper hands over the connection) and answers 101.
@@ -166,9 +191,11 @@ fn start(
     node: Arc<Node>,
     slot: Slot,
     identity: Option<Identity>,
+    client: IpAddr,
     accept: &str,
 ) -> Response<Body> {
     let conn = node.next_conn_id();
+    tracing::debug!(conn, %client, "upgrade accepted");
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
         .write_buffer_size(node.config.websocket.write_buffer_bytes)

@@ -1,0 +1,147 @@
+//! The real client address behind a load balancer: the PROXY protocol header (v1 text
+//! or v2 binary) at the start of a connection, and `X-Forwarded-For` from trusted
+//! proxies only.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hyper::header::HeaderMap;
+use ipnet::IpNet;
+use ppp::{v1, v2, HeaderResult, PartialResult};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// The longest PROXY header accepted: v1 is at most 107 bytes; v2 carries 12 (IPv4)
+/// or 36 (IPv6) address bytes plus TLVs, which HAProxy keeps small.
+const MAX_HEADER: usize = 512;
+
+/// Why a connection that had to start with a PROXY header is dropped.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("no PROXY protocol header: {0}")]
+    Invalid(String),
+    #[error("the PROXY protocol header did not arrive in time")]
+    Timeout,
+    #[error("reading the PROXY protocol header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the PROXY header off `stream` (and nothing after it) and returns the client
+/// address it names; for a v2 `LOCAL` or v1 `UNKNOWN` header (the proxy's own health
+/// checks) the connection's own peer address.
+pub(crate) async fn read_proxy_header(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    limit: Duration,
+) -> Result<SocketAddr, ProxyError> {
+    tokio::time::timeout(limit, read(stream, peer))
+        .await
+        .map_err(|_| ProxyError::Timeout)?
+}
+
+async fn read(stream: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, ProxyError> {
+    let mut buf = [0u8; MAX_HEADER];
+    loop {
+        // Peek, so that the bytes after the header stay in the socket for HTTP.
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(ProxyError::Invalid("the connection closed".into()));
+        }
+        let parsed = HeaderResult::parse(&buf[..n]);
+        // A v1 line that has ended but does not parse is wrong, not unfinished.
+        let v1_ended =
+            matches!(parsed, HeaderResult::V1(_)) && buf[..n].windows(2).any(|w| w == b"\r\n");
+        if parsed.is_incomplete() && !v1_ended {
+            if n == buf.len() {
+                return Err(ProxyError::Invalid("header too long".into()));
+            }
+            // The rest of the header is still in flight (rare: proxies send it in one
+            // segment). Peek returns at once while data is buffered, so pause.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        }
+        let (len, addr) = match parsed {
+            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
+            HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
+            HeaderResult::V1(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
+            HeaderResult::V2(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
+        };
+        let mut header = vec![0u8; len];
+        stream.read_exact(&mut header).await?;
+        return Ok(addr.unwrap_or(peer));
+    }
+}
+
+fn v1_source(a: &v1::Addresses) -> Option<SocketAddr> {
+    match a {
+        v1::Addresses::Tcp4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v1::Addresses::Tcp6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_source(h: &v2::Header<'_>) -> Option<SocketAddr> {
+    if h.command == v2::Command::Local {
+        return None;
+    }
+    match &h.addresses {
+        v2::Addresses::IPv4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v2::Addresses::IPv6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        _ => None,
+    }
+}
+
+/// The client's address: `peer` itself, unless `peer` is a trusted proxy; then the
+/// right-most address in `X-Forwarded-For` that is not a trusted proxy (addresses to
+/// its left were written by the client and could be anything).
+pub(crate) fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let hops: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .collect();
+    hops.iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(hops.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "1.2.3.4, 5.6.7.8, 10.0.0.9".parse().unwrap(),
+        );
+        let proxy: IpAddr = "10.1.1.1".parse().unwrap();
+        let stranger: IpAddr = "9.9.9.9".parse().unwrap();
+        // From the proxy: the right-most untrusted hop (1.2.3.4 may be forged).
+        assert_eq!(
+            client_ip(&h, proxy, &trusted),
+            "5.6.7.8".parse::<IpAddr>().unwrap()
+        );
+        // From anyone else the header is ignored.
+        assert_eq!(client_ip(&h, stranger, &trusted), stranger);
+        assert_eq!(client_ip(&h, proxy, &[]), proxy);
+        // No header, or only proxies in it.
+        assert_eq!(client_ip(&HeaderMap::new(), proxy, &trusted), proxy);
+        h.insert("x-forwarded-for", "10.0.0.7".parse().unwrap());
+        assert_eq!(
+            client_ip(&h, proxy, &trusted),
+            "10.0.0.7".parse::<IpAddr>().unwrap()
+        );
+    }
+}
