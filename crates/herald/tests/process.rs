@@ -169,3 +169,93 @@ async fn sigint_with_restart_closes_with_1012() {
             .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Tokens travel in URLs (`access_token`), requests and refreshes; none may reach a log
+/// line at any level, whether it verifies or not.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_never_reach_the_logs_even_at_trace() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    const SECRET: &str = "log-test-secret-log-test-secret-0123";
+    let mut child = herald()
+        .args(["--listen", "127.0.0.1:0", "--node-id", "logs"])
+        .env("RUST_LOG", "trace")
+        .env("HERALD_AUTH__JWT__HMAC_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    // Every line of both streams, kept; the address is taken from the first that has it.
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut readers = Vec::new();
+    let out: Box<dyn std::io::Read + Send> = Box::new(child.stdout.take().unwrap());
+    let err: Box<dyn std::io::Read + Send> = Box::new(child.stderr.take().unwrap());
+    for stream in [out, err] {
+        let (lines, tx) = (lines.clone(), tx.clone());
+        readers.push(std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if let Some(addr) = line
+                    .split("ws://")
+                    .nth(1)
+                    .and_then(|r| r.split("/ws").next())
+                {
+                    let _ = tx.send(addr.to_owned());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        }));
+    }
+    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("listening");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let key = EncodingKey::from_secret(SECRET.as_bytes());
+    let sign = |claims: serde_json::Value| encode(&Header::default(), &claims, &key).unwrap();
+    let good = sign(serde_json::json!({"sub": "u1", "exp": exp + 600}));
+    let expired = sign(serde_json::json!({"sub": "u1", "exp": exp - 600}));
+    let fresh = sign(serde_json::json!({"sub": "u1", "exp": exp + 900}));
+    let grant = sign(serde_json::json!({"sub": "u1", "exp": exp + 600, "channel": "private:x"}));
+    let bogus = "bogus-token-that-must-not-be-logged-0xC0FFEE".to_owned();
+
+    let mut c = Client::connect(&format!("ws://{addr}/ws?access_token={good}"))
+        .await
+        .expect("a valid token in the query");
+    assert_eq!(c.welcome["user"], "u1");
+    for t in [&expired, &bogus] {
+        let refused = Client::connect(&format!("ws://{addr}/ws?x=1&access_token={t}")).await;
+        assert!(refused.is_err(), "refused");
+    }
+    c.send_text(&format!(r#"{{"op":"refresh","token":"{fresh}","id":1}}"#))
+        .await;
+    assert_eq!(c.recv_json().await["op"], "refreshed");
+    c.send_text(&format!(r#"{{"op":"refresh","token":"{bogus}","id":2}}"#))
+        .await;
+    assert_eq!(c.recv_json().await["code"], "forbidden");
+    c.send_text(&format!(
+        r#"{{"op":"subscribe","channel":"private:x","token":"{grant}","id":3}}"#
+    ))
+    .await;
+    assert_eq!(c.recv_json().await["op"], "subscribed");
+    c.close().await;
+    signal(&child, "-TERM");
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(status.code(), Some(0));
+    for r in readers {
+        r.join().unwrap();
+    }
+    let lines = lines.lock().unwrap();
+    // The logs did cover what happened (debug lines of the upgrades and refusals).
+    let all = lines.join("\n");
+    assert!(all.contains("upgrade accepted"), "{all}");
+    assert!(all.contains("upgrade refused"), "{all}");
+    for t in [&good, &expired, &fresh, &grant, &bogus] {
+        // The signature alone is the secret part of a JWT; look for it too.
+        let signature = t.rsplit('.').next().unwrap();
+        for line in lines.iter() {
+            assert!(!line.contains(signature), "a token in the log: {line}");
+        }
+    }
+}

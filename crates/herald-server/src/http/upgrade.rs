@@ -45,6 +45,7 @@ pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -
     match admitted {
         Ok((accept, identity, slot)) => start(req, node, slot, identity, client, &accept),
         Err((reason, refusal)) => {
+            tracing::debug!(%client, ?reason, "upgrade refused");
             node.metrics.rejected(reason);
             let mut r = refusal.into_response();
             if reason == RejectReason::BadRequest {
