@@ -138,13 +138,13 @@ struct Key {
     kid: Option<String>,
     algorithms: Vec<Algorithm>,
     key: DecodingKey,
+    /// The checks for this key's tokens, built once (not per handshake).
+    validation: Validation,
 }
 
 /// Verifies tokens with the configured keys.
 pub struct Verifier {
     keys: Vec<Key>,
-    audience: Option<String>,
-    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -162,6 +162,27 @@ fn read(key: &'static str, path: &PathBuf) -> Result<Vec<u8>, KeyError> {
     })
 }
 
+/// What every token verified with a key of `algorithms` must satisfy.
+fn validation(algorithms: &[Algorithm], config: &JwtConfig) -> Validation {
+    let mut v = Validation::new(algorithms[0]);
+    v.algorithms = algorithms.to_vec();
+    v.leeway = 0;
+    v.validate_nbf = true;
+    v.set_required_spec_claims(&["exp", "sub"]);
+    match &config.audience {
+        Some(aud) => {
+            v.set_audience(&[aud]);
+            v.required_spec_claims.insert("aud".into());
+        }
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = &config.issuer {
+        v.set_issuer(&[iss]);
+        v.required_spec_claims.insert("iss".into());
+    }
+    v
+}
+
 impl Verifier {
     /// Parses every configured key; `None` when no key is configured.
     pub fn new(config: &JwtConfig) -> Result<Option<Verifier>, KeyError> {
@@ -177,6 +198,7 @@ impl Verifier {
                 kid: None,
                 algorithms: vec![Algorithm::HS256, Algorithm::HS384, Algorithm::HS512],
                 key: DecodingKey::from_secret(secret.as_bytes()),
+                validation: Validation::default(),
             });
         }
         type FromPem = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
@@ -204,6 +226,7 @@ impl Verifier {
                 kid: None,
                 algorithms: vec![alg],
                 key,
+                validation: Validation::default(),
             });
         }
         if let Some(path) = &config.jwks_file {
@@ -235,17 +258,17 @@ impl Verifier {
                     kid: Some(kid),
                     algorithms: vec![alg],
                     key,
+                    validation: Validation::default(),
                 });
             }
         }
         if keys.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Verifier {
-            keys,
-            audience: config.audience.clone(),
-            issuer: config.issuer.clone(),
-        }))
+        for k in &mut keys {
+            k.validation = validation(&k.algorithms, config);
+        }
+        Ok(Some(Verifier { keys }))
     }
 
     /// Verifies a connection token now.
@@ -298,22 +321,7 @@ impl Verifier {
         let key = by_kid
             .or_else(|| self.keys.iter().filter(allows).find(|k| k.kid.is_none()))
             .ok_or(AuthError::KeyNotAccepted)?;
-        let mut v = Validation::new(header.alg);
-        v.leeway = 0;
-        v.validate_nbf = true;
-        v.set_required_spec_claims(&["exp", "sub"]);
-        match &self.audience {
-            Some(aud) => {
-                v.set_audience(&[aud]);
-                v.required_spec_claims.insert("aud".into());
-            }
-            None => v.validate_aud = false,
-        }
-        if let Some(iss) = &self.issuer {
-            v.set_issuer(&[iss]);
-            v.required_spec_claims.insert("iss".into());
-        }
-        let data = decode::<Claims>(token, &key.key, &v).map_err(|e| {
+        let data = decode::<Claims>(token, &key.key, &key.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::InvalidSignature => AuthError::BadSignature,

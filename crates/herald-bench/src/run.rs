@@ -28,7 +28,7 @@ pub(crate) struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fanout,channels,crossnode,latency,idle,connect,history,churn"
+        default_value = "fanout,channels,crossnode,latency,idle,connect,auth,history,churn"
     )]
     pub(crate) scenarios: Vec<String>,
     /// Targets: herald, herald-history (every bench channel keeps history; publishes go
@@ -153,6 +153,11 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "latency" => latency(&args, &redis, target, &max_rate).await,
                 "idle" => idle(&args, &redis, target).await,
                 "connect" => connect_rate(&args, &redis, target).await,
+                "auth" => match auth_costs(&args, &redis, target).await {
+                    Ok(Some(row)) => Ok(row),
+                    Ok(None) => continue,
+                    Err(e) => Err(e),
+                },
                 "churn" => match churn(&args, &redis, target).await {
                     Ok(Some(row)) => Ok(row),
                     Ok(None) => continue,
@@ -361,6 +366,16 @@ fn history_config() -> anyhow::Result<PathBuf> {
 
 impl Target {
     async fn start(kind: &str, nodes: usize, redis: &RedisServer) -> anyhow::Result<Target> {
+        Target::start_with_env(kind, nodes, redis, &[]).await
+    }
+
+    /// `start`, with extra environment for Herald nodes.
+    async fn start_with_env(
+        kind: &str,
+        nodes: usize,
+        redis: &RedisServer,
+        env: &[(&str, String)],
+    ) -> anyhow::Result<Target> {
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
         let mut controls = Vec::new();
@@ -386,6 +401,7 @@ impl Target {
                         .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
                         .env("HERALD_HEARTBEAT__INTERVAL", "300s")
                         .env("HERALD_LIMITS__INBOUND_QUEUE", "65536")
+                        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
                         .kill_on_drop(true)
                         .spawn()?
                 }
@@ -465,6 +481,14 @@ impl Target {
 
     fn cpu(&self) -> f64 {
         self.pids().into_iter().map(procfs::cpu_seconds).sum()
+    }
+
+    /// `cpu`, from the live threads' nanosecond counters.
+    fn thread_cpu(&self) -> f64 {
+        self.pids()
+            .into_iter()
+            .map(procfs::thread_cpu_seconds)
+            .sum()
     }
 
     fn rss(&self) -> u64 {
@@ -1028,4 +1052,124 @@ async fn connect_rate(args: &RunArgs, redis: &RedisServer, kind: &str) -> anyhow
         figures,
         note: format!("{} handshakes, 128 in flight", args.handshakes),
     })
+}
+
+/// What verifying connection tokens costs, Herald only: server CPU per handshake with
+/// no token (anonymous), with an HS256 token and with an RS256 token (2048-bit key made
+/// by `openssl`), the same number of handshakes each, the node otherwise identical.
+/// Each handshake verifies its token in full (signature, claims); keys are parsed once
+/// at start-up. Every connection carries the same user, so the per-user count is taken
+/// too (its limit raised out of the way).
+async fn auth_costs(
+    args: &RunArgs,
+    redis: &RedisServer,
+    kind: &str,
+) -> anyhow::Result<Option<Row>> {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    if kind != "herald" {
+        return Ok(None);
+    }
+    const SECRET: &str = "bench-hmac-secret-bench-hmac-secret-0123";
+    let dir = std::env::temp_dir().join(format!("herald-bench-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let openssl = herald_harness::system_tool("openssl", "openssl");
+    for args in [
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "rsa.pem",
+        ][..],
+        &["pkey", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub.pem"][..],
+    ] {
+        let ok = std::process::Command::new(&openssl)
+            .args(args)
+            .current_dir(&dir)
+            .output()?
+            .status
+            .success();
+        anyhow::ensure!(ok, "openssl {args:?} failed");
+    }
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({"sub": "bench-user", "exp": exp});
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )?;
+    let rs = encode(
+        &Header::new(Algorithm::RS256),
+        &claims,
+        &EncodingKey::from_rsa_pem(&std::fs::read(dir.join("rsa.pem"))?)?,
+    )?;
+    let rsa_pub = dir.join("rsa.pub.pem").to_string_lossy().into_owned();
+    let keys = [
+        ("HERALD_AUTH__JWT__HMAC_SECRET", SECRET.to_owned()),
+        ("HERALD_AUTH__JWT__RSA_PUBLIC_KEY_FILE", rsa_pub),
+        (
+            "HERALD_LIMITS__MAX_CONNECTIONS_PER_USER",
+            "10000000".to_owned(),
+        ),
+    ];
+    let mut figures = BTreeMap::new();
+    // Interleaved rounds, so a slow moment of the machine lands on one round, not one
+    // mode; figures are medians over rounds, ratios the median of each round's ratio.
+    let rounds = if args.smoke { 1 } else { 7 };
+    let mut cpu: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut wall: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..rounds {
+        for (mode, token) in [("anon", None), ("hs256", Some(&hs)), ("rs256", Some(&rs))] {
+            let target = Target::start_with_env(kind, 1, redis, &keys).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let cpu0 = target.thread_cpu();
+            let started = Instant::now();
+            let extra: Vec<&str> = token
+                .map(|t| vec!["--token", t.as_str()])
+                .unwrap_or_default();
+            let w =
+                Worker::start_with(target.addrs[0], args.handshakes, 0, 0, kind, &extra).await?;
+            wall.entry(mode)
+                .or_default()
+                .push(started.elapsed().as_secs_f64());
+            cpu.entry(mode)
+                .or_default()
+                .push(target.thread_cpu() - cpu0);
+            w.quit().await;
+            target.stop().await;
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let n = args.handshakes as f64;
+    for (mode, c) in &cpu {
+        figures.insert(format!("cpu_us_per_handshake_{mode}"), median(c) * 1e6 / n);
+        figures.insert(format!("handshakes_per_s_{mode}"), n / median(&wall[mode]));
+    }
+    for mode in ["hs256", "rs256"] {
+        let ratios: Vec<f64> = cpu[mode]
+            .iter()
+            .zip(&cpu["anon"])
+            .map(|(t, a)| t / a.max(1e-9))
+            .collect();
+        figures.insert(format!("{mode}_over_anon"), median(&ratios));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Some(Row {
+        scenario: "auth".into(),
+        target: kind.into(),
+        figures,
+        note: format!(
+            "{} handshakes x {rounds} interleaved rounds per mode, 128 in flight, medians; the same node configuration (all keys loaded) in every mode",
+            args.handshakes
+        ),
+    }))
 }

@@ -59,6 +59,9 @@ pub(crate) struct WorkerArgs {
     /// unsubscribe and a subscribe) this often, in milliseconds; 0: never.
     #[arg(long, default_value_t = 0)]
     pub(crate) churn_every_ms: u64,
+    /// A connection token sent with every handshake (`Authorization: Bearer`).
+    #[arg(long)]
+    pub(crate) token: Option<String>,
 }
 
 struct Counters {
@@ -100,10 +103,13 @@ async fn main(args: WorkerArgs) -> anyhow::Result<()> {
         let addr = args.addr;
         let counters = counters.clone();
         let socketio = args.protocol == "socketio";
+        let token = args.token.clone();
         pending.push(tokio::task::spawn_local(async move {
-            let r =
-                tokio::time::timeout_at(deadline.into(), connect(addr, source, channel, socketio))
-                    .await;
+            let r = tokio::time::timeout_at(
+                deadline.into(),
+                connect(addr, source, channel, socketio, token),
+            )
+            .await;
             drop(permit);
             match r {
                 Ok(Ok(ws)) => {
@@ -190,7 +196,9 @@ async fn connect(
     source: IpAddr,
     channel: Option<String>,
     socketio: bool,
+    token: Option<String>,
 ) -> anyhow::Result<Ws> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let socket = match source {
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
@@ -208,13 +216,14 @@ async fn connect(
     } else {
         "/ws"
     };
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
-        format!("ws://{addr}{path}"),
-        stream,
-        Some(config),
-    )
-    .await
-    .context("websocket handshake")?;
+    let mut req = format!("ws://{addr}{path}").into_client_request()?;
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .context("websocket handshake")?;
     if socketio {
         return socketio_join(ws, channel).await;
     }

@@ -123,22 +123,27 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(settings: &Settings) {
-    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::filter_fn;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, EnvFilter, Layer};
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // tungstenite logs every frame it reads at trace, and frames carry tokens (refresh,
-    // subscription tokens) and users' data: never below debug, whatever the filter.
-    let filter = ["tungstenite=debug", "tokio_tungstenite=debug"]
-        .into_iter()
-        .filter_map(|d| d.parse().ok())
-        .fold(filter, |f, d| f.add_directive(d));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if settings.log.format == "json" {
-        builder.json().init();
+    // subscription tokens) and users' data: its trace events never reach the output,
+    // whatever the filter says.
+    let no_frames = filter_fn(|m| {
+        !(*m.level() == tracing::Level::TRACE
+            && (m.target().starts_with("tungstenite")
+                || m.target().starts_with("tokio_tungstenite")))
+    });
+    let output = if settings.log.format == "json" {
+        fmt::layer().json().with_writer(std::io::stderr).boxed()
     } else {
-        builder.init();
-    }
+        fmt::layer().with_writer(std::io::stderr).boxed()
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(output.with_filter(no_frames))
+        .init();
 }
