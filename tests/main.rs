@@ -12,3 +12,4 @@ mod observability;
 mod protocol;
 mod recovery;
 mod redis;
+mod sse;

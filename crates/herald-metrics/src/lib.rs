@@ -42,6 +42,8 @@ pub enum RejectReason {
     /// A connection to a listener that expects a PROXY protocol header came without a
     /// valid one.
     ProxyProtocol,
+    /// An SSE connection named a channel its client may not subscribe to.
+    Forbidden,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -73,6 +75,10 @@ pub enum Source {
 pub struct Metrics {
     /// WebSocket sessions currently open.
     pub connections: IntGauge,
+    /// Sessions currently open over WebSocket (`herald_connections_by_transport`).
+    pub websocket_sessions: IntGauge,
+    /// Sessions currently open over Server-Sent Events.
+    pub sse_sessions: IntGauge,
     /// The configured connection limit (for "near the limit" alerts).
     pub max_connections: IntGauge,
     /// Channel subscriptions currently held by sessions on this node.
@@ -92,6 +98,7 @@ pub struct Metrics {
     rejected_per_ip: IntCounter,
     rejected_per_user: IntCounter,
     rejected_proxy: IntCounter,
+    rejected_forbidden: IntCounter,
     rejected_unauthorized: IntCounter,
     close_codes: IntCounterVec,
     published_http: IntCounter,
@@ -170,6 +177,14 @@ impl Metrics {
             2.5, 5.0,
         ];
 
+        let by_transport = IntGaugeVec::new(
+            Opts::new(
+                "herald_connections_by_transport",
+                "Sessions currently open, by transport (websocket, sse); they add up to herald_connections.",
+            ),
+            &["transport"],
+        )?;
+        registry.register(Box::new(by_transport.clone()))?;
         let rejected = counter_vec(
             "herald_connections_rejected_total",
             "Connection attempts refused before a session began, by reason.",
@@ -233,7 +248,12 @@ impl Metrics {
         }
 
         Ok(Metrics {
-            connections: gauge("herald_connections", "WebSocket sessions currently open.")?,
+            connections: gauge(
+                "herald_connections",
+                "Sessions currently open (WebSocket and SSE).",
+            )?,
+            websocket_sessions: by_transport.with_label_values(&["websocket"]),
+            sse_sessions: by_transport.with_label_values(&["sse"]),
             max_connections: gauge(
                 "herald_max_connections",
                 "The node's configured limit on WebSocket sessions.",
@@ -263,6 +283,7 @@ impl Metrics {
             rejected_per_ip: rejected.with_label_values(&["per_ip"]),
             rejected_per_user: rejected.with_label_values(&["per_user"]),
             rejected_proxy: rejected.with_label_values(&["proxy_protocol"]),
+            rejected_forbidden: rejected.with_label_values(&["forbidden"]),
             rejected_unauthorized: rejected.with_label_values(&["unauthorized"]),
             close_codes,
             published_http: published.with_label_values(&["http"]),
@@ -348,6 +369,7 @@ impl Metrics {
             RejectReason::PerIp => &self.rejected_per_ip,
             RejectReason::PerUser => &self.rejected_per_user,
             RejectReason::ProxyProtocol => &self.rejected_proxy,
+            RejectReason::Forbidden => &self.rejected_forbidden,
             RejectReason::Unauthorized => &self.rejected_unauthorized,
         }
         .inc();

@@ -274,6 +274,19 @@ pub fn encode_subscribe(
     s
 }
 
+/// `{"op":"subscribe","channel":C,"id":N,"recover":true}`, with `"since"` when
+/// resuming: a subscribe that tracks stream positions (the SSE endpoint makes these for
+/// its clients).
+pub fn encode_resume(
+    channel: &ChannelName,
+    id: Option<u64>,
+    since: Option<crate::StreamPosition>,
+) -> String {
+    let mut s = encode_subscribe(channel, id, since);
+    s.insert_str(s.len() - 1, r#","recover":true"#);
+    s
+}
+
 /// `part` is a sub-slice of `whole`'s memory; share it instead of copying.
 pub(crate) fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
     // serde_json borrows `RawValue`s from the input when it needs no unescaping, which
@@ -396,6 +409,19 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let e = parse(r#" "op" "#).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn encoded_resume_tracks_positions() {
+        let news = ChannelName::new("news").unwrap();
+        match parse_text(&Bytes::from(encode_resume(&news, Some(2), None))).unwrap() {
+            Request::Subscribe {
+                recover, since, id, ..
+            } => {
+                assert_eq!((recover, since, id), (true, None, Some(2)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`close`]: WebSocket close codes Herald uses and when.
 //! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`api`]: the HTTP API's request and reply bodies.
+//! - [`sse`]: Server-Sent Events framing and the resumable event id.
 //!
 //! # Design
 //! A delivery is encoded once per node ([`server::encode_delivery`]) and the bytes are
@@ -27,6 +28,7 @@ pub mod close;
 pub mod envelope;
 pub mod publication;
 pub mod server;
+pub mod sse;
 
 pub use channel::{ChannelName, ChannelPattern, ChannelPatterns, InvalidChannel};
 pub use publication::{Epoch, Payload, Publication, StreamPosition};

@@ -278,6 +278,8 @@ pub struct LimitsConfig {
     pub max_connections_per_ip: usize,
     /// WebSocket sessions of one user (a token's `sub`); 0: no limit.
     pub max_connections_per_user: usize,
+    /// Channels one SSE connection (`GET /sse?channel=..`) may name.
+    pub max_sse_channels: usize,
 }
 
 impl Default for LimitsConfig {
@@ -305,6 +307,7 @@ impl Default for LimitsConfig {
             // every client shares the balancer's.
             max_connections_per_ip: 0,
             max_connections_per_user: 100,
+            max_sse_channels: 16,
         }
     }
 }
@@ -481,7 +484,7 @@ impl GatewayConfig {
         if l.body_timeout.is_zero() {
             return bad("limits.body_timeout", "must be greater than 0");
         }
-        let positive: [(&'static str, usize); 10] = [
+        let positive: [(&'static str, usize); 11] = [
             ("limits.max_connections", l.max_connections),
             ("limits.max_message_bytes", l.max_message_bytes),
             ("limits.max_subscriptions", l.max_subscriptions),
@@ -492,6 +495,7 @@ impl GatewayConfig {
             ("limits.max_history_page", l.max_history_page),
             ("limits.max_recovery_buffer", l.max_recovery_buffer),
             ("limits.max_http_connections", l.max_http_connections),
+            ("limits.max_sse_channels", l.max_sse_channels),
         ];
         for (key, v) in positive {
             if v == 0 {

@@ -180,6 +180,9 @@ pub(crate) struct SessionHandle {
     pinged_ms: AtomicU64,
     /// When the session's token expires (`exp`, Unix seconds); 0: it has none.
     expires_at: AtomicU64,
+    /// The peer cannot answer (SSE): heartbeats are sent but never awaited; a peer
+    /// that is gone shows as a failed or timed-out write.
+    one_way: AtomicBool,
     state: Mutex<State>,
     /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
     /// drain and its next wait is never missed.
@@ -206,6 +209,7 @@ impl SessionHandle {
             last_heard_ms: AtomicU64::new(now_ms),
             pinged_ms: AtomicU64::new(0),
             expires_at: AtomicU64::new(0),
+            one_way: AtomicBool::new(false),
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -222,6 +226,11 @@ impl SessionHandle {
     pub(crate) fn heard(&self, now_ms: u64) {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
         self.pinged_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// The peer cannot answer (SSE): see `one_way`.
+    pub(crate) fn set_one_way(&self) {
+        self.one_way.store(true, Ordering::Relaxed);
     }
 
     /// The session now runs on a token that expires at `exp` (Unix seconds).
@@ -242,6 +251,17 @@ impl SessionHandle {
         interval_ms: u64,
         timeout_ms: u64,
     ) -> Liveness {
+        if self.one_way.load(Ordering::Relaxed) {
+            // A heartbeat every interval of silence on our side, never a verdict.
+            return if now_ms.saturating_sub(self.last_heard_ms.load(Ordering::Relaxed))
+                >= interval_ms
+            {
+                self.last_heard_ms.store(now_ms, Ordering::Relaxed);
+                Liveness::Ping
+            } else {
+                Liveness::Alive
+            };
+        }
         let pinged = self.pinged_ms.load(Ordering::Relaxed);
         if pinged != 0 {
             if now_ms.saturating_sub(pinged) >= timeout_ms {

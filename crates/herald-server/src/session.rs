@@ -33,6 +33,7 @@ pub(crate) async fn run<S, R>(
     node: Arc<Node>,
     conn: ConnId,
     identity: Option<herald_auth::Identity>,
+    transport: Transport,
 ) where
     S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -42,9 +43,17 @@ pub(crate) async fn run<S, R>(
     if let Some(i) = &identity {
         handle.set_expiry(i.expires_at);
     }
+    if transport == Transport::Sse {
+        handle.set_one_way();
+    }
+    let by_transport = match transport {
+        Transport::WebSocket => &node.metrics.websocket_sessions,
+        Transport::Sse => &node.metrics.sse_sessions,
+    };
     handle.attach(Box::pin(sink));
     node.sessions.lock().insert(conn, handle.clone());
     node.metrics.connections.inc();
+    by_transport.inc();
     node.metrics.connections_opened.inc();
     tracing::debug!(conn, "session opened");
 
@@ -89,8 +98,19 @@ pub(crate) async fn run<S, R>(
     handle.discard();
     node.sessions.lock().remove(&conn);
     node.metrics.connections.dec();
+    by_transport.dec();
     node.metrics.connections_closed.inc();
     tracing::debug!(conn, "session closed");
+}
+
+/// How a session reaches its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    /// Both ways over one WebSocket.
+    WebSocket,
+    /// Server-Sent Events: server to client only; the session's requests are the
+    /// subscribes the SSE endpoint makes for it.
+    Sse,
 }
 
 /// The connection id shown to clients: unique per node, and with the node id, per cluster.

@@ -99,7 +99,7 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
 
 /// What a broker failure means to an API caller. The broker's own text may name
 /// internals (hosts, Redis errors): it is logged, not sent.
-fn broker_refusal(e: BrokerError) -> Refusal {
+pub(super) fn broker_refusal(e: BrokerError) -> Refusal {
     match e {
         BrokerError::Timeout => Refusal::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -165,7 +165,7 @@ async fn history(
 }
 
 /// The media type, lower-cased, without parameters.
-fn content_type(req: &Request<Incoming>) -> Option<String> {
+pub(super) fn content_type(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -212,7 +212,7 @@ fn in_scope(scope: Option<&ChannelPatterns>, channel: &ChannelName) -> Result<()
     }
 }
 
-async fn read_body(
+pub(super) async fn read_body(
     req: Request<Incoming>,
     limits: &crate::config::LimitsConfig,
 ) -> Result<Bytes, Refusal> {

@@ -1,12 +1,10 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
-use bytes::Bytes;
 use herald_protocol::{api, ErrorCode};
-use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
-use super::reply::{json, Body, Refusal};
+use super::reply::{full, json, Body, Refusal};
 use crate::node::Node;
 
 /// The process is up and serving HTTP.
@@ -34,7 +32,7 @@ pub(crate) fn metrics(node: &Node) -> Response<Body> {
         )
         .into_response();
     }
-    let mut r = Response::new(Full::new(Bytes::from(buf)));
+    let mut r = Response::new(full(buf));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -1,6 +1,7 @@
 //! HTTP: the accept loop and routing. Each job has its own module:
 //!
 //! - `upgrade`: the WebSocket handshake on `/ws` (validate, admit, start);
+//! - `sse`: `/sse`, the same sessions over Server-Sent Events;
 //! - `api`: the publish API under `/api/`;
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
 //! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
@@ -27,6 +28,7 @@ mod api;
 mod edge;
 mod health;
 mod reply;
+mod sse;
 mod upgrade;
 
 use reply::{Body, Refusal};
@@ -176,6 +178,11 @@ async fn route(
         "/ws" if public => {
             let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
             upgrade::upgrade(req, node, client)
+        }
+        "/sse/publish" if public => sse::publish(req, node).await,
+        "/sse" if public => {
+            let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
+            sse::sse(req, node, client)
         }
         "/metrics" if internal => health::metrics(&node),
         p if internal && p.starts_with("/api/") => api::handle(req, &node).await,

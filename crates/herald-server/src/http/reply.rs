@@ -2,15 +2,24 @@
 
 use bytes::Bytes;
 use herald_protocol::{api, ErrorCode};
-use http_body_util::Full;
+use std::convert::Infallible;
+
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
-pub(crate) type Body = Full<Bytes>;
+/// Every response body: whole (JSON, metrics) or streamed (SSE).
+pub(crate) type Body = BoxBody<Bytes, Infallible>;
+
+/// A body sent whole.
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
 
 /// A JSON response.
 pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
+    let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

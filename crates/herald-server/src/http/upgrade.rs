@@ -19,7 +19,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use herald_metrics::RejectReason;
 use herald_protocol::ErrorCode;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -30,7 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use herald_auth::Identity;
 
-use super::reply::{Body, Refusal};
+use super::reply::{full, Body, Refusal};
 use crate::node::{Node, Slot, SlotRefused};
 use crate::session;
 
@@ -59,7 +58,7 @@ pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -
     }
 }
 
-type Rejected = (RejectReason, Refusal);
+pub(super) type Rejected = (RejectReason, Refusal);
 
 /// Checks that `req` is a WebSocket handshake; returns the `Sec-WebSocket-Accept` value.
 fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
@@ -97,7 +96,10 @@ fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
 /// The client's identity from its token (`Authorization: Bearer`, or the
 /// `access_token` query parameter for browsers, which cannot set headers on a
 /// WebSocket). The token is never logged or echoed.
-fn authenticate(req: &Request<Incoming>, node: &Node) -> Result<Option<Identity>, Rejected> {
+pub(super) fn authenticate(
+    req: &Request<Incoming>,
+    node: &Node,
+) -> Result<Option<Identity>, Rejected> {
     let refuse = |message: String| {
         (
             RejectReason::Unauthorized,
@@ -127,7 +129,7 @@ fn authenticate(req: &Request<Incoming>, node: &Node) -> Result<Option<Identity>
 }
 
 /// Decides whether this node takes the client; on yes, holds its connection slot.
-fn admit(
+pub(super) fn admit(
     headers: &HeaderMap,
     node: &Arc<Node>,
     client: IpAddr,
@@ -218,12 +220,20 @@ fn start(
                 ))
                 .await;
                 let (sink, stream) = ws.split();
-                session::run(sink, stream, node, conn, identity).await;
+                session::run(
+                    sink,
+                    stream,
+                    node,
+                    conn,
+                    identity,
+                    session::Transport::WebSocket,
+                )
+                .await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));

@@ -1,0 +1,245 @@
+//! Server-Sent Events: the fallback transport for clients that cannot hold a
+//! WebSocket (`GET /sse`).
+//!
+//! Every event's `data` is one server frame exactly as a WebSocket client would
+//! receive it as text (binary deliveries become [`binary_as_json`]), so a client parses
+//! both transports alike. The event `id` carries the stream position of every history
+//! channel of the connection ([`Positions`]), so the browser's automatic reconnect
+//! (which sends the last id as `Last-Event-ID`) resumes them all.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use crate::channel::ChannelName;
+use crate::publication::{Epoch, StreamPosition};
+use crate::server::json_string;
+
+/// One event: `id:` (when given), the frame as `data:` lines, and the blank line.
+pub fn event(id: Option<&str>, frame: &str) -> String {
+    let mut s = String::with_capacity(frame.len() + 16 + id.map_or(0, str::len));
+    if let Some(id) = id {
+        let _ = writeln!(s, "id: {id}");
+    }
+    // Frames are single-line JSON, except raw JSON a publisher sent with line breaks
+    // in its whitespace: SSE joins `data:` lines with "\n", which keeps it intact.
+    for line in frame.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let _ = writeln!(s, "data: {line}");
+    }
+    s.push('\n');
+    s
+}
+
+/// A named event (`event: close` at the end of a stream).
+pub fn named_event(name: &str, frame: &str) -> String {
+    format!("event: {name}\n{}", event(None, frame))
+}
+
+/// The closing event: `{"code":1012,"reason":"node shutting down"}` with the WebSocket
+/// close code the session would have been closed with.
+pub fn close_event(code: u16, reason: &str) -> String {
+    named_event(
+        "close",
+        &format!(r#"{{"code":{code},"reason":{}}}"#, json_string(reason)),
+    )
+}
+
+/// A comment line: ignored by clients, keeps proxies and dead-peer detection busy.
+pub fn comment(text: &str) -> String {
+    format!(": {text}\n\n")
+}
+
+/// How long the browser waits before reconnecting, in milliseconds.
+pub fn retry(ms: u64) -> String {
+    format!("retry: {ms}\n\n")
+}
+
+/// A binary delivery as a text frame:
+/// `{"op":"message","channel":C,"offset":O,"base64":"..."}` (`offset` on history
+/// channels only). `frame` is the WebSocket binary frame (`[L][channel][payload]`, or
+/// `[0][u64 offset][L][channel][payload]`); `None` if it is not one.
+pub fn binary_as_json(frame: &[u8]) -> Option<String> {
+    let (offset, rest) = match frame.first()? {
+        0 => {
+            let o = u64::from_be_bytes(frame.get(1..9)?.try_into().ok()?);
+            (Some(o), frame.get(9..)?)
+        }
+        _ => (None, frame),
+    };
+    let len = *rest.first()? as usize;
+    let channel = std::str::from_utf8(rest.get(1..1 + len)?).ok()?;
+    let payload = rest.get(1 + len..)?;
+    let mut s = format!(r#"{{"op":"message","channel":{}"#, json_string(channel));
+    if let Some(o) = offset {
+        let _ = write!(s, r#","offset":{o}"#);
+    }
+    let _ = write!(
+        s,
+        r#","base64":"{}"}}"#,
+        base64::engine::general_purpose::STANDARD.encode(payload)
+    );
+    Some(s)
+}
+
+/// The stream position of each history channel of an SSE connection, as the event id
+/// `news=41~0k3f0a1b,chat:1=7~00000abc` (`~` and `,` cannot occur in channel names or
+/// epochs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Positions(BTreeMap<ChannelName, StreamPosition>);
+
+#[derive(Deserialize)]
+struct Frame<'a> {
+    #[serde(borrow)]
+    op: &'a str,
+    #[serde(borrow)]
+    channel: Option<&'a str>,
+    offset: Option<u64>,
+    #[serde(borrow)]
+    epoch: Option<&'a str>,
+}
+
+impl Positions {
+    /// Reads an event id (`Last-Event-ID`); parts that do not parse are skipped (that
+    /// channel is then subscribed without resuming).
+    pub fn parse(id: &str) -> Positions {
+        let mut p = Positions::default();
+        for part in id.split(',') {
+            let Some((channel, at)) = part.split_once('=') else {
+                continue;
+            };
+            let Some((offset, epoch)) = at.split_once('~') else {
+                continue;
+            };
+            let (Ok(channel), Ok(offset), Some(epoch)) = (
+                ChannelName::new(channel),
+                offset.parse::<u64>(),
+                Epoch::parse(epoch),
+            ) else {
+                continue;
+            };
+            p.0.insert(channel, StreamPosition { offset, epoch });
+        }
+        p
+    }
+
+    /// Where to resume `channel`, if the id named it.
+    pub fn get(&self, channel: &ChannelName) -> Option<StreamPosition> {
+        self.0.get(channel).copied()
+    }
+
+    /// Takes the position a server frame reports (`subscribed` and `reset` with offset
+    /// and epoch; `message` with an offset, in the epoch known for its channel);
+    /// returns whether it changed.
+    pub fn observe(&mut self, frame: &str) -> bool {
+        let Ok(f) = serde_json::from_str::<Frame<'_>>(frame) else {
+            return false;
+        };
+        let (Some(channel), Some(offset)) = (f.channel, f.offset) else {
+            return false;
+        };
+        let Ok(channel) = ChannelName::new(channel) else {
+            return false;
+        };
+        match (f.op, f.epoch.and_then(Epoch::parse)) {
+            ("subscribed" | "reset", Some(epoch)) => {
+                self.0.insert(channel, StreamPosition { offset, epoch });
+                true
+            }
+            ("message", _) => match self.0.get_mut(&channel) {
+                Some(p) if p.offset != offset => {
+                    p.offset = offset;
+                    true
+                }
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
+    /// Forgets a channel (unsubscribed).
+    pub fn remove(&mut self, channel: &ChannelName) {
+        self.0.remove(channel);
+    }
+
+    /// The event id; `None` while no channel has a position.
+    pub fn id(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut s = String::new();
+        for (i, (c, p)) in self.0.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(s, "{c}={}~{}", p.offset, p.epoch);
+        }
+        Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events() {
+        assert_eq!(event(None, r#"{"a":1}"#), "data: {\"a\":1}\n\n");
+        assert_eq!(
+            event(Some("x=1~00000001"), "{}"),
+            "id: x=1~00000001\ndata: {}\n\n"
+        );
+        // Line breaks inside raw JSON become several data lines (joined back by "\n").
+        assert_eq!(event(None, "{\r\n\"a\":1}"), "data: {\ndata: \"a\":1}\n\n");
+        assert_eq!(
+            close_event(1012, "node shutting down"),
+            "event: close\ndata: {\"code\":1012,\"reason\":\"node shutting down\"}\n\n"
+        );
+        assert_eq!(comment("ping"), ": ping\n\n");
+    }
+
+    #[test]
+    fn binary_frames_as_json() {
+        let plain = crate::server::binary_frame("bin", &[0, 1, 255]);
+        assert_eq!(
+            binary_as_json(&plain).unwrap(),
+            r#"{"op":"message","channel":"bin","base64":"AAH/"}"#
+        );
+        let with = crate::server::binary_frame_with_offset("bin", 7, b"hi");
+        assert_eq!(
+            binary_as_json(&with).unwrap(),
+            r#"{"op":"message","channel":"bin","offset":7,"base64":"aGk="}"#
+        );
+        assert_eq!(binary_as_json(&[5, b'a']), None);
+        assert_eq!(binary_as_json(&[]), None);
+    }
+
+    #[test]
+    fn positions_follow_frames_and_round_trip() {
+        let mut p = Positions::default();
+        assert_eq!(p.id(), None);
+        assert!(p.observe(r#"{"op":"subscribed","channel":"news","id":1,"offset":4,"epoch":"0000000a","recovered":true}"#));
+        assert!(p.observe(r#"{"op":"message","channel":"news","data":{"x":[1,"}"]},"offset":5}"#));
+        assert!(
+            !p.observe(r#"{"op":"message","channel":"other","data":1,"offset":9}"#),
+            "no epoch known"
+        );
+        assert!(!p.observe(r#"{"op":"message","channel":"plain","data":1}"#));
+        assert!(
+            p.observe(r#"{"op":"subscribed","channel":"chat:1","offset":0,"epoch":"0000000b"}"#)
+        );
+        let id = p.id().unwrap();
+        assert_eq!(id, "chat:1=0~0000000b,news=5~0000000a");
+        let back = Positions::parse(&id);
+        assert_eq!(back, p);
+        let news = ChannelName::new("news").unwrap();
+        assert_eq!(back.get(&news).unwrap().offset, 5);
+        // Garbage parts are skipped, not fatal.
+        let partial = Positions::parse("news=5~0000000a,bad,x=y~z,=1~0000000a");
+        assert_eq!(partial.id().unwrap(), "news=5~0000000a");
+        p.remove(&news);
+        assert_eq!(p.id().unwrap(), "chat:1=0~0000000b");
+    }
+}

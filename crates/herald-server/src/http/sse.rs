@@ -1,0 +1,325 @@
+//! `GET /sse?channel=a&channel=b`: Server-Sent Events for clients that cannot hold a
+//! WebSocket.
+//!
+//! An SSE connection is an ordinary session (`session::run`) whose transport is one
+//! way: the same authentication, admission (drain, origin, slots, per-address and
+//! per-user limits), permissions, recovery, queues, slow-consumer and write-timeout
+//! rules and metrics as a WebSocket session. Its requests are the subscribes this
+//! module makes for it, one per channel named in the URL, resuming from the positions
+//! in `Last-Event-ID` (or `last_event_id`); its frames become events (`SseSink`).
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use futures_util::{Sink, StreamExt};
+use herald_metrics::{RejectReason, Source};
+use herald_protocol::client::encode_resume;
+use herald_protocol::sse::{self, Positions};
+use herald_protocol::{ChannelName, ErrorCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::{CancellationToken, PollSender};
+
+use super::api;
+use super::reply::{json, Body, Refusal};
+use super::upgrade::{admit, authenticate};
+use crate::access;
+use crate::node::Node;
+use crate::session::{self, Transport};
+
+/// Events buffered between the session's writer and the HTTP connection. The session's
+/// own queue is the real buffer (bounded in bytes, slow consumers closed); this only
+/// decouples the two tasks.
+const BODY_CHUNKS: usize = 16;
+
+/// Serves `GET /sse`.
+pub(crate) fn sse(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -> Response<Body> {
+    match open(&req, &node, client) {
+        Ok(r) => r,
+        Err((reason, refusal)) => {
+            tracing::debug!(%client, ?reason, "sse refused");
+            if let Some(reason) = reason {
+                node.metrics.rejected(reason);
+            }
+            refusal.into_response()
+        }
+    }
+}
+
+type Refused = (Option<RejectReason>, Refusal);
+
+fn bad(message: impl Into<String>) -> Refused {
+    (
+        Some(RejectReason::BadRequest),
+        Refusal::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message),
+    )
+}
+
+fn open(
+    req: &Request<Incoming>,
+    node: &Arc<Node>,
+    client: IpAddr,
+) -> Result<Response<Body>, Refused> {
+    if req.method() != Method::GET {
+        return Err((None, Refusal::method_not_allowed("use GET")));
+    }
+    let identity = authenticate(req, node).map_err(|(r, f)| (Some(r), f))?;
+    let query = req.uri().query().unwrap_or("");
+    let mut channels: Vec<ChannelName> = Vec::new();
+    let mut last_event_id = None;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "channel" => {
+                let c = ChannelName::new(&v).map_err(|e| {
+                    (
+                        Some(RejectReason::BadRequest),
+                        Refusal::new(
+                            StatusCode::BAD_REQUEST,
+                            ErrorCode::InvalidChannel,
+                            e.to_string(),
+                        ),
+                    )
+                })?;
+                if !channels.contains(&c) {
+                    channels.push(c);
+                }
+            }
+            "last_event_id" => last_event_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let max = node.config.limits.max_sse_channels;
+    if channels.is_empty() {
+        return Err(bad(
+            "name at least one channel: /sse?channel=news&channel=chat",
+        ));
+    }
+    if channels.len() > max {
+        return Err(bad(format!(
+            "{} channels named; an SSE connection takes at most {max} (limits.max_sse_channels)",
+            channels.len()
+        )));
+    }
+    // Refuse up front what the session would refuse channel by channel: an SSE client
+    // cannot send subscription tokens, so the rules and its token decide.
+    if let Some(c) = channels.iter().find(|c| {
+        !access::may_subscribe(&node.config.channels, c.as_str(), identity.as_ref(), None)
+    }) {
+        return Err((
+            Some(RejectReason::Forbidden),
+            Refusal::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {c}"),
+            ),
+        ));
+    }
+    // The browser's reconnect sends the last id as a header; clients that reconnect
+    // by hand (or through proxies that drop it) can put it in the URL.
+    let last = req
+        .headers()
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or(last_event_id);
+    let positions = last.as_deref().map(Positions::parse).unwrap_or_default();
+    let user = identity.as_ref().map(|i| i.user.as_str());
+    let slot = admit(req.headers(), node, client, user).map_err(|(r, f)| (Some(r), f))?;
+
+    let conn = node.next_conn_id();
+    tracing::debug!(conn, %client, channels = channels.len(), "sse accepted");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BODY_CHUNKS);
+    // Spread reconnects after a drain over 1-4 s instead of the browser's default 3 s
+    // for everyone at once.
+    let retry = 1000 + (conn.wrapping_mul(2_654_435_761) ^ node.now_ms()) % 3000;
+    let _ = tx.try_send(Bytes::from(sse::retry(retry)));
+    let ended = CancellationToken::new();
+    let requests: Vec<Result<Message, WsError>> = channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let frame = encode_resume(c, Some(i as u64 + 1), positions.get(c));
+            Ok(Message::Text(frame.into()))
+        })
+        .collect();
+    let until_ended = ended.clone();
+    let incoming = futures_util::stream::iter(requests).chain(
+        futures_util::stream::once(async move { until_ended.cancelled_owned().await })
+            .filter_map(|()| async { None }),
+    );
+    let sink = SseSink {
+        tx: PollSender::new(tx),
+        positions,
+        ended,
+    };
+    let session_node = node.clone();
+    node.session_tasks.spawn(async move {
+        let _slot = slot;
+        session::run(
+            sink,
+            Box::pin(incoming),
+            session_node,
+            conn,
+            identity,
+            Transport::Sse,
+        )
+        .await;
+    });
+
+    let body = StreamBody::new(
+        tokio_stream::wrappers::ReceiverStream::new(rx)
+            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+    );
+    let mut r = Response::new(BodyExt::boxed(body));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // nginx and similar proxies would otherwise buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(r)
+}
+
+/// The session's socket, as seen by its writer: frames in, events out.
+struct SseSink {
+    tx: PollSender<Bytes>,
+    /// Where each history channel stands, for the event ids.
+    positions: Positions,
+    /// Fired once the close event is written: the session's request stream ends, so
+    /// the session does not wait for a close reply an SSE client cannot send.
+    ended: CancellationToken,
+}
+
+impl SseSink {
+    /// A data event for `frame`, with an id when it moved a channel's position.
+    fn event(&mut self, frame: &str) -> String {
+        let id = if self.positions.observe(frame) {
+            self.positions.id()
+        } else {
+            None
+        };
+        sse::event(id.as_deref(), frame)
+    }
+}
+
+impl Sink<Message> for SseSink {
+    type Error = WsError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        self.get_mut()
+            .tx
+            .poll_reserve(cx)
+            .map_err(|_| WsError::ConnectionClosed)
+    }
+
+    fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), WsError> {
+        let this = self.get_mut();
+        let event = match msg {
+            Message::Text(t) => this.event(t.as_str()),
+            Message::Binary(b) => match sse::binary_as_json(&b) {
+                Some(frame) => this.event(&frame),
+                None => {
+                    this.tx.abort_send();
+                    return Ok(());
+                }
+            },
+            Message::Ping(_) => sse::comment("ping"),
+            Message::Close(frame) => {
+                let (code, reason) = frame.map_or((1000, String::new()), |f| {
+                    (u16::from(f.code), f.reason.to_string())
+                });
+                this.ended.cancel();
+                sse::close_event(code, &reason)
+            }
+            Message::Pong(_) | Message::Frame(_) => {
+                this.tx.abort_send();
+                return Ok(());
+            }
+        };
+        this.tx
+            .send_item(Bytes::from(event))
+            .map_err(|_| WsError::ConnectionClosed)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        // Events are handed to the HTTP connection as they are sent; it writes them.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), WsError>> {
+        let this = self.get_mut();
+        this.tx.close();
+        this.ended.cancel();
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// `POST /sse/publish`: a publish from a client that has no WebSocket, with its
+/// connection token (`Authorization: Bearer`, or `access_token`) and the same
+/// permissions as a WebSocket `publish`. Body: `{"channel":"chat:1","data":...}` as
+/// `application/json`; the reply is the API's (`offset`/`epoch` on history channels).
+pub(crate) async fn publish(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
+    match publish_inner(req, &node).await {
+        Ok(r) => r,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
+    if req.method() != Method::POST {
+        return Err(Refusal::method_not_allowed("use POST"));
+    }
+    let identity = authenticate(&req, node).map_err(|(_, f)| f)?;
+    // JSON only: a cross-site page cannot send it without a preflight.
+    if api::content_type(&req).as_deref() != Some("application/json") {
+        return Err(Refusal::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ErrorCode::BadRequest,
+            "Content-Type must be application/json",
+        ));
+    }
+    let body = api::read_body(req, &node.config.limits).await?;
+    let p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
+    let channel = p.publication.channel.clone();
+    if !access::may_publish(&node.config.channels, channel.as_str(), identity.as_ref()) {
+        node.metrics
+            .client_errors
+            .with_label_values(&[ErrorCode::Forbidden.as_str()])
+            .inc();
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("not allowed to publish to {channel}"),
+        ));
+    }
+    let results = node
+        .publish(vec![(p.publication, p.idempotency_key)], Source::Client)
+        .await
+        .map_err(api::broker_refusal)?;
+    let outcome = results
+        .first()
+        .map(|r| herald_protocol::api::Outcome {
+            position: r.position,
+            duplicate: r.duplicate,
+        })
+        .ok_or_else(|| {
+            Refusal::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "no result",
+            )
+        })?;
+    Ok(json(
+        StatusCode::OK,
+        herald_protocol::api::published(&outcome),
+    ))
+}

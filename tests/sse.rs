@@ -1,0 +1,222 @@
+//! Server-Sent Events (`GET /sse`): the same sessions as WebSocket, one way, resumable
+//! through the event id.
+
+use std::time::Duration;
+
+use herald_testkit::{history_rule, Node, SseClient};
+use serde_json::json;
+
+#[tokio::test]
+async fn sse_delivers_and_resumes_every_history_channel_from_the_event_id() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("news:*", 100)]).await;
+    let path = "/sse?channel=news%3Aa&channel=news:b&channel=plain";
+    let mut s = SseClient::connect(node.addr, path, &[]).await;
+    assert_eq!(s.status, 200);
+    assert_eq!(s.headers["content-type"], "text/event-stream");
+    assert_eq!(s.headers["x-accel-buffering"], "no");
+    assert_eq!(s.headers["cache-control"], "no-cache");
+    let first = s.next_block().await.unwrap();
+    assert!(first.starts_with("retry: "), "{first}");
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    for _ in 0..3 {
+        let sub = s.event().await;
+        assert_eq!(sub.json()["op"], "subscribed", "{}", sub.data);
+    }
+    node.publish_numbers("news:a", 1, 3).await;
+    assert_eq!(node.publish("plain", "\"p\"").await, 200);
+    node.publish_numbers("news:b", 10, 10).await;
+    let mut last_id = None;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let e = s.event().await;
+        let v = e.json();
+        assert_eq!(v["op"], "message", "{}", e.data);
+        got.push((v["channel"].as_str().unwrap().to_owned(), v["data"].clone()));
+        if e.id.is_some() {
+            last_id = e.id;
+        }
+    }
+    assert_eq!(got[3], ("plain".to_owned(), json!("p")));
+    let last_id = last_id.expect("history deliveries carry ids");
+    assert!(
+        last_id.contains("news:a=3~") && last_id.contains("news:b=1~"),
+        "{last_id}"
+    );
+    drop(s);
+
+    // Missed while away: 4..=8 on news:a, 11 on news:b.
+    node.publish_numbers("news:a", 4, 8).await;
+    node.publish_numbers("news:b", 11, 11).await;
+    let mut back = SseClient::connect(node.addr, path, &[("last-event-id", &last_id)]).await;
+    assert_eq!(back.event().await.json()["op"], "welcome");
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    let mut recovered = 0;
+    let mut plain = false;
+    while a.len() < 5 || b.len() < 1 || recovered < 2 || !plain {
+        let v = back.event().await.json();
+        match (v["op"].as_str(), v["channel"].as_str()) {
+            (Some("subscribed"), Some("plain")) => plain = true,
+            (Some("subscribed"), _) => {
+                assert_eq!(v["recovered"], true, "{v}");
+                recovered += 1;
+            }
+            (Some("message"), Some("news:a")) => a.push(v["data"].as_u64().unwrap()),
+            (Some("message"), Some("news:b")) => b.push(v["data"].as_u64().unwrap()),
+            other => panic!("unexpected {other:?}: {v}"),
+        }
+    }
+    assert_eq!(a, vec![4, 5, 6, 7, 8]);
+    assert_eq!(b, vec![11]);
+    // And live again. The resume could also ride in the URL.
+    node.publish_numbers("news:a", 9, 9).await;
+    assert_eq!(back.event().await.json()["data"], 9);
+    let by_query = format!("{path}&last_event_id={}", last_id.replace(',', "%2C"));
+    let mut q = SseClient::connect(node.addr, &by_query, &[]).await;
+    let mut replayed = 0;
+    while replayed < 6 {
+        let v = q.event().await.json();
+        if v["op"] == "message" && v["channel"] == "news:a" {
+            replayed += 1;
+        }
+    }
+    assert_eq!(
+        node.metric("herald_connections_by_transport{transport=\"sse\"}"),
+        2.0
+    );
+}
+
+#[tokio::test]
+async fn sse_refuses_what_websocket_refuses() {
+    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.anonymous = false;
+        c.limits.max_sse_channels = 2;
+        let mut private = history_rule("private:*", 0);
+        private.subscribe = herald_server::config::SubscribeAccess::Claims;
+        c.channels.rules = vec![private];
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "7", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let status = |path: String| {
+        let addr = node.addr;
+        async move { SseClient::connect(addr, &path, &[]).await.status }
+    };
+    assert_eq!(status("/sse?channel=news".into()).await, 401, "no token");
+    let t = format!("access_token={token}");
+    assert_eq!(status(format!("/sse?{t}")).await, 400, "no channel");
+    assert_eq!(
+        status(format!("/sse?{t}&channel=a&channel=b&channel=c")).await,
+        400
+    );
+    assert_eq!(status(format!("/sse?{t}&channel=bad%20name")).await, 400);
+    assert_eq!(status(format!("/sse?{t}&channel=private:x")).await, 403);
+    let mut ok = SseClient::connect(node.addr, &format!("/sse?{t}&channel=news"), &[]).await;
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.event().await.json()["user"], "7");
+    assert_eq!(ok.event().await.json()["op"], "subscribed");
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(ok.event().await.json()["data"], 1);
+    assert_eq!(
+        node.metric("herald_connections_rejected_total{reason=\"forbidden\"}"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn sse_gets_heartbeats_and_a_close_event_on_drain() {
+    let mut node = Node::start_with(|c| {
+        c.heartbeat.interval = Duration::from_millis(100);
+        c.heartbeat.timeout = Duration::from_millis(100);
+    })
+    .await;
+    let mut s = SseClient::connect(node.addr, "/sse?channel=news", &[]).await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    assert_eq!(s.event().await.json()["op"], "subscribed");
+    // A silent SSE client is not dead: it cannot answer pings. It gets comments.
+    let mut pings = 0;
+    while pings < 3 {
+        let b = s.next_block().await.expect("open");
+        if b == ": ping" {
+            pings += 1;
+        }
+    }
+    assert_eq!(node.publish("news", "2").await, 200);
+    assert_eq!(s.event().await.json()["data"], 2);
+    node.begin_shutdown();
+    let close = s.event().await;
+    assert_eq!(close.event.as_deref(), Some("close"));
+    assert_eq!(close.json()["code"], 1001);
+    assert!(
+        s.next_event().await.is_none(),
+        "the stream ends after the close event"
+    );
+}
+
+#[tokio::test]
+async fn sse_clients_publish_over_http_with_their_token() {
+    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        let mut chat = history_rule("chat:*", 10);
+        chat.publish = herald_server::config::PublishAccess::Authenticated;
+        c.channels.rules = vec![chat];
+    })
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "7", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let mut s = SseClient::connect(node.addr, "/sse?channel=chat:1", &[]).await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    assert_eq!(s.event().await.json()["op"], "subscribed");
+    let post = |auth: Option<String>, ctype: &'static str| {
+        let addr = node.addr;
+        async move {
+            let mut h = vec![("content-type", ctype.to_owned())];
+            if let Some(t) = auth {
+                h.push(("authorization", format!("Bearer {t}")));
+            }
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let body = br#"{"channel":"chat:1","data":{"text":"hi"}}"#.to_vec();
+            herald_testkit::http(addr, "POST", "/sse/publish", &h, body).await
+        }
+    };
+    let r = post(Some(token.clone()), "application/json").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.json()["offset"], 1);
+    assert_eq!(
+        post(None, "application/json").await.status,
+        403,
+        "anonymous"
+    );
+    assert_eq!(
+        post(Some("bad".into()), "application/json").await.status,
+        401
+    );
+    assert_eq!(post(Some(token), "text/plain").await.status, 415);
+    let e = s.event().await;
+    assert_eq!(e.json()["data"]["text"], "hi");
+    assert!(e.id.unwrap().starts_with("chat:1=1~"));
+    // Only the accepted one arrived.
+    assert_eq!(node.publish("chat:1", "2").await, 200);
+    assert_eq!(s.event().await.json()["data"], 2);
+}
