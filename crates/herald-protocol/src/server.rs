@@ -10,12 +10,15 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::{ErrorCode, Payload, Publication, StreamPosition, VERSION};
 
-/// `{"op":"welcome","version":1,"node":N,"conn":C}`: the first frame of every session.
-/// With a verified token, `"user"` carries its `sub`.
-pub fn welcome(node: &str, conn: &str, user: Option<&str>) -> String {
+/// `{"op":"welcome","version":1,"node":N,"conn":C,"heartbeat_ms":H}`: the first frame
+/// of every session. With a verified token, `"user"` carries its `sub`. `heartbeat_ms`
+/// is the server's heartbeat interval: a client that has heard nothing for about that
+/// long plus a margin should send `{"op":"ping"}` and, without an answer, reconnect
+/// (browsers answer WebSocket pings without telling the page).
+pub fn welcome(node: &str, conn: &str, user: Option<&str>, heartbeat_ms: u64) -> String {
     let user = user.map_or(String::new(), |u| format!(r#","user":{}"#, json_string(u)));
     format!(
-        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}{user}}}"#,
+        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}{user},"heartbeat_ms":{heartbeat_ms}}}"#,
         json_string(node),
         json_string(conn)
     )
@@ -199,8 +202,8 @@ mod tests {
     #[test]
     fn frames_are_valid_json() {
         for s in [
-            welcome("node\"1", "c1", None),
-            welcome("n", "c", Some("user \"42\"")),
+            welcome("node\"1", "c1", None, 25000),
+            welcome("n", "c", Some("user \"42\""), 1),
             ack(Ack::Subscribed, "news", Some(1)),
             ack(Ack::Published, "news", None),
             pong(Some(9)),

@@ -73,6 +73,7 @@ pub(crate) async fn run<S, R>(
             &node.node_id,
             &conn_name(&node.node_id, conn),
             session.identity.as_ref().map(|i| i.user.as_str()),
+            node.config.heartbeat.interval.as_millis() as u64,
         ));
     }
     // Re-check after registering: a drain that snapshotted the sessions just before this
