@@ -1,0 +1,114 @@
+export type State = 'connecting' | 'connected' | 'disconnected' | 'closed';
+export type Transport = 'websocket' | 'sse';
+export interface Options {
+    /** Returns a connection token (JWT); called before every connect and refresh. */
+    getToken?: () => Promise<string | null | undefined> | string | null | undefined;
+    /** A WebSocket implementation where the runtime has none (e.g. the `ws` package). */
+    WebSocket?: unknown;
+    /** Backoff bounds for reconnects, ms (full jitter between 0 and the bound). */
+    minReconnectDelay?: number;
+    maxReconnectDelay?: number;
+    /** Publishes held while disconnected, at most, and how long each may wait, ms. */
+    maxQueuedPublishes?: number;
+    publishTimeout?: number;
+    /** Failed WebSocket attempts in a row (never opened) before trying SSE; 0: never. */
+    sseAfterFailures?: number;
+    /** While on SSE, try WebSocket again after this long, ms. */
+    websocketRetryInterval?: number;
+    /** Where SSE lives, when not next to the WebSocket URL (`.../ws` → `.../sse`). */
+    sseUrl?: string;
+}
+export interface MessageContext {
+    channel: string;
+    /** Present on history channels. */
+    offset?: number;
+}
+type Listener = (...args: any[]) => void;
+declare class Emitter {
+    private listeners;
+    on(event: string, fn: Listener): this;
+    off(event: string, fn: Listener): this;
+    protected emit(event: string, ...args: unknown[]): void;
+}
+export declare class HeraldError extends Error {
+    code: string;
+    constructor(code: string, message: string);
+}
+/** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
+ * `recovered` (ok: boolean), `reset`, `error` (HeraldError). */
+export declare class Subscription extends Emitter {
+    readonly channel: string;
+    private client;
+    /** The last position seen, on history channels. */
+    offset?: number;
+    epoch?: string;
+    active: boolean;
+    constructor(channel: string, client: Client);
+    /** Stops receiving the channel. */
+    unsubscribe(): void;
+    /** @internal */
+    _emit(event: string, ...args: unknown[]): void;
+}
+/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`. */
+export declare class Client extends Emitter {
+    readonly url: string;
+    state: State;
+    transport: Transport;
+    readonly subscriptions: Map<string, Subscription>;
+    private opts;
+    private ws;
+    private sse;
+    private nextId;
+    private pending;
+    private queue;
+    private attempt;
+    private wsFailures;
+    private reconnectTimer?;
+    private heartbeatTimer?;
+    private refreshTimer?;
+    private wsRetryTimer?;
+    private lastHeard;
+    private pingSent;
+    private heartbeatMs;
+    private token;
+    private opened;
+    private onOnline;
+    private onOffline;
+    constructor(url: string, options?: Options);
+    /** Subscribes (or returns the existing subscription). History channels resume by
+     * themselves after every reconnect. */
+    subscribe(channel: string): Subscription;
+    /** Publishes JSON `data`; resolves once the server accepted it. While disconnected
+     * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
+    publish(channel: string, data: unknown): Promise<unknown>;
+    /** Closes for good: no reconnect. */
+    close(): void;
+    private setState;
+    private connect;
+    private onWsFailure;
+    private onClosed;
+    private scheduleReconnect;
+    private reconnectNow;
+    /** Drops the current connection and reconnects (dead peer, offline, transport). */
+    private drop;
+    private teardown;
+    private onFrame;
+    private onWelcome;
+    private onSubscribed;
+    private onMessage;
+    private onBinary;
+    private settle;
+    private fail;
+    private send;
+    private sendSubscribe;
+    private sendPublish;
+    /** @internal */
+    _unsubscribe(sub: Subscription): void;
+    private startHeartbeat;
+    private scheduleRefresh;
+    private sseBase;
+    private restartSse;
+    private openSse;
+    private httpPublish;
+}
+export {};

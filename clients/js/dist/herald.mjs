@@ -1,0 +1,538 @@
+// src/herald.ts
+var Emitter = class {
+  constructor() {
+    this.listeners = /* @__PURE__ */ new Map();
+  }
+  on(event, fn) {
+    let set = this.listeners.get(event);
+    if (!set) this.listeners.set(event, set = /* @__PURE__ */ new Set());
+    set.add(fn);
+    return this;
+  }
+  off(event, fn) {
+    this.listeners.get(event)?.delete(fn);
+    return this;
+  }
+  emit(event, ...args) {
+    for (const fn of [...this.listeners.get(event) ?? []]) {
+      try {
+        fn(...args);
+      } catch (e) {
+        setTimeout(() => {
+          throw e;
+        });
+      }
+    }
+  }
+};
+var FATAL_CLOSE = /* @__PURE__ */ new Set([1002, 1003, 1007]);
+var POLICY_CLOSE = /* @__PURE__ */ new Set([1008, 1009]);
+var TOKEN_EXPIRED = 4001;
+var HeraldError = class extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+    this.name = "HeraldError";
+  }
+};
+var Subscription = class extends Emitter {
+  constructor(channel, client) {
+    super();
+    this.channel = channel;
+    this.client = client;
+    this.active = false;
+  }
+  /** Stops receiving the channel. */
+  unsubscribe() {
+    this.client._unsubscribe(this);
+  }
+  /** @internal */
+  _emit(event, ...args) {
+    this.emit(event, ...args);
+  }
+};
+var Client = class extends Emitter {
+  constructor(url, options = {}) {
+    super();
+    this.url = url;
+    this.state = "disconnected";
+    this.transport = "websocket";
+    this.subscriptions = /* @__PURE__ */ new Map();
+    this.ws = null;
+    this.sse = null;
+    this.nextId = 1;
+    this.pending = /* @__PURE__ */ new Map();
+    this.queue = [];
+    this.attempt = 0;
+    this.wsFailures = 0;
+    this.lastHeard = 0;
+    this.pingSent = 0;
+    this.heartbeatMs = 25e3;
+    this.token = null;
+    this.opened = false;
+    this.onOnline = () => this.reconnectNow();
+    this.onOffline = () => this.drop("offline");
+    this.opts = {
+      minReconnectDelay: 500,
+      maxReconnectDelay: 2e4,
+      maxQueuedPublishes: 100,
+      publishTimeout: 1e4,
+      sseAfterFailures: 2,
+      websocketRetryInterval: 6e4,
+      ...options
+    };
+    const g = globalThis;
+    if (typeof g.addEventListener === "function" && "onLine" in (g.navigator ?? {})) {
+      g.addEventListener("online", this.onOnline);
+      g.addEventListener("offline", this.onOffline);
+    }
+    this.connect();
+  }
+  /** Subscribes (or returns the existing subscription). History channels resume by
+   * themselves after every reconnect. */
+  subscribe(channel) {
+    let sub = this.subscriptions.get(channel);
+    if (sub) return sub;
+    sub = new Subscription(channel, this);
+    this.subscriptions.set(channel, sub);
+    if (this.state === "connected") {
+      if (this.transport === "websocket") this.sendSubscribe(sub);
+      else this.restartSse();
+    }
+    return sub;
+  }
+  /** Publishes JSON `data`; resolves once the server accepted it. While disconnected
+   * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
+  publish(channel, data) {
+    return new Promise((resolve, reject) => {
+      const pending = { resolve, reject };
+      pending.timer = setTimeout(() => {
+        this.queue = this.queue.filter((q) => q.pending !== pending);
+        for (const [id, p] of this.pending) if (p === pending) this.pending.delete(id);
+        reject(new HeraldError("timeout", "publish timed out"));
+      }, this.opts.publishTimeout);
+      const item = { frame: "", pending, channel, data };
+      if (this.state === "connected") return this.sendPublish(item);
+      if (this.queue.length >= this.opts.maxQueuedPublishes) {
+        clearTimeout(pending.timer);
+        return reject(new HeraldError("queue_full", "too many publishes waiting for a connection"));
+      }
+      this.queue.push(item);
+    });
+  }
+  /** Closes for good: no reconnect. */
+  close() {
+    this.setState("closed");
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.refreshTimer);
+    clearTimeout(this.wsRetryTimer);
+    clearInterval(this.heartbeatTimer);
+    this.teardown(1e3);
+    const g = globalThis;
+    if (typeof g.removeEventListener === "function") {
+      g.removeEventListener("online", this.onOnline);
+      g.removeEventListener("offline", this.onOffline);
+    }
+    const closed = new HeraldError("closed", "client closed");
+    for (const q of this.queue) this.fail(q.pending, closed);
+    for (const p of this.pending.values()) this.fail(p, closed);
+    this.queue = [];
+    this.pending.clear();
+  }
+  // ---- connection ----
+  setState(s) {
+    if (this.state === s || this.state === "closed") return;
+    this.state = s;
+    this.emit("state", s);
+  }
+  async connect() {
+    if (this.state === "closed") return;
+    this.setState("connecting");
+    this.opened = false;
+    try {
+      this.token = this.opts.getToken ? await this.opts.getToken() ?? null : null;
+    } catch (e) {
+      this.emit("error", e);
+      return this.scheduleReconnect();
+    }
+    if (this.state === "closed") return;
+    if (this.transport === "sse") return this.openSse();
+    const WS = this.opts.WebSocket ?? globalThis.WebSocket;
+    if (!WS) throw new Error("no WebSocket implementation: pass options.WebSocket");
+    const url = this.token ? withParam(this.url, "access_token", this.token) : this.url;
+    let ws;
+    try {
+      ws = new WS(url);
+    } catch (e) {
+      this.emit("error", e);
+      return this.onWsFailure();
+    }
+    ws.binaryType = "arraybuffer";
+    this.ws = ws;
+    ws.onopen = () => {
+      this.opened = true;
+      this.wsFailures = 0;
+    };
+    ws.onmessage = (ev) => {
+      if (this.ws !== ws) return;
+      if (typeof ev.data === "string") this.onFrame(ev.data);
+      else this.onBinary(new Uint8Array(ev.data));
+    };
+    ws.onclose = (ev) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.onClosed(ev.code ?? 1006, ev.reason ?? "");
+    };
+    ws.onerror = () => {
+      if (this.ws !== ws || this.opened) return;
+      this.ws = null;
+      this.onClosed(1006, "handshake failed");
+    };
+  }
+  onWsFailure() {
+    this.wsFailures++;
+    const n = this.opts.sseAfterFailures;
+    if (n > 0 && this.wsFailures >= n && this.transport === "websocket") {
+      this.transport = "sse";
+      this.attempt = 0;
+      this.emit("transport", "sse");
+      clearTimeout(this.wsRetryTimer);
+      this.wsRetryTimer = setTimeout(() => {
+        this.transport = "websocket";
+        this.wsFailures = 0;
+        this.emit("transport", "websocket");
+        if (this.state === "connected") this.drop("websocket retry");
+      }, this.opts.websocketRetryInterval);
+    }
+    this.scheduleReconnect();
+  }
+  onClosed(code, reason) {
+    clearInterval(this.heartbeatTimer);
+    clearTimeout(this.refreshTimer);
+    for (const sub of this.subscriptions.values()) sub.active = false;
+    if (this.state === "closed") return;
+    this.setState("disconnected");
+    if (!this.opened && this.transport === "websocket") return this.onWsFailure();
+    if (FATAL_CLOSE.has(code)) {
+      this.emit("error", new HeraldError("closed", `server closed the connection: ${code} ${reason}`));
+      this.close();
+      return;
+    }
+    if (code === 1012 || code === 1001) this.attempt = 0;
+    if (POLICY_CLOSE.has(code)) this.attempt = Math.max(this.attempt, 16);
+    this.scheduleReconnect(code === 1012 || code === TOKEN_EXPIRED);
+  }
+  scheduleReconnect(soon = false) {
+    if (this.state === "closed") return;
+    clearTimeout(this.reconnectTimer);
+    const bound = Math.min(
+      this.opts.maxReconnectDelay,
+      this.opts.minReconnectDelay * 2 ** Math.min(this.attempt, 16)
+    );
+    this.attempt++;
+    const delay = soon ? Math.random() * this.opts.minReconnectDelay : Math.random() * bound;
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+  reconnectNow() {
+    if (this.state === "connected" || this.state === "closed") return;
+    this.attempt = 0;
+    clearTimeout(this.reconnectTimer);
+    this.connect();
+  }
+  /** Drops the current connection and reconnects (dead peer, offline, transport). */
+  drop(why) {
+    if (this.state === "closed" || !this.ws && !this.sse) return;
+    this.teardown(4e3, why);
+    this.onClosed(1006, why);
+  }
+  teardown(code, reason = "") {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close();
+      }
+    }
+    this.sse?.abort();
+    this.sse = null;
+  }
+  // ---- frames ----
+  onFrame(text) {
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    let f;
+    try {
+      f = JSON.parse(text);
+    } catch {
+      return;
+    }
+    switch (f.op) {
+      case "welcome":
+        return this.onWelcome(f);
+      case "message":
+        return this.onMessage(f.channel, f.base64 !== void 0 ? base64(f.base64) : f.data, f.offset);
+      case "subscribed":
+        return this.onSubscribed(f);
+      case "reset": {
+        const sub = this.subscriptions.get(f.channel);
+        if (!sub) return;
+        sub.offset = f.offset;
+        sub.epoch = f.epoch;
+        sub._emit("reset", f);
+        sub._emit("recovered", false);
+        return;
+      }
+      case "published":
+      case "refreshed":
+      case "pong":
+      case "unsubscribed":
+        return this.settle(f.id, f);
+      case "error": {
+        const err = new HeraldError(f.code, f.message);
+        if (f.id !== void 0 && this.pending.has(f.id)) return this.settle(f.id, void 0, err);
+        if (f.channel) this.subscriptions.get(f.channel)?._emit("error", err);
+        this.emit("error", err);
+        return;
+      }
+    }
+  }
+  onWelcome(f) {
+    this.heartbeatMs = f.heartbeat_ms || 25e3;
+    this.attempt = 0;
+    this.setState("connected");
+    this.emit("welcome", f);
+    this.startHeartbeat();
+    this.scheduleRefresh();
+    if (this.transport === "websocket") {
+      for (const sub of this.subscriptions.values()) this.sendSubscribe(sub);
+    }
+    const queued = this.queue;
+    this.queue = [];
+    for (const q of queued) this.sendPublish(q);
+  }
+  onSubscribed(f) {
+    const sub = this.subscriptions.get(f.channel);
+    if (!sub) return;
+    if (f.id !== void 0) this.pending.delete(f.id);
+    sub.active = true;
+    if (f.offset !== void 0) {
+      sub.offset = f.offset;
+      sub.epoch = f.epoch;
+    }
+    sub._emit("subscribed", f);
+    if (f.recovered !== void 0) sub._emit("recovered", f.recovered);
+  }
+  onMessage(channel, data, offset) {
+    const sub = this.subscriptions.get(channel);
+    if (!sub) return;
+    if (offset !== void 0) sub.offset = offset;
+    sub._emit("message", data, offset === void 0 ? { channel } : { channel, offset });
+  }
+  onBinary(b) {
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    let offset;
+    let i = 0;
+    if (b[0] === 0) {
+      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
+      i = 9;
+    }
+    const len = b[i];
+    const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
+    this.onMessage(channel, b.subarray(i + 1 + len), offset);
+  }
+  settle(id, value, err) {
+    if (id === void 0) return;
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.pending.delete(id);
+    clearTimeout(p.timer);
+    if (err) p.reject(err);
+    else p.resolve(value);
+  }
+  fail(p, err) {
+    clearTimeout(p.timer);
+    p.reject(err);
+  }
+  send(frame) {
+    if (!this.ws || this.ws.readyState !== 1) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+  sendSubscribe(sub) {
+    const id = this.nextId++;
+    this.pending.set(id, { resolve: () => {
+    }, reject: (e) => sub._emit("error", e) });
+    const frame = { op: "subscribe", channel: sub.channel, id, recover: true };
+    if (sub.offset !== void 0 && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
+    this.send(frame);
+  }
+  sendPublish(q) {
+    if (this.transport === "sse") {
+      this.httpPublish(q);
+      return;
+    }
+    const id = this.nextId++;
+    this.pending.set(id, q.pending);
+    if (!this.send({ op: "publish", channel: q.channel, data: q.data, id })) {
+      this.pending.delete(id);
+      this.queue.push(q);
+    }
+  }
+  /** @internal */
+  _unsubscribe(sub) {
+    if (this.subscriptions.get(sub.channel) !== sub) return;
+    this.subscriptions.delete(sub.channel);
+    sub.active = false;
+    if (this.transport === "websocket") this.send({ op: "unsubscribe", channel: sub.channel, id: this.nextId++ });
+    else if (this.state === "connected") this.restartSse();
+  }
+  // ---- liveness and tokens ----
+  startHeartbeat() {
+    clearInterval(this.heartbeatTimer);
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    const margin = Math.max(this.heartbeatMs / 2, 5e3);
+    const tick = Math.max(Math.min(this.heartbeatMs, margin) / 4, 50);
+    this.heartbeatTimer = setInterval(() => {
+      const now = Date.now();
+      if (this.pingSent && now - this.pingSent > margin) return this.drop("heartbeat timeout");
+      if (!this.pingSent && now - this.lastHeard > this.heartbeatMs + (this.transport === "sse" ? margin : 0)) {
+        if (this.transport === "sse") return this.drop("heartbeat timeout");
+        this.pingSent = now;
+        this.send({ op: "ping" });
+      }
+    }, tick);
+  }
+  scheduleRefresh() {
+    clearTimeout(this.refreshTimer);
+    const exp = this.token ? tokenExpiry(this.token) : void 0;
+    if (!exp || !this.opts.getToken || this.transport !== "websocket") return;
+    const left = exp * 1e3 - Date.now();
+    const at = Math.max(Math.min(left * 0.8, left - 6e4), 0);
+    this.refreshTimer = setTimeout(async () => {
+      try {
+        const t = await this.opts.getToken();
+        if (!t || this.state !== "connected") return;
+        this.token = t;
+        const id = this.nextId++;
+        this.pending.set(id, {
+          resolve: () => this.scheduleRefresh(),
+          reject: (e) => this.emit("error", e)
+        });
+        this.send({ op: "refresh", token: t, id });
+      } catch (e) {
+        this.emit("error", e);
+      }
+    }, at);
+  }
+  // ---- Server-Sent Events ----
+  sseBase() {
+    if (this.opts.sseUrl) return this.opts.sseUrl;
+    const u = new URL(this.url);
+    u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+    u.pathname = u.pathname.replace(/\/ws$/, "") + "/sse";
+    u.search = "";
+    return u.toString();
+  }
+  restartSse() {
+    this.sse?.abort();
+    this.sse = null;
+    this.connect();
+  }
+  async openSse() {
+    const channels = [...this.subscriptions.keys()];
+    if (channels.length === 0) {
+      this.opened = true;
+      this.onWelcome({ op: "welcome", heartbeat_ms: 2 ** 30 });
+      return;
+    }
+    const u = new URL(this.sseBase());
+    for (const c of channels) u.searchParams.append("channel", c);
+    const positions = [...this.subscriptions.values()].filter((s) => s.offset !== void 0 && s.epoch).map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
+    if (positions.length) u.searchParams.set("last_event_id", positions.join(","));
+    const abort = new AbortController();
+    this.sse = abort;
+    const headers = { accept: "text/event-stream" };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    try {
+      const r = await fetch(u, { headers, signal: abort.signal, cache: "no-store" });
+      if (!r.ok || !r.body) throw new HeraldError("sse", `SSE refused: ${r.status}`);
+      this.opened = true;
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = "";
+      let closeCode = 1006;
+      for (; ; ) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, end);
+          buf = buf.slice(end + 2);
+          this.lastHeard = Date.now();
+          let event = "message";
+          const data = [];
+          for (const line of block.split("\n")) {
+            if (line.startsWith("data: ")) data.push(line.slice(6));
+            else if (line.startsWith("event: ")) event = line.slice(7);
+          }
+          if (!data.length) continue;
+          if (event === "close") closeCode = JSON.parse(data.join("\n")).code;
+          else this.onFrame(data.join("\n"));
+        }
+      }
+      if (this.sse === abort) {
+        this.sse = null;
+        this.onClosed(closeCode, "stream ended");
+      }
+    } catch (e) {
+      if (this.sse !== abort) return;
+      this.sse = null;
+      this.emit("error", e);
+      if (!this.opened) {
+        this.transport = "websocket";
+        this.wsFailures = 0;
+        this.emit("transport", "websocket");
+      }
+      this.onClosed(1006, "stream failed");
+    }
+  }
+  async httpPublish(q) {
+    const u = new URL(this.sseBase());
+    u.pathname = u.pathname + "/publish";
+    const headers = { "content-type": "application/json" };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    try {
+      const r = await fetch(u, { method: "POST", headers, body: JSON.stringify({ channel: q.channel, data: q.data }) });
+      const body = await r.json().catch(() => ({}));
+      clearTimeout(q.pending.timer);
+      if (r.ok) q.pending.resolve(body);
+      else q.pending.reject(new HeraldError(body.code ?? "http", body.message ?? `HTTP ${r.status}`));
+    } catch (e) {
+      this.fail(q.pending, e);
+    }
+  }
+};
+function withParam(url, k, v) {
+  return url + (url.includes("?") ? "&" : "?") + `${k}=${encodeURIComponent(v)}`;
+}
+function tokenExpiry(token) {
+  try {
+    const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return JSON.parse(atob(part)).exp;
+  } catch {
+    return void 0;
+  }
+}
+function base64(s) {
+  return Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+}
+export {
+  Client,
+  HeraldError,
+  Subscription
+};

@@ -1,0 +1,656 @@
+// Herald's JavaScript client: one connection, any number of subscriptions, and the
+// work every real-time page gets wrong by hand: reconnecting with jittered backoff,
+// resubscribing with the last offset seen (so history channels lose nothing across
+// drops and deploys), noticing dead connections, refreshing tokens, queueing
+// publishes while offline, and falling back to Server-Sent Events where WebSocket is
+// refused. No runtime dependencies; browsers and Node 20+.
+
+export type State = 'connecting' | 'connected' | 'disconnected' | 'closed';
+export type Transport = 'websocket' | 'sse';
+
+export interface Options {
+  /** Returns a connection token (JWT); called before every connect and refresh. */
+  getToken?: () => Promise<string | null | undefined> | string | null | undefined;
+  /** A WebSocket implementation where the runtime has none (e.g. the `ws` package). */
+  WebSocket?: unknown;
+  /** Backoff bounds for reconnects, ms (full jitter between 0 and the bound). */
+  minReconnectDelay?: number;
+  maxReconnectDelay?: number;
+  /** Publishes held while disconnected, at most, and how long each may wait, ms. */
+  maxQueuedPublishes?: number;
+  publishTimeout?: number;
+  /** Failed WebSocket attempts in a row (never opened) before trying SSE; 0: never. */
+  sseAfterFailures?: number;
+  /** While on SSE, try WebSocket again after this long, ms. */
+  websocketRetryInterval?: number;
+  /** Where SSE lives, when not next to the WebSocket URL (`.../ws` → `.../sse`). */
+  sseUrl?: string;
+}
+
+export interface MessageContext {
+  channel: string;
+  /** Present on history channels. */
+  offset?: number;
+}
+
+type Listener = (...args: any[]) => void;
+
+class Emitter {
+  private listeners = new Map<string, Set<Listener>>();
+  on(event: string, fn: Listener): this {
+    let set = this.listeners.get(event);
+    if (!set) this.listeners.set(event, (set = new Set()));
+    set.add(fn);
+    return this;
+  }
+  off(event: string, fn: Listener): this {
+    this.listeners.get(event)?.delete(fn);
+    return this;
+  }
+  protected emit(event: string, ...args: unknown[]): void {
+    for (const fn of [...(this.listeners.get(event) ?? [])]) {
+      try {
+        fn(...args);
+      } catch (e) {
+        setTimeout(() => {
+          throw e;
+        });
+      }
+    }
+  }
+}
+
+/** Close codes after which reconnecting cannot help: this client broke the protocol. */
+const FATAL_CLOSE = new Set([1002, 1003, 1007]);
+/** The client broke a policy (rate limit, heartbeat, size): reconnect, but slowly. */
+const POLICY_CLOSE = new Set([1008, 1009]);
+/** The connection's token expired: get a new one, then reconnect. */
+const TOKEN_EXPIRED = 4001;
+
+interface Pending {
+  resolve: (v: any) => void;
+  reject: (e: Error) => void;
+  timer?: ReturnType<typeof setTimeout>;
+}
+
+interface Queued {
+  frame: string;
+  pending: Pending;
+  channel: string;
+  data: unknown;
+}
+
+export class HeraldError extends Error {
+  constructor(
+    public code: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'HeraldError';
+  }
+}
+
+/** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
+ * `recovered` (ok: boolean), `reset`, `error` (HeraldError). */
+export class Subscription extends Emitter {
+  /** The last position seen, on history channels. */
+  offset?: number;
+  epoch?: string;
+  active = false;
+  constructor(
+    readonly channel: string,
+    private client: Client,
+  ) {
+    super();
+  }
+  /** Stops receiving the channel. */
+  unsubscribe(): void {
+    this.client._unsubscribe(this);
+  }
+  /** @internal */
+  _emit(event: string, ...args: unknown[]): void {
+    this.emit(event, ...args);
+  }
+}
+
+/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`. */
+export class Client extends Emitter {
+  state: State = 'disconnected';
+  transport: Transport = 'websocket';
+  readonly subscriptions = new Map<string, Subscription>();
+
+  private opts: Required<Omit<Options, 'getToken' | 'WebSocket' | 'sseUrl'>> & Options;
+  private ws: any = null;
+  private sse: AbortController | null = null;
+  private nextId = 1;
+  private pending = new Map<number, Pending>();
+  private queue: Queued[] = [];
+  private attempt = 0;
+  private wsFailures = 0;
+  private reconnectTimer?: ReturnType<typeof setTimeout>;
+  private heartbeatTimer?: ReturnType<typeof setInterval>;
+  private refreshTimer?: ReturnType<typeof setTimeout>;
+  private wsRetryTimer?: ReturnType<typeof setTimeout>;
+  private lastHeard = 0;
+  private pingSent = 0;
+  private heartbeatMs = 25000;
+  private token: string | null = null;
+  private opened = false;
+  private onOnline = () => this.reconnectNow();
+  private onOffline = () => this.drop('offline');
+
+  constructor(
+    readonly url: string,
+    options: Options = {},
+  ) {
+    super();
+    this.opts = {
+      minReconnectDelay: 500,
+      maxReconnectDelay: 20000,
+      maxQueuedPublishes: 100,
+      publishTimeout: 10000,
+      sseAfterFailures: 2,
+      websocketRetryInterval: 60000,
+      ...options,
+    };
+    const g = globalThis as any;
+    if (typeof g.addEventListener === 'function' && 'onLine' in (g.navigator ?? {})) {
+      g.addEventListener('online', this.onOnline);
+      g.addEventListener('offline', this.onOffline);
+    }
+    this.connect();
+  }
+
+  /** Subscribes (or returns the existing subscription). History channels resume by
+   * themselves after every reconnect. */
+  subscribe(channel: string): Subscription {
+    let sub = this.subscriptions.get(channel);
+    if (sub) return sub;
+    sub = new Subscription(channel, this);
+    this.subscriptions.set(channel, sub);
+    if (this.state === 'connected') {
+      if (this.transport === 'websocket') this.sendSubscribe(sub);
+      else this.restartSse();
+    }
+    return sub;
+  }
+
+  /** Publishes JSON `data`; resolves once the server accepted it. While disconnected
+   * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
+  publish(channel: string, data: unknown): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      const pending: Pending = { resolve, reject };
+      pending.timer = setTimeout(() => {
+        this.queue = this.queue.filter((q) => q.pending !== pending);
+        for (const [id, p] of this.pending) if (p === pending) this.pending.delete(id);
+        reject(new HeraldError('timeout', 'publish timed out'));
+      }, this.opts.publishTimeout);
+      const item: Queued = { frame: '', pending, channel, data };
+      if (this.state === 'connected') return this.sendPublish(item);
+      if (this.queue.length >= this.opts.maxQueuedPublishes) {
+        clearTimeout(pending.timer);
+        return reject(new HeraldError('queue_full', 'too many publishes waiting for a connection'));
+      }
+      this.queue.push(item);
+    });
+  }
+
+  /** Closes for good: no reconnect. */
+  close(): void {
+    this.setState('closed');
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.refreshTimer);
+    clearTimeout(this.wsRetryTimer);
+    clearInterval(this.heartbeatTimer);
+    this.teardown(1000);
+    const g = globalThis as any;
+    if (typeof g.removeEventListener === 'function') {
+      g.removeEventListener('online', this.onOnline);
+      g.removeEventListener('offline', this.onOffline);
+    }
+    const closed = new HeraldError('closed', 'client closed');
+    for (const q of this.queue) this.fail(q.pending, closed);
+    for (const p of this.pending.values()) this.fail(p, closed);
+    this.queue = [];
+    this.pending.clear();
+  }
+
+  // ---- connection ----
+
+  private setState(s: State): void {
+    if (this.state === s || this.state === 'closed') return;
+    this.state = s;
+    this.emit('state', s);
+  }
+
+  private async connect(): Promise<void> {
+    if (this.state === 'closed') return;
+    this.setState('connecting');
+    this.opened = false;
+    try {
+      this.token = this.opts.getToken ? ((await this.opts.getToken()) ?? null) : null;
+    } catch (e) {
+      this.emit('error', e);
+      return this.scheduleReconnect();
+    }
+    // close() may have run while the token was being fetched.
+    if ((this.state as State) === 'closed') return;
+    if (this.transport === 'sse') return this.openSse();
+    const WS = (this.opts.WebSocket ?? (globalThis as any).WebSocket) as any;
+    if (!WS) throw new Error('no WebSocket implementation: pass options.WebSocket');
+    const url = this.token ? withParam(this.url, 'access_token', this.token) : this.url;
+    let ws: any;
+    try {
+      ws = new WS(url);
+    } catch (e) {
+      this.emit('error', e);
+      return this.onWsFailure();
+    }
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    ws.onopen = () => {
+      this.opened = true;
+      this.wsFailures = 0;
+    };
+    ws.onmessage = (ev: any) => {
+      if (this.ws !== ws) return;
+      if (typeof ev.data === 'string') this.onFrame(ev.data);
+      else this.onBinary(new Uint8Array(ev.data));
+    };
+    ws.onclose = (ev: any) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      this.onClosed(ev.code ?? 1006, ev.reason ?? '');
+    };
+    // A handshake that fails fires `error` and, in browsers, `close`; some runtimes
+    // (Node 20's) fire only `error`. Either ends this attempt once.
+    ws.onerror = () => {
+      if (this.ws !== ws || this.opened) return;
+      this.ws = null;
+      this.onClosed(1006, 'handshake failed');
+    };
+  }
+
+  private onWsFailure(): void {
+    this.wsFailures++;
+    const n = this.opts.sseAfterFailures;
+    if (n > 0 && this.wsFailures >= n && this.transport === 'websocket') {
+      this.transport = 'sse';
+      this.attempt = 0;
+      this.emit('transport', 'sse');
+      // Return to WebSocket later: the network may have changed.
+      clearTimeout(this.wsRetryTimer);
+      this.wsRetryTimer = setTimeout(() => {
+        this.transport = 'websocket';
+        this.wsFailures = 0;
+        this.emit('transport', 'websocket');
+        if (this.state === 'connected') this.drop('websocket retry');
+      }, this.opts.websocketRetryInterval);
+    }
+    this.scheduleReconnect();
+  }
+
+  private onClosed(code: number, reason: string): void {
+    clearInterval(this.heartbeatTimer);
+    clearTimeout(this.refreshTimer);
+    for (const sub of this.subscriptions.values()) sub.active = false;
+    if (this.state === 'closed') return;
+    this.setState('disconnected');
+    if (!this.opened && this.transport === 'websocket') return this.onWsFailure();
+    if (FATAL_CLOSE.has(code)) {
+      this.emit('error', new HeraldError('closed', `server closed the connection: ${code} ${reason}`));
+      this.close();
+      return;
+    }
+    // Drains (1001/1012) reconnect at once to another node; token expiry asks for a
+    // new token first (connect() always does); everything else backs off.
+    if (code === 1012 || code === 1001) this.attempt = 0;
+    if (POLICY_CLOSE.has(code)) this.attempt = Math.max(this.attempt, 16);
+    this.scheduleReconnect(code === 1012 || code === TOKEN_EXPIRED);
+  }
+
+  private scheduleReconnect(soon = false): void {
+    if (this.state === 'closed') return;
+    clearTimeout(this.reconnectTimer);
+    const bound = Math.min(
+      this.opts.maxReconnectDelay,
+      this.opts.minReconnectDelay * 2 ** Math.min(this.attempt, 16),
+    );
+    this.attempt++;
+    const delay = soon ? Math.random() * this.opts.minReconnectDelay : Math.random() * bound;
+    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+  }
+
+  private reconnectNow(): void {
+    if (this.state === 'connected' || this.state === 'closed') return;
+    this.attempt = 0;
+    clearTimeout(this.reconnectTimer);
+    this.connect();
+  }
+
+  /** Drops the current connection and reconnects (dead peer, offline, transport). */
+  private drop(why: string): void {
+    if (this.state === 'closed' || (!this.ws && !this.sse)) return;
+    this.teardown(4000, why);
+    this.onClosed(1006, why);
+  }
+
+  private teardown(code: number, reason = ''): void {
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close();
+      }
+    }
+    this.sse?.abort();
+    this.sse = null;
+  }
+
+  // ---- frames ----
+
+  private onFrame(text: string): void {
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    let f: any;
+    try {
+      f = JSON.parse(text);
+    } catch {
+      return;
+    }
+    switch (f.op) {
+      case 'welcome':
+        return this.onWelcome(f);
+      case 'message':
+        return this.onMessage(f.channel, f.base64 !== undefined ? base64(f.base64) : f.data, f.offset);
+      case 'subscribed':
+        return this.onSubscribed(f);
+      case 'reset': {
+        const sub = this.subscriptions.get(f.channel);
+        if (!sub) return;
+        sub.offset = f.offset;
+        sub.epoch = f.epoch;
+        sub._emit('reset', f);
+        sub._emit('recovered', false);
+        return;
+      }
+      case 'published':
+      case 'refreshed':
+      case 'pong':
+      case 'unsubscribed':
+        return this.settle(f.id, f);
+      case 'error': {
+        const err = new HeraldError(f.code, f.message);
+        if (f.id !== undefined && this.pending.has(f.id)) return this.settle(f.id, undefined, err);
+        if (f.channel) this.subscriptions.get(f.channel)?._emit('error', err);
+        this.emit('error', err);
+        return;
+      }
+    }
+  }
+
+  private onWelcome(f: any): void {
+    this.heartbeatMs = f.heartbeat_ms || 25000;
+    this.attempt = 0;
+    this.setState('connected');
+    this.emit('welcome', f);
+    this.startHeartbeat();
+    this.scheduleRefresh();
+    if (this.transport === 'websocket') {
+      for (const sub of this.subscriptions.values()) this.sendSubscribe(sub);
+    }
+    const queued = this.queue;
+    this.queue = [];
+    for (const q of queued) this.sendPublish(q);
+  }
+
+  private onSubscribed(f: any): void {
+    const sub = this.subscriptions.get(f.channel);
+    if (!sub) return;
+    if (f.id !== undefined) this.pending.delete(f.id);
+    sub.active = true;
+    if (f.offset !== undefined) {
+      sub.offset = f.offset;
+      sub.epoch = f.epoch;
+    }
+    sub._emit('subscribed', f);
+    if (f.recovered !== undefined) sub._emit('recovered', f.recovered);
+  }
+
+  private onMessage(channel: string, data: unknown, offset?: number): void {
+    const sub = this.subscriptions.get(channel);
+    if (!sub) return;
+    if (offset !== undefined) sub.offset = offset;
+    sub._emit('message', data, offset === undefined ? { channel } : { channel, offset });
+  }
+
+  private onBinary(b: Uint8Array): void {
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    let offset: number | undefined;
+    let i = 0;
+    if (b[0] === 0) {
+      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
+      i = 9;
+    }
+    const len = b[i];
+    const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
+    this.onMessage(channel, b.subarray(i + 1 + len), offset);
+  }
+
+  private settle(id: number | undefined, value: unknown, err?: Error): void {
+    if (id === undefined) return;
+    const p = this.pending.get(id);
+    if (!p) return;
+    this.pending.delete(id);
+    clearTimeout(p.timer);
+    if (err) p.reject(err);
+    else p.resolve(value);
+  }
+
+  private fail(p: Pending, err: Error): void {
+    clearTimeout(p.timer);
+    p.reject(err);
+  }
+
+  private send(frame: object): boolean {
+    if (!this.ws || this.ws.readyState !== 1) return false;
+    this.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  private sendSubscribe(sub: Subscription): void {
+    const id = this.nextId++;
+    // A refused subscribe is an error frame with this id: the subscription hears it.
+    this.pending.set(id, { resolve: () => {}, reject: (e) => sub._emit('error', e) });
+    const frame: any = { op: 'subscribe', channel: sub.channel, id, recover: true };
+    if (sub.offset !== undefined && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
+    this.send(frame);
+  }
+
+  private sendPublish(q: Queued): void {
+    if (this.transport === 'sse') {
+      this.httpPublish(q);
+      return;
+    }
+    const id = this.nextId++;
+    this.pending.set(id, q.pending);
+    if (!this.send({ op: 'publish', channel: q.channel, data: q.data, id })) {
+      this.pending.delete(id);
+      this.queue.push(q);
+    }
+  }
+
+  /** @internal */
+  _unsubscribe(sub: Subscription): void {
+    if (this.subscriptions.get(sub.channel) !== sub) return;
+    this.subscriptions.delete(sub.channel);
+    sub.active = false;
+    if (this.transport === 'websocket') this.send({ op: 'unsubscribe', channel: sub.channel, id: this.nextId++ });
+    else if (this.state === 'connected') this.restartSse();
+  }
+
+  // ---- liveness and tokens ----
+
+  private startHeartbeat(): void {
+    clearInterval(this.heartbeatTimer);
+    this.lastHeard = Date.now();
+    this.pingSent = 0;
+    // Browsers answer the server's pings without telling the page, so ask ourselves:
+    // after a heartbeat interval of silence send a ping; without an answer within
+    // half an interval more (at least 5 s), the connection is dead.
+    const margin = Math.max(this.heartbeatMs / 2, 5000);
+    const tick = Math.max(Math.min(this.heartbeatMs, margin) / 4, 50);
+    this.heartbeatTimer = setInterval(() => {
+      const now = Date.now();
+      if (this.pingSent && now - this.pingSent > margin) return this.drop('heartbeat timeout');
+      if (!this.pingSent && now - this.lastHeard > this.heartbeatMs + (this.transport === 'sse' ? margin : 0)) {
+        if (this.transport === 'sse') return this.drop('heartbeat timeout');
+        this.pingSent = now;
+        this.send({ op: 'ping' });
+      }
+    }, tick);
+  }
+
+  private scheduleRefresh(): void {
+    clearTimeout(this.refreshTimer);
+    const exp = this.token ? tokenExpiry(this.token) : undefined;
+    if (!exp || !this.opts.getToken || this.transport !== 'websocket') return;
+    // Refresh at 80% of the remaining lifetime, at most a minute before expiry.
+    const left = exp * 1000 - Date.now();
+    const at = Math.max(Math.min(left * 0.8, left - 60000), 0);
+    this.refreshTimer = setTimeout(async () => {
+      try {
+        const t = await this.opts.getToken!();
+        if (!t || this.state !== 'connected') return;
+        this.token = t;
+        const id = this.nextId++;
+        this.pending.set(id, {
+          resolve: () => this.scheduleRefresh(),
+          reject: (e) => this.emit('error', e),
+        });
+        this.send({ op: 'refresh', token: t, id });
+      } catch (e) {
+        this.emit('error', e);
+      }
+    }, at);
+  }
+
+  // ---- Server-Sent Events ----
+
+  private sseBase(): string {
+    if (this.opts.sseUrl) return this.opts.sseUrl;
+    const u = new URL(this.url);
+    u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+    u.pathname = u.pathname.replace(/\/ws$/, '') + '/sse';
+    u.search = '';
+    return u.toString();
+  }
+
+  private restartSse(): void {
+    this.sse?.abort();
+    this.sse = null;
+    this.connect();
+  }
+
+  private async openSse(): Promise<void> {
+    const channels = [...this.subscriptions.keys()];
+    if (channels.length === 0) {
+      // Nothing to stream yet: connected as far as publishing goes.
+      this.opened = true;
+      this.onWelcome({ op: 'welcome', heartbeat_ms: 2 ** 30 });
+      return;
+    }
+    const u = new URL(this.sseBase());
+    for (const c of channels) u.searchParams.append('channel', c);
+    const positions = [...this.subscriptions.values()]
+      .filter((s) => s.offset !== undefined && s.epoch)
+      .map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
+    if (positions.length) u.searchParams.set('last_event_id', positions.join(','));
+    const abort = new AbortController();
+    this.sse = abort;
+    const headers: Record<string, string> = { accept: 'text/event-stream' };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    try {
+      const r = await fetch(u, { headers, signal: abort.signal, cache: 'no-store' });
+      if (!r.ok || !r.body) throw new HeraldError('sse', `SSE refused: ${r.status}`);
+      this.opened = true;
+      const reader = r.body.getReader();
+      const dec = new TextDecoder();
+      let buf = '';
+      let closeCode = 1006;
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let end;
+        while ((end = buf.indexOf('\n\n')) >= 0) {
+          const block = buf.slice(0, end);
+          buf = buf.slice(end + 2);
+          this.lastHeard = Date.now();
+          let event = 'message';
+          const data: string[] = [];
+          for (const line of block.split('\n')) {
+            if (line.startsWith('data: ')) data.push(line.slice(6));
+            else if (line.startsWith('event: ')) event = line.slice(7);
+          }
+          if (!data.length) continue;
+          if (event === 'close') closeCode = JSON.parse(data.join('\n')).code;
+          else this.onFrame(data.join('\n'));
+        }
+      }
+      if (this.sse === abort) {
+        this.sse = null;
+        this.onClosed(closeCode, 'stream ended');
+      }
+    } catch (e) {
+      if (this.sse !== abort) return; // replaced or closed on purpose
+      this.sse = null;
+      this.emit('error', e);
+      if (!this.opened) {
+        // SSE failed too: the server, not WebSocket, is unreachable. Alternate, so
+        // that the first attempt once it is back may be a WebSocket again.
+        this.transport = 'websocket';
+        this.wsFailures = 0;
+        this.emit('transport', 'websocket');
+      }
+      this.onClosed(1006, 'stream failed');
+    }
+  }
+
+  private async httpPublish(q: Queued): Promise<void> {
+    const u = new URL(this.sseBase());
+    u.pathname = u.pathname + '/publish';
+    const headers: Record<string, string> = { 'content-type': 'application/json' };
+    if (this.token) headers.authorization = `Bearer ${this.token}`;
+    try {
+      const r = await fetch(u, { method: 'POST', headers, body: JSON.stringify({ channel: q.channel, data: q.data }) });
+      const body: any = await r.json().catch(() => ({}));
+      clearTimeout(q.pending.timer);
+      if (r.ok) q.pending.resolve(body);
+      else q.pending.reject(new HeraldError(body.code ?? 'http', body.message ?? `HTTP ${r.status}`));
+    } catch (e) {
+      this.fail(q.pending, e as Error);
+    }
+  }
+}
+
+function withParam(url: string, k: string, v: string): string {
+  return url + (url.includes('?') ? '&' : '?') + `${k}=${encodeURIComponent(v)}`;
+}
+
+/** A JWT's `exp`, without verifying it (the server does). */
+function tokenExpiry(token: string): number | undefined {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(part)).exp;
+  } catch {
+    return undefined;
+  }
+}
+
+function base64(s: string): Uint8Array {
+  return Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
+}

@@ -1,0 +1,292 @@
+// The client against real `herald` processes (and a real redis-server where nodes are
+// killed): no mock server. Run with `npm test` (builds first); HERALD_BIN picks the
+// binary (default: the workspace's target/debug/herald).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, execFileSync } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Client } from '../dist/herald.mjs';
+
+const BIN = process.env.HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
+const SECRET = 'js-client-test-secret-js-client-test-0123';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function configFile(toml) {
+  const dir = mkdtempSync(join(tmpdir(), 'herald-js-'));
+  const path = join(dir, 'herald.toml');
+  writeFileSync(path, toml);
+  return path;
+}
+
+const RULES = `
+[auth]
+expiry_grace = "500ms"
+[auth.jwt]
+hmac_secret = "${SECRET}"
+[[channels.rules]]
+pattern = "chat:*"
+history_size = 100
+publish = "anyone"
+[[channels.rules]]
+pattern = "feed:*"
+history_size = 1000
+`;
+
+/** Starts herald on `port` (0: any); resolves with { proc, addr }. */
+function herald(port, args = [], env = {}) {
+  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--config', configFile(RULES), ...args], {
+    env: { ...process.env, RUST_LOG: 'info', ...env },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`herald did not start: ${buf}`)), 20000);
+    proc.stderr.on('data', (d) => {
+      buf += d;
+      const m = buf.match(/ws:\/\/([0-9.:]+)\/ws/);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ proc, addr: m[1] });
+      }
+    });
+    proc.on('exit', (code) => reject(new Error(`herald exited ${code}: ${buf}`)));
+  });
+}
+
+function stop(h, signal = 'SIGTERM') {
+  return new Promise((resolve) => {
+    if (h.proc.exitCode !== null) return resolve();
+    h.proc.once('exit', () => resolve());
+    h.proc.kill(signal);
+  });
+}
+
+async function publish(addr, channel, data) {
+  const r = await fetch(`http://${addr}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ channel, data }),
+  });
+  assert.equal(r.status, 200, await r.text());
+}
+
+function token(sub, expiresIn) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
+  return `${body}.${createHmac('sha256', SECRET).update(body).digest('base64url')}`;
+}
+
+/** Resolves when `pred()` holds, polling; fails after `ms`. */
+async function until(what, pred, ms = 10000) {
+  const end = Date.now() + ms;
+  while (!pred()) {
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(10);
+  }
+}
+
+function collect(sub) {
+  const got = [];
+  sub.on('message', (data, ctx) => got.push({ data, ...ctx }));
+  return got;
+}
+
+test('subscribes, publishes, and reports refusals as errors', async () => {
+  const h = await herald(0);
+  const c = new Client(`ws://${h.addr}/ws`);
+  try {
+    const states = [];
+    c.on('state', (s) => states.push(s));
+    const sub = c.subscribe('chat:lobby');
+    const got = collect(sub);
+    await until('subscribed', () => sub.active);
+    const reply = await c.publish('chat:lobby', { text: 'hi' });
+    assert.equal(reply.op, 'published');
+    await until('the message', () => got.length === 1);
+    assert.deepEqual(got[0].data, { text: 'hi' });
+    assert.equal(got[0].channel, 'chat:lobby');
+    assert.equal(got[0].offset, 1);
+    // A channel this anonymous client may not publish to: rejected, connection kept.
+    await assert.rejects(c.publish('news', 1), (e) => e.code === 'forbidden');
+    await publish(h.addr, 'chat:lobby', 2);
+    await until('the next message', () => got.length === 2);
+    assert.deepEqual(states, ['connected']);
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
+test('resumes a history channel without loss when its node dies and comes back', async () => {
+  const redisPort = await freePort();
+  const redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+  await sleep(300);
+  const url = `redis://127.0.0.1:${redisPort}`;
+  const port = await freePort();
+  let a = await herald(port, ['--redis', url]);
+  const b = await herald(0, ['--redis', url]);
+  const c = new Client(`ws://${a.addr}/ws`, { minReconnectDelay: 100, maxReconnectDelay: 400 });
+  try {
+    const sub = c.subscribe('feed:x');
+    const got = collect(sub);
+    const recovered = [];
+    sub.on('recovered', (ok) => recovered.push(ok));
+    await until('subscribed', () => sub.active);
+    for (let i = 1; i <= 3; i++) await publish(b.addr, 'feed:x', i);
+    await until('1..3', () => got.length === 3);
+    await stop(a, 'SIGKILL');
+    await until('disconnected', () => c.state !== 'connected');
+    for (let i = 4; i <= 50; i++) await publish(b.addr, 'feed:x', i);
+    const restarted = Date.now();
+    a = await herald(port, ['--redis', url]);
+    await until('every missed message', () => got.length === 50);
+    const took = Date.now() - restarted;
+    console.log(`resumed 47 missed messages ${took} ms after the node came back`);
+    assert.deepEqual(
+      got.map((m) => m.data),
+      Array.from({ length: 50 }, (_, i) => i + 1),
+    );
+    assert.deepEqual(
+      got.map((m) => m.offset),
+      Array.from({ length: 50 }, (_, i) => i + 1),
+    );
+    assert.ok(recovered.includes(true), `recovered: ${recovered}`);
+    assert.ok(!recovered.includes(false));
+  } finally {
+    c.close();
+    await stop(a);
+    await stop(b);
+    redis.kill('SIGKILL');
+  }
+});
+
+test('reconnects at once after a drain (1012) and resumes', async () => {
+  const port = await freePort();
+  let h = await herald(port, [], { HERALD_SHUTDOWN__RESTART: 'true', HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' });
+  const c = new Client(`ws://${h.addr}/ws`, { minReconnectDelay: 100 });
+  try {
+    const sub = c.subscribe('chat:d');
+    const got = collect(sub);
+    await until('subscribed', () => sub.active);
+    await publish(h.addr, 'chat:d', 1);
+    await until('1', () => got.length === 1);
+    await stop(h);
+    // The embedded broker's history does not outlive the process: a new node, a new
+    // epoch, and the client is told it could not recover.
+    const recovered = [];
+    sub.on('recovered', (ok) => recovered.push(ok));
+    h = await herald(port, [], {});
+    await until('resubscribed', () => recovered.length === 1);
+    assert.deepEqual(recovered, [false]);
+    await publish(h.addr, 'chat:d', 2);
+    await until('2', () => got.length === 2);
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
+test('refreshes its token before it expires and stays connected', async () => {
+  const h = await herald(0);
+  let issued = 0;
+  const c = new Client(`ws://${h.addr}/ws`, {
+    getToken: async () => {
+      issued++;
+      return token('u1', issued === 1 ? 2 : 600);
+    },
+  });
+  try {
+    const welcomed = [];
+    c.on('welcome', (w) => welcomed.push(w));
+    const sub = c.subscribe('chat:t');
+    const got = collect(sub);
+    await until('connected', () => c.state === 'connected' && sub.active);
+    assert.equal(welcomed[0].user, 'u1');
+    await until('a refresh', () => issued >= 2);
+    // Past the first token's expiry and the server's grace: still the same connection.
+    await sleep(3200);
+    assert.equal(welcomed.length, 1, 'no reconnect');
+    await publish(h.addr, 'chat:t', 'still here');
+    await until('a message', () => got.length === 1);
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
+test('an expired token closes with 4001 and the client comes back with a new one', async () => {
+  const h = await herald(0);
+  let issued = 0;
+  const c = new Client(`ws://${h.addr}/ws`, {
+    minReconnectDelay: 50,
+    // Hands out short tokens and cannot refresh in time: expiry must be handled.
+    getToken: async () => {
+      issued++;
+      return token(`u${issued}`, 1);
+    },
+  });
+  try {
+    const users = [];
+    c.on('welcome', (w) => users.push(w.user));
+    c.subscribe('chat:e');
+    await until('two sessions', () => users.length >= 2, 10000);
+    assert.equal(users[0], 'u1');
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
+test('falls back to Server-Sent Events where WebSocket is refused, and publishes over HTTP', async () => {
+  const h = await herald(0);
+  // The WebSocket URL answers 404 (as a proxy that refuses upgrades would).
+  const c = new Client(`ws://${h.addr}/blocked-ws`, {
+    sseUrl: `http://${h.addr}/sse`,
+    minReconnectDelay: 20,
+    sseAfterFailures: 2,
+  });
+  try {
+    const transports = [];
+    c.on('transport', (t) => transports.push(t));
+    const sub = c.subscribe('chat:s');
+    const got = collect(sub);
+    await until('subscribed over SSE', () => sub.active);
+    assert.equal(c.transport, 'sse');
+    assert.deepEqual(transports, ['sse']);
+    const r = await c.publish('chat:s', { via: 'http' });
+    assert.equal(r.offset, 1);
+    await until('the message', () => got.length === 1);
+    assert.deepEqual(got[0].data, { via: 'http' });
+    await publish(h.addr, 'chat:s', 2);
+    await until('another', () => got.length === 2);
+    assert.equal(got[1].offset, 2);
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
+test('the classic build defines globalThis.Herald', () => {
+  const src = execFileSync(process.execPath, [
+    '-e',
+    `require('vm').runInNewContext(require('fs').readFileSync(${JSON.stringify(
+      new URL('../dist/herald.js', import.meta.url).pathname,
+    )}, 'utf8'), globalThis); console.log(typeof globalThis.Herald.Client)`,
+  ]).toString();
+  assert.equal(src.trim(), 'function');
+});
