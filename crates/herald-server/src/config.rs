@@ -35,6 +35,29 @@ pub struct GatewayConfig {
     pub shutdown: ShutdownConfig,
     /// The client's address behind a load balancer.
     pub proxy: ProxyConfig,
+    /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
+    /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
+    /// publications, anyone may publish to `demo:chat`. Off by default.
+    pub demo: bool,
+}
+
+impl GatewayConfig {
+    /// The rules `demo = true` puts before the configured ones.
+    pub fn demo_rules() -> Vec<ChannelRule> {
+        let rule = |pattern: &str, publish| ChannelRule {
+            pattern: ChannelPattern::new(pattern).expect("a valid pattern"),
+            history_size: 100,
+            history_ttl: default_history_ttl(),
+            history_meta_ttl: default_history_meta_ttl(),
+            max_recovery: 0,
+            subscribe: SubscribeAccess::Anyone,
+            publish,
+        };
+        vec![
+            rule("demo:feed", PublishAccess::Nobody),
+            rule("demo:chat", PublishAccess::Anyone),
+        ]
+    }
 }
 
 /// How the real client address is learnt behind a load balancer (used for

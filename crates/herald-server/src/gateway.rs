@@ -48,6 +48,13 @@ impl Gateway {
         E: std::error::Error + Send + Sync + 'static,
     {
         config.validate()?;
+        let mut config = config;
+        if config.demo {
+            config
+                .channels
+                .rules
+                .splice(0..0, GatewayConfig::demo_rules());
+        }
         let metrics = Metrics::new(&registry)?;
         let (tx, rx) = inbound(config.limits.inbound_queue, metrics.clone());
         let broker = make_broker(tx, &metrics).map_err(|e| ServerError::Broker(Box::new(e)))?;

@@ -35,6 +35,9 @@ pub struct Cli {
     /// Check the configuration, print the effective settings as TOML and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Serve the demo page at /demo (sets `demo = true`).
+    #[arg(long)]
+    pub demo: bool,
 }
 
 /// The whole configuration of a `herald` process: where it listens, how it logs, its
@@ -180,6 +183,9 @@ impl Settings {
             if let Some(v) = value {
                 b = b.set_override(key, v).map_err(|e| e.to_string())?;
             }
+        }
+        if cli.demo {
+            b = b.set_override("demo", true).map_err(|e| e.to_string())?;
         }
         let merged = b.build().map_err(|e| e.to_string())?;
         // The gateway's keys are flattened into the top level, where serde cannot deny

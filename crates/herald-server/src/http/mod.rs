@@ -2,6 +2,7 @@
 //!
 //! - `upgrade`: the WebSocket handshake on `/ws` (validate, admit, start);
 //! - `sse`: `/sse`, the same sessions over Server-Sent Events;
+//! - `demo`: the opt-in demo page and the JS client bundle;
 //! - `api`: the publish API under `/api/`;
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
 //! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
@@ -25,6 +26,7 @@ use crate::error::ServerError;
 use crate::node::Node;
 
 mod api;
+mod demo;
 mod edge;
 mod health;
 mod reply;
@@ -180,6 +182,8 @@ async fn route(
             upgrade::upgrade(req, node, client)
         }
         "/sse/publish" if public => sse::publish(req, node).await,
+        "/demo" if public && node.config.demo => demo::page(),
+        "/herald.js" if public && node.config.demo => demo::client_js(),
         "/sse" if public => {
             let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
             sse::sse(req, node, client)

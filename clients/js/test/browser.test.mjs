@@ -1,0 +1,177 @@
+// The demo page in a real headless Chromium (Debian's `chromium`, driven by
+// playwright-core; no browser is downloaded), behind a real HAProxy balancing two real
+// herald nodes that share a real redis-server.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const BIN = process.env.HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
+const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function tool(path, pkg) {
+  const found = path.startsWith('/') ? existsSync(path) : spawnSync('which', [path]).status === 0;
+  if (!found) throw new Error(`${path} is missing: install it with \`apt-get install ${pkg}\``);
+  return path;
+}
+
+async function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+function herald(port, id, redis) {
+  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--node-id', id, '--redis', redis, '--demo'], {
+    env: { ...process.env, RUST_LOG: 'info', HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => reject(new Error(`herald ${id} did not start: ${buf}`)), 20000);
+    proc.stderr.on('data', (d) => {
+      buf += d;
+      if (buf.includes('listening')) {
+        clearTimeout(timer);
+        resolve(proc);
+      }
+    });
+  });
+}
+
+async function until(what, pred, ms = 15000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    if (await pred()) return;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await sleep(25);
+  }
+}
+
+async function publish(port, channel, data) {
+  const r = await fetch(`http://127.0.0.1:${port}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ channel, data }),
+  });
+  assert.equal(r.status, 200, await r.text());
+}
+
+const items = (page, list) => page.$$eval(`#${list} li`, (lis) => lis.map((li) => li.textContent));
+
+test('the demo in Chromium: chat between pages, no loss when a node dies, SSE where WebSocket is refused', async () => {
+  tool(CHROMIUM, 'chromium');
+  const redisPort = await freePort();
+  const redis = spawn(tool('redis-server', 'redis-server'), ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const ports = { a: await freePort(), b: await freePort() };
+  const nodes = {};
+  let lb;
+  let browser;
+  try {
+    await sleep(200);
+    const redisUrl = `redis://127.0.0.1:${redisPort}`;
+    nodes.a = await herald(ports.a, 'a', redisUrl);
+    nodes.b = await herald(ports.b, 'b', redisUrl);
+    const front = await freePort();
+    const noWs = await freePort();
+    const cfg = join(mkdtempSync(join(tmpdir(), 'herald-lb-')), 'haproxy.cfg');
+    writeFileSync(
+      cfg,
+      `global
+    maxconn 1000
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+frontend public
+    bind 127.0.0.1:${front}
+    default_backend herald
+# A proxy that refuses WebSocket upgrades: clients must fall back to SSE.
+frontend no_websocket
+    bind 127.0.0.1:${noWs}
+    http-request deny deny_status 403 if { path /ws }
+    default_backend herald
+backend herald
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 100ms fall 1 rise 1
+    server a 127.0.0.1:${ports.a} check
+    server b 127.0.0.1:${ports.b} check
+`,
+    );
+    lb = spawn(tool('haproxy', 'haproxy'), ['-db', '-f', cfg], { stdio: 'ignore' });
+    await until('HAProxy', async () => (await fetch(`http://127.0.0.1:${front}/readyz`).catch(() => null))?.ok);
+    await sleep(300); // both servers checked up
+
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+    });
+    const open = async (port) => {
+      const page = await browser.newPage();
+      const errors = [];
+      page.on('pageerror', (e) => errors.push(e));
+      await page.goto(`http://127.0.0.1:${port}/demo`);
+      await until('connected', async () => (await page.textContent('#state')) === 'connected');
+      return { page, errors };
+    };
+    const { page: a, errors: aErrors } = await open(front);
+    const { page: b } = await open(front);
+
+    // One page publishes, the other renders it.
+    await b.fill('#text', 'hello from b');
+    await b.click('#send');
+    await until('the chat line on page a', async () => (await items(a, 'chat')).some((t) => t.endsWith('hello from b')));
+
+    // Kill the node behind page a; publish while it reconnects; it must show all.
+    await publish(ports.a, 'demo:feed', { text: 'before' });
+    await until('the first feed item', async () => (await items(a, 'feed')).length === 1);
+    const behind = await a.textContent('#node');
+    const other = behind === 'a' ? 'b' : 'a';
+    nodes[behind].kill('SIGKILL');
+    const killed = Date.now();
+    for (let i = 1; i <= 30; i++) await publish(ports[other], 'demo:feed', { text: `item ${i}` });
+    await until('page a back on the other node', async () => (await a.textContent('#node')) === other);
+    const back = Date.now() - killed;
+    await until('every feed item on page a', async () => (await items(a, 'feed')).length === 31);
+    const feed = await items(a, 'feed');
+    assert.deepEqual(
+      feed,
+      ['#1before', ...Array.from({ length: 30 }, (_, i) => `#${i + 2}item ${i + 1}`)],
+    );
+    console.log(`page reconnected to node ${other} ${back} ms after node ${behind} was killed; 30 publications, none lost`);
+
+    // Through a proxy that refuses WebSocket: the page falls back to SSE and still
+    // chats both ways.
+    const { page: c } = await open(noWs);
+    assert.equal(await c.textContent('#transport'), 'sse');
+    await c.fill('#text', 'hello over sse');
+    await c.click('#send');
+    await until('the SSE page\'s line on page a', async () => (await items(a, 'chat')).some((t) => t.endsWith('hello over sse')));
+    await a.fill('#text', 'hello back');
+    await a.click('#send');
+    await until('page a\'s line on the SSE page', async () => (await items(c, 'chat')).some((t) => t.endsWith('hello back')));
+    assert.deepEqual(aErrors, []);
+
+    const shot = new URL('../../../target/demo.png', import.meta.url).pathname;
+    mkdirSync(join(shot, '..'), { recursive: true });
+    await a.screenshot({ path: shot });
+    if (process.env.UPDATE_SCREENSHOT) await a.screenshot({ path: new URL('../../../docs/demo.png', import.meta.url).pathname });
+  } finally {
+    await browser?.close();
+    lb?.kill('SIGKILL');
+    for (const n of Object.values(nodes)) n.kill('SIGKILL');
+    redis.kill('SIGKILL');
+  }
+});
