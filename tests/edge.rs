@@ -210,8 +210,8 @@ async fn per_user_limit_counts_a_users_connections_on_a_node() {
             .unwrap_or_default();
         upgrade_over(s, b"", node.addr, &headers).await
     };
-    let _1 = connect(Some(token("42"))).await.expect("1");
-    let _2 = connect(Some(token("42"))).await.expect("2");
+    let _first = connect(Some(token("42"))).await.expect("1");
+    let _second = connect(Some(token("42"))).await.expect("2");
     assert_eq!(connect(Some(token("42"))).await.err(), Some(429));
     let _other = connect(Some(token("43"))).await.expect("another user");
     // Anonymous connections belong to no user.

@@ -3,6 +3,7 @@
 //! talks to them over real sockets.
 
 mod auth;
+mod client;
 mod deploy;
 mod edge;
 mod http_api;

@@ -53,7 +53,7 @@ async fn sse_delivers_and_resumes_every_history_channel_from_the_event_id() {
     let mut b = Vec::new();
     let mut recovered = 0;
     let mut plain = false;
-    while a.len() < 5 || b.len() < 1 || recovered < 2 || !plain {
+    while a.len() < 5 || b.is_empty() || recovered < 2 || !plain {
         let v = back.event().await.json();
         match (v["op"].as_str(), v["channel"].as_str()) {
             (Some("subscribed"), Some("plain")) => plain = true,

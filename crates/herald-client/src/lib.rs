@@ -1,0 +1,584 @@
+//! A Rust client for Herald, with the semantics of the JS client: one connection kept
+//! alive for any number of subscriptions.
+//!
+//! - Connects and reconnects with full-jitter exponential backoff
+//!   ([`Config::min_backoff`]..[`Config::max_backoff`]); drains (1001/1012) reconnect at
+//!   once.
+//! - Resubscribes every channel after every reconnect with `since` = the last offset it
+//!   delivered, so a history channel loses nothing; deliveries at or below that offset
+//!   are dropped, so none is seen twice. [`Event::Recovered`] says whether the server
+//!   could fill the gap.
+//! - Detects dead connections: after the welcome's `heartbeat_ms` of silence it sends a
+//!   `ping` and gives the connection up if nothing arrives within
+//!   [`Config::ping_timeout`].
+//! - Publishes wait for their `published` reply; while disconnected they wait for the
+//!   next connection, up to [`Config::publish_timeout`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), herald_client::Error> {
+//! use herald_client::{Client, Config, Event};
+//! let client = Client::start(Config::new("ws://127.0.0.1:8080/ws"));
+//! let mut news = client.subscribe("news")?;
+//! client.publish("chat:lobby", &serde_json::json!({"text": "hi"})).await?;
+//! while let Some(event) = news.next().await {
+//!     if let Event::Message { data, offset } = event {
+//!         println!("{offset:?}: {data}");
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use herald_protocol::client::encode_resume;
+use herald_protocol::{ChannelName, Epoch, StreamPosition};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How the client connects.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `ws://host:port/ws`.
+    pub url: String,
+    /// A connection token, sent as `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// Backoff bounds: the n-th retry waits a random time up to
+    /// `min(max_backoff, min_backoff * 2^n)`.
+    pub min_backoff: Duration,
+    /// See `min_backoff`.
+    pub max_backoff: Duration,
+    /// How long a `ping` sent after a heartbeat interval of silence may go unanswered.
+    pub ping_timeout: Duration,
+    /// How long a publish may wait (for a connection and for its reply).
+    pub publish_timeout: Duration,
+    /// How long a connection attempt (TCP, handshake, welcome) may take.
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults as the JS client's: 500 ms to 20 s backoff, 5 s ping timeout, 10 s
+    /// publish timeout.
+    pub fn new(url: impl Into<String>) -> Config {
+        Config {
+            url: url.into(),
+            token: None,
+            min_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(5),
+            publish_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The connection's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Connecting, or waiting to reconnect.
+    Connecting,
+    /// Welcomed by a node.
+    Connected,
+    /// [`Client::close`] was called.
+    Closed,
+}
+
+/// What a subscription receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A publication (`data` is JSON text for JSON publications).
+    Message {
+        /// The payload: JSON text, or the bytes of a binary publication.
+        data: Bytes,
+        /// The publication's offset, on history channels.
+        offset: Option<u64>,
+    },
+    /// The server confirmed the subscription (again, after a reconnect).
+    Subscribed,
+    /// After a resume: whether everything missed was delivered (`false`: some of it is
+    /// gone; the application should reload from its source of truth).
+    Recovered(bool),
+    /// The channel's stream restarted (new epoch) or a gap could not be filled.
+    Reset,
+    /// The subscription was refused (e.g. `forbidden`).
+    Refused(String),
+}
+
+/// Why a request failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error frame.
+    #[error("{code}: {message}")]
+    Server {
+        /// The error code (`forbidden`, `unavailable`, ...).
+        code: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// No reply in time (the outcome is unknown if the request had been sent).
+    #[error("timed out")]
+    Timeout,
+    /// The connection dropped after the request was sent: its outcome is unknown.
+    #[error("the connection dropped before the reply")]
+    Disconnected,
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+    /// Not a valid channel name.
+    #[error("invalid channel: {0}")]
+    Channel(String),
+}
+
+enum Command {
+    Subscribe(ChannelName, mpsc::UnboundedSender<Event>),
+    Unsubscribe(ChannelName),
+    Publish(String, Value, oneshot::Sender<Result<Value, Error>>),
+    Close,
+}
+
+/// A running client; cheap to clone. Dropping every clone closes it.
+#[derive(Clone)]
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+    state: watch::Receiver<State>,
+    publish_timeout: Duration,
+}
+
+/// One channel's events, in order.
+pub struct Subscription {
+    channel: ChannelName,
+    events: mpsc::UnboundedReceiver<Event>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Subscription {
+    /// The next event; `None` once the client is closed.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &str {
+        self.channel.as_str()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self
+            .commands
+            .send(Command::Unsubscribe(self.channel.clone()));
+    }
+}
+
+impl Client {
+    /// Starts the client's task (on the current tokio runtime) and returns at once.
+    pub fn start(config: Config) -> Client {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (state_tx, state) = watch::channel(State::Connecting);
+        let publish_timeout = config.publish_timeout;
+        tokio::spawn(run(config, rx, state_tx));
+        Client {
+            commands,
+            state,
+            publish_timeout,
+        }
+    }
+
+    /// Subscribes; events arrive on the returned [`Subscription`] (dropping it
+    /// unsubscribes).
+    pub fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
+        let channel = ChannelName::new(channel).map_err(|e| Error::Channel(e.to_string()))?;
+        let (tx, events) = mpsc::unbounded_channel();
+        self.commands
+            .send(Command::Subscribe(channel.clone(), tx))
+            .map_err(|_| Error::Closed)?;
+        Ok(Subscription {
+            channel,
+            events,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Publishes JSON `data`; returns the server's `published` reply.
+    pub async fn publish(&self, channel: &str, data: &Value) -> Result<Value, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Publish(channel.to_owned(), data.clone(), tx))
+            .map_err(|_| Error::Closed)?;
+        match timeout(self.publish_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// The connection's state, as it changes.
+    pub fn state(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
+    /// Closes the connection for good.
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Close);
+    }
+}
+
+/// A channel the client holds.
+struct Sub {
+    events: mpsc::UnboundedSender<Event>,
+    /// The last offset delivered, and its epoch.
+    position: Option<StreamPosition>,
+}
+
+struct Queued {
+    channel: String,
+    data: Value,
+    reply: oneshot::Sender<Result<Value, Error>>,
+    since: Instant,
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// How a connection ended.
+enum Ended {
+    /// Reconnect after `backoff` attempts' worth of delay (0: at once).
+    Reconnect {
+        at_once: bool,
+    },
+    Closed,
+}
+
+async fn run(
+    config: Config,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    state: watch::Sender<State>,
+) {
+    let mut subs: HashMap<ChannelName, Sub> = HashMap::new();
+    let mut queue: Vec<Queued> = Vec::new();
+    let mut attempt: u32 = 0;
+    loop {
+        let _ = state.send(State::Connecting);
+        let connected = timeout(config.connect_timeout, connect(&config)).await;
+        let (ws, heartbeat) = match connected {
+            Ok(Ok(c)) => c,
+            other => {
+                if let Ok(Err(e)) = other {
+                    tracing::debug!(error = %e, "connect failed");
+                }
+                let bound = config
+                    .max_backoff
+                    .min(config.min_backoff * 2u32.saturating_pow(attempt.min(16)));
+                attempt += 1;
+                let wait = bound.mul_f64(fastrand::f64());
+                if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        attempt = 0;
+        let _ = state.send(State::Connected);
+        match session(&config, ws, heartbeat, &mut commands, &mut subs, &mut queue).await {
+            Ended::Closed => break,
+            Ended::Reconnect { at_once } => {
+                if !at_once {
+                    let wait = config.min_backoff.mul_f64(fastrand::f64());
+                    if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let _ = state.send(State::Closed);
+    for q in queue {
+        let _ = q.reply.send(Err(Error::Closed));
+    }
+}
+
+/// Waits `d` while taking commands (subscribes are recorded, publishes queued);
+/// true when the client was closed.
+async fn wait_or_command(
+    d: Duration,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    subs: &mut HashMap<ChannelName, Sub>,
+    queue: &mut Vec<Queued>,
+) -> bool {
+    let deadline = sleep(d);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return false,
+            c = commands.recv() => match c {
+                None | Some(Command::Close) => return true,
+                Some(Command::Subscribe(channel, events)) => {
+                    subs.insert(channel, Sub { events, position: None });
+                }
+                Some(Command::Unsubscribe(channel)) => {
+                    subs.remove(&channel);
+                }
+                Some(Command::Publish(channel, data, reply)) => {
+                    queue.push(Queued { channel, data, reply, since: Instant::now() });
+                }
+            }
+        }
+    }
+}
+
+async fn connect(config: &Config) -> Result<(Ws, Duration), tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = config.url.as_str().into_client_request()?;
+    if let Some(t) = &config.token {
+        if let Ok(v) = format!("Bearer {t}").parse() {
+            req.headers_mut().insert("authorization", v);
+        }
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if v["op"] == "welcome" {
+                    let ms = v["heartbeat_ms"].as_u64().unwrap_or(25_000);
+                    return Ok((ws, Duration::from_millis(ms)));
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Err(tokio_tungstenite::tungstenite::Error::ConnectionClosed),
+        }
+    }
+}
+
+/// Runs one connection until it ends.
+async fn session(
+    config: &Config,
+    mut ws: Ws,
+    heartbeat: Duration,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+    subs: &mut HashMap<ChannelName, Sub>,
+    queue: &mut Vec<Queued>,
+) -> Ended {
+    let mut next_id: u64 = 1;
+    // Request id → the channel it subscribes, or the publish waiting for its reply.
+    let mut subscribing: HashMap<u64, ChannelName> = HashMap::new();
+    let mut publishing: HashMap<u64, oneshot::Sender<Result<Value, Error>>> = HashMap::new();
+    for (channel, sub) in subs.iter() {
+        let frame = encode_resume(channel, Some(next_id), sub.position);
+        subscribing.insert(next_id, channel.clone());
+        next_id += 1;
+        if ws.send(Message::Text(frame.into())).await.is_err() {
+            return Ended::Reconnect { at_once: false };
+        }
+    }
+    for q in std::mem::take(queue) {
+        if q.since.elapsed() >= config.publish_timeout {
+            let _ = q.reply.send(Err(Error::Timeout));
+            continue;
+        }
+        let frame = serde_json::json!({"op": "publish", "channel": q.channel, "data": q.data, "id": next_id});
+        publishing.insert(next_id, q.reply);
+        next_id += 1;
+        if ws
+            .send(Message::Text(frame.to_string().into()))
+            .await
+            .is_err()
+        {
+            return Ended::Reconnect { at_once: false };
+        }
+    }
+    let mut last_heard = Instant::now();
+    let mut pinged: Option<Instant> = None;
+    let tick = (heartbeat / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(tick);
+    let ended = loop {
+        tokio::select! {
+            msg = ws.next() => {
+                last_heard = Instant::now();
+                pinged = None;
+                match msg {
+                    Some(Ok(Message::Text(t))) => on_text(t.as_str(), subs, &mut subscribing, &mut publishing),
+                    Some(Ok(Message::Binary(b))) => on_binary(&b, subs),
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.map_or(1005, |f| u16::from(f.code));
+                        break Ended::Reconnect { at_once: matches!(code, 1001 | 1012) };
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break Ended::Reconnect { at_once: false },
+                }
+            }
+            c = commands.recv() => match c {
+                None | Some(Command::Close) => {
+                    let _ = ws.close(None).await;
+                    break Ended::Closed;
+                }
+                Some(Command::Subscribe(channel, events)) => {
+                    let frame = encode_resume(&channel, Some(next_id), None);
+                    subscribing.insert(next_id, channel.clone());
+                    next_id += 1;
+                    subs.insert(channel, Sub { events, position: None });
+                    if ws.send(Message::Text(frame.into())).await.is_err() {
+                        break Ended::Reconnect { at_once: false };
+                    }
+                }
+                Some(Command::Unsubscribe(channel)) => {
+                    subs.remove(&channel);
+                    let frame = serde_json::json!({"op": "unsubscribe", "channel": channel.as_str()});
+                    let _ = ws.send(Message::Text(frame.to_string().into())).await;
+                }
+                Some(Command::Publish(channel, data, reply)) => {
+                    let frame = serde_json::json!({"op": "publish", "channel": channel, "data": data, "id": next_id});
+                    publishing.insert(next_id, reply);
+                    next_id += 1;
+                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                        break Ended::Reconnect { at_once: false };
+                    }
+                }
+            },
+            _ = ticker.tick() => {
+                // Our own liveness check: the server's pings are answered by the
+                // WebSocket layer, which does not tell us whether the path still works.
+                if let Some(at) = pinged {
+                    if at.elapsed() > config.ping_timeout {
+                        tracing::debug!("heartbeat timeout");
+                        break Ended::Reconnect { at_once: false };
+                    }
+                } else if last_heard.elapsed() > heartbeat {
+                    pinged = Some(Instant::now());
+                    if ws.send(Message::Text(r#"{"op":"ping"}"#.into())).await.is_err() {
+                        break Ended::Reconnect { at_once: false };
+                    }
+                }
+            }
+        }
+    };
+    // Sent but unanswered: their outcome is unknown.
+    for (_, reply) in publishing {
+        let _ = reply.send(Err(Error::Disconnected));
+    }
+    ended
+}
+
+fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
+    if let (Some(o), Some(p)) = (offset, sub.position.as_mut()) {
+        // A resume replays from after the position: anything at or before it was
+        // delivered already.
+        if o <= p.offset {
+            return;
+        }
+        p.offset = o;
+    }
+    let _ = sub.events.send(Event::Message { data, offset });
+}
+
+fn on_text(
+    text: &str,
+    subs: &mut HashMap<ChannelName, Sub>,
+    subscribing: &mut HashMap<u64, ChannelName>,
+    publishing: &mut HashMap<u64, oneshot::Sender<Result<Value, Error>>>,
+) {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    let channel = v["channel"].as_str().and_then(|c| ChannelName::new(c).ok());
+    let id = v["id"].as_u64();
+    match v["op"].as_str() {
+        Some("message") => {
+            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
+                return;
+            };
+            let data = match v.get("data") {
+                Some(d) => Bytes::from(d.to_string()),
+                None => Bytes::new(),
+            };
+            deliver(sub, data, v["offset"].as_u64());
+        }
+        Some("subscribed") => {
+            if let Some(id) = id {
+                subscribing.remove(&id);
+            }
+            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
+                return;
+            };
+            let recovered = v["recovered"].as_bool();
+            if let (Some(offset), Some(epoch)) = (
+                v["offset"].as_u64(),
+                v["epoch"].as_str().and_then(Epoch::parse),
+            ) {
+                match sub.position.as_mut() {
+                    // Resumed: the replay from our position follows this reply.
+                    Some(_) if recovered == Some(true) => {}
+                    // A delivery that raced ahead of this reply may be past it.
+                    Some(p) if p.epoch == epoch => p.offset = p.offset.max(offset),
+                    // New, or not recoverable: live deliveries continue from here.
+                    _ => sub.position = Some(StreamPosition { offset, epoch }),
+                }
+            }
+            let _ = sub.events.send(Event::Subscribed);
+            if let Some(ok) = recovered {
+                let _ = sub.events.send(Event::Recovered(ok));
+            }
+        }
+        Some("reset") => {
+            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
+                return;
+            };
+            if let (Some(offset), Some(epoch)) = (
+                v["offset"].as_u64(),
+                v["epoch"].as_str().and_then(Epoch::parse),
+            ) {
+                sub.position = Some(StreamPosition { offset, epoch });
+            }
+            let _ = sub.events.send(Event::Reset);
+        }
+        Some("published") => {
+            if let Some(reply) = id.and_then(|id| publishing.remove(&id)) {
+                let _ = reply.send(Ok(v));
+            }
+        }
+        Some("error") => {
+            let code = v["code"].as_str().unwrap_or("internal").to_owned();
+            let message = v["message"].as_str().unwrap_or("").to_owned();
+            let Some(id) = id else { return };
+            if let Some(reply) = publishing.remove(&id) {
+                let _ = reply.send(Err(Error::Server { code, message }));
+            } else if let Some(channel) = subscribing.remove(&id) {
+                if let Some(sub) = subs.remove(&channel) {
+                    let _ = sub
+                        .events
+                        .send(Event::Refused(format!("{code}: {message}")));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn on_binary(frame: &[u8], subs: &mut HashMap<ChannelName, Sub>) {
+    let (offset, rest) = match frame.first() {
+        Some(0) if frame.len() >= 9 => {
+            let mut o = [0u8; 8];
+            o.copy_from_slice(&frame[1..9]);
+            (Some(u64::from_be_bytes(o)), &frame[9..])
+        }
+        _ => (None, frame),
+    };
+    let Some(&len) = rest.first() else { return };
+    let Some(name) = rest.get(1..1 + len as usize) else {
+        return;
+    };
+    let Ok(channel) = ChannelName::from_bytes(name) else {
+        return;
+    };
+    if let Some(sub) = subs.get_mut(&channel) {
+        let payload = Bytes::copy_from_slice(&rest[1 + len as usize..]);
+        deliver(sub, payload, offset);
+    }
+}
