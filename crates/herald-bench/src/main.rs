@@ -8,10 +8,15 @@
 //!   to stay under the per-process open-file limit and to use both cores).
 //! - `herald-bench floor` is the raw-write floor server.
 //!
-//! Every loop is bounded in count and time; servers bind to loopback only.
+//! - `herald-bench drops-client` / `drops-publisher`: the two sides of the
+//!   network-drop scenario, run inside network namespaces.
+//!
+//! Every loop is bounded in count and time; servers bind to loopback, or (the drop
+//! scenario) to addresses inside the network namespaces it creates.
 
 use clap::{Parser, Subcommand};
 
+mod drops;
 mod floor;
 mod procfs;
 mod report;
@@ -33,6 +38,10 @@ enum Cmd {
     Worker(worker::WorkerArgs),
     /// The raw-write floor server (spawned by `run`).
     Floor(floor::FloorArgs),
+    /// The clients of the network-drop scenario (spawned by `run` in a namespace).
+    DropsClient(drops::ClientArgs),
+    /// The publisher of the network-drop scenario (spawned by `run` in a namespace).
+    DropsPublisher(drops::PublisherArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +49,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(a) => run::run(a),
         Cmd::Worker(a) => worker::run(a),
         Cmd::Floor(a) => floor::run(a),
+        Cmd::DropsClient(a) => drops::client(a),
+        Cmd::DropsPublisher(a) => drops::publisher(a),
     }
 }

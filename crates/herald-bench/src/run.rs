@@ -28,7 +28,7 @@ pub(crate) struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "fanout,channels,crossnode,latency,idle,connect,auth,history,churn"
+        default_value = "fanout,channels,crossnode,latency,idle,connect,auth,history,churn,drops"
     )]
     pub(crate) scenarios: Vec<String>,
     /// Targets: herald, herald-history (every bench channel keeps history; publishes go
@@ -153,6 +153,18 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "latency" => latency(&args, &redis, target, &max_rate).await,
                 "idle" => idle(&args, &redis, target).await,
                 "connect" => connect_rate(&args, &redis, target).await,
+                "drops" => {
+                    if target != "herald" {
+                        continue;
+                    }
+                    let figures = crate::drops::measure(sibling("herald")?, args.smoke).await?;
+                    Ok(Row {
+                        scenario: "drops".into(),
+                        target: target.clone(),
+                        figures,
+                        note: "clients in their own network namespace; their link cut (interface down) for 2 s every 5 s; a history channel at a steady rate".into(),
+                    })
+                }
                 "auth" => match auth_costs(&args, &redis, target).await {
                     Ok(Some(row)) => Ok(row),
                     Ok(None) => continue,
