@@ -10,9 +10,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
-const BIN = process.env.HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
+const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// herald reads every HERALD_* variable as configuration: start it without the caller's.
+const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
 
 function tool(path, pkg) {
   const found = path.startsWith('/') ? existsSync(path) : spawnSync('which', [path]).status === 0;
@@ -31,12 +33,19 @@ async function freePort() {
 
 function herald(port, id, redis) {
   const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--node-id', id, '--redis', redis, '--demo'], {
-    env: { ...process.env, RUST_LOG: 'info', HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' },
+    env: { ...cleanEnv(), RUST_LOG: 'info', HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   return new Promise((resolve, reject) => {
     let buf = '';
-    const timer = setTimeout(() => reject(new Error(`herald ${id} did not start: ${buf}`)), 20000);
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`herald ${id} did not start: ${buf}`));
+    }, 20000);
+    proc.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`herald ${id} exited ${code}: ${buf}`));
+    });
     proc.stderr.on('data', (d) => {
       buf += d;
       if (buf.includes('listening')) {

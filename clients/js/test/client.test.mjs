@@ -1,5 +1,5 @@
 // The client against real `herald` processes (and a real redis-server where nodes are
-// killed): no mock server. Run with `npm test` (builds first); HERALD_BIN picks the
+// killed): no mock server. Run with `npm test` (builds first); TEST_HERALD_BIN picks the
 // binary (default: the workspace's target/debug/herald).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -11,9 +11,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Client } from '../dist/herald.mjs';
 
-const BIN = process.env.HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
+const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
 const SECRET = 'js-client-test-secret-js-client-test-0123';
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+// herald reads every HERALD_* variable as configuration: start it without the caller's.
+const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
 
 async function freePort() {
   return new Promise((resolve) => {
@@ -48,12 +50,15 @@ history_size = 1000
 /** Starts herald on `port` (0: any); resolves with { proc, addr }. */
 function herald(port, args = [], env = {}) {
   const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--config', configFile(RULES), ...args], {
-    env: { ...process.env, RUST_LOG: 'info', ...env },
+    env: { ...cleanEnv(), RUST_LOG: 'info', ...env },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   return new Promise((resolve, reject) => {
     let buf = '';
-    const timer = setTimeout(() => reject(new Error(`herald did not start: ${buf}`)), 20000);
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`herald did not start: ${buf}`));
+    }, 20000);
     proc.stderr.on('data', (d) => {
       buf += d;
       const m = buf.match(/ws:\/\/([0-9.:]+)\/ws/);
@@ -62,7 +67,10 @@ function herald(port, args = [], env = {}) {
         resolve({ proc, addr: m[1] });
       }
     });
-    proc.on('exit', (code) => reject(new Error(`herald exited ${code}: ${buf}`)));
+    proc.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`herald exited ${code}: ${buf}`));
+    });
   });
 }
 
@@ -135,13 +143,14 @@ test('resumes a history channel without loss when its node dies and comes back',
   const redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], {
     stdio: 'ignore',
   });
-  await sleep(300);
-  const url = `redis://127.0.0.1:${redisPort}`;
-  const port = await freePort();
-  let a = await herald(port, ['--redis', url]);
-  const b = await herald(0, ['--redis', url]);
-  const c = new Client(`ws://${a.addr}/ws`, { minReconnectDelay: 100, maxReconnectDelay: 400 });
+  let a, b, c;
   try {
+    await sleep(300);
+    const url = `redis://127.0.0.1:${redisPort}`;
+    const port = await freePort();
+    a = await herald(port, ['--redis', url]);
+    b = await herald(0, ['--redis', url]);
+    c = new Client(`ws://${a.addr}/ws`, { minReconnectDelay: 100, maxReconnectDelay: 400 });
     const sub = c.subscribe('feed:x');
     const got = collect(sub);
     const recovered = [];
@@ -168,9 +177,9 @@ test('resumes a history channel without loss when its node dies and comes back',
     assert.ok(recovered.includes(true), `recovered: ${recovered}`);
     assert.ok(!recovered.includes(false));
   } finally {
-    c.close();
-    await stop(a);
-    await stop(b);
+    c?.close();
+    if (a) await stop(a);
+    if (b) await stop(b);
     redis.kill('SIGKILL');
   }
 });
