@@ -2,13 +2,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use herald_testkit::{free_port, history_rule, system_tool, try_http, Client, Node, RedisServer};
+use herald_testkit::{
+    free_port, history_rule, system_tool, try_http, Client, Haproxy, Node, RedisServer,
+};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -18,15 +20,6 @@ fn repo(path: &str) -> String {
         .join(path)
         .to_string_lossy()
         .into_owned()
-}
-
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// HAProxy balancing nodes with health checks on /readyz, like deploy/haproxy.cfg.
@@ -43,17 +36,7 @@ fn haproxy(port: u16, nodes: &[SocketAddr]) -> Haproxy {
          backend herald\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n\
          \x20   default-server inter 100ms fall 1 rise 1\n{servers}"
     );
-    let path =
-        std::env::temp_dir().join(format!("herald-haproxy-{}-{port}.cfg", std::process::id()));
-    std::fs::write(&path, cfg).unwrap();
-    let child = Command::new(system_tool("haproxy", "haproxy"))
-        .args(["-db", "-f"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start haproxy");
-    Haproxy(child)
+    Haproxy::start(&format!("haproxy-{port}"), &cfg)
 }
 
 async fn connect_retrying(url: &str) -> Client {

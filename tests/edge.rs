@@ -3,25 +3,14 @@
 //! and per-user connection limits that use it.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use herald_testkit::{free_port, system_tool, Client, Node};
-use jsonwebtoken::{encode, EncodingKey, Header};
+use herald_testkit::{free_port, Client, Haproxy, Node, TEST_SECRET};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
-
-struct Haproxy(Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// HAProxy on `port` passing every connection to `node` with a PROXY v2 header.
 fn haproxy_send_proxy(port: u16, node: SocketAddr) -> Haproxy {
@@ -32,16 +21,7 @@ fn haproxy_send_proxy(port: u16, node: SocketAddr) -> Haproxy {
          backend herald\n    option httpchk GET /readyz\n    http-check expect status 200\n\
          \x20   server n0 {node} check inter 100ms fall 1 rise 1 send-proxy-v2\n"
     );
-    let path = std::env::temp_dir().join(format!("herald-edge-{}-{port}.cfg", std::process::id()));
-    std::fs::write(&path, cfg).unwrap();
-    let child = Command::new(system_tool("haproxy", "haproxy"))
-        .args(["-db", "-f"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start haproxy");
-    Haproxy(child)
+    Haproxy::start(&format!("edge-{port}"), &cfg)
 }
 
 /// Opens a TCP connection to `to` from the loopback address `from`.
@@ -189,20 +169,12 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn per_user_limit_counts_a_users_connections_on_a_node() {
-    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
     let node = Node::start_with(|c| {
-        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
         c.limits.max_connections_per_user = 2;
     })
     .await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 60;
-    let key = EncodingKey::from_secret(SECRET.as_bytes());
-    let token =
-        |sub: &str| encode(&Header::default(), &json!({"sub": sub, "exp": exp}), &key).unwrap();
+    let token = |sub: &str| herald_testkit::token(sub, 60, json!({}));
     let connect = |sub: Option<String>| async {
         let s = TcpStream::connect(node.addr).await.unwrap();
         let headers: Vec<(&str, String)> = sub

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald_testkit::{history_rule, Node, SseClient};
+use herald_testkit::{history_rule, Node, SseClient, TEST_SECRET};
 use serde_json::json;
 
 #[tokio::test]
@@ -88,9 +88,8 @@ async fn sse_delivers_and_resumes_every_history_channel_from_the_event_id() {
 
 #[tokio::test]
 async fn sse_refuses_what_websocket_refuses() {
-    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
     let node = Node::start_with(|c| {
-        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
         c.auth.anonymous = false;
         c.limits.max_sse_channels = 2;
         let mut private = history_rule("private:*", 0);
@@ -98,17 +97,7 @@ async fn sse_refuses_what_websocket_refuses() {
         c.channels.rules = vec![private];
     })
     .await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 60;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "7", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = herald_testkit::token("7", 60, json!({}));
     let status = |path: String| {
         let addr = node.addr;
         async move { SseClient::connect(addr, &path, &[]).await.status }
@@ -166,25 +155,14 @@ async fn sse_gets_heartbeats_and_a_close_event_on_drain() {
 
 #[tokio::test]
 async fn sse_clients_publish_over_http_with_their_token() {
-    const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
     let node = Node::start_with(|c| {
-        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
         let mut chat = history_rule("chat:*", 10);
         chat.publish = herald_server::config::PublishAccess::Authenticated;
         c.channels.rules = vec![chat];
     })
     .await;
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 60;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "7", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap();
+    let token = herald_testkit::token("7", 60, json!({}));
     let mut s = SseClient::connect(node.addr, "/sse?channel=chat:1", &[]).await;
     assert_eq!(s.event().await.json()["op"], "welcome");
     assert_eq!(s.event().await.json()["op"], "subscribed");

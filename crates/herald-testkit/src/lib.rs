@@ -709,3 +709,53 @@ impl SseClient {
         self.next_event().await.expect("the stream ended")
     }
 }
+
+/// The HMAC secret token tests configure (`auth.jwt.hmac_secret`).
+pub const TEST_SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
+
+/// An HS256 connection token signed with [`TEST_SECRET`] for `sub`, expiring in `secs`
+/// seconds, with the fields of `extra` (a JSON object) added to its claims.
+pub fn token(sub: &str, secs: u64, extra: Value) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        + secs;
+    let mut claims = json!({"sub": sub, "exp": exp});
+    if let (Some(c), Value::Object(more)) = (claims.as_object_mut(), extra) {
+        c.extend(more);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(TEST_SECRET.as_bytes()),
+    )
+    .expect("a token")
+}
+
+/// A running `haproxy`, killed on drop.
+pub struct Haproxy(std::process::Child);
+
+impl Haproxy {
+    /// Starts `haproxy` with the configuration `config` (written to a temporary file
+    /// named after `name`).
+    pub fn start(name: &str, config: &str) -> Haproxy {
+        let path = std::env::temp_dir().join(format!("herald-{name}-{}.cfg", std::process::id()));
+        std::fs::write(&path, config).expect("write the haproxy configuration");
+        let child = std::process::Command::new(system_tool("haproxy", "haproxy"))
+            .args(["-db", "-f"])
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        Haproxy(child)
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
