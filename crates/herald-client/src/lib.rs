@@ -22,7 +22,7 @@
 //! client.publish("chat:lobby", &serde_json::json!({"text": "hi"})).await?;
 //! while let Some(event) = news.next().await {
 //!     if let Event::Message { data, offset } = event {
-//!         println!("{offset:?}: {data}");
+//!         println!("{offset:?}: {}", String::from_utf8_lossy(&data));
 //!     }
 //! }
 //! # Ok(()) }
