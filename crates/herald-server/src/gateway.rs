@@ -74,6 +74,12 @@ impl Gateway {
         Ok(Gateway { node, inbound: rx })
     }
 
+    /// A handle that re-reads the token keys while the gateway runs (the binary calls it
+    /// on SIGHUP: a JWKS file rotated in place takes effect without a restart).
+    pub fn key_reloader(&self) -> KeyReloader {
+        KeyReloader(self.node.clone())
+    }
+
     /// This node's id (the configured one, or the one picked for it).
     pub fn node_id(&self) -> &str {
         &self.node.node_id
@@ -222,5 +228,19 @@ fn task_failure(
         Ok(Err(e)) => Some(e),
         Err(e) if e.is_cancelled() => None,
         Err(_) => Some(ServerError::TaskEnded(what)),
+    }
+}
+
+/// Re-reads `[auth.jwt]` (secret, PEM files, JWKS file) and puts the keys in force for
+/// the next handshake, `refresh` and subscription token. Sessions already open keep
+/// running.
+#[derive(Clone)]
+pub struct KeyReloader(Arc<Node>);
+
+impl KeyReloader {
+    /// Reloads; on an error (unreadable file, bad key) the keys in force stay and the
+    /// error says why.
+    pub fn reload(&self) -> Result<(), herald_auth::KeyError> {
+        self.0.reload_keys()
     }
 }

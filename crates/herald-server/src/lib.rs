@@ -51,4 +51,4 @@ mod layering;
 
 pub use config::GatewayConfig;
 pub use error::ServerError;
-pub use gateway::{Gateway, Listeners};
+pub use gateway::{Gateway, KeyReloader, Listeners};

@@ -40,7 +40,8 @@ pub(crate) struct Node {
     /// Shared by every session's handle.
     pub(crate) session_env: Arc<SessionEnv>,
     /// Verifies connection tokens (`None`: no key configured, tokens are ignored).
-    pub(crate) verifier: Option<herald_auth::Verifier>,
+    /// Swapped whole by a key reload (SIGHUP); each check takes the current one.
+    verifier: parking_lot::RwLock<Option<Arc<herald_auth::Verifier>>>,
     /// The backends' API keys (hashed once, here).
     pub(crate) api_keys: herald_auth::ApiKeys,
     /// Every session's reader and writer tasks: shutdown waits for them to end.
@@ -73,7 +74,7 @@ impl Node {
                 config.auth.api_key.as_deref(),
                 &config.auth.api_keys,
             ),
-            verifier,
+            verifier: parking_lot::RwLock::new(verifier.map(Arc::new)),
             hub: Arc::new(Hub::new(
                 broker,
                 metrics.clone(),
@@ -93,6 +94,19 @@ impl Node {
             http_tasks: TaskTracker::new(),
             config,
         }
+    }
+
+    /// The token verifier in force (`None`: no key configured).
+    pub(crate) fn verifier(&self) -> Option<Arc<herald_auth::Verifier>> {
+        self.verifier.read().clone()
+    }
+
+    /// Re-reads the `[auth.jwt]` keys (files included) and puts them in force; on an
+    /// error the keys in force stay.
+    pub(crate) fn reload_keys(&self) -> Result<(), herald_auth::KeyError> {
+        let fresh = herald_auth::Verifier::new(&self.config.auth.jwt)?;
+        *self.verifier.write() = fresh.map(Arc::new);
+        Ok(())
     }
 
     pub(crate) fn is_draining(&self) -> bool {

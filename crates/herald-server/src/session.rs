@@ -293,7 +293,7 @@ impl Session {
     /// Whether this client may subscribe to `channel` (with the subscription `token` it
     /// sent, if any); answers `forbidden` when not.
     fn may_subscribe(&self, channel: &ChannelName, id: Option<u64>, token: Option<&str>) -> bool {
-        let grant = match (token, &self.node.verifier) {
+        let grant = match (token, self.node.verifier()) {
             (None, _) => None,
             (Some(t), Some(v)) => match v.verify_subscription(t) {
                 Ok(g) => Some(g),
@@ -330,7 +330,7 @@ impl Session {
 
     /// `refresh`: the connection continues on a new token for the same user.
     fn refresh(&mut self, token: &str, id: Option<u64>) {
-        let Some(verifier) = &self.node.verifier else {
+        let Some(verifier) = self.node.verifier() else {
             return self.forbidden(id, "this node accepts no tokens".into());
         };
         let fresh = match verifier.verify(token) {

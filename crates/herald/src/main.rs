@@ -99,10 +99,29 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         internal = %internal_addr.map_or("(same)".to_owned(), |a| a.to_string()),
         "herald listening: ws://{public_addr}/ws"
     );
+    tokio::spawn(reload_keys_on_sighup(gateway.key_reloader()));
     gateway
         .run(Listeners { public, internal }, shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// Re-reads the token keys on every SIGHUP (a rotated JWKS file, say); a key that does
+/// not load leaves the ones in force.
+async fn reload_keys_on_sighup(keys: herald_server::KeyReloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; keys reload only on restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match keys.reload() {
+            Ok(()) => tracing::info!("SIGHUP: token keys reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the previous ones stay")
+            }
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.

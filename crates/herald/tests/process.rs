@@ -259,3 +259,62 @@ async fn tokens_never_reach_the_logs_even_at_trace() {
         }
     }
 }
+
+/// A JWKS file rotated in place takes effect on SIGHUP, without a restart; a broken
+/// file leaves the keys in force.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_jwks_file() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let dir = std::env::temp_dir().join(format!("herald-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let jwks = dir.join("jwks.json");
+    let key =
+        |kid: &str, k: &str| format!(r#"{{"kty":"oct","kid":"{kid}","alg":"HS256","k":"{k}"}}"#);
+    let k1 = key("k1", "Zmlyc3Qta2V5LWZpcnN0LWtleS1maXJzdC1rZXktMTI");
+    let k2 = key("k2", "c2Vjb25kLWtleS1zZWNvbmQta2V5LXNlY29uZC1rMzQ");
+    std::fs::write(&jwks, format!(r#"{{"keys":[{k1}]}}"#)).unwrap();
+    let (mut child, addr) = start(
+        &[],
+        &[("HERALD_AUTH__JWT__JWKS_FILE", jwks.to_str().unwrap())],
+    );
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let sign = |kid: &str, secret: &str| {
+        let mut h = Header::default();
+        h.kid = Some(kid.into());
+        let claims = serde_json::json!({"sub": kid, "exp": exp});
+        encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    };
+    let t1 = sign("k1", "first-key-first-key-first-key-12");
+    let t2 = sign("k2", "second-key-second-key-second-k34");
+    let accepted = |t: &str| {
+        let url = format!("ws://{addr}/ws?access_token={t}");
+        async move { Client::connect(&url).await.is_ok() }
+    };
+    assert!(accepted(&t1).await);
+    assert!(!accepted(&t2).await, "k2 is not known yet");
+    // Rotate: k2 in, k1 out.
+    std::fs::write(&jwks, format!(r#"{{"keys":[{k2}]}}"#)).unwrap();
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !accepted(&t2).await {
+        assert!(Instant::now() < deadline, "k2 not accepted after SIGHUP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!accepted(&t1).await, "k1 was rotated out");
+    // A broken file keeps the keys in force.
+    std::fs::write(&jwks, "not json").unwrap();
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(accepted(&t2).await);
+    signal(&child, "-TERM");
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

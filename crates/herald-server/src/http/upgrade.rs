@@ -116,7 +116,7 @@ pub(super) fn authenticate(
             .find_map(|pair| pair.strip_prefix("access_token="))
     });
     let token = header.or(query).filter(|t| !t.is_empty());
-    match (token, &node.verifier) {
+    match (token, node.verifier()) {
         (Some(token), Some(verifier)) => verifier
             .verify(token)
             .map(Some)
