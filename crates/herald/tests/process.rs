@@ -283,8 +283,10 @@ async fn sighup_reloads_the_jwks_file() {
         .as_secs()
         + 600;
     let sign = |kid: &str, secret: &str| {
-        let mut h = Header::default();
-        h.kid = Some(kid.into());
+        let h = Header {
+            kid: Some(kid.into()),
+            ..Header::default()
+        };
         let claims = serde_json::json!({"sub": kid, "exp": exp});
         encode(&h, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
     };
