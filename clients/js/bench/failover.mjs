@@ -6,84 +6,19 @@
 // the killed node. Prints the distribution.
 //
 //   node --experimental-websocket bench/failover.mjs [rounds]   (TEST_HERALD_BIN picks the binary)
-import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Client } from '../dist/herald.mjs';
+import { freePort, haproxy, herald as start, publish as post, redis as startRedis, sleep, tempFile } from '../test/harness.mjs';
 
-const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
 const ROUNDS = Number(process.argv[2] ?? 30);
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
-const freePort = () =>
-  new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
+const config = tempFile('herald.toml', '[[channels.rules]]\npattern = "feed:*"\nhistory_size = 10000\n');
+const herald = async (port, id, redis) => (await start(port, ['--node-id', id, '--redis', redis, '--config', config])).proc;
+const publish = (port, data) => post(port, 'feed:x', data);
 
-const dir = mkdtempSync(join(tmpdir(), 'herald-failover-'));
-writeFileSync(join(dir, 'herald.toml'), '[[channels.rules]]\npattern = "feed:*"\nhistory_size = 10000\n');
-
-function herald(port, id, redis) {
-  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--node-id', id, '--redis', redis, '--config', join(dir, 'herald.toml')], {
-    env: { ...cleanEnv(), RUST_LOG: 'info' },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    proc.stderr.on('data', (d) => {
-      buf += d;
-      if (buf.includes('listening')) resolve(proc);
-    });
-    proc.on('exit', (c) => reject(new Error(`herald ${id} exited ${c}: ${buf}`)));
-  });
-}
-
-async function publish(port, data) {
-  const r = await fetch(`http://127.0.0.1:${port}/api/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ channel: 'feed:x', data }),
-  });
-  if (!r.ok) throw new Error(await r.text());
-}
-
-const redisPort = await freePort();
-const redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
-await sleep(300);
-const url = `redis://127.0.0.1:${redisPort}`;
+const redis = await startRedis();
 const ports = { a: await freePort(), b: await freePort() };
-const nodes = { a: await herald(ports.a, 'a', url), b: await herald(ports.b, 'b', url) };
+const nodes = { a: await herald(ports.a, 'a', redis.url), b: await herald(ports.b, 'b', redis.url) };
 const front = await freePort();
-writeFileSync(
-  join(dir, 'haproxy.cfg'),
-  `global
-    maxconn 1000
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 60s
-    timeout server 60s
-    timeout tunnel 1h
-    retries 2
-    option redispatch
-frontend public
-    bind 127.0.0.1:${front}
-    default_backend herald
-backend herald
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 100ms fall 1 rise 1
-    server a 127.0.0.1:${ports.a} check
-    server b 127.0.0.1:${ports.b} check
-`,
-);
-const lb = spawn('haproxy', ['-db', '-f', join(dir, 'haproxy.cfg')], { stdio: 'ignore' });
+const lb = haproxy(ports, { [front]: '' });
 await sleep(500);
 
 const client = new Client(`ws://127.0.0.1:${front}/ws`);
@@ -111,14 +46,14 @@ try {
     const deadline = Date.now() + 5000;
     while (got.length < seq && Date.now() < deadline) await sleep(5);
     if (got.length !== seq || got.some((v, i) => v !== i + 1)) throw new Error(`round ${round}: lost or reordered`);
-    nodes[victim] = await herald(ports[victim], victim, url);
+    nodes[victim] = await herald(ports[victim], victim, redis.url);
     await sleep(300); // HAProxy sees it up again
   }
 } finally {
   client.close();
   lb.kill('SIGKILL');
   for (const n of Object.values(nodes)) n.kill('SIGKILL');
-  redis.kill('SIGKILL');
+  redis.proc.kill('SIGKILL');
 }
 times.sort((x, y) => x - y);
 const q = (p) => times[Math.min(times.length - 1, Math.floor(times.length * p))];

@@ -3,58 +3,15 @@
 // herald nodes that share a real redis-server.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { freePort, haproxy, herald as start, publish, redis as startRedis, sleep, tool } from './harness.mjs';
 
-const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-// herald reads every HERALD_* variable as configuration: start it without the caller's.
-const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
 
-function tool(path, pkg) {
-  const found = path.startsWith('/') ? existsSync(path) : spawnSync('which', [path]).status === 0;
-  if (!found) throw new Error(`${path} is missing: install it with \`apt-get install ${pkg}\``);
-  return path;
-}
-
-async function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function herald(port, id, redis) {
-  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--node-id', id, '--redis', redis, '--demo'], {
-    env: { ...cleanEnv(), RUST_LOG: 'info', HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`herald ${id} did not start: ${buf}`));
-    }, 20000);
-    proc.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`herald ${id} exited ${code}: ${buf}`));
-    });
-    proc.stderr.on('data', (d) => {
-      buf += d;
-      if (buf.includes('listening')) {
-        clearTimeout(timer);
-        resolve(proc);
-      }
-    });
-  });
-}
+const herald = async (port, id, redis) =>
+  (await start(port, ['--node-id', id, '--redis', redis, '--demo'], { HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' })).proc;
 
 async function until(what, pred, ms = 15000) {
   const end = Date.now() + ms;
@@ -65,61 +22,22 @@ async function until(what, pred, ms = 15000) {
   }
 }
 
-async function publish(port, channel, data) {
-  const r = await fetch(`http://127.0.0.1:${port}/api/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ channel, data }),
-  });
-  assert.equal(r.status, 200, await r.text());
-}
-
 const items = (page, list) => page.$$eval(`#${list} li`, (lis) => lis.map((li) => li.textContent));
 
 test('the demo in Chromium: chat between pages, no loss when a node dies, SSE where WebSocket is refused', async () => {
   tool(CHROMIUM, 'chromium');
-  const redisPort = await freePort();
-  const redis = spawn(tool('redis-server', 'redis-server'), ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], { stdio: 'ignore' });
+  const redis = await startRedis();
   const ports = { a: await freePort(), b: await freePort() };
   const nodes = {};
   let lb;
   let browser;
   try {
-    await sleep(200);
-    const redisUrl = `redis://127.0.0.1:${redisPort}`;
-    nodes.a = await herald(ports.a, 'a', redisUrl);
-    nodes.b = await herald(ports.b, 'b', redisUrl);
+    nodes.a = await herald(ports.a, 'a', redis.url);
+    nodes.b = await herald(ports.b, 'b', redis.url);
     const front = await freePort();
     const noWs = await freePort();
-    const cfg = join(mkdtempSync(join(tmpdir(), 'herald-lb-')), 'haproxy.cfg');
-    writeFileSync(
-      cfg,
-      `global
-    maxconn 1000
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout tunnel 1h
-frontend public
-    bind 127.0.0.1:${front}
-    default_backend herald
-# A proxy that refuses WebSocket upgrades: clients must fall back to SSE.
-frontend no_websocket
-    bind 127.0.0.1:${noWs}
-    http-request deny deny_status 403 if { path /ws }
-    default_backend herald
-backend herald
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 100ms fall 1 rise 1
-    server a 127.0.0.1:${ports.a} check
-    server b 127.0.0.1:${ports.b} check
-`,
-    );
-    lb = spawn(tool('haproxy', 'haproxy'), ['-db', '-f', cfg], { stdio: 'ignore' });
+    // The second frontend refuses WebSocket upgrades: clients must fall back to SSE.
+    lb = haproxy(ports, { [front]: '', [noWs]: '    http-request deny deny_status 403 if { path /ws }\n' });
     await until('HAProxy', async () => (await fetch(`http://127.0.0.1:${front}/readyz`).catch(() => null))?.ok);
     await sleep(300); // both servers checked up
 
@@ -181,6 +99,6 @@ backend herald
     await browser?.close();
     lb?.kill('SIGKILL');
     for (const n of Object.values(nodes)) n.kill('SIGKILL');
-    redis.kill('SIGKILL');
+    redis.proc.kill('SIGKILL');
   }
 });

@@ -3,35 +3,12 @@
 // binary (default: the workspace's target/debug/herald).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, execFileSync } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Client } from '../dist/herald.mjs';
+import { freePort, herald as start, publish, redis as startRedis, sleep, stop, tempFile } from './harness.mjs';
 
-const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
 const SECRET = 'js-client-test-secret-js-client-test-0123';
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-// herald reads every HERALD_* variable as configuration: start it without the caller's.
-const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
-
-async function freePort() {
-  return new Promise((resolve) => {
-    const s = createServer().listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-function configFile(toml) {
-  const dir = mkdtempSync(join(tmpdir(), 'herald-js-'));
-  const path = join(dir, 'herald.toml');
-  writeFileSync(path, toml);
-  return path;
-}
 
 const RULES = `
 [auth]
@@ -47,49 +24,10 @@ pattern = "feed:*"
 history_size = 1000
 `;
 
-/** Starts herald on `port` (0: any); resolves with { proc, addr }. */
-function herald(port, args = [], env = {}) {
-  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, '--config', configFile(RULES), ...args], {
-    env: { ...cleanEnv(), RUST_LOG: 'info', ...env },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
-  return new Promise((resolve, reject) => {
-    let buf = '';
-    const timer = setTimeout(() => {
-      proc.kill('SIGKILL');
-      reject(new Error(`herald did not start: ${buf}`));
-    }, 20000);
-    proc.stderr.on('data', (d) => {
-      buf += d;
-      const m = buf.match(/ws:\/\/([0-9.:]+)\/ws/);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ proc, addr: m[1] });
-      }
-    });
-    proc.on('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`herald exited ${code}: ${buf}`));
-    });
-  });
-}
+const CONFIG = tempFile('herald.toml', RULES);
 
-function stop(h, signal = 'SIGTERM') {
-  return new Promise((resolve) => {
-    if (h.proc.exitCode !== null) return resolve();
-    h.proc.once('exit', () => resolve());
-    h.proc.kill(signal);
-  });
-}
-
-async function publish(addr, channel, data) {
-  const r = await fetch(`http://${addr}/api/publish`, {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify({ channel, data }),
-  });
-  assert.equal(r.status, 200, await r.text());
-}
+/** A node with the rules above on `port` (0: any). */
+const herald = (port, args = [], env = {}) => start(port, ['--config', CONFIG, ...args], env);
 
 function token(sub, expiresIn) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
@@ -139,14 +77,10 @@ test('subscribes, publishes, and reports refusals as errors', async () => {
 });
 
 test('resumes a history channel without loss when its node dies and comes back', async () => {
-  const redisPort = await freePort();
-  const redis = spawn('redis-server', ['--port', String(redisPort), '--save', '', '--appendonly', 'no'], {
-    stdio: 'ignore',
-  });
+  const redis = await startRedis();
   let a, b, c;
   try {
-    await sleep(300);
-    const url = `redis://127.0.0.1:${redisPort}`;
+    const url = redis.url;
     const port = await freePort();
     a = await herald(port, ['--redis', url]);
     b = await herald(0, ['--redis', url]);
@@ -180,7 +114,7 @@ test('resumes a history channel without loss when its node dies and comes back',
     c?.close();
     if (a) await stop(a);
     if (b) await stop(b);
-    redis.kill('SIGKILL');
+    redis.proc.kill('SIGKILL');
   }
 });
 

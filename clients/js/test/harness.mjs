@@ -1,0 +1,127 @@
+// Real processes for the JS client's tests and benchmark: herald nodes, redis-server,
+// HAProxy. A missing program fails with its install command, never a skip.
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+/** The herald binary: TEST_HERALD_BIN, or the workspace's debug build. */
+export const BIN = process.env.TEST_HERALD_BIN ?? new URL('../../../target/debug/herald', import.meta.url).pathname;
+
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** `path` if it exists (or is on PATH), else an error naming the Debian package. */
+export function tool(path, pkg) {
+  const found = path.startsWith('/') ? existsSync(path) : spawnSync('which', [path]).status === 0;
+  if (!found) throw new Error(`${path} is missing: install it with \`apt-get install ${pkg}\``);
+  return path;
+}
+
+export function freePort() {
+  return new Promise((resolve) => {
+    const s = createServer().listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+/** A file in a fresh temporary directory. */
+export function tempFile(name, text) {
+  const path = join(mkdtempSync(join(tmpdir(), 'herald-js-')), name);
+  writeFileSync(path, text);
+  return path;
+}
+
+// herald reads every HERALD_* variable as configuration: start it without the caller's.
+const cleanEnv = () => Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
+
+/** Starts herald on 127.0.0.1:`port` (0: any) with `args` and `env`; resolves with
+ * { proc, addr } once it listens. */
+export function herald(port, args = [], env = {}) {
+  const proc = spawn(BIN, ['--listen', `127.0.0.1:${port}`, ...args], {
+    env: { ...cleanEnv(), RUST_LOG: 'info', ...env },
+    stdio: ['ignore', 'ignore', 'pipe'],
+  });
+  return new Promise((resolve, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => {
+      proc.kill('SIGKILL');
+      reject(new Error(`herald did not start: ${buf}`));
+    }, 20000);
+    proc.stderr.on('data', (d) => {
+      buf += d;
+      const m = buf.match(/ws:\/\/([0-9.:]+)\/ws/);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ proc, addr: m[1] });
+      }
+    });
+    proc.on('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`herald exited ${code}: ${buf}`));
+    });
+  });
+}
+
+/** Stops a node started by `herald` and waits for it to exit. */
+export function stop(h, signal = 'SIGTERM') {
+  return new Promise((resolve) => {
+    if (h.proc.exitCode !== null || h.proc.signalCode !== null) return resolve();
+    h.proc.once('exit', () => resolve());
+    h.proc.kill(signal);
+  });
+}
+
+/** A redis-server without persistence; resolves with { proc, url }. */
+export async function redis() {
+  const port = await freePort();
+  const proc = spawn(tool('redis-server', 'redis-server'), ['--port', String(port), '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+  await sleep(300);
+  return { proc, url: `redis://127.0.0.1:${port}` };
+}
+
+/** HAProxy balancing `servers` (name → port) with 100 ms health checks on /readyz;
+ * `frontends` (port → extra lines) all use that backend. */
+export function haproxy(servers, frontends) {
+  const fronts = Object.entries(frontends)
+    .map(([port, extra], i) => `frontend f${i}\n    bind 127.0.0.1:${port}\n${extra}    default_backend herald\n`)
+    .join('');
+  const backs = Object.entries(servers)
+    .map(([name, port]) => `    server ${name} 127.0.0.1:${port} check\n`)
+    .join('');
+  const cfg = tempFile(
+    'haproxy.cfg',
+    `global
+    maxconn 1000
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 60s
+    timeout server 60s
+    timeout tunnel 1h
+    retries 2
+    option redispatch
+${fronts}backend herald
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 100ms fall 1 rise 1
+${backs}`,
+  );
+  return spawn(tool('haproxy', 'haproxy'), ['-db', '-f', cfg], { stdio: 'ignore' });
+}
+
+/** POST /api/publish on 127.0.0.1:`port` (or `addr` "host:port"); throws unless 200. */
+export async function publish(where, channel, data) {
+  const addr = typeof where === 'number' ? `127.0.0.1:${where}` : where;
+  const r = await fetch(`http://${addr}/api/publish`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ channel, data }),
+  });
+  if (r.status !== 200) throw new Error(`publish: ${r.status} ${await r.text()}`);
+}
