@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use herald_server::config::{PublishAccess, SubscribeAccess};
-use herald_testkit::{history_rule, system_tool, Client, Node};
+use herald_testkit::{history_rule, key_pair, Client, KeyKind, Node};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -29,37 +29,8 @@ impl Keys {
     fn new(name: &str) -> Keys {
         let dir = std::env::temp_dir().join(format!("herald-auth-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let openssl = system_tool("openssl", "openssl");
-        let run = |args: &[&str]| {
-            let ok = std::process::Command::new(&openssl)
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .unwrap()
-                .status
-                .success();
-            assert!(ok, "openssl {args:?}");
-        };
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "rsa.pem",
-        ]);
-        run(&["pkey", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub.pem"]);
-        run(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            "ec.pem",
-        ]);
-        run(&["pkey", "-in", "ec.pem", "-pubout", "-out", "ec.pub.pem"]);
+        key_pair(&dir, "rsa", KeyKind::Rsa);
+        key_pair(&dir, "ec", KeyKind::EcP256);
         // A JWKS with two HMAC keys, chosen by kid.
         let k = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
         let jwks = json!({"keys": [

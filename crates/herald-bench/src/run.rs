@@ -1084,27 +1084,7 @@ async fn auth_costs(
     const SECRET: &str = "bench-hmac-secret-bench-hmac-secret-0123";
     let dir = std::env::temp_dir().join(format!("herald-bench-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let openssl = herald_harness::system_tool("openssl", "openssl");
-    for args in [
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            "rsa.pem",
-        ][..],
-        &["pkey", "-in", "rsa.pem", "-pubout", "-out", "rsa.pub.pem"][..],
-    ] {
-        let ok = std::process::Command::new(&openssl)
-            .args(args)
-            .current_dir(&dir)
-            .output()?
-            .status
-            .success();
-        anyhow::ensure!(ok, "openssl {args:?} failed");
-    }
+    herald_harness::key_pair(&dir, "rsa", herald_harness::KeyKind::Rsa);
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()

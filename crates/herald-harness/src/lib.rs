@@ -30,6 +30,50 @@ pub fn system_tool(bin: &str, package: &str) -> PathBuf {
         })
 }
 
+/// Which key pair [`key_pair`] makes.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyKind {
+    /// RSA, 2048 bits (RS256).
+    Rsa,
+    /// ECDSA on P-256 (ES256).
+    EcP256,
+}
+
+/// Makes a key pair with `openssl` in `dir`: `{name}.pem` (private) and
+/// `{name}.pub.pem` (public, PEM).
+pub fn key_pair(dir: &Path, name: &str, kind: KeyKind) {
+    let openssl = system_tool("openssl", "openssl");
+    let (algorithm, option) = match kind {
+        KeyKind::Rsa => ("RSA", "rsa_keygen_bits:2048"),
+        KeyKind::EcP256 => ("EC", "ec_paramgen_curve:P-256"),
+    };
+    let private = format!("{name}.pem");
+    let public = format!("{name}.pub.pem");
+    for args in [
+        &[
+            "genpkey",
+            "-algorithm",
+            algorithm,
+            "-pkeyopt",
+            option,
+            "-out",
+            &private,
+        ][..],
+        &["pkey", "-in", &private, "-pubout", "-out", &public][..],
+    ] {
+        let out = Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -28,7 +28,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use serde_json::json;
 
-pub use herald_harness::{free_port, system_tool, RedisCluster, RedisServer};
+pub use herald_harness::{free_port, key_pair, system_tool, KeyKind, RedisCluster, RedisServer};
 
 /// Redis settings suited to tests: fast probes, fast reconnects.
 pub fn redis_config(url: &str) -> RedisConfig {
