@@ -6,12 +6,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use herald_server::config::{PublishAccess, SubscribeAccess};
-use herald_testkit::{history_rule, key_pair, Client, KeyKind, Node};
+// The test kit's tokens are signed with the same secret.
+use herald_testkit::{history_rule, key_pair, Client, KeyKind, Node, TEST_SECRET as SECRET};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-const SECRET: &str = "a-shared-secret-of-at-least-32-bytes!";
 
 fn now() -> u64 {
     SystemTime::now()
