@@ -60,6 +60,15 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// Waits (off the runtime's threads) for `child` to exit, and asserts it exited 0.
+async fn assert_exits_cleanly(mut child: Child) {
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+            .await
+            .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -120,7 +129,7 @@ fn example_config_file_is_valid() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_clients_and_exits_0() {
-    let (mut child, addr) = start(&["--log-format", "text"], &[]);
+    let (child, addr) = start(&["--log-format", "text"], &[]);
     let mut clients = Vec::new();
     for _ in 0..3 {
         let mut c = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
@@ -145,17 +154,13 @@ async fn sigterm_drains_clients_and_exits_0() {
         let (closed, _) = c.closed().await;
         assert_eq!(closed.code, Some(1001));
     }
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_exits_cleanly(child).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_with_restart_closes_with_1012() {
     // Configuration from the environment reaches the running node.
-    let (mut child, addr) = start(
+    let (child, addr) = start(
         &["--log-format", "json"],
         &[("HERALD_SHUTDOWN__RESTART", "true")],
     );
@@ -163,11 +168,7 @@ async fn sigint_with_restart_closes_with_1012() {
     signal(&child, "-INT");
     let (closed, _) = c.closed().await;
     assert_eq!(closed.code, Some(1012));
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_exits_cleanly(child).await;
 }
 
 /// Tokens travel in URLs (`access_token`), requests and refreshes; none may reach a log
@@ -238,11 +239,7 @@ async fn tokens_never_reach_the_logs_even_at_trace() {
     assert_eq!(c.recv_json().await["op"], "subscribed");
     c.close().await;
     signal(&child, "-TERM");
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_exits_cleanly(child).await;
     for r in readers {
         r.join().unwrap();
     }
@@ -273,7 +270,7 @@ async fn sighup_reloads_the_jwks_file() {
     let k1 = key("k1", "Zmlyc3Qta2V5LWZpcnN0LWtleS1maXJzdC1rZXktMTI");
     let k2 = key("k2", "c2Vjb25kLWtleS1zZWNvbmQta2V5LXNlY29uZC1rMzQ");
     std::fs::write(&jwks, format!(r#"{{"keys":[{k1}]}}"#)).unwrap();
-    let (mut child, addr) = start(
+    let (child, addr) = start(
         &[],
         &[("HERALD_AUTH__JWT__JWKS_FILE", jwks.to_str().unwrap())],
     );
@@ -313,10 +310,6 @@ async fn sighup_reloads_the_jwks_file() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(accepted(&t2).await);
     signal(&child, "-TERM");
-    let status =
-        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_exits_cleanly(child).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
