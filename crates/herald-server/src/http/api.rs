@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use herald_auth::KeyCheck;
-use herald_broker::BrokerError;
+use herald_broker::{BrokerError, Published};
 use herald_metrics::Source;
 use herald_protocol::{api, ChannelName, ChannelPatterns, ErrorCode, Payload, Publication};
 use http_body_util::{BodyExt, Limited};
@@ -38,19 +38,10 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         return Err(Refusal::method_not_allowed("use POST"));
     }
     let scope = authorize(&req, node)?;
-    let content_type = content_type(&req);
-    // JSON bodies only as `application/json`: a browser page can send `text/plain` or
-    // form bodies cross-site without a preflight, so accepting them would let any web
-    // page publish into a node it can reach.
-    if matches!(path.as_str(), "/api/publish" | "/api/batch")
-        && content_type.as_deref() != Some("application/json")
-    {
-        return Err(Refusal::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::BadRequest,
-            "Content-Type must be application/json",
-        ));
+    if matches!(path.as_str(), "/api/publish" | "/api/batch") {
+        require_json(&req)?;
     }
+    let content_type = content_type(&req);
     let body = read_body(req, &node.config.limits).await?;
     let (batch, single) = match path.as_str() {
         "/api/publish" => (
@@ -83,6 +74,25 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         .publish(batch, Source::Http)
         .await
         .map_err(broker_refusal)?;
+    Ok(published(&results, single))
+}
+
+/// 415 unless the body is `application/json`: a browser page can send `text/plain` or
+/// form bodies cross-site without a preflight, so accepting them would let any web page
+/// publish into a node it can reach.
+pub(super) fn require_json(req: &Request<Incoming>) -> Result<(), Refusal> {
+    if content_type(req).as_deref() == Some("application/json") {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::BadRequest,
+        "Content-Type must be application/json",
+    ))
+}
+
+/// The 200 reply to a publish: one outcome (`single`) or a batch's.
+pub(super) fn published(results: &[Published], single: bool) -> Response<Body> {
     let outcomes: Vec<api::Outcome> = results
         .iter()
         .map(|r| api::Outcome {
@@ -94,7 +104,7 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         (true, Some(o)) => api::published(o),
         _ => api::published_batch(&outcomes),
     };
-    Ok(json(StatusCode::OK, body))
+    json(StatusCode::OK, body)
 }
 
 /// What a broker failure means to an API caller. The broker's own text may name
@@ -165,7 +175,7 @@ async fn history(
 }
 
 /// The media type, lower-cased, without parameters.
-pub(super) fn content_type(req: &Request<Incoming>) -> Option<String> {
+fn content_type(req: &Request<Incoming>) -> Option<String> {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

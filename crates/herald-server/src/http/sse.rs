@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::{CancellationToken, PollSender};
 
 use super::api;
-use super::reply::{json, Body, Refusal};
+use super::reply::{Body, Refusal};
 use super::upgrade::{admit, authenticate};
 use crate::access;
 use crate::node::Node;
@@ -279,14 +279,7 @@ async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<B
         return Err(Refusal::method_not_allowed("use POST"));
     }
     let identity = authenticate(&req, node).map_err(|(_, f)| f)?;
-    // JSON only: a cross-site page cannot send it without a preflight.
-    if api::content_type(&req).as_deref() != Some("application/json") {
-        return Err(Refusal::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::BadRequest,
-            "Content-Type must be application/json",
-        ));
-    }
+    api::require_json(&req)?;
     let body = api::read_body(req, &node.config.limits).await?;
     let p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
     let channel = p.publication.channel.clone();
@@ -305,21 +298,5 @@ async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<B
         .publish(vec![(p.publication, p.idempotency_key)], Source::Client)
         .await
         .map_err(api::broker_refusal)?;
-    let outcome = results
-        .first()
-        .map(|r| herald_protocol::api::Outcome {
-            position: r.position,
-            duplicate: r.duplicate,
-        })
-        .ok_or_else(|| {
-            Refusal::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                "no result",
-            )
-        })?;
-    Ok(json(
-        StatusCode::OK,
-        herald_protocol::api::published(&outcome),
-    ))
+    Ok(api::published(&results, true))
 }
