@@ -66,8 +66,8 @@ async fn read(stream: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, Pr
             HeaderResult::V1(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
             HeaderResult::V2(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
         };
-        let mut header = vec![0u8; len];
-        stream.read_exact(&mut header).await?;
+        // Consume exactly the header (its bytes are in `buf` already, so read over them).
+        stream.read_exact(&mut buf[..len]).await?;
         return Ok(addr.unwrap_or(peer));
     }
 }

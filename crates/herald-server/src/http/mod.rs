@@ -174,20 +174,23 @@ async fn route(
 ) -> Response<Body> {
     let public = matches!(role, Role::Public | Role::All);
     let internal = matches!(role, Role::Internal | Role::All);
+    // Where a session's client is (its own address, or the one a trusted proxy names).
+    let trusted = &node.config.proxy.trusted;
+    let client = |req: &Request<Incoming>| edge::client_ip(req.headers(), peer.ip(), trusted);
     match req.uri().path() {
         "/healthz" => health::healthz(),
         "/readyz" => health::readyz(&node),
         "/ws" if public => {
-            let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
+            let client = client(&req);
             upgrade::upgrade(req, node, client)
+        }
+        "/sse" if public => {
+            let client = client(&req);
+            sse::sse(req, node, client)
         }
         "/sse/publish" if public => sse::publish(req, node).await,
         "/demo" if public && node.config.demo => demo::page(),
         "/herald.js" if public && node.config.demo => demo::client_js(),
-        "/sse" if public => {
-            let client = edge::client_ip(req.headers(), peer.ip(), &node.config.proxy.trusted);
-            sse::sse(req, node, client)
-        }
         "/metrics" if internal => health::metrics(&node),
         p if internal && p.starts_with("/api/") => api::handle(req, &node).await,
         _ => Refusal::not_found().into_response(),
