@@ -137,7 +137,7 @@ pub enum Error {
 enum Command {
     Subscribe(ChannelName, mpsc::UnboundedSender<Event>),
     Unsubscribe(ChannelName),
-    Publish(String, Value, oneshot::Sender<Result<Value, Error>>),
+    Publish(String, Value, Reply),
     Close,
 }
 
@@ -239,7 +239,7 @@ struct Sub {
 struct Queued {
     channel: String,
     data: Value,
-    reply: oneshot::Sender<Result<Value, Error>>,
+    reply: Reply,
     since: Instant,
 }
 
@@ -357,6 +357,41 @@ async fn connect(config: &Config) -> Result<(Ws, Duration), tokio_tungstenite::t
     }
 }
 
+type Reply = oneshot::Sender<Result<Value, Error>>;
+
+/// The requests of one connection that wait for their reply, by request id.
+#[derive(Default)]
+struct Requests {
+    next_id: u64,
+    /// Subscribes: their channel (a refusal removes the subscription).
+    subscribing: HashMap<u64, ChannelName>,
+    /// Publishes: who waits for the outcome.
+    publishing: HashMap<u64, Reply>,
+}
+
+impl Requests {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The frame subscribing to `channel`, resuming after `since`.
+    fn subscribe(&mut self, channel: &ChannelName, since: Option<StreamPosition>) -> Message {
+        let id = self.id();
+        self.subscribing.insert(id, channel.clone());
+        Message::Text(encode_resume(channel, Some(id), since).into())
+    }
+
+    /// The frame publishing `data`; `reply` hears the outcome.
+    fn publish(&mut self, channel: &str, data: &Value, reply: Reply) -> Message {
+        let id = self.id();
+        self.publishing.insert(id, reply);
+        let frame =
+            serde_json::json!({"op": "publish", "channel": channel, "data": data, "id": id});
+        Message::Text(frame.to_string().into())
+    }
+}
+
 /// Runs one connection until it ends.
 async fn session(
     config: &Config,
@@ -366,15 +401,13 @@ async fn session(
     subs: &mut HashMap<ChannelName, Sub>,
     queue: &mut Vec<Queued>,
 ) -> Ended {
-    let mut next_id: u64 = 1;
-    // Request id → the channel it subscribes, or the publish waiting for its reply.
-    let mut subscribing: HashMap<u64, ChannelName> = HashMap::new();
-    let mut publishing: HashMap<u64, oneshot::Sender<Result<Value, Error>>> = HashMap::new();
+    let mut requests = Requests::default();
     for (channel, sub) in subs.iter() {
-        let frame = encode_resume(channel, Some(next_id), sub.position);
-        subscribing.insert(next_id, channel.clone());
-        next_id += 1;
-        if ws.send(Message::Text(frame.into())).await.is_err() {
+        if ws
+            .send(requests.subscribe(channel, sub.position))
+            .await
+            .is_err()
+        {
             return Ended::Reconnect { at_once: false };
         }
     }
@@ -383,14 +416,8 @@ async fn session(
             let _ = q.reply.send(Err(Error::Timeout));
             continue;
         }
-        let frame = serde_json::json!({"op": "publish", "channel": q.channel, "data": q.data, "id": next_id});
-        publishing.insert(next_id, q.reply);
-        next_id += 1;
-        if ws
-            .send(Message::Text(frame.to_string().into()))
-            .await
-            .is_err()
-        {
+        let frame = requests.publish(&q.channel, &q.data, q.reply);
+        if ws.send(frame).await.is_err() {
             return Ended::Reconnect { at_once: false };
         }
     }
@@ -404,7 +431,7 @@ async fn session(
                 last_heard = Instant::now();
                 pinged = None;
                 match msg {
-                    Some(Ok(Message::Text(t))) => on_text(t.as_str(), subs, &mut subscribing, &mut publishing),
+                    Some(Ok(Message::Text(t))) => on_text(t.as_str(), subs, &mut requests),
                     Some(Ok(Message::Binary(b))) => on_binary(&b, subs),
                     Some(Ok(Message::Close(frame))) => {
                         let code = frame.map_or(1005, |f| u16::from(f.code));
@@ -420,11 +447,9 @@ async fn session(
                     break Ended::Closed;
                 }
                 Some(Command::Subscribe(channel, events)) => {
-                    let frame = encode_resume(&channel, Some(next_id), None);
-                    subscribing.insert(next_id, channel.clone());
-                    next_id += 1;
+                    let frame = requests.subscribe(&channel, None);
                     subs.insert(channel, Sub { events, position: None });
-                    if ws.send(Message::Text(frame.into())).await.is_err() {
+                    if ws.send(frame).await.is_err() {
                         break Ended::Reconnect { at_once: false };
                     }
                 }
@@ -434,10 +459,8 @@ async fn session(
                     let _ = ws.send(Message::Text(frame.to_string().into())).await;
                 }
                 Some(Command::Publish(channel, data, reply)) => {
-                    let frame = serde_json::json!({"op": "publish", "channel": channel, "data": data, "id": next_id});
-                    publishing.insert(next_id, reply);
-                    next_id += 1;
-                    if ws.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    let frame = requests.publish(&channel, &data, reply);
+                    if ws.send(frame).await.is_err() {
                         break Ended::Reconnect { at_once: false };
                     }
                 }
@@ -460,7 +483,7 @@ async fn session(
         }
     };
     // Sent but unanswered: their outcome is unknown.
-    for (_, reply) in publishing {
+    for (_, reply) in requests.publishing {
         let _ = reply.send(Err(Error::Disconnected));
     }
     ended
@@ -478,12 +501,7 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
     let _ = sub.events.send(Event::Message { data, offset });
 }
 
-fn on_text(
-    text: &str,
-    subs: &mut HashMap<ChannelName, Sub>,
-    subscribing: &mut HashMap<u64, ChannelName>,
-    publishing: &mut HashMap<u64, oneshot::Sender<Result<Value, Error>>>,
-) {
+fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requests) {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
         return;
     };
@@ -502,7 +520,7 @@ fn on_text(
         }
         Some("subscribed") => {
             if let Some(id) = id {
-                subscribing.remove(&id);
+                requests.subscribing.remove(&id);
             }
             let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
                 return;
@@ -539,7 +557,7 @@ fn on_text(
             let _ = sub.events.send(Event::Reset);
         }
         Some("published") => {
-            if let Some(reply) = id.and_then(|id| publishing.remove(&id)) {
+            if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
                 let _ = reply.send(Ok(v));
             }
         }
@@ -547,9 +565,9 @@ fn on_text(
             let code = v["code"].as_str().unwrap_or("internal").to_owned();
             let message = v["message"].as_str().unwrap_or("").to_owned();
             let Some(id) = id else { return };
-            if let Some(reply) = publishing.remove(&id) {
+            if let Some(reply) = requests.publishing.remove(&id) {
                 let _ = reply.send(Err(Error::Server { code, message }));
-            } else if let Some(channel) = subscribing.remove(&id) {
+            } else if let Some(channel) = requests.subscribing.remove(&id) {
                 if let Some(sub) = subs.remove(&channel) {
                     let _ = sub
                         .events
