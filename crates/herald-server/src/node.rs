@@ -174,6 +174,7 @@ impl Node {
             let user: Arc<str> = Arc::from(user);
             let n = per.user.entry(user.clone()).or_default();
             if *n >= limits.max_connections_per_user {
+                // `slot` gives the per-address count back on drop, under this lock.
                 drop(per);
                 return Err(SlotRefused::PerUser);
             }
