@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use herald_testkit::{eventually, http, redis_config, Node, RedisCluster, RedisServer};
+use herald_testkit::{eventually, http, redis_config, FaultProxy, Node, RedisCluster, RedisServer};
 use tokio_tungstenite::tungstenite::Message;
 
 fn numsub(redis: &RedisServer, channel: &str) -> u64 {
@@ -261,6 +261,44 @@ async fn killed_subscription_connection_is_repaired() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(node.metric("herald_broker_reconnects_total"), 1.0);
     assert_eq!(node.metric("herald_broker_up"), 1.0);
+}
+
+/// A connection's disconnect report that arrives while the supervisor is busy (here:
+/// waiting for Redis to confirm a subscribe) must not also drop the connection that
+/// replaces it: one lost connection, one reconnect.
+#[tokio::test]
+async fn a_late_disconnect_report_does_not_drop_the_replacement() {
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(([127, 0, 0, 1], redis.port).into()).await;
+    let node = Node::start_redis(&format!("redis://{}", proxy.addr), |_| {}).await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    // Redis stops answering while the supervisor sends the next SUBSCRIBE...
+    proxy.stall(true);
+    sub.send_text(r#"{"op":"subscribe","channel":"sports","id":7}"#)
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and the connection dies under it: the SUBSCRIBE fails, and the connection
+    // reports its disconnect while the supervisor is not listening for reports.
+    proxy.cut();
+    let reply = sub.recv_json().await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    assert_eq!(reply["id"], 7, "{reply}");
+    for (n, channel) in ["news", "sports"].into_iter().enumerate() {
+        redis.cli(&["PUBLISH", &format!("herald:{channel}"), &n.to_string()]);
+        let m = sub.recv_json().await;
+        assert_eq!(
+            (m["channel"].as_str(), m["data"].as_u64()),
+            (Some(channel), Some(n as u64))
+        );
+    }
+    // Probes run every 200 ms: a replacement dropped by the stale report would have
+    // been counted by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(node.metric("herald_broker_reconnects_total"), 1.0);
+    assert_eq!(node.metric("herald_broker_up"), 1.0);
+    let clients = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]);
+    assert_eq!(clients.lines().count(), 1, "{clients}");
 }
 
 /// A connection that works but whose (re)subscribe fails must not make the supervisor

@@ -6,6 +6,7 @@
 //! - [`Client`]: a tokio-tungstenite client with helpers that fail loudly (with a
 //!   timeout) instead of hanging.
 //! - [`http`]: one HTTP/1.1 request over a fresh connection.
+//! - [`FaultProxy`]: a TCP relay a test stalls or cuts (faults between a node and Redis).
 #![allow(unreachable_pub)]
 
 use std::net::SocketAddr;
@@ -27,6 +28,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use serde_json::json;
+
+mod fault;
+pub use fault::FaultProxy;
 
 pub use herald_harness::{free_port, key_pair, system_tool, KeyKind, RedisCluster, RedisServer};
 
