@@ -372,3 +372,233 @@ async fn redis_cluster_spreads_channels_over_masters() {
         "channels spread over {masters_used} master(s)"
     );
 }
+
+/// Which master serves each channel: sharded subscriptions live on the slot's owner.
+fn owners(cluster: &RedisCluster, channels: &[String]) -> Vec<usize> {
+    let listed: Vec<String> = cluster
+        .servers
+        .iter()
+        .map(|s| s.cli(&["PUBSUB", "SHARDCHANNELS", "herald:*"]))
+        .collect();
+    channels
+        .iter()
+        .map(|ch| {
+            let key = format!("herald:{ch}");
+            listed
+                .iter()
+                .position(|l| l.lines().any(|line| line.trim() == key))
+                .unwrap_or_else(|| panic!("no master serves {ch}"))
+        })
+        .collect()
+}
+
+/// The ids of a server's pub/sub connections (a connection replaced gets a new id).
+fn pubsub_ids(server: &RedisServer) -> Vec<String> {
+    let mut ids: Vec<String> = server
+        .cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
+        .split_whitespace()
+        .filter_map(|f| f.strip_prefix("id=").map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A node subscribed to 24 plain and 24 history channels over a 3-master cluster, and
+/// the channels chosen on master `lost` (the one the test breaks) and on the others.
+struct ShardStory {
+    node: Node,
+    sub: herald_testkit::Client,
+    /// A plain channel served by another master.
+    steady: String,
+    /// A plain and a history channel served by the broken master.
+    plain_on_lost: String,
+    history_on_lost: String,
+}
+
+async fn shard_story(cluster: &RedisCluster, lost: usize) -> ShardStory {
+    let mut cfg = redis_config(&cluster.urls());
+    cfg.cluster = true;
+    let node = Node::start_redis_with(cfg, |c| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+        c.limits.subscribe_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut sub = node.client().await;
+    let plain: Vec<String> = (0..24).map(|i| format!("room:{i}")).collect();
+    let history: Vec<String> = (0..24).map(|i| format!("h:{i}")).collect();
+    for ch in &plain {
+        sub.subscribe(ch).await;
+    }
+    for ch in &history {
+        let r = sub.subscribe_since(ch, None).await;
+        assert_eq!(r["op"], "subscribed", "{r}");
+    }
+    let (plain_owners, history_owners) = (owners(cluster, &plain), owners(cluster, &history));
+    let pick = |chs: &[String], owners: &[usize], on_lost: bool| {
+        chs.iter()
+            .zip(owners)
+            .find(|(_, &o)| (o == lost) == on_lost)
+            .map(|(c, _)| c.clone())
+            .expect("24 channels cover every master")
+    };
+    ShardStory {
+        steady: pick(&plain, &plain_owners, false),
+        plain_on_lost: pick(&plain, &plain_owners, true),
+        history_on_lost: pick(&history, &history_owners, true),
+        node,
+        sub,
+    }
+}
+
+/// Receives until every channel in `want` has its count of messages; returns each
+/// channel's `data` in arrival order.
+async fn collect(
+    sub: &mut herald_testkit::Client,
+    want: &[(&str, usize)],
+) -> std::collections::HashMap<String, Vec<u64>> {
+    let mut got: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    while want
+        .iter()
+        .any(|(ch, n)| got.get(*ch).map_or(0, Vec::len) < *n)
+    {
+        let m = sub.recv_json().await;
+        if m["op"] == "message" {
+            let ch = m["channel"].as_str().expect("channel").to_owned();
+            got.entry(ch)
+                .or_default()
+                .push(m["data"].as_u64().expect("a number"));
+        }
+    }
+    got
+}
+
+/// One master's connection dies (the master stays up): the other masters keep their
+/// connections and subscriptions, nothing published meanwhile on them is lost, the
+/// lost shard's channels come back, and its history channel catches up.
+#[tokio::test]
+async fn a_lost_cluster_connection_leaves_the_other_shards_alone() {
+    let cluster = RedisCluster::start(3);
+    let lost = 0;
+    let mut s = shard_story(&cluster, lost).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != lost).collect();
+    let before: Vec<Vec<String>> = others
+        .iter()
+        .map(|&i| pubsub_ids(&cluster.servers[i]))
+        .collect();
+
+    cluster.servers[lost].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    for n in 1..=20u64 {
+        for ch in [&s.steady, &s.history_on_lost] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while s.node.publish(ch, &n.to_string()).await != 200 {
+                assert!(Instant::now() < deadline, "publishing to {ch} failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let got = collect(&mut s.sub, &[(&s.steady, 20), (&s.history_on_lost, 20)]).await;
+    let expected: Vec<u64> = (1..=20).collect();
+    assert_eq!(got[&s.steady], expected, "the healthy shard's channel");
+    assert_eq!(
+        got[&s.history_on_lost], expected,
+        "the lost shard's history channel"
+    );
+    // The lost shard's plain channel is delivered again.
+    let started = Instant::now();
+    loop {
+        assert_eq!(s.node.publish(&s.plain_on_lost, "99").await, 200);
+        let m = tokio::time::timeout(Duration::from_millis(200), s.sub.recv_json()).await;
+        if let Ok(m) = m {
+            assert_eq!(m["channel"], s.plain_on_lost.as_str(), "{m}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not delivered again"
+        );
+    }
+    let after: Vec<Vec<String>> = others
+        .iter()
+        .map(|&i| pubsub_ids(&cluster.servers[i]))
+        .collect();
+    assert_eq!(s.node.metric("herald_broker_up"), 1.0);
+    let reconnects = s.node.metric("herald_broker_reconnects_total");
+    if reconnects == 0.0 {
+        assert_eq!(
+            before, after,
+            "the other masters' connections were replaced"
+        );
+        assert!(s.node.metric("herald_broker_repairs_total") >= 1.0);
+    } else {
+        // The redis crate can deadlock in its own recovery (a slot refresh waiting
+        // on a reconnect it no longer polls); the supervisor then replaced the
+        // cluster connection, and nothing was lost either way.
+        eprintln!("the cluster connection was replaced whole");
+    }
+}
+
+/// A master is down for a second: the node stays ready, the other masters keep their
+/// connections and delivery of their channels goes on without a gap, and the master's
+/// channels are served again once it is back.
+///
+/// (Publications go straight into the healthy master here: while the redis crate
+/// refreshes the slot map after a lost master, the node's own publishes may wait for
+/// it and be refused with 503 — never accepted and lost. The crate sometimes never
+/// finishes that refresh; the supervisor then replaces the cluster connection whole
+/// after a few rounds in which no master answered, which is why the connections are
+/// compared at the end of the outage and not after the master's return.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_master_down_leaves_the_other_shards_alone() {
+    let mut cluster = RedisCluster::start(3);
+    let lost = 1;
+    let mut s = shard_story(&cluster, lost).await;
+    let steady_owner = owners(&cluster, std::slice::from_ref(&s.steady))[0];
+    let before = pubsub_ids(&cluster.servers[steady_owner]);
+    tokio::task::block_in_place(|| cluster.servers[lost].kill());
+    let outage = Instant::now();
+    let mut n = 0u64;
+    while outage.elapsed() < Duration::from_secs(1) {
+        n += 1;
+        let published = cluster.servers[steady_owner].cli(&[
+            "SPUBLISH",
+            &format!("herald:{}", s.steady),
+            &n.to_string(),
+        ]);
+        assert_eq!(
+            published.trim(),
+            "1",
+            "publication {n} reached no subscriber"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        http(s.node.api, "GET", "/readyz", &[], vec![]).await.status,
+        200
+    );
+    let got = collect(&mut s.sub, &[(&s.steady, n as usize)]).await;
+    assert_eq!(got[&s.steady], (1..=n).collect::<Vec<_>>());
+    assert_eq!(
+        pubsub_ids(&cluster.servers[steady_owner]),
+        before,
+        "the healthy master's connection was replaced"
+    );
+    assert_eq!(s.node.metric("herald_broker_reconnects_total"), 0.0);
+    tokio::task::block_in_place(|| cluster.servers[lost].restart());
+    let started = Instant::now();
+    loop {
+        let status = s.node.publish(&s.plain_on_lost, "99").await;
+        if status == 200 {
+            let m = tokio::time::timeout(Duration::from_millis(300), s.sub.recv_json()).await;
+            if let Ok(m) = m {
+                if m["channel"] == s.plain_on_lost.as_str() {
+                    break;
+                }
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the restarted master's channel is not served (last publish: {status})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

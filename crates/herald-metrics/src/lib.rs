@@ -122,6 +122,9 @@ pub struct Metrics {
     pub broker_up: IntGauge,
     /// Broker (re)connections after a failure.
     pub broker_reconnects: IntCounter,
+    /// Redis Cluster: a shard's subscriptions re-established after one master's
+    /// connection was lost, without reconnecting the others.
+    pub broker_repairs: IntCounter,
     /// Time for the broker to accept a publish.
     pub broker_publish_seconds: Histogram,
     /// Time from the publishing node accepting a message to this node writing it to a
@@ -316,6 +319,10 @@ impl Metrics {
             broker_reconnects: counter(
                 "herald_broker_reconnects_total",
                 "Broker reconnections after a failure.",
+            )?,
+            broker_repairs: counter(
+                "herald_broker_repairs_total",
+                "Redis Cluster: subscriptions re-established after one master's connection was lost (the other masters' connections kept).",
             )?,
             broker_publish_seconds: histogram(
                 "herald_broker_publish_seconds",

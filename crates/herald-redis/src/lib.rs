@@ -19,15 +19,29 @@
 //!   caught by a periodic `PING` probe.
 //! - **Redis Cluster** (`cluster = true`): sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`,
 //!   Redis 7+), so each channel lives on the master that owns its slot; the redis
-//!   crate's cluster client follows slot moves and resubscribes after failovers.
-//!   Known limits: the cluster client forwards pushes from its node connections to our
-//!   handler through an unbounded channel inside the crate. Our handler never waits
-//!   (it `try_send`s into the bounded inbound queue and counts drops), so that channel
+//!   crate's cluster client holds one connection per master and follows slot moves.
+//!   **One master lost is repaired in place**: when a master's connection drops (or
+//!   a probe finds a master silent), the supervisor subscribes every channel again
+//!   (a no-op on the masters that still serve them), retries the channels that fail
+//!   with backoff, and counts the repair in `herald_broker_repairs_total` once the
+//!   masters' connections hold every channel (`CLIENT INFO` on each master, which is
+//!   also the cluster's probe: a master that answers but holds fewer channels than
+//!   the node wants is repaired the same way); then history channels catch up from
+//!   their streams. The other masters' connections and subscriptions are never
+//!   touched, and the node stays ready. Only a cluster of which no master answers is
+//!   reconnected whole.
+//!   Known limits of the redis crate (1.8): its slot refresh can deadlock with its own
+//!   background reconnect of a master, after which it holds every command for good
+//!   (deliveries from the masters go on). The supervisor waits a moment after a loss
+//!   before subscribing again (a subscribe sent while the crate reconnects a master
+//!   is redirected, which starts a slot refresh), and a repair round after which no
+//!   master answers a `PING` replaces the cluster connection whole. While a master is
+//!   down, publishes may wait for the crate's slot refresh and be refused with 503.
+//!   The cluster client also forwards pushes from its node connections to our handler
+//!   through an unbounded channel inside the crate. Our handler never waits (it
+//!   `try_send`s into the bounded inbound queue and counts drops), so that channel
 //!   is drained as fast as the crate's forwarding task runs; it can only back up while
-//!   that task waits to queue a node reconnect (a bounded queue of 100). And a
-//!   disconnect of one master's connection still reconnects the whole cluster
-//!   connection (every shard resubscribes; history channels catch up from their
-//!   streams): handing it to the crate alone left that shard unsubscribed in a test.
+//!   that task waits to queue a node reconnect (a bounded queue of 100).
 //!
 //! Message bodies are [`herald_protocol::envelope`]s, or raw payloads published by a
 //! backend with `PUBLISH herald:news '{"title":"hi"}'`.

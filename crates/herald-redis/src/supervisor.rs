@@ -37,12 +37,19 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                 }
             };
         let mut active: HashSet<ChannelName> = HashSet::new();
+        let mut repair = Repair::new();
         // Resubscribe everything before declaring the node usable again.
         if let Err(e) = sync(&inner, &conn, &mut active, Pass::NewConnection).await {
             tracing::warn!(error = %e, "Redis resubscribe failed");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(inner.config.max_reconnect_delay);
-            continue;
+            // A cluster with one master down still serves the others' channels; the
+            // repair retries the rest.
+            if matches!(conn, Conn::Cluster(_)) && ping(&inner, &conn).await.is_ok() {
+                repair.later(&inner);
+            } else {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(inner.config.max_reconnect_delay);
+                continue;
+            }
         }
         // Only a connection that resubscribed counts as recovered: a server that
         // accepts connections but fails the resubscribe keeps the backoff growing.
@@ -63,7 +70,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         }
         connected_before = true;
 
-        let why = serve(&inner, &conn, &mut active, generation).await;
+        let why = serve(&inner, &conn, &mut active, repair, generation).await;
         inner.up.store(false, Ordering::Release);
         inner.metrics.broker_up.set(0);
         *inner.conn.write() = None;
@@ -77,12 +84,20 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
 }
 
 /// Runs one connection until it fails; returns why.
+///
+/// In cluster mode a connection is one per master, held by the redis crate, which
+/// reconnects a master on its own. A lost master therefore does not end the cluster
+/// connection here: the channels are subscribed again (the others' connections and
+/// subscriptions untouched) until every one is confirmed, and only a cluster of which
+/// no master answers is given up as a whole.
 async fn serve(
     inner: &Inner,
     conn: &Conn,
     active: &mut HashSet<ChannelName>,
+    mut repair: Repair,
     generation: u64,
 ) -> &'static str {
+    let cluster = matches!(conn, Conn::Cluster(_));
     let mut probe = tokio::time::interval(inner.config.probe_interval);
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     probe.tick().await;
@@ -92,34 +107,244 @@ async fn serve(
                 // A report from an earlier connection (it raced with the reconnect that
                 // replaced it) is stale: this one is fine.
                 if inner.lost_generation.load(Ordering::Acquire) == generation {
-                    return "disconnected";
+                    if !cluster {
+                        return "disconnected";
+                    }
+                    tracing::warn!("a Redis Cluster master's connection was lost; subscribing again");
+                    repair.everything(inner);
                 }
             }
             _ = inner.changed.notified() => {
                 if let Err(e) = sync(inner, conn, active, Pass::Changes).await {
                     tracing::warn!(error = %e, "Redis (un)subscribe failed");
-                    return "subscribe failed";
+                    if !cluster {
+                        return "subscribe failed";
+                    }
+                    // The channels that failed are wanted again; the repair retries them.
+                    repair.later(inner);
                 }
             }
-            _ = probe.tick() => {
-                let mut c = conn.clone();
-                let ping = async {
-                    match &mut c {
-                        Conn::Single(c) => redis::cmd("PING").query_async::<Value>(c).await,
-                        Conn::Cluster(c) => redis::cmd("PING").query_async::<Value>(c).await,
-                    }
+            _ = probe.tick(), if !repair.pending() => {
+                let checked = match conn {
+                    Conn::Single(_) => ping(inner, conn).await,
+                    // Every master answers, and together they hold every channel.
+                    Conn::Cluster(c) => shard_subscriptions(inner, c).await.map(|held| {
+                        if held != active.len() {
+                            tracing::warn!(held, expected = active.len(), "Redis Cluster subscriptions differ from the node's; subscribing again");
+                            repair.everything(inner);
+                        }
+                    }),
                 };
-                match tokio::time::timeout(inner.config.timeout, ping).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
+                if let Err(e) = checked {
+                    if cluster && ping(inner, conn).await.is_ok() {
+                        tracing::warn!(error = %e, "a Redis Cluster master does not answer; subscribing again");
+                        repair.everything(inner);
+                    } else {
                         tracing::debug!(error = %e, "Redis probe failed");
                         return "probe failed";
                     }
-                    Err(_) => return "probe timed out",
+                }
+            }
+            _ = repair.due(), if repair.pending() => {
+                match repair.run(inner, conn, active).await {
+                    Ok(()) => {
+                        inner.metrics.broker_repairs.inc();
+                        tracing::info!(channels = active.len(), "Redis Cluster subscriptions restored");
+                        // As after a reconnect: publications may have been missed.
+                        if inner.inbound.resubscribed().await.is_err() {
+                            return "stopped";
+                        }
+                    }
+                    Err(e) if repair.diverged >= Repair::MAX_DIVERGED => {
+                        tracing::warn!(error = %e, "Redis Cluster subscriptions cannot be restored in place");
+                        return "subscriptions diverged";
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Redis Cluster resubscribe incomplete");
+                        // A master being down fails only its channels; the others
+                        // still answer. A cluster connection of which no master answers
+                        // is replaced whole: all masters are unreachable, or the redis
+                        // crate deadlocked in its slot refresh (it then holds every
+                        // command for good, while deliveries from the masters go on).
+                        if ping(inner, conn).await.is_err() {
+                            return "no master answers";
+                        }
+                        repair.later(inner);
+                    }
                 }
             }
         }
     }
+}
+
+/// A cluster connection's repair: which channels still have to be subscribed again,
+/// and when the next round runs.
+struct Repair {
+    /// `None`: no repair pending.
+    due: Option<tokio::time::Instant>,
+    /// The channels not yet confirmed since the loss; `None`: every active channel.
+    unconfirmed: Option<HashSet<ChannelName>>,
+    delay: Duration,
+    /// Rounds in a row in which every subscribe was confirmed and yet the masters did
+    /// not hold every channel.
+    diverged: u32,
+}
+
+impl Repair {
+    /// After this many diverged rounds the cluster connection is replaced whole.
+    const MAX_DIVERGED: u32 = 5;
+    /// How long the redis crate is given to reconnect a master before the first round.
+    const SETTLE: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Repair {
+            due: None,
+            unconfirmed: None,
+            delay: Duration::ZERO,
+            diverged: 0,
+        }
+    }
+
+    fn pending(&self) -> bool {
+        self.due.is_some()
+    }
+
+    /// A master was lost, so any channel may be: every one is subscribed again, after
+    /// a moment. (The redis crate reconnects a live master within milliseconds; a
+    /// subscribe sent meanwhile goes to another master, is redirected, and makes the
+    /// crate refresh its slot map, the step in which it can deadlock.)
+    fn everything(&mut self, inner: &Inner) {
+        self.unconfirmed = None;
+        self.delay = Self::SETTLE.min(inner.config.max_reconnect_delay);
+        self.due = Some(tokio::time::Instant::now() + self.delay);
+    }
+
+    /// A round failed (or a subscribe did): try again after a growing delay.
+    fn later(&mut self, inner: &Inner) {
+        self.delay = (self.delay * 2)
+            .max(Duration::from_millis(25))
+            .min(inner.config.max_reconnect_delay);
+        self.due = Some(tokio::time::Instant::now() + self.delay);
+    }
+
+    async fn due(&self) {
+        match self.due {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Applies what changed meanwhile and subscribes the unconfirmed channels again
+    /// (a subscribe to a channel the master still serves changes nothing). Done when
+    /// every one is confirmed and the masters' connections hold them all: the redis
+    /// crate repairs a master's connection on its own too, and may replace the one
+    /// that confirmed a subscribe.
+    async fn run(
+        &mut self,
+        inner: &Inner,
+        conn: &Conn,
+        active: &mut HashSet<ChannelName>,
+    ) -> redis::RedisResult<()> {
+        self.due = None;
+        let changes = sync(inner, conn, active, Pass::Changes).await;
+        let again: Vec<ChannelName> = match self.unconfirmed.take() {
+            None => active.iter().cloned().collect(),
+            Some(left) => left.into_iter().filter(|c| active.contains(c)).collect(),
+        };
+        if let Err((failed, e)) = interest(inner, conn, &again, true).await {
+            self.unconfirmed = Some(failed.into_iter().collect());
+            return Err(e);
+        }
+        changes?;
+        let Conn::Cluster(c) = conn else {
+            return Ok(());
+        };
+        // Nothing left to subscribe unless the check finds a channel missing.
+        self.unconfirmed = Some(HashSet::new());
+        let held = shard_subscriptions(inner, c).await?;
+        if held != active.len() {
+            self.unconfirmed = None;
+            self.diverged += 1;
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "subscriptions missing",
+                format!("the masters hold {held} of {} channels", active.len()),
+            )));
+        }
+        self.diverged = 0;
+        Ok(())
+    }
+}
+
+/// Cluster: how many shard channels the node's connections to the masters hold in
+/// all (`CLIENT INFO` on every master; each answers for the connection it is asked
+/// on, which is the one holding the node's subscriptions there). Fails unless every
+/// master answers.
+async fn shard_subscriptions(inner: &Inner, conn: &ClusterConnection) -> redis::RedisResult<usize> {
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+    let mut c = conn.clone();
+    let info = c.route_command(
+        redis::cmd("CLIENT").arg("INFO").to_owned(),
+        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+    );
+    let answers = match tokio::time::timeout(inner.config.timeout, info).await {
+        Ok(Ok(Value::Map(answers))) => answers,
+        Ok(Ok(other)) => return Err(unexpected(format!("{other:?}"))),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => return Err(timed_out("CLIENT INFO")),
+    };
+    let mut held = 0;
+    for (_, answer) in answers {
+        let text = match answer {
+            Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+            Value::VerbatimString { text, .. } | Value::SimpleString(text) => text,
+            Value::ServerError(e) => return Err(e.into()),
+            other => return Err(unexpected(format!("{other:?}"))),
+        };
+        held += text
+            .split_whitespace()
+            .find_map(|field| field.strip_prefix("ssub="))
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| unexpected(text.clone()))?;
+    }
+    Ok(held)
+}
+
+fn unexpected(what: String) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::Parse,
+        "unexpected CLIENT INFO reply",
+        what,
+    ))
+}
+
+/// A standalone server answers `PING`; a cluster answers when any master does (the
+/// cluster is reachable, whatever one master's state).
+async fn ping(inner: &Inner, conn: &Conn) -> redis::RedisResult<()> {
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+    let cmd = redis::cmd("PING");
+    let ping = async {
+        match conn.clone() {
+            Conn::Single(mut c) => cmd.query_async::<Value>(&mut c).await.map(drop),
+            Conn::Cluster(mut c) => c
+                .route_command(
+                    cmd.clone(),
+                    RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::OneSucceeded),
+                    )),
+                )
+                .await
+                .map(drop),
+        }
+    };
+    tokio::time::timeout(inner.config.timeout, ping)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("probe")))
+}
+
+fn timed_out(what: &'static str) -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Io, "timed out", what.to_owned()))
 }
 
 async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
@@ -155,7 +380,8 @@ enum Pass {
     NewConnection,
 }
 
-/// Brings Redis's subscriptions in line with the desired set, in batches.
+/// Brings Redis's subscriptions in line with the desired set, in batches. Channels
+/// whose (un)subscribe failed are marked changed again, so a later pass retries them.
 async fn sync(
     inner: &Inner,
     conn: &Conn,
@@ -184,32 +410,35 @@ async fn sync(
         }
         (to_sub, to_unsub, changed)
     };
-    let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
-    for chunk in to_sub.chunks(BATCH) {
-        interest(
-            conn,
-            chunk.iter().map(key).collect(),
-            true,
-            inner.config.timeout,
-        )
-        .await?;
-        active.extend(chunk.iter().cloned());
-    }
-    for chunk in to_unsub.chunks(BATCH) {
-        interest(
-            conn,
-            chunk.iter().map(key).collect(),
-            false,
-            inner.config.timeout,
-        )
-        .await?;
-        for c in chunk {
-            active.remove(c);
+    let mut failure = None;
+    let mut retry: Vec<ChannelName> = Vec::new();
+    for (channels, subscribe) in [(&to_sub, true), (&to_unsub, false)] {
+        for chunk in channels.chunks(BATCH) {
+            if failure.is_some() && matches!(conn, Conn::Single(_)) {
+                // One connection: once a command failed, the rest would too.
+                retry.extend(chunk.iter().cloned());
+                continue;
+            }
+            let failed = match interest(inner, conn, chunk, subscribe).await {
+                Ok(()) => Vec::new(),
+                Err((failed, e)) => {
+                    failure.get_or_insert(e);
+                    failed
+                }
+            };
+            for c in chunk.iter().filter(|c| !failed.contains(c)) {
+                if subscribe {
+                    active.insert(c.clone());
+                } else {
+                    active.remove(c);
+                }
+            }
+            retry.extend(failed);
         }
     }
     // Wake everyone waiting on a channel that Redis now delivers, including channels
     // that were dropped and wanted again between two rounds.
-    let desired = inner.desired.lock();
+    let mut desired = inner.desired.lock();
     for channel in &looked_at {
         if let Some(wanted) = desired.wanted.get(channel) {
             if active.contains(channel) && !wanted.setter.is_set() {
@@ -217,52 +446,63 @@ async fn sync(
             }
         }
     }
-    Ok(())
+    desired.changed.extend(retry);
+    failure.map_or(Ok(()), Err)
 }
 
-/// Subscribes to (or unsubscribes from) `keys`, within `limit`.
+/// Subscribes to (or unsubscribes from) `channels`, each within the timeout. On
+/// failure, names the channels that failed (all of them on a standalone connection,
+/// where they go in one command).
 async fn interest(
+    inner: &Inner,
     conn: &Conn,
-    keys: Vec<String>,
+    channels: &[ChannelName],
     subscribe: bool,
-    limit: Duration,
-) -> redis::RedisResult<()> {
-    let r = match conn.clone() {
-        Conn::Single(mut c) if subscribe => tokio::time::timeout(limit, c.subscribe(&keys)).await,
-        Conn::Single(mut c) => tokio::time::timeout(limit, c.unsubscribe(&keys)).await,
-        // A sharded (un)subscribe takes channels of one slot only: one command each,
-        // many in flight.
-        Conn::Cluster(c) => {
-            tokio::time::timeout(
-                limit,
-                each(c, keys, move |mut c, k| async move {
-                    if subscribe {
-                        c.ssubscribe(k).await
-                    } else {
-                        c.sunsubscribe(k).await
-                    }
-                }),
-            )
-            .await
-        }
+) -> Result<(), (Vec<ChannelName>, redis::RedisError)> {
+    let limit = inner.config.timeout;
+    let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
+    let timed = |r: Result<redis::RedisResult<()>, _>| {
+        r.unwrap_or_else(|_| Err(timed_out("subscription command")))
     };
-    r.unwrap_or_else(|_| {
-        Err(redis::RedisError::from((
-            redis::ErrorKind::Io,
-            "subscription command timed out",
-        )))
-    })
-}
-
-async fn each<F, Fut>(conn: ClusterConnection, keys: Vec<String>, f: F) -> redis::RedisResult<()>
-where
-    F: Fn(ClusterConnection, String) -> Fut,
-    Fut: std::future::Future<Output = redis::RedisResult<()>>,
-{
-    let results: Vec<redis::RedisResult<()>> = stream::iter(keys)
-        .map(|k| f(conn.clone(), k))
-        .buffer_unordered(64)
-        .collect()
-        .await;
-    results.into_iter().collect()
+    match conn.clone() {
+        Conn::Single(mut c) => {
+            let keys: Vec<String> = channels.iter().map(key).collect();
+            let r = if subscribe {
+                tokio::time::timeout(limit, c.subscribe(&keys)).await
+            } else {
+                tokio::time::timeout(limit, c.unsubscribe(&keys)).await
+            };
+            timed(r).map_err(|e| (channels.to_vec(), e))
+        }
+        // A sharded (un)subscribe takes channels of one slot only: one command each,
+        // many in flight, each failing on its own (a master may be down).
+        Conn::Cluster(c) => {
+            let results: Vec<(ChannelName, redis::RedisResult<()>)> =
+                stream::iter(channels.iter().cloned())
+                    .map(|ch: ChannelName| {
+                        let mut c: ClusterConnection = c.clone();
+                        let k = key(&ch);
+                        async move {
+                            let r = if subscribe {
+                                tokio::time::timeout(limit, c.ssubscribe(k)).await
+                            } else {
+                                tokio::time::timeout(limit, c.sunsubscribe(k)).await
+                            };
+                            (ch, timed(r))
+                        }
+                    })
+                    .buffer_unordered(64)
+                    .collect()
+                    .await;
+            let mut failed = Vec::new();
+            let mut first = None;
+            for (ch, r) in results {
+                if let Err(e) = r {
+                    failed.push(ch);
+                    first.get_or_insert(e);
+                }
+            }
+            first.map_or(Ok(()), |e| Err((failed, e)))
+        }
+    }
 }
