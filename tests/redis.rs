@@ -475,16 +475,33 @@ async fn collect(
 /// One master's connection dies (the master stays up): the other masters keep their
 /// connections and subscriptions, nothing published meanwhile on them is lost, the
 /// lost shard's channels come back, and its history channel catches up.
+///
+/// The redis crate can deadlock in its own recovery (a slot refresh waiting on a
+/// reconnect it no longer polls); the supervisor then replaces the cluster connection
+/// whole, and nothing is lost either way. That is rare (none in 44 runs here), so the
+/// story gets a second cluster if the first one took that path, and must stay in place
+/// once.
 #[tokio::test]
 async fn a_lost_cluster_connection_leaves_the_other_shards_alone() {
+    for attempt in 1..=2 {
+        if lost_connection_story().await {
+            return;
+        }
+        eprintln!("attempt {attempt}: the cluster connection was replaced whole");
+    }
+    panic!("a lost master connection made the node replace every master's connection");
+}
+
+/// Returns whether the other masters' connections were kept.
+async fn lost_connection_story() -> bool {
     let cluster = RedisCluster::start(3);
     let lost = 0;
     let mut s = shard_story(&cluster, lost).await;
     let others: Vec<usize> = (0..3).filter(|&i| i != lost).collect();
-    let before: Vec<Vec<String>> = others
-        .iter()
-        .map(|&i| pubsub_ids(&cluster.servers[i]))
-        .collect();
+    let ids = |c: &RedisCluster| -> Vec<Vec<String>> {
+        others.iter().map(|&i| pubsub_ids(&c.servers[i])).collect()
+    };
+    let before = ids(&cluster);
 
     cluster.servers[lost].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     for n in 1..=20u64 {
@@ -517,24 +534,17 @@ async fn a_lost_cluster_connection_leaves_the_other_shards_alone() {
             "not delivered again"
         );
     }
-    let after: Vec<Vec<String>> = others
-        .iter()
-        .map(|&i| pubsub_ids(&cluster.servers[i]))
-        .collect();
     assert_eq!(s.node.metric("herald_broker_up"), 1.0);
-    let reconnects = s.node.metric("herald_broker_reconnects_total");
-    if reconnects == 0.0 {
-        assert_eq!(
-            before, after,
-            "the other masters' connections were replaced"
-        );
-        assert!(s.node.metric("herald_broker_repairs_total") >= 1.0);
-    } else {
-        // The redis crate can deadlock in its own recovery (a slot refresh waiting
-        // on a reconnect it no longer polls); the supervisor then replaced the
-        // cluster connection, and nothing was lost either way.
-        eprintln!("the cluster connection was replaced whole");
+    if s.node.metric("herald_broker_reconnects_total") > 0.0 {
+        return false;
     }
+    assert_eq!(
+        before,
+        ids(&cluster),
+        "the other masters' connections were replaced"
+    );
+    assert!(s.node.metric("herald_broker_repairs_total") >= 1.0);
+    true
 }
 
 /// A master is down for a second: the node stays ready, the other masters keep their
@@ -543,10 +553,11 @@ async fn a_lost_cluster_connection_leaves_the_other_shards_alone() {
 ///
 /// (Publications go straight into the healthy master here: while the redis crate
 /// refreshes the slot map after a lost master, the node's own publishes may wait for
-/// it and be refused with 503 — never accepted and lost. The crate sometimes never
-/// finishes that refresh; the supervisor then replaces the cluster connection whole
-/// after a few rounds in which no master answered, which is why the connections are
-/// compared at the end of the outage and not after the master's return.)
+/// it and be refused with 503 — never accepted and lost. Should the crate deadlock in
+/// that refresh, the supervisor replaces the cluster connection whole once a round
+/// fails and no master answers a `PING` (two timeouts after the loss, longer than the
+/// outage here), which is why the connections are compared at the end of the outage
+/// and not after the master's return.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_master_down_leaves_the_other_shards_alone() {
     let mut cluster = RedisCluster::start(3);

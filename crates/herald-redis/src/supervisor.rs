@@ -301,13 +301,18 @@ async fn shard_subscriptions(inner: &Inner, conn: &ClusterConnection) -> redis::
             Value::ServerError(e) => return Err(e.into()),
             other => return Err(unexpected(format!("{other:?}"))),
         };
-        held += text
-            .split_whitespace()
-            .find_map(|field| field.strip_prefix("ssub="))
-            .and_then(|n| n.parse::<usize>().ok())
-            .ok_or_else(|| unexpected(text.clone()))?;
+        held += shard_channels(&text).ok_or_else(|| unexpected(text.clone()))?;
     }
     Ok(held)
+}
+
+/// The `ssub=N` field of a `CLIENT INFO` line: how many shard channels the connection
+/// is subscribed to.
+fn shard_channels(client_info: &str) -> Option<usize> {
+    client_info
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("ssub="))
+        .and_then(|n| n.parse().ok())
 }
 
 fn unexpected(what: String) -> redis::RedisError {
@@ -504,5 +509,22 @@ async fn interest(
             }
             first.map_or(Ok(()), |e| Err((failed, e)))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shard_channels;
+
+    #[test]
+    fn shard_channels_are_read_from_client_info() {
+        // As Redis 7.0 prints it.
+        let line = "id=7 addr=127.0.0.1:48918 laddr=127.0.0.1:43911 fd=15 name= age=3 idle=0 \
+                    flags=P db=0 sub=0 psub=0 ssub=12 multi=-1 qbuf=0 qbuf-free=20474 \
+                    argv-mem=0 multi-mem=0 rbs=1024 rbp=7 obl=0 oll=0 omem=0 tot-mem=22328 \
+                    events=r cmd=ssubscribe user=default redir=-1 resp=3\n";
+        assert_eq!(shard_channels(line), Some(12));
+        assert_eq!(shard_channels("id=7 sub=3 psub=0"), None, "before Redis 7");
+        assert_eq!(shard_channels("ssub=x"), None);
     }
 }
