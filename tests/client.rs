@@ -70,3 +70,32 @@ async fn the_rust_client_resumes_across_a_node_restart_without_loss_or_duplicate
     );
     client.close();
 }
+
+/// JSON is handed to the application as the publisher wrote it: key order and
+/// whitespace kept (it is not parsed and printed again).
+#[tokio::test]
+async fn the_rust_client_delivers_the_publishers_bytes() {
+    let node = Node::start().await;
+    let client = Client::start(Config::new(node.ws_url()));
+    let mut sub = client.subscribe("news").unwrap();
+    assert_eq!(next(&mut sub).await, Event::Subscribed);
+    let data = r#"{ "z": 1, "a": [true, "é\u00e9"] }"#;
+    let body = format!(r#"{{"channel":"news","data":{data}}}"#);
+    let r = herald_testkit::http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        next(&mut sub).await,
+        Event::Message {
+            data: data.into(),
+            offset: None
+        }
+    );
+    client.close();
+}

@@ -35,6 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::client::encode_resume;
+use herald_protocol::server::parse_text_delivery;
 use herald_protocol::{ChannelName, Epoch, StreamPosition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -91,7 +92,8 @@ pub enum State {
 /// What a subscription receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// A publication (`data` is JSON text for JSON publications).
+    /// A publication (`data` is the publisher's JSON text, byte for byte, for JSON
+    /// publications).
     Message {
         /// The payload: JSON text, or the bytes of a binary publication.
         data: Bytes,
@@ -502,22 +504,27 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
 }
 
 fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requests) {
+    // Deliveries are most frames: their `data` is handed on as the publisher's bytes,
+    // not parsed and printed again.
+    if let Some(d) = parse_text_delivery(text) {
+        if let Some(sub) = ChannelName::new(&d.channel)
+            .ok()
+            .and_then(|c| subs.get_mut(&c))
+        {
+            deliver(
+                sub,
+                Bytes::copy_from_slice(d.data.get().as_bytes()),
+                d.offset,
+            );
+        }
+        return;
+    }
     let Ok(v) = serde_json::from_str::<Value>(text) else {
         return;
     };
     let channel = v["channel"].as_str().and_then(|c| ChannelName::new(c).ok());
     let id = v["id"].as_u64();
     match v["op"].as_str() {
-        Some("message") => {
-            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
-                return;
-            };
-            let data = match v.get("data") {
-                Some(d) => Bytes::from(d.to_string()),
-                None => Bytes::new(),
-            };
-            deliver(sub, data, v["offset"].as_u64());
-        }
         Some("subscribed") => {
             if let Some(id) = id {
                 requests.subscribing.remove(&id);

@@ -159,6 +159,30 @@ pub fn encode_delivery(p: &Publication) -> Delivery {
     }
 }
 
+/// A text `message` frame as a client reads it (see [`parse_text_delivery`]).
+#[derive(Debug, serde::Deserialize)]
+pub struct TextDelivery<'a> {
+    /// The channel it was published on.
+    #[serde(borrow)]
+    pub channel: std::borrow::Cow<'a, str>,
+    /// The publisher's JSON, byte for byte (whitespace and key order kept).
+    #[serde(borrow)]
+    pub data: &'a serde_json::value::RawValue,
+    /// Its position in the channel's stream, on history channels.
+    #[serde(default)]
+    pub offset: Option<u64>,
+    #[serde(borrow)]
+    op: std::borrow::Cow<'a, str>,
+}
+
+/// Reads a text frame that is a `message` delivery, without re-encoding its `data`;
+/// `None` for every other frame.
+pub fn parse_text_delivery(text: &str) -> Option<TextDelivery<'_>> {
+    serde_json::from_str::<TextDelivery<'_>>(text)
+        .ok()
+        .filter(|d| d.op == "message")
+}
+
 /// Builds `[1 byte L][L bytes channel][payload]`. `channel` must be a valid channel
 /// name, so `L` fits in a byte.
 pub fn binary_frame(channel: &str, payload: &[u8]) -> Bytes {
@@ -268,5 +292,39 @@ mod tests {
             encode_delivery(&p),
             Delivery::Binary(Bytes::from_static(&[1, b'b', 0, 1, 2]))
         );
+    }
+
+    #[test]
+    fn a_client_reads_data_as_the_publisher_wrote_it() {
+        let data = r#"{ "z" :1,"a": [true, null] }"#;
+        let mut p = Publication::now(
+            ChannelName::new("news").unwrap(),
+            Payload::Json(Bytes::from(data)),
+        );
+        let Delivery::Text(frame) = encode_delivery(&p) else {
+            panic!("text");
+        };
+        let d = parse_text_delivery(&frame).expect("a delivery");
+        assert_eq!(
+            (d.channel.as_ref(), d.data.get(), d.offset),
+            ("news", data, None)
+        );
+        p.position = Some(StreamPosition {
+            offset: 7,
+            epoch: crate::Epoch::parse("0k3f0a1b").unwrap(),
+        });
+        let Delivery::Text(frame) = encode_delivery(&p) else {
+            panic!("text");
+        };
+        assert_eq!(parse_text_delivery(&frame).unwrap().offset, Some(7));
+        for other in [
+            welcome("n", "c", None, 1000),
+            pong(Some(1)),
+            ack(Ack::Subscribed, "news", Some(2)),
+            r#"{"op":"messages","channel":"news","data":1}"#.to_owned(),
+            "not json".to_owned(),
+        ] {
+            assert!(parse_text_delivery(&other).is_none(), "{other}");
+        }
     }
 }

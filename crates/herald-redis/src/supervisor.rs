@@ -424,14 +424,14 @@ async fn sync(
                 retry.extend(chunk.iter().cloned());
                 continue;
             }
-            let failed = match interest(inner, conn, chunk, subscribe).await {
-                Ok(()) => Vec::new(),
+            let failed: HashSet<ChannelName> = match interest(inner, conn, chunk, subscribe).await {
+                Ok(()) => HashSet::new(),
                 Err((failed, e)) => {
                     failure.get_or_insert(e);
-                    failed
+                    failed.into_iter().collect()
                 }
             };
-            for c in chunk.iter().filter(|c| !failed.contains(c)) {
+            for c in chunk.iter().filter(|c| !failed.contains(*c)) {
                 if subscribe {
                     active.insert(c.clone());
                 } else {
