@@ -17,8 +17,8 @@ const publish = (port, data) => post(port, 'feed:x', data);
 const redis = await startRedis();
 const ports = { a: await freePort(), b: await freePort() };
 const nodes = { a: await herald(ports.a, 'a', redis.url), b: await herald(ports.b, 'b', redis.url) };
-const front = await freePort();
-const lb = haproxy(ports, { [front]: '' });
+const lb = await haproxy(ports, ['']);
+const [front] = lb.ports;
 await sleep(500);
 
 const client = new Client(`ws://127.0.0.1:${front}/ws`);
@@ -51,7 +51,7 @@ try {
   }
 } finally {
   client.close();
-  lb.kill('SIGKILL');
+  lb.proc.kill('SIGKILL');
   for (const n of Object.values(nodes)) n.kill('SIGKILL');
   redis.proc.kill('SIGKILL');
 }

@@ -34,10 +34,9 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
   try {
     nodes.a = await herald(ports.a, 'a', redis.url);
     nodes.b = await herald(ports.b, 'b', redis.url);
-    const front = await freePort();
-    const noWs = await freePort();
     // The second frontend refuses WebSocket upgrades: clients must fall back to SSE.
-    lb = haproxy(ports, { [front]: '', [noWs]: '    http-request deny deny_status 403 if { path /ws }\n' });
+    lb = await haproxy(ports, ['', '    http-request deny deny_status 403 if { path /ws }\n']);
+    const [front, noWs] = lb.ports;
     await until('HAProxy', async () => (await fetch(`http://127.0.0.1:${front}/readyz`).catch(() => null))?.ok);
     await sleep(300); // both servers checked up
 
@@ -97,7 +96,7 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
     if (process.env.UPDATE_SCREENSHOT) await a.screenshot({ path: new URL('../../../docs/demo.png', import.meta.url).pathname });
   } finally {
     await browser?.close();
-    lb?.kill('SIGKILL');
+    lb?.proc.kill('SIGKILL');
     for (const n of Object.values(nodes)) n.kill('SIGKILL');
     redis.proc.kill('SIGKILL');
   }

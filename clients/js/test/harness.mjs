@@ -2,7 +2,7 @@
 // HAProxy. A missing program fails with its install command, never a skip.
 import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -80,20 +80,58 @@ export async function redis() {
   const proc = spawn(tool('redis-server', 'redis-server'), ['--port', String(port), '--save', '', '--appendonly', 'no'], {
     stdio: 'ignore',
   });
-  await sleep(300);
+  const end = Date.now() + 10000;
+  while (!(await listening(port))) {
+    if (proc.exitCode !== null || Date.now() > end) throw new Error(`redis-server did not start on ${port}`);
+    await sleep(25);
+  }
   return { proc, url: `redis://127.0.0.1:${port}` };
 }
 
-/** HAProxy balancing `servers` (name → port) with 100 ms health checks on /readyz;
- * `frontends` (port → extra lines) all use that backend. */
-export function haproxy(servers, frontends) {
-  const fronts = Object.entries(frontends)
-    .map(([port, extra], i) => `frontend f${i}\n    bind 127.0.0.1:${port}\n${extra}    default_backend herald\n`)
+/** HAProxy balancing `servers` (name → port) with 100 ms health checks on /readyz; one
+ * frontend per entry of `extras` (lines added to that frontend), all on that backend.
+ * Picks free ports for the frontends and resolves with { proc, ports } once HAProxy
+ * listens on all of them. A port taken between picking and binding (other processes
+ * open ephemeral ports too) makes HAProxy exit: it is started again on new ports, and
+ * after three tries the error carries what HAProxy said. */
+export async function haproxy(servers, extras) {
+  let said = '';
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const ports = [];
+    for (const _ of extras) ports.push(await freePort());
+    const proc = spawn(tool('haproxy', 'haproxy'), ['-db', '-f', haproxyConfig(servers, ports, extras)], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    said = '';
+    proc.stderr.on('data', (d) => (said += d));
+    const end = Date.now() + 10000;
+    while (proc.exitCode === null && Date.now() < end) {
+      if ((await Promise.all(ports.map(listening))).every(Boolean)) return { proc, ports };
+      await sleep(25);
+    }
+    proc.kill('SIGKILL');
+  }
+  throw new Error(`HAProxy did not start: ${said}`);
+}
+
+function listening(port) {
+  return new Promise((resolve) => {
+    const c = connect(port, '127.0.0.1', () => {
+      c.destroy();
+      resolve(true);
+    });
+    c.on('error', () => resolve(false));
+  });
+}
+
+function haproxyConfig(servers, ports, extras) {
+  const fronts = ports
+    .map((port, i) => `frontend f${i}\n    bind 127.0.0.1:${port}\n${extras[i]}    default_backend herald\n`)
     .join('');
   const backs = Object.entries(servers)
     .map(([name, port]) => `    server ${name} 127.0.0.1:${port} check\n`)
     .join('');
-  const cfg = tempFile(
+  return tempFile(
     'haproxy.cfg',
     `global
     maxconn 1000
@@ -112,7 +150,6 @@ ${fronts}backend herald
     default-server inter 100ms fall 1 rise 1
 ${backs}`,
   );
-  return spawn(tool('haproxy', 'haproxy'), ['-db', '-f', cfg], { stdio: 'ignore' });
 }
 
 /** POST /api/publish on 127.0.0.1:`port` (or `addr` "host:port"); throws unless 200. */
