@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use herald_testkit::{
-    free_port, history_rule, system_tool, try_http, Client, Haproxy, Node, RedisServer,
-};
+use herald_testkit::{history_rule, system_tool, try_http, Client, Haproxy, Node, RedisServer};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -22,21 +20,23 @@ fn repo(path: &str) -> String {
         .into_owned()
 }
 
-/// HAProxy balancing nodes with health checks on /readyz, like deploy/haproxy.cfg.
-fn haproxy(port: u16, nodes: &[SocketAddr]) -> Haproxy {
+/// HAProxy balancing nodes with health checks on /readyz, like deploy/haproxy.cfg;
+/// returns it and its port.
+fn haproxy(nodes: &[SocketAddr]) -> (Haproxy, u16) {
     let servers: String = nodes
         .iter()
         .enumerate()
         .map(|(i, addr)| format!("    server n{i} {addr} check\n"))
         .collect();
-    let cfg = format!(
-        "global\n    maxconn 1000\n\
-         defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    timeout tunnel 1h\n\
-         frontend public\n    bind 127.0.0.1:{port}\n    default_backend herald\n\
-         backend herald\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n\
-         \x20   default-server inter 100ms fall 1 rise 1\n{servers}"
-    );
-    Haproxy::start(&format!("haproxy-{port}"), &cfg)
+    Haproxy::start("haproxy", |port| {
+        format!(
+            "global\n    maxconn 1000\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    timeout tunnel 1h\n\
+             frontend public\n    bind 127.0.0.1:{port}\n    default_backend herald\n\
+             backend herald\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n\
+             \x20   default-server inter 100ms fall 1 rise 1\n{servers}"
+        )
+    })
 }
 
 async fn connect_retrying(url: &str) -> Client {
@@ -60,8 +60,7 @@ async fn haproxy_fails_over_when_a_node_drains() {
     let redis = RedisServer::start();
     let mut a = Node::start_redis(&redis.url(), |c| c.node_id = "node-a".into()).await;
     let b = Node::start_redis(&redis.url(), |c| c.node_id = "node-b".into()).await;
-    let port = free_port();
-    let _lb = haproxy(port, &[a.addr, b.addr]);
+    let (_lb, port) = haproxy(&[a.addr, b.addr]);
     let url = format!("ws://127.0.0.1:{port}/ws");
 
     // Through the balancer, until we land on node A.
@@ -228,8 +227,7 @@ async fn a_rolling_restart_loses_nothing_for_resuming_clients() {
         nodes.push(Some(Node::start_redis(&redis.url(), config).await));
     }
     let addrs: Vec<SocketAddr> = nodes.iter().flatten().map(|n| n.addr).collect();
-    let port = free_port();
-    let _lb = haproxy(port, &addrs);
+    let (_lb, port) = haproxy(&addrs);
     let url = format!("ws://127.0.0.1:{port}/ws");
     connect_retrying(&url).await.close().await;
 

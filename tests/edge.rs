@@ -5,23 +5,25 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use herald_testkit::{free_port, Client, Haproxy, Node, TEST_SECRET};
+use herald_testkit::{Client, Haproxy, Node, TEST_SECRET};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Error as WsError;
 
-/// HAProxy on `port` passing every connection to `node` with a PROXY v2 header.
-fn haproxy_send_proxy(port: u16, node: SocketAddr) -> Haproxy {
-    let cfg = format!(
+/// HAProxy passing every connection to `node` with a PROXY v2 header; returns it and
+/// its port.
+fn haproxy_send_proxy(node: SocketAddr) -> (Haproxy, u16) {
+    Haproxy::start("edge", |port| {
+        format!(
         "global\n    maxconn 1000\n\
          defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n    timeout tunnel 1h\n\
          frontend public\n    bind 127.0.0.1:{port}\n    default_backend herald\n\
          backend herald\n    option httpchk GET /readyz\n    http-check expect status 200\n\
          \x20   server n0 {node} check inter 100ms fall 1 rise 1 send-proxy-v2\n"
-    );
-    Haproxy::start(&format!("edge-{port}"), &cfg)
+    )
+    })
 }
 
 /// Opens a TCP connection to `to` from the loopback address `from`.
@@ -63,8 +65,7 @@ async fn per_ip_limit_behind_haproxy_with_proxy_protocol_v2() {
         c.limits.max_connections_per_ip = 2;
     })
     .await;
-    let port = free_port();
-    let _lb = haproxy_send_proxy(port, node.addr);
+    let (_lb, port) = haproxy_send_proxy(node.addr);
     let lb: SocketAddr = ([127, 0, 0, 1], port).into();
     let via = |from: &'static str| async move {
         let stream = tcp_from(from, lb).await.map_err(|_| 0u16)?;

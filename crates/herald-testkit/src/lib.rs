@@ -741,19 +741,45 @@ pub fn token(sub: &str, secs: u64, extra: Value) -> String {
 pub struct Haproxy(std::process::Child);
 
 impl Haproxy {
-    /// Starts `haproxy` with the configuration `config` (written to a temporary file
-    /// named after `name`).
-    pub fn start(name: &str, config: &str) -> Haproxy {
-        let path = std::env::temp_dir().join(format!("herald-{name}-{}.cfg", std::process::id()));
-        std::fs::write(&path, config).expect("write the haproxy configuration");
-        let child = std::process::Command::new(system_tool("haproxy", "haproxy"))
-            .args(["-db", "-f"])
-            .arg(&path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start haproxy");
-        Haproxy(child)
+    /// Starts `haproxy` listening on a free port: `config(port)` is its configuration
+    /// (written to a temporary file named after `name`). Returns once it listens. A
+    /// port taken between picking and binding (other processes open ephemeral ports
+    /// too) makes haproxy exit: it is started again on another port, and after three
+    /// tries the panic carries what haproxy said.
+    pub fn start(name: &str, config: impl Fn(u16) -> String) -> (Haproxy, u16) {
+        use std::io::Read as _;
+        let mut said = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let path =
+                std::env::temp_dir().join(format!("herald-{name}-{}.cfg", std::process::id()));
+            std::fs::write(&path, config(port)).expect("write the haproxy configuration");
+            let mut child = std::process::Command::new(system_tool("haproxy", "haproxy"))
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("start haproxy");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    return (Haproxy(child), port);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            said.clear();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = err.read_to_string(&mut said);
+            }
+        }
+        panic!("haproxy did not start: {said}");
     }
 }
 
