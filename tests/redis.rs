@@ -613,3 +613,58 @@ async fn a_cluster_master_down_leaves_the_other_shards_alone() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A master dies and its replica takes over (Redis Cluster failover): the node keeps
+/// serving the other masters' channels, and the failed master's channels are served
+/// by the promoted replica without losing a history publication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
+    let mut cluster = RedisCluster::start_with_replicas(3, 1);
+    let lost = cluster
+        .servers
+        .iter()
+        .position(|s| s.cli(&["INFO", "replication"]).contains("role:master"))
+        .expect("a master");
+    let mut s = shard_story(&cluster, lost).await;
+    tokio::task::block_in_place(|| cluster.servers[lost].kill());
+    let killed = Instant::now();
+    for n in 1..=10u64 {
+        for ch in [&s.steady, &s.history_on_lost] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while s.node.publish(ch, &n.to_string()).await != 200 {
+                assert!(Instant::now() < deadline, "publishing {n} to {ch} failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let got = collect(&mut s.sub, &[(&s.steady, 10), (&s.history_on_lost, 10)]).await;
+    let expected: Vec<u64> = (1..=10).collect();
+    assert_eq!(got[&s.steady], expected, "the healthy master's channel");
+    assert_eq!(
+        got[&s.history_on_lost], expected,
+        "the failed master's history channel"
+    );
+    // The failed master's plain channel is served by the promoted replica.
+    let started = Instant::now();
+    loop {
+        if s.node.publish(&s.plain_on_lost, "99").await == 200 {
+            let m = tokio::time::timeout(Duration::from_millis(300), s.sub.recv_json()).await;
+            if let Ok(m) = m {
+                assert_eq!(m["channel"], s.plain_on_lost.as_str(), "{m}");
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the failed master's channel is not served again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "failover: served again {} ms after the kill; repairs {}, reconnects {}",
+        killed.elapsed().as_millis(),
+        s.node.metric("herald_broker_repairs_total"),
+        s.node.metric("herald_broker_reconnects_total"),
+    );
+    assert_eq!(s.node.metric("herald_broker_up"), 1.0);
+}

@@ -194,6 +194,14 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts `n` (at least 3) masters and joins them into a cluster.
     pub fn start(n: usize) -> RedisCluster {
+        RedisCluster::start_with_replicas(n, 0)
+    }
+
+    /// Starts `masters` (at least 3) masters with `replicas` replicas each and joins
+    /// them into a cluster; returns once every replica has synced (`redis-cli` picks
+    /// the roles: ask a server with `INFO replication`).
+    pub fn start_with_replicas(masters: usize, replicas: usize) -> RedisCluster {
+        let n = masters * (1 + replicas);
         let servers: Vec<RedisServer> = (0..n)
             .map(|_| {
                 let port = free_port();
@@ -216,13 +224,17 @@ impl RedisCluster {
             .collect();
         let mut args = vec!["--cluster", "create"];
         args.extend(addrs.iter().map(String::as_str));
-        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let replicas = replicas.to_string();
+        args.extend(["--cluster-replicas", &replicas, "--cluster-yes"]);
         let out = cli(servers[0].port, &args);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !servers
-            .iter()
-            .all(|s| s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-        {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let formed = |s: &RedisServer| {
+            s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") && {
+                let info = s.cli(&["INFO", "replication"]);
+                info.contains("role:master") || info.contains("master_link_status:up")
+            }
+        };
+        while !servers.iter().all(formed) {
             assert!(Instant::now() < deadline, "cluster did not form: {out}");
             std::thread::sleep(Duration::from_millis(50));
         }

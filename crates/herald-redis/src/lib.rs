@@ -18,25 +18,34 @@
 //!   resubscribes every served channel at once. A connection that dies silently is
 //!   caught by a periodic `PING` probe.
 //! - **Redis Cluster** (`cluster = true`): sharded pub/sub (`SSUBSCRIBE`/`SPUBLISH`,
-//!   Redis 7+), so each channel lives on the master that owns its slot; the redis
-//!   crate's cluster client holds one connection per master and follows slot moves.
-//!   **One master lost is repaired in place**: when a master's connection drops (or
-//!   a probe finds a master silent), the supervisor subscribes every channel again
-//!   (a no-op on the masters that still serve them), retries the channels that fail
-//!   with backoff, and counts the repair in `herald_broker_repairs_total` once the
-//!   masters' connections hold every channel (`CLIENT INFO` on each master, which is
-//!   also the cluster's probe: a master that answers but holds fewer channels than
-//!   the node wants is repaired the same way); then history channels catch up from
-//!   their streams. The other masters' connections and subscriptions are never
-//!   touched, and the node stays ready. Only a cluster of which no master answers is
-//!   reconnected whole.
-//!   Known limits of the redis crate (1.8): its slot refresh can deadlock with its own
-//!   background reconnect of a master, after which it holds every command for good
-//!   (deliveries from the masters go on). The supervisor waits a moment after a loss
-//!   before subscribing again (a subscribe sent while the crate reconnects a master
-//!   is redirected, which starts a slot refresh), and a repair round after which no
-//!   master answers a `PING` replaces the cluster connection whole. While a master is
-//!   down, publishes may wait for the crate's slot refresh and be refused with 503.
+//!   Redis 7+), so each channel lives on the shard that owns its slot; the redis
+//!   crate's cluster client holds one connection per cluster node and follows slot
+//!   moves. Two cluster connections per node: one holds the subscriptions (the
+//!   supervisor's), the other carries publishes and history reads.
+//!   **One master lost is repaired in place**: when a node's connection drops (or a
+//!   probe finds one silent), the supervisor subscribes every channel again after a
+//!   short settle (a no-op where a channel is still served), retries the channels that
+//!   fail with backoff, and counts the repair in `herald_broker_repairs_total` once
+//!   the node's connections hold every channel (`CLIENT INFO` on every cluster node,
+//!   summing `ssub=`; replicas count, as the crate subscribes on a replica while its
+//!   master is unreachable). That check is also the cluster's probe, so subscriptions
+//!   lost silently (a slot moved away) are repaired the same way. Then history
+//!   channels catch up from their streams. The other masters' connections and
+//!   subscriptions are not touched, and the node stays ready. A cluster of which no
+//!   master answers is reconnected whole, as are subscriptions that stay short of the
+//!   count for five rounds.
+//!   Known limits of the redis crate (1.8.1, the newest 1.x): its slot refresh can
+//!   deadlock with its own background reconnect of a node (the refresh waits for a
+//!   lock a reconnect is queued on, and reconnects are not polled while a refresh
+//!   runs); it then holds every command for good, while deliveries keep flowing.
+//!   Commands for a lost master's slots trigger refreshes, which is why publishes and
+//!   history reads have their own connection (a command connection on which no master
+//!   answers a probe is replaced, subscriptions untouched) and why the supervisor waits
+//!   a moment before subscribing again. If the subscription connection deadlocks, the
+//!   first repair round fails and no master answers a `PING`: it is replaced whole,
+//!   two `redis.timeout`s after the loss. While a master is down, publishes to its
+//!   slots fail with 503 until a replica takes over or it returns (never accepted and
+//!   lost).
 //!   The cluster client also forwards pushes from its node connections to our handler
 //!   through an unbounded channel inside the crate. Our handler never waits (it
 //!   `try_send`s into the bounded inbound queue and counts drops), so that channel

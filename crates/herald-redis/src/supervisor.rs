@@ -51,10 +51,22 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                 continue;
             }
         }
+        let commands = match &conn {
+            Conn::Single(_) => conn.clone(),
+            Conn::Cluster(_) => match connect_commands(&inner).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Redis Cluster command connection failed");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(inner.config.max_reconnect_delay);
+                    continue;
+                }
+            },
+        };
         // Only a connection that resubscribed counts as recovered: a server that
         // accepts connections but fails the resubscribe keeps the backoff growing.
         delay = Duration::from_millis(25);
-        *inner.conn.write() = Some(conn.clone());
+        *inner.conn.write() = Some(commands);
         inner.up.store(true, Ordering::Release);
         inner.metrics.broker_up.set(1);
         if connected_before {
@@ -124,7 +136,13 @@ async fn serve(
                     repair.later(inner);
                 }
             }
-            _ = probe.tick(), if !repair.pending() => {
+            _ = probe.tick() => {
+                if cluster {
+                    commands_alive(inner).await;
+                }
+                if repair.pending() {
+                    continue;
+                }
                 let checked = match conn {
                     Conn::Single(_) => ping(inner, conn).await,
                     // Every master answers, and together they hold every channel.
@@ -177,6 +195,24 @@ async fn serve(
     }
 }
 
+/// Cluster mode: replaces the command connection if no master answers on it (the
+/// subscriptions, on their own connection, are not touched). Publishes fail with
+/// `unavailable` until a new one is up.
+async fn commands_alive(inner: &Inner) {
+    let Some(commands) = inner.conn.read().clone() else {
+        return;
+    };
+    if ping(inner, &commands).await.is_ok() {
+        return;
+    }
+    tracing::warn!("the Redis Cluster command connection does not answer; replacing it");
+    let fresh = connect_commands(inner).await;
+    if let Err(e) = &fresh {
+        tracing::warn!(error = %e, "Redis Cluster command connection failed");
+    }
+    *inner.conn.write() = fresh.ok();
+}
+
 /// A cluster connection's repair: which channels still have to be subscribed again,
 /// and when the next round runs.
 struct Repair {
@@ -185,8 +221,8 @@ struct Repair {
     /// The channels not yet confirmed since the loss; `None`: every active channel.
     unconfirmed: Option<HashSet<ChannelName>>,
     delay: Duration,
-    /// Rounds in a row in which every subscribe was confirmed and yet the masters did
-    /// not hold every channel.
+    /// Rounds in a row in which every subscribe was confirmed and yet the cluster's
+    /// nodes did not hold every channel once.
     diverged: u32,
 }
 
@@ -236,7 +272,7 @@ impl Repair {
 
     /// Applies what changed meanwhile and subscribes the unconfirmed channels again
     /// (a subscribe to a channel the master still serves changes nothing). Done when
-    /// every one is confirmed and the masters' connections hold them all: the redis
+    /// every one is confirmed and the node's connections hold them all: the redis
     /// crate repairs a master's connection on its own too, and may replace the one
     /// that confirmed a subscribe.
     async fn run(
@@ -268,7 +304,7 @@ impl Repair {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Io,
                 "subscriptions missing",
-                format!("the masters hold {held} of {} channels", active.len()),
+                format!("the cluster holds {held} for {} channels", active.len()),
             )));
         }
         self.diverged = 0;
@@ -276,16 +312,17 @@ impl Repair {
     }
 }
 
-/// Cluster: how many shard channels the node's connections to the masters hold in
-/// all (`CLIENT INFO` on every master; each answers for the connection it is asked
-/// on, which is the one holding the node's subscriptions there). Fails unless every
-/// master answers.
+/// Cluster: how many shard channels the node's connections hold in all: `CLIENT INFO`
+/// on every node, each answering for the one connection the node has to it. Replicas
+/// count too: while a master is unreachable the redis crate subscribes on a replica of
+/// its shard, which Redis 7 delivers from. Fails unless every node the crate knows
+/// answers.
 async fn shard_subscriptions(inner: &Inner, conn: &ClusterConnection) -> redis::RedisResult<usize> {
     use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
     let mut c = conn.clone();
     let info = c.route_command(
         redis::cmd("CLIENT").arg("INFO").to_owned(),
-        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None)),
     );
     let answers = match tokio::time::timeout(inner.config.timeout, info).await {
         Ok(Ok(Value::Map(answers))) => answers,
@@ -374,6 +411,25 @@ async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
                 .await?,
         ))
     }
+}
+
+/// Cluster mode: the connection publishes and history reads go through, apart from
+/// the one holding the subscriptions. Commands for a lost master's slots are what
+/// make the redis crate refresh its slot map (the step in which it can deadlock, see
+/// the crate docs); on a connection of their own, such a deadlock costs a new command
+/// connection, not every master's subscriptions.
+async fn connect_commands(inner: &Inner) -> redis::RedisResult<Conn> {
+    let connect = async {
+        let client = redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .connection_timeout(inner.config.timeout)
+            .response_timeout(inner.config.timeout)
+            .build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
+    };
+    tokio::time::timeout(inner.config.timeout, connect)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("connect")))
 }
 
 /// Which channels a [`sync`] looks at.
