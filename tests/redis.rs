@@ -450,6 +450,55 @@ async fn shard_story(cluster: &RedisCluster, lost: usize) -> ShardStory {
     }
 }
 
+impl ShardStory {
+    /// Publishes 1..=`n` through the node to the healthy master's channel and to the
+    /// lost master's history channel (a refused publish is retried for up to
+    /// `patience`), and checks that each channel delivers all of them, in order.
+    async fn publish_and_receive(&mut self, n: u64, patience: Duration) {
+        for i in 1..=n {
+            for ch in [&self.steady, &self.history_on_lost] {
+                let deadline = Instant::now() + patience;
+                while self.node.publish(ch, &i.to_string()).await != 200 {
+                    assert!(Instant::now() < deadline, "publishing {i} to {ch} failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        let want = [
+            (self.steady.as_str(), n as usize),
+            (self.history_on_lost.as_str(), n as usize),
+        ];
+        let got = collect(&mut self.sub, &want).await;
+        let expected: Vec<u64> = (1..=n).collect();
+        assert_eq!(got[&self.steady], expected, "the healthy master's channel");
+        assert_eq!(
+            got[&self.history_on_lost], expected,
+            "the lost master's history channel"
+        );
+    }
+
+    /// Waits (up to `within`) until the lost master's plain channel is delivered again.
+    async fn served_again(&mut self, within: Duration) {
+        let started = Instant::now();
+        loop {
+            let status = self.node.publish(&self.plain_on_lost, "99").await;
+            if status == 200 {
+                let m =
+                    tokio::time::timeout(Duration::from_millis(300), self.sub.recv_json()).await;
+                if m.is_ok_and(|m| m["channel"] == self.plain_on_lost.as_str()) {
+                    return;
+                }
+            }
+            assert!(
+                started.elapsed() < within,
+                "{} is not served again (last publish: {status})",
+                self.plain_on_lost
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 /// Receives until every channel in `want` has its count of messages; returns each
 /// channel's `data` in arrival order.
 async fn collect(
@@ -504,36 +553,8 @@ async fn lost_connection_story() -> bool {
     let before = ids(&cluster);
 
     cluster.servers[lost].cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
-    for n in 1..=20u64 {
-        for ch in [&s.steady, &s.history_on_lost] {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while s.node.publish(ch, &n.to_string()).await != 200 {
-                assert!(Instant::now() < deadline, "publishing to {ch} failed");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    let got = collect(&mut s.sub, &[(&s.steady, 20), (&s.history_on_lost, 20)]).await;
-    let expected: Vec<u64> = (1..=20).collect();
-    assert_eq!(got[&s.steady], expected, "the healthy shard's channel");
-    assert_eq!(
-        got[&s.history_on_lost], expected,
-        "the lost shard's history channel"
-    );
-    // The lost shard's plain channel is delivered again.
-    let started = Instant::now();
-    loop {
-        assert_eq!(s.node.publish(&s.plain_on_lost, "99").await, 200);
-        let m = tokio::time::timeout(Duration::from_millis(200), s.sub.recv_json()).await;
-        if let Ok(m) = m {
-            assert_eq!(m["channel"], s.plain_on_lost.as_str(), "{m}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "not delivered again"
-        );
-    }
+    s.publish_and_receive(20, Duration::from_secs(5)).await;
+    s.served_again(Duration::from_secs(5)).await;
     assert_eq!(s.node.metric("herald_broker_up"), 1.0);
     if s.node.metric("herald_broker_reconnects_total") > 0.0 {
         return false;
@@ -595,23 +616,7 @@ async fn a_cluster_master_down_leaves_the_other_shards_alone() {
     );
     assert_eq!(s.node.metric("herald_broker_reconnects_total"), 0.0);
     tokio::task::block_in_place(|| cluster.servers[lost].restart());
-    let started = Instant::now();
-    loop {
-        let status = s.node.publish(&s.plain_on_lost, "99").await;
-        if status == 200 {
-            let m = tokio::time::timeout(Duration::from_millis(300), s.sub.recv_json()).await;
-            if let Ok(m) = m {
-                if m["channel"] == s.plain_on_lost.as_str() {
-                    break;
-                }
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the restarted master's channel is not served (last publish: {status})"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.served_again(Duration::from_secs(10)).await;
 }
 
 /// A master dies and its replica takes over (Redis Cluster failover): the node keeps
@@ -628,38 +633,9 @@ async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
     let mut s = shard_story(&cluster, lost).await;
     tokio::task::block_in_place(|| cluster.servers[lost].kill());
     let killed = Instant::now();
-    for n in 1..=10u64 {
-        for ch in [&s.steady, &s.history_on_lost] {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while s.node.publish(ch, &n.to_string()).await != 200 {
-                assert!(Instant::now() < deadline, "publishing {n} to {ch} failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    let got = collect(&mut s.sub, &[(&s.steady, 10), (&s.history_on_lost, 10)]).await;
-    let expected: Vec<u64> = (1..=10).collect();
-    assert_eq!(got[&s.steady], expected, "the healthy master's channel");
-    assert_eq!(
-        got[&s.history_on_lost], expected,
-        "the failed master's history channel"
-    );
+    s.publish_and_receive(10, Duration::from_secs(20)).await;
     // The failed master's plain channel is served by the promoted replica.
-    let started = Instant::now();
-    loop {
-        if s.node.publish(&s.plain_on_lost, "99").await == 200 {
-            let m = tokio::time::timeout(Duration::from_millis(300), s.sub.recv_json()).await;
-            if let Ok(m) = m {
-                assert_eq!(m["channel"], s.plain_on_lost.as_str(), "{m}");
-                break;
-            }
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the failed master's channel is not served again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    s.served_again(Duration::from_secs(20)).await;
     eprintln!(
         "failover: served again {} ms after the kill; repairs {}, reconnects {}",
         killed.elapsed().as_millis(),
