@@ -1,5 +1,6 @@
-//! The supervisor: one task per broker that owns the Redis connection, keeps the
-//! subscriptions equal to the desired set, probes the connection and reconnects.
+//! The supervisor: one task per broker that owns the Redis connections (in cluster
+//! mode one for the subscriptions and one for commands), keeps the subscriptions
+//! equal to the desired set, probes the connections and reconnects.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -20,22 +21,14 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
     let mut connected_before = false;
     loop {
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        let conn =
-            match tokio::time::timeout(inner.config.timeout, connect(&inner, generation)).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "Redis connect failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(inner.config.max_reconnect_delay);
-                    continue;
-                }
-                Err(_) => {
-                    tracing::debug!("Redis connect timed out");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(inner.config.max_reconnect_delay);
-                    continue;
-                }
-            };
+        let conn = match within(&inner, "connect", connect(&inner, generation)).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "Redis connect failed");
+                back_off(&inner, &mut delay).await;
+                continue;
+            }
+        };
         let mut active: HashSet<ChannelName> = HashSet::new();
         let mut repair = Repair::new();
         // Resubscribe everything before declaring the node usable again.
@@ -46,8 +39,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
             if matches!(conn, Conn::Cluster(_)) && ping(&inner, &conn).await.is_ok() {
                 repair.later(&inner);
             } else {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(inner.config.max_reconnect_delay);
+                back_off(&inner, &mut delay).await;
                 continue;
             }
         }
@@ -57,8 +49,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis Cluster command connection failed");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(inner.config.max_reconnect_delay);
+                    back_off(&inner, &mut delay).await;
                     continue;
                 }
             },
@@ -93,6 +84,24 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         }
         tracing::warn!(reason = why, "Redis connection lost; reconnecting");
     }
+}
+
+/// Waits `delay` before the next connection attempt and doubles it, up to
+/// `redis.max_reconnect_delay`.
+async fn back_off(inner: &Inner, delay: &mut Duration) {
+    tokio::time::sleep(*delay).await;
+    *delay = (*delay * 2).min(inner.config.max_reconnect_delay);
+}
+
+/// `work` within `redis.timeout`; running out of time is an I/O error naming `what`.
+async fn within<T>(
+    inner: &Inner,
+    what: &'static str,
+    work: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(inner.config.timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(timed_out(what)))
 }
 
 /// Runs one connection until it fails; returns why.
@@ -324,11 +333,9 @@ async fn shard_subscriptions(inner: &Inner, conn: &ClusterConnection) -> redis::
         redis::cmd("CLIENT").arg("INFO").to_owned(),
         RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None)),
     );
-    let answers = match tokio::time::timeout(inner.config.timeout, info).await {
-        Ok(Ok(Value::Map(answers))) => answers,
-        Ok(Ok(other)) => return Err(unexpected(format!("{other:?}"))),
-        Ok(Err(e)) => return Err(e),
-        Err(_) => return Err(timed_out("CLIENT INFO")),
+    let answers = match within(inner, "CLIENT INFO", info).await? {
+        Value::Map(answers) => answers,
+        other => return Err(unexpected(format!("{other:?}"))),
     };
     let mut held = 0;
     for (_, answer) in answers {
@@ -380,9 +387,7 @@ async fn ping(inner: &Inner, conn: &Conn) -> redis::RedisResult<()> {
                 .map(drop),
         }
     };
-    tokio::time::timeout(inner.config.timeout, ping)
-        .await
-        .unwrap_or_else(|_| Err(timed_out("probe")))
+    within(inner, "probe", ping).await
 }
 
 fn timed_out(what: &'static str) -> redis::RedisError {
@@ -392,12 +397,7 @@ fn timed_out(what: &'static str) -> redis::RedisError {
 async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
     let handler = push_handler(inner, generation);
     if inner.config.cluster {
-        let client = redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
-            .use_protocol(ProtocolVersion::RESP3)
-            .connection_timeout(inner.config.timeout)
-            .response_timeout(inner.config.timeout)
-            .push_sender(handler)
-            .build()?;
+        let client = cluster_client(inner).push_sender(handler).build()?;
         Ok(Conn::Cluster(client.get_async_connection().await?))
     } else {
         let client = redis::Client::open(inner.infos[0].clone())?;
@@ -420,16 +420,18 @@ async fn connect(inner: &Inner, generation: u64) -> redis::RedisResult<Conn> {
 /// connection, not every master's subscriptions.
 async fn connect_commands(inner: &Inner) -> redis::RedisResult<Conn> {
     let connect = async {
-        let client = redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
-            .use_protocol(ProtocolVersion::RESP3)
-            .connection_timeout(inner.config.timeout)
-            .response_timeout(inner.config.timeout)
-            .build()?;
+        let client = cluster_client(inner).build()?;
         Ok(Conn::Cluster(client.get_async_connection().await?))
     };
-    tokio::time::timeout(inner.config.timeout, connect)
-        .await
-        .unwrap_or_else(|_| Err(timed_out("connect")))
+    within(inner, "connect", connect).await
+}
+
+/// A cluster client on the seed nodes, RESP3, with the configured timeouts.
+fn cluster_client(inner: &Inner) -> redis::cluster::ClusterClientBuilder {
+    redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
+        .use_protocol(ProtocolVersion::RESP3)
+        .connection_timeout(inner.config.timeout)
+        .response_timeout(inner.config.timeout)
 }
 
 /// Which channels a [`sync`] looks at.
@@ -520,20 +522,17 @@ async fn interest(
     channels: &[ChannelName],
     subscribe: bool,
 ) -> Result<(), (Vec<ChannelName>, redis::RedisError)> {
-    let limit = inner.config.timeout;
+    const WHAT: &str = "subscription command";
     let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
-    let timed = |r: Result<redis::RedisResult<()>, _>| {
-        r.unwrap_or_else(|_| Err(timed_out("subscription command")))
-    };
     match conn.clone() {
         Conn::Single(mut c) => {
             let keys: Vec<String> = channels.iter().map(key).collect();
             let r = if subscribe {
-                tokio::time::timeout(limit, c.subscribe(&keys)).await
+                within(inner, WHAT, c.subscribe(&keys)).await
             } else {
-                tokio::time::timeout(limit, c.unsubscribe(&keys)).await
+                within(inner, WHAT, c.unsubscribe(&keys)).await
             };
-            timed(r).map_err(|e| (channels.to_vec(), e))
+            r.map_err(|e| (channels.to_vec(), e))
         }
         // A sharded (un)subscribe takes channels of one slot only: one command each,
         // many in flight, each failing on its own (a master may be down).
@@ -545,11 +544,11 @@ async fn interest(
                         let k = key(&ch);
                         async move {
                             let r = if subscribe {
-                                tokio::time::timeout(limit, c.ssubscribe(k)).await
+                                within(inner, WHAT, c.ssubscribe(k)).await
                             } else {
-                                tokio::time::timeout(limit, c.sunsubscribe(k)).await
+                                within(inner, WHAT, c.sunsubscribe(k)).await
                             };
-                            (ch, timed(r))
+                            (ch, r)
                         }
                     })
                     .buffer_unordered(64)
