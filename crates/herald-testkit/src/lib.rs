@@ -747,18 +747,22 @@ impl Haproxy {
     /// too) makes haproxy exit: it is started again on another port, and after three
     /// tries the panic carries what haproxy said.
     pub fn start(name: &str, config: impl Fn(u16) -> String) -> (Haproxy, u16) {
-        use std::io::Read as _;
         let mut said = String::new();
         for _ in 0..3 {
             let port = free_port();
-            let path =
-                std::env::temp_dir().join(format!("herald-{name}-{}.cfg", std::process::id()));
+            // Named after the port too: tests in one process start several at once.
+            let base =
+                std::env::temp_dir().join(format!("herald-{name}-{port}-{}", std::process::id()));
+            let (path, log) = (base.with_extension("cfg"), base.with_extension("log"));
             std::fs::write(&path, config(port)).expect("write the haproxy configuration");
+            // A file, not a pipe: nobody reads haproxy's output while it runs, and a
+            // full pipe would stall it.
+            let stderr = std::fs::File::create(&log).expect("create the haproxy log");
             let mut child = std::process::Command::new(system_tool("haproxy", "haproxy"))
                 .args(["-db", "-f"])
                 .arg(&path)
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
+                .stderr(stderr)
                 .spawn()
                 .expect("start haproxy");
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -774,10 +778,7 @@ impl Haproxy {
             }
             let _ = child.kill();
             let _ = child.wait();
-            said.clear();
-            if let Some(mut err) = child.stderr.take() {
-                let _ = err.read_to_string(&mut said);
-            }
+            said = std::fs::read_to_string(&log).unwrap_or_default();
         }
         panic!("haproxy did not start: {said}");
     }
