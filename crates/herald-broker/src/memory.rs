@@ -127,6 +127,13 @@ impl MemoryBroker {
             state: Mutex::new(State::default()),
         }
     }
+
+    /// Drops `channel`'s stream, as a broker that lost its data would (a Redis restarted
+    /// without its files): the next publication or read starts a new epoch. For fault
+    /// injection in tests.
+    pub async fn forget(&self, channel: &ChannelName) {
+        self.state.lock().await.streams.remove(channel);
+    }
 }
 
 impl Broker for MemoryBroker {

@@ -123,3 +123,303 @@ proptest! {
         }
     }
 }
+
+/// History channels: random interleavings of publish, subscribe (plain or resuming
+/// from where the subscriber last stood), the subscribe's completion, unsubscribe,
+/// publications lost on their way to the node (node-level gaps, repaired from the
+/// stream) and the broker losing a channel's stream (a new epoch), on the memory
+/// broker.
+mod history {
+    use super::*;
+    use std::time::Duration;
+
+    use herald_broker::{Broker, HistoryPage, HistoryPolicy, PublishRequest, Received};
+    use herald_protocol::client::Since;
+    use herald_protocol::{Epoch, StreamPosition};
+
+    use crate::history::{Completion, Resume, Stream, ATTEMPTS};
+
+    const CHANNELS: usize = 2;
+    const POLICY: HistoryPolicy = HistoryPolicy {
+        size: 8,
+        ttl: Duration::from_secs(600),
+        meta_ttl: Duration::from_secs(600),
+    };
+    const MAX_RECOVERY: usize = 6;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Publish(usize),
+        /// Hand up to this many publications from the broker to the hub.
+        Arrive(usize),
+        /// The next publication on its way to the node is lost.
+        Lose,
+        /// Subscribe; resume from the last position held when `true`.
+        Subscribe(usize, usize, bool),
+        /// The subscribe's history read is merged (reading again if asked to).
+        Complete(usize, usize),
+        Unsubscribe(usize, usize),
+        /// The broker loses the channel's stream (a new epoch; what the old one
+        /// published may still be on its way).
+        Forget(usize),
+        /// Spawned repairs run.
+        Yield,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..CHANNELS).prop_map(Op::Publish),
+            3 => (1..4usize).prop_map(Op::Arrive),
+            1 => Just(Op::Lose),
+            2 => (0..SUBSCRIBERS, 0..CHANNELS, any::<bool>()).prop_map(|(s, c, r)| Op::Subscribe(s, c, r)),
+            2 => (0..SUBSCRIBERS, 0..CHANNELS).prop_map(|(s, c)| Op::Complete(s, c)),
+            1 => (0..SUBSCRIBERS, 0..CHANNELS).prop_map(|(s, c)| Op::Unsubscribe(s, c)),
+            1 => (0..CHANNELS).prop_map(Op::Forget),
+            1 => Just(Op::Yield),
+        ]
+    }
+
+    /// A subscribe whose history read is done and not merged yet.
+    struct Pending {
+        stream: Arc<Stream>,
+        page: HistoryPage,
+        resume: Resume,
+        /// What the subscriber's buffer held when the read was issued.
+        read_after: usize,
+        attempt: usize,
+    }
+
+    /// What one subscriber has seen of one channel.
+    #[derive(Default, Clone)]
+    struct Seen {
+        /// Where it stands (set by `subscribed` and `reset`, moved by each message).
+        at: Option<(Epoch, u64)>,
+        /// Subscribed now (between `subscribed` and its unsubscribe).
+        live: bool,
+    }
+
+    struct World {
+        broker: Arc<MemoryBroker>,
+        rx: herald_broker::InboundReceiver,
+        hub: Arc<Hub>,
+        handles: Vec<Arc<SessionHandle>>,
+        channels: Vec<ChannelName>,
+        /// (channel, epoch, offset) → the number published there.
+        published: HashMap<(usize, Epoch, u64), u64>,
+        n: u64,
+        subscribed: [[bool; CHANNELS]; SUBSCRIBERS],
+        pending: HashMap<(usize, usize), Pending>,
+        seen: Vec<Vec<Seen>>,
+    }
+
+    impl World {
+        async fn read_page(&self, c: usize, since: Option<Since>) -> HistoryPage {
+            let (from, count) = since.map_or((0, 0), |s| (s.offset, MAX_RECOVERY));
+            self.broker
+                .history(&self.channels[c], POLICY, from, count)
+                .await
+                .unwrap()
+        }
+
+        /// Reads subscriber `s`'s queue and checks every frame against what it saw.
+        fn read(&mut self, s: usize) -> Result<(), TestCaseError> {
+            let mut items = Vec::new();
+            self.handles[s].drain(&mut items);
+            self.handles[s].finish_batch();
+            for i in items {
+                let Message::Text(t) = i.msg else {
+                    panic!("text frames only")
+                };
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                let c: usize = v["channel"].as_str().unwrap()[1..].parse().unwrap();
+                let epoch = || Epoch::parse(v["epoch"].as_str().unwrap()).unwrap();
+                let seen = &mut self.seen[s][c];
+                match v["op"].as_str().unwrap() {
+                    "subscribed" => {
+                        let top = v["offset"].as_u64().unwrap();
+                        let at = if v["recovered"].as_bool() == Some(true) {
+                            let (e, o) = seen.at.expect("recovered from a position it had");
+                            prop_assert_eq!(e, epoch(), "recovered in another epoch");
+                            o
+                        } else {
+                            top
+                        };
+                        seen.at = Some((epoch(), at));
+                        seen.live = true;
+                    }
+                    "reset" => {
+                        prop_assert!(seen.live, "reset before subscribed: {}", t.as_str());
+                        let to = (epoch(), v["offset"].as_u64().unwrap());
+                        // A reset skips ahead or moves to another epoch; one that goes
+                        // back re-delivers what the subscriber already has.
+                        prop_assert!(
+                            seen.at.is_none_or(|(e, o)| e != to.0 || to.1 >= o),
+                            "subscriber {} channel {}: reset from {:?} back to {:?}",
+                            s,
+                            c,
+                            seen.at,
+                            to
+                        );
+                        seen.at = Some(to);
+                    }
+                    "message" => {
+                        prop_assert!(seen.live, "message before subscribed: {}", t.as_str());
+                        let (e, o) = seen.at.unwrap();
+                        let offset = v["offset"].as_u64().unwrap();
+                        prop_assert_eq!(offset, o + 1, "subscriber {} channel {}: not the next offset (a gap without reset, a duplicate or a reorder)", s, c);
+                        let n = v["data"].as_u64().unwrap();
+                        prop_assert_eq!(
+                            self.published.get(&(c, e, offset)),
+                            Some(&n),
+                            "offset {} of epoch {} is another publication",
+                            offset,
+                            e
+                        );
+                        seen.at = Some((e, offset));
+                    }
+                    other => panic!("unexpected frame {other}"),
+                }
+            }
+            Ok(())
+        }
+
+        async fn publish(&mut self, c: usize) {
+            self.n += 1;
+            let p = Publication::now(
+                self.channels[c].clone(),
+                Payload::Json(Bytes::from(self.n.to_string())),
+            );
+            let req = PublishRequest {
+                history: Some(POLICY),
+                ..PublishRequest::plain(p)
+            };
+            let r = self.broker.publish(vec![req]).await.unwrap();
+            let pos = r[0].position.unwrap();
+            self.published.insert((c, pos.epoch, pos.offset), self.n);
+        }
+
+        fn arrive(&mut self, n: usize) {
+            for _ in 0..n {
+                match self.rx.try_recv() {
+                    Some(Received::Publication(p)) => self.hub.dispatch(p),
+                    Some(Received::Resubscribed) => {}
+                    None => return,
+                }
+            }
+        }
+
+        async fn complete(&mut self, s: usize, c: usize) -> Result<(), TestCaseError> {
+            let Some(mut p) = self.pending.remove(&(s, c)) else {
+                return Ok(());
+            };
+            let done = p.stream.complete(
+                s as u64,
+                &p.page,
+                p.read_after,
+                p.resume,
+                p.attempt == ATTEMPTS,
+            );
+            if done == Completion::ReadAgain {
+                prop_assert!(p.attempt < ATTEMPTS);
+                p.attempt += 1;
+                p.read_after = p.stream.buffered(s as u64).unwrap();
+                p.page = self.read_page(c, p.resume.since).await;
+                // Another read, later: what was in flight may arrive meanwhile.
+                self.pending.insert((s, c), p);
+            }
+            Ok(())
+        }
+
+        async fn settle(&mut self) {
+            for _ in 0..20 {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_offset_once_in_order_or_reset(ops in proptest::collection::vec(op(), 1..150)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let metrics = Metrics::unregistered();
+                let (tx, rx) = inbound(100_000, metrics.clone());
+                let broker = Arc::new(MemoryBroker::new(tx));
+                let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 10_000));
+                let env = env(1 << 24);
+                let mut w = World {
+                    broker,
+                    rx,
+                    hub,
+                    handles: (0..SUBSCRIBERS).map(|_| Arc::new(SessionHandle::new(0, env.clone()))).collect(),
+                    channels: (0..CHANNELS).map(|c| ChannelName::new(&format!("h{c}")).unwrap()).collect(),
+                    published: HashMap::new(),
+                    n: 0,
+                    subscribed: [[false; CHANNELS]; SUBSCRIBERS],
+                    pending: HashMap::new(),
+                    seen: vec![vec![Seen::default(); CHANNELS]; SUBSCRIBERS],
+                };
+                let opts = SubscribeOpts { history: Some(POLICY), positions: true };
+                for op in ops {
+                    match op {
+                        Op::Publish(c) => w.publish(c).await,
+                        Op::Arrive(n) => w.arrive(n),
+                        Op::Lose => { w.rx.try_recv(); }
+                        Op::Subscribe(s, c, resume) => {
+                            if w.subscribed[s][c] { continue; }
+                            w.subscribed[s][c] = true;
+                            let sub = w.hub.subscribe(&w.channels[c], s as u64, &w.handles[s], opts);
+                            let since = w.seen[s][c].at.filter(|_| resume).map(|(e, o)| Since { offset: o, epoch: Some(e) });
+                            let page = w.read_page(c, since).await;
+                            let resume = Resume { id: None, since, max_recovery: MAX_RECOVERY, timeout: Duration::from_secs(1) };
+                            w.pending.insert((s, c), Pending { stream: sub.stream.unwrap(), page, resume, read_after: 0, attempt: 1 });
+                        }
+                        Op::Complete(s, c) => w.complete(s, c).await?,
+                        Op::Unsubscribe(s, c) => {
+                            if !w.subscribed[s][c] { continue; }
+                            w.read(s)?;
+                            w.hub.unsubscribe(&w.channels[c], s as u64);
+                            w.subscribed[s][c] = false;
+                            w.pending.remove(&(s, c));
+                            w.seen[s][c].live = false;
+                        }
+                        Op::Forget(c) => w.broker.forget(&w.channels[c]).await,
+                        Op::Yield => w.settle().await,
+                    }
+                    for s in 0..SUBSCRIBERS {
+                        w.read(s)?;
+                    }
+                }
+                // Everything settles: one more publication per channel reveals any gap
+                // left, every pending subscribe completes, every repair runs.
+                for c in 0..CHANNELS {
+                    w.publish(c).await;
+                }
+                for _ in 0..ATTEMPTS + 1 {
+                    w.arrive(usize::MAX);
+                    w.settle().await;
+                    let keys: Vec<_> = w.pending.keys().copied().collect();
+                    for (s, c) in keys {
+                        w.complete(s, c).await?;
+                    }
+                }
+                w.arrive(usize::MAX);
+                w.settle().await;
+                prop_assert!(w.pending.is_empty());
+                for s in 0..SUBSCRIBERS {
+                    w.read(s)?;
+                    prop_assert!(!w.handles[s].is_closing());
+                    for c in 0..CHANNELS {
+                        if !w.subscribed[s][c] { continue; }
+                        let top = w.read_page(c, None).await.top;
+                        let at = w.seen[s][c].at.map(|(epoch, offset)| StreamPosition { offset, epoch });
+                        prop_assert_eq!(at, Some(top), "subscriber {} of channel {} did not reach the top", s, c);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -97,7 +97,7 @@ impl Gateway {
 
     /// The broker's short name (`memory`, `redis`, ...).
     pub fn broker_kind(&self) -> &'static str {
-        self.node.hub.broker().kind()
+        self.node.broker.kind()
     }
 
     /// Waits up to `limit` for the broker to be usable; returns whether it is. The
@@ -105,7 +105,7 @@ impl Gateway {
     /// avoid flapping through "not ready" while Redis connects.
     pub async fn wait_broker_up(&self, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while !self.node.hub.broker().is_up() {
+        while !self.node.broker.is_up() {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }

@@ -24,9 +24,14 @@ use std::time::Duration;
 
 use futures_util::Sink;
 use herald_metrics::{DropReason, Metrics};
+use herald_protocol::server::{self, encode_delivery, Delivery};
+use herald_protocol::{Payload, Publication};
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+/// A node-local session id.
+pub(crate) type ConnId = u64;
 
 /// The sending half of a session's socket, owned by its writer task while one runs and
 /// parked in the handle otherwise.
@@ -89,6 +94,35 @@ impl Item {
             len,
             published_at_us: 0,
             delivery: false,
+        }
+    }
+
+    /// The queue item delivering `p`, encoded once and shared by every subscriber it
+    /// goes to: text frames carry the offset for everyone; binary frames carry it only
+    /// for subscribers that track positions (`positions`).
+    pub(crate) fn delivery(p: &Publication, positions: bool) -> Self {
+        let (msg, len) = match (&p.payload, p.offset()) {
+            (Payload::Binary(data), Some(offset)) if positions => {
+                let b = server::binary_frame_with_offset(p.channel.as_str(), offset, data);
+                let len = b.len();
+                (Message::Binary(b), len)
+            }
+            _ => match encode_delivery(p) {
+                Delivery::Text(s) => {
+                    let len = s.len();
+                    (Message::Text(s.into()), len)
+                }
+                Delivery::Binary(b) => {
+                    let len = b.len();
+                    (Message::Binary(b), len)
+                }
+            },
+        };
+        Item {
+            msg,
+            len,
+            published_at_us: p.published_at_us,
+            delivery: true,
         }
     }
 

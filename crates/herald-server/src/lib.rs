@@ -36,11 +36,11 @@ pub mod config;
 mod error;
 mod gateway;
 mod handle;
+mod history;
 mod http;
 mod hub;
 mod lifecycle;
 mod node;
-mod recovery;
 mod session;
 mod writer;
 

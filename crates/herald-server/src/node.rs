@@ -13,8 +13,8 @@ use parking_lot::Mutex;
 use tokio_util::task::TaskTracker;
 
 use crate::config::GatewayConfig;
-use crate::handle::{SessionEnv, SessionHandle};
-use crate::hub::{ConnId, Hub};
+use crate::handle::{ConnId, SessionEnv, SessionHandle};
+use crate::hub::Hub;
 
 /// State shared by every task of one gateway.
 pub(crate) struct Node {
@@ -22,6 +22,10 @@ pub(crate) struct Node {
     /// Announced in welcome frames and logs; never empty.
     pub(crate) node_id: String,
     pub(crate) hub: Arc<Hub>,
+    /// Where publications go (every path: API, client publishes, SSE publishes), and
+    /// whose health readiness reports. The hub holds it too, for interest and history
+    /// reads; publishing never passes through the hub.
+    pub(crate) broker: Arc<dyn Broker>,
     pub(crate) metrics: Metrics,
     /// What `/metrics` serves; `metrics` is registered in it.
     pub(crate) registry: herald_metrics::prometheus::Registry,
@@ -76,10 +80,11 @@ impl Node {
             ),
             verifier: parking_lot::RwLock::new(verifier.map(Arc::new)),
             hub: Arc::new(Hub::new(
-                broker,
+                broker.clone(),
                 metrics.clone(),
                 config.limits.max_recovery_buffer,
             )),
+            broker,
             node_id,
             metrics,
             registry,
@@ -203,7 +208,7 @@ impl Node {
             .collect();
         let started = Instant::now();
         // A broker that is down refuses at once (the trait's contract): no check here.
-        let results = self.hub.broker().publish(requests).await?;
+        let results = self.broker.publish(requests).await?;
         self.metrics
             .broker_publish_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -215,7 +220,7 @@ impl Node {
     pub(crate) fn is_ready(&self) -> Result<(), &'static str> {
         if self.is_draining() {
             Err("draining")
-        } else if !self.hub.broker().is_up() {
+        } else if !self.broker.is_up() {
             Err("broker_down")
         } else {
             Ok(())

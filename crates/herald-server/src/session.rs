@@ -21,8 +21,9 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::access;
-use crate::handle::{Item, SessionHandle};
-use crate::hub::{Completion, ConnId, SubscribeOpts};
+use crate::handle::{ConnId, Item, SessionHandle};
+use crate::history::{Resume, Resumed};
+use crate::hub::SubscribeOpts;
 use crate::node::Node;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
@@ -379,7 +380,7 @@ impl Session {
             history,
             positions: recover,
         };
-        let ready = self
+        let subscribed = self
             .node
             .hub
             .subscribe(&channel, self.conn, &self.handle, opts);
@@ -387,6 +388,7 @@ impl Session {
         let limit = self.node.config.limits.subscribe_timeout;
         // Acknowledge only once the broker delivers the channel: whatever is published
         // after the client has seen the reply reaches it.
+        let ready = subscribed.ready;
         if !ready.is_ready() && !ready.wait(limit).await {
             return self.refuse_subscribe(
                 &channel,
@@ -394,62 +396,18 @@ impl Session {
                 "the broker did not confirm the subscription; retry later",
             );
         }
-        let (Some(policy), Some(rule)) = (history, rule) else {
+        let Some(stream) = subscribed.stream else {
             return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
         };
-        let max = rule.max_recovery();
-        // A resume reads what the client missed; a plain subscribe only the position.
-        let (from, count) = match since {
-            Some(s) => (s.offset, max),
-            None => (0, 0),
+        let resume = Resume {
+            id,
+            since,
+            max_recovery: rule.map_or(0, |r| r.max_recovery()),
+            timeout: limit,
         };
-        const ATTEMPTS: usize = 3;
-        for attempt in 1..=ATTEMPTS {
-            let read = self
-                .node
-                .hub
-                .broker()
-                .history(&channel, policy, from, count);
-            let page = match timeout(limit, read).await {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, "history read failed");
-                    return self.refuse_subscribe(
-                        &channel,
-                        id,
-                        "the channel's history could not be read; retry later",
-                    );
-                }
-                Err(_) => {
-                    return self.refuse_subscribe(
-                        &channel,
-                        id,
-                        "the channel's history could not be read in time; retry later",
-                    )
-                }
-            };
-            let done = self.node.hub.complete(
-                &channel,
-                self.conn,
-                id,
-                &page,
-                since,
-                max,
-                attempt == ATTEMPTS,
-            );
-            match done {
-                Completion::Done { recovered } => {
-                    let m = &self.node.metrics;
-                    match recovered {
-                        Some(true) => m.recovered.inc(),
-                        Some(false) => m.not_recovered.inc(),
-                        None => {}
-                    }
-                    return;
-                }
-                Completion::ReadAgain => continue,
-                Completion::Gone => return,
-            }
+        match stream.resume(self.conn, resume).await {
+            Resumed::Done { .. } | Resumed::Gone => {}
+            Resumed::Unavailable(why) => self.refuse_subscribe(&channel, id, why),
         }
     }
 

@@ -153,8 +153,7 @@ async fn history(
     let max = node.config.limits.max_history_page;
     let limit = q.limit.unwrap_or(max).min(max);
     let page = node
-        .hub
-        .broker()
+        .broker
         .history(&channel, policy, q.since, limit)
         .await
         .map_err(broker_refusal)?;

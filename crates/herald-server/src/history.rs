@@ -1,0 +1,1049 @@
+//! History channels: where this node's delivery of each channel's stream stands, and
+//! the whole of a subscribe on one (read, merge with live arrivals, retry, holes,
+//! repair, reset).
+//!
+//! # The invariant
+//! Every subscriber of a history channel receives the channel's offsets in order, each
+//! at most once, starting right after the position its `subscribed` reply names (its
+//! `since` when `recovered:true`, the stream's top otherwise); whatever it cannot receive
+//! is announced with a `reset` frame naming the position after which the stream goes on,
+//! never skipped in silence. Recovery is all or nothing: `recovered:false` replays
+//! nothing.
+//!
+//! # How it is kept
+//! One [`Stream`] per history channel the node serves, everything behind one lock:
+//! - its **members**, each either *recovering* (its subscribe is reading the history;
+//!   every publication that reaches the channel meanwhile is buffered for it, at most
+//!   `limits.max_recovery_buffer`, past that it is closed as a slow consumer) or *live*
+//!   (with `through`, the last offset it has: anything at or below is skipped for it);
+//! - `last`, the last publication that reached the node and was delivered (only
+//!   arrivals move it: a completing subscribe says what *it* has, and others may still
+//!   need what is in flight), and until the first arrival `floor`, the lowest position a
+//!   live member has;
+//! - `repairing`, the arrivals held while a repair reads a gap from the stream.
+//!
+//! An arriving publication gets a [`verdict`] against `last` (or `floor`): the next
+//! offset is delivered to the live members that lack it; one already delivered is
+//! skipped; a jump starts a repair (the missing range is read once, delivered in order,
+//! then what arrived meanwhile); a new epoch, or a hole the stream cannot fill, is a
+//! `reset` to every live member, then delivery goes on.
+//!
+//! A subscribe: the hub adds the member (recovering) and the session waits for the
+//! broker's `Ready`, then calls [`Stream::resume`] once. It reads the stream (the
+//! position, plus the missed range for a resume), and under the lock [`merge`]s the read
+//! with the member's buffer (sort, dedupe by offset, check contiguity), queues
+//! `subscribed` + history + buffer and makes the member live. A hole between the read
+//! and the buffer (a publication lost on its way to this node, being repaired) means
+//! "read again", at most [`ATTEMPTS`] times, then a `reset`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_broker::{Broker, HistoryPage, HistoryPolicy};
+use herald_metrics::{DropReason, Metrics};
+use herald_protocol::client::Since;
+use herald_protocol::server;
+use herald_protocol::{close, ChannelName, Payload, Publication, StreamPosition};
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+use tokio::sync::Semaphore;
+
+use crate::handle::{ConnId, Item, SessionHandle};
+
+/// Reads of one subscribe before a hole between history and live arrivals is given up
+/// on (and announced with a `reset`).
+pub(crate) const ATTEMPTS: usize = 3;
+
+/// Repairs reading streams at once (after a Redis outage every history channel the
+/// node serves catches up; this keeps that from flooding Redis).
+const REPAIRS_AT_ONCE: usize = 16;
+
+/// What every stream of a node shares.
+pub(crate) struct StreamEnv {
+    /// Where histories are read from.
+    broker: Arc<dyn Broker>,
+    metrics: Metrics,
+    /// `limits.max_recovery_buffer`: a recovering member's buffer, and the arrivals held
+    /// during a repair.
+    max_pending: usize,
+    /// Bounds the repairs reading at once ([`REPAIRS_AT_ONCE`]).
+    repairs: Semaphore,
+}
+
+impl StreamEnv {
+    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics, max_pending: usize) -> Self {
+        StreamEnv {
+            broker,
+            metrics,
+            max_pending,
+            repairs: Semaphore::new(REPAIRS_AT_ONCE),
+        }
+    }
+}
+
+/// One history channel as this node serves it (see the module docs).
+pub(crate) struct Stream {
+    channel: ChannelName,
+    policy: HistoryPolicy,
+    env: Arc<StreamEnv>,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// The last publication that reached the node and was delivered.
+    last: Option<StreamPosition>,
+    /// Until the first arrival: the lowest position a live member has, so that the
+    /// first arrival is checked for a gap against it.
+    floor: Option<StreamPosition>,
+    /// A repair is reading the stream: arrivals wait here, in order.
+    repairing: Option<Vec<Publication>>,
+    members: IndexMap<ConnId, Member>,
+}
+
+struct Member {
+    handle: Arc<SessionHandle>,
+    /// Binary deliveries carry their offset (the client tracks positions).
+    positions: bool,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Its subscribe is reading the history: every publication that reached the
+    /// channel since (duplicates possible; the merge sorts them out).
+    Recovering(Vec<Publication>),
+    /// It has every offset of `through`'s epoch up to `through`: skip those.
+    Live { through: StreamPosition },
+    /// Closed as a slow consumer while recovering: gets nothing more, and leaves when
+    /// its session ends.
+    Dropped,
+}
+
+/// How a subscriber wants its subscribe completed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resume {
+    /// The request's id, echoed in `subscribed`.
+    pub(crate) id: Option<u64>,
+    /// Where the client stands, for a resume.
+    pub(crate) since: Option<Since>,
+    /// The rule's `max_recovery`: a resume that missed more is not recovered.
+    pub(crate) max_recovery: usize,
+    /// `limits.subscribe_timeout`, per history read.
+    pub(crate) timeout: Duration,
+}
+
+/// The one answer [`Stream::resume`] gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resumed {
+    /// `subscribed` (and what follows it) is queued; the member is live.
+    Done { recovered: Option<bool> },
+    /// The history could not be read: refuse the subscribe, saying why.
+    Unavailable(&'static str),
+    /// The member left meanwhile.
+    Gone,
+}
+
+/// What [`Stream::complete`] did with one history read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    Done {
+        recovered: Option<bool>,
+    },
+    /// Read the history again (a hole between the read and live arrivals).
+    ReadAgain,
+    Gone,
+}
+
+impl Stream {
+    pub(crate) fn new(channel: ChannelName, policy: HistoryPolicy, env: Arc<StreamEnv>) -> Self {
+        Stream {
+            channel,
+            policy,
+            env,
+            state: Mutex::new(State {
+                last: None,
+                floor: None,
+                repairing: None,
+                members: IndexMap::new(),
+            }),
+        }
+    }
+
+    /// Adds `conn` as a recovering member (again, if it was one). Returns whether it is
+    /// new.
+    pub(crate) fn join(&self, conn: ConnId, handle: &Arc<SessionHandle>, positions: bool) -> bool {
+        let member = Member {
+            handle: handle.clone(),
+            positions,
+            phase: Phase::Recovering(Vec::new()),
+        };
+        self.state.lock().members.insert(conn, member).is_none()
+    }
+
+    /// Removes `conn`. Returns whether it was a member, and how many remain.
+    pub(crate) fn leave(&self, conn: ConnId) -> (bool, usize) {
+        let mut s = self.state.lock();
+        let removed = s.members.swap_remove(&conn).is_some();
+        (removed, s.members.len())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.state.lock().members.len()
+    }
+
+    /// Completes `conn`'s subscribe: reads the stream (the position, plus what the
+    /// client missed for a resume) and queues `subscribed`, the replay and what arrived
+    /// meanwhile, reading again (at most [`ATTEMPTS`] times) while a hole separates the
+    /// read from the live arrivals.
+    pub(crate) async fn resume(self: &Arc<Self>, conn: ConnId, r: Resume) -> Resumed {
+        // A resume reads what the client missed; a plain subscribe only the position.
+        let (from, count) = match r.since {
+            Some(s) => (s.offset, r.max_recovery),
+            None => (0, 0),
+        };
+        let mut attempt = 1;
+        loop {
+            let Some(read_after) = self.buffered(conn) else {
+                return Resumed::Gone;
+            };
+            let read = self
+                .env
+                .broker
+                .history(&self.channel, self.policy, from, count);
+            let page = match tokio::time::timeout(r.timeout, read).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "history read failed");
+                    return Resumed::Unavailable(
+                        "the channel's history could not be read; retry later",
+                    );
+                }
+                Err(_) => {
+                    return Resumed::Unavailable(
+                        "the channel's history could not be read in time; retry later",
+                    )
+                }
+            };
+            match self.complete(conn, &page, read_after, r, attempt == ATTEMPTS) {
+                Completion::Done { recovered } => {
+                    let m = &self.env.metrics;
+                    match recovered {
+                        Some(true) => m.recovered.inc(),
+                        Some(false) => m.not_recovered.inc(),
+                        None => {}
+                    }
+                    return Resumed::Done { recovered };
+                }
+                Completion::ReadAgain => attempt += 1,
+                Completion::Gone => return Resumed::Gone,
+            }
+        }
+    }
+
+    /// How many publications `conn`'s buffer holds (they arrived before a read issued
+    /// now); `None` when it is not recovering.
+    pub(crate) fn buffered(&self, conn: ConnId) -> Option<usize> {
+        match &self.state.lock().members.get(&conn)?.phase {
+            Phase::Recovering(buf) => Some(buf.len()),
+            _ => None,
+        }
+    }
+
+    /// Completes `conn`'s subscribe with one history read (`page`, issued when its
+    /// buffer held `read_after` publications), under the lock, so that nothing
+    /// published meanwhile is lost or repeated.
+    pub(crate) fn complete(
+        self: &Arc<Self>,
+        conn: ConnId,
+        page: &HistoryPage,
+        read_after: usize,
+        r: Resume,
+        last_attempt: bool,
+    ) -> Completion {
+        let mut s = self.state.lock();
+        let Some(member) = s.members.get_mut(&conn) else {
+            return Completion::Gone;
+        };
+        let Phase::Recovering(pending) = &member.phase else {
+            return Completion::Gone;
+        };
+        let merged = merge(
+            page.top,
+            &page.publications,
+            pending,
+            read_after,
+            r.since,
+            r.max_recovery,
+            last_attempt,
+        );
+        let Merged::Ready {
+            recovered,
+            out,
+            through,
+        } = merged
+        else {
+            return Completion::ReadAgain;
+        };
+        let channel = self.channel.as_str();
+        member.handle.push(Item::reply(server::subscribed(
+            channel, r.id, page.top, recovered,
+        )));
+        let mut replayed = 0u64;
+        for o in out {
+            match o {
+                Out::Publication(p) => {
+                    if p.offset().is_some_and(|o| o <= page.top.offset) {
+                        replayed += 1;
+                    }
+                    member.handle.push(Item::delivery(&p, member.positions));
+                }
+                Out::Reset(at) => {
+                    self.env.metrics.history_unrepairable.inc();
+                    member.handle.push(Item::reply(server::reset(channel, at)));
+                }
+            }
+        }
+        self.env.metrics.replayed.inc_by(replayed);
+        member.phase = Phase::Live { through };
+        // Once publications arrive, this member already has everything up to the node's
+        // last (what arrived since it subscribed was merged above). Before the first
+        // arrival, the first arrival is checked against the lowest live position.
+        if s.last.is_none()
+            && s.floor
+                .is_none_or(|f| f.epoch == through.epoch && through.offset < f.offset)
+        {
+            s.floor = Some(through);
+        }
+        // The node last delivered another epoch than this member now has: one of the two
+        // is stale. The stream tells which, and the repair announces it to whoever is
+        // behind.
+        if s.repairing.is_none() && s.last.is_some_and(|l| l.epoch != through.epoch) {
+            s.repairing = Some(Vec::new());
+            tokio::spawn(self.clone().repair(through));
+        }
+        Completion::Done { recovered }
+    }
+
+    /// A publication that reached the node on this channel.
+    pub(crate) fn arrive(self: &Arc<Self>, p: Publication) {
+        let mut s = self.state.lock();
+        if p.position.is_none() {
+            // A raw publish into Redis bypasses history: delivered to everyone as is.
+            let item = Item::delivery(&p, false);
+            let to = s.members.values().map(|m| &m.handle);
+            SessionHandle::push_to_all(to, &item, &self.env.metrics);
+            return;
+        }
+        self.buffer(&mut s, std::slice::from_ref(&p));
+        self.feed(&mut s, p, true);
+    }
+
+    /// Holds `p` while a repair reads the stream, or applies it now.
+    fn feed(self: &Arc<Self>, s: &mut State, p: Publication, may_repair: bool) {
+        if let Some(waiting) = &mut s.repairing {
+            // Bounded: what does not fit is a gap again afterwards, which the next
+            // repair reads from the stream.
+            if waiting.len() < self.env.max_pending {
+                waiting.push(p);
+            }
+            return;
+        }
+        self.accept(s, p, may_repair);
+    }
+
+    /// The broker's subscriptions were re-established after an outage: catch up from
+    /// the stream (what was published meanwhile never arrived).
+    pub(crate) fn catch_up(self: &Arc<Self>) {
+        let mut s = self.state.lock();
+        let (Some(last), None) = (s.last.or(s.floor), &s.repairing) else {
+            return;
+        };
+        s.repairing = Some(Vec::new());
+        tokio::spawn(self.clone().repair(last));
+    }
+
+    /// Appends what reached the channel to every recovering member's buffer; one that
+    /// overflows (its history read takes too long for the publication rate) is closed
+    /// as a slow consumer, like a subscriber whose queue overflows.
+    fn buffer(&self, s: &mut State, ps: &[Publication]) {
+        if ps.is_empty() {
+            return;
+        }
+        let (max, metrics) = (self.env.max_pending, &self.env.metrics);
+        for m in s.members.values_mut() {
+            let Phase::Recovering(buf) = &mut m.phase else {
+                continue;
+            };
+            buf.extend(ps.iter().cloned());
+            if buf.len() <= max {
+                continue;
+            }
+            metrics.slow_consumer_disconnects.inc();
+            metrics.dropped(DropReason::SlowConsumer, buf.len() as u64);
+            m.handle
+                .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+            m.phase = Phase::Dropped;
+        }
+    }
+
+    /// Applies [`verdict`] to an arriving (or repaired) publication. A gap, and a
+    /// publication of another epoch, first ask the stream (a repair): only the stream
+    /// tells a new epoch from an old one's publication still in flight.
+    fn accept(self: &Arc<Self>, s: &mut State, p: Publication, may_repair: bool) {
+        let Some(pos) = p.position else { return };
+        let reference = s.last.or(s.floor);
+        match verdict(reference, pos) {
+            Verdict::Deliver => {
+                s.last = Some(pos);
+                self.fan_out(s, &p);
+            }
+            Verdict::Duplicate => self.env.metrics.history_duplicates.inc(),
+            Verdict::Gap { .. } | Verdict::NewEpoch if may_repair => {
+                let since = reference.unwrap_or(pos);
+                s.repairing = Some(vec![p]);
+                tokio::spawn(self.clone().repair(since));
+            }
+            Verdict::Gap { .. } | Verdict::NewEpoch => {
+                // Confirmed by the stream: announce what cannot be delivered.
+                self.env.metrics.history_unrepairable.inc();
+                let at = StreamPosition {
+                    offset: pos.offset.saturating_sub(1),
+                    epoch: pos.epoch,
+                };
+                self.reset_to(s, at);
+                s.last = Some(pos);
+                self.fan_out(s, &p);
+            }
+        }
+    }
+
+    /// Tells every live member that lacks something before `at` that the stream goes on
+    /// after `at`.
+    fn reset_to(&self, s: &mut State, at: StreamPosition) {
+        let reset = Item::reply(server::reset(self.channel.as_str(), at));
+        for m in s.members.values_mut() {
+            if let Phase::Live { through } = &mut m.phase {
+                if through.epoch != at.epoch || through.offset < at.offset {
+                    *through = at;
+                    m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                }
+            }
+        }
+    }
+
+    /// Delivers a publication to the live members that do not have it yet.
+    fn fan_out(&self, s: &mut State, p: &Publication) {
+        let Some(pos) = p.position else { return };
+        // A member still in another epoch was not told of the change (it completed in
+        // an epoch the node had already left): tell it before it gets the publication.
+        if s.members
+            .values()
+            .any(|m| matches!(m.phase, Phase::Live { through } if through.epoch != pos.epoch))
+        {
+            self.reset_to(
+                s,
+                StreamPosition {
+                    offset: pos.offset.saturating_sub(1),
+                    epoch: pos.epoch,
+                },
+            );
+        }
+        // `positions`: only members that do (or do not) track positions; `None`: all.
+        let live = |positions: Option<bool>| {
+            s.members.values().filter(move |m| {
+                positions.is_none_or(|p| m.positions == p)
+                    && matches!(m.phase, Phase::Live { through } if through.offset < pos.offset)
+            })
+        };
+        let plain = Item::delivery(p, false);
+        let metrics = &self.env.metrics;
+        if matches!(p.payload, Payload::Binary(_)) {
+            let to = live(Some(false)).map(|m| &m.handle);
+            SessionHandle::push_to_all(to, &plain, metrics);
+            let positioned = Item::delivery(p, true);
+            let to = live(Some(true)).map(|m| &m.handle);
+            SessionHandle::push_to_all(to, &positioned, metrics);
+        } else {
+            // Text deliveries carry the offset for everyone: one encoding, one pass.
+            SessionHandle::push_to_all(live(None).map(|m| &m.handle), &plain, metrics);
+        }
+        for m in s.members.values_mut() {
+            if let Phase::Live { through } = &mut m.phase {
+                if through.offset < pos.offset {
+                    *through = pos;
+                }
+            }
+        }
+    }
+
+    /// Reads the publications after `since` from the stream and delivers them, then
+    /// what arrived while reading; a hole the stream cannot fill becomes a `reset`. When
+    /// the stream is in another epoch than `since`'s, the members are told (`reset`) and
+    /// get what the new epoch's stream holds; publications of any other epoch that
+    /// arrived before the read are an old epoch's, still in flight: skipped.
+    async fn repair(self: Arc<Self>, since: StreamPosition) {
+        let read_after = self.state.lock().repairing.as_ref().map_or(0, Vec::len);
+        let page = {
+            let _permit = self.env.repairs.acquire().await;
+            let size = self.policy.size;
+            let read = |from| {
+                self.env
+                    .broker
+                    .history(&self.channel, self.policy, from, size)
+            };
+            match read(since.offset).await {
+                Ok(page) if page.top.epoch != since.epoch => read(0).await,
+                other => other,
+            }
+        };
+        let mut s = self.state.lock();
+        let waiting = s.repairing.take().unwrap_or_default();
+        self.env.metrics.history_repairs.inc();
+        let epoch = match page {
+            Ok(page) => {
+                if page.top.epoch != since.epoch {
+                    // A new epoch: announce it from where its stream begins here.
+                    let first = page.publications.first().and_then(Publication::offset);
+                    let at = StreamPosition {
+                        offset: first.map_or(page.top.offset, |o| o.saturating_sub(1)),
+                        epoch: page.top.epoch,
+                    };
+                    self.env.metrics.history_unrepairable.inc();
+                    self.reset_to(&mut s, at);
+                    s.last = Some(at);
+                }
+                self.buffer(&mut s, &page.publications);
+                for p in page.publications {
+                    let reference = s.last.or(s.floor);
+                    if p.position
+                        .is_some_and(|pos| verdict(reference, pos) == Verdict::Deliver)
+                    {
+                        self.env.metrics.history_repaired.inc();
+                    }
+                    self.accept(&mut s, p, false);
+                }
+                Some(page.top.epoch)
+            }
+            Err(e) => {
+                tracing::warn!(channel = %self.channel, error = %e, "history repair failed");
+                None
+            }
+        };
+        for (i, p) in waiting.into_iter().enumerate() {
+            let Some(pos) = p.position else { continue };
+            match epoch {
+                // Arrived before the read, which found the stream in another epoch.
+                Some(e) if pos.epoch != e && i < read_after => {
+                    self.env.metrics.history_duplicates.inc();
+                }
+                // Arrived while reading, in another epoch than the read found: ask again.
+                Some(e) if pos.epoch != e => self.feed(&mut s, p, true),
+                _ => self.feed(&mut s, p, false),
+            }
+        }
+    }
+}
+
+/// What the node does with an arriving publication, given the last one it delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The next offset (or the first the node sees): deliver it.
+    Deliver,
+    /// Already delivered (it came twice, or a repair fetched it first): skip it.
+    Duplicate,
+    /// Offsets after `after` are missing: fetch them from the stream first.
+    Gap { after: u64 },
+    /// The stream was reset (a new epoch): what came before may be lost.
+    NewEpoch,
+}
+
+pub(crate) fn verdict(last: Option<StreamPosition>, p: StreamPosition) -> Verdict {
+    match last {
+        None => Verdict::Deliver,
+        Some(l) if l.epoch != p.epoch => Verdict::NewEpoch,
+        Some(l) if p.offset <= l.offset => Verdict::Duplicate,
+        Some(l) if p.offset == l.offset + 1 => Verdict::Deliver,
+        Some(l) => Verdict::Gap { after: l.offset },
+    }
+}
+
+/// One thing a completing subscriber receives after its `subscribed` reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Out {
+    Publication(Publication),
+    /// Publications before this position's next one may be missing.
+    Reset(StreamPosition),
+}
+
+/// How a subscribe on a history channel completes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Merged {
+    Ready {
+        /// For a resume: whether every missed publication follows.
+        recovered: Option<bool>,
+        /// What follows the `subscribed` reply, in order.
+        out: Vec<Out>,
+        /// The last position the subscriber will have received.
+        through: StreamPosition,
+    },
+    /// Publications between the history read and the live ones are missing (they were
+    /// lost in transit and are being repaired): read the history again.
+    Incomplete,
+}
+
+/// Merges a history read (`top` and `history`, all of `top`'s epoch) with what arrived
+/// live meanwhile (`pending`, in arrival order, any epoch, duplicates possible; the
+/// first `read_after` arrived before the read was issued) into what the subscriber
+/// gets. On the `last_attempt`, a hole left between history and live publications is
+/// reported with a `reset` instead of asking for another read.
+///
+/// A pending publication of another epoch than `top`'s is an old epoch's still in
+/// flight when it arrived before the read (epochs never come back), and is skipped;
+/// one that arrived after may be a newer epoch's: read again to know.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn merge(
+    top: StreamPosition,
+    history: &[Publication],
+    pending: &[Publication],
+    read_after: usize,
+    since: Option<Since>,
+    max_recovery: usize,
+    last_attempt: bool,
+) -> Merged {
+    let mut out = Vec::new();
+    let recovered = since.map(|s| {
+        let missed = top.offset.checked_sub(s.offset);
+        s.epoch == Some(top.epoch)
+            && missed.is_some_and(|m| m <= max_recovery as u64)
+            && covers(history, s.offset, top.offset)
+    });
+    if recovered == Some(true) {
+        let from = since.map_or(top.offset, |s| s.offset);
+        out.extend(
+            history
+                .iter()
+                .filter(|p| p.offset().is_some_and(|o| o > from && o <= top.offset))
+                .cloned()
+                .map(Out::Publication),
+        );
+    }
+    let mut at = top;
+    let mut live: Vec<&Publication> = pending
+        .iter()
+        .filter(|p| {
+            p.position
+                .is_some_and(|q| q.epoch == top.epoch && q.offset > top.offset)
+        })
+        .collect();
+    live.sort_by_key(|p| p.offset());
+    live.dedup_by_key(|p| p.offset());
+    for p in live {
+        let Some(pos) = p.position else { continue };
+        if pos.offset > at.offset + 1 {
+            if !last_attempt {
+                return Merged::Incomplete;
+            }
+            out.push(Out::Reset(StreamPosition {
+                offset: pos.offset - 1,
+                epoch: pos.epoch,
+            }));
+        }
+        out.push(Out::Publication(p.clone()));
+        at = pos;
+    }
+    // Another epoch's publications that arrived after the read: an old epoch's still
+    // in flight, or a newer epoch begun meanwhile. Another read tells; after the last,
+    // the subscriber goes live in `top`'s epoch and the live path, which asks the
+    // stream, announces a newer epoch to it with a `reset`.
+    let other_epoch = pending
+        .iter()
+        .skip(read_after)
+        .any(|p| p.position.is_some_and(|q| q.epoch != top.epoch));
+    if other_epoch && !last_attempt {
+        return Merged::Incomplete;
+    }
+    Merged::Ready {
+        recovered,
+        out,
+        through: at,
+    }
+}
+
+/// Whether `history` holds exactly the offsets `from + 1 ..= to`.
+fn covers(history: &[Publication], from: u64, to: u64) -> bool {
+    let mut want = from + 1;
+    for o in history.iter().filter_map(Publication::offset) {
+        if o <= from {
+            continue;
+        }
+        if o != want || o > to {
+            return false;
+        }
+        want += 1;
+    }
+    want == to + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use herald_broker::{inbound, MemoryBroker, Received};
+    use herald_protocol::{ChannelName, Epoch, Payload};
+    use tokio_tungstenite::tungstenite::Message;
+
+    const E: u64 = 7;
+
+    fn pos(offset: u64) -> StreamPosition {
+        StreamPosition {
+            offset,
+            epoch: Epoch::new(E).unwrap(),
+        }
+    }
+
+    fn pubs(offsets: impl IntoIterator<Item = u64>) -> Vec<Publication> {
+        offsets
+            .into_iter()
+            .map(|o| Publication {
+                position: Some(pos(o)),
+                ..Publication::now(
+                    ChannelName::new("c").unwrap(),
+                    Payload::Json(Bytes::from_static(b"1")),
+                )
+            })
+            .collect()
+    }
+
+    fn since(offset: u64) -> Option<Since> {
+        Some(Since {
+            offset,
+            epoch: Epoch::new(E),
+        })
+    }
+
+    fn offsets(m: &Merged) -> Vec<i64> {
+        let Merged::Ready { out, .. } = m else {
+            panic!("incomplete")
+        };
+        out.iter()
+            .map(|o| match o {
+                Out::Publication(p) => p.offset().unwrap() as i64,
+                Out::Reset(p) => -(p.offset as i64),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(verdict(None, pos(5)), Verdict::Deliver);
+        assert_eq!(verdict(Some(pos(4)), pos(5)), Verdict::Deliver);
+        assert_eq!(verdict(Some(pos(5)), pos(5)), Verdict::Duplicate);
+        assert_eq!(verdict(Some(pos(4)), pos(7)), Verdict::Gap { after: 4 });
+        let other = StreamPosition {
+            offset: 1,
+            epoch: Epoch::new(E + 1).unwrap(),
+        };
+        assert_eq!(verdict(Some(pos(4)), other), Verdict::NewEpoch);
+    }
+
+    #[test]
+    fn resume_replays_history_then_live_without_duplicates() {
+        // Read history 42..=57; live arrivals overlap it and continue.
+        let m = merge(
+            pos(57),
+            &pubs(42..=57),
+            &pubs(55..=60),
+            0,
+            since(41),
+            100,
+            false,
+        );
+        assert_eq!(offsets(&m), (42..=60).collect::<Vec<_>>());
+        let Merged::Ready {
+            recovered, through, ..
+        } = m
+        else {
+            unreachable!()
+        };
+        assert_eq!((recovered, through), (Some(true), pos(60)));
+    }
+
+    #[test]
+    fn resume_is_refused_whole_never_partial() {
+        // Trimmed: history starts after what the client missed.
+        let m = merge(pos(57), &pubs(50..=57), &[], 0, since(41), 100, false);
+        assert_eq!(offsets(&m), Vec::<i64>::new());
+        assert!(
+            matches!(m, Merged::Ready { recovered: Some(false), through, .. } if through == pos(57))
+        );
+        // Too many missed.
+        let m = merge(pos(57), &pubs(42..=57), &[], 0, since(41), 10, false);
+        assert!(matches!(
+            m,
+            Merged::Ready {
+                recovered: Some(false),
+                ..
+            }
+        ));
+        // Another epoch.
+        let other = Some(Since {
+            offset: 41,
+            epoch: Epoch::new(E + 1),
+        });
+        let m = merge(pos(57), &pubs(42..=57), &[], 0, other, 100, false);
+        assert!(matches!(
+            m,
+            Merged::Ready {
+                recovered: Some(false),
+                ..
+            }
+        ));
+        // An offset from the future (of another run).
+        let m = merge(pos(57), &pubs(42..=57), &[], 0, since(90), 100, false);
+        assert!(matches!(
+            m,
+            Merged::Ready {
+                recovered: Some(false),
+                ..
+            }
+        ));
+        // Nothing missed.
+        let m = merge(pos(57), &[], &pubs([58]), 0, since(57), 100, false);
+        assert_eq!(offsets(&m), vec![58]);
+        assert!(matches!(
+            m,
+            Merged::Ready {
+                recovered: Some(true),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_hole_between_history_and_live_asks_for_another_read_then_resets() {
+        let m = merge(
+            pos(57),
+            &pubs(42..=57),
+            &pubs([60, 61]),
+            0,
+            since(41),
+            100,
+            false,
+        );
+        assert_eq!(m, Merged::Incomplete);
+        let m = merge(
+            pos(57),
+            &pubs(42..=57),
+            &pubs([60, 61]),
+            0,
+            since(41),
+            100,
+            true,
+        );
+        let mut want: Vec<i64> = (42..=57).collect();
+        want.extend([-59, 60, 61]);
+        assert_eq!(offsets(&m), want);
+    }
+
+    #[test]
+    fn a_plain_subscribe_starts_at_the_top() {
+        let m = merge(pos(57), &[], &pubs([56, 57, 58, 59]), 0, None, 100, false);
+        assert_eq!(offsets(&m), vec![58, 59]);
+        assert!(matches!(m, Merged::Ready { recovered: None, through, .. } if through == pos(59)));
+    }
+
+    #[test]
+    fn a_new_epoch_meanwhile_is_announced() {
+        let mut newer = pubs([1, 2]);
+        for p in &mut newer {
+            p.position = p.position.map(|q| StreamPosition {
+                epoch: Epoch::new(E + 1).unwrap(),
+                ..q
+            });
+        }
+        // Arrived after the read: perhaps newer, perhaps an old epoch's in flight.
+        assert_eq!(
+            merge(pos(57), &[], &newer, 0, None, 100, false),
+            Merged::Incomplete
+        );
+        // Arrived before the read, which found epoch E: an old epoch's, skipped.
+        let m = merge(pos(57), &[], &newer, 2, None, 100, false);
+        assert_eq!(offsets(&m), Vec::<i64>::new());
+        // Still there after the last read: the subscriber goes live in E (the live
+        // path announces a newer epoch once the stream confirms it).
+        let m = merge(pos(57), &[], &newer, 0, None, 100, true);
+        assert_eq!(offsets(&m), Vec::<i64>::new());
+    }
+
+    fn policy() -> HistoryPolicy {
+        HistoryPolicy {
+            size: 100,
+            ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn stream_on(broker: Arc<dyn Broker>, metrics: Metrics) -> Arc<Stream> {
+        let env = Arc::new(StreamEnv::new(broker, metrics, 100));
+        Arc::new(Stream::new(
+            ChannelName::new("news").unwrap(),
+            policy(),
+            env,
+        ))
+    }
+
+    fn stream() -> Arc<Stream> {
+        let metrics = Metrics::unregistered();
+        let (tx, _rx) = inbound(8, metrics.clone());
+        stream_on(Arc::new(MemoryBroker::new(tx)), metrics)
+    }
+
+    fn resume(id: Option<u64>, since: Option<Since>) -> Resume {
+        Resume {
+            id,
+            since,
+            max_recovery: 100,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn texts(h: &SessionHandle) -> Vec<serde_json::Value> {
+        let mut q = Vec::new();
+        h.drain(&mut q);
+        q.into_iter()
+            .map(|i| match i.msg {
+                Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    fn delivered(h: &SessionHandle) -> Vec<u64> {
+        texts(h)[1..]
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn positioned(offset: u64) -> Publication {
+        pubs([offset]).remove(0)
+    }
+
+    fn page(top: u64, history: Vec<Publication>) -> HistoryPage {
+        HistoryPage {
+            top: pos(top),
+            publications: history,
+        }
+    }
+
+    /// Publications that reach the channel while a subscriber reads the history are
+    /// held for it and merged after the history: none lost, none twice. A subscriber
+    /// that was live all along gets each once too.
+    #[tokio::test]
+    async fn live_publications_during_a_resume_are_merged_after_the_history() {
+        let news = stream();
+        let env = crate::handle::tests::env(1 << 20);
+        let live = Arc::new(SessionHandle::new(0, env.clone()));
+        news.join(1, &live, true);
+        assert_eq!(
+            news.complete(1, &page(0, vec![]), 0, resume(Some(1), None), false),
+            Completion::Done { recovered: None }
+        );
+        news.arrive(positioned(1));
+        news.arrive(positioned(2));
+
+        // A client that had offset 1 resumes; its history read saw the stream up to 2,
+        // then 3 and 4 arrive before the subscribe completes (2 arrives again too).
+        let resuming = Arc::new(SessionHandle::new(0, env.clone()));
+        news.join(2, &resuming, true);
+        news.arrive(positioned(3));
+        news.arrive(positioned(4));
+        assert_eq!(
+            news.complete(2, &page(2, pubs([2])), 0, resume(Some(7), since(1)), false),
+            Completion::Done {
+                recovered: Some(true)
+            }
+        );
+        news.arrive(positioned(5));
+        let got = texts(&resuming);
+        assert_eq!(got[0]["op"], "subscribed");
+        assert_eq!(
+            (got[0]["offset"].as_u64(), got[0]["recovered"].as_bool()),
+            (Some(2), Some(true))
+        );
+        let offsets: Vec<u64> = got[1..]
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, vec![2, 3, 4, 5]);
+        assert_eq!(delivered(&live), vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Found by the rolling-restart test: on a fresh node two subscribers complete
+    /// before any publication arrives, the one whose history read was later first. The
+    /// other still gets what was in flight between the two reads.
+    #[tokio::test]
+    async fn subscribers_completing_out_of_order_each_get_what_was_in_flight() {
+        let news = stream();
+        let env = crate::handle::tests::env(1 << 20);
+        let early = Arc::new(SessionHandle::new(0, env.clone()));
+        let late = Arc::new(SessionHandle::new(0, env.clone()));
+        news.join(1, &early, true);
+        news.join(2, &late, true);
+        news.complete(2, &page(5, vec![]), 0, resume(None, None), false);
+        news.complete(1, &page(3, vec![]), 0, resume(None, None), false);
+        for n in 4..=6 {
+            news.arrive(positioned(n));
+        }
+        assert_eq!(delivered(&early), vec![4, 5, 6]);
+        assert_eq!(delivered(&late), vec![6]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_waits_for_the_repair_and_duplicates_are_skipped() {
+        // The memory broker's stream has 1..=3; the node saw only 1 and then 3.
+        let metrics = Metrics::unregistered();
+        let (tx, mut rx) = inbound(16, metrics.clone());
+        let broker = Arc::new(MemoryBroker::new(tx));
+        let news = stream_on(broker.clone(), metrics.clone());
+        let reqs = (1..=3)
+            .map(|n| herald_broker::PublishRequest {
+                history: Some(policy()),
+                ..herald_broker::PublishRequest::plain(Publication::now(
+                    ChannelName::new("news").unwrap(),
+                    Payload::Json(Bytes::from(format!("{n}"))),
+                ))
+            })
+            .collect();
+        broker.publish(reqs).await.unwrap();
+        let mut arrived = Vec::new();
+        while let Some(Received::Publication(p)) = rx.try_recv() {
+            arrived.push(p);
+        }
+        let env = crate::handle::tests::env(1 << 20);
+        let h = Arc::new(SessionHandle::new(0, env));
+        news.join(1, &h, false);
+        let top = HistoryPage {
+            top: StreamPosition {
+                offset: 0,
+                ..arrived[0].position.unwrap()
+            },
+            publications: vec![],
+        };
+        news.complete(1, &top, 0, resume(None, None), false);
+        news.arrive(arrived[0].clone());
+        news.arrive(arrived[2].clone());
+        news.arrive(arrived[0].clone());
+        for _ in 0..500 {
+            if metrics.history_repairs.get() == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(delivered(&h), vec![1, 2, 3]);
+        // The repair delivered 2 and 3 from the stream; the live 3 and the second 1
+        // were then skipped.
+        assert_eq!(metrics.history_repaired.get(), 2);
+        assert_eq!(metrics.history_duplicates.get(), 2);
+    }
+}
