@@ -1,5 +1,8 @@
 //! Connection tokens: the application's backend issues a JWT, Herald verifies it.
 //!
+//! # Layout
+//! - `keys`: backend API keys ([`ApiKeys`]), hashed once and compared in constant time.
+//!
 //! [`Verifier`] is built once from [`JwtConfig`] (keys are parsed at start-up, never per
 //! handshake) and turns a token into an [`Identity`] or an [`AuthError`]. Only the
 //! algorithms the configured keys allow are accepted: HS256/384/512 with

@@ -13,6 +13,15 @@
 //!
 //! Every loop is bounded in count and time; servers bind to loopback, or (the drop
 //! scenario) to addresses inside the network namespaces it creates.
+//!
+//! # Layout
+//! Each module uses only those listed after it:
+//! - `run`: the orchestrator (targets, workers, every scenario).
+//! - `drops`: the network-drop scenario (namespaces, Rust clients).
+//! - `worker`: a load-generator process.
+//! - `floor`: the raw-write floor server.
+//! - `report`: the rows a run measures and the tables it prints.
+//! - `procfs`: CPU and memory of processes, read from `/proc`.
 
 use clap::{Parser, Subcommand};
 

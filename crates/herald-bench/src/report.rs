@@ -1,10 +1,18 @@
 //! Tables (Markdown, with Herald/peer ratios) and a chart (SVG) from one run.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::run::Row;
+/// One measured figure set.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Row {
+    pub(crate) scenario: String,
+    pub(crate) target: String,
+    pub(crate) figures: BTreeMap<String, f64>,
+    pub(crate) note: String,
+}
 
 #[derive(Serialize)]
 pub(crate) struct Report {

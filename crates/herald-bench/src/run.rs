@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use serde::Serialize;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
@@ -17,6 +16,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use herald_harness::{free_port, RedisServer};
 
 use crate::procfs;
+use crate::report::Row;
 
 /// What to run.
 #[derive(clap::Args, Debug, Clone)]
@@ -81,15 +81,6 @@ impl RunArgs {
             self.window = 8;
         }
     }
-}
-
-/// One measured figure set.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct Row {
-    pub(crate) scenario: String,
-    pub(crate) target: String,
-    pub(crate) figures: BTreeMap<String, f64>,
-    pub(crate) note: String,
 }
 
 const PAYLOAD_PAD: usize = 60;

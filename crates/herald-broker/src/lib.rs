@@ -2,6 +2,9 @@
 //! every node that serves their channel.
 //!
 //! # Layout
+//! - `memory`: [`MemoryBroker`], the embedded single-node broker.
+//!
+//! # Parts
 //! - [`Broker`]: the trait the gateway talks to. Implementations: [`MemoryBroker`]
 //!   (here; one node, no dependencies) and `herald-redis` (many nodes).
 //! - [`Inbound`] / [`InboundReceiver`]: the bounded queue through which a broker hands

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use herald_protocol::client::encode_resume;
+use herald_protocol::client::{encode_ping, encode_publish, encode_resume, encode_unsubscribe};
 use herald_protocol::server::parse_text_delivery;
 use herald_protocol::{ChannelName, Epoch, StreamPosition};
 use serde_json::Value;
@@ -388,9 +388,7 @@ impl Requests {
     fn publish(&mut self, channel: &str, data: &Value, reply: Reply) -> Message {
         let id = self.id();
         self.publishing.insert(id, reply);
-        let frame =
-            serde_json::json!({"op": "publish", "channel": channel, "data": data, "id": id});
-        Message::Text(frame.to_string().into())
+        Message::Text(encode_publish(channel, &data.to_string(), Some(id)).into())
     }
 }
 
@@ -457,8 +455,8 @@ async fn session(
                 }
                 Some(Command::Unsubscribe(channel)) => {
                     subs.remove(&channel);
-                    let frame = serde_json::json!({"op": "unsubscribe", "channel": channel.as_str()});
-                    let _ = ws.send(Message::Text(frame.to_string().into())).await;
+                    let frame = encode_unsubscribe(&channel, None);
+                    let _ = ws.send(Message::Text(frame.into())).await;
                 }
                 Some(Command::Publish(channel, data, reply)) => {
                     let frame = requests.publish(&channel, &data, reply);
@@ -477,7 +475,7 @@ async fn session(
                     }
                 } else if last_heard.elapsed() > heartbeat {
                     pinged = Some(Instant::now());
-                    if ws.send(Message::Text(r#"{"op":"ping"}"#.into())).await.is_err() {
+                    if ws.send(Message::Text(encode_ping(None).into())).await.is_err() {
                         break Ended::Reconnect { at_once: false };
                     }
                 }

@@ -287,6 +287,37 @@ pub fn encode_resume(
     s
 }
 
+/// `{"op":"publish","channel":C,"data":D,"id":N}` as a client sends it; `data` is
+/// JSON text, put in as it is (the caller serialised it). The channel is escaped, not
+/// checked: the server answers a bad name with an error frame.
+pub fn encode_publish(channel: &str, data: &str, id: Option<u64>) -> String {
+    let channel = crate::server::json_string(channel);
+    let mut s = format!(r#"{{"op":"publish","channel":{channel},"data":{data}"#);
+    if let Some(id) = id {
+        s.push_str(&format!(r#","id":{id}"#));
+    }
+    s.push('}');
+    s
+}
+
+/// `{"op":"unsubscribe","channel":C,"id":N}` as a client sends it.
+pub fn encode_unsubscribe(channel: &ChannelName, id: Option<u64>) -> String {
+    let mut s = format!(r#"{{"op":"unsubscribe","channel":"{channel}""#);
+    if let Some(id) = id {
+        s.push_str(&format!(r#","id":{id}"#));
+    }
+    s.push('}');
+    s
+}
+
+/// `{"op":"ping","id":N}` as a client sends it (the server answers `pong`).
+pub fn encode_ping(id: Option<u64>) -> String {
+    match id {
+        Some(id) => format!(r#"{{"op":"ping","id":{id}}}"#),
+        None => r#"{"op":"ping"}"#.to_owned(),
+    }
+}
+
 /// `part` is a sub-slice of `whole`'s memory; share it instead of copying.
 pub(crate) fn slice_of(whole: &Bytes, part: &[u8]) -> Bytes {
     // serde_json borrows `RawValue`s from the input when it needs no unescaping, which
@@ -471,5 +502,22 @@ mod tests {
                 .code,
             ErrorCode::InvalidChannel
         );
+    }
+
+    #[test]
+    fn rust_clients_frames_parse_back() {
+        let c = ChannelName::new("chat:1").unwrap();
+        let f = Bytes::from(encode_publish(c.as_str(), r#"{"a":[1,"x"]}"#, Some(3)));
+        assert!(matches!(
+            parse_text(&f),
+            Ok(Request::Publish { channel, id: Some(3), .. }) if channel == c
+        ));
+        let f = Bytes::from(encode_unsubscribe(&c, None));
+        assert!(matches!(
+            parse_text(&f),
+            Ok(Request::Unsubscribe { id: None, .. })
+        ));
+        let f = Bytes::from(encode_ping(Some(9)));
+        assert!(matches!(parse_text(&f), Ok(Request::Ping { id: Some(9) })));
     }
 }

@@ -5,14 +5,14 @@
 //! has no async runtime; `PROTOCOL.md` is its normative, human-readable twin.
 //!
 //! # Layout
-//! - [`channel`]: channel-name rules and publish-permission patterns.
-//! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
-//! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
-//! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
-//! - [`close`]: WebSocket close codes Herald uses and when.
-//! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`api`]: the HTTP API's request and reply bodies.
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
+//! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
+//! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
+//! - [`envelope`]: how a publication travels through a broker between nodes.
+//! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
+//! - [`channel`]: channel-name rules and publish-permission patterns.
+//! - [`close`]: WebSocket close codes Herald uses and when.
 //!
 //! # Design
 //! A delivery is encoded once per node ([`server::encode_delivery`]) and the bytes are

@@ -56,15 +56,16 @@
 //! backend with `PUBLISH herald:news '{"title":"hi"}'`.
 //!
 //! # Layout
-//! - `lib.rs`: [`RedisBroker`], the facade the gateway talks to (publish, interest, up).
-//! - `config`: [`RedisConfig`] and [`RedisBrokerError`].
-//! - `shared`: the state the facade and the supervisor share (desired channels, the
-//!   live connection, up/down).
+//! The crate root holds [`RedisBroker`], the facade the gateway talks to (publish,
+//! interest, up). Its modules, each using only those listed after it:
 //! - `supervisor`: the task that connects, (re)subscribes in batches, probes and
 //!   reconnects.
 //! - `push`: decoding what Redis pushes and handing it to the hub's inbound queue.
 //! - `history`: publishing (plain `PUBLISH`, or the publish script for history channels
 //!   and idempotency keys) and reading history; the scripts and the keys they use.
+//! - `shared`: the state the facade and the supervisor share (desired channels, the
+//!   live connection, up/down).
+//! - `config`: [`RedisConfig`] and [`RedisBrokerError`].
 #![deny(missing_docs)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

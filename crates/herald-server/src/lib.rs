@@ -6,24 +6,28 @@
 //! tests drive it exactly as `main` does.
 //!
 //! # Layout
-//! Modules import each other one way, top to bottom (a test checks it):
+//! Modules import each other one way, top to bottom (herald-tidy checks it):
 //! - `gateway`: [`Gateway`] (assembly, run, shutdown) and [`Listeners`].
 //! - `http`: the accept loop and routing; `http::upgrade` (validate the handshake,
-//!   admit: drain, origin, slot, then start the session), `http::api` (the publish API),
-//!   `http::health` (health, readiness, metrics), `http::reply` (JSON responses).
+//!   authenticate, admit: drain, origin, slot, then start the session), `http::api`
+//!   (the publish and history API), `http::sse` (the SSE transport), `http::health`
+//!   (health, readiness, metrics), `http::reply` (JSON responses).
 //! - `lifecycle`: the node's sweeper (heartbeats, token expiry) and the drain.
-//! - `session`: one session's start and end, and its reader (requests, rate limit,
-//!   token refresh).
+//! - `session`: one session (WebSocket or SSE): its start and end, and its reader
+//!   (requests, rate limit, token refresh).
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
-//! - `node`: `Node`, the state every task shares (config, hub, metrics, open sessions,
-//!   connection slots, task trackers).
+//! - `node`: `Node`, the state every task shares (config, broker, hub, metrics, open
+//!   sessions, connection slots, task trackers).
 //! - `hub`: channel → local subscribers, and fan-out of broker publications.
+//! - `history`: history channels: each one's `Stream` (members and where each stands,
+//!   gap repair, epoch changes) and the whole resume of a subscriber.
 //! - `writer`: a session's writer task, which drains its handle into the socket.
 //! - `handle`: `SessionHandle`, what the node holds of a session: its outbound queue
 //!   (bounded in bytes; slow consumers are closed with 1013, never waited for), its
 //!   lifecycle signals and its liveness clock. The only code that changes
 //!   `herald_outbound_queue_bytes`.
-//! - [`config`]: [`GatewayConfig`], every limit with its default; [`ServerError`].
+//! - `error`: [`ServerError`].
+//! - [`config`]: [`GatewayConfig`], every limit with its default.
 //!
 //! # Data path
 //! publisher → [`herald_broker::Broker::publish`] → broker → [`herald_broker::Inbound`]
@@ -46,8 +50,6 @@ mod writer;
 
 #[cfg(test)]
 mod exactly_once;
-#[cfg(test)]
-mod layering;
 
 pub use config::GatewayConfig;
 pub use error::ServerError;

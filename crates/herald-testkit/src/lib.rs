@@ -7,6 +7,9 @@
 //!   timeout) instead of hanging.
 //! - [`http`]: one HTTP/1.1 request over a fresh connection.
 //! - [`FaultProxy`]: a TCP relay a test stalls or cuts (faults between a node and Redis).
+//!
+//! # Layout
+//! - `fault`: [`FaultProxy`].
 #![allow(unreachable_pub)]
 
 use std::net::SocketAddr;
