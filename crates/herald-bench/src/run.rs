@@ -260,31 +260,45 @@ struct Target {
 }
 
 enum Publisher {
-    Redis(redis::aio::MultiplexedConnection),
-    /// Herald's publish script (history channels), pipelined.
-    Script(redis::aio::MultiplexedConnection, redis::Script),
+    /// A backend publishing raw payloads into Redis (every target but the floor).
+    Redis(herald_redis::BackendPublisher),
+    /// A backend publishing through Herald's publish script (history channels).
+    History(herald_redis::BackendPublisher),
     Floor(Vec<TcpStream>),
 }
 
 impl Publisher {
     async fn publish(&mut self, msgs: &[(String, String)]) -> anyhow::Result<()> {
         match self {
-            Publisher::Redis(conn) => {
-                let mut pipe = redis::pipe();
-                for (c, d) in msgs {
-                    pipe.cmd("PUBLISH")
-                        .arg(format!("herald:{c}"))
-                        .arg(d)
-                        .ignore();
-                }
-                pipe.query_async::<()>(conn).await?;
+            Publisher::Redis(p) => {
+                let raw: Vec<(&str, &[u8])> = msgs
+                    .iter()
+                    .map(|(c, d)| (c.as_str(), d.as_bytes()))
+                    .collect();
+                p.publish_raw(&raw).await?;
             }
-            Publisher::Script(conn, script) => {
-                let mut pipe = redis::pipe();
-                for (c, d) in msgs {
-                    history_publish(&mut pipe, script, c, d);
-                }
-                pipe.query_async::<()>(conn).await?;
+            Publisher::History(p) => {
+                let policy = herald_broker::HistoryPolicy {
+                    size: HISTORY_SIZE,
+                    ttl: Duration::from_secs(600),
+                    meta_ttl: Duration::from_secs(86_400),
+                };
+                let batch: Vec<herald_broker::PublishRequest> = msgs
+                    .iter()
+                    .filter_map(|(c, d)| {
+                        let name = herald_protocol::ChannelName::new(c).ok()?;
+                        let data = bytes::Bytes::copy_from_slice(d.as_bytes());
+                        let p = herald_protocol::Publication::now(
+                            name,
+                            herald_protocol::Payload::Json(data),
+                        );
+                        Some(herald_broker::PublishRequest {
+                            history: Some(policy),
+                            ..herald_broker::PublishRequest::plain(p)
+                        })
+                    })
+                    .collect();
+                p.publish(&batch).await?;
             }
             Publisher::Floor(socks) => {
                 let mut buf = String::new();
@@ -301,35 +315,6 @@ impl Publisher {
         }
         Ok(())
     }
-}
-
-/// Adds one invocation of Herald's publish script (the supported way for a backend to
-/// publish into a history channel) for `data` on `channel` to `pipe`.
-fn history_publish(pipe: &mut redis::Pipeline, script: &redis::Script, channel: &str, data: &str) {
-    let Ok(name) = herald_protocol::ChannelName::new(channel) else {
-        return;
-    };
-    let p = herald_protocol::Publication::now(
-        name,
-        herald_protocol::Payload::Json(bytes::Bytes::copy_from_slice(data.as_bytes())),
-    );
-    let key = format!("herald:{channel}");
-    pipe.cmd("EVALSHA")
-        .arg(script.get_hash())
-        .arg(3)
-        .arg(format!("{{{key}}}.meta"))
-        .arg(format!("{{{key}}}.stream"))
-        .arg(format!("{{{key}}}.idem."))
-        .arg(&key)
-        .arg(&herald_protocol::envelope::head(&p)[..])
-        .arg(data.as_bytes())
-        .arg(HISTORY_SIZE)
-        .arg(600_000)
-        .arg(86_400_000)
-        .arg(12345)
-        .arg("PUBLISH")
-        .arg(0)
-        .ignore();
 }
 
 /// Publications kept per channel by the `herald-history` target.
@@ -439,15 +424,11 @@ impl Target {
             }
             Publisher::Floor(socks)
         } else {
-            let client = redis::Client::open(redis.url())?;
-            let conn = client.get_multiplexed_async_connection().await?;
+            let p = herald_redis::BackendPublisher::connect(&redis.url(), "herald:").await?;
             if kind == "herald-history" {
-                let script = redis::Script::new(herald_redis::PUBLISH_SCRIPT);
-                let mut c = conn.clone();
-                script.prepare_invoke().load_async(&mut c).await?;
-                Publisher::Script(conn, script)
+                Publisher::History(p)
             } else {
-                Publisher::Redis(conn)
+                Publisher::Redis(p)
             }
         };
         Ok(Target {
@@ -688,20 +669,26 @@ async fn replay(target: &mut Target, reps: usize) -> anyhow::Result<(f64, f64)> 
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let channel = "bench-replay";
+    let name = herald_protocol::ChannelName::new(channel)?;
     let url = format!("ws://{}/ws", target.addrs[0]);
     // Learn the channel's epoch and position.
     let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
     ws.next().await;
-    ws.send(Message::Text(
-        format!(r#"{{"op":"subscribe","channel":"{channel}","id":1}}"#).into(),
-    ))
-    .await?;
+    let subscribe = herald_protocol::client::encode_subscribe(&name, Some(1), None);
+    ws.send(Message::Text(subscribe.into())).await?;
     let sub: Value = match ws.next().await {
         Some(Ok(Message::Text(t))) => serde_json::from_str(&t)?,
         other => bail!("expected subscribed, got {other:?}"),
     };
-    let epoch = sub["epoch"].as_str().context("an epoch")?.to_owned();
+    let epoch = sub["epoch"]
+        .as_str()
+        .and_then(herald_protocol::Epoch::parse)
+        .context("an epoch")?;
     let from = sub["offset"].as_u64().context("an offset")?;
+    let since = herald_protocol::StreamPosition {
+        offset: from,
+        epoch,
+    };
     drop(ws);
     let msgs: Vec<(String, String)> = (0..1000)
         .map(|i| (channel.to_owned(), payload(i)))
@@ -714,14 +701,16 @@ async fn replay(target: &mut Target, reps: usize) -> anyhow::Result<(f64, f64)> 
         let (mut ws, _) = tokio_tungstenite::connect_async(&url).await?;
         ws.next().await; // welcome
         let started = Instant::now();
-        ws.send(Message::Text(
-            format!(r#"{{"op":"subscribe","channel":"{channel}","id":1,"since":{{"offset":{from},"epoch":"{epoch}"}}}}"#).into(),
-        ))
-        .await?;
+        let resume = herald_protocol::client::encode_subscribe(&name, Some(1), Some(since));
+        ws.send(Message::Text(resume.into())).await?;
         let mut got = 0;
         while got < 1000 {
             match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) if t.starts_with(r#"{"op":"message""#) => got += 1,
+                Ok(Some(Ok(Message::Text(t))))
+                    if herald_protocol::server::parse_text_delivery(&t).is_some() =>
+                {
+                    got += 1
+                }
                 Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""recovered":false"#) => {
                     bail!("the resume was refused: {t}")
                 }

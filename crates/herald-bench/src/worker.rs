@@ -326,11 +326,12 @@ async fn read(
                     let from = format!("{}-{}", c.prefix, c.at);
                     c.at = (c.at + 1 + c.at * 31 % (c.channels - 1)) % c.channels;
                     let to = format!("{}-{}", c.prefix, c.at);
-                    let ops = format!(
-                        r#"{{"op":"unsubscribe","channel":"{from}"}}"#
-                    );
+                    let (Ok(from), Ok(to)) = (herald_protocol::ChannelName::new(&from), herald_protocol::ChannelName::new(&to)) else {
+                        continue;
+                    };
+                    let ops = herald_protocol::client::encode_unsubscribe(&from, None);
                     let _ = ws.send(Message::Text(ops.into())).await;
-                    let sub = format!(r#"{{"op":"subscribe","channel":"{to}"}}"#);
+                    let sub = herald_protocol::client::encode_subscribe(&to, None, None);
                     let _ = ws.send(Message::Text(sub.into())).await;
                 }
             }

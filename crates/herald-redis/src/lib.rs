@@ -58,11 +58,19 @@
 //! # Layout
 //! The crate root holds [`RedisBroker`], the facade the gateway talks to (publish,
 //! interest, up). Its modules, each using only those listed after it:
-//! - `supervisor`: the task that connects, (re)subscribes in batches, probes and
-//!   reconnects.
+//! - `supervisor`: the task that owns the connections: connects, resubscribes
+//!   everything before declaring itself up, probes, reconnects with capped backoff.
+//! - `repair`: Redis Cluster: a lost master's channels subscribed again in place, checked
+//!   with `CLIENT INFO` on every node.
+//! - `sync`: the subscription diff (desired set vs Redis), sent as batched
+//!   `(S)SUBSCRIBE`/`(S)UNSUBSCRIBE`.
+//! - `connect`: opening and probing connections; the `redis.timeout` deadline.
 //! - `push`: decoding what Redis pushes and handing it to the hub's inbound queue.
-//! - `history`: publishing (plain `PUBLISH`, or the publish script for history channels
-//!   and idempotency keys) and reading history; the scripts and the keys they use.
+//! - `history`: reading a history channel's position and publications.
+//! - `publish`: publishing a batch (pipelined, scripts reloaded where Redis lost them),
+//!   and [`BackendPublisher`] for backends (and the benchmark) publishing through Redis.
+//! - `scripts`: the publish and history scripts, the keys they use, how a request
+//!   becomes a command and a reply an outcome.
 //! - `shared`: the state the facade and the supervisor share (desired channels, the
 //!   live connection, up/down).
 //! - `config`: [`RedisConfig`] and [`RedisBrokerError`].
@@ -81,13 +89,19 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 mod config;
+mod connect;
 mod history;
+mod publish;
 mod push;
+mod repair;
+mod scripts;
 mod shared;
 mod supervisor;
+mod sync;
 
 pub use config::{redacted, RedisBrokerError, RedisConfig};
-pub use history::{HISTORY_SCRIPT, PUBLISH_SCRIPT};
+pub use publish::BackendPublisher;
+pub use scripts::{HISTORY_SCRIPT, PUBLISH_SCRIPT};
 
 use shared::{Conn, Inner, Wanted};
 
@@ -95,7 +109,7 @@ use shared::{Conn, Inner, Wanted};
 pub struct RedisBroker {
     inner: Arc<Inner>,
     /// The publish and history scripts, hashed once.
-    scripts: history::Scripts,
+    scripts: scripts::Scripts,
     supervisor: tokio::task::JoinHandle<()>,
 }
 
@@ -133,15 +147,15 @@ impl RedisBroker {
         let supervisor = tokio::spawn(supervisor::supervise(inner.clone()));
         Ok(RedisBroker {
             inner,
-            scripts: history::Scripts::new(),
+            scripts: scripts::Scripts::new(),
             supervisor,
         })
     }
 }
 
 impl RedisBroker {
-    fn target(&self, conn: Conn) -> history::Redis<'_> {
-        history::Redis {
+    fn target(&self, conn: Conn) -> publish::Redis<'_> {
+        publish::Redis {
             conn,
             scripts: &self.scripts,
             prefix: &self.inner.config.prefix,
@@ -165,7 +179,7 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let conn = self.live()?;
             let started = std::time::Instant::now();
-            let r = history::publish(self.target(conn), &batch).await;
+            let r = publish::publish(self.target(conn), &batch).await;
             if batch.iter().any(|r| r.history.is_some()) {
                 self.inner
                     .metrics

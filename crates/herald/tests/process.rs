@@ -127,6 +127,76 @@ fn example_config_file_is_valid() {
     );
 }
 
+/// herald.toml says it lists every key: each key `--check-config` prints (the effective
+/// settings, every key with its default) appears in it, set or commented out, in its
+/// section.
+#[test]
+fn example_config_file_lists_every_key() {
+    let out = herald()
+        .args(["--check-config"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let effective: toml::Table = String::from_utf8(out.stdout).unwrap().parse().unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../herald.toml")).unwrap();
+    // Section → the keys it mentions (`key = ...` or `# key = ...`).
+    let mut mentioned: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut section = String::new();
+    for line in example.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim_matches(|c| c == '[' || c == ']').to_owned();
+            continue;
+        }
+        let line = line.trim_start_matches('#').trim();
+        // An array of tables (`[[auth.api_keys]]`), shown commented out, is its key.
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            if let Some((at, key)) = name.rsplit_once('.') {
+                mentioned
+                    .entry(at.to_owned())
+                    .or_default()
+                    .push(key.to_owned());
+            }
+            continue;
+        }
+        if let Some((key, _)) = line.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                mentioned
+                    .entry(section.clone())
+                    .or_default()
+                    .push(key.to_owned());
+            }
+        }
+    }
+    fn keys(t: &toml::Table, at: &str, out: &mut Vec<(String, String)>) {
+        for (k, v) in t {
+            match v {
+                toml::Value::Table(sub) => keys(sub, &join(at, k), out),
+                _ => out.push((at.to_owned(), k.clone())),
+            }
+        }
+    }
+    fn join(a: &str, b: &str) -> String {
+        if a.is_empty() {
+            b.to_owned()
+        } else {
+            format!("{a}.{b}")
+        }
+    }
+    let mut all = Vec::new();
+    keys(&effective, "", &mut all);
+    assert!(all.len() > 40, "{all:?}");
+    let missing: Vec<String> = all
+        .iter()
+        .filter(|(s, k)| !mentioned.get(s).is_some_and(|ks| ks.contains(k)))
+        .map(|(s, k)| join(s, k))
+        .collect();
+    assert!(missing.is_empty(), "herald.toml lacks {missing:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_clients_and_exits_0() {
     let (child, addr) = start(&["--log-format", "text"], &[]);

@@ -1,0 +1,282 @@
+//! The two server-side scripts behind publishing and history, the keys they use, and
+//! how a publish request becomes a command (`plan`) and a reply an outcome.
+//!
+//! A history channel `C` (with prefix `P`) has, all in the hash slot of `P + C` so the
+//! same scripts work on Redis Cluster with sharded pub/sub:
+//!
+//! ```text
+//! {PC}.meta          hash  e = epoch (decimal), s = last offset      PEXPIRE meta_ttl
+//! {PC}.stream        stream, entry id "<offset>-0", field d = body   MAXLEN ~ size, PEXPIRE ttl
+//! {PC}.idem.<key>    string "<offset>:<epoch>" of a publish           PX idempotency window
+//! PC                 the pub/sub channel (hashes like {PC}: no braces in channel names)
+//! ```
+//!
+//! **Publish script** (one `EVALSHA` per publication, pipelined for a batch): answers a
+//! remembered idempotency key without publishing; on a history channel creates the
+//! epoch when the meta hash is missing (and then deletes a stream that outlived it, so
+//! offsets restart cleanly: the "meta evicted, stream survived" case), increments the
+//! offset, appends the body to the stream, refreshes both TTLs; then publishes the
+//! envelope (with offset and epoch) and remembers the idempotency key. Atomic: a
+//! publication is either stored and published or neither.
+//!
+//! **History script**: creates the epoch when missing (so a position handed to a client
+//! before the first publication stays valid), refreshes the meta TTL, and returns the
+//! epoch, the last offset and up to `limit` entries after `since`.
+//!
+//! A backend that wants to publish into a history channel without the HTTP API calls the
+//! publish script itself (`SCRIPT LOAD` it, or `EVAL` the source in
+//! [`PUBLISH_SCRIPT`]) with the keys and arguments documented there; a raw `PUBLISH`
+//! bypasses history.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_broker::{BrokerError, HistoryPage, PublishRequest, Published};
+use herald_protocol::envelope;
+use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
+use redis::{Script, Value};
+
+/// Lua shared by both scripts: the channel's epoch (`KEYS[1]` is its meta hash,
+/// `KEYS[2]` its stream), created from `new` when missing; a stream that outlived its
+/// meta hash (evicted, expired) is deleted then, so offsets restart cleanly.
+macro_rules! ensure_epoch {
+    () => {
+        r#"
+local function ensure_epoch(new)
+  local e = redis.call('HGET', KEYS[1], 'e')
+  if not e then
+    e = new
+    redis.call('HSET', KEYS[1], 'e', e, 's', 0)
+    redis.call('DEL', KEYS[2])
+  end
+  return e
+end
+"#
+    };
+}
+
+/// The publish script.
+///
+/// `KEYS`: meta, stream, idempotency key (any name when unused).
+/// `ARGV`: 1 pub/sub channel, 2 envelope head (16 bytes; flag bit 0 set on history
+/// channels), 3 payload, 4 history size (0: no history), 5 history TTL ms, 6 meta TTL
+/// ms, 7 epoch to use if the channel has none (decimal, below 36^8), 8 `PUBLISH` or
+/// `SPUBLISH`, 9 idempotency window ms (0: none).
+/// Returns `{offset, epoch, duplicate}` (offset and epoch 0 without history).
+pub const PUBLISH_SCRIPT: &str = concat!(
+    ensure_epoch!(),
+    r#"
+-- 8 bytes big-endian; numbers here stay below 2^53, so the two halves are exact.
+-- (struct.pack is C: a Lua loop building the bytes cost more than the rest.)
+local function be64(n)
+  local high = math.floor(n / 4294967296)
+  return struct.pack('>I4I4', high, n - high * 4294967296)
+end
+local window = tonumber(ARGV[9])
+if window > 0 then
+  local prev = redis.call('GET', KEYS[3])
+  if prev then
+    local o, e = string.match(prev, '^(%d+):(%d+)$')
+    return {tonumber(o), tonumber(e), 1}
+  end
+end
+local offset, epoch = 0, 0
+local body
+if tonumber(ARGV[4]) > 0 then
+  epoch = tonumber(ensure_epoch(ARGV[7]))
+  offset = redis.call('HINCRBY', KEYS[1], 's', 1)
+  body = ARGV[2] .. be64(offset) .. be64(epoch) .. ARGV[3]
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], offset .. '-0', 'd', body)
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+else
+  body = ARGV[2] .. ARGV[3]
+end
+redis.call(ARGV[8], ARGV[1], body)
+if window > 0 then
+  redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', window)
+end
+return {offset, epoch, 0}
+"#
+);
+
+/// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
+/// none, 2 meta TTL ms, 3 since (offset), 4 limit. Returns `{epoch, top, entries}`.
+pub const HISTORY_SCRIPT: &str = concat!(
+    ensure_epoch!(),
+    r#"
+local e = ensure_epoch(ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local top = tonumber(redis.call('HGET', KEYS[1], 's'))
+local entries = {}
+if tonumber(ARGV[4]) > 0 and top > tonumber(ARGV[3]) then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
+end
+return {tonumber(e), top, entries}
+"#
+);
+
+/// The two scripts, hashed once.
+pub(crate) struct Scripts {
+    pub(crate) publish: Script,
+    pub(crate) history: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Scripts {
+            publish: Script::new(PUBLISH_SCRIPT),
+            history: Script::new(HISTORY_SCRIPT),
+        }
+    }
+}
+
+/// Where a channel's history lives.
+pub(crate) struct Keys {
+    /// The pub/sub channel (prefix + name).
+    pub(crate) channel: String,
+    /// The meta hash: epoch and last offset.
+    pub(crate) meta: String,
+    /// The stream of publications.
+    pub(crate) stream: String,
+}
+
+impl Keys {
+    pub(crate) fn new(prefix: &str, channel: &ChannelName) -> Keys {
+        let channel = format!("{prefix}{channel}");
+        Keys {
+            meta: format!("{{{channel}}}.meta"),
+            stream: format!("{{{channel}}}.stream"),
+            channel,
+        }
+    }
+
+    fn idempotency(&self, key: &str) -> String {
+        format!("{{{}}}.idem.{key}", self.channel)
+    }
+}
+
+/// How a request is sent.
+pub(crate) enum Plan {
+    /// A plain `PUBLISH`/`SPUBLISH`: no history, no idempotency key.
+    Publish {
+        command: &'static str,
+        channel: String,
+        body: Bytes,
+    },
+    /// The publish script.
+    Script(redis::Cmd),
+}
+
+pub(crate) fn plan(scripts: &Scripts, prefix: &str, cluster: bool, req: &PublishRequest) -> Plan {
+    let p = &req.publication;
+    let keys = Keys::new(prefix, &p.channel);
+    let command = if cluster { "SPUBLISH" } else { "PUBLISH" };
+    if req.history.is_none() && req.idempotency.is_none() {
+        return Plan::Publish {
+            command,
+            channel: keys.channel,
+            body: envelope::encode(p),
+        };
+    }
+    let (head, payload) = match req.history {
+        // The script puts offset and epoch between the head and the payload.
+        Some(_) => (Bytes::copy_from_slice(&envelope::head(p)), payload(p)),
+        // No position: the whole envelope as the "head", nothing after it.
+        None => (envelope::encode(p), Bytes::new()),
+    };
+    let h = req.history;
+    let idem = req.idempotency.as_ref();
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(scripts.publish.get_hash())
+        .arg(3)
+        .arg(&keys.meta)
+        .arg(&keys.stream)
+        .arg(idem.map_or_else(|| keys.idempotency(""), |i| keys.idempotency(&i.key)))
+        .arg(&keys.channel)
+        .arg(head.as_ref())
+        .arg(payload.as_ref())
+        .arg(h.map_or(0, |h| h.size.max(1)))
+        .arg(h.map_or(0, |h| millis(h.ttl)))
+        .arg(h.map_or(0, |h| millis(h.meta_ttl)))
+        .arg(herald_broker::new_epoch().get())
+        .arg(command)
+        .arg(idem.map_or(0, |i| millis(i.window)));
+    Plan::Script(cmd)
+}
+
+pub(crate) fn payload(p: &Publication) -> Bytes {
+    match &p.payload {
+        herald_protocol::Payload::Json(b) | herald_protocol::Payload::Binary(b) => b.clone(),
+    }
+}
+
+pub(crate) fn millis(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// What the publish script answered.
+pub(crate) fn outcome(v: &Value) -> Result<Published, BrokerError> {
+    let bad =
+        || BrokerError::Unavailable(format!("unexpected reply from the publish script: {v:?}"));
+    let Value::Array(items) = v else {
+        return Err(bad());
+    };
+    let int = |i: usize| match items.get(i) {
+        Some(Value::Int(n)) => Ok(*n as u64),
+        _ => Err(bad()),
+    };
+    let (offset, epoch, duplicate) = (int(0)?, int(1)?, int(2)? == 1);
+    let position = match (offset, Epoch::new(epoch)) {
+        (0, _) => None,
+        (offset, Some(epoch)) => Some(StreamPosition { offset, epoch }),
+        (_, None) => return Err(bad()),
+    };
+    Ok(Published {
+        position,
+        duplicate,
+    })
+}
+
+pub(crate) fn is_noscript(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+pub(crate) fn unavailable(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(format!("Redis: {e}"))
+}
+
+pub(crate) fn page(channel: &ChannelName, v: &Value) -> Result<HistoryPage, BrokerError> {
+    let bad = || BrokerError::Unavailable("unexpected reply from the history script".into());
+    let Value::Array(items) = v else {
+        return Err(bad());
+    };
+    let (Some(Value::Int(epoch)), Some(Value::Int(top))) = (items.first(), items.get(1)) else {
+        return Err(bad());
+    };
+    let epoch = Epoch::new(*epoch as u64).ok_or_else(bad)?;
+    let mut publications = Vec::new();
+    if let Some(Value::Array(entries)) = items.get(2) {
+        for entry in entries {
+            // [id, [field, value, ...]]
+            let Value::Array(parts) = entry else { continue };
+            let Some(Value::Array(fields)) = parts.get(1) else {
+                continue;
+            };
+            let Some(Value::BulkString(body)) = fields.get(1) else {
+                continue;
+            };
+            let (p, _) = envelope::decode(channel.clone(), Bytes::copy_from_slice(body));
+            if p.position.is_some_and(|pos| pos.epoch == epoch) {
+                publications.push(p);
+            }
+        }
+    }
+    Ok(HistoryPage {
+        top: StreamPosition {
+            offset: *top as u64,
+            epoch,
+        },
+        publications,
+    })
+}
