@@ -73,7 +73,7 @@ pub enum Source {
 /// Handles to every Herald metric.
 #[derive(Clone)]
 pub struct Metrics {
-    /// WebSocket sessions currently open.
+    /// Sessions (WebSocket and SSE) currently open.
     pub connections: IntGauge,
     /// Sessions currently open over WebSocket (`herald_connections_by_transport`).
     pub websocket_sessions: IntGauge,
@@ -259,7 +259,7 @@ impl Metrics {
             sse_sessions: by_transport.with_label_values(&["sse"]),
             max_connections: gauge(
                 "herald_max_connections",
-                "The node's configured limit on WebSocket sessions.",
+                "The node's configured limit on sessions (WebSocket and SSE).",
             )?,
             subscriptions: gauge(
                 "herald_subscriptions",
@@ -271,11 +271,11 @@ impl Metrics {
             )?,
             connections_opened: counter(
                 "herald_connections_opened_total",
-                "WebSocket sessions opened.",
+                "Sessions (WebSocket and SSE) opened.",
             )?,
             connections_closed: counter(
                 "herald_connections_closed_total",
-                "WebSocket sessions closed, for any reason.",
+                "Sessions (WebSocket and SSE) closed, for any reason.",
             )?,
             rejected_limit: rejected.with_label_values(&["limit"]),
             rejected_handshake: rejected.with_label_values(&["handshake_timeout"]),

@@ -107,9 +107,11 @@ use shared::{Conn, Inner, Wanted};
 
 /// The Redis broker. Dropping it stops its supervisor task.
 pub struct RedisBroker {
+    /// What the broker and its supervisor share.
     inner: Arc<Inner>,
     /// The publish and history scripts, hashed once.
     scripts: scripts::Scripts,
+    /// The task that owns the connections; aborted on drop.
     supervisor: tokio::task::JoinHandle<()>,
 }
 

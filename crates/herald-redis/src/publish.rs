@@ -13,9 +13,13 @@ use crate::shared::Conn;
 
 /// Where a request goes: the connection, the scripts, the key prefix, the deadline.
 pub(crate) struct Redis<'a> {
+    /// The command connection.
     pub(crate) conn: Conn,
+    /// The scripts, hashed once.
     pub(crate) scripts: &'a Scripts,
+    /// `redis.prefix`.
     pub(crate) prefix: &'a str,
+    /// The deadline for the whole request.
     pub(crate) timeout: Duration,
 }
 
@@ -131,9 +135,13 @@ async fn send_one<C: redis::aio::ConnectionLike>(
 /// This is the one place outside the broker that knows how those commands are built; the
 /// benchmark publishes through it.
 pub struct BackendPublisher {
+    /// One multiplexed connection; requests are pipelined on it.
     conn: redis::aio::MultiplexedConnection,
+    /// The publish script, loaded again where Redis lost it.
     scripts: Scripts,
+    /// The nodes' `redis.prefix`.
     prefix: String,
+    /// The deadline for one batch.
     timeout: Duration,
 }
 

@@ -19,6 +19,7 @@ pub(crate) struct Repair {
     due: Option<tokio::time::Instant>,
     /// The channels not yet confirmed since the loss; `None`: every active channel.
     unconfirmed: Option<HashSet<ChannelName>>,
+    /// The wait before the next round; doubles while rounds fail.
     delay: Duration,
     /// Rounds in a row in which every subscribe was confirmed and yet the cluster's
     /// nodes did not hold every channel once.

@@ -118,7 +118,9 @@ return {tonumber(e), top, entries}
 
 /// The two scripts, hashed once.
 pub(crate) struct Scripts {
+    /// [`PUBLISH_SCRIPT`].
     pub(crate) publish: Script,
+    /// [`HISTORY_SCRIPT`].
     pub(crate) history: Script,
 }
 

@@ -17,13 +17,17 @@ use crate::config::RedisConfig;
 /// A connection of either kind; both are cheap handles to a shared driver task.
 #[derive(Clone)]
 pub(crate) enum Conn {
+    /// A standalone Redis: one RESP3 multiplexed connection.
     Single(MultiplexedConnection),
+    /// Redis Cluster: the redis crate's cluster connection (one per master).
     Cluster(ClusterConnection),
 }
 
 /// A channel the hub wants, and the readiness its subscribers wait on.
 pub(crate) struct Wanted {
+    /// Set once Redis confirms the subscription; unset while it is down.
     pub(crate) setter: ReadySetter,
+    /// What subscribers wait on.
     pub(crate) ready: Ready,
 }
 
@@ -32,15 +36,20 @@ pub(crate) struct Wanted {
 /// channel under this lock (the hub calls in while holding a shard lock).
 #[derive(Default)]
 pub(crate) struct Desired {
+    /// Every channel the hub wants, with its readiness.
     pub(crate) wanted: HashMap<ChannelName, Wanted>,
     /// Channels subscribed or unsubscribed since the last sync.
     pub(crate) changed: HashSet<ChannelName>,
 }
 
 pub(crate) struct Inner {
+    /// `[redis]`.
     pub(crate) config: RedisConfig,
+    /// Where to connect: the URL's server(s), parsed once.
     pub(crate) infos: Vec<redis::ConnectionInfo>,
+    /// Where pushed messages go (the hub's bounded queue).
     pub(crate) inbound: Inbound,
+    /// Broker up/down, reconnects, repairs, drops.
     pub(crate) metrics: Metrics,
     /// What the hub wants served.
     pub(crate) desired: Mutex<Desired>,
@@ -48,6 +57,7 @@ pub(crate) struct Inner {
     pub(crate) changed: Notify,
     /// The live connection, if any.
     pub(crate) conn: RwLock<Option<Conn>>,
+    /// Subscriptions are in place and commands are answered (`Broker::is_up`).
     pub(crate) up: AtomicBool,
     /// Bumped per connection, so that a stale connection's disconnect push cannot
     /// tear down its successor.
@@ -56,5 +66,6 @@ pub(crate) struct Inner {
     /// report that arrives while the supervisor is already reconnecting cannot tear
     /// down the connection that replaced it.
     pub(crate) lost: Arc<Notify>,
+    /// The generation of the connection that reported the disconnect.
     pub(crate) lost_generation: Arc<AtomicU64>,
 }

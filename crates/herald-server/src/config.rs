@@ -248,7 +248,8 @@ impl ChannelRule {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// WebSocket sessions this node holds at most; over it, upgrades get HTTP 503.
+    /// Sessions (WebSocket and SSE) this node holds at most; over it, new ones get HTTP
+    /// 503.
     pub max_connections: usize,
     /// Time a new TCP connection gets to send complete HTTP request headers (also the
     /// idle timeout of keep-alive HTTP connections).
@@ -278,7 +279,7 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub body_timeout: Duration,
     /// HTTP connections (API calls, health checks, WebSocket handshakes in progress;
-    /// not established WebSocket sessions) a node holds at most; past it new
+    /// not established sessions) a node holds at most; past it new
     /// connections are closed at once.
     pub max_http_connections: usize,
     /// Publications in one `POST /api/batch` at most.
@@ -297,9 +298,9 @@ pub struct LimitsConfig {
     /// Publications buffered for one subscriber while its subscribe on a history
     /// channel reads the history; past it the subscriber is closed as a slow consumer.
     pub max_recovery_buffer: usize,
-    /// WebSocket sessions from one client address (see `[proxy]`); 0: no limit.
+    /// Sessions (WebSocket and SSE) from one client address (see `[proxy]`); 0: no limit.
     pub max_connections_per_ip: usize,
-    /// WebSocket sessions of one user (a token's `sub`); 0: no limit.
+    /// Sessions (WebSocket and SSE) of one user (a token's `sub`); 0: no limit.
     pub max_connections_per_user: usize,
     /// Channels one SSE connection (`GET /sse?channel=..`) may name.
     pub max_sse_channels: usize,

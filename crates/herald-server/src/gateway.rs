@@ -17,8 +17,9 @@ use crate::http::{self, Role};
 use crate::lifecycle;
 use crate::node::Node;
 
-/// The sockets to serve. With `internal` set, `public` serves only `/ws`, `/healthz`
-/// and `/readyz`, and `internal` serves `/api/*`, `/metrics` and the health endpoints;
+/// The sockets to serve. With `internal` set, `public` serves the client endpoints
+/// (`/ws`, `/sse`, `/sse/publish`, the demo page with `--demo`) and `/healthz`, `/readyz`,
+/// and `internal` serves `/api/*`, `/metrics` and the health endpoints;
 /// without it, `public` serves everything.
 pub struct Listeners {
     /// Where clients connect.
@@ -29,7 +30,9 @@ pub struct Listeners {
 
 /// A gateway ready to serve.
 pub struct Gateway {
+    /// The node every task of this gateway shares.
     node: Arc<Node>,
+    /// The receiving half of the broker's queue; `run` hands it to the hub's dispatcher.
     inbound: InboundReceiver,
 }
 

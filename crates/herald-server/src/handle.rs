@@ -43,6 +43,7 @@ pub(crate) type StartWriter = fn(sink: BoxSink, handle: Arc<SessionHandle>);
 /// What every session of a node shares.
 #[derive(Clone)]
 pub(crate) struct SessionEnv {
+    /// Where every session counts (queue bytes, drops, deliveries, close codes).
     pub(crate) metrics: Metrics,
     /// `limits.close_timeout`.
     pub(crate) close_timeout: Duration,
@@ -76,6 +77,7 @@ pub(crate) const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
 
 /// One frame waiting to be written.
 pub(crate) struct Item {
+    /// The frame, encoded once and shared by every subscriber it goes to.
     pub(crate) msg: Message,
     /// The frame's payload bytes (the budget charges [`Item::cost`]).
     pub(crate) len: usize,
@@ -141,7 +143,9 @@ impl Item {
 /// How a session should end.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Closing {
+    /// The close code sent (1013 slow consumer, 1001/1012 drain, 4001 token expired, ...).
     pub(crate) code: u16,
+    /// The close frame's reason text.
     pub(crate) reason: &'static str,
     /// Write what is queued before the close frame (drain) or discard it (slow consumer).
     pub(crate) flush_queue: bool,
@@ -150,6 +154,7 @@ pub(crate) struct Closing {
 /// Outcome of [`SessionHandle::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
+    /// In the queue; the writer takes it.
     Queued,
     /// Over budget: the session is now closing as a slow consumer; what it had queued
     /// is discarded and counted as dropped.
@@ -159,13 +164,16 @@ pub(crate) enum Pushed {
 }
 
 struct State {
+    /// Frames waiting for the writer, oldest first.
     queue: VecDeque<Item>,
     /// What `queue` costs.
     bytes: usize,
     /// What the batch the writer took and is writing costs: still held in memory, so
     /// still within the budget until [`SessionHandle::finish_batch`].
     inflight: usize,
+    /// Set once the session must end; the writer sends the close frame.
     closing: Option<Closing>,
+    /// Where the socket's sending half is (running writer, parked, or gone).
     writer: WriterSlot,
 }
 
@@ -173,7 +181,9 @@ struct State {
 /// hold two each, so their size counts).
 #[derive(Default)]
 pub(crate) struct Signal {
+    /// Fired (never unset).
     set: AtomicBool,
+    /// Wakes the tasks waiting in [`Signal::wait`].
     notify: Notify,
 }
 
@@ -217,10 +227,12 @@ pub(crate) struct SessionHandle {
     /// The peer cannot answer (SSE): heartbeats are sent but never awaited; a peer
     /// that is gone shows as a failed or timed-out write.
     one_way: AtomicBool,
+    /// The queue, its cost, the close request and the writer slot, under one lock.
     state: Mutex<State>,
     /// Wakes the writer; `notify_one` keeps a permit, so a push between the writer's
     /// drain and its next wait is never missed.
     wake: Notify,
+    /// What every session of the node shares (limits, metrics, how to start a writer).
     pub(crate) env: Arc<SessionEnv>,
 }
 

@@ -62,6 +62,7 @@ const REPAIRS_AT_ONCE: usize = 16;
 pub(crate) struct StreamEnv {
     /// Where histories are read from.
     broker: Arc<dyn Broker>,
+    /// Replays, repairs, duplicates, resets and slow consumers are counted here.
     metrics: Metrics,
     /// `limits.max_recovery_buffer`: a recovering member's buffer, and the arrivals held
     /// during a repair.
@@ -83,9 +84,13 @@ impl StreamEnv {
 
 /// One history channel as this node serves it (see the module docs).
 pub(crate) struct Stream {
+    /// The channel, for history reads and the frames it sends.
     channel: ChannelName,
+    /// The channel's rule: history size, TTLs.
     policy: HistoryPolicy,
+    /// What every stream of the node shares.
     env: Arc<StreamEnv>,
+    /// Everything that changes, behind one lock (see the module docs).
     state: Mutex<State>,
 }
 
@@ -97,13 +102,16 @@ struct State {
     floor: Option<StreamPosition>,
     /// A repair is reading the stream: arrivals wait here, in order.
     repairing: Option<Vec<Publication>>,
+    /// The local subscribers and where each stands.
     members: IndexMap<ConnId, Member>,
 }
 
 struct Member {
+    /// Where its frames go.
     handle: Arc<SessionHandle>,
     /// Binary deliveries carry their offset (the client tracks positions).
     positions: bool,
+    /// Recovering, live, or dropped as a slow consumer.
     phase: Phase,
 }
 
@@ -145,11 +153,11 @@ pub(crate) enum Resumed {
 /// What [`Stream::complete`] did with one history read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Completion {
-    Done {
-        recovered: Option<bool>,
-    },
+    /// `subscribed` (and what follows it) is queued; the member is live.
+    Done { recovered: Option<bool> },
     /// Read the history again (a hole between the read and live arrivals).
     ReadAgain,
+    /// The member left (or was dropped) meanwhile.
     Gone,
 }
 
@@ -570,6 +578,7 @@ pub(crate) fn verdict(last: Option<StreamPosition>, p: StreamPosition) -> Verdic
 /// One thing a completing subscriber receives after its `subscribed` reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Out {
+    /// Deliver this publication.
     Publication(Publication),
     /// Publications before this position's next one may be missing.
     Reset(StreamPosition),
@@ -578,6 +587,7 @@ pub(crate) enum Out {
 /// How a subscribe on a history channel completes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Merged {
+    /// The subscriber can go live with this.
     Ready {
         /// For a resume: whether every missed publication follows.
         recovered: Option<bool>,

@@ -27,6 +27,7 @@ const SHARDS: usize = 32;
 struct Channel {
     /// Whether the broker delivers this channel yet.
     ready: Ready,
+    /// Its local subscribers (plain), or its history stream.
     members: Members,
 }
 
@@ -69,11 +70,14 @@ pub(crate) struct Subscribed {
 /// Channels → local subscribers, and the dispatcher that fans out what the broker
 /// delivers. One per node.
 pub(crate) struct Hub {
+    /// Channel name → channel, split so that churn on one channel does not block fan-out on another.
     shards: Box<[RwLock<HashMap<ChannelName, Channel>>]>,
+    /// Picks a channel's shard; random per node, so no client can aim at one shard.
     hasher: RandomState,
     /// Told which channels this node needs (interest), under the shard lock so that
     /// changes for one channel reach it in the order they happened.
     broker: Arc<dyn Broker>,
+    /// `herald_channels` and `herald_subscriptions` are kept here.
     metrics: Metrics,
     /// Shared by every history channel's stream.
     streams: Arc<StreamEnv>,

@@ -1,4 +1,4 @@
-//! Herald's gateway: WebSocket sessions, fan-out, the HTTP API, limits and draining.
+//! Herald's gateway: sessions (WebSocket and SSE), fan-out, the HTTP API, limits and draining.
 //!
 //! [`Gateway::new`] assembles a correctly wired node around a broker; [`Gateway::run`]
 //! serves on listeners the caller bound and returns when the caller's `shutdown` future

@@ -18,14 +18,17 @@ use crate::hub::Hub;
 
 /// State shared by every task of one gateway.
 pub(crate) struct Node {
+    /// Every limit and rule, fixed for the node's life.
     pub(crate) config: GatewayConfig,
     /// Announced in welcome frames and logs; never empty.
     pub(crate) node_id: String,
+    /// Channels and their local subscribers; fan-out.
     pub(crate) hub: Arc<Hub>,
     /// Where publications go (every path: API, client publishes, SSE publishes), and
     /// whose health readiness reports. The hub holds it too, for interest and history
     /// reads; publishing never passes through the hub.
     pub(crate) broker: Arc<dyn Broker>,
+    /// Everything the node counts.
     pub(crate) metrics: Metrics,
     /// What `/metrics` serves; `metrics` is registered in it.
     pub(crate) registry: herald_metrics::prometheus::Registry,
@@ -36,6 +39,7 @@ pub(crate) struct Node {
     n_slots: AtomicUsize,
     /// Sessions per client address and per user, for the per-client limits.
     per_client: Mutex<PerClient>,
+    /// The next session's id (unique per node, never reused).
     next_conn: AtomicU64,
     /// Set when shutdown begins: readiness fails and upgrades are refused.
     draining: AtomicBool,
@@ -236,8 +240,11 @@ impl Node {
 /// Which connection limit refused a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SlotRefused {
+    /// `limits.max_connections`.
     Node,
+    /// `limits.max_connections_per_ip`.
     PerIp,
+    /// `limits.max_connections_per_user`.
     PerUser,
 }
 
@@ -245,15 +252,20 @@ pub(crate) enum SlotRefused {
 /// limit is set).
 #[derive(Default)]
 pub(crate) struct PerClient {
+    /// Sessions per client address (when the per-address limit is set).
     ip: HashMap<IpAddr, usize>,
+    /// Sessions per user (when the per-user limit is set).
     user: HashMap<Arc<str>, usize>,
 }
 
 /// A taken connection slot; dropping it gives the slot back (and the client's and
 /// user's counts, if they were taken).
 pub(crate) struct Slot {
+    /// Where the slot is given back.
     node: Arc<Node>,
+    /// The address whose count this slot holds, if counted.
     ip: Option<IpAddr>,
+    /// The user whose count this slot holds, if counted.
     user: Option<Arc<str>>,
 }
 

@@ -1,4 +1,5 @@
-//! One WebSocket session, and its reader: requests, the rate limit, and the session's
+//! One session (WebSocket, or SSE: a one-way transport whose requests the SSE endpoint
+//! makes), and its reader: requests, the rate limit, and the session's
 //! start and end.
 //!
 //! [`run`] registers the session's [`SessionHandle`] with the node, hands the socket's
@@ -121,11 +122,14 @@ fn conn_name(node: &str, conn: ConnId) -> String {
 }
 
 struct Session {
+    /// This session's id on the node.
     conn: ConnId,
+    /// What the rest of the node holds of this session (queue, signals).
     handle: Arc<SessionHandle>,
     /// Channels this session subscribes to; a `Vec` because the limit is small and
     /// most sessions hold a handful.
     subscriptions: Vec<ChannelName>,
+    /// `limits.messages_per_second` with `limits.message_burst`.
     rate: TokenBucket,
     /// Rate-limited messages in the current strike window.
     strikes: u32,
@@ -134,6 +138,7 @@ struct Session {
     /// What the client's token grants, if it connected with one (boxed: most sessions
     /// in a laptop setup have none, and every idle session carries this field).
     identity: Option<Box<herald_auth::Identity>>,
+    /// The node (config, hub, broker, verifier).
     node: Arc<Node>,
 }
 
@@ -476,9 +481,13 @@ where
 
 /// Sustained-rate limiter with a burst allowance.
 struct TokenBucket {
+    /// Messages that may be sent now.
     tokens: f64,
+    /// Tokens added per second.
     rate: f64,
+    /// At most this many tokens.
     burst: f64,
+    /// When `tokens` was last brought up to date.
     last: std::time::Instant,
 }
 

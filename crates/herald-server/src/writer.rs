@@ -102,9 +102,11 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
 }
 
 enum Written {
+    /// Every frame of the batch was written and flushed.
     All,
     /// The session started closing without flushing (slow consumer) mid-batch.
     Aborted,
+    /// The socket failed, or the session ended meanwhile.
     Failed,
 }
 

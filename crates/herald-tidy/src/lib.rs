@@ -56,3 +56,90 @@ pub fn rust_files(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Struct fields and enum variants in `source` without a doc comment, outside test
+/// code: `(line, name)`.
+pub fn undocumented(source: &str) -> Result<Vec<(usize, String)>, String> {
+    use syn::visit::Visit;
+    struct V(Vec<(usize, String)>);
+    fn documented(attrs: &[syn::Attribute]) -> bool {
+        attrs.iter().any(|a| a.path().is_ident("doc"))
+    }
+    impl<'ast> Visit<'ast> for V {
+        fn visit_item_mod(&mut self, m: &'ast syn::ItemMod) {
+            if !is_test(&m.attrs) {
+                syn::visit::visit_item_mod(self, m);
+            }
+        }
+        fn visit_item_fn(&mut self, _: &'ast syn::ItemFn) {}
+        fn visit_item_struct(&mut self, s: &'ast syn::ItemStruct) {
+            if is_test(&s.attrs) {
+                return;
+            }
+            for f in &s.fields {
+                if let (Some(name), false) = (&f.ident, documented(&f.attrs)) {
+                    let line = name.span().start().line;
+                    self.0.push((line, format!("{}.{name}", s.ident)));
+                }
+            }
+        }
+        fn visit_item_enum(&mut self, e: &'ast syn::ItemEnum) {
+            if is_test(&e.attrs) {
+                return;
+            }
+            for v in &e.variants {
+                if !documented(&v.attrs) {
+                    let line = v.ident.span().start().line;
+                    self.0.push((line, format!("{}::{}", e.ident, v.ident)));
+                }
+            }
+        }
+    }
+    let file = syn::parse_file(source).map_err(|e| e.to_string())?;
+    let mut v = V(Vec::new());
+    v.visit_file(&file);
+    Ok(v.0)
+}
+
+/// The modules a crate root declares out of line under `#[cfg(test)]` (whole files of
+/// test code, such as herald-server's property tests).
+pub fn test_modules(root_source: &str) -> Result<Vec<String>, String> {
+    let file = syn::parse_file(root_source).map_err(|e| e.to_string())?;
+    Ok(file
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            syn::Item::Mod(m) if is_test(&m.attrs) && m.content.is_none() => {
+                Some(m.ident.to_string())
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn undocumented_fields_and_variants_are_found() {
+        let src = "
+            struct A {
+                /// Why.
+                a: u8,
+                b: u8,
+            }
+            enum E {
+                /// Why.
+                X,
+                Y,
+            }
+            #[cfg(test)]
+            mod tests { struct T { t: u8 } }
+        ";
+        let names: Vec<String> = super::undocumented(src)
+            .unwrap()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        assert_eq!(names, ["A.b", "E::Y"]);
+    }
+}

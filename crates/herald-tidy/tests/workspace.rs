@@ -79,3 +79,38 @@ fn only_herald_protocol_writes_wire_frames_and_only_herald_redis_speaks_redis() 
     }
     assert!(problems.is_empty(), "\n{}", problems.join("\n"));
 }
+
+/// herald-server and herald-redis carry Herald's promises: every struct field and enum
+/// variant there says why it exists.
+#[test]
+fn every_field_of_the_gateway_and_the_redis_broker_is_documented() {
+    let mut problems = Vec::new();
+    for krate in ["herald-server", "herald-redis"] {
+        let src = workspace_root().join("crates").join(krate).join("src");
+        let root = std::fs::read_to_string(src.join("lib.rs")).unwrap();
+        let tests = herald_tidy::test_modules(&root).unwrap();
+        for file in herald_tidy::rust_files(&src) {
+            if file
+                .file_stem()
+                .is_some_and(|s| tests.contains(&s.to_string_lossy().into_owned()))
+            {
+                continue;
+            }
+            let source = std::fs::read_to_string(&file).unwrap();
+            let rel = file
+                .strip_prefix(workspace_root())
+                .unwrap()
+                .display()
+                .to_string();
+            for (line, name) in herald_tidy::undocumented(&source).unwrap() {
+                problems.push(format!("{rel}:{line}: {name}"));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{} undocumented:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}

@@ -18,10 +18,13 @@ const MAX_HEADER: usize = 512;
 /// Why a connection that had to start with a PROXY header is dropped.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ProxyError {
+    /// The connection began with something else, or a malformed header.
     #[error("no PROXY protocol header: {0}")]
     Invalid(String),
+    /// No complete header within `limits.handshake_timeout`.
     #[error("the PROXY protocol header did not arrive in time")]
     Timeout,
+    /// The socket failed while the header was read.
     #[error("reading the PROXY protocol header: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -32,8 +32,11 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response<Body> {
 /// error body.
 #[derive(Debug)]
 pub(crate) struct Refusal {
+    /// The HTTP status.
     pub(crate) status: StatusCode,
+    /// The error code in the JSON body (the same names as error frames).
     pub(crate) code: ErrorCode,
+    /// What the client should know, in words; never internals.
     pub(crate) message: String,
 }
 

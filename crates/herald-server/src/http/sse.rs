@@ -191,6 +191,7 @@ fn open(
 
 /// The session's socket, as seen by its writer: frames in, events out.
 struct SseSink {
+    /// Events to the HTTP response body (bounded: `BODY_CHUNKS`).
     tx: PollSender<Bytes>,
     /// Where each history channel stands, for the event ids.
     positions: Positions,
