@@ -35,8 +35,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::client::{encode_ping, encode_publish, encode_resume, encode_unsubscribe};
-use herald_protocol::server::parse_text_delivery;
-use herald_protocol::{ChannelName, Epoch, StreamPosition};
+use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
+use herald_protocol::{ChannelName, StreamPosition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, timeout, Instant};
@@ -346,9 +346,8 @@ async fn connect(config: &Config) -> Result<(Ws, Duration), tokio_tungstenite::t
     loop {
         match ws.next().await {
             Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
-                if v["op"] == "welcome" {
-                    let ms = v["heartbeat_ms"].as_u64().unwrap_or(25_000);
+                if let Some(r) = parse_reply(t.as_str()).filter(|r| r.op == "welcome") {
+                    let ms = r.heartbeat_ms.unwrap_or(25_000);
                     return Ok((ws, Duration::from_millis(ms)));
                 }
             }
@@ -517,58 +516,53 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
         }
         return;
     }
-    let Ok(v) = serde_json::from_str::<Value>(text) else {
+    let Some(r) = parse_reply(text) else {
         return;
     };
-    let channel = v["channel"].as_str().and_then(|c| ChannelName::new(c).ok());
-    let id = v["id"].as_u64();
-    match v["op"].as_str() {
-        Some("subscribed") => {
+    let channel = r.channel.as_deref().and_then(|c| ChannelName::new(c).ok());
+    let id = r.id;
+    match r.op.as_ref() {
+        "subscribed" => {
             if let Some(id) = id {
                 requests.subscribing.remove(&id);
             }
             let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
                 return;
             };
-            let recovered = v["recovered"].as_bool();
-            if let (Some(offset), Some(epoch)) = (
-                v["offset"].as_u64(),
-                v["epoch"].as_str().and_then(Epoch::parse),
-            ) {
+            if let Some(at) = r.position() {
                 match sub.position.as_mut() {
                     // Resumed: the replay from our position follows this reply.
-                    Some(_) if recovered == Some(true) => {}
+                    Some(_) if r.recovered == Some(true) => {}
                     // A delivery that raced ahead of this reply may be past it.
-                    Some(p) if p.epoch == epoch => p.offset = p.offset.max(offset),
+                    Some(p) if p.epoch == at.epoch => p.offset = p.offset.max(at.offset),
                     // New, or not recoverable: live deliveries continue from here.
-                    _ => sub.position = Some(StreamPosition { offset, epoch }),
+                    _ => sub.position = Some(at),
                 }
             }
             let _ = sub.events.send(Event::Subscribed);
-            if let Some(ok) = recovered {
+            if let Some(ok) = r.recovered {
                 let _ = sub.events.send(Event::Recovered(ok));
             }
         }
-        Some("reset") => {
+        "reset" => {
             let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
                 return;
             };
-            if let (Some(offset), Some(epoch)) = (
-                v["offset"].as_u64(),
-                v["epoch"].as_str().and_then(Epoch::parse),
-            ) {
-                sub.position = Some(StreamPosition { offset, epoch });
+            if let Some(at) = r.position() {
+                sub.position = Some(at);
             }
             let _ = sub.events.send(Event::Reset);
         }
-        Some("published") => {
+        "published" => {
             if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
-                let _ = reply.send(Ok(v));
+                // The caller gets the reply as JSON (offset and epoch on history
+                // channels).
+                let _ = reply.send(Ok(serde_json::from_str(text).unwrap_or(Value::Null)));
             }
         }
-        Some("error") => {
-            let code = v["code"].as_str().unwrap_or("internal").to_owned();
-            let message = v["message"].as_str().unwrap_or("").to_owned();
+        "error" => {
+            let code = r.code.as_deref().unwrap_or("internal").to_owned();
+            let message = r.message.as_deref().unwrap_or("").to_owned();
             let Some(id) = id else { return };
             if let Some(reply) = requests.publishing.remove(&id) {
                 let _ = reply.send(Err(Error::Server { code, message }));
@@ -584,24 +578,11 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
     }
 }
 
-fn on_binary(frame: &[u8], subs: &mut HashMap<ChannelName, Sub>) {
-    let (offset, rest) = match frame.first() {
-        Some(0) if frame.len() >= 9 => {
-            let mut o = [0u8; 8];
-            o.copy_from_slice(&frame[1..9]);
-            (Some(u64::from_be_bytes(o)), &frame[9..])
-        }
-        _ => (None, frame),
-    };
-    let Some(&len) = rest.first() else { return };
-    let Some(name) = rest.get(1..1 + len as usize) else {
-        return;
-    };
-    let Ok(channel) = ChannelName::from_bytes(name) else {
+fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {
+    let Some((channel, offset, payload)) = parse_binary_delivery(frame) else {
         return;
     };
     if let Some(sub) = subs.get_mut(&channel) {
-        let payload = Bytes::copy_from_slice(&rest[1 + len as usize..]);
         deliver(sub, payload, offset);
     }
 }

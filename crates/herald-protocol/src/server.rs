@@ -207,6 +207,73 @@ pub fn binary_frame_with_offset(channel: &str, offset: u64, payload: &[u8]) -> B
     b.freeze()
 }
 
+/// Reads a binary delivery (either layout) as a client does: the channel, the offset
+/// when the frame carries one, and the payload (shared, not copied). `None` for a frame
+/// that is neither layout.
+pub fn parse_binary_delivery(frame: &Bytes) -> Option<(crate::ChannelName, Option<u64>, Bytes)> {
+    let (offset, at) = match frame.first() {
+        Some(0) => {
+            let o: [u8; 8] = frame.get(1..9)?.try_into().ok()?;
+            (Some(u64::from_be_bytes(o)), 9)
+        }
+        _ => (None, 0),
+    };
+    let len = *frame.get(at)? as usize;
+    let name = frame.get(at + 1..at + 1 + len)?;
+    let channel = crate::ChannelName::from_bytes(name).ok()?;
+    Some((channel, offset, frame.slice(at + 1 + len..)))
+}
+
+/// A server frame other than a delivery (welcome, replies, errors, resets), as a client
+/// reads it: the fields any of them may carry.
+#[derive(Debug, serde::Deserialize)]
+pub struct Reply<'a> {
+    /// Which frame (`welcome`, `subscribed`, `reset`, `published`, `error`, ...).
+    #[serde(borrow)]
+    pub op: std::borrow::Cow<'a, str>,
+    /// The channel it is about.
+    #[serde(default, borrow)]
+    pub channel: Option<std::borrow::Cow<'a, str>>,
+    /// The request it answers.
+    #[serde(default)]
+    pub id: Option<u64>,
+    /// A stream position's offset (`subscribed`, `reset`, `published` on history channels).
+    #[serde(default)]
+    pub offset: Option<u64>,
+    /// A stream position's epoch.
+    #[serde(default, borrow)]
+    pub epoch: Option<std::borrow::Cow<'a, str>>,
+    /// `subscribed` to a resume: whether every missed publication follows.
+    #[serde(default)]
+    pub recovered: Option<bool>,
+    /// `error`: the error code.
+    #[serde(default, borrow)]
+    pub code: Option<std::borrow::Cow<'a, str>>,
+    /// `error`: what went wrong, in words.
+    #[serde(default, borrow)]
+    pub message: Option<std::borrow::Cow<'a, str>>,
+    /// `welcome`: the server's heartbeat interval.
+    #[serde(default)]
+    pub heartbeat_ms: Option<u64>,
+}
+
+impl Reply<'_> {
+    /// The stream position it names, if it names one this server could have issued.
+    pub fn position(&self) -> Option<StreamPosition> {
+        Some(StreamPosition {
+            offset: self.offset?,
+            epoch: crate::Epoch::parse(self.epoch.as_deref()?)?,
+        })
+    }
+}
+
+/// Reads a text frame that is not a delivery (see [`parse_text_delivery`]); `None`
+/// for a delivery or a frame that is not Herald's.
+pub fn parse_reply(text: &str) -> Option<Reply<'_>> {
+    let r: Reply<'_> = serde_json::from_str(text).ok()?;
+    (r.op != "message").then_some(r)
+}
+
 fn push_id(s: &mut String, id: Option<u64>) {
     if let Some(id) = id {
         let _ = write!(s, r#","id":{id}"#);
@@ -326,5 +393,41 @@ mod tests {
         ] {
             assert!(parse_text_delivery(&other).is_none(), "{other}");
         }
+    }
+
+    #[test]
+    fn clients_read_replies_and_binary_deliveries() {
+        let ch = crate::ChannelName::new("c").unwrap();
+        let e = crate::Epoch::new(7).unwrap();
+        let at = StreamPosition {
+            offset: 3,
+            epoch: e,
+        };
+        let text = subscribed("c", Some(2), at, Some(true));
+        let r = parse_reply(&text).unwrap();
+        assert_eq!(
+            (r.op.as_ref(), r.id, r.recovered),
+            ("subscribed", Some(2), Some(true))
+        );
+        assert_eq!(r.position(), Some(at));
+        let text = error(Some(5), ErrorCode::Forbidden, "no \"way\"");
+        let r = parse_reply(&text).unwrap();
+        assert_eq!(
+            (r.code.as_deref(), r.message.as_deref()),
+            (Some("forbidden"), Some("no \"way\""))
+        );
+        assert!(parse_reply(r#"{"op":"message","channel":"c","data":1}"#).is_none());
+        let plain = binary_frame("c", b"xy");
+        assert_eq!(
+            parse_binary_delivery(&plain),
+            Some((ch.clone(), None, Bytes::from_static(b"xy")))
+        );
+        let positioned = binary_frame_with_offset("c", 9, b"z");
+        assert_eq!(
+            parse_binary_delivery(&positioned),
+            Some((ch, Some(9), Bytes::from_static(b"z")))
+        );
+        assert_eq!(parse_binary_delivery(&Bytes::from_static(&[0, 1])), None);
+        assert_eq!(parse_binary_delivery(&Bytes::from_static(&[5, b'a'])), None);
     }
 }
