@@ -16,7 +16,10 @@
 //!
 //! # Layout
 //! Each module uses only those listed after it:
-//! - `run`: the orchestrator (targets, workers, every scenario).
+//! - `run`: the orchestrator: every scenario for every target, then the report.
+//! - `scenarios`: one function per scenario, each answering a row.
+//! - `target`: starting a target and its publisher; the load-generator workers.
+//! - `args`: what a run is asked to do, and the sizes scenarios share.
 //! - `drops`: the network-drop scenario (namespaces, Rust clients).
 //! - `worker`: a load-generator process.
 //! - `floor`: the raw-write floor server.
@@ -25,11 +28,14 @@
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod drops;
 mod floor;
 mod procfs;
 mod report;
 mod run;
+mod scenarios;
+mod target;
 mod worker;
 
 #[derive(Parser)]
@@ -42,7 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the scenarios for every target and report.
-    Run(run::RunArgs),
+    Run(args::RunArgs),
     /// A load-generator process (spawned by `run`).
     Worker(worker::WorkerArgs),
     /// The raw-write floor server (spawned by `run`).

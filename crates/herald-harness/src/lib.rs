@@ -1,13 +1,13 @@
 //! Real processes for Herald's tests and benchmark tool: free loopback ports, system
 //! programs (a missing one fails with the command that installs it, never a skip),
-//! and `redis-server` / Redis Cluster on free ports.
+//! `redis-server` / Redis Cluster on free ports, and HAProxy.
 //!
 //! It panics where it cannot go on (a missing program, a server that does not come
 //! up): both of its users, the test kit and the bench tool, treat that as fatal, and
 //! the message says what to install. It has no dependencies, so the bench tool takes
 //! nothing test-only into its release build.
 
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -248,5 +248,59 @@ impl RedisCluster {
             .map(RedisServer::url)
             .collect::<Vec<_>>()
             .join(",")
+    }
+}
+
+/// A running `haproxy`, killed on drop.
+pub struct Haproxy(std::process::Child);
+
+impl Haproxy {
+    /// Starts `haproxy` listening on a free port: `config(port)` is its configuration
+    /// (written to a temporary file named after `name`). Returns once it listens. A
+    /// port taken between picking and binding (other processes open ephemeral ports
+    /// too) makes haproxy exit: it is started again on another port, and after three
+    /// tries the panic carries what haproxy said.
+    pub fn start(name: &str, config: impl Fn(u16) -> String) -> (Haproxy, u16) {
+        let mut said = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            // Named after the port too: tests in one process start several at once.
+            let base =
+                std::env::temp_dir().join(format!("herald-{name}-{port}-{}", std::process::id()));
+            let (path, log) = (base.with_extension("cfg"), base.with_extension("log"));
+            std::fs::write(&path, config(port)).expect("write the haproxy configuration");
+            // A file, not a pipe: nobody reads haproxy's output while it runs, and a
+            // full pipe would stall it.
+            let stderr = std::fs::File::create(&log).expect("create the haproxy log");
+            let mut child = std::process::Command::new(system_tool("haproxy", "haproxy"))
+                .args(["-db", "-f"])
+                .arg(&path)
+                .stdout(std::process::Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("start haproxy");
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                let addr = SocketAddr::from(([127, 0, 0, 1], port));
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    return (Haproxy(child), port);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            said = std::fs::read_to_string(&log).unwrap_or_default();
+        }
+        panic!("haproxy did not start: {said}");
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
