@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use herald_protocol::backoff::Backoff;
 use herald_protocol::client::{encode_ping, encode_publish, encode_resume, encode_unsubscribe};
 use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
 use herald_protocol::{ChannelName, StreamPosition};
@@ -264,7 +265,7 @@ async fn run(
 ) {
     let mut subs: HashMap<ChannelName, Sub> = HashMap::new();
     let mut queue: Vec<Queued> = Vec::new();
-    let mut attempt: u32 = 0;
+    let mut backoff = Backoff::new(config.min_backoff, config.max_backoff);
     loop {
         let _ = state.send(State::Connecting);
         let connected = timeout(config.connect_timeout, connect(&config)).await;
@@ -274,24 +275,20 @@ async fn run(
                 if let Ok(Err(e)) = other {
                     tracing::debug!(error = %e, "connect failed");
                 }
-                let bound = config
-                    .max_backoff
-                    .min(config.min_backoff * 2u32.saturating_pow(attempt.min(16)));
-                attempt += 1;
-                let wait = bound.mul_f64(fastrand::f64());
+                let wait = backoff.next_wait();
                 if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
                     break;
                 }
                 continue;
             }
         };
-        attempt = 0;
+        backoff.reset();
         let _ = state.send(State::Connected);
         match session(&config, ws, heartbeat, &mut commands, &mut subs, &mut queue).await {
             Ended::Closed => break,
             Ended::Reconnect { at_once } => {
                 if !at_once {
-                    let wait = config.min_backoff.mul_f64(fastrand::f64());
+                    let wait = backoff.next_wait();
                     if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
                         break;
                     }

@@ -11,6 +11,7 @@
 //! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
 //! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
+//! - [`backoff`]: the reconnect policy every client and the Redis broker follow.
 //! - [`channel`]: channel-name rules and publish-permission patterns.
 //! - [`close`]: WebSocket close codes Herald uses and when.
 //!
@@ -22,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod backoff;
 pub mod channel;
 pub mod client;
 pub mod close;

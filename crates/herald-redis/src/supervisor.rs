@@ -3,6 +3,8 @@
 //! equal to the desired set (`sync`), probes the connections, repairs a lost cluster
 //! master in place (`repair`) and reconnects (`connect`).
 
+use herald_protocol::backoff::Backoff;
+
 use crate::connect::{connect, connect_commands, ping, within};
 use crate::repair::{shard_subscriptions, Repair};
 use crate::shared::{Conn, Inner};
@@ -15,7 +17,7 @@ use std::time::Duration;
 
 /// Keeps a connection alive and its subscriptions equal to the desired set.
 pub(crate) async fn supervise(inner: Arc<Inner>) {
-    let mut delay = Duration::from_millis(25);
+    let mut backoff = Backoff::new(Duration::from_millis(25), inner.config.max_reconnect_delay);
     let mut connected_before = false;
     loop {
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
@@ -23,7 +25,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "Redis connect failed");
-                back_off(&inner, &mut delay).await;
+                tokio::time::sleep(backoff.next_wait()).await;
                 continue;
             }
         };
@@ -37,7 +39,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
             if matches!(conn, Conn::Cluster(_)) && ping(&inner, &conn).await.is_ok() {
                 repair.later(&inner);
             } else {
-                back_off(&inner, &mut delay).await;
+                tokio::time::sleep(backoff.next_wait()).await;
                 continue;
             }
         }
@@ -47,14 +49,14 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis Cluster command connection failed");
-                    back_off(&inner, &mut delay).await;
+                    tokio::time::sleep(backoff.next_wait()).await;
                     continue;
                 }
             },
         };
         // Only a connection that resubscribed counts as recovered: a server that
         // accepts connections but fails the resubscribe keeps the backoff growing.
-        delay = Duration::from_millis(25);
+        backoff.reset();
         *inner.conn.write() = Some(commands);
         inner.up.store(true, Ordering::Release);
         inner.metrics.broker_up.set(1);
@@ -82,13 +84,6 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         }
         tracing::warn!(reason = why, "Redis connection lost; reconnecting");
     }
-}
-
-/// Waits `delay` before the next connection attempt and doubles it, up to
-/// `redis.max_reconnect_delay`.
-async fn back_off(inner: &Inner, delay: &mut Duration) {
-    tokio::time::sleep(*delay).await;
-    *delay = (*delay * 2).min(inner.config.max_reconnect_delay);
 }
 
 /// Runs one connection until it fails; returns why.

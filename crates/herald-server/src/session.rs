@@ -63,7 +63,7 @@ pub(crate) async fn run<S, R>(
         conn,
         handle: handle.clone(),
         subscriptions: Vec::new(),
-        rate: TokenBucket::new(limits.messages_per_second, limits.message_burst),
+        rate: rate_limit(limits.messages_per_second, limits.message_burst),
         strikes: 0,
         strikes_since: std::time::Instant::now(),
         identity: identity.map(Box::new),
@@ -130,7 +130,7 @@ struct Session {
     /// most sessions hold a handful.
     subscriptions: Vec<ChannelName>,
     /// `limits.messages_per_second` with `limits.message_burst`.
-    rate: TokenBucket,
+    rate: RateLimit,
     /// Rate-limited messages in the current strike window.
     strikes: u32,
     /// When the current strike window began.
@@ -215,7 +215,7 @@ impl Session {
     /// clear strikes, so a client that keeps sending above its rate is closed even
     /// though some of its messages get through.
     fn admit(&mut self, id: Option<u64>) -> bool {
-        if self.rate.take() {
+        if self.rate.check().is_ok() {
             return true;
         }
         let now = std::time::Instant::now();
@@ -479,38 +479,22 @@ where
     }
 }
 
-/// Sustained-rate limiter with a burst allowance.
-struct TokenBucket {
-    /// Messages that may be sent now.
-    tokens: f64,
-    /// Tokens added per second.
-    rate: f64,
-    /// At most this many tokens.
-    burst: f64,
-    /// When `tokens` was last brought up to date.
-    last: std::time::Instant,
-}
+/// A session's limit on the messages it sends: `limits.messages_per_second` sustained,
+/// `limits.message_burst` at once (GCRA, governor's; one atomic word of state).
+type RateLimit = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    governor::clock::MonotonicClock,
+>;
 
-impl TokenBucket {
-    fn new(rate: f64, burst: u32) -> Self {
-        TokenBucket {
-            tokens: burst as f64,
-            rate,
-            burst: burst as f64,
-            last: std::time::Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
+fn rate_limit(per_second: f64, burst: u32) -> RateLimit {
+    // Validated positive and finite; a rate so high that its period rounds to zero
+    // is as good as no limit.
+    let period = std::time::Duration::from_secs_f64(1.0 / per_second)
+        .max(std::time::Duration::from_nanos(1));
+    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = governor::Quota::with_period(period)
+        .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MAX))
+        .allow_burst(burst);
+    governor::RateLimiter::direct_with_clock(quota, governor::clock::MonotonicClock)
 }
