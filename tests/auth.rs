@@ -472,3 +472,28 @@ async fn refresh_keeps_a_connection_and_expiry_closes_it_with_4001() {
     assert_eq!(node.publish("news", "1").await, 200);
     assert_eq!(keeps.recv_json().await["data"], 1);
 }
+
+/// A signed token whose `exp` is near `u64::MAX` once made the heartbeat sweeper panic:
+/// the node drained and exited, and did so again after every restart (issue 18). It is
+/// accepted with its expiry capped, and the node and its other clients go on.
+#[tokio::test]
+async fn a_token_that_never_expires_harms_no_one() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(SECRET.into());
+        c.auth.expiry_grace = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let mut forever = connect_as(&node, &hs(json!({"sub": "1", "exp": u64::MAX - 1}))).await;
+    forever.subscribe("news").await;
+    // Several sweeps (every 250 ms with this grace).
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut other = connect_as(&node, &hs(json!({"sub": "2", "exp": now() + 60}))).await;
+    other.subscribe("news").await;
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(forever.recv_json().await["data"], 1);
+    assert_eq!(other.recv_json().await["data"], 1);
+    // A refresh to such a token answers the capped expiry.
+    let huge = hs(json!({"sub": "1", "exp": u64::MAX}));
+    let r = ask(&mut forever, json!({"op": "refresh", "token": huge}), 1).await;
+    assert_eq!(r["expires"], herald_auth::MAX_EXP, "{r}");
+}

@@ -100,6 +100,11 @@ pub enum AuthError {
     WrongKind(&'static str),
 }
 
+/// The latest expiry a token is taken at: 9999-12-31T23:59:59Z. A later `exp` (up to
+/// `u64::MAX`, which a signed token can carry) is capped here, so that no expiry
+/// arithmetic downstream can overflow.
+pub const MAX_EXP: u64 = 253_402_300_799;
+
 /// Who a verified token says the client is, and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -291,7 +296,7 @@ impl Verifier {
             channels: patterns(&c.channels, "channels")?,
             publish: patterns(&c.publish, "publish")?,
             user: c.sub,
-            expires_at: c.exp,
+            expires_at: c.exp.min(MAX_EXP),
         })
     }
 
@@ -306,7 +311,7 @@ impl Verifier {
         Ok(Grant {
             user: c.sub,
             channel,
-            expires_at: c.exp,
+            expires_at: c.exp.min(MAX_EXP),
         })
     }
 

@@ -287,7 +287,12 @@ impl SessionHandle {
     /// Whether the session's token expired more than `grace` before `now` (Unix time).
     pub(crate) fn is_expired(&self, now: Duration, grace: Duration) -> bool {
         let exp = self.expires_at.load(Ordering::Relaxed);
-        exp != 0 && now >= Duration::from_secs(exp) + grace
+        // Saturating: an `exp` near `u64::MAX` (capped at verification anyway) must
+        // mean "not yet", never a panic in the sweeper that every session shares.
+        exp != 0
+            && Duration::from_secs(exp)
+                .checked_add(grace)
+                .is_some_and(|deadline| now >= deadline)
     }
 
     /// The sweeper's verdict at `now_ms`; `Ping` also records that a ping is due now.

@@ -45,6 +45,12 @@ fn main() -> ExitCode {
         }
     }
     init_logging(&settings);
+    for var in &settings.ignored_env {
+        tracing::warn!(
+            var,
+            "ignored: a Kubernetes service link, not a Herald setting (a Service named herald... injects it)"
+        );
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

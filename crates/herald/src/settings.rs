@@ -61,6 +61,12 @@ pub struct Settings {
     /// Everything the gateway itself reads.
     #[serde(flatten)]
     pub gateway: GatewayConfig,
+    /// Environment variables that look like Herald's (`HERALD_...`) but are the
+    /// service links Kubernetes injects for a Service named `herald...`
+    /// (`HERALD_SERVICE_HOST`, `HERALD_PORT_8080_TCP_ADDR`, ...): ignored, and the
+    /// binary warns about each.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 impl Default for Settings {
@@ -71,6 +77,7 @@ impl Default for Settings {
             log: LogConfig::default(),
             redis: RedisConfig::default(),
             gateway: GatewayConfig::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -135,6 +142,47 @@ fn top_level_keys() -> std::collections::HashSet<String> {
     }
 }
 
+/// Whether `var` is one of the service links Kubernetes injects into every pod for each
+/// Service in its namespace, for a Service whose name starts with `herald`: `{SVC}_
+/// SERVICE_HOST`, `{SVC}_SERVICE_PORT[_{NAME}]`, `{SVC}_PORT` and
+/// `{SVC}_PORT_{N}_{TCP|UDP|SCTP}[_PROTO|_PORT|_ADDR]`, `SVC` being the Service's name
+/// upper-cased with `-` as `_`, each with the value Kubernetes gives it (an address, a
+/// port number, a protocol, a `tcp://` URL). None of Herald's keys has this shape (a
+/// nested key has `__`; the top-level ones are `listen`, `internal_listen`, `node_id`,
+/// `demo`), so real typos (`HERALD_LISTEN_PORT=8080`) are still refused.
+pub(crate) fn is_service_link(var: &str, value: &str) -> bool {
+    let Some(rest) = var.strip_prefix("HERALD_") else {
+        return false;
+    };
+    if rest.contains("__") {
+        return false;
+    }
+    let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let address = |s: &str| s.parse::<std::net::IpAddr>().is_ok();
+    let url = |s: &str| {
+        ["tcp://", "udp://", "sctp://"].iter().any(|p| {
+            s.strip_prefix(p)
+                .is_some_and(|a| a.parse::<SocketAddr>().is_ok())
+        })
+    };
+    let tokens: Vec<&str> = rest.split('_').collect();
+    (0..tokens.len()).any(|i| match &tokens[i..] {
+        ["SERVICE", "HOST"] => address(value),
+        ["SERVICE", "PORT", ..] => number(value),
+        ["PORT"] => url(value),
+        ["PORT", n, proto, tail @ ..] if number(n) && matches!(*proto, "TCP" | "UDP" | "SCTP") => {
+            match tail {
+                [] => url(value),
+                ["PROTO"] => matches!(value, "tcp" | "udp" | "sctp"),
+                ["PORT"] => number(value),
+                ["ADDR"] => address(value),
+                _ => false,
+            }
+        }
+        _ => false,
+    })
+}
+
 impl Settings {
     /// Builds the settings from `cli` and an environment given as a map (the process
     /// environment in `main`, a literal map in tests). Unknown keys are errors, so a
@@ -150,6 +198,15 @@ impl Settings {
         // into the number 123), so lists are split here and every other value stays a
         // string that its field's type parses.
         let mut env = env;
+        let mut ignored_env: Vec<String> = env
+            .iter()
+            .filter(|(k, v)| is_service_link(k, v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        ignored_env.sort();
+        for k in &ignored_env {
+            env.remove(k);
+        }
         let mut lists = Vec::new();
         for (var, key) in LIST_VARS {
             if let Some(v) = env.remove(*var) {
@@ -210,6 +267,7 @@ impl Settings {
             log: process.log,
             redis: process.redis,
             gateway,
+            ignored_env,
         };
         if !matches!(settings.log.format.as_str(), "text" | "json") {
             return Err(format!(
@@ -326,6 +384,40 @@ mod tests {
         assert_eq!(s.gateway.heartbeat.interval, Duration::from_secs(3));
         assert!(s.gateway.channels.client_publish.matches("chat:x"));
         assert!(s.gateway.channels.client_publish.matches("news"));
+    }
+
+    /// A Service named `herald` (or `herald-internal`) makes Kubernetes inject these
+    /// into every pod of its namespace; Herald once refused them and crash-looped.
+    #[test]
+    fn kubernetes_service_links_are_ignored_and_typos_still_refused() {
+        let links = [
+            ("HERALD_SERVICE_HOST", "10.96.0.12"),
+            ("HERALD_SERVICE_PORT", "8080"),
+            ("HERALD_SERVICE_PORT_WS", "8080"),
+            ("HERALD_PORT", "tcp://10.96.0.12:8080"),
+            ("HERALD_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+            ("HERALD_PORT_8080_TCP_PROTO", "tcp"),
+            ("HERALD_PORT_8080_TCP_PORT", "8080"),
+            ("HERALD_PORT_8080_TCP_ADDR", "10.96.0.12"),
+            ("HERALD_INTERNAL_SERVICE_HOST", "10.96.0.13"),
+            ("HERALD_INTERNAL_SERVICE_PORT_METRICS", "9090"),
+            ("HERALD_INTERNAL_PORT_9090_TCP_ADDR", "10.96.0.13"),
+        ];
+        let mut all = links.to_vec();
+        all.push(("HERALD_NODE_ID", "pod-1"));
+        let s = Settings::load(&Cli::default(), env(&all)).unwrap();
+        assert_eq!(s.gateway.node_id, "pod-1");
+        assert_eq!(s.ignored_env.len(), links.len(), "{:?}", s.ignored_env);
+        for (typo, v) in [
+            ("HERALD_PORT_8080", "x"),
+            ("HERALD_SERVICEHOST", "10.0.0.1"),
+            ("HERALD_LISTEN_PORT", "8080"),
+            ("HERALD_SERVICE_HOST", "not-an-address"),
+            ("HERALD_REDIS__PORT", "1"),
+        ] {
+            let e = Settings::load(&Cli::default(), env(&[(typo, v)])).unwrap_err();
+            assert!(e.contains("unknown") || e.contains("port"), "{typo}: {e}");
+        }
     }
 
     #[test]

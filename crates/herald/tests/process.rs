@@ -19,6 +19,15 @@ fn herald() -> Command {
 
 /// Starts `herald` on a free port and returns the child and its address.
 fn start(extra: &[&str], env: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
+    let (child, addr, _) = start_logged(extra, env);
+    (child, addr)
+}
+
+/// [`start`], also returning what herald logged up to the line saying where it listens.
+fn start_logged(
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Child, std::net::SocketAddr, Vec<String>) {
     let mut child = herald()
         .args(["--listen", "127.0.0.1:0", "--node-id", "proc"])
         .args(extra)
@@ -29,21 +38,24 @@ fn start(extra: &[&str], env: &[(&str, &str)]) -> (Child, std::net::SocketAddr) 
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut sent = false;
+        let mut before = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !sent {
                 if let Some(rest) = line.split("ws://").nth(1) {
                     if let Some(addr) = rest.split("/ws").next() {
-                        let _ = tx.send(addr.to_owned());
+                        let _ = tx.send((addr.to_owned(), std::mem::take(&mut before)));
                         sent = true;
                     }
+                } else {
+                    before.push(line);
                 }
             }
         }
     });
-    let addr = rx
+    let (addr, before) = rx
         .recv_timeout(Duration::from_secs(20))
         .expect("herald printed where it listens");
-    (child, addr.parse().expect("an address"))
+    (child, addr.parse().expect("an address"), before)
 }
 
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
@@ -111,6 +123,29 @@ fn invalid_configuration_exits_64_before_binding() {
             "bound before failing: {stderr}"
         );
     }
+}
+
+/// The variables Kubernetes injects for a Service named `herald` once made the process
+/// exit 64 (a crash loop): it starts, and says it ignored them.
+#[tokio::test(flavor = "multi_thread")]
+async fn kubernetes_service_links_do_not_stop_the_process() {
+    let links = [
+        ("HERALD_SERVICE_HOST", "10.96.0.12"),
+        ("HERALD_SERVICE_PORT", "8080"),
+        ("HERALD_PORT", "tcp://10.96.0.12:8080"),
+        ("HERALD_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+        ("HERALD_PORT_8080_TCP_PROTO", "tcp"),
+        ("HERALD_PORT_8080_TCP_PORT", "8080"),
+        ("HERALD_PORT_8080_TCP_ADDR", "10.96.0.12"),
+    ];
+    let (mut child, addr, logged) = start_logged(&["--log-format", "text"], &links);
+    let r = http(addr, "GET", "/readyz", &[], Vec::new()).await;
+    assert_eq!(r.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = logged.join("\n");
+    assert!(logged.contains("HERALD_PORT_8080_TCP_ADDR"), "{logged}");
+    assert!(logged.contains("Kubernetes service link"), "{logged}");
 }
 
 #[test]
