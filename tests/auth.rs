@@ -497,3 +497,44 @@ async fn a_token_that_never_expires_harms_no_one() {
     let r = ask(&mut forever, json!({"op": "refresh", "token": huge}), 1).await;
     assert_eq!(r["expires"], herald_auth::MAX_EXP, "{r}");
 }
+
+/// `{sub}` is a whole segment (issue 18): under `user:{sub}:*`, a user id holding the
+/// segment's end (`:`) matches nothing, so `4:x` cannot read user `4`'s channels and
+/// `alice` keeps `alice:...` to herself; a pattern where `{sub}` runs into the rest
+/// (`dm.{sub}*`, which let user `4` read `dm.42`) is refused at start-up.
+#[tokio::test]
+async fn sub_placeholders_never_overlap_between_users() {
+    let node = ruled_node().await;
+    let sub = |c: &str| json!({"op": "subscribe", "channel": c});
+    let mut four = connect_as(&node, &hs(json!({"sub": "4", "exp": now() + 60}))).await;
+    let mut colon = connect_as(&node, &hs(json!({"sub": "4:x", "exp": now() + 60}))).await;
+    assert_eq!(
+        ask(&mut four, sub("user:4:x:inbox"), 1).await["op"],
+        "subscribed"
+    );
+    assert_eq!(
+        ask(&mut four, sub("user:42:inbox"), 2).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        ask(&mut colon, sub("user:4:x:inbox"), 1).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        ask(&mut colon, sub("user:4:inbox"), 2).await["code"],
+        "forbidden"
+    );
+    // Nothing reached the refused, and the allowed subscription delivers.
+    assert_eq!(node.publish("user:4:x:inbox", r#"{"n":1}"#).await, 200);
+    assert_eq!(four.recv_json().await["data"]["n"], 1);
+    colon
+        .expect_silence(std::time::Duration::from_millis(200))
+        .await;
+
+    // A configuration with such a pattern is refused (the process exits 64 with this
+    // message: crates/herald/tests/process.rs).
+    let e = herald_protocol::ChannelPattern::new("dm.{sub}*")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("{sub}:*"), "{e}");
+}

@@ -114,8 +114,24 @@ impl ChannelPattern {
     pub fn new(p: &str) -> Result<Self, InvalidPattern> {
         let bad = || InvalidPattern {
             pattern: p.to_owned(),
+            why: NOT_A_PATTERN,
         };
         let sub = p.find(SUB);
+        // `{sub}` is a whole segment: what follows it ends the segment, so that user
+        // `4` never reads `dm.42` and user `alice` never reads `alice:x`'s channels.
+        if let Some(i) = sub {
+            match p[i + SUB.len()..].chars().next() {
+                None => {}
+                Some(c) if SEGMENT_ENDS.contains(&c) => {}
+                Some(_) => {
+                    return Err(InvalidPattern {
+                        pattern: p.to_owned(),
+                        why: "{sub} must end the pattern or be followed by one of : . / - _ @ \
+                              ({sub}* would let user 4 read user 42's channels; write {sub}:*)",
+                    })
+                }
+            }
+        }
         // The pattern without its placeholder must be an ordinary pattern.
         let plain = match sub {
             Some(i) => format!("{}x{}", &p[..i], &p[i + SUB.len()..]),
@@ -172,12 +188,18 @@ impl ChannelPattern {
     }
 
     /// Whether `channel` matches with `{sub}` replaced by `user` (without `{sub}`, the
-    /// same as [`ChannelPattern::matches`]).
+    /// same as [`ChannelPattern::matches`]). A user id holding the character that ends
+    /// the `{sub}` segment (or `*`) matches nothing: its channels would overlap
+    /// another user's.
     pub fn matches_user(&self, channel: &str, user: &str) -> bool {
         if self.sub.is_none() {
             return self.matches(channel);
         }
         let (head, tail) = self.parts();
+        let ends = tail.chars().next();
+        if user.contains('*') || ends.is_some_and(|c| user.contains(c)) {
+            return false;
+        }
         let rest = channel
             .strip_prefix(head)
             .and_then(|r| r.strip_prefix(user))
@@ -245,13 +267,21 @@ impl From<ChannelPatterns> for Vec<String> {
     }
 }
 
-/// A pattern that is neither a channel name nor a channel-name prefix followed by `*`.
+/// A pattern that is neither a channel name nor a channel-name prefix followed by `*`,
+/// or whose `{sub}` is not a whole segment.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid channel pattern {pattern:?}: use a channel name, or a prefix followed by one trailing '*'")]
+#[error("invalid channel pattern {pattern:?}: {why}")]
 pub struct InvalidPattern {
     /// The offending pattern.
     pub pattern: String,
+    /// What is wrong with it.
+    pub why: &'static str,
 }
+
+const NOT_A_PATTERN: &str = "use a channel name, or a prefix followed by one trailing '*'";
+
+/// What may follow `{sub}` in a pattern: the segment ends there.
+const SEGMENT_ENDS: &[char] = &[':', '.', '/', '-', '_', '@'];
 
 impl ChannelPatterns {
     /// Parses a list of patterns.
@@ -264,6 +294,7 @@ impl ChannelPatterns {
         for p in patterns {
             let p = p.as_ref();
             let bad = || InvalidPattern {
+                why: NOT_A_PATTERN,
                 pattern: p.to_owned(),
             };
             if let Some(prefix) = p.strip_suffix('*') {
@@ -350,9 +381,27 @@ mod tests {
         let end = ChannelPattern::new("inbox:{sub}").unwrap();
         assert!(end.matches_user("inbox:a@b.c", "a@b.c"));
         assert!(!end.matches("inbox:"));
-        for bad in ["user:{sub}:{sub}", "user:{su}", "{sub", "a*{sub}"] {
+        for bad in [
+            "user:{sub}:{sub}",
+            "user:{su}",
+            "{sub",
+            "a*{sub}",
+            "dm.{sub}*",
+            "u{sub}x",
+        ] {
             assert!(ChannelPattern::new(bad).is_err(), "{bad}");
         }
+        let e = ChannelPattern::new("dm.{sub}*").unwrap_err().to_string();
+        assert!(e.contains("{sub}:*"), "{e}");
+        // A user id holding the segment's end never matches: `alice` reads her own
+        // inbox, not the one of `alice:x`, and `alice:x` reads nothing.
+        let inbox = ChannelPattern::new("inbox:{sub}:*").unwrap();
+        assert!(inbox.matches_user("inbox:alice:x", "alice"));
+        assert!(!inbox.matches_user("inbox:alice:x:secret", "alice:x"));
+        assert!(!inbox.matches_user("inbox:a*:x", "a*"));
+        let dotted = ChannelPattern::new("dm.{sub}.in").unwrap();
+        assert!(dotted.matches_user("dm.4.in", "4") && !dotted.matches_user("dm.42.in", "4"));
+        assert!(!dotted.matches_user("dm.a.b.in", "a.b"));
         // Without a placeholder both agree.
         let plain = ChannelPattern::new("news:*").unwrap();
         assert!(plain.matches_user("news:a", "x") && !plain.matches_user("new", "x"));

@@ -92,7 +92,16 @@ fn signal(child: &Child, sig: &str) {
 
 #[test]
 fn invalid_configuration_exits_64_before_binding() {
+    // A rule whose {sub} is not a whole segment would let user 4 read user 42's channels.
+    let overlapping = std::env::temp_dir().join(format!("herald-sub-{}.toml", std::process::id()));
+    std::fs::write(
+        &overlapping,
+        "[[channels.rules]]\npattern = \"dm.{sub}*\"\nsubscribe = \"authenticated\"\n",
+    )
+    .unwrap();
+    let overlapping = overlapping.to_str().unwrap().to_owned();
     for (args, env, needle) in [
+        (vec!["--config", overlapping.as_str()], vec![], "{sub}:*"),
         (vec!["--listen", "nonsense"], vec![], "listen"),
         (
             vec![],
