@@ -198,3 +198,41 @@ async fn sse_clients_publish_over_http_with_their_token() {
     assert_eq!(node.publish("chat:1", "2").await, 200);
     assert_eq!(s.event().await.json()["data"], 2);
 }
+
+/// Idempotency keys from clients live apart from the API's (issue 18): an SSE client
+/// that sends the key a backend will use cannot make the backend's publish a
+/// `duplicate` (which stored only the client's message).
+#[tokio::test]
+async fn a_client_cannot_claim_a_backends_idempotency_key() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        let mut chat = history_rule("chat:*", 10);
+        chat.publish = herald_server::config::PublishAccess::Authenticated;
+        c.channels.rules = vec![chat];
+    })
+    .await;
+    let mut s = SseClient::connect(node.addr, "/sse?channel=chat:1", &[]).await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    assert_eq!(s.event().await.json()["op"], "subscribed");
+    let token = herald_testkit::token("7", 60, json!({}));
+    let auth = format!("Bearer {token}");
+    let h = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let body = br#"{"channel":"chat:1","data":"from the client","idempotency_key":"order-1"}"#;
+    let r = herald_testkit::http(node.addr, "POST", "/sse/publish", &h, body.to_vec()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The client's retry is still deduplicated...
+    let again = herald_testkit::http(node.addr, "POST", "/sse/publish", &h, body.to_vec()).await;
+    assert_eq!(again.json()["duplicate"], true, "{:?}", again.body);
+    // ...but the backend's publish with the same key is its own.
+    let (status, backend) = node
+        .publish_with_key("chat:1", r#""from the backend""#, Some("order-1"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(backend["published"], 1, "{backend}");
+    assert_eq!(backend["offset"], 2, "{backend}");
+    assert_eq!(s.event().await.json()["data"], "from the client");
+    assert_eq!(s.event().await.json()["data"], "from the backend");
+}

@@ -202,11 +202,21 @@ impl Node {
     ) -> Result<Vec<Published>, BrokerError> {
         let channels = &self.config.channels;
         let window = channels.idempotency_window;
+        // Keys live in one namespace per source, so that no client can claim a key a
+        // backend will use (its later publish would be answered `duplicate` and lost).
+        // Client keys come here already scoped to their user (see `client_key`).
+        let namespace = match source {
+            Source::Http => "api",
+            Source::Client | Source::External => "client",
+        };
         let requests = batch
             .into_iter()
             .map(|(publication, key)| PublishRequest {
                 history: channels.history(publication.channel.as_str()),
-                idempotency: key.map(|key| Idempotency { key, window }),
+                idempotency: key.map(|key| Idempotency {
+                    key: format!("{namespace}:{key}"),
+                    window,
+                }),
                 publication,
             })
             .collect();
@@ -219,6 +229,12 @@ impl Node {
         let new = results.iter().filter(|r| !r.duplicate).count();
         self.metrics.published(source, new as u64);
         Ok(results)
+    }
+
+    /// A client's idempotency key, scoped to the client's user (anonymous clients share
+    /// one scope): one user cannot answer another's retries.
+    pub(crate) fn client_key(user: Option<&str>, key: String) -> String {
+        format!("{}:{key}", user.unwrap_or(""))
     }
 
     pub(crate) fn is_ready(&self) -> Result<(), &'static str> {

@@ -295,8 +295,10 @@ async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<B
             format!("not allowed to publish to {channel}"),
         ));
     }
+    let user = identity.as_ref().map(|i| i.user.as_str());
+    let key = p.idempotency_key.map(|k| Node::client_key(user, k));
     let results = node
-        .publish(vec![(p.publication, p.idempotency_key)], Source::Client)
+        .publish(vec![(p.publication, key)], Source::Client)
         .await
         .map_err(api::broker_refusal)?;
     Ok(api::published(&results, true))
