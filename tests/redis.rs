@@ -644,3 +644,40 @@ async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
     );
     assert_eq!(s.node.metric("herald_broker_up"), 1.0);
 }
+
+/// Redis lost the publish script (restart, `SCRIPT FLUSH`, failover) under a batch that
+/// mixes a history channel and a plain one: the entries used to go out as `[plain,
+/// history]` (the plain `PUBLISH` ran at once, the script call was sent again after
+/// loading the script). Every entry now takes the script, so they are sent again in
+/// order (issue 18).
+#[tokio::test]
+async fn a_batch_stays_in_order_when_redis_lost_the_script() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+    })
+    .await;
+    let mut c = node.client().await;
+    c.subscribe("h:1").await;
+    c.subscribe("p:1").await;
+    for round in 0..3 {
+        redis.cli(&["SCRIPT", "FLUSH"]);
+        let body = format!(
+            r#"{{"publications":[{{"channel":"h:1","data":{a}}},{{"channel":"p:1","data":{b}}}]}}"#,
+            a = round * 2,
+            b = round * 2 + 1
+        );
+        let r = herald_testkit::http(
+            node.api,
+            "POST",
+            "/api/batch",
+            &[("content-type", "application/json")],
+            body.into_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        for want in [round * 2, round * 2 + 1] {
+            assert_eq!(c.recv_json().await["data"], want, "round {round}");
+        }
+    }
+}

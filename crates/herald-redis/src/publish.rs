@@ -35,9 +35,12 @@ pub(crate) async fn publish(
         timeout: limit,
     } = to;
     let cluster = matches!(conn, Conn::Cluster(_));
+    let script = batch
+        .iter()
+        .any(|r| r.history.is_some() || r.idempotency.is_some());
     let plans: Vec<Plan> = batch
         .iter()
-        .map(|r| plan(scripts, prefix, cluster, r))
+        .map(|r| plan(scripts, prefix, cluster, r, script))
         .collect();
     let work = async {
         match conn {

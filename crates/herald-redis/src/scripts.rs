@@ -170,11 +170,21 @@ pub(crate) enum Plan {
     Script(redis::Cmd),
 }
 
-pub(crate) fn plan(scripts: &Scripts, prefix: &str, cluster: bool, req: &PublishRequest) -> Plan {
+/// How `req` is sent. With `script`, even a plain publication goes through the publish
+/// script: a batch that needs the script for one entry sends every entry through it, so
+/// that when Redis lost the script (restart, `SCRIPT FLUSH`, failover) every entry fails
+/// alike and is sent again in order, instead of the plain ones going out first.
+pub(crate) fn plan(
+    scripts: &Scripts,
+    prefix: &str,
+    cluster: bool,
+    req: &PublishRequest,
+    script: bool,
+) -> Plan {
     let p = &req.publication;
     let keys = Keys::new(prefix, &p.channel);
     let command = if cluster { "SPUBLISH" } else { "PUBLISH" };
-    if req.history.is_none() && req.idempotency.is_none() {
+    if !script && req.history.is_none() && req.idempotency.is_none() {
         return Plan::Publish {
             command,
             channel: keys.channel,
