@@ -504,3 +504,45 @@ async fn history_works_on_redis_cluster() {
         .count();
     assert!(masters >= 2, "streams on {masters} master(s)");
 }
+
+/// A resume that cannot be recovered reads no entries from Redis (issue 18): a made-up
+/// epoch, or a `since` further back than `max_recovery`, used to read `max_recovery`
+/// entries per subscribe, which let anonymous clients load Redis at will. Redis's own
+/// command counts show what was read.
+#[tokio::test]
+async fn a_resume_that_cannot_recover_reads_no_entries() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        let mut rule = history_rule("news:*", 100);
+        rule.max_recovery = 10;
+        c.channels.rules = vec![rule];
+    })
+    .await;
+    for n in 1..=50 {
+        assert_eq!(node.publish("news:a", &n.to_string()).await, 200);
+    }
+    let xranges = || -> u64 {
+        let info = redis.cli(&["INFO", "commandstats"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_xrange:calls="))
+            .and_then(|l| l.split(',').next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    let mut c = node.client().await;
+    let top = c.subscribe_since("news:a", None).await;
+    let epoch = top["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(top["offset"], 50);
+    let before = xranges();
+    for (since, e) in [(45, "zzzzzzzz"), (5, epoch.as_str()), (0, "nonsense")] {
+        let mut r = node.client().await;
+        let reply = r.subscribe_since("news:a", Some((since, e))).await;
+        assert_eq!(reply["recovered"], false, "{reply}");
+    }
+    assert_eq!(xranges(), before, "an unrecoverable resume read entries");
+    // A recoverable one reads, and gets what it missed.
+    let mut r = node.client().await;
+    let reply = r.subscribe_since("news:a", Some((45, epoch.as_str()))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(offsets(&r.messages(5).await), vec![46, 47, 48, 49, 50]);
+    assert_eq!(xranges(), before + 1);
+}

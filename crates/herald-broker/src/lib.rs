@@ -152,12 +152,20 @@ pub trait Broker: Send + Sync + 'static {
     /// after offset `since`. A channel without a stream yet gets one (offset 0, a new
     /// epoch), so that the position a client is given stays valid for the first
     /// publication.
+    ///
+    /// With `only_in`, the read is for continuing a stream from `since` in that epoch
+    /// (a resume, a repair): the entries are read only if the stream is in that epoch
+    /// and at most `limit` publications past `since`; otherwise only the position comes
+    /// back, since such a read could not be used anyway. The decision is taken where
+    /// the stream is, before anything is read, so that a client cannot make a node
+    /// read `limit` entries with a made-up epoch or a `since` from long ago.
     fn history(
         &self,
         channel: &ChannelName,
         policy: HistoryPolicy,
         since: u64,
         limit: usize,
+        only_in: Option<Epoch>,
     ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>>;
 
     /// This node now serves `channel`: deliver its publications to the inbound queue.

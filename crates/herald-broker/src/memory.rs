@@ -197,16 +197,19 @@ impl Broker for MemoryBroker {
         policy: HistoryPolicy,
         since: u64,
         limit: usize,
+        only_in: Option<Epoch>,
     ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
         let channel = channel.clone();
         Box::pin(async move {
             let mut state = self.state.lock().await;
             let s = state.stream(&channel, policy, Instant::now());
+            let usable =
+                only_in.is_none_or(|e| e == s.epoch && s.top.saturating_sub(since) <= limit as u64);
             let publications = s
                 .ring
                 .iter()
                 .filter(|p| p.offset().is_some_and(|o| o > since))
-                .take(limit)
+                .take(if usable { limit } else { 0 })
                 .cloned()
                 .collect();
             Ok(HistoryPage {
@@ -295,7 +298,7 @@ mod tests {
             assert_eq!(received(rx.recv().await).offset(), Some(n));
         }
         let page = broker
-            .history(&ChannelName::new("c").unwrap(), policy(4), 5, 100)
+            .history(&ChannelName::new("c").unwrap(), policy(4), 5, 100, None)
             .await
             .unwrap();
         assert_eq!(page.top.offset, 10);
@@ -313,7 +316,11 @@ mod tests {
         let (tx, _rx) = inbound(4, Metrics::unregistered());
         let broker = MemoryBroker::new(tx);
         let c = ChannelName::new("c").unwrap();
-        let before = broker.history(&c, policy(4), 0, 10).await.unwrap().top;
+        let before = broker
+            .history(&c, policy(4), 0, 10, None)
+            .await
+            .unwrap()
+            .top;
         assert_eq!(before.offset, 0);
         let r = broker
             .publish(vec![PublishRequest {
@@ -343,14 +350,14 @@ mod tests {
             .position
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let page = broker.history(&c, short, 0, 10).await.unwrap();
+        let page = broker.history(&c, short, 0, 10, None).await.unwrap();
         assert_eq!(
             (page.top, page.publications.len()),
             (first, 0),
             "history expired, position kept"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let page = broker.history(&c, short, 0, 10).await.unwrap();
+        let page = broker.history(&c, short, 0, 10, None).await.unwrap();
         assert_eq!(page.top.offset, 0);
         assert_ne!(page.top.epoch, first.epoch, "a new stream, a new epoch");
     }

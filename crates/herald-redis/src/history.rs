@@ -16,6 +16,7 @@ pub(crate) async fn history(
     policy: HistoryPolicy,
     since: u64,
     count: usize,
+    only_in: Option<herald_protocol::Epoch>,
 ) -> Result<HistoryPage, BrokerError> {
     let Redis {
         conn,
@@ -30,7 +31,8 @@ pub(crate) async fn history(
         .arg(herald_broker::new_epoch().get())
         .arg(millis(policy.meta_ttl))
         .arg(since)
-        .arg(count);
+        .arg(count)
+        .arg(only_in.map_or(0, |e| e.get()));
     let work = async {
         match conn {
             Conn::Single(mut c) => inv.invoke_async::<Value>(&mut c).await,

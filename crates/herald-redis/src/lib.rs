@@ -198,11 +198,12 @@ impl Broker for RedisBroker {
         policy: HistoryPolicy,
         since: u64,
         limit: usize,
+        only_in: Option<herald_protocol::Epoch>,
     ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
         let channel = channel.clone();
         Box::pin(async move {
             let conn = self.live()?;
-            history::history(self.target(conn), &channel, policy, since, limit).await
+            history::history(self.target(conn), &channel, policy, since, limit, only_in).await
         })
     }
 

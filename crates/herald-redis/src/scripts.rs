@@ -101,7 +101,9 @@ return {offset, epoch, 0}
 );
 
 /// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
-/// none, 2 meta TTL ms, 3 since (offset), 4 limit. Returns `{epoch, top, entries}`.
+/// none, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the epoch the read must be in to
+/// read entries, and then at most `limit` behind the top (0: any epoch, any distance).
+/// Returns `{epoch, top, entries}`.
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),
     r#"
@@ -109,7 +111,9 @@ local e = ensure_epoch(ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local top = tonumber(redis.call('HGET', KEYS[1], 's'))
 local entries = {}
-if tonumber(ARGV[4]) > 0 and top > tonumber(ARGV[3]) then
+local since, limit, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local usable = want == 0 or (tonumber(e) == want and top - since <= limit)
+if limit > 0 and top > since and usable then
   entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end
 return {tonumber(e), top, entries}

@@ -214,9 +214,16 @@ mod history {
 
     impl World {
         async fn read_page(&self, c: usize, since: Option<Since>) -> HistoryPage {
-            let (from, count) = since.map_or((0, 0), |s| (s.offset, MAX_RECOVERY));
+            // As `Stream::resume` reads.
+            let (from, count, only_in) = match since {
+                Some(Since {
+                    offset,
+                    epoch: Some(e),
+                }) => (offset, MAX_RECOVERY, Some(e)),
+                _ => (0, 0, None),
+            };
             self.broker
-                .history(&self.channels[c], POLICY, from, count)
+                .history(&self.channels[c], POLICY, from, count, only_in)
                 .await
                 .unwrap()
         }

@@ -204,10 +204,15 @@ impl Stream {
     /// meanwhile, reading again (at most [`ATTEMPTS`] times) while a hole separates the
     /// read from the live arrivals.
     pub(crate) async fn resume(self: &Arc<Self>, conn: ConnId, r: Resume) -> Resumed {
-        // A resume reads what the client missed; a plain subscribe only the position.
-        let (from, count) = match r.since {
-            Some(s) => (s.offset, r.max_recovery),
-            None => (0, 0),
+        // A resume reads what the client missed, if it can be recovered at all (the
+        // broker decides that before reading); a plain subscribe, or a resume from
+        // something that is no epoch, only the position.
+        let (from, count, only_in) = match r.since {
+            Some(Since {
+                offset,
+                epoch: Some(epoch),
+            }) => (offset, r.max_recovery, Some(epoch)),
+            _ => (0, 0, None),
         };
         let mut attempt = 1;
         loop {
@@ -217,7 +222,7 @@ impl Stream {
             let read = self
                 .env
                 .broker
-                .history(&self.channel, self.policy, from, count);
+                .history(&self.channel, self.policy, from, count, only_in);
             let page = match tokio::time::timeout(r.timeout, read).await {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {
@@ -497,7 +502,7 @@ impl Stream {
             let read = |from| {
                 self.env
                     .broker
-                    .history(&self.channel, self.policy, from, size)
+                    .history(&self.channel, self.policy, from, size, None)
             };
             match read(since.offset).await {
                 Ok(page) if page.top.epoch != since.epoch => read(0).await,

@@ -154,7 +154,7 @@ async fn history(
     let limit = q.limit.unwrap_or(max).min(max);
     let page = node
         .broker
-        .history(&channel, policy, q.since, limit)
+        .history(&channel, policy, q.since, limit, None)
         .await
         .map_err(broker_refusal)?;
     let same_epoch = !q.bad_epoch && q.epoch.is_none_or(|e| e == page.top.epoch);
