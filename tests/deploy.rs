@@ -373,6 +373,39 @@ fn shipped_haproxy_config_is_valid() {
     );
 }
 
+/// The shipped HAProxy logs requests without their query string: a browser's token in
+/// `/ws?access_token=...` must never reach a log (issue 18). The shipped `log-format`
+/// line runs in a real HAProxy, and its log is read.
+#[test]
+fn shipped_haproxy_config_logs_no_tokens() {
+    let shipped = std::fs::read_to_string(repo("deploy/haproxy.cfg")).unwrap();
+    assert!(
+        !shipped.contains("option httplog"),
+        "httplog logs the query string"
+    );
+    let format = shipped
+        .lines()
+        .find(|l| l.trim_start().starts_with("log-format"))
+        .expect("deploy/haproxy.cfg sets a log-format");
+    let (proxy, port) = Haproxy::start("logs", |port| {
+        format!(
+            "global\n    log stdout format raw local0\ndefaults\n    mode http\n    log global\n{format}\n    timeout connect 5s\n    timeout client 5s\n    timeout server 5s\nfrontend f\n    bind 127.0.0.1:{port}\n    http-request return status 200\n"
+        )
+    });
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::{Read, Write};
+    s.write_all(
+        b"GET /ws?access_token=SECRET-TOKEN-123 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let log = proxy.stdout_within(std::time::Duration::from_secs(5), "/ws");
+    assert!(log.contains("\"/ws\""), "{log}");
+    assert!(!log.contains("SECRET-TOKEN-123"), "{log}");
+}
+
 #[test]
 fn shipped_alert_rules_are_valid() {
     let out = Command::new(system_tool("promtool", "prometheus"))

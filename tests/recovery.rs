@@ -541,7 +541,9 @@ async fn a_resume_that_cannot_recover_reads_no_entries() {
     assert_eq!(xranges(), before, "an unrecoverable resume read entries");
     // A recoverable one reads, and gets what it missed.
     let mut r = node.client().await;
-    let reply = r.subscribe_since("news:a", Some((45, epoch.as_str()))).await;
+    let reply = r
+        .subscribe_since("news:a", Some((45, epoch.as_str())))
+        .await;
     assert_eq!(reply["recovered"], true, "{reply}");
     assert_eq!(offsets(&r.messages(5).await), vec![46, 47, 48, 49, 50]);
     assert_eq!(xranges(), before + 1);

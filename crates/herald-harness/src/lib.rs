@@ -252,7 +252,11 @@ impl RedisCluster {
 }
 
 /// A running `haproxy`, killed on drop.
-pub struct Haproxy(std::process::Child);
+pub struct Haproxy {
+    child: std::process::Child,
+    /// Where its standard output goes (its log, with `log stdout`).
+    out: PathBuf,
+}
 
 impl Haproxy {
     /// Starts `haproxy` listening on a free port: `config(port)` is its configuration
@@ -268,6 +272,7 @@ impl Haproxy {
             let base =
                 std::env::temp_dir().join(format!("herald-{name}-{port}-{}", std::process::id()));
             let (path, log) = (base.with_extension("cfg"), base.with_extension("log"));
+            let out = base.with_extension("out");
             std::fs::write(&path, config(port)).expect("write the haproxy configuration");
             // A file, not a pipe: nobody reads haproxy's output while it runs, and a
             // full pipe would stall it.
@@ -275,7 +280,7 @@ impl Haproxy {
             let mut child = std::process::Command::new(system_tool("haproxy", "haproxy"))
                 .args(["-db", "-f"])
                 .arg(&path)
-                .stdout(std::process::Stdio::null())
+                .stdout(std::fs::File::create(&out).expect("create the haproxy output"))
                 .stderr(stderr)
                 .spawn()
                 .expect("start haproxy");
@@ -286,7 +291,7 @@ impl Haproxy {
                 }
                 let addr = SocketAddr::from(([127, 0, 0, 1], port));
                 if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    return (Haproxy(child), port);
+                    return (Haproxy { child, out }, port);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -296,11 +301,24 @@ impl Haproxy {
         }
         panic!("haproxy did not start: {said}");
     }
+
+    /// What haproxy wrote to its standard output (its log, with `log stdout`), once it
+    /// holds `needle` or `within` passed.
+    pub fn stdout_within(&self, within: Duration, needle: &str) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+            if out.contains(needle) || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
