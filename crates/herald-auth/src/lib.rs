@@ -243,6 +243,14 @@ impl Verifier {
                 key: "jwks_file",
                 problem: e.to_string(),
             })?;
+            // An empty set would turn token checking off without a word (no key, no
+            // verifier): a rotation that emptied the file must fail loudly instead.
+            if set.keys.is_empty() {
+                return Err(KeyError {
+                    key: "jwks_file",
+                    problem: "the key set has no keys".into(),
+                });
+            }
             for jwk in &set.keys {
                 let Some(kid) = jwk.common.key_id.clone() else {
                     return Err(KeyError {

@@ -24,10 +24,22 @@ pub fn event(id: Option<&str>, frame: &str) -> String {
         let _ = writeln!(s, "id: {id}");
     }
     // Frames are single-line JSON, except raw JSON a publisher sent with line breaks
-    // in its whitespace: SSE joins `data:` lines with "\n", which keeps it intact.
-    for line in frame.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        let _ = writeln!(s, "data: {line}");
+    // in its whitespace. An EventSource ends a line at CR, LF or CRLF, so each becomes
+    // a `data:` line of its own, which the client joins with "\n": the same JSON (the
+    // breaks were whitespace between tokens), with LF for every break.
+    let mut rest = frame;
+    loop {
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        let _ = writeln!(s, "data: {}", &rest[..end]);
+        if end == rest.len() {
+            break;
+        }
+        let step = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + step..];
     }
     s.push('\n');
     s
@@ -198,6 +210,12 @@ mod tests {
         );
         // Line breaks inside raw JSON become several data lines (joined back by "\n").
         assert_eq!(event(None, "{\r\n\"a\":1}"), "data: {\ndata: \"a\":1}\n\n");
+        // A bare CR ends a line for an EventSource too: never inside a data line.
+        assert_eq!(
+            event(None, "{\"a\":\r1,\n\"b\":2\r}"),
+            "data: {\"a\":\ndata: 1,\ndata: \"b\":2\ndata: }\n\n"
+        );
+        assert!(!event(None, "[1,\r\r2]").trim_end().contains('\r'));
         assert_eq!(
             close_event(1012, "node shutting down"),
             "event: close\ndata: {\"code\":1012,\"reason\":\"node shutting down\"}\n\n"

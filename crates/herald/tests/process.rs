@@ -92,6 +92,10 @@ fn signal(child: &Child, sig: &str) {
 
 #[test]
 fn invalid_configuration_exits_64_before_binding() {
+    // An empty JWKS would start with token checking off.
+    let empty_jwks = std::env::temp_dir().join(format!("herald-empty-{}.json", std::process::id()));
+    std::fs::write(&empty_jwks, r#"{"keys":[]}"#).unwrap();
+    let empty_jwks = empty_jwks.to_str().unwrap().to_owned();
     // A rule whose {sub} is not a whole segment would let user 4 read user 42's channels.
     let overlapping = std::env::temp_dir().join(format!("herald-sub-{}.toml", std::process::id()));
     std::fs::write(
@@ -102,6 +106,11 @@ fn invalid_configuration_exits_64_before_binding() {
     let overlapping = overlapping.to_str().unwrap().to_owned();
     for (args, env, needle) in [
         (vec!["--config", overlapping.as_str()], vec![], "{sub}:*"),
+        (
+            vec![],
+            vec![("HERALD_AUTH__JWT__JWKS_FILE", empty_jwks.as_str())],
+            "no keys",
+        ),
         (vec!["--listen", "nonsense"], vec![], "listen"),
         (
             vec![],
@@ -418,11 +427,15 @@ async fn sighup_reloads_the_jwks_file() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(!accepted(&t1).await, "k1 was rotated out");
-    // A broken file keeps the keys in force.
-    std::fs::write(&jwks, "not json").unwrap();
-    signal(&child, "-HUP");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(accepted(&t2).await);
+    // A broken file keeps the keys in force, and so does an emptied one (which used to
+    // turn token checking off: no key, no verifier, every token ignored).
+    for broken in ["not json", r#"{"keys":[]}"#] {
+        std::fs::write(&jwks, broken).unwrap();
+        signal(&child, "-HUP");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(accepted(&t2).await, "{broken}");
+        assert!(!accepted(&t1).await, "{broken}");
+    }
     signal(&child, "-TERM");
     assert_exits_cleanly(child).await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -96,25 +96,29 @@ fn v2_source(h: &v2::Header<'_>) -> Option<SocketAddr> {
 
 /// The client's address: `peer` itself, unless `peer` is a trusted proxy; then the
 /// right-most address in `X-Forwarded-For` that is not a trusted proxy (addresses to
-/// its left were written by the client and could be anything).
+/// its left were written by the client and could be anything). A hop that is no address
+/// was not written by a trusted proxy either: nothing to its left is believed, and the
+/// last trusted hop is taken (skipping it would make a forged hop the client).
 pub(crate) fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     if !is_trusted(&peer) {
         return peer;
     }
-    let hops: Vec<IpAddr> = headers
+    let hops: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
+        .map(|v| v.to_str().unwrap_or("?"))
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
         .collect();
-    hops.iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .or(hops.first())
-        .copied()
-        .unwrap_or(peer)
+    let mut client = peer;
+    for hop in hops.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => return client,
+        }
+    }
+    client
 }
 
 #[cfg(test)]
@@ -146,5 +150,17 @@ mod tests {
             client_ip(&h, proxy, &trusted),
             "10.0.0.7".parse::<IpAddr>().unwrap()
         );
+        // A hop that is no address ends the walk at the last trusted hop: the forged
+        // address to its left is not believed.
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, junk, 10.0.0.9".parse().unwrap(),
+        );
+        assert_eq!(
+            client_ip(&h, proxy, &trusted),
+            "10.0.0.9".parse::<IpAddr>().unwrap()
+        );
+        h.insert("x-forwarded-for", "6.6.6.6, 1.2.3.4:80".parse().unwrap());
+        assert_eq!(client_ip(&h, proxy, &trusted), proxy);
     }
 }

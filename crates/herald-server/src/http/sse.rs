@@ -72,6 +72,7 @@ fn open(
     }
     let identity = authenticate(req, node).map_err(|(r, f)| (Some(r), f))?;
     let query = req.uri().query().unwrap_or("");
+    let max = node.config.limits.max_sse_channels;
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id = None;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
@@ -88,6 +89,13 @@ fn open(
                     )
                 })?;
                 if !channels.contains(&c) {
+                    // Refused as soon as one too many is named: the duplicate check
+                    // stays bounded by the limit, whatever the URL holds.
+                    if channels.len() == max {
+                        return Err(bad(format!(
+                            "more than {max} channels named; an SSE connection takes at most {max} (limits.max_sse_channels)"
+                        )));
+                    }
                     channels.push(c);
                 }
             }
@@ -95,17 +103,10 @@ fn open(
             _ => {}
         }
     }
-    let max = node.config.limits.max_sse_channels;
     if channels.is_empty() {
         return Err(bad(
             "name at least one channel: /sse?channel=news&channel=chat",
         ));
-    }
-    if channels.len() > max {
-        return Err(bad(format!(
-            "{} channels named; an SSE connection takes at most {max} (limits.max_sse_channels)",
-            channels.len()
-        )));
     }
     // Refuse up front what the session would refuse channel by channel: an SSE client
     // cannot send subscription tokens, so the rules and its token decide.
