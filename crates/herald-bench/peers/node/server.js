@@ -9,6 +9,11 @@ const port = Number(process.env.PORT || 8090);
 const host = process.env.HOST || '127.0.0.1';
 const prefix = process.env.PREFIX || 'herald:';
 const sub = new Redis(process.env.REDIS_URL || 'redis://127.0.0.1:6379');
+// A peer that cannot work must fail the run loudly, not report messages as lost.
+sub.on('error', (e) => {
+  console.error(`node peer: Redis: ${e.message}`);
+  process.exit(1);
+});
 const channels = new Map(); // channel -> Set<WebSocket>
 let nextConn = 0;
 
@@ -20,6 +25,12 @@ sub.on('messageBuffer', (chan, msg) => {
   for (const ws of set) ws.send(frame);
 });
 
+// Serve only once the connection is ready: a SUBSCRIBE sent before ioredis's ready
+// check (INFO) puts the connection in subscriber mode and the check fails, which lost
+// whole runs ("Connection in subscriber mode, only subscriber commands may be used").
+sub.once('ready', serve);
+
+function serve() {
 const wss = new WebSocket.Server({ host, port, perMessageDeflate: false, clientTracking: false });
 wss.on('connection', (ws) => {
   ws.subs = new Set();
@@ -49,3 +60,4 @@ wss.on('connection', (ws) => {
   ws.on('error', () => {});
 });
 wss.on('listening', () => console.log(`node peer listening on ${host}:${port}`));
+}
