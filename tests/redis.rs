@@ -645,6 +645,43 @@ async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
     assert_eq!(s.node.metric("herald_broker_up"), 1.0);
 }
 
+/// A batch whose last entry fails after the others were published is not answered
+/// "nothing was published" (503): the reply says the outcome is unknown (504), so the
+/// publisher retries with its idempotency keys (issue 18). The last entry fails
+/// because its idempotency key's Redis key holds a hash (WRONGTYPE), which Redis
+/// answers with an error for that command alone, the way OOM does.
+#[tokio::test]
+async fn a_partly_published_batch_is_not_answered_unavailable() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+    })
+    .await;
+    let mut c = node.client().await;
+    c.subscribe("h:1").await;
+    redis.cli(&["HSET", "{herald:h:1}.idem.api:k3", "x", "1"]);
+    let body = r#"{"publications":[{"channel":"h:1","data":1,"idempotency_key":"k1"},{"channel":"h:1","data":2,"idempotency_key":"k2"},{"channel":"h:1","data":3,"idempotency_key":"k3"}]}"#;
+    let post = || {
+        herald_testkit::http(
+            node.api,
+            "POST",
+            "/api/batch",
+            &[("content-type", "application/json")],
+            body.as_bytes().to_vec(),
+        )
+    };
+    let r = post().await;
+    assert_eq!(r.status, 504, "{:?}", r.body);
+    assert_eq!(r.json()["code"], "unknown_outcome");
+    assert_eq!(c.recv_json().await["data"], 1);
+    assert_eq!(c.recv_json().await["data"], 2);
+    // The retry publishes nothing twice: 1 and 2 are duplicates, 3 fails alone and
+    // nothing new was published, so now "unavailable" is the truth.
+    let r = post().await;
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    c.expect_silence(Duration::from_millis(200)).await;
+}
+
 /// Redis lost the publish script (restart, `SCRIPT FLUSH`, failover) under a batch that
 /// mixes a history channel and a plain one: the entries used to go out as `[plain,
 /// history]` (the plain `PUBLISH` ran at once, the script call was sent again after

@@ -24,14 +24,17 @@ pub(crate) async fn history_costs(
     redis: &RedisServer,
     kind: &str,
 ) -> anyhow::Result<Option<Row>> {
-    if kind != "herald" {
-        return Ok(None);
-    }
+    // This build, or another (`herald@PATH`, for before/after comparisons).
+    let (off, on) = match kind.strip_prefix("herald@") {
+        _ if kind == "herald" => (kind.to_owned(), "herald-history".to_owned()),
+        Some(path) => (kind.to_owned(), format!("herald-history@{path}")),
+        None => return Ok(None),
+    };
     let n: u64 = if args.smoke { 2_000 } else { 100_000 };
     let subscribers = if args.smoke { 5 } else { 100 };
     let redis_pid = redis.pid().context("redis-server is running")?;
     let mut figures = BTreeMap::new();
-    for (mode, target_kind) in [("off", "herald"), ("on", "herald-history")] {
+    for (mode, target_kind) in [("off", off.as_str()), ("on", on.as_str())] {
         let mut target = Target::start(target_kind, 1, redis).await?;
         let ws = workers(&target.addrs, subscribers, 1, 1, target_kind).await?;
         let cpu0 = procfs::cpu_seconds(redis_pid);

@@ -182,16 +182,20 @@ impl Target {
             let port = free_port();
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let child = match kind {
-                k if k == "herald" || k == "herald-history" || k.starts_with("herald@") => {
+                k if k.starts_with("herald") && !k.starts_with("herald-bench") => {
                     // `herald@PATH`: another build of Herald (e.g. before a change),
                     // measured in the same run as this one. `herald-history`: this
-                    // build with every bench channel keeping history.
-                    let bin = match k.strip_prefix("herald@") {
+                    // build with every bench channel keeping history (and
+                    // `herald-history@PATH`, another build so).
+                    let path = k
+                        .strip_prefix("herald@")
+                        .or_else(|| k.strip_prefix("herald-history@"));
+                    let bin = match path {
                         Some(path) => PathBuf::from(path),
                         None => sibling("herald")?,
                     };
                     let mut cmd = Command::new(bin);
-                    if k == "herald-history" {
+                    if k.starts_with("herald-history") {
                         cmd.arg("--config").arg(history_config()?);
                     }
                     cmd.args(["--listen", &addr.to_string(), "--redis", &redis.url()])
@@ -257,7 +261,7 @@ impl Target {
             Publisher::Floor(socks)
         } else {
             let p = herald_redis::BackendPublisher::connect(&redis.url(), "herald:").await?;
-            if kind == "herald-history" {
+            if kind.starts_with("herald-history") {
                 Publisher::History(p)
             } else {
                 Publisher::Redis(p)

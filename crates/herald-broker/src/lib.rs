@@ -52,6 +52,11 @@ pub enum BrokerError {
     /// The broker did not answer in time: a publish may or may not have taken effect.
     #[error("broker did not answer in time")]
     Timeout,
+    /// A publish may or may not have taken effect, or part of a batch did: the
+    /// connection failed while the request was in flight, or an entry of a batch
+    /// failed after others were published. Never reported as "nothing published".
+    #[error("broker outcome unknown: {0}")]
+    UnknownOutcome(String),
     /// The broker (or the node's hub behind it) has shut down.
     #[error("broker closed")]
     Closed,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use herald_broker::{BrokerError, PublishRequest, Published};
 use redis::Value;
 
-use crate::scripts::{is_noscript, outcome, plan, unavailable, Plan, Scripts};
+use crate::scripts::{in_flight, is_noscript, outcome, plan, unavailable, Plan, Scripts};
 use crate::shared::Conn;
 
 /// Where a request goes: the connection, the scripts, the key prefix, the deadline.
@@ -48,9 +48,12 @@ pub(crate) async fn publish(
             // Sequential: keeps per-channel order without relying on how the cluster
             // client interleaves requests to different masters.
             Conn::Cluster(mut c) => {
-                let mut out = Vec::with_capacity(plans.len());
+                let mut out: Vec<Published> = Vec::with_capacity(plans.len());
                 for plan in &plans {
-                    out.push(send_one(&mut c, scripts, plan).await?);
+                    match send_one(&mut c, scripts, plan).await {
+                        Ok(p) => out.push(p),
+                        Err(e) => return Err(partial(&out, plans.len(), e)),
+                    }
                 }
                 Ok(out)
             }
@@ -85,17 +88,38 @@ async fn publish_pipelined(
             }
         }
     }
-    let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await.map_err(unavailable)?;
+    let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await.map_err(in_flight)?;
     let mut out = Vec::with_capacity(plans.len());
+    let mut failed = None;
     for (plan, reply) in plans.iter().zip(replies) {
-        out.push(match (plan, reply) {
-            (Plan::Publish { .. }, Ok(_)) => Published::default(),
-            (Plan::Script(_), Ok(v)) => outcome(&v)?,
-            (Plan::Script(_), Err(e)) if is_noscript(&e) => send_one(c, scripts, plan).await?,
-            (_, Err(e)) => return Err(unavailable(e)),
-        });
+        let r = match (plan, reply) {
+            (Plan::Publish { .. }, Ok(_)) => Ok(Published::default()),
+            (Plan::Script(_), Ok(v)) => outcome(&v),
+            (Plan::Script(_), Err(e)) if is_noscript(&e) => send_one(c, scripts, plan).await,
+            (_, Err(e)) => Err(in_flight(e)),
+        };
+        match r {
+            Ok(p) => out.push(p),
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        }
     }
-    Ok(out)
+    match failed {
+        None => Ok(out),
+        Some(e) => Err(partial(&out, plans.len(), e)),
+    }
+}
+
+/// The error for a batch of `n` of which `published` took effect before (or around) a
+/// failure `e`: `e` itself when nothing new was published, else an unknown outcome (a
+/// reply that said "nothing was published" would lie).
+fn partial(published: &[Published], n: usize, e: BrokerError) -> BrokerError {
+    let new = published.iter().filter(|p| !p.duplicate).count();
+    if new == 0 {
+        return e;
+    }
+    BrokerError::UnknownOutcome(format!("{new} of {n} entries were published, then: {e}"))
 }
 
 async fn send_one<C: redis::aio::ConnectionLike>(
@@ -114,17 +138,18 @@ async fn send_one<C: redis::aio::ConnectionLike>(
                 .arg(body.as_ref())
                 .query_async::<Value>(c)
                 .await
-                .map_err(unavailable)?;
+                .map_err(in_flight)?;
             Ok(Published::default())
         }
         Plan::Script(cmd) => match cmd.query_async::<Value>(c).await {
             Ok(v) => outcome(&v),
             Err(e) if is_noscript(&e) => {
+                // Loading publishes nothing: a failure here is a plain refusal.
                 scripts.publish.load_async(c).await.map_err(unavailable)?;
-                let v = cmd.query_async::<Value>(c).await.map_err(unavailable)?;
+                let v = cmd.query_async::<Value>(c).await.map_err(in_flight)?;
                 outcome(&v)
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(in_flight(e)),
         },
     }
 }

@@ -233,8 +233,9 @@ pub(crate) fn millis(d: Duration) -> u64 {
 
 /// What the publish script answered.
 pub(crate) fn outcome(v: &Value) -> Result<Published, BrokerError> {
+    // The script ran: whatever it answered, it may have published.
     let bad =
-        || BrokerError::Unavailable(format!("unexpected reply from the publish script: {v:?}"));
+        || BrokerError::UnknownOutcome(format!("unexpected reply from the publish script: {v:?}"));
     let Value::Array(items) = v else {
         return Err(bad());
     };
@@ -260,6 +261,24 @@ pub(crate) fn is_noscript(e: &redis::RedisError) -> bool {
 
 pub(crate) fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(format!("Redis: {e}"))
+}
+
+/// A publish's failure: an error reply means Redis did not run the command; anything
+/// else (the connection failed, no reply came) may have come after Redis ran it.
+pub(crate) fn in_flight(e: redis::RedisError) -> BrokerError {
+    if ran_not(&e) {
+        unavailable(e)
+    } else {
+        BrokerError::UnknownOutcome(format!("Redis: {e}"))
+    }
+}
+
+/// Whether `e` is Redis's error reply to a command (which therefore did not run).
+pub(crate) fn ran_not(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    )
 }
 
 pub(crate) fn page(channel: &ChannelName, v: &Value) -> Result<HistoryPage, BrokerError> {

@@ -446,7 +446,7 @@ impl Session {
                 // The broker's text may name internals: log it, send a plain reason.
                 tracing::debug!(error = %e, "client publish failed");
                 let message = match e {
-                    BrokerError::Timeout => {
+                    BrokerError::Timeout | BrokerError::UnknownOutcome(_) => {
                         "the broker did not answer in time; the message may or may not have been published"
                     }
                     _ => "the broker is unavailable; the message was not published",

@@ -117,6 +117,16 @@ pub(super) fn broker_refusal(e: BrokerError) -> Refusal {
             "the broker did not answer in time: the publication may or may not have been \
              published; retry with the same idempotency_key to publish it exactly once",
         ),
+        BrokerError::UnknownOutcome(why) => {
+            tracing::warn!(error = %why, "publish outcome unknown");
+            Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::UnknownOutcome,
+                "the broker failed while the request was in flight (or part of a batch was \
+                 published before an entry failed): publications may or may not have been \
+                 published; retry with the same idempotency_key to publish each exactly once",
+            )
+        }
         BrokerError::Unavailable(why) => {
             tracing::warn!(error = %why, "broker refused a request");
             Refusal::new(
