@@ -170,6 +170,10 @@ async fn errors_have_status_and_code() {
         (r.status, r.json()["code"].as_str()),
         (405, Some("method_not_allowed"))
     );
+    // RFC 9110: a 405 names what the resource takes.
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = http(node.api, "POST", "/api/history/news", &[], vec![]).await;
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
     // Nothing bad was delivered, and the API still works.
     assert_eq!(node.publish("news", "1").await, 200);
     assert_eq!(sub.recv_json().await["data"], 1);

@@ -15,9 +15,19 @@ pub struct HttpResponse {
     pub status: u16,
     /// Body.
     pub body: Bytes,
+    /// Headers, names lower-case.
+    pub headers: Vec<(String, String)>,
 }
 
 impl HttpResponse {
+    /// The value of header `name` (lower-case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The body parsed as JSON.
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
@@ -73,11 +83,20 @@ pub async fn try_http(
         .map_err(|_| "no response within the wait".to_owned())?
         .map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
     let body = resp
         .into_body()
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    Ok(HttpResponse { status, body })
+    Ok(HttpResponse {
+        status,
+        body,
+        headers,
+    })
 }

@@ -29,13 +29,13 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     let path = req.uri().path().to_owned();
     if let Some(name) = path.strip_prefix("/api/history/") {
         if req.method() != Method::GET {
-            return Err(Refusal::method_not_allowed("use GET"));
+            return Err(Refusal::method_not_allowed("GET"));
         }
         let scope = authorize(&req, node)?;
         return history(name, req.uri().query().unwrap_or(""), scope, node).await;
     }
     if req.method() != Method::POST {
-        return Err(Refusal::method_not_allowed("use POST"));
+        return Err(Refusal::method_not_allowed("POST"));
     }
     let scope = authorize(&req, node)?;
     if matches!(path.as_str(), "/api/publish" | "/api/batch") {

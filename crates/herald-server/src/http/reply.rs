@@ -38,6 +38,9 @@ pub(crate) struct Refusal {
     pub(crate) code: ErrorCode,
     /// What the client should know, in words; never internals.
     pub(crate) message: String,
+    /// For a 405: the methods the resource takes (the `Allow` header RFC 9110 asks
+    /// for).
+    pub(crate) allow: Option<&'static str>,
 }
 
 impl Refusal {
@@ -46,6 +49,7 @@ impl Refusal {
             status,
             code,
             message: message.into(),
+            allow: None,
         }
     }
 
@@ -58,13 +62,16 @@ impl Refusal {
         Refusal::new(status, e.code, e.message)
     }
 
-    /// `405 method_not_allowed`.
-    pub(crate) fn method_not_allowed(hint: &str) -> Self {
-        Refusal::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::MethodNotAllowed,
-            hint,
-        )
+    /// `405 method_not_allowed`, with `Allow: allow`.
+    pub(crate) fn method_not_allowed(allow: &'static str) -> Self {
+        Refusal {
+            allow: Some(allow),
+            ..Refusal::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::MethodNotAllowed,
+                format!("use {allow}"),
+            )
+        }
     }
 
     /// `404 not_found`.
@@ -77,6 +84,11 @@ impl Refusal {
     }
 
     pub(crate) fn into_response(self) -> Response<Body> {
-        json(self.status, api::error(self.code, &self.message))
+        let mut r = json(self.status, api::error(self.code, &self.message));
+        if let Some(allow) = self.allow {
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        r
     }
 }

@@ -68,7 +68,7 @@ fn open(
     client: IpAddr,
 ) -> Result<Response<Body>, Refused> {
     if req.method() != Method::GET {
-        return Err((None, Refusal::method_not_allowed("use GET")));
+        return Err((None, Refusal::method_not_allowed("GET")));
     }
     let identity = authenticate(req, node).map_err(|(r, f)| (Some(r), f))?;
     let query = req.uri().query().unwrap_or("");
@@ -278,7 +278,7 @@ pub(crate) async fn publish(req: Request<Incoming>, node: Arc<Node>) -> Response
 
 async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
     if req.method() != Method::POST {
-        return Err(Refusal::method_not_allowed("use POST"));
+        return Err(Refusal::method_not_allowed("POST"));
     }
     let identity = authenticate(&req, node).map_err(|(_, f)| f)?;
     api::require_json(&req)?;
