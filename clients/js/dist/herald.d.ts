@@ -43,6 +43,8 @@ export declare class Subscription extends Emitter {
     offset?: number;
     epoch?: string;
     active: boolean;
+    /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
+    _retries: number;
     constructor(channel: string, client: Client);
     /** Stops receiving the channel. */
     unsubscribe(): void;

@@ -41,6 +41,8 @@ var Subscription = class extends Emitter {
     this.channel = channel;
     this.client = client;
     this.active = false;
+    /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
+    this._retries = 0;
   }
   /** Stops receiving the channel. */
   unsubscribe() {
@@ -317,8 +319,11 @@ var Client = class extends Emitter {
     if (!sub) return;
     if (f.id !== void 0) this.pending.delete(f.id);
     sub.active = true;
-    if (f.offset !== void 0) {
-      sub.offset = f.offset;
+    sub._retries = 0;
+    const resumed = f.recovered === true && sub.epoch === f.epoch;
+    if (f.offset !== void 0 && !resumed) {
+      const ahead = sub.epoch === f.epoch && sub.offset !== void 0 && sub.offset > f.offset;
+      if (!ahead) sub.offset = f.offset;
       sub.epoch = f.epoch;
     }
     sub._emit("subscribed", f);
@@ -363,8 +368,20 @@ var Client = class extends Emitter {
   }
   sendSubscribe(sub) {
     const id = this.nextId++;
-    this.pending.set(id, { resolve: () => {
-    }, reject: (e) => sub._emit("error", e) });
+    this.pending.set(id, {
+      resolve: () => {
+      },
+      reject: (e) => {
+        sub._emit("error", e);
+        if (e.code !== "unavailable") return;
+        const bound = Math.min(this.opts.maxReconnectDelay, this.opts.minReconnectDelay * 2 ** sub._retries++);
+        setTimeout(() => {
+          if (this.state === "connected" && this.subscriptions.get(sub.channel) === sub && !sub.active) {
+            this.sendSubscribe(sub);
+          }
+        }, Math.random() * bound);
+      }
+    });
     const frame = { op: "subscribe", channel: sub.channel, id, recover: true };
     if (sub.offset !== void 0 && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     this.send(frame);

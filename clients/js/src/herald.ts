@@ -97,6 +97,8 @@ export class Subscription extends Emitter {
   offset?: number;
   epoch?: string;
   active = false;
+  /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
+  _retries = 0;
   constructor(
     readonly channel: string,
     private client: Client,
@@ -411,8 +413,14 @@ export class Client extends Emitter {
     if (!sub) return;
     if (f.id !== undefined) this.pending.delete(f.id);
     sub.active = true;
-    if (f.offset !== undefined) {
-      sub.offset = f.offset;
+    sub._retries = 0;
+    // The position moves only with delivered messages: a resumed subscription's replay
+    // follows this reply, and a connection lost during it must resume from what
+    // arrived, not from the top (which would lose the rest of the replay).
+    const resumed = f.recovered === true && sub.epoch === f.epoch;
+    if (f.offset !== undefined && !resumed) {
+      const ahead = sub.epoch === f.epoch && sub.offset !== undefined && sub.offset > f.offset;
+      if (!ahead) sub.offset = f.offset;
       sub.epoch = f.epoch;
     }
     sub._emit('subscribed', f);
@@ -464,7 +472,21 @@ export class Client extends Emitter {
   private sendSubscribe(sub: Subscription): void {
     const id = this.nextId++;
     // A refused subscribe is an error frame with this id: the subscription hears it.
-    this.pending.set(id, { resolve: () => {}, reject: (e) => sub._emit('error', e) });
+    // `unavailable` (the broker could not confirm it yet, e.g. Redis is down) is
+    // retried with backoff while connected, as PROTOCOL.md asks.
+    this.pending.set(id, {
+      resolve: () => {},
+      reject: (e) => {
+        sub._emit('error', e);
+        if ((e as HeraldError).code !== 'unavailable') return;
+        const bound = Math.min(this.opts.maxReconnectDelay, this.opts.minReconnectDelay * 2 ** sub._retries++);
+        setTimeout(() => {
+          if (this.state === 'connected' && this.subscriptions.get(sub.channel) === sub && !sub.active) {
+            this.sendSubscribe(sub);
+          }
+        }, Math.random() * bound);
+      },
+    });
     const frame: any = { op: 'subscribe', channel: sub.channel, id, recover: true };
     if (sub.offset !== undefined && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     this.send(frame);

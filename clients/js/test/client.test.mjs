@@ -89,6 +89,13 @@ test('resumes a history channel without loss when its node dies and comes back',
     const got = collect(sub);
     const recovered = [];
     sub.on('recovered', (ok) => recovered.push(ok));
+    // Where the subscription stands when a resume is answered: still at what it last
+    // received (the replay follows), never at the top (a drop during the replay would
+    // then lose the rest of it).
+    const atResume = [];
+    sub.on('subscribed', (f) => {
+      if (f.recovered === true) atResume.push([sub.offset, f.offset]);
+    });
     await until('subscribed', () => sub.active);
     for (let i = 1; i <= 3; i++) await publish(b.addr, 'feed:x', i);
     await until('1..3', () => got.length === 3);
@@ -110,6 +117,7 @@ test('resumes a history channel without loss when its node dies and comes back',
     );
     assert.ok(recovered.includes(true), `recovered: ${recovered}`);
     assert.ok(!recovered.includes(false));
+    assert.deepEqual(atResume, [[3, 50]], 'the position at the resumed reply: [ours, top]');
   } finally {
     c?.close();
     if (a) await stop(a);
@@ -232,4 +240,34 @@ test('the classic build defines globalThis.Herald', () => {
     )}, 'utf8'), globalThis); console.log(typeof globalThis.Herald.Client)`,
   ]).toString();
   assert.equal(src.trim(), 'function');
+});
+
+test('retries a subscribe answered unavailable, and receives once Redis is back', async () => {
+  const port = await freePort();
+  let redis = await startRedis(port);
+  const h = await herald(0, ['--redis', redis.url], {
+    HERALD_LIMITS__SUBSCRIBE_TIMEOUT: '300ms',
+    HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms',
+  });
+  const c = new Client(`ws://${h.addr}/ws`, { minReconnectDelay: 100, maxReconnectDelay: 400 });
+  try {
+    await until('connected', () => c.state === 'connected');
+    redis.proc.kill('SIGKILL');
+    await sleep(200);
+    const sub = c.subscribe('feed:x');
+    const errors = [];
+    sub.on('error', (e) => errors.push(e.code));
+    const got = collect(sub);
+    await until('a subscribe refused as unavailable', () => errors.includes('unavailable'));
+    redis = await startRedis(port);
+    // Still connected all along: the client retried the subscribe by itself.
+    await until('subscribed once Redis is back', () => sub.active, 20000);
+    assert.equal(c.state, 'connected');
+    await publish(h.addr, 'feed:x', 1);
+    await until('the message', () => got.length === 1);
+  } finally {
+    c.close();
+    await stop(h);
+    redis.proc.kill('SIGKILL');
+  }
 });

@@ -75,8 +75,8 @@ export function stop(h, signal = 'SIGTERM') {
 }
 
 /** A redis-server without persistence; resolves with { proc, url }. */
-export async function redis() {
-  const port = await freePort();
+export async function redis(port) {
+  port ??= await freePort();
   const proc = spawn(tool('redis-server', 'redis-server'), ['--port', String(port), '--save', '', '--appendonly', 'no'], {
     stdio: 'ignore',
   });
