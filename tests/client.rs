@@ -99,3 +99,94 @@ async fn the_rust_client_delivers_the_publishers_bytes() {
     );
     client.close();
 }
+
+/// Subscribing twice to one channel gives two listeners that both receive (the second
+/// used to replace the first's events, silently), and dropping one keeps the other.
+#[tokio::test]
+async fn two_subscriptions_to_one_channel_both_receive() {
+    let node = Node::start().await;
+    let client = Client::start(Config::new(node.ws_url()));
+    let mut first = client.subscribe("news").unwrap();
+    assert_eq!(next(&mut first).await, Event::Subscribed);
+    let mut second = client.subscribe("news").unwrap();
+    assert_eq!(next(&mut second).await, Event::Subscribed);
+    assert_eq!(node.publish("news", "1").await, 200);
+    for sub in [&mut first, &mut second] {
+        assert!(matches!(next(sub).await, Event::Message { data, .. } if &data[..] == b"1"));
+    }
+    drop(first);
+    assert_eq!(node.publish("news", "2").await, 200);
+    assert!(matches!(next(&mut second).await, Event::Message { data, .. } if &data[..] == b"2"));
+}
+
+/// A subscribe answered `unavailable` (Redis down) is asked again by the client while
+/// it stays connected; once Redis is back, the subscription works (issue 18).
+#[tokio::test]
+async fn the_rust_client_retries_a_subscribe_answered_unavailable() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.limits.subscribe_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut config = Config::new(node.ws_url());
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(300);
+    let client = Client::start(config);
+    let mut warm = client.subscribe("warm").unwrap();
+    assert_eq!(next(&mut warm).await, Event::Subscribed);
+    redis.kill();
+    let mut sub = client.subscribe("news").unwrap();
+    assert!(matches!(next(&mut sub).await, Event::Unavailable(_)));
+    redis.restart();
+    loop {
+        match next(&mut sub).await {
+            Event::Subscribed => break,
+            Event::Unavailable(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert!(matches!(next(&mut sub).await, Event::Message { data, .. } if &data[..] == b"1"));
+}
+
+/// With a token source, a connection closed for an expired token (4001) comes back
+/// with a fresh one instead of looping on 401 with the old (issue 18).
+#[tokio::test]
+async fn the_rust_client_reconnects_with_a_fresh_token_after_4001() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(herald_testkit::TEST_SECRET.into());
+        c.auth.anonymous = false;
+        c.auth.expiry_grace = Duration::from_millis(200);
+    })
+    .await;
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut config = Config::new(node.ws_url());
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(300);
+    config.token_source = Some(herald_client::TokenSource::new({
+        let asked = asked.clone();
+        move || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // Tokens good for 2 s: the first expires during the test.
+            async { Some(herald_testkit::token("7", 2, serde_json::json!({}))) }
+        }
+    }));
+    let client = Client::start(config);
+    let mut sub = client.subscribe("news").unwrap();
+    assert_eq!(next(&mut sub).await, Event::Subscribed);
+    // Past the first token's expiry and grace: closed with 4001, then back.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    herald_testkit::eventually("a second connection", || {
+        node.metric("herald_close_codes_total{code=\"4001\"}") >= 1.0
+            && node.metric("herald_connections") >= 1.0
+    })
+    .await;
+    loop {
+        if next(&mut sub).await == Event::Subscribed {
+            break;
+        }
+    }
+    assert!(asked.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert!(matches!(next(&mut sub).await, Event::Message { data, .. } if &data[..] == b"1"));
+}

@@ -50,6 +50,10 @@ pub struct Config {
     pub url: String,
     /// A connection token, sent as `Authorization: Bearer`.
     pub token: Option<String>,
+    /// Where a fresh token comes from, asked before every connection attempt (and so
+    /// after a 4001 "token expired"): a token that expired is never sent again. Wins
+    /// over `token` when it answers `Some`.
+    pub token_source: Option<TokenSource>,
     /// Backoff bounds: the n-th retry waits a random time up to
     /// `min(max_backoff, min_backoff * 2^n)`.
     pub min_backoff: Duration,
@@ -63,6 +67,30 @@ pub struct Config {
     pub connect_timeout: Duration,
 }
 
+/// Fetches a connection token (from the application's backend, typically).
+#[derive(Clone)]
+pub struct TokenSource(std::sync::Arc<dyn Fn() -> TokenFuture + Send + Sync>);
+
+/// What a [`TokenSource`] answers: a token, eventually (`None`: none to give).
+type TokenFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
+
+impl TokenSource {
+    /// A source that calls `f` for each connection attempt.
+    pub fn new<F, Fut>(f: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Option<String>> + Send + 'static,
+    {
+        TokenSource(std::sync::Arc::new(move || Box::pin(f())))
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
+}
+
 impl Config {
     /// Defaults as the JS client's: 500 ms to 20 s backoff, 5 s ping timeout, 10 s
     /// publish timeout.
@@ -70,6 +98,7 @@ impl Config {
         Config {
             url: url.into(),
             token: None,
+            token_source: None,
             min_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(5),
@@ -108,8 +137,11 @@ pub enum Event {
     Recovered(bool),
     /// The channel's stream restarted (new epoch) or a gap could not be filled.
     Reset,
-    /// The subscription was refused (e.g. `forbidden`).
+    /// The subscription was refused (e.g. `forbidden`); it is over.
     Refused(String),
+    /// The server could not confirm the subscription yet (`unavailable`: its broker is
+    /// down); the client asks again with backoff while connected, by itself.
+    Unavailable(String),
 }
 
 /// Why a request failed.
@@ -138,8 +170,10 @@ pub enum Error {
 }
 
 enum Command {
-    Subscribe(ChannelName, mpsc::UnboundedSender<Event>),
-    Unsubscribe(ChannelName),
+    /// A new listener (its id, its events) for a channel.
+    Subscribe(ChannelName, u64, mpsc::UnboundedSender<Event>),
+    /// That listener is gone.
+    Unsubscribe(ChannelName, u64),
     Publish(String, Value, Reply),
     Close,
 }
@@ -150,11 +184,15 @@ pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     state: watch::Receiver<State>,
     publish_timeout: Duration,
+    /// Numbers listeners: one channel may have several [`Subscription`]s.
+    next_listener: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// One channel's events, in order.
 pub struct Subscription {
     channel: ChannelName,
+    /// Which listener of the channel this is.
+    listener: u64,
     events: mpsc::UnboundedReceiver<Event>,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -175,7 +213,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let _ = self
             .commands
-            .send(Command::Unsubscribe(self.channel.clone()));
+            .send(Command::Unsubscribe(self.channel.clone(), self.listener));
     }
 }
 
@@ -190,19 +228,25 @@ impl Client {
             commands,
             state,
             publish_timeout,
+            next_listener: Default::default(),
         }
     }
 
-    /// Subscribes; events arrive on the returned [`Subscription`] (dropping it
-    /// unsubscribes).
+    /// Subscribes; events arrive on the returned [`Subscription`]. Subscribing again
+    /// to a channel adds a listener (both receive everything); the channel is
+    /// unsubscribed when its last `Subscription` is dropped.
     pub fn subscribe(&self, channel: &str) -> Result<Subscription, Error> {
         let channel = ChannelName::new(channel).map_err(|e| Error::Channel(e.to_string()))?;
         let (tx, events) = mpsc::unbounded_channel();
+        let listener = self
+            .next_listener
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.commands
-            .send(Command::Subscribe(channel.clone(), tx))
+            .send(Command::Subscribe(channel.clone(), listener, tx))
             .map_err(|_| Error::Closed)?;
         Ok(Subscription {
             channel,
+            listener,
             events,
             commands: self.commands.clone(),
         })
@@ -234,9 +278,66 @@ impl Client {
 
 /// A channel the client holds.
 struct Sub {
-    events: mpsc::UnboundedSender<Event>,
+    /// Every listener's events (a channel subscribed more than once has several).
+    listeners: Vec<(u64, mpsc::UnboundedSender<Event>)>,
     /// The last offset delivered, and its epoch.
     position: Option<StreamPosition>,
+    /// The server confirmed it on this connection.
+    active: bool,
+    /// How long to wait before asking again after `unavailable`.
+    retry: Backoff,
+}
+
+impl Sub {
+    fn new(config: &Config, listener: u64, events: mpsc::UnboundedSender<Event>) -> Self {
+        Sub {
+            listeners: vec![(listener, events)],
+            position: None,
+            active: false,
+            retry: Backoff::new(config.min_backoff, config.max_backoff),
+        }
+    }
+
+    /// Tells every listener (those that went away are forgotten).
+    fn emit(&mut self, e: Event) {
+        self.listeners.retain(|(_, tx)| tx.send(e.clone()).is_ok());
+    }
+}
+
+/// A `Subscribe` command: true when the channel is new and needs a subscribe frame.
+fn add_listener(
+    config: &Config,
+    subs: &mut HashMap<ChannelName, Sub>,
+    channel: ChannelName,
+    listener: u64,
+    events: mpsc::UnboundedSender<Event>,
+) -> bool {
+    if let Some(sub) = subs.get_mut(&channel) {
+        if sub.active {
+            let _ = events.send(Event::Subscribed);
+        }
+        sub.listeners.push((listener, events));
+        return false;
+    }
+    subs.insert(channel, Sub::new(config, listener, events));
+    true
+}
+
+/// An `Unsubscribe` command: true when it was the channel's last listener.
+fn remove_listener(
+    subs: &mut HashMap<ChannelName, Sub>,
+    channel: &ChannelName,
+    listener: u64,
+) -> bool {
+    let Some(sub) = subs.get_mut(channel) else {
+        return false;
+    };
+    sub.listeners.retain(|(id, _)| *id != listener);
+    if !sub.listeners.is_empty() {
+        return false;
+    }
+    subs.remove(channel);
+    true
 }
 
 struct Queued {
@@ -276,7 +377,7 @@ async fn run(
                     tracing::debug!(error = %e, "connect failed");
                 }
                 let wait = backoff.next_wait();
-                if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
+                if wait_or_command(&config, wait, &mut commands, &mut subs, &mut queue).await {
                     break;
                 }
                 continue;
@@ -289,7 +390,7 @@ async fn run(
             Ended::Reconnect { at_once } => {
                 if !at_once {
                     let wait = backoff.next_wait();
-                    if wait_or_command(wait, &mut commands, &mut subs, &mut queue).await {
+                    if wait_or_command(&config, wait, &mut commands, &mut subs, &mut queue).await {
                         break;
                     }
                 }
@@ -305,6 +406,7 @@ async fn run(
 /// Waits `d` while taking commands (subscribes are recorded, publishes queued);
 /// true when the client was closed.
 async fn wait_or_command(
+    config: &Config,
     d: Duration,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     subs: &mut HashMap<ChannelName, Sub>,
@@ -317,11 +419,11 @@ async fn wait_or_command(
             _ = &mut deadline => return false,
             c = commands.recv() => match c {
                 None | Some(Command::Close) => return true,
-                Some(Command::Subscribe(channel, events)) => {
-                    subs.insert(channel, Sub { events, position: None });
+                Some(Command::Subscribe(channel, listener, events)) => {
+                    add_listener(config, subs, channel, listener, events);
                 }
-                Some(Command::Unsubscribe(channel)) => {
-                    subs.remove(&channel);
+                Some(Command::Unsubscribe(channel, listener)) => {
+                    remove_listener(subs, &channel, listener);
                 }
                 Some(Command::Publish(channel, data, reply)) => {
                     queue.push(Queued { channel, data, reply, since: Instant::now() });
@@ -331,10 +433,21 @@ async fn wait_or_command(
     }
 }
 
+/// Until the earliest of `retry`'s times.
+async fn sleep_until_first(retry: &[(tokio::time::Instant, ChannelName)]) {
+    if let Some(at) = retry.iter().map(|(at, _)| *at).min() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 async fn connect(config: &Config) -> Result<(Ws, Duration), tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = config.url.as_str().into_client_request()?;
-    if let Some(t) = &config.token {
+    let fresh = match &config.token_source {
+        Some(source) => (source.0)().await,
+        None => None,
+    };
+    if let Some(t) = fresh.as_ref().or(config.token.as_ref()) {
         if let Ok(v) = format!("Bearer {t}").parse() {
             req.headers_mut().insert("authorization", v);
         }
@@ -363,6 +476,8 @@ struct Requests {
     next_id: u64,
     /// Subscribes: their channel (a refusal removes the subscription).
     subscribing: HashMap<u64, ChannelName>,
+    /// Subscribes answered `unavailable`: when to ask again.
+    retry: Vec<(tokio::time::Instant, ChannelName)>,
     /// Publishes: who waits for the outcome.
     publishing: HashMap<u64, Reply>,
 }
@@ -398,6 +513,9 @@ async fn session(
     queue: &mut Vec<Queued>,
 ) -> Ended {
     let mut requests = Requests::default();
+    for sub in subs.values_mut() {
+        sub.active = false;
+    }
     for (channel, sub) in subs.iter() {
         if ws
             .send(requests.subscribe(channel, sub.position))
@@ -442,17 +560,19 @@ async fn session(
                     let _ = ws.close(None).await;
                     break Ended::Closed;
                 }
-                Some(Command::Subscribe(channel, events)) => {
-                    let frame = requests.subscribe(&channel, None);
-                    subs.insert(channel, Sub { events, position: None });
-                    if ws.send(frame).await.is_err() {
-                        break Ended::Reconnect { at_once: false };
+                Some(Command::Subscribe(channel, listener, events)) => {
+                    if add_listener(config, subs, channel.clone(), listener, events) {
+                        let frame = requests.subscribe(&channel, None);
+                        if ws.send(frame).await.is_err() {
+                            break Ended::Reconnect { at_once: false };
+                        }
                     }
                 }
-                Some(Command::Unsubscribe(channel)) => {
-                    subs.remove(&channel);
-                    let frame = encode_unsubscribe(&channel, None);
-                    let _ = ws.send(Message::Text(frame.into())).await;
+                Some(Command::Unsubscribe(channel, listener)) => {
+                    if remove_listener(subs, &channel, listener) {
+                        let frame = encode_unsubscribe(&channel, None);
+                        let _ = ws.send(Message::Text(frame.into())).await;
+                    }
                 }
                 Some(Command::Publish(channel, data, reply)) => {
                     let frame = requests.publish(&channel, &data, reply);
@@ -461,6 +581,19 @@ async fn session(
                     }
                 }
             },
+            _ = sleep_until_first(&requests.retry), if !requests.retry.is_empty() => {
+                let now = tokio::time::Instant::now();
+                let (due, later): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut requests.retry).into_iter().partition(|(at, _)| *at <= now);
+                requests.retry = later;
+                for (_, channel) in due {
+                    let Some(sub) = subs.get(&channel).filter(|s| !s.active) else { continue };
+                    let frame = requests.subscribe(&channel, sub.position);
+                    if ws.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+            }
             _ = ticker.tick() => {
                 // Our own liveness check: the server's pings are answered by the
                 // WebSocket layer, which does not tell us whether the path still works.
@@ -494,7 +627,7 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
         }
         p.offset = o;
     }
-    let _ = sub.events.send(Event::Message { data, offset });
+    sub.emit(Event::Message { data, offset });
 }
 
 fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requests) {
@@ -536,9 +669,11 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
                     _ => sub.position = Some(at),
                 }
             }
-            let _ = sub.events.send(Event::Subscribed);
+            sub.active = true;
+            sub.retry.reset();
+            sub.emit(Event::Subscribed);
             if let Some(ok) = r.recovered {
-                let _ = sub.events.send(Event::Recovered(ok));
+                sub.emit(Event::Recovered(ok));
             }
         }
         "reset" => {
@@ -548,7 +683,7 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
             if let Some(at) = r.position() {
                 sub.position = Some(at);
             }
-            let _ = sub.events.send(Event::Reset);
+            sub.emit(Event::Reset);
         }
         "published" => {
             if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
@@ -564,10 +699,15 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
             if let Some(reply) = requests.publishing.remove(&id) {
                 let _ = reply.send(Err(Error::Server { code, message }));
             } else if let Some(channel) = requests.subscribing.remove(&id) {
-                if let Some(sub) = subs.remove(&channel) {
-                    let _ = sub
-                        .events
-                        .send(Event::Refused(format!("{code}: {message}")));
+                // `unavailable` means "not now" (PROTOCOL.md): ask again with backoff.
+                if code == "unavailable" {
+                    if let Some(sub) = subs.get_mut(&channel) {
+                        sub.emit(Event::Unavailable(message));
+                        let at = tokio::time::Instant::now() + sub.retry.next_wait();
+                        requests.retry.push((at, channel));
+                    }
+                } else if let Some(mut sub) = subs.remove(&channel) {
+                    sub.emit(Event::Refused(format!("{code}: {message}")));
                 }
             }
         }
