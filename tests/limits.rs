@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_testkit::{eventually, http, Client, Node};
+use herald_testkit::{eventually, history_rule, http, Client, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -384,4 +384,47 @@ async fn slow_bodies_and_too_many_http_connections_are_refused() {
     drop(idle);
     tokio::time::sleep(Duration::from_millis(200)).await;
     bystander_unharmed(&node, &mut bystander).await;
+}
+
+/// A publication larger than a subscriber's whole queue is refused on every path (it
+/// used to close every subscriber of the channel with 1013, and stay in history to do
+/// it again to each resume); `/sse/publish` applies `max_message_bytes` like a
+/// WebSocket publish (issue 18).
+#[tokio::test]
+async fn a_publication_no_queue_can_hold_is_refused_and_harms_no_subscriber() {
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 64 * 1024;
+        c.limits.max_message_bytes = 16 * 1024;
+        c.channels.rules = vec![history_rule("news", 10)];
+        c.channels.rules[0].publish = herald_server::config::PublishAccess::Anyone;
+    })
+    .await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    let big = format!(
+        r#"{{"channel":"news","data":"{}"}}"#,
+        "x".repeat(100 * 1024)
+    );
+    let json = [("content-type", "application/json")];
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &json,
+        big.clone().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    assert_eq!(r.json()["code"], "too_large");
+    let batch = format!(r#"{{"publications":[{big}]}}"#);
+    let r = http(node.api, "POST", "/api/batch", &json, batch.into_bytes()).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    // Over max_message_bytes, under the queue: refused on /sse/publish as on a socket.
+    let mid = format!(r#"{{"channel":"news","data":"{}"}}"#, "y".repeat(20 * 1024));
+    let r = http(node.addr, "POST", "/sse/publish", &json, mid.into_bytes()).await;
+    assert_eq!(r.status, 413, "{:?}", r.body);
+    // The subscriber was not touched and still receives.
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(sub.recv_json().await["data"], 1);
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
 }

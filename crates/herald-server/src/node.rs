@@ -231,6 +231,24 @@ impl Node {
         Ok(results)
     }
 
+    /// Why `p` cannot be published, if it cannot: a publication whose frame would not
+    /// fit a subscriber's whole queue (`limits.outbound_queue_bytes`) would close every
+    /// subscriber of its channel as a slow consumer, and stay in history to do it again
+    /// to every resume across it. Every publish path asks this first.
+    pub(crate) fn too_large(&self, p: &Publication) -> Option<String> {
+        // The frame around the payload: op, channel, offset, and its queue slot.
+        const FRAME: usize = 128 + crate::handle::ITEM_OVERHEAD;
+        let bytes = p.payload.len() + p.channel.as_str().len() + FRAME;
+        let max = self.config.limits.outbound_queue_bytes;
+        (bytes > max).then(|| {
+            format!(
+                "{} bytes: larger than a subscriber's whole queue can hold \
+                 (limits.outbound_queue_bytes = {max})",
+                p.payload.len()
+            )
+        })
+    }
+
     /// A client's idempotency key, scoped to the client's user (anonymous clients share
     /// one scope): one user cannot answer another's retries.
     pub(crate) fn client_key(user: Option<&str>, key: String) -> String {

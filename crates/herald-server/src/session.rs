@@ -433,12 +433,17 @@ impl Session {
             return self.forbidden(id, "not allowed to publish to this channel".into());
         }
         let name = channel.clone();
+        let publication = Publication::now(channel, payload);
+        if let Some(why) = self.node.too_large(&publication) {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::TooLarge,
+                message: why.into(),
+            });
+        }
         match self
             .node
-            .publish(
-                vec![(Publication::now(channel, payload), None)],
-                Source::Client,
-            )
+            .publish(vec![(publication, None)], Source::Client)
             .await
         {
             Ok(_) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),

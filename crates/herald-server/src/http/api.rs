@@ -65,6 +65,13 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     };
     for p in &batch {
         in_scope(scope, &p.publication.channel)?;
+        if let Some(why) = node.too_large(&p.publication) {
+            return Err(Refusal::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                why,
+            ));
+        }
     }
     let batch = batch
         .into_iter()

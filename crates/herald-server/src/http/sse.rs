@@ -296,6 +296,23 @@ async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<B
             format!("not allowed to publish to {channel}"),
         ));
     }
+    // The same limits as a WebSocket client's publish: `max_message_bytes` for the
+    // message, and never more than a subscriber's queue holds.
+    let max = node.config.limits.max_message_bytes;
+    if p.publication.payload.len() > max {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("the data is larger than limits.max_message_bytes ({max})"),
+        ));
+    }
+    if let Some(why) = node.too_large(&p.publication) {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            why,
+        ));
+    }
     let user = identity.as_ref().map(|i| i.user.as_str());
     let key = p.idempotency_key.map(|k| Node::client_key(user, k));
     let results = node
