@@ -72,6 +72,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
+    // First of all: SIGHUP's default action ends the process, and an operator (or a
+    // config-reload hook) may send one while Redis is still being waited for.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     // Each WebSocket is a file descriptor; the default soft limit (often 1024) would cap
     // the node far below its configured connection limit.
     match rlimit::increase_nofile_limit(u64::MAX) {
@@ -105,7 +108,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         internal = %internal_addr.map_or("(same)".to_owned(), |a| a.to_string()),
         "herald listening: ws://{public_addr}/ws"
     );
-    tokio::spawn(reload_keys_on_sighup(gateway.key_reloader()));
+    tokio::spawn(reload_keys_on_sighup(hup, gateway.key_reloader()));
     gateway
         .run(Listeners { public, internal }, shutdown_signal())
         .await?;
@@ -114,9 +117,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 
 /// Re-reads the token keys on every SIGHUP (a rotated JWKS file, say); a key that does
 /// not load leaves the ones in force.
-async fn reload_keys_on_sighup(keys: herald_server::KeyReloader) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_keys_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    keys: herald_server::KeyReloader,
+) {
+    let Ok(mut hup) = hup else {
         tracing::warn!("cannot listen for SIGHUP; keys reload only on restart");
         return;
     };

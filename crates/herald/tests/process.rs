@@ -166,6 +166,34 @@ async fn kubernetes_service_links_do_not_stop_the_process() {
     assert!(logged.contains("Kubernetes service link"), "{logged}");
 }
 
+/// A SIGHUP while the node still waits for Redis (before it listens) used to end the
+/// process (the signal's default action); now it is a key reload like any other.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_early_sighup_does_not_end_the_process() {
+    let dead = format!("redis://127.0.0.1:{}", herald_testkit::free_port());
+    let mut child = herald()
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "proc",
+            "--redis",
+            &dead,
+        ])
+        .env("HERALD_REDIS__TIMEOUT", "2s")
+        .spawn()
+        .expect("spawn herald");
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, "-HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the process"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
 fn example_config_file_is_valid() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../herald.toml");
