@@ -159,6 +159,20 @@ async fn forwarded_for_counts_only_from_trusted_proxies() {
     let _b = connect(trusting.addr, xff("198.51.100.2"))
         .await
         .expect("b");
+    // IPv6 clients count per /64 (limits.ipv6_prefix): one host holds a whole /64.
+    let _v6 = connect(trusting.addr, xff("2001:db8:1:2::1"))
+        .await
+        .expect("v6");
+    assert_eq!(
+        connect(trusting.addr, xff("2001:db8:1:2::ffff"))
+            .await
+            .err(),
+        Some(429),
+        "another address of the same /64"
+    );
+    let _other = connect(trusting.addr, xff("2001:db8:1:3::1"))
+        .await
+        .expect("another /64");
     // Without trusted proxies the header is ignored: all share 127.0.0.1.
     let plain = Node::start_with(|c| c.limits.max_connections_per_ip = 1).await;
     let _c = connect(plain.addr, xff("198.51.100.3")).await.expect("c");

@@ -300,6 +300,10 @@ pub struct LimitsConfig {
     pub max_recovery_buffer: usize,
     /// Sessions (WebSocket and SSE) from one client address (see `[proxy]`); 0: no limit.
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this prefix length for
+    /// `max_connections_per_ip`: one host usually holds a whole /64, and counting each
+    /// address would let it open the limit once per address.
+    pub ipv6_prefix: u8,
     /// Sessions (WebSocket and SSE) of one user (a token's `sub`); 0: no limit.
     pub max_connections_per_user: usize,
     /// Channels one SSE connection (`GET /sse?channel=..`) may name.
@@ -330,6 +334,7 @@ impl Default for LimitsConfig {
             // Off: behind a load balancer that does not pass the client's address,
             // every client shares the balancer's.
             max_connections_per_ip: 0,
+            ipv6_prefix: 64,
             max_connections_per_user: 100,
             max_sse_channels: 16,
         }
@@ -531,6 +536,9 @@ impl GatewayConfig {
         }
         if l.message_burst == 0 {
             return bad("limits.message_burst", "must be greater than 0");
+        }
+        if !(1..=128).contains(&l.ipv6_prefix) {
+            return bad("limits.ipv6_prefix", "must be between 1 and 128");
         }
         if l.rate_limit_window.is_zero() {
             return bad("limits.rate_limit_window", "must be greater than 0");

@@ -171,6 +171,7 @@ impl Node {
             return Ok(slot);
         }
         let mut per = self.per_client.lock();
+        let ip = client_key(ip, limits.ipv6_prefix);
         if limits.max_connections_per_ip > 0 {
             let n = per.ip.entry(ip).or_default();
             if *n >= limits.max_connections_per_ip {
@@ -268,6 +269,17 @@ impl Node {
     /// A snapshot of the open sessions (the lock is not held while they are visited).
     pub(crate) fn session_handles(&self) -> Vec<Arc<SessionHandle>> {
         self.sessions.lock().values().cloned().collect()
+    }
+}
+
+/// What the per-address limit counts `ip` as: itself (IPv4), or its network of
+/// `prefix` bits (IPv6).
+fn client_key(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            ipnet::Ipv6Net::new(v6, prefix.min(128)).map_or(ip, |n| IpAddr::V6(n.network()))
+        }
     }
 }
 
