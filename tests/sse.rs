@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald_testkit::{history_rule, Node, SseClient, TEST_SECRET};
+use herald_testkit::{eventually, history_rule, Node, SseClient, TEST_SECRET};
 use serde_json::json;
 
 #[tokio::test]
@@ -235,4 +235,44 @@ async fn a_client_cannot_claim_a_backends_idempotency_key() {
     assert_eq!(backend["offset"], 2, "{backend}");
     assert_eq!(s.event().await.json()["data"], "from the client");
     assert_eq!(s.event().await.json()["data"], "from the backend");
+}
+
+/// An SSE client that goes away ends its session at once (it used to stay counted, and
+/// hold its slot, until the next heartbeat write failed: up to 25 s), and a
+/// `Last-Event-ID` naming channels the URL does not name is not repeated in every event
+/// id (issue 18).
+#[tokio::test]
+async fn sse_sessions_end_when_the_client_leaves_and_ids_carry_only_named_channels() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("feed:*", 10)]).await;
+    assert_eq!(node.publish("feed:a", "1").await, 200);
+    let epoch = {
+        let mut probe = node.client().await;
+        probe.subscribe_since("feed:a", None).await["epoch"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let junk: Vec<String> = (0..100).map(|i| format!("junk:{i}=1~{epoch}")).collect();
+    let id = format!("feed:a=0~{epoch},{}", junk.join(","));
+    let mut s = SseClient::connect(
+        node.addr,
+        "/sse?channel=feed:a",
+        &[("last-event-id", id.as_str())],
+    )
+    .await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    let subscribed = s.event().await;
+    assert_eq!(subscribed.json()["recovered"], true);
+    let replayed = s.event().await;
+    assert_eq!(replayed.json()["data"], 1);
+    assert_eq!(
+        replayed.id.as_deref(),
+        Some(format!("feed:a=1~{epoch}").as_str())
+    );
+    eventually("one session", || node.metric("herald_connections") == 1.0).await;
+    drop(s);
+    eventually("the session ended with its client", || {
+        node.metric("herald_connections") == 0.0
+    })
+    .await;
 }

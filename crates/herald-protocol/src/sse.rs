@@ -111,6 +111,8 @@ struct Frame<'a> {
     offset: Option<u64>,
     #[serde(borrow)]
     epoch: Option<&'a str>,
+    #[serde(default)]
+    recovered: Option<bool>,
 }
 
 impl Positions {
@@ -161,6 +163,15 @@ impl Positions {
             return false;
         };
         match (f.op, f.epoch.and_then(Epoch::parse)) {
+            // A resume answered: the replay from the position we hold follows, and the
+            // position moves only with it (an id naming the top now would make a
+            // reconnect during the replay skip the rest of it).
+            ("subscribed", Some(epoch))
+                if f.recovered == Some(true)
+                    && self.0.get(&channel).is_some_and(|p| p.epoch == epoch) =>
+            {
+                false
+            }
             ("subscribed" | "reset", Some(epoch)) => {
                 self.0.insert(channel, StreamPosition { offset, epoch });
                 true
@@ -174,6 +185,12 @@ impl Positions {
             },
             _ => false,
         }
+    }
+
+    /// Keeps only the positions of `channels` (those an SSE connection names): an id is
+    /// repeated with every event, so it must not carry what a client made up.
+    pub fn retain(&mut self, channels: &[ChannelName]) {
+        self.0.retain(|c, _| channels.contains(c));
     }
 
     /// Forgets a channel (unsubscribed).
@@ -264,5 +281,28 @@ mod tests {
         assert_eq!(partial.id().unwrap(), "news=5~0000000a");
         p.remove(&news);
         assert_eq!(p.id().unwrap(), "chat:1=0~0000000b");
+    }
+
+    #[test]
+    fn a_resumed_subscribe_moves_no_position_until_the_replay_does() {
+        let mut p = Positions::parse("c=3~0000000a");
+        let e = "0000000a";
+        let subscribed = format!(
+            r#"{{"op":"subscribed","channel":"c","offset":9,"epoch":"{e}","recovered":true}}"#
+        );
+        assert!(!p.observe(&subscribed));
+        assert_eq!(p.id().as_deref(), Some("c=3~0000000a"));
+        assert!(p.observe(r#"{"op":"message","channel":"c","data":1,"offset":4}"#));
+        assert_eq!(p.id().as_deref(), Some("c=4~0000000a"));
+        // Not recovered: the stream goes on from the top.
+        let fresh = format!(
+            r#"{{"op":"subscribed","channel":"c","offset":9,"epoch":"{e}","recovered":false}}"#
+        );
+        assert!(p.observe(&fresh));
+        assert_eq!(p.id().as_deref(), Some("c=9~0000000a"));
+        // Only the named channels are kept.
+        let mut q = Positions::parse("c=1~0000000a,x=2~0000000a,y=3~0000000a");
+        q.retain(&[ChannelName::new("c").unwrap()]);
+        assert_eq!(q.id().as_deref(), Some("c=1~0000000a"));
     }
 }

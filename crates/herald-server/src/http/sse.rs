@@ -130,7 +130,8 @@ fn open(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .or(last_event_id);
-    let positions = last.as_deref().map(Positions::parse).unwrap_or_default();
+    let mut positions = last.as_deref().map(Positions::parse).unwrap_or_default();
+    positions.retain(&channels);
     let user = identity.as_ref().map(|i| i.user.as_str());
     let slot = admit(req.headers(), node, client, user).map_err(|(r, f)| (Some(r), f))?;
 
@@ -142,6 +143,18 @@ fn open(
     let retry = 1000 + (conn.wrapping_mul(2_654_435_761) ^ node.now_ms()) % 3000;
     let _ = tx.try_send(Bytes::from(sse::retry(retry)));
     let ended = CancellationToken::new();
+    // A client that goes away closes the HTTP connection, which drops the body: end the
+    // session then, not at the next heartbeat's failed write (up to 25 s later, counted
+    // and holding a slot all along).
+    {
+        let (body, gone) = (tx.clone(), ended.clone());
+        node.session_tasks.spawn(async move {
+            tokio::select! {
+                _ = body.closed() => gone.cancel(),
+                _ = gone.cancelled() => {}
+            }
+        });
+    }
     let requests: Vec<Result<Message, WsError>> = channels
         .iter()
         .enumerate()
