@@ -548,3 +548,47 @@ async fn a_resume_that_cannot_recover_reads_no_entries() {
     assert_eq!(offsets(&r.messages(5).await), vec![46, 47, 48, 49, 50]);
     assert_eq!(xranges(), before + 1);
 }
+
+/// A resume whose replay is larger than a subscriber's queue used to be closed 1013
+/// before its `subscribed`, every time (and clients reconnected into the same wall in a
+/// loop). It is answered `recovered:false` before anything is queued, the connection
+/// stays, and live publications flow (issue 18).
+#[tokio::test]
+async fn a_replay_larger_than_the_queue_is_refused_not_a_1013_loop() {
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 64 * 1024;
+        let mut rule = history_rule("news:*", 1000);
+        rule.max_recovery = 1000;
+        c.channels.rules = vec![rule];
+    })
+    .await;
+    let mut first = node.client().await;
+    let top = first.subscribe_since("news:big", None).await;
+    let epoch = top["epoch"].as_str().unwrap().to_owned();
+    let data = format!(r#""{}""#, "x".repeat(1200));
+    for _ in 0..200 {
+        assert_eq!(node.publish("news:big", &data).await, 200);
+    }
+    let mut resuming = node.client().await;
+    let reply = resuming
+        .subscribe_since("news:big", Some((0, &epoch)))
+        .await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    assert_eq!(reply["offset"], 200);
+    assert_eq!(node.publish("news:big", "1").await, 200);
+    let next = resuming.recv_json().await;
+    assert_eq!(
+        (&next["data"], &next["offset"]),
+        (&serde_json::json!(1), &serde_json::json!(201))
+    );
+    assert_eq!(node.metric("herald_replays_refused_total"), 1.0);
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
+    // A replay that fits is still a replay.
+    let mut small = node.client().await;
+    let reply = small.subscribe_since("news:big", Some((195, &epoch))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_eq!(
+        offsets(&small.messages(6).await),
+        vec![196, 197, 198, 199, 200, 201]
+    );
+}

@@ -136,6 +136,9 @@ pub struct Metrics {
     pub not_recovered: IntCounter,
     /// Publications delivered from history to resuming subscribers.
     pub replayed: IntCounter,
+    /// Resumes refused because their replay would not fit the subscriber's queue (told
+    /// `recovered:false`; also counted in `not_recovered`).
+    pub replays_refused: IntCounter,
     /// Gaps in a history channel's offsets that the node repaired from the stream.
     pub history_repairs: IntCounter,
     /// Publications the node fetched from streams to repair gaps.
@@ -339,6 +342,10 @@ impl Metrics {
             replayed: counter(
                 "herald_publications_replayed_total",
                 "Publications delivered from history to subscribers that resumed.",
+            )?,
+            replays_refused: counter(
+                "herald_replays_refused_total",
+                "Resumes answered recovered:false because their replay would take more than half the subscriber's queue (limits.outbound_queue_bytes).",
             )?,
             history_repairs: counter(
                 "herald_history_repairs_total",

@@ -280,15 +280,34 @@ impl Stream {
         let Phase::Recovering(pending) = &member.phase else {
             return Completion::Gone;
         };
-        let merged = merge(
-            page.top,
-            &page.publications,
-            pending,
-            read_after,
-            r.since,
-            r.max_recovery,
-            last_attempt,
-        );
+        let merge_with = |max_recovery| {
+            merge(
+                page.top,
+                &page.publications,
+                pending,
+                read_after,
+                r.since,
+                max_recovery,
+                last_attempt,
+            )
+        };
+        let mut merged = merge_with(r.max_recovery);
+        // A replay is queued whole: one that would take more than half the subscriber's
+        // queue would close it as a slow consumer before its `subscribed`, and its
+        // client would resume into the same wall again and again. It is refused instead
+        // (`recovered:false`, before anything is queued): the client is told plainly.
+        let budget = member.handle.env.max_queued_bytes / 2;
+        if let Merged::Ready {
+            recovered: Some(true),
+            out,
+            ..
+        } = &merged
+        {
+            if replay_bytes(out, page.top.offset) > budget {
+                self.env.metrics.replays_refused.inc();
+                merged = merge_with(0);
+            }
+        }
         let Merged::Ready {
             recovered,
             out,
@@ -555,6 +574,19 @@ impl Stream {
             }
         }
     }
+}
+
+/// What queueing the replayed part of `out` (offsets up to `top`) costs a subscriber's
+/// queue, about: each frame's payload, channel and fields, and its queue slot.
+fn replay_bytes(out: &[Out], top: u64) -> usize {
+    out.iter()
+        .map(|o| match o {
+            Out::Publication(p) if p.offset().is_some_and(|o| o <= top) => {
+                p.payload.len() + p.channel.as_str().len() + 64 + crate::handle::ITEM_OVERHEAD
+            }
+            _ => 0,
+        })
+        .sum()
 }
 
 /// What the node does with an arriving publication, given the last one it delivered.
