@@ -17,6 +17,10 @@ export interface Options {
     websocketRetryInterval?: number;
     /** Where SSE lives, when not next to the WebSocket URL (`.../ws` → `.../sse`). */
     sseUrl?: string;
+    /** Refusals of the client's credentials in a row (401/403 on the SSE endpoint,
+     * which, unlike a WebSocket handshake, shows its status) before the client stops:
+     * state `closed`, and an `error` with the server's code and reason. 0: never. */
+    maxAuthFailures?: number;
 }
 export interface MessageContext {
     channel: string;
@@ -74,6 +78,12 @@ export declare class Client extends Emitter {
     private heartbeatMs;
     private token;
     private opened;
+    /** Credentials refused in a row (see `maxAuthFailures`). */
+    private authFailures;
+    /** When the token in use was received (local clock), for refresh scheduling. */
+    private tokenAt;
+    /** When the last refresh was sent, so refreshes never come closer than a floor. */
+    private lastRefresh;
     private onOnline;
     private onOffline;
     constructor(url: string, options?: Options);

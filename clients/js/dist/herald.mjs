@@ -72,6 +72,12 @@ var Client = class extends Emitter {
     this.heartbeatMs = 25e3;
     this.token = null;
     this.opened = false;
+    /** Credentials refused in a row (see `maxAuthFailures`). */
+    this.authFailures = 0;
+    /** When the token in use was received (local clock), for refresh scheduling. */
+    this.tokenAt = 0;
+    /** When the last refresh was sent, so refreshes never come closer than a floor. */
+    this.lastRefresh = 0;
     this.onOnline = () => this.reconnectNow();
     this.onOffline = () => this.drop("offline");
     this.opts = {
@@ -81,6 +87,7 @@ var Client = class extends Emitter {
       publishTimeout: 1e4,
       sseAfterFailures: 2,
       websocketRetryInterval: 6e4,
+      maxAuthFailures: 3,
       ...options
     };
     const g = globalThis;
@@ -153,6 +160,7 @@ var Client = class extends Emitter {
     this.opened = false;
     try {
       this.token = this.opts.getToken ? await this.opts.getToken() ?? null : null;
+      this.tokenAt = Date.now();
     } catch (e) {
       this.emit("error", e);
       return this.scheduleReconnect();
@@ -196,7 +204,6 @@ var Client = class extends Emitter {
     const n = this.opts.sseAfterFailures;
     if (n > 0 && this.wsFailures >= n && this.transport === "websocket") {
       this.transport = "sse";
-      this.attempt = 0;
       this.emit("transport", "sse");
       clearTimeout(this.wsRetryTimer);
       this.wsRetryTimer = setTimeout(() => {
@@ -303,6 +310,7 @@ var Client = class extends Emitter {
   onWelcome(f) {
     this.heartbeatMs = f.heartbeat_ms || 25e3;
     this.attempt = 0;
+    this.authFailures = 0;
     this.setState("connected");
     this.emit("welcome", f);
     this.startHeartbeat();
@@ -425,15 +433,18 @@ var Client = class extends Emitter {
   }
   scheduleRefresh() {
     clearTimeout(this.refreshTimer);
-    const exp = this.token ? tokenExpiry(this.token) : void 0;
-    if (!exp || !this.opts.getToken || this.transport !== "websocket") return;
-    const left = exp * 1e3 - Date.now();
-    const at = Math.max(Math.min(left * 0.8, left - 6e4), 0);
+    const claims = this.token ? tokenClaims(this.token) : void 0;
+    if (!claims?.exp || !this.opts.getToken || this.transport !== "websocket") return;
+    const lifetime = claims.iat ? (claims.exp - claims.iat) * 1e3 : claims.exp * 1e3 - this.tokenAt;
+    const due = this.tokenAt + Math.max(lifetime * 0.8, lifetime - 6e4);
+    const at = Math.max(due, this.lastRefresh + 5e3) - Date.now();
     this.refreshTimer = setTimeout(async () => {
       try {
+        this.lastRefresh = Date.now();
         const t = await this.opts.getToken();
         if (!t || this.state !== "connected") return;
         this.token = t;
+        this.tokenAt = Date.now();
         const id = this.nextId++;
         this.pending.set(id, {
           resolve: () => this.scheduleRefresh(),
@@ -476,7 +487,21 @@ var Client = class extends Emitter {
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
       const r = await fetch(u, { headers, signal: abort.signal, cache: "no-store" });
-      if (!r.ok || !r.body) throw new HeraldError("sse", `SSE refused: ${r.status}`);
+      if (!r.ok || !r.body) {
+        const body = await r.json().catch(() => ({}));
+        const err = new HeraldError(body.code ?? "sse", body.message ?? `SSE refused: ${r.status}`);
+        if (r.status === 401 || r.status === 403) {
+          this.authFailures++;
+          const max = this.opts.maxAuthFailures;
+          if (max > 0 && this.authFailures >= max) {
+            this.sse = null;
+            this.emit("error", err);
+            this.close();
+            return;
+          }
+        }
+        throw err;
+      }
       this.opened = true;
       const reader = r.body.getReader();
       const dec = new TextDecoder();
@@ -537,10 +562,10 @@ var Client = class extends Emitter {
 function withParam(url, k, v) {
   return url + (url.includes("?") ? "&" : "?") + `${k}=${encodeURIComponent(v)}`;
 }
-function tokenExpiry(token) {
+function tokenClaims(token) {
   try {
     const part = token.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
-    return JSON.parse(atob(part)).exp;
+    return JSON.parse(atob(part));
   } catch {
     return void 0;
   }

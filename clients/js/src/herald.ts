@@ -25,6 +25,10 @@ export interface Options {
   websocketRetryInterval?: number;
   /** Where SSE lives, when not next to the WebSocket URL (`.../ws` → `.../sse`). */
   sseUrl?: string;
+  /** Refusals of the client's credentials in a row (401/403 on the SSE endpoint,
+   * which, unlike a WebSocket handshake, shows its status) before the client stops:
+   * state `closed`, and an `error` with the server's code and reason. 0: never. */
+  maxAuthFailures?: number;
 }
 
 export interface MessageContext {
@@ -138,6 +142,12 @@ export class Client extends Emitter {
   private heartbeatMs = 25000;
   private token: string | null = null;
   private opened = false;
+  /** Credentials refused in a row (see `maxAuthFailures`). */
+  private authFailures = 0;
+  /** When the token in use was received (local clock), for refresh scheduling. */
+  private tokenAt = 0;
+  /** When the last refresh was sent, so refreshes never come closer than a floor. */
+  private lastRefresh = 0;
   private onOnline = () => this.reconnectNow();
   private onOffline = () => this.drop('offline');
 
@@ -153,6 +163,7 @@ export class Client extends Emitter {
       publishTimeout: 10000,
       sseAfterFailures: 2,
       websocketRetryInterval: 60000,
+      maxAuthFailures: 3,
       ...options,
     };
     const g = globalThis as any;
@@ -231,6 +242,7 @@ export class Client extends Emitter {
     this.opened = false;
     try {
       this.token = this.opts.getToken ? ((await this.opts.getToken()) ?? null) : null;
+      this.tokenAt = Date.now();
     } catch (e) {
       this.emit('error', e);
       return this.scheduleReconnect();
@@ -277,8 +289,9 @@ export class Client extends Emitter {
     this.wsFailures++;
     const n = this.opts.sseAfterFailures;
     if (n > 0 && this.wsFailures >= n && this.transport === 'websocket') {
+      // The backoff keeps growing across transports: against a dead server, switching
+      // must not start it over (that made a flood of attempts).
       this.transport = 'sse';
-      this.attempt = 0;
       this.emit('transport', 'sse');
       // Return to WebSocket later: the network may have changed.
       clearTimeout(this.wsRetryTimer);
@@ -396,6 +409,7 @@ export class Client extends Emitter {
   private onWelcome(f: any): void {
     this.heartbeatMs = f.heartbeat_ms || 25000;
     this.attempt = 0;
+    this.authFailures = 0;
     this.setState('connected');
     this.emit('welcome', f);
     this.startHeartbeat();
@@ -538,16 +552,24 @@ export class Client extends Emitter {
 
   private scheduleRefresh(): void {
     clearTimeout(this.refreshTimer);
-    const exp = this.token ? tokenExpiry(this.token) : undefined;
-    if (!exp || !this.opts.getToken || this.transport !== 'websocket') return;
-    // Refresh at 80% of the remaining lifetime, at most a minute before expiry.
-    const left = exp * 1000 - Date.now();
-    const at = Math.max(Math.min(left * 0.8, left - 60000), 0);
+    const claims = this.token ? tokenClaims(this.token) : undefined;
+    if (!claims?.exp || !this.opts.getToken || this.transport !== 'websocket') return;
+    // The token's lifetime by the issuer's clock (exp - iat) counted from when it was
+    // received, not exp against this machine's clock, which may be minutes off (a
+    // clock 850 s fast made every 15-minute token look expired: a refresh storm).
+    // Without iat, the local clock is all there is.
+    const lifetime = claims.iat ? (claims.exp - claims.iat) * 1000 : claims.exp * 1000 - this.tokenAt;
+    // Refresh at 80% of the lifetime, or a minute before expiry if that is later.
+    const due = this.tokenAt + Math.max(lifetime * 0.8, lifetime - 60000);
+    // Never closer than 5 s to the previous refresh, whatever the token says.
+    const at = Math.max(due, this.lastRefresh + 5000) - Date.now();
     this.refreshTimer = setTimeout(async () => {
       try {
+        this.lastRefresh = Date.now();
         const t = await this.opts.getToken!();
         if (!t || this.state !== 'connected') return;
         this.token = t;
+        this.tokenAt = Date.now();
         const id = this.nextId++;
         this.pending.set(id, {
           resolve: () => this.scheduleRefresh(),
@@ -597,7 +619,23 @@ export class Client extends Emitter {
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
       const r = await fetch(u, { headers, signal: abort.signal, cache: 'no-store' });
-      if (!r.ok || !r.body) throw new HeraldError('sse', `SSE refused: ${r.status}`);
+      if (!r.ok || !r.body) {
+        const body: any = await r.json().catch(() => ({}));
+        const err = new HeraldError(body.code ?? 'sse', body.message ?? `SSE refused: ${r.status}`);
+        if (r.status === 401 || r.status === 403) {
+          this.authFailures++;
+          const max = this.opts.maxAuthFailures;
+          if (max > 0 && this.authFailures >= max) {
+            // The credentials will not do: stop, and say why (the application signs
+            // the user in again, then makes a new client).
+            this.sse = null;
+            this.emit('error', err);
+            this.close();
+            return;
+          }
+        }
+        throw err;
+      }
       this.opened = true;
       const reader = r.body.getReader();
       const dec = new TextDecoder();
@@ -663,11 +701,11 @@ function withParam(url: string, k: string, v: string): string {
   return url + (url.includes('?') ? '&' : '?') + `${k}=${encodeURIComponent(v)}`;
 }
 
-/** A JWT's `exp`, without verifying it (the server does). */
-function tokenExpiry(token: string): number | undefined {
+/** A JWT's `exp` and `iat`, without verifying them (the server does). */
+function tokenClaims(token: string): { exp?: number; iat?: number } | undefined {
   try {
     const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    return JSON.parse(atob(part)).exp;
+    return JSON.parse(atob(part));
   } catch {
     return undefined;
   }

@@ -29,9 +29,14 @@ const CONFIG = tempFile('herald.toml', RULES);
 /** A node with the rules above on `port` (0: any). */
 const herald = (port, args = [], env = {}) => start(port, ['--config', CONFIG, ...args], env);
 
-function token(sub, expiresIn) {
+/** The real time, in ms, whatever a test did to `Date.now`. */
+const realNow = Date.now.bind(Date);
+
+function token(sub, expiresIn, { iat = false } = {}) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
-  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub, exp: Math.floor(Date.now() / 1000) + expiresIn })}`;
+  const now = Math.floor(realNow() / 1000);
+  const claims = { sub, exp: now + expiresIn, ...(iat ? { iat: now } : {}) };
+  const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
   return `${body}.${createHmac('sha256', SECRET).update(body).digest('base64url')}`;
 }
 
@@ -269,5 +274,82 @@ test('retries a subscribe answered unavailable, and receives once Redis is back'
     c.close();
     await stop(h);
     redis.proc.kill('SIGKILL');
+  }
+});
+
+test('refreshes a short token once, not in a storm, even with a clock far ahead', async () => {
+  const h = await herald(0);
+  const realDateNow = Date.now;
+  try {
+    for (const [what, lifetime, skew] of [
+      ['60 s tokens', 60, 0],
+      ['15-minute tokens, the local clock 850 s fast', 900, 850_000],
+    ]) {
+      Date.now = () => realNow() + skew;
+      let asked = 0;
+      const c = new Client(`ws://${h.addr}/ws`, {
+        getToken: () => {
+          asked++;
+          return token('7', lifetime, { iat: true });
+        },
+      });
+      try {
+        await until('connected', () => c.state === 'connected');
+        await sleep(2000);
+        assert.equal(asked, 1, `${what}: getToken called ${asked} times in 2 s`);
+      } finally {
+        c.close();
+      }
+    }
+  } finally {
+    Date.now = realDateNow;
+    await stop(h);
+  }
+});
+
+test('backs off across transports against a dead server', async () => {
+  const dead = await freePort();
+  let asked = 0;
+  const c = new Client(`ws://127.0.0.1:${dead}/ws`, {
+    minReconnectDelay: 100,
+    maxReconnectDelay: 2000,
+    sseAfterFailures: 2,
+    getToken: () => {
+      asked++;
+      return null;
+    },
+  });
+  c.on('error', () => {});
+  // With a subscription, the SSE fallback has something to stream, so it tries too.
+  c.subscribe('chat:x');
+  try {
+    await sleep(4000);
+    // Growing bounds 100, 200, 400, ... 2000 ms with full jitter: a handful of attempts
+    // in 4 s. Starting over at every switch of transport made it about 50.
+    assert.ok(asked >= 2 && asked <= 15, `${asked} attempts in 4 s`);
+  } finally {
+    c.close();
+  }
+});
+
+test('refused credentials surface as an error with the reason, then the client stops', async () => {
+  const h = await herald(0, [], { HERALD_AUTH__ANONYMOUS: 'false' });
+  const c = new Client(`ws://${h.addr}/ws`, {
+    minReconnectDelay: 50,
+    maxReconnectDelay: 200,
+    sseAfterFailures: 1,
+    maxAuthFailures: 2,
+  });
+  const errors = [];
+  c.on('error', (e) => errors.push(e));
+  try {
+    c.subscribe('chat:x');
+    await until('closed after refusals', () => c.state === 'closed', 15000);
+    const refused = errors.filter((e) => e.code === 'unauthorized');
+    assert.ok(refused.length >= 1, errors.map((e) => `${e.code}: ${e.message}`).join('; '));
+    assert.match(refused[0].message, /token/);
+  } finally {
+    c.close();
+    await stop(h);
   }
 });
