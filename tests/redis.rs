@@ -645,6 +645,16 @@ async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
     assert_eq!(s.node.metric("herald_broker_up"), 1.0);
 }
 
+/// A node on a real Redis where `h:*` keeps history (and other channels do not).
+async fn node_with_history_on_h() -> (RedisServer, Node) {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+    })
+    .await;
+    (redis, node)
+}
+
 /// A batch whose last entry fails after the others were published is not answered
 /// "nothing was published" (503): the reply says the outcome is unknown (504), so the
 /// publisher retries with its idempotency keys (issue 18). The last entry fails
@@ -652,11 +662,7 @@ async fn a_cluster_failover_moves_the_channels_to_the_promoted_replica() {
 /// answers with an error for that command alone, the way OOM does.
 #[tokio::test]
 async fn a_partly_published_batch_is_not_answered_unavailable() {
-    let redis = RedisServer::start();
-    let node = Node::start_redis(&redis.url(), |c| {
-        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
-    })
-    .await;
+    let (redis, node) = node_with_history_on_h().await;
     let mut c = node.client().await;
     c.subscribe("h:1").await;
     redis.cli(&["HSET", "{herald:h:1}.idem.api:k3", "x", "1"]);
@@ -689,11 +695,7 @@ async fn a_partly_published_batch_is_not_answered_unavailable() {
 /// order (issue 18).
 #[tokio::test]
 async fn a_batch_stays_in_order_when_redis_lost_the_script() {
-    let redis = RedisServer::start();
-    let node = Node::start_redis(&redis.url(), |c| {
-        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
-    })
-    .await;
+    let (redis, node) = node_with_history_on_h().await;
     let mut c = node.client().await;
     c.subscribe("h:1").await;
     c.subscribe("p:1").await;

@@ -75,18 +75,7 @@ async fn publish_pipelined(
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for plan in plans {
-        match plan {
-            Plan::Publish {
-                command,
-                channel,
-                body,
-            } => {
-                pipe.cmd(command).arg(channel).arg(body.as_ref());
-            }
-            Plan::Script(cmd) => {
-                pipe.add_command(cmd.clone());
-            }
-        }
+        pipe.add_command(plan.command());
     }
     let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await.map_err(in_flight)?;
     let mut out = Vec::with_capacity(plans.len());
@@ -128,14 +117,8 @@ async fn send_one<C: redis::aio::ConnectionLike>(
     plan: &Plan,
 ) -> Result<Published, BrokerError> {
     match plan {
-        Plan::Publish {
-            command,
-            channel,
-            body,
-        } => {
-            redis::cmd(command)
-                .arg(channel)
-                .arg(body.as_ref())
+        Plan::Publish { .. } => {
+            plan.command()
                 .query_async::<Value>(c)
                 .await
                 .map_err(in_flight)?;

@@ -174,6 +174,24 @@ pub(crate) enum Plan {
     Script(redis::Cmd),
 }
 
+impl Plan {
+    /// The command that carries it out.
+    pub(crate) fn command(&self) -> redis::Cmd {
+        match self {
+            Plan::Publish {
+                command,
+                channel,
+                body,
+            } => {
+                let mut c = redis::cmd(command);
+                c.arg(channel).arg(body.as_ref());
+                c
+            }
+            Plan::Script(cmd) => cmd.clone(),
+        }
+    }
+}
+
 /// How `req` is sent. With `script`, even a plain publication goes through the publish
 /// script: a batch that needs the script for one entry sends every entry through it, so
 /// that when Redis lost the script (restart, `SCRIPT FLUSH`, failover) every entry fails
