@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use herald_testkit::{eventually, history_rule, Node, SseClient, TEST_SECRET};
+use herald_testkit::{eventually, history_rule, http, Node, SseClient, TEST_SECRET};
 use serde_json::json;
 
 #[tokio::test]
@@ -275,4 +275,75 @@ async fn sse_sessions_end_when_the_client_leaves_and_ids_carry_only_named_channe
         node.metric("herald_connections") == 0.0
     })
     .await;
+}
+
+/// The SSE endpoints speak CORS, driven by `auth.allowed_origins`: a page on
+/// `www.example.com` can stream from a gateway on another origin (with a preflight for
+/// its `Authorization` header), an origin not allowed is refused, and a same-origin
+/// request, which browsers send without `Origin`, is admitted (it used to get 403
+/// whenever `allowed_origins` was set) (issue 18).
+#[tokio::test]
+async fn sse_speaks_cors_for_allowed_origins() {
+    let node = Node::start_with(|c| {
+        c.auth.allowed_origins = vec!["https://www.example.com".into()];
+    })
+    .await;
+    let www = "https://www.example.com";
+    let same = SseClient::connect(node.addr, "/sse?channel=news", &[]).await;
+    assert_eq!(same.status, 200, "same origin (no Origin header)");
+    assert!(same.headers.get("access-control-allow-origin").is_none());
+    let cross = SseClient::connect(node.addr, "/sse?channel=news", &[("origin", www)]).await;
+    assert_eq!(cross.status, 200);
+    assert_eq!(cross.headers["access-control-allow-origin"], www);
+    let evil = SseClient::connect(
+        node.addr,
+        "/sse?channel=news",
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(evil.status, 403);
+    assert!(evil.headers.get("access-control-allow-origin").is_none());
+    // Preflights.
+    let pre = |path: &'static str, origin: &'static str| {
+        let addr = node.addr;
+        async move {
+            let h = [
+                ("origin", origin),
+                ("access-control-request-method", "GET"),
+                ("access-control-request-headers", "authorization"),
+            ];
+            http(addr, "OPTIONS", path, &h, Vec::new()).await
+        }
+    };
+    let ok = pre("/sse", www).await;
+    assert_eq!(ok.status, 204);
+    assert_eq!(ok.header("access-control-allow-origin"), Some(www));
+    assert_eq!(ok.header("access-control-allow-methods"), Some("GET"));
+    assert!(ok
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    assert_eq!(
+        pre("/sse/publish", www)
+            .await
+            .header("access-control-allow-methods"),
+        Some("POST")
+    );
+    assert_eq!(pre("/sse", "https://evil.example").await.status, 403);
+    // A publish's answer (here a refusal: anonymous clients may not publish) carries
+    // the header too, so the page can read it.
+    let r = http(
+        node.addr,
+        "POST",
+        "/sse/publish",
+        &[("origin", www), ("content-type", "application/json")],
+        br#"{"channel":"news","data":1}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some(www),
+        "{:?}",
+        r.body
+    );
 }

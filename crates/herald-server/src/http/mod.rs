@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use herald_metrics::RejectReason;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -183,6 +183,10 @@ async fn route(
         "/ws" if public => {
             let client = client(&req);
             upgrade::upgrade(req, node, client)
+        }
+        "/sse" if public && req.method() == Method::OPTIONS => sse::preflight(&req, &node, "GET"),
+        "/sse/publish" if public && req.method() == Method::OPTIONS => {
+            sse::preflight(&req, &node, "POST")
         }
         "/sse" if public => {
             let client = client(&req);

@@ -48,7 +48,10 @@ pub(crate) fn sse(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -> Re
             if let Some(reason) = reason {
                 node.metrics.rejected(reason);
             }
-            refusal.into_response()
+            // With CORS headers, a page on another origin can read why.
+            let mut r = refusal.into_response();
+            allow_origin(&mut r, req.headers(), &node);
+            r
         }
     }
 }
@@ -133,7 +136,7 @@ fn open(
     let mut positions = last.as_deref().map(Positions::parse).unwrap_or_default();
     positions.retain(&channels);
     let user = identity.as_ref().map(|i| i.user.as_str());
-    let slot = admit(req.headers(), node, client, user).map_err(|(r, f)| (Some(r), f))?;
+    let slot = admit(req.headers(), node, client, user, false).map_err(|(r, f)| (Some(r), f))?;
 
     let conn = node.next_conn_id();
     tracing::debug!(conn, %client, channels = channels.len(), "sse accepted");
@@ -192,6 +195,7 @@ fn open(
             .map(|b| Ok::<_, Infallible>(Frame::data(b))),
     );
     let mut r = Response::new(BodyExt::boxed(body));
+    allow_origin(&mut r, req.headers(), node);
     let h = r.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -201,6 +205,63 @@ fn open(
     // nginx and similar proxies would otherwise buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(r)
+}
+
+/// CORS for the SSE endpoints, so that a page on `www.` can use a gateway on `rt.`
+/// (tokens travel in the `Authorization` header, never as cookies, so no credentials
+/// mode): a request with an `Origin` that `auth.allowed_origins` admits (every origin
+/// when the list is empty) gets it back in `Access-Control-Allow-Origin`.
+pub(crate) fn allow_origin(r: &mut Response<Body>, req: &hyper::HeaderMap, node: &Node) {
+    let Some(origin) = req.get(header::ORIGIN) else {
+        return;
+    };
+    let allowed = origin
+        .to_str()
+        .is_ok_and(|o| super::upgrade::origin_allowed(&node.config.auth.allowed_origins, o));
+    let h = r.headers_mut();
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    if allowed {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    }
+}
+
+/// `OPTIONS /sse` and `OPTIONS /sse/publish`: a browser's preflight. Answered 204 with
+/// what the endpoint takes when the origin is admitted, 403 otherwise.
+pub(crate) fn preflight(
+    req: &Request<Incoming>,
+    node: &Node,
+    methods: &'static str,
+) -> Response<Body> {
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    if !origin.is_some_and(|o| super::upgrade::origin_allowed(&node.config.auth.allowed_origins, o))
+    {
+        return Refusal::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "origin not allowed",
+        )
+        .into_response();
+    }
+    let mut r = Response::new(BodyExt::boxed(http_body_util::Empty::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    allow_origin(&mut r, req.headers(), node);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static(methods),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type, last-event-id"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
 }
 
 /// The session's socket, as seen by its writer: frames in, events out.
@@ -283,10 +344,17 @@ impl Sink<Message> for SseSink {
 /// permissions as a WebSocket `publish`. Body: `{"channel":"chat:1","data":...}` as
 /// `application/json`; the reply is the API's (`offset`/`epoch` on history channels).
 pub(crate) async fn publish(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
-    match publish_inner(req, &node).await {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let mut r = match publish_inner(req, &node).await {
         Ok(r) => r,
         Err(refusal) => refusal.into_response(),
+    };
+    let mut headers = hyper::HeaderMap::new();
+    if let Some(o) = origin {
+        headers.insert(header::ORIGIN, o);
     }
+    allow_origin(&mut r, &headers, &node);
+    r
 }
 
 async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {

@@ -38,7 +38,7 @@ pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -
     let admitted = validate(&req).and_then(|accept| {
         let identity = authenticate(&req, &node)?;
         let user = identity.as_ref().map(|i| i.user.as_str());
-        let slot = admit(req.headers(), &node, client, user)?;
+        let slot = admit(req.headers(), &node, client, user, true)?;
         Ok((accept, identity, slot))
     });
     match admitted {
@@ -134,6 +134,7 @@ pub(super) fn admit(
     node: &Arc<Node>,
     client: IpAddr,
     user: Option<&str>,
+    origin_required: bool,
 ) -> Result<Slot, Rejected> {
     if node.is_draining() {
         return Err((
@@ -148,7 +149,13 @@ pub(super) fn admit(
     let origins = &node.config.auth.allowed_origins;
     if !origins.is_empty() {
         let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
-        if !origin.is_some_and(|o| origins.iter().any(|a| origin_matches(a, o))) {
+        // Browsers send `Origin` on every WebSocket handshake, but not on a same-origin
+        // GET (an SSE stream from the gateway's own site): there, none is no refusal.
+        let admitted = match origin {
+            Some(o) => origin_allowed(origins, o),
+            None => !origin_required,
+        };
+        if !admitted {
             return Err((
                 RejectReason::Origin,
                 Refusal::new(
@@ -242,6 +249,11 @@ fn start(
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     r
+}
+
+/// Whether `origin` is in `allowed_origins` (an empty list allows every origin).
+pub(super) fn origin_allowed(allowed: &[String], origin: &str) -> bool {
+    allowed.is_empty() || allowed.iter().any(|a| origin_matches(a, origin))
 }
 
 /// Whether `origin` is allowed by `pattern`: an exact origin, or one with a single `*`
