@@ -101,3 +101,61 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
     redis.proc.kill('SIGKILL');
   }
 });
+
+test('a page on another origin falls back to SSE on the gateway (CORS), and publishes over it', async () => {
+  tool(CHROMIUM, 'chromium');
+  const gatewayPort = await freePort();
+  const node = (await start(gatewayPort, ['--node-id', 'g', '--demo'])).proc;
+  // The application's site: another origin (another port), serving a page that loads
+  // the client from the gateway and is refused WebSocket (the client is told to give
+  // up on it after one failure, as behind a proxy that refuses upgrades).
+  const { createServer } = await import('node:http');
+  const site = createServer((req, res) => {
+    res.setHeader('content-type', 'text/html');
+    res.end(`<!doctype html><title>waiting</title>
+<script src="http://127.0.0.1:${gatewayPort}/herald.js"></script>
+<script>
+  const c = new Herald.Client('ws://127.0.0.1:${gatewayPort}/ws', {
+    sseAfterFailures: 1, minReconnectDelay: 50, maxReconnectDelay: 200,
+    WebSocket: class { constructor() { throw new Error('no WebSocket here'); } },
+  });
+  const sub = c.subscribe('demo:chat');
+  sub.on('subscribed', () => {
+    document.body.dataset.transport = c.transport;
+    document.body.dataset.subscribed = 'yes';
+  });
+  sub.on('message', (d) => {
+    document.title = 'got ' + JSON.stringify(d);
+    if (d.text === 'hello') c.publish('demo:chat', { text: 'from the other origin' });
+  });
+</script>`);
+  });
+  await new Promise((r) => site.listen(0, '127.0.0.1', r));
+  let browser;
+  try {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+    });
+    const page = await browser.newPage();
+    const console = [];
+    page.on('console', (m) => console.push(m.text()));
+    await page.goto(`http://127.0.0.1:${site.address().port}/`);
+    try {
+      await until('subscribed over SSE', async () => (await page.getAttribute('body', 'data-subscribed')) === 'yes');
+    } catch (e) {
+      throw new Error(`${e.message}; page console: ${console.join(' | ')}`);
+    }
+    assert.equal(await page.getAttribute('body', 'data-transport'), 'sse');
+    // Its reply goes back through /sse/publish (a cross-origin POST with a preflight);
+    // it arrives as a second message on the same stream.
+    await publish(gatewayPort, 'demo:chat', { text: 'hello' });
+    await until('the message, then the page\'s own reply', async () =>
+      (await page.title()) === `got ${JSON.stringify({ text: 'from the other origin' })}`,
+    );
+  } finally {
+    await browser?.close();
+    site.close();
+    node.kill('SIGKILL');
+  }
+});
