@@ -148,6 +148,9 @@ pub struct Metrics {
     /// Publications of a history channel that arrived again (already delivered) and
     /// were skipped.
     pub history_duplicates: IntCounter,
+    /// Publications of an epoch the stream had already left when they arrived (an old
+    /// epoch's, still in flight): skipped.
+    pub history_stale: IntCounter,
     /// Time for the broker's history script (a publish batch on history channels).
     pub history_script_seconds: Histogram,
 }
@@ -362,6 +365,10 @@ impl Metrics {
             history_duplicates: counter(
                 "herald_history_duplicates_total",
                 "Publications of history channels that arrived again and were skipped.",
+            )?,
+            history_stale: counter(
+                "herald_history_stale_total",
+                "Publications of an epoch the stream had already left when they reached the node (an old epoch's, still in flight); skipped.",
             )?,
             history_script_seconds: histogram(
                 "herald_history_script_seconds",

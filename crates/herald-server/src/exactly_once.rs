@@ -63,7 +63,7 @@ proptest! {
     fn every_publication_once_in_order(ops in proptest::collection::vec(op(), 1..200), slow in 0..SUBSCRIBERS) {
         let metrics = Metrics::unregistered();
         let (tx, _rx) = inbound(8, metrics.clone());
-        let hub = Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics.clone(), 100));
+        let hub = Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics.clone(), 100, 1 << 20));
         // One subscriber with a budget of a few messages (it never reads: a slow
         // consumer); the others with plenty.
         let env = |budget| Arc::new(SessionEnv { metrics: metrics.clone(), ..(*env(budget)).clone() });
@@ -206,6 +206,9 @@ mod history {
         channels: Vec<ChannelName>,
         /// (channel, epoch, offset) → the number published there.
         published: HashMap<(usize, Epoch, u64), u64>,
+        /// Epochs in the order the broker made them (epochs are random: this is how
+        /// the checker tells an older one from a newer one).
+        epochs: HashMap<Epoch, usize>,
         n: u64,
         subscribed: [[bool; CHANNELS]; SUBSCRIBERS],
         pending: HashMap<(usize, usize), Pending>,
@@ -213,7 +216,7 @@ mod history {
     }
 
     impl World {
-        async fn read_page(&self, c: usize, since: Option<Since>) -> HistoryPage {
+        async fn read_page(&mut self, c: usize, since: Option<Since>) -> HistoryPage {
             // As `Stream::resume` reads.
             let (from, count, only_in) = match since {
                 Some(Since {
@@ -222,10 +225,14 @@ mod history {
                 }) => (offset, MAX_RECOVERY, Some(e)),
                 _ => (0, 0, None),
             };
-            self.broker
+            let page = self
+                .broker
                 .history(&self.channels[c], POLICY, from, count, only_in)
                 .await
-                .unwrap()
+                .unwrap();
+            let n = self.epochs.len();
+            self.epochs.entry(page.top.epoch).or_insert(n);
+            page
         }
 
         /// Reads subscriber `s`'s queue and checks every frame against what it saw.
@@ -240,6 +247,12 @@ mod history {
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
                 let c: usize = v["channel"].as_str().unwrap()[1..].parse().unwrap();
                 let epoch = || Epoch::parse(v["epoch"].as_str().unwrap()).unwrap();
+                // An epoch first seen here was made by a read of the node's (a repair
+                // on a stream the broker had lost), after everything seen before.
+                if let Some(e) = v["epoch"].as_str().and_then(Epoch::parse) {
+                    let n = self.epochs.len();
+                    self.epochs.entry(e).or_insert(n);
+                }
                 let seen = &mut self.seen[s][c];
                 match v["op"].as_str().unwrap() {
                     "subscribed" => {
@@ -257,7 +270,7 @@ mod history {
                     "reset" => {
                         prop_assert!(seen.live, "reset before subscribed: {}", t.as_str());
                         let to = (epoch(), v["offset"].as_u64().unwrap());
-                        // A reset skips ahead or moves to another epoch; one that goes
+                        // A reset skips ahead or moves to a newer epoch; one that goes
                         // back re-delivers what the subscriber already has.
                         prop_assert!(
                             seen.at.is_none_or(|(e, o)| e != to.0 || to.1 >= o),
@@ -267,6 +280,16 @@ mod history {
                             seen.at,
                             to
                         );
+                        if let Some((e, _)) = seen.at.filter(|(e, _)| *e != to.0) {
+                            prop_assert!(
+                                self.epochs.get(&to.0) > self.epochs.get(&e),
+                                "subscriber {} channel {}: reset from {:?} into an older epoch {:?}",
+                                s,
+                                c,
+                                seen.at,
+                                to
+                            );
+                        }
                         seen.at = Some(to);
                     }
                     "message" => {
@@ -302,6 +325,8 @@ mod history {
             };
             let r = self.broker.publish(vec![req]).await.unwrap();
             let pos = r[0].position.unwrap();
+            let n = self.epochs.len();
+            self.epochs.entry(pos.epoch).or_insert(n);
             self.published.insert((c, pos.epoch, pos.offset), self.n);
         }
 
@@ -354,7 +379,7 @@ mod history {
                 let metrics = Metrics::unregistered();
                 let (tx, rx) = inbound(100_000, metrics.clone());
                 let broker = Arc::new(MemoryBroker::new(tx));
-                let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 10_000));
+                let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 10_000, 1 << 24));
                 let env = env(1 << 24);
                 let mut w = World {
                     broker,
@@ -363,6 +388,7 @@ mod history {
                     handles: (0..SUBSCRIBERS).map(|_| Arc::new(SessionHandle::new(0, env.clone()))).collect(),
                     channels: (0..CHANNELS).map(|c| ChannelName::new(&format!("h{c}")).unwrap()).collect(),
                     published: HashMap::new(),
+                    epochs: HashMap::new(),
                     n: 0,
                     subscribed: [[false; CHANNELS]; SUBSCRIBERS],
                     pending: HashMap::new(),

@@ -69,15 +69,24 @@ pub(crate) struct StreamEnv {
     max_pending: usize,
     /// Bounds the repairs reading at once ([`REPAIRS_AT_ONCE`]).
     repairs: Semaphore,
+    /// What a replay may queue to one subscriber (half of `limits.outbound_queue_bytes`):
+    /// more would close it as a slow consumer.
+    replay_budget: usize,
 }
 
 impl StreamEnv {
-    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics, max_pending: usize) -> Self {
+    pub(crate) fn new(
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        max_pending: usize,
+        replay_budget: usize,
+    ) -> Self {
         StreamEnv {
             broker,
             metrics,
             max_pending,
             repairs: Semaphore::new(REPAIRS_AT_ONCE),
+            replay_budget,
         }
     }
 }
@@ -296,7 +305,7 @@ impl Stream {
         // queue would close it as a slow consumer before its `subscribed`, and its
         // client would resume into the same wall again and again. It is refused instead
         // (`recovered:false`, before anything is queued): the client is told plainly.
-        let budget = member.handle.env.max_queued_bytes / 2;
+        let budget = self.env.replay_budget;
         if let Merged::Ready {
             recovered: Some(true),
             out,
@@ -346,10 +355,14 @@ impl Stream {
         {
             s.floor = Some(through);
         }
-        // The node last delivered another epoch than this member now has: one of the two
-        // is stale. The stream tells which, and the repair announces it to whoever is
-        // behind.
-        if s.repairing.is_none() && s.last.is_some_and(|l| l.epoch != through.epoch) {
+        // The node (or, before any arrival, another member) is in another epoch than this
+        // member now has: one of the two is stale. The stream tells which, and the
+        // repair announces it to whoever is behind.
+        if s.repairing.is_none()
+            && s.last
+                .or(s.floor)
+                .is_some_and(|l| l.epoch != through.epoch)
+        {
             s.repairing = Some(Vec::new());
             tokio::spawn(self.clone().repair(through));
         }
@@ -463,28 +476,36 @@ impl Stream {
         }
     }
 
-    /// Delivers a publication to the live members that do not have it yet.
-    fn fan_out(&self, s: &mut State, p: &Publication) {
-        let Some(pos) = p.position else { return };
-        // A member still in another epoch was not told of the change (it completed in
-        // an epoch the node had already left): tell it before it gets the publication.
+    /// Tells every live member still in another epoch than `at`'s that the stream goes
+    /// on after `at` (members of `at`'s epoch keep their position).
+    fn reset_other_epochs(&self, s: &mut State, at: StreamPosition) {
         if s.members
             .values()
-            .any(|m| matches!(m.phase, Phase::Live { through } if through.epoch != pos.epoch))
+            .any(|m| matches!(m.phase, Phase::Live { through } if through.epoch != at.epoch))
         {
-            self.reset_to(
-                s,
-                StreamPosition {
-                    offset: pos.offset.saturating_sub(1),
-                    epoch: pos.epoch,
-                },
-            );
+            let reset = Item::reply(server::reset(self.channel.as_str(), at));
+            for m in s.members.values_mut() {
+                if let Phase::Live { through } = &mut m.phase {
+                    if through.epoch != at.epoch {
+                        *through = at;
+                        m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                    }
+                }
+            }
         }
+    }
+
+    /// Delivers a publication to the live members of its epoch that do not have it yet.
+    /// A member in another epoch gets nothing here: the stream decides, through a
+    /// repair, which of the two is current, and resets whoever is not in it.
+    fn fan_out(&self, s: &mut State, p: &Publication) {
+        let Some(pos) = p.position else { return };
         // `positions`: only members that do (or do not) track positions; `None`: all.
         let live = |positions: Option<bool>| {
             s.members.values().filter(move |m| {
                 positions.is_none_or(|p| m.positions == p)
-                    && matches!(m.phase, Phase::Live { through } if through.offset < pos.offset)
+                    && matches!(m.phase, Phase::Live { through }
+                        if through.epoch == pos.epoch && through.offset < pos.offset)
             })
         };
         let plain = Item::delivery(p, false);
@@ -501,7 +522,7 @@ impl Stream {
         }
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
-                if through.offset < pos.offset {
+                if through.epoch == pos.epoch && through.offset < pos.offset {
                     *through = pos;
                 }
             }
@@ -509,71 +530,121 @@ impl Stream {
     }
 
     /// Reads the publications after `since` from the stream and delivers them, then
-    /// what arrived while reading; a hole the stream cannot fill becomes a `reset`. When
-    /// the stream is in another epoch than `since`'s, the members are told (`reset`) and
-    /// get what the new epoch's stream holds; publications of any other epoch that
-    /// arrived before the read are an old epoch's, still in flight: skipped.
+    /// what arrived while reading; a hole the stream cannot fill becomes a `reset`.
+    ///
+    /// The read also says which epoch the stream is in: that one is confirmed. If the
+    /// node was in another, it moves (every member not in the confirmed epoch, or
+    /// behind where the read continues, gets a `reset`); members left in another epoch
+    /// are brought into it even when the node was not. Publications of another epoch
+    /// that arrived before the read are an old epoch's, still in flight: skipped; ones
+    /// that arrived during it are checked again. A read that fails confirms nothing:
+    /// what waits stays waiting and the read is tried again with backoff.
     async fn repair(self: Arc<Self>, since: StreamPosition) {
-        let read_after = self.state.lock().repairing.as_ref().map_or(0, Vec::len);
-        let page = {
-            let _permit = self.env.repairs.acquire().await;
-            let size = self.policy.size;
-            let read = |from| {
-                self.env
-                    .broker
-                    .history(&self.channel, self.policy, from, size, None)
+        let mut attempt = 0u32;
+        let (page, from_start, read_after) = loop {
+            let read_after = self.state.lock().repairing.as_ref().map_or(0, Vec::len);
+            let (page, from_start) = {
+                let _permit = self.env.repairs.acquire().await;
+                let size = self.policy.size;
+                let read = |from| {
+                    self.env
+                        .broker
+                        .history(&self.channel, self.policy, from, size, None)
+                };
+                match read(since.offset).await {
+                    Ok(page) if page.top.epoch != since.epoch => (read(0).await, true),
+                    other => (other, false),
+                }
             };
-            match read(since.offset).await {
-                Ok(page) if page.top.epoch != since.epoch => read(0).await,
-                other => other,
+            match page {
+                Ok(page) => break (page, from_start, read_after),
+                Err(e) => {
+                    let gone = {
+                        let mut s = self.state.lock();
+                        // Nobody left to repair for (the channel may be gone).
+                        let gone = s.members.is_empty();
+                        if gone {
+                            s.repairing = None;
+                        }
+                        gone
+                    };
+                    if gone {
+                        return;
+                    }
+                    tracing::warn!(channel = %self.channel, error = %e, "history repair failed; retrying");
+                    let delay = Duration::from_millis(100u64 << attempt.min(6));
+                    tokio::time::sleep(delay.min(Duration::from_secs(5))).await;
+                    attempt += 1;
+                }
             }
         };
         let mut s = self.state.lock();
         let waiting = s.repairing.take().unwrap_or_default();
         self.env.metrics.history_repairs.inc();
-        let epoch = match page {
-            Ok(page) => {
-                if page.top.epoch != since.epoch {
-                    // A new epoch: announce it from where its stream begins here.
-                    let first = page.publications.first().and_then(Publication::offset);
-                    let at = StreamPosition {
-                        offset: first.map_or(page.top.offset, |o| o.saturating_sub(1)),
-                        epoch: page.top.epoch,
-                    };
-                    self.env.metrics.history_unrepairable.inc();
-                    self.reset_to(&mut s, at);
-                    s.last = Some(at);
-                }
-                self.buffer(&mut s, &page.publications);
-                for p in page.publications {
-                    let reference = s.last.or(s.floor);
-                    if p.position
-                        .is_some_and(|pos| verdict(reference, pos) == Verdict::Deliver)
-                    {
-                        self.env.metrics.history_repaired.inc();
-                    }
-                    self.accept(&mut s, p, false);
-                }
-                Some(page.top.epoch)
-            }
-            Err(e) => {
-                tracing::warn!(channel = %self.channel, error = %e, "history repair failed");
-                None
-            }
+        let current = page.top.epoch;
+        // Where the fetched publications continue from, in the current epoch.
+        let mut fetched = page.publications;
+        let mut at = StreamPosition {
+            offset: if from_start {
+                fetched
+                    .first()
+                    .and_then(Publication::offset)
+                    .map_or(page.top.offset, |o| o.saturating_sub(1))
+            } else {
+                since.offset
+            },
+            epoch: current,
         };
+        let moved = s.last.or(s.floor).is_some_and(|r| r.epoch != current);
+        if moved {
+            // A new epoch's stream is replayed to every member it resets: within the
+            // queue budget, or not at all (the reset then names the top).
+            if replay_cost(&fetched) > self.env.replay_budget {
+                fetched.clear();
+                at.offset = page.top.offset;
+            }
+            self.env.metrics.history_unrepairable.inc();
+            self.reset_to(&mut s, at);
+            s.last = Some(at);
+        } else {
+            self.reset_other_epochs(&mut s, at);
+        }
+        self.buffer(&mut s, &fetched);
+        for p in fetched {
+            let reference = s.last.or(s.floor);
+            match p.position.map(|pos| verdict(reference, pos)) {
+                Some(Verdict::Deliver) => self.env.metrics.history_repaired.inc(),
+                // The node has it, but a member brought into this epoch above may not:
+                // fan-out gives each member only what it lacks.
+                Some(Verdict::Duplicate) => {
+                    self.fan_out(&mut s, &p);
+                    continue;
+                }
+                _ => {}
+            }
+            self.accept(&mut s, p, false);
+        }
         for (i, p) in waiting.into_iter().enumerate() {
             let Some(pos) = p.position else { continue };
-            match epoch {
+            if pos.epoch == current {
+                self.feed(&mut s, p, false);
+            } else if i < read_after {
                 // Arrived before the read, which found the stream in another epoch.
-                Some(e) if pos.epoch != e && i < read_after => {
-                    self.env.metrics.history_duplicates.inc();
-                }
+                self.env.metrics.history_stale.inc();
+            } else {
                 // Arrived while reading, in another epoch than the read found: ask again.
-                Some(e) if pos.epoch != e => self.feed(&mut s, p, true),
-                _ => self.feed(&mut s, p, false),
+                self.feed(&mut s, p, true);
             }
         }
     }
+}
+
+/// What delivering `ps` costs a subscriber's queue, about: each frame's payload,
+/// channel and fields, and its queue slot.
+fn replay_cost(ps: &[Publication]) -> usize {
+    ps.iter()
+        .map(|p| p.payload.len() + p.channel.as_str().len() + 64 + crate::handle::ITEM_OVERHEAD)
+        .sum()
 }
 
 /// What queueing the replayed part of `out` (offsets up to `top`) costs a subscriber's
@@ -931,7 +1002,7 @@ mod tests {
     }
 
     fn stream_on(broker: Arc<dyn Broker>, metrics: Metrics) -> Arc<Stream> {
-        let env = Arc::new(StreamEnv::new(broker, metrics, 100));
+        let env = Arc::new(StreamEnv::new(broker, metrics, 100, 1 << 20));
         Arc::new(Stream::new(
             ChannelName::new("news").unwrap(),
             policy(),

@@ -84,11 +84,23 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    pub(crate) fn new(broker: Arc<dyn Broker>, metrics: Metrics, max_pending: usize) -> Self {
+    /// `max_pending`: `limits.max_recovery_buffer`; `replay_budget`: what one replay may
+    /// queue to a subscriber (half of `limits.outbound_queue_bytes`).
+    pub(crate) fn new(
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        max_pending: usize,
+        replay_budget: usize,
+    ) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
-            streams: Arc::new(StreamEnv::new(broker.clone(), metrics.clone(), max_pending)),
+            streams: Arc::new(StreamEnv::new(
+                broker.clone(),
+                metrics.clone(),
+                max_pending,
+                replay_budget,
+            )),
             broker,
             metrics,
         }
@@ -220,7 +232,12 @@ mod tests {
     fn hub() -> Arc<Hub> {
         let metrics = Metrics::unregistered();
         let (tx, _rx) = inbound(8, metrics.clone());
-        Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics, 100))
+        Arc::new(Hub::new(
+            Arc::new(MemoryBroker::new(tx)),
+            metrics,
+            100,
+            1 << 20,
+        ))
     }
 
     #[test]

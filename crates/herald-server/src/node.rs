@@ -87,6 +87,7 @@ impl Node {
                 broker.clone(),
                 metrics.clone(),
                 config.limits.max_recovery_buffer,
+                config.limits.outbound_queue_bytes / 2,
             )),
             broker,
             node_id,
