@@ -358,11 +358,7 @@ impl Stream {
         // The node (or, before any arrival, another member) is in another epoch than this
         // member now has: one of the two is stale. The stream tells which, and the
         // repair announces it to whoever is behind.
-        if s.repairing.is_none()
-            && s.last
-                .or(s.floor)
-                .is_some_and(|l| l.epoch != through.epoch)
-        {
+        if s.repairing.is_none() && s.last.or(s.floor).is_some_and(|l| l.epoch != through.epoch) {
             s.repairing = Some(Vec::new());
             tokio::spawn(self.clone().repair(through));
         }
