@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use herald_testkit::{
-    eventually, history_rule, http, redis_config, Client, Node, RedisServer, WAIT,
+    eventually, history_rule, http, json, redis_config, Client, Node, RedisServer, WAIT,
 };
 use serde_json::Value;
 
@@ -347,6 +347,66 @@ async fn a_redis_restart_without_persistence_changes_the_epoch() {
     let sub = back.subscribe_since("news:z", Some((5, &old))).await;
     assert_eq!(sub["recovered"], false, "{sub}");
     assert_eq!(epoch(&sub), new);
+}
+
+/// Publishes `data` to `channel`, retrying while the node reconnects to Redis; the
+/// reply of the publish that was accepted.
+async fn publish_when_back(node: &Node, channel: &str, data: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, reply) = node.publish_with_key(channel, data, None).await;
+        if status == 200 {
+            return reply;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "publish kept failing: {status} {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Redis killed and restarted from an older RDB snapshot (a crashed host, a restored
+/// backup): its data says the channel is at offset 3 of the same epoch, while clients
+/// hold 4..6. The new process must start a new epoch, not hand out 4..6 again: a live
+/// subscriber is told `reset` and gets the new publication (before, it dropped it as a
+/// duplicate of its offset 4), and a client resuming from 5 of the old epoch is refused
+/// (before, `recovered:true` over a stream mixing old and new content).
+#[tokio::test]
+async fn a_redis_restored_from_an_older_snapshot_starts_a_new_epoch() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 100)]
+    })
+    .await;
+    let mut live = node.client().await;
+    let old = epoch(&live.subscribe_since("news:r", None).await);
+    node.publish_numbers("news:r", 1, 3).await;
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    node.publish_numbers("news:r", 4, 6).await;
+    assert_numbers(&live.messages(6).await, 1, 6, 1);
+
+    redis.restart(); // SIGKILL, then a new process that loads the snapshot of 1..3
+    assert_eq!(redis.cli(&["HGET", "{herald:news:r}.meta", "s"]).trim(), "3");
+    let reply = publish_when_back(&node, "news:r", "7").await;
+    assert_ne!(reply["epoch"].as_str(), Some(old.as_str()), "{reply}");
+    assert_eq!(reply["offset"], 1, "{reply}");
+
+    let got = live.messages(2).await;
+    assert_eq!(got[0]["op"], "reset", "{got:?}");
+    assert_ne!(epoch(&got[0]), old);
+    assert_eq!(got[1]["offset"], 1, "{got:?}");
+    assert_eq!(got[1]["data"], 7, "{got:?}");
+
+    let mut back = node.client().await;
+    let sub = back.subscribe_since("news:r", Some((5, &old))).await;
+    assert_eq!(sub["recovered"], false, "{sub}");
+    assert_eq!(sub["offset"], 1, "{sub}");
+
+    // A second publication in the new process stays in its epoch (the lineage check
+    // does not start an epoch per publication).
+    let again = publish_when_back(&node, "news:r", "8").await;
+    assert_eq!((&again["epoch"], &again["offset"]), (&reply["epoch"], &json!(2)));
 }
 
 /// The node's pub/sub connection is killed while a publisher keeps publishing (and

@@ -3,7 +3,7 @@
 //! every operation runs within.
 
 use crate::push::push_handler;
-use crate::shared::{Conn, Inner};
+use crate::shared::{Conn, Inner, RunId};
 use redis::{ProtocolVersion, Value};
 
 /// `work` within `redis.timeout`; running out of time is an I/O error naming `what`.
@@ -32,7 +32,7 @@ pub(crate) async fn ping(inner: &Inner, conn: &Conn) -> redis::RedisResult<()> {
     let cmd = redis::cmd("PING");
     let ping = async {
         match conn.clone() {
-            Conn::Single(mut c) => cmd.query_async::<Value>(&mut c).await.map(drop),
+            Conn::Single(mut c, _) => cmd.query_async::<Value>(&mut c).await.map(drop),
             Conn::Cluster(mut c) => c
                 .route_command(
                     cmd.clone(),
@@ -63,11 +63,11 @@ pub(crate) async fn connect(inner: &Inner, generation: u64) -> redis::RedisResul
             .set_connection_timeout(Some(inner.config.timeout))
             .set_response_timeout(Some(inner.config.timeout))
             .set_push_sender(handler);
-        Ok(Conn::Single(
-            client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await?,
-        ))
+        let mut c = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let id = RunId::of(&mut c).await?;
+        Ok(Conn::Single(c, id))
     }
 }
 

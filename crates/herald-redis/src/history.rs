@@ -32,10 +32,11 @@ pub(crate) async fn history(
         .arg(millis(policy.meta_ttl))
         .arg(since)
         .arg(count)
-        .arg(only_in.map_or(0, |e| e.get()));
+        .arg(only_in.map_or(0, |e| e.get()))
+        .arg(conn.run_id());
     let work = async {
         match conn {
-            Conn::Single(mut c) => inv.invoke_async::<Value>(&mut c).await,
+            Conn::Single(mut c, _) => inv.invoke_async::<Value>(&mut c).await,
             Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
         }
     };

@@ -9,7 +9,7 @@ use herald_broker::{BrokerError, PublishRequest, Published};
 use redis::Value;
 
 use crate::scripts::{in_flight, is_noscript, outcome, plan, unavailable, Plan, Scripts};
-use crate::shared::Conn;
+use crate::shared::{Conn, RunId};
 
 /// Where a request goes: the connection, the scripts, the key prefix, the deadline.
 pub(crate) struct Redis<'a> {
@@ -35,16 +35,17 @@ pub(crate) async fn publish(
         timeout: limit,
     } = to;
     let cluster = matches!(conn, Conn::Cluster(_));
+    let run_id = conn.run_id();
     let script = batch
         .iter()
         .any(|r| r.history.is_some() || r.idempotency.is_some());
     let plans: Vec<Plan> = batch
         .iter()
-        .map(|r| plan(scripts, prefix, cluster, r, script))
+        .map(|r| plan(scripts, prefix, cluster, run_id, r, script))
         .collect();
     let work = async {
         match conn {
-            Conn::Single(mut c) => publish_pipelined(&mut c, scripts, &plans).await,
+            Conn::Single(mut c, _) => publish_pipelined(&mut c, scripts, &plans).await,
             // Sequential: keeps per-channel order without relying on how the cluster
             // client interleaves requests to different masters.
             Conn::Cluster(mut c) => {
@@ -148,6 +149,8 @@ async fn send_one<C: redis::aio::ConnectionLike>(
 pub struct BackendPublisher {
     /// One multiplexed connection; requests are pipelined on it.
     conn: redis::aio::MultiplexedConnection,
+    /// The server's `run_id`, which the publish script checks the epoch's lineage by.
+    run_id: RunId,
     /// The publish script, loaded again where Redis lost it.
     scripts: Scripts,
     /// The nodes' `redis.prefix`.
@@ -160,12 +163,14 @@ impl BackendPublisher {
     /// Connects to the Redis at `url`; `prefix` is the nodes' `redis.prefix`.
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, BrokerError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
-        let conn = client
+        let mut conn = client
             .get_multiplexed_async_connection()
             .await
             .map_err(unavailable)?;
+        let run_id = RunId::of(&mut conn).await.map_err(unavailable)?;
         Ok(BackendPublisher {
             conn,
+            run_id,
             scripts: Scripts::new(),
             prefix: prefix.to_owned(),
             timeout: Duration::from_secs(10),
@@ -175,7 +180,7 @@ impl BackendPublisher {
     /// Publishes `batch` in order, in one round trip, as a node does.
     pub async fn publish(&self, batch: &[PublishRequest]) -> Result<Vec<Published>, BrokerError> {
         let to = Redis {
-            conn: Conn::Single(self.conn.clone()),
+            conn: Conn::Single(self.conn.clone(), self.run_id.clone()),
             scripts: &self.scripts,
             prefix: &self.prefix,
             timeout: self.timeout,

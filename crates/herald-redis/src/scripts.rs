@@ -5,7 +5,8 @@
 //! same scripts work on Redis Cluster with sharded pub/sub:
 //!
 //! ```text
-//! {PC}.meta          hash  e = epoch (decimal), s = last offset      PEXPIRE meta_ttl
+//! {PC}.meta          hash  e = epoch (decimal), s = last offset,     PEXPIRE meta_ttl
+//!                          r = run_id of the server that wrote e
 //! {PC}.stream        stream, entry id "<offset>-0", field d = body   MAXLEN ~ size, PEXPIRE ttl
 //! {PC}.idem.<key>    string "<offset>:<epoch>" of a publish           PX idempotency window
 //! PC                 the pub/sub channel (hashes like {PC}: no braces in channel names)
@@ -18,6 +19,10 @@
 //! offset, appends the body to the stream, refreshes both TTLs; then publishes the
 //! envelope (with offset and epoch) and remembers the idempotency key. Atomic: a
 //! publication is either stored and published or neither.
+//!
+//! Both start a new epoch when the server process is not the one that wrote the
+//! current epoch (see `ensure_epoch!`): a server that restarted from older data must
+//! not hand out offsets again.
 //!
 //! **History script**: creates the epoch when missing (so a position handed to a client
 //! before the first publication stays valid), refreshes the meta TTL, and returns the
@@ -37,19 +42,39 @@ use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use redis::{Script, Value};
 
 /// Lua shared by both scripts: the channel's epoch (`KEYS[1]` is its meta hash,
-/// `KEYS[2]` its stream), created from `new` when missing; a stream that outlived its
-/// meta hash (evicted, expired) is deleted then, so offsets restart cleanly.
+/// `KEYS[2]` its stream), created from `new` when missing, and a new one when the
+/// epoch was written by another server process than this one (`rid`, this server's
+/// `run_id`; empty: the script reads it from `INFO server`, which costs a few
+/// microseconds).
+///
+/// Why the process: Redis persists the meta hash and the stream together, so a server
+/// that restarts from older files (an RDB snapshot, an AOF that lost its last second, a
+/// restored backup) or a lagging replica promoted by a failover comes back with an
+/// older offset in the same epoch, and would hand out offsets that clients already
+/// received with other content. Nothing in the data can tell that it is old; the
+/// process can: every such case is a new process. The price is a new epoch (clients
+/// told `reset` / `recovered:false`) after every restart or failover, also the ones
+/// that lost nothing. Either way the old stream is deleted, so offsets restart cleanly
+/// (also when the meta hash was evicted or expired and the stream survived it).
 macro_rules! ensure_epoch {
     () => {
         r#"
-local function ensure_epoch(new)
-  local e = redis.call('HGET', KEYS[1], 'e')
-  if not e then
-    e = new
-    redis.call('HSET', KEYS[1], 'e', e, 's', 0)
-    redis.call('DEL', KEYS[2])
+local function ensure_epoch(new, rid)
+  if rid == nil or rid == '' then
+    rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
   end
-  return e
+  local m = redis.call('HMGET', KEYS[1], 'e', 'r')
+  local e = m[1]
+  if e and m[2] == rid then
+    return e
+  end
+  if e == new then
+    -- A new epoch must differ from the one it replaces.
+    new = tostring(tonumber(new) % 2821109907455 + 1)
+  end
+  redis.call('HSET', KEYS[1], 'e', new, 's', 0, 'r', rid)
+  redis.call('DEL', KEYS[2])
+  return new
 end
 "#
     };
@@ -61,7 +86,9 @@ end
 /// `ARGV`: 1 pub/sub channel, 2 envelope head (16 bytes; flag bit 0 set on history
 /// channels), 3 payload, 4 history size (0: no history), 5 history TTL ms, 6 meta TTL
 /// ms, 7 epoch to use if the channel has none (decimal, below 36^8), 8 `PUBLISH` or
-/// `SPUBLISH`, 9 idempotency window ms (0: none).
+/// `SPUBLISH`, 9 idempotency window ms (0: none), 10 the server's `run_id` (from
+/// `INFO server` on the connection the script is sent on; empty: the script reads it,
+/// slower), which starts a new epoch on a server that did not write the current one.
 /// Returns `{offset, epoch, duplicate}` (offset and epoch 0 without history).
 pub const PUBLISH_SCRIPT: &str = concat!(
     ensure_epoch!(),
@@ -83,7 +110,7 @@ end
 local offset, epoch = 0, 0
 local body
 if tonumber(ARGV[4]) > 0 then
-  epoch = tonumber(ensure_epoch(ARGV[7]))
+  epoch = tonumber(ensure_epoch(ARGV[7], ARGV[10]))
   offset = redis.call('HINCRBY', KEYS[1], 's', 1)
   body = ARGV[2] .. be64(offset) .. be64(epoch) .. ARGV[3]
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], offset .. '-0', 'd', body)
@@ -102,12 +129,13 @@ return {offset, epoch, 0}
 
 /// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
 /// none, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the epoch the read must be in to
-/// read entries, and then at most `limit` behind the top (0: any epoch, any distance).
+/// read entries, and then at most `limit` behind the top (0: any epoch, any distance),
+/// 6 the server's `run_id` (as for the publish script).
 /// Returns `{epoch, top, entries}`.
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),
     r#"
-local e = ensure_epoch(ARGV[1])
+local e = ensure_epoch(ARGV[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local top = tonumber(redis.call('HGET', KEYS[1], 's'))
 local entries = {}
@@ -200,6 +228,7 @@ pub(crate) fn plan(
     scripts: &Scripts,
     prefix: &str,
     cluster: bool,
+    run_id: &str,
     req: &PublishRequest,
     script: bool,
 ) -> Plan {
@@ -235,7 +264,8 @@ pub(crate) fn plan(
         .arg(h.map_or(0, |h| millis(h.meta_ttl)))
         .arg(herald_broker::new_epoch().get())
         .arg(command)
-        .arg(idem.map_or(0, |i| millis(i.window)));
+        .arg(idem.map_or(0, |i| millis(i.window)))
+        .arg(run_id);
     Plan::Script(cmd)
 }
 

@@ -17,10 +17,50 @@ use crate::config::RedisConfig;
 /// A connection of either kind; both are cheap handles to a shared driver task.
 #[derive(Clone)]
 pub(crate) enum Conn {
-    /// A standalone Redis: one RESP3 multiplexed connection.
-    Single(MultiplexedConnection),
+    /// A standalone Redis: one RESP3 multiplexed connection, and the `run_id` of the
+    /// server process it is connected to.
+    Single(MultiplexedConnection, RunId),
     /// Redis Cluster: the redis crate's cluster connection (one per master).
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// The `run_id` of the server behind this connection; empty on a cluster, where one
+    /// connection reaches many servers (the scripts then look it up themselves).
+    pub(crate) fn run_id(&self) -> &str {
+        match self {
+            Conn::Single(_, id) => &id.0,
+            Conn::Cluster(_) => "",
+        }
+    }
+}
+
+/// A Redis server process's identity (`INFO server`'s `run_id`): new at every start and
+/// on every server a failover promotes. History scripts compare it with the one that
+/// last wrote a channel's epoch, so data a server loaded from older files (a restart
+/// from an RDB snapshot, an AOF that lost its tail, a lagging replica promoted) starts
+/// a new epoch instead of handing out offsets again. Only meaningful for the connection
+/// it was read on: a connection never outlives its server, so it cannot be stale.
+#[derive(Clone)]
+pub(crate) struct RunId(pub(crate) Arc<str>);
+
+impl RunId {
+    /// Asks the server behind `c`.
+    pub(crate) async fn of(c: &mut MultiplexedConnection) -> redis::RedisResult<RunId> {
+        let info: String = redis::cmd("INFO").arg("server").query_async(c).await?;
+        parse_run_id(&info).map(|id| RunId(id.into())).ok_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::Parse,
+                "no run_id in INFO server",
+            ))
+        })
+    }
+}
+
+fn parse_run_id(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.trim_end().strip_prefix("run_id:"))
+        .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A channel the hub wants, and the readiness its subscribers wait on.
@@ -68,4 +108,21 @@ pub(crate) struct Inner {
     pub(crate) lost: Arc<Notify>,
     /// The generation of the connection that reported the disconnect.
     pub(crate) lost_generation: Arc<AtomicU64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_run_id;
+
+    #[test]
+    fn run_id_is_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:8e36004d92cef6df76ca907d1b8acbe53eeee351\r\ntcp_port:6379\r\n";
+        assert_eq!(
+            parse_run_id(info),
+            Some("8e36004d92cef6df76ca907d1b8acbe53eeee351")
+        );
+        assert_eq!(parse_run_id("# Server\r\nrun_id:\r\n"), None);
+        assert_eq!(parse_run_id("run_id:not hex\r\n"), None);
+        assert_eq!(parse_run_id("redis_version:7\r\n"), None);
+    }
 }

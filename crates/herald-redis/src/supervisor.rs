@@ -44,7 +44,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
             }
         }
         let commands = match &conn {
-            Conn::Single(_) => conn.clone(),
+            Conn::Single(..) => conn.clone(),
             Conn::Cluster(_) => match connect_commands(&inner).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -135,7 +135,7 @@ async fn serve(
                     continue;
                 }
                 let checked = match conn {
-                    Conn::Single(_) => ping(inner, conn).await,
+                    Conn::Single(..) => ping(inner, conn).await,
                     // Every master answers, and together they hold every channel.
                     Conn::Cluster(c) => shard_subscriptions(inner, c).await.map(|held| {
                         if held != active.len() {

@@ -51,7 +51,7 @@ pub(crate) async fn sync(
     let mut retry: Vec<ChannelName> = Vec::new();
     for (channels, subscribe) in [(&to_sub, true), (&to_unsub, false)] {
         for chunk in channels.chunks(BATCH) {
-            if failure.is_some() && matches!(conn, Conn::Single(_)) {
+            if failure.is_some() && matches!(conn, Conn::Single(..)) {
                 // One connection: once a command failed, the rest would too.
                 retry.extend(chunk.iter().cloned());
                 continue;
@@ -99,7 +99,7 @@ pub(crate) async fn interest(
     const WHAT: &str = "subscription command";
     let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
     match conn.clone() {
-        Conn::Single(mut c) => {
+        Conn::Single(mut c, _) => {
             let keys: Vec<String> = channels.iter().map(key).collect();
             let r = if subscribe {
                 within(inner, WHAT, c.subscribe(&keys)).await
