@@ -387,7 +387,10 @@ async fn a_redis_restored_from_an_older_snapshot_starts_a_new_epoch() {
     assert_numbers(&live.messages(6).await, 1, 6, 1);
 
     redis.restart(); // SIGKILL, then a new process that loads the snapshot of 1..3
-    assert_eq!(redis.cli(&["HGET", "{herald:news:r}.meta", "s"]).trim(), "3");
+    assert_eq!(
+        redis.cli(&["HGET", "{herald:news:r}.meta", "s"]).trim(),
+        "3"
+    );
     let reply = publish_when_back(&node, "news:r", "7").await;
     assert_ne!(reply["epoch"].as_str(), Some(old.as_str()), "{reply}");
     assert_eq!(reply["offset"], 1, "{reply}");
@@ -406,7 +409,10 @@ async fn a_redis_restored_from_an_older_snapshot_starts_a_new_epoch() {
     // A second publication in the new process stays in its epoch (the lineage check
     // does not start an epoch per publication).
     let again = publish_when_back(&node, "news:r", "8").await;
-    assert_eq!((&again["epoch"], &again["offset"]), (&reply["epoch"], &json!(2)));
+    assert_eq!(
+        (&again["epoch"], &again["offset"]),
+        (&reply["epoch"], &json!(2))
+    );
 }
 
 /// The node's pub/sub connection is killed while a publisher keeps publishing (and

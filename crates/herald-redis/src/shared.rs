@@ -48,12 +48,11 @@ impl RunId {
     /// Asks the server behind `c`.
     pub(crate) async fn of(c: &mut MultiplexedConnection) -> redis::RedisResult<RunId> {
         let info: String = redis::cmd("INFO").arg("server").query_async(c).await?;
-        parse_run_id(&info).map(|id| RunId(id.into())).ok_or_else(|| {
-            redis::RedisError::from((
-                redis::ErrorKind::Parse,
-                "no run_id in INFO server",
-            ))
-        })
+        parse_run_id(&info)
+            .map(|id| RunId(id.into()))
+            .ok_or_else(|| {
+                redis::RedisError::from((redis::ErrorKind::Parse, "no run_id in INFO server"))
+            })
     }
 }
 

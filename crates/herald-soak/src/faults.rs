@@ -1,0 +1,105 @@
+//! The faults a run injects, drawn from its seed: which one, on what, for how long,
+//! and the pause before the next. One at a time, each undone before the next (a node
+//! killed is started again, a cut link restored), so that the run keeps serving and
+//! every fault is followed by its recovery.
+
+use std::time::Duration;
+
+/// One fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// SIGKILL node `i`, start it again after the pause.
+    NodeKill(usize, Duration),
+    /// SIGTERM node `i` (it drains), start it again after the pause.
+    NodeTerm(usize, Duration),
+    /// `kill -9` Redis, start it again from its files after the pause.
+    RedisCrash(Duration),
+    /// `kill -9` Redis, cut its AOF's tail (bytes), start again: a rollback.
+    RedisAofTail(u64),
+    /// `kill -9` Redis, start it from the last RDB snapshot alone: a rollback.
+    RedisSnapshot,
+    /// `CLIENT KILL TYPE pubsub` (the nodes' subscriptions) or `normal` (commands).
+    ClientKill(bool),
+    /// Cut the namespace's link for a while.
+    NetCut(Duration),
+    /// Drop this share (permille) of every client group's connections.
+    ClientDrop(u32),
+}
+
+impl Fault {
+    /// A short name, for the run's log and its counts.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Fault::NodeKill(..) => "node SIGKILL",
+            Fault::NodeTerm(..) => "node SIGTERM",
+            Fault::RedisCrash(_) => "redis kill -9",
+            Fault::RedisAofTail(_) => "redis rollback (AOF tail cut)",
+            Fault::RedisSnapshot => "redis rollback (RDB snapshot)",
+            Fault::ClientKill(true) => "CLIENT KILL pubsub",
+            Fault::ClientKill(false) => "CLIENT KILL normal",
+            Fault::NetCut(_) => "network cut",
+            Fault::ClientDrop(_) => "client drops",
+        }
+    }
+}
+
+/// Draws faults from a seed.
+pub(crate) struct Schedule {
+    rng: fastrand::Rng,
+    nodes: usize,
+    netns: bool,
+}
+
+impl Schedule {
+    pub(crate) fn new(seed: u64, nodes: usize, netns: bool) -> Schedule {
+        Schedule {
+            rng: fastrand::Rng::with_seed(seed),
+            nodes,
+            netns,
+        }
+    }
+
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(self.rng.u64(lo..hi))
+    }
+
+    /// The next fault, and the pause after it is undone.
+    pub(crate) fn next(&mut self) -> (Fault, Duration) {
+        let fault = loop {
+            let f = match self.rng.u32(0..100) {
+                0..=17 => Fault::NodeKill(self.rng.usize(..self.nodes), self.ms(300, 3000)),
+                18..=29 => Fault::NodeTerm(self.rng.usize(..self.nodes), self.ms(300, 2000)),
+                30..=39 => Fault::RedisCrash(self.ms(100, 2000)),
+                40..=47 => Fault::RedisAofTail(self.rng.u64(1..64 * 1024)),
+                48..=54 => Fault::RedisSnapshot,
+                55..=66 => Fault::ClientKill(self.rng.bool()),
+                67..=82 => Fault::NetCut(self.ms(500, 6000)),
+                _ => Fault::ClientDrop(self.rng.u32(50..600)),
+            };
+            if self.netns || !matches!(f, Fault::NetCut(_)) {
+                break f;
+            }
+        };
+        (fault, self.ms(500, 4000))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_replays_the_same_faults_and_draws_every_kind() {
+        let draw = |seed| {
+            let mut s = Schedule::new(seed, 3, true);
+            (0..400).map(|_| s.next()).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        let names: std::collections::BTreeSet<&str> =
+            draw(7).iter().map(|(f, _)| f.name()).collect();
+        assert_eq!(names.len(), 9, "{names:?}");
+        let mut s = Schedule::new(7, 3, false);
+        assert!((0..400).all(|_| !matches!(s.next().0, Fault::NetCut(_))));
+    }
+}

@@ -1,0 +1,477 @@
+//! `herald-soak run`: the whole soak. Starts the system, the client groups and the
+//! publishers; injects faults drawn from the seed until the time is up; then undoes
+//! everything, waits for every subscription to receive a message published after the
+//! faults (the fence), stops, and lets the checker judge every delivery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::time::{sleep, Instant};
+
+use crate::check::{is_history, Checker, Report};
+use crate::faults::{Fault, Schedule};
+use crate::publisher::{Ledger, Publisher};
+use crate::record::Record;
+use crate::system::{haproxy, Namespace, Node, Redis, NS};
+
+/// `herald-soak run`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct RunArgs {
+    /// The seed of every random choice (faults, their timing, channels per client).
+    /// Printed at the start: pass it again to replay a run's schedule.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// How long faults are injected.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+    /// Rust clients on loopback.
+    #[arg(long, default_value_t = 100)]
+    rust_clients: usize,
+    /// Rust clients in the network namespace whose link is cut.
+    #[arg(long, default_value_t = 60)]
+    netns_clients: usize,
+    /// JS clients (the repository's client, under Node).
+    #[arg(long, default_value_t = 60)]
+    js_clients: usize,
+    #[arg(long, default_value_t = 8)]
+    history_channels: usize,
+    #[arg(long, default_value_t = 4)]
+    plain_channels: usize,
+    /// Each channel's publisher publishes one message this often (ms).
+    #[arg(long, default_value_t = 100)]
+    publish_every_ms: u64,
+    /// The herald binary (default: the one next to this one).
+    #[arg(long)]
+    herald: Option<PathBuf>,
+    /// Without the network namespace (no root): no network cuts.
+    #[arg(long)]
+    no_netns: bool,
+    /// Where to write the report (JSON).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+const SECRET: &str = "herald-soak-secret-of-at-least-32-bytes";
+const NODES: usize = 3;
+
+/// A running client group: its commands in, its records read by a task.
+struct Group {
+    name: &'static str,
+    child: Child,
+    stdin: ChildStdin,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Group {
+    fn spawn(
+        name: &'static str,
+        mut cmd: Command,
+        log: std::fs::File,
+        checker: Arc<Mutex<Checker>>,
+    ) -> anyhow::Result<Group> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start the {name} client group"))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<Record>(&line) {
+                    Ok(r) => checker.lock().expect("checker").record(&r),
+                    Err(e) => eprintln!("herald-soak: {name}: not a record ({e}): {line}"),
+                }
+            }
+        });
+        Ok(Group {
+            name,
+            child,
+            stdin,
+            reader,
+        })
+    }
+
+    async fn say(&mut self, line: &str) {
+        let _ = self.stdin.write_all(format!("{line}\n").as_bytes()).await;
+        let _ = self.stdin.flush().await;
+    }
+
+    /// `stop`, then waits for its last records.
+    async fn stop(mut self) -> anyhow::Result<()> {
+        self.say("stop").await;
+        let done = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        if done.is_err() {
+            let _ = self.child.kill().await;
+            bail!("the {} client group did not stop", self.name);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.reader).await;
+        Ok(())
+    }
+}
+
+fn node_config(dir: &std::path::Path, redis: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("herald.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[log]
+level = "warn"
+
+[redis]
+url = "{redis}"
+
+[auth]
+anonymous = false
+expiry_grace = "1s"
+
+[auth.jwt]
+hmac_secret = "{SECRET}"
+
+[heartbeat]
+interval = "2s"
+timeout = "2s"
+
+[shutdown]
+drain_window = "1s"
+grace_period = "3s"
+
+[[channels.rules]]
+pattern = "h:*"
+history_size = 1000
+"#
+        ),
+    )?;
+    Ok(path)
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let path = me.with_file_name(name);
+    if !path.is_file() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p herald), or pass --herald",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn all_ready(nodes: &[Node], within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut ready = true;
+        for n in nodes {
+            ready &= n.ready().await;
+        }
+        if ready {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
+    let report = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(soak(args))?;
+    if report.violations_by_kind.is_empty() {
+        Ok(())
+    } else {
+        bail!("violations: {:?}", report.violations_by_kind)
+    }
+}
+
+async fn soak(args: RunArgs) -> anyhow::Result<Report> {
+    let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    println!(
+        "herald-soak: seed {seed} (replay the schedule: herald-soak run --seed {seed} --seconds {})",
+        args.seconds
+    );
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let herald = match &args.herald {
+        Some(p) => p.clone(),
+        None => sibling("herald")?,
+    };
+    let dir = std::env::temp_dir().join(format!("herald-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    println!("herald-soak: files and logs in {}", dir.display());
+
+    let mut redis = tokio::task::block_in_place(|| Redis::start(&dir.join("redis")))?;
+    let config = node_config(&dir, &redis.url())?;
+    let mut nodes: Vec<Node> = (0..NODES)
+        .map(|i| Node::new(&herald, &config, dir.join(format!("node{i}.log"))))
+        .collect();
+    for n in &mut nodes {
+        n.start()?;
+    }
+    if !all_ready(&nodes, Duration::from_secs(30)).await {
+        bail!("the nodes did not become ready (logs in {})", dir.display());
+    }
+    let ns = if args.no_netns {
+        None
+    } else {
+        Some(Namespace::create()?)
+    };
+    let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+    let (_lb, port) = haproxy(&addrs, ns.is_some());
+
+    let channels: Vec<String> = (0..args.history_channels)
+        .map(|i| format!("h:{i}"))
+        .chain((0..args.plain_channels).map(|i| format!("p:{i}")))
+        .collect();
+    let checker = Arc::new(Mutex::new(Checker::default()));
+    let me = std::env::current_exe()?;
+    let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log")));
+    let rust_group = |prefix: &str, n: usize, upstream: String, seed: u64| {
+        vec![
+            "clients".to_owned(),
+            "--upstream".into(),
+            upstream,
+            "--prefix".into(),
+            prefix.into(),
+            "--clients".into(),
+            n.to_string(),
+            "--channels".into(),
+            channels.join(","),
+            "--seed".into(),
+            seed.to_string(),
+            "--secret".into(),
+            SECRET.into(),
+        ]
+    };
+    let mut groups = Vec::new();
+    let mut subscriptions = 0;
+    if args.rust_clients > 0 {
+        let mut cmd = Command::new(&me);
+        cmd.args(rust_group(
+            "r",
+            args.rust_clients,
+            format!("127.0.0.1:{port}"),
+            rng.u64(..),
+        ));
+        groups.push(Group::spawn("rust", cmd, log("rust")?, checker.clone())?);
+        subscriptions += args.rust_clients * 2;
+    }
+    if let (Some((_, host)), true) = (&ns, args.netns_clients > 0) {
+        let mut cmd = Command::new(herald_harness::system_tool("ip", "iproute2"));
+        cmd.args(["netns", "exec", NS]).arg(&me).args(rust_group(
+            "n",
+            args.netns_clients,
+            format!("{host}:{port}"),
+            rng.u64(..),
+        ));
+        groups.push(Group::spawn("netns", cmd, log("netns")?, checker.clone())?);
+        subscriptions += args.netns_clients * 2;
+    }
+    if args.js_clients > 0 {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/js/clients.mjs");
+        let mut cmd = Command::new(herald_harness::system_tool("node", "nodejs"));
+        cmd.args(["--experimental-websocket", "--no-warnings", script])
+            .env("SOAK_UPSTREAM", format!("127.0.0.1:{port}"))
+            .env("SOAK_PREFIX", "j")
+            .env("SOAK_CLIENTS", args.js_clients.to_string())
+            .env("SOAK_CHANNELS", channels.join(","))
+            .env("SOAK_PER_CLIENT", "2")
+            .env("SOAK_SEED", rng.u64(..).to_string())
+            .env("SOAK_SECRET", SECRET);
+        groups.push(Group::spawn("js", cmd, log("js")?, checker.clone())?);
+        subscriptions += args.js_clients * 2;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed = checker.lock().expect("checker").confirmed();
+        if confirmed >= subscriptions {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {confirmed} of {subscriptions} subscriptions were confirmed in 60 s");
+        }
+        sleep(Duration::from_millis(100)).await;
+    }
+    println!("herald-soak: {subscriptions} subscriptions confirmed; publishing, injecting faults");
+
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut next: HashMap<String, Arc<AtomicU64>> = HashMap::new();
+    let mut publishers = Vec::new();
+    for ch in &channels {
+        let n = Arc::new(AtomicU64::new(1));
+        next.insert(ch.clone(), n.clone());
+        let p = Publisher {
+            ch: ch.clone(),
+            next: n,
+        };
+        publishers.push(tokio::spawn(p.run(
+            addrs.clone(),
+            Duration::from_millis(args.publish_every_ms),
+            rng.u64(..),
+            ledger.clone(),
+            stop.clone(),
+        )));
+    }
+
+    let started = Instant::now();
+    let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some());
+    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    sleep(Duration::from_secs(2)).await;
+    while started.elapsed() < Duration::from_secs(args.seconds) {
+        let (fault, pause) = schedule.next();
+        let t = started.elapsed().as_secs_f64();
+        println!("herald-soak: {t:7.1}s {fault:?}");
+        *injected.entry(fault.name()).or_default() += 1;
+        match fault {
+            Fault::NodeKill(i, down) => {
+                nodes[i].kill();
+                sleep(down).await;
+                nodes[i].start()?;
+            }
+            Fault::NodeTerm(i, down) => {
+                nodes[i].terminate().await;
+                sleep(down).await;
+                nodes[i].start()?;
+            }
+            Fault::RedisCrash(down) => {
+                redis.kill();
+                sleep(down).await;
+                tokio::task::block_in_place(|| redis.start_again())?;
+            }
+            Fault::RedisAofTail(bytes) => {
+                redis.kill();
+                let cut = tokio::task::block_in_place(|| redis.start_with_aof_tail_cut(bytes))?;
+                println!("herald-soak:          cut {cut} bytes off the AOF");
+            }
+            Fault::RedisSnapshot => {
+                redis.kill();
+                tokio::task::block_in_place(|| redis.start_from_snapshot())?;
+            }
+            Fault::ClientKill(pubsub) => {
+                let kind = if pubsub { "pubsub" } else { "normal" };
+                let killed =
+                    tokio::task::block_in_place(|| redis.cli(&["CLIENT", "KILL", "TYPE", kind]));
+                println!(
+                    "herald-soak:          killed {} {kind} connections",
+                    killed.trim()
+                );
+            }
+            Fault::NetCut(down) => {
+                if let Some((ns, _)) = &ns {
+                    ns.cut(true)?;
+                    sleep(down).await;
+                    ns.cut(false)?;
+                }
+            }
+            Fault::ClientDrop(permille) => {
+                for g in &mut groups {
+                    g.say(&format!("drop {permille}")).await;
+                }
+            }
+        }
+        sleep(pause).await;
+    }
+    let faulty = started.elapsed();
+
+    // The fence: every node ready, then every subscription must receive a message
+    // published from now on (publishing goes on until they all have, or a minute).
+    for n in nodes.iter_mut().filter(|n| !n.running()) {
+        n.start()?;
+    }
+    if !all_ready(&nodes, Duration::from_secs(30)).await {
+        println!("herald-soak: not every node is ready 30 s after the last fault");
+    }
+    let upto: HashMap<String, u64> = next
+        .iter()
+        .map(|(ch, n)| (ch.clone(), n.load(Ordering::Acquire)))
+        .collect();
+    let fence = Instant::now();
+    let stalled = loop {
+        let behind = checker.lock().expect("checker").behind(&upto);
+        if behind.is_empty() || fence.elapsed() > Duration::from_secs(60) {
+            break behind;
+        }
+        sleep(Duration::from_millis(200)).await;
+    };
+    println!(
+        "herald-soak: fence passed in {:.1}s ({} subscriptions behind)",
+        fence.elapsed().as_secs_f64(),
+        stalled.len()
+    );
+    stop.store(true, Ordering::Release);
+    for p in publishers {
+        let _ = p.await;
+    }
+    // History subscriptions must then receive everything acknowledged, up to the last.
+    let last: HashMap<String, u64> = {
+        let sent = ledger.sent.lock().expect("ledger");
+        let mut last = HashMap::new();
+        for s in sent.iter().filter(|s| is_history(&s.ch) && s.acked()) {
+            let m = last.entry(s.ch.clone()).or_insert(0);
+            *m = s.m.max(*m);
+        }
+        last
+    };
+    let tail = Instant::now();
+    while tail.elapsed() < Duration::from_secs(20)
+        && !checker.lock().expect("checker").behind(&last).is_empty()
+    {
+        sleep(Duration::from_millis(200)).await;
+    }
+    for g in groups {
+        g.stop().await?;
+    }
+
+    let mut checker = Arc::into_inner(checker)
+        .context("the checker is still shared")?
+        .into_inner()
+        .expect("checker");
+    checker.stalled(&stalled);
+    for u in ledger.unexpected.lock().expect("ledger").drain(..) {
+        checker.unexpected(u);
+    }
+    let sent = std::mem::take(&mut *ledger.sent.lock().expect("ledger"));
+    let report = checker.finish(&sent);
+    let summary = serde_json::json!({
+        "seed": seed,
+        "fault_seconds": faulty.as_secs_f64().round(),
+        "clients": args.rust_clients + args.netns_clients + args.js_clients,
+        "channels": {"history": args.history_channels, "plain": args.plain_channels},
+        "faults": injected,
+        "report": report,
+    });
+    let text = serde_json::to_string_pretty(&summary)?;
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text)?;
+    }
+    drop(nodes);
+    drop(redis);
+    if report.violations_by_kind.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+        println!(
+            "herald-soak: seed {seed}: {} faults, {} deliveries checked, violations: 0",
+            injected.values().sum::<u64>(),
+            report.deliveries
+        );
+    } else {
+        println!(
+            "herald-soak: seed {seed}: VIOLATIONS {:?}; node logs kept in {}",
+            report.violations_by_kind,
+            dir.display()
+        );
+    }
+    Ok(report)
+}
