@@ -3,7 +3,12 @@
 use herald_tidy::{boundaries, modules, workspace_root};
 
 /// Crates whose job is testing or measuring: they speak raw frames and Redis on purpose.
-const TEST_SUPPORT: &[&str] = &["herald-testkit", "herald-harness", "herald-tidy"];
+const TEST_SUPPORT: &[&str] = &[
+    "herald-testkit",
+    "herald-harness",
+    "herald-tidy",
+    "herald-soak",
+];
 
 fn crates() -> Vec<(String, std::path::PathBuf)> {
     let dir = workspace_root().join("crates");
