@@ -199,6 +199,66 @@ async fn sse_clients_publish_over_http_with_their_token() {
     assert_eq!(s.event().await.json()["data"], 2);
 }
 
+/// `POST /sse/publish` has the WebSocket publish's rate limit (issue 18): per user, or
+/// per client address for anonymous clients. Before, 500 anonymous publishes went
+/// through in 0.3 s. A client over its rate gets 429 and harms no one: another address
+/// and a signed-in user keep their own budgets, and subscribers get exactly what was
+/// accepted.
+#[tokio::test]
+async fn sse_publishes_are_rate_limited_per_user_and_per_address() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.limits.messages_per_second = 1.0;
+        c.limits.message_burst = 3;
+        c.proxy.trusted = vec!["127.0.0.1/32".parse().unwrap()];
+        let mut chat = history_rule("chat:*", 100);
+        chat.publish = herald_server::config::PublishAccess::Anyone;
+        c.channels.rules = vec![chat];
+    })
+    .await;
+    let mut s = SseClient::connect(node.addr, "/sse?channel=chat:1", &[]).await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    assert_eq!(s.event().await.json()["op"], "subscribed");
+    let post = |n: u32, from: &'static str, token: Option<String>| {
+        let addr = node.addr;
+        async move {
+            let mut h = vec![
+                ("content-type", "application/json".to_owned()),
+                ("x-forwarded-for", from.to_owned()),
+            ];
+            if let Some(t) = token {
+                h.push(("authorization", format!("Bearer {t}")));
+            }
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let body = format!(r#"{{"channel":"chat:1","data":{n}}}"#).into_bytes();
+            herald_testkit::http(addr, "POST", "/sse/publish", &h, body).await
+        }
+    };
+    let mut statuses = Vec::new();
+    for n in 1..=6 {
+        statuses.push(post(n, "203.0.113.7", None).await.status);
+    }
+    assert_eq!(statuses[..3], [200, 200, 200], "{statuses:?}");
+    assert_eq!(
+        statuses[3..].iter().filter(|&&s| s == 429).count(),
+        3,
+        "{statuses:?}"
+    );
+    let refused = post(7, "203.0.113.7", None).await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["code"], "rate_limited", "{:?}", refused.body);
+    // Another address, and a signed-in user behind the first one: their own budgets.
+    assert_eq!(post(8, "203.0.113.8", None).await.status, 200);
+    let token = herald_testkit::token("7", 60, json!({}));
+    assert_eq!(post(9, "203.0.113.7", Some(token)).await.status, 200);
+    let mut data = Vec::new();
+    for _ in 0..5 {
+        data.push(s.event().await.json()["data"].clone());
+    }
+    assert_eq!(data, vec![json!(1), json!(2), json!(3), json!(8), json!(9)]);
+    assert!(node.metric("herald_client_errors_total{code=\"rate_limited\"}") >= 4.0);
+}
+
 /// Idempotency keys from clients live apart from the API's (issue 18): an SSE client
 /// that sends the key a backend will use cannot make the backend's publish a
 /// `duplicate` (which stored only the client's message).

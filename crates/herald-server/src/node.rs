@@ -56,7 +56,38 @@ pub(crate) struct Node {
     pub(crate) session_tasks: TaskTracker,
     /// Every HTTP connection task: shut down gracefully after the sessions.
     pub(crate) http_tasks: TaskTracker,
+    /// The publish rate of clients without a session (`POST /sse/publish`).
+    sessionless_rate: KeyedRateLimit,
+    /// Sessionless publishes checked, so that quiet clients' entries are swept out of
+    /// `sessionless_rate` every so often.
+    sessionless_checks: AtomicU64,
 }
+
+/// Publishes per user (or, for anonymous clients, per address; IPv6 by
+/// `limits.ipv6_prefix`) for clients without a session: the same
+/// `limits.messages_per_second` and `message_burst` a WebSocket session gets, so that
+/// opening no session does not lift the limit.
+type KeyedRateLimit = governor::RateLimiter<
+    String,
+    governor::state::keyed::HashMapStateStore<String>,
+    governor::clock::MonotonicClock,
+>;
+
+/// `per_second` sustained, `burst` at once (GCRA).
+pub(crate) fn publish_quota(per_second: f64, burst: u32) -> governor::Quota {
+    // Validated positive and finite; a rate so high that its period rounds to zero
+    // is as good as no limit.
+    let period = std::time::Duration::from_secs_f64(1.0 / per_second)
+        .max(std::time::Duration::from_nanos(1));
+    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::Quota::with_period(period)
+        .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MAX))
+        .allow_burst(burst)
+}
+
+/// How many sessionless publishes pass between two sweeps of the quiet clients'
+/// rate-limit entries.
+const SWEEP_RATE_EVERY: u64 = 1024;
 
 impl Node {
     pub(crate) fn new(
@@ -102,6 +133,14 @@ impl Node {
             session_env,
             session_tasks,
             http_tasks: TaskTracker::new(),
+            sessionless_rate: governor::RateLimiter::hashmap_with_clock(
+                publish_quota(
+                    config.limits.messages_per_second,
+                    config.limits.message_burst,
+                ),
+                governor::clock::MonotonicClock,
+            ),
+            sessionless_checks: AtomicU64::new(0),
             config,
         }
     }
@@ -255,6 +294,23 @@ impl Node {
     /// one scope): one user cannot answer another's retries.
     pub(crate) fn client_key(user: Option<&str>, key: String) -> String {
         format!("{}:{key}", user.unwrap_or(""))
+    }
+
+    /// Whether a publish without a session, from `user` or (anonymous) from `ip`, is
+    /// within `limits.messages_per_second` / `message_burst`.
+    pub(crate) fn sessionless_publish_allowed(&self, user: Option<&str>, ip: IpAddr) -> bool {
+        let key = match user {
+            Some(u) => format!("u:{u}"),
+            None => format!("ip:{}", client_key(ip, self.config.limits.ipv6_prefix)),
+        };
+        let allowed = self.sessionless_rate.check_key(&key).is_ok();
+        // Entries of clients that went quiet look like fresh ones: dropping them every
+        // so often keeps the map as large as the set of clients publishing now.
+        if self.sessionless_checks.fetch_add(1, Ordering::Relaxed) % SWEEP_RATE_EVERY == 0 {
+            self.sessionless_rate.retain_recent();
+            self.sessionless_rate.shrink_to_fit();
+        }
+        allowed
     }
 
     pub(crate) fn is_ready(&self) -> Result<(), &'static str> {

@@ -493,13 +493,8 @@ type RateLimit = governor::RateLimiter<
 >;
 
 fn rate_limit(per_second: f64, burst: u32) -> RateLimit {
-    // Validated positive and finite; a rate so high that its period rounds to zero
-    // is as good as no limit.
-    let period = std::time::Duration::from_secs_f64(1.0 / per_second)
-        .max(std::time::Duration::from_nanos(1));
-    let burst = std::num::NonZeroU32::new(burst.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
-    let quota = governor::Quota::with_period(period)
-        .unwrap_or_else(|| governor::Quota::per_second(std::num::NonZeroU32::MAX))
-        .allow_burst(burst);
-    governor::RateLimiter::direct_with_clock(quota, governor::clock::MonotonicClock)
+    governor::RateLimiter::direct_with_clock(
+        crate::node::publish_quota(per_second, burst),
+        governor::clock::MonotonicClock,
+    )
 }

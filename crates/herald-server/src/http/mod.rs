@@ -192,7 +192,10 @@ async fn route(
             let client = client(&req);
             sse::sse(req, node, client)
         }
-        "/sse/publish" if public => sse::publish(req, node).await,
+        "/sse/publish" if public => {
+            let client = client(&req);
+            sse::publish(req, node, client).await
+        }
         "/demo" if public && node.config.demo => demo::page(),
         "/herald.js" if public && node.config.demo => demo::client_js(),
         "/metrics" if internal => health::metrics(&node),

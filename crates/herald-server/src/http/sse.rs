@@ -343,9 +343,13 @@ impl Sink<Message> for SseSink {
 /// connection token (`Authorization: Bearer`, or `access_token`) and the same
 /// permissions as a WebSocket `publish`. Body: `{"channel":"chat:1","data":...}` as
 /// `application/json`; the reply is the API's (`offset`/`epoch` on history channels).
-pub(crate) async fn publish(req: Request<Incoming>, node: Arc<Node>) -> Response<Body> {
+pub(crate) async fn publish(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    client: IpAddr,
+) -> Response<Body> {
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let mut r = match publish_inner(req, &node).await {
+    let mut r = match publish_inner(req, &node, client).await {
         Ok(r) => r,
         Err(refusal) => refusal.into_response(),
     };
@@ -357,11 +361,28 @@ pub(crate) async fn publish(req: Request<Incoming>, node: Arc<Node>) -> Response
     r
 }
 
-async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
+async fn publish_inner(
+    req: Request<Incoming>,
+    node: &Node,
+    client: IpAddr,
+) -> Result<Response<Body>, Refusal> {
     if req.method() != Method::POST {
         return Err(Refusal::method_not_allowed("POST"));
     }
     let identity = authenticate(&req, node).map_err(|(_, f)| f)?;
+    // Before the body is read: a client over its rate costs as little as possible.
+    let user = identity.as_ref().map(|i| i.user.as_str());
+    if !node.sessionless_publish_allowed(user, client) {
+        node.metrics
+            .client_errors
+            .with_label_values(&[ErrorCode::RateLimited.as_str()])
+            .inc();
+        return Err(Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "more publishes than limits.messages_per_second / message_burst allow",
+        ));
+    }
     api::require_json(&req)?;
     let body = api::read_body(req, &node.config.limits).await?;
     let p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
@@ -394,7 +415,6 @@ async fn publish_inner(req: Request<Incoming>, node: &Node) -> Result<Response<B
             why,
         ));
     }
-    let user = identity.as_ref().map(|i| i.user.as_str());
     let key = p.idempotency_key.map(|k| Node::client_key(user, k));
     let results = node
         .publish(vec![(p.publication, key)], Source::Client)
