@@ -22,6 +22,27 @@ async function until(what, pred, ms = 15000) {
   }
 }
 
+// A new machine's first Chromium launch builds its caches (fonts, profile) and can take
+// many seconds: launch with a generous timeout and load a blank page once, before any
+// test clock starts.
+async function launch() {
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    timeout: 120000,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
+  });
+  const warm = await browser.newPage();
+  await warm.goto('about:blank', { timeout: 60000 });
+  await warm.close();
+  return browser;
+}
+
+// What a failure message carries: every page's console and errors, and the nodes' logs.
+function explain(e, consoles, nodes) {
+  const logs = Object.entries(nodes).map(([id, n]) => `--- node ${id} log:\n${(n.log ?? '').slice(-4000)}`);
+  return new Error(`${e.message}\n--- page consoles:\n${consoles.join('\n')}\n${logs.join('\n')}`, { cause: e });
+}
+
 const items = (page, list) => page.$$eval(`#${list} li`, (lis) => lis.map((li) => li.textContent));
 
 test('the demo in Chromium: chat between pages, no loss when a node dies, SSE where WebSocket is refused', async () => {
@@ -31,6 +52,7 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
   const nodes = {};
   let lb;
   let browser;
+  const consoles = [];
   try {
     nodes.a = await herald(ports.a, 'a', redis.url);
     nodes.b = await herald(ports.b, 'b', redis.url);
@@ -40,16 +62,19 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
     await until('HAProxy', async () => (await fetch(`http://127.0.0.1:${front}/readyz`).catch(() => null))?.ok);
     await sleep(300); // both servers checked up
 
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-    });
+    browser = await launch();
+    let opened = 0;
     const open = async (port) => {
       const page = await browser.newPage();
+      const label = `page ${++opened} (port ${port})`;
       const errors = [];
-      page.on('pageerror', (e) => errors.push(e));
-      await page.goto(`http://127.0.0.1:${port}/demo`);
-      await until('connected', async () => (await page.textContent('#state')) === 'connected');
+      page.on('pageerror', (e) => {
+        errors.push(e);
+        consoles.push(`${label} error: ${e.message}`);
+      });
+      page.on('console', (m) => consoles.push(`${label}: ${m.text()}`));
+      await page.goto(`http://127.0.0.1:${port}/demo`, { timeout: 60000 });
+      await until('connected', async () => (await page.textContent('#state')) === 'connected', 30000);
       return { page, errors };
     };
     const { page: a, errors: aErrors } = await open(front);
@@ -94,6 +119,8 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
     mkdirSync(join(shot, '..'), { recursive: true });
     await a.screenshot({ path: shot });
     if (process.env.UPDATE_SCREENSHOT) await a.screenshot({ path: new URL('../../../docs/demo.png', import.meta.url).pathname });
+  } catch (e) {
+    throw explain(e, consoles, nodes);
   } finally {
     await browser?.close();
     lb?.proc.kill('SIGKILL');
@@ -133,18 +160,16 @@ test('a page on another origin falls back to SSE on the gateway (CORS), and publ
   await new Promise((r) => site.listen(0, '127.0.0.1', r));
   let browser;
   try {
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
-    });
+    browser = await launch();
     const page = await browser.newPage();
-    const console = [];
-    page.on('console', (m) => console.push(m.text()));
-    await page.goto(`http://127.0.0.1:${site.address().port}/`);
+    const consoles = [];
+    page.on('console', (m) => consoles.push(m.text()));
+    page.on('pageerror', (e) => consoles.push(`error: ${e.message}`));
+    await page.goto(`http://127.0.0.1:${site.address().port}/`, { timeout: 60000 });
     try {
-      await until('subscribed over SSE', async () => (await page.getAttribute('body', 'data-subscribed')) === 'yes');
+      await until('subscribed over SSE', async () => (await page.getAttribute('body', 'data-subscribed')) === 'yes', 30000);
     } catch (e) {
-      throw new Error(`${e.message}; page console: ${console.join(' | ')}`);
+      throw explain(e, consoles, { g: node });
     }
     assert.equal(await page.getAttribute('body', 'data-transport'), 'sse');
     // Its reply goes back through /sse/publish (a cross-origin POST with a preflight);

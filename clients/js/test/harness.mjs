@@ -44,6 +44,11 @@ export function herald(port, args = [], env = {}) {
     env: { ...cleanEnv(), RUST_LOG: 'info', ...env },
     stdio: ['ignore', 'ignore', 'pipe'],
   });
+  // Its log stays readable (the last 64 KiB) for a failing test's message.
+  proc.log = '';
+  proc.stderr.on('data', (d) => {
+    proc.log = (proc.log + d).slice(-65536);
+  });
   return new Promise((resolve, reject) => {
     let buf = '';
     const timer = setTimeout(() => {
