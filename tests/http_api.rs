@@ -223,6 +223,53 @@ async fn api_key_is_required_when_configured() {
     );
 }
 
+/// `/metrics` on the listener clients reach is not everyone's (issue 18): with an API
+/// key configured it needs one; `auth.metrics_key` gives Prometheus a key of its own
+/// (which cannot publish) and is then the only key `/metrics` takes, on any listener.
+/// On an internal listener without `metrics_key` it stays open (a private network).
+#[tokio::test]
+async fn metrics_need_a_key_where_clients_can_reach_them() {
+    let get = |addr, key: Option<&'static str>| async move {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let h: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+        http(addr, "GET", "/metrics", &h, vec![]).await
+    };
+    let shared = Node::start_with(|c| c.auth.api_key = Some("s3cret".into())).await;
+    let r = get(shared.addr, None).await;
+    assert_eq!(
+        (r.status, r.json()["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    assert_eq!(get(shared.addr, Some("wrong")).await.status, 401);
+    let r = get(shared.addr, Some("s3cret")).await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("herald_connections"));
+
+    let own = Node::start_with(|c| {
+        c.auth.api_key = Some("s3cret".into());
+        c.auth.metrics_key = Some("scrape-only".into());
+    })
+    .await;
+    assert_eq!(get(own.addr, Some("scrape-only")).await.status, 200);
+    assert_eq!(get(own.addr, Some("s3cret")).await.status, 401);
+    // The metrics key publishes nothing.
+    let body = br#"{"channel":"news","data":1}"#.to_vec();
+    let h = [
+        ("authorization", "Bearer scrape-only"),
+        ("content-type", "application/json"),
+    ];
+    assert_eq!(
+        http(own.api, "POST", "/api/publish", &h, body).await.status,
+        401
+    );
+
+    let split = Node::start_split(|c| c.auth.api_key = Some("s3cret".into())).await;
+    assert_eq!(get(split.api, None).await.status, 200);
+    let split = Node::start_split(|c| c.auth.metrics_key = Some("scrape-only".into())).await;
+    assert_eq!(get(split.api, None).await.status, 401);
+    assert_eq!(get(split.api, Some("scrape-only")).await.status, 200);
+}
+
 #[tokio::test]
 async fn scoped_api_keys_publish_only_inside_their_scope() {
     let node = Node::start_with(|c| {

@@ -83,6 +83,11 @@ pub struct AuthConfig {
     pub api_key: Option<String>,
     /// More API keys (rotation), each optionally scoped to channel patterns.
     pub api_keys: Vec<ApiKeyConfig>,
+    /// When set, `/metrics` requires `Authorization: Bearer <metrics_key>` wherever it
+    /// is served (a key for Prometheus that cannot publish). Unset, `/metrics` on the
+    /// clients' listener (no `internal_listen`) requires an API key when one is
+    /// configured, and is open on an internal listener.
+    pub metrics_key: Option<String>,
     /// Browser origins allowed to open WebSockets: exact `Origin` header values, or
     /// with one `*` for one or more DNS labels (`https://*.example.com`). Empty: any
     /// origin, and requests without an `Origin` header, are accepted.
@@ -106,6 +111,7 @@ impl Default for AuthConfig {
         AuthConfig {
             api_key: None,
             api_keys: Vec::new(),
+            metrics_key: None,
             allowed_origins: Vec::new(),
             anonymous: true,
             jwt: JwtConfig::default(),
@@ -475,6 +481,12 @@ impl GatewayConfig {
         if self.auth.api_key.as_deref() == Some("") {
             return bad(
                 "auth.api_key",
+                "must not be empty (leave it unset to disable)",
+            );
+        }
+        if self.auth.metrics_key.as_deref() == Some("") {
+            return bad(
+                "auth.metrics_key",
                 "must not be empty (leave it unset to disable)",
             );
         }

@@ -52,6 +52,8 @@ pub(crate) struct Node {
     verifier: parking_lot::RwLock<Option<Arc<herald_auth::Verifier>>>,
     /// The backends' API keys (hashed once, here).
     pub(crate) api_keys: herald_auth::ApiKeys,
+    /// `auth.metrics_key`, hashed (empty when unset).
+    pub(crate) metrics_key: herald_auth::ApiKeys,
     /// Every session's reader and writer tasks: shutdown waits for them to end.
     pub(crate) session_tasks: TaskTracker,
     /// Every HTTP connection task: shut down gracefully after the sessions.
@@ -113,6 +115,7 @@ impl Node {
                 config.auth.api_key.as_deref(),
                 &config.auth.api_keys,
             ),
+            metrics_key: herald_auth::ApiKeys::new(config.auth.metrics_key.as_deref(), &[]),
             verifier: parking_lot::RwLock::new(verifier.map(Arc::new)),
             hub: Arc::new(Hub::new(
                 broker.clone(),

@@ -312,6 +312,9 @@ impl Settings {
         if let Some(key) = &shown.gateway.auth.api_key {
             shown.gateway.auth.api_key = Some(fingerprint(key));
         }
+        if let Some(key) = &shown.gateway.auth.metrics_key {
+            shown.gateway.auth.metrics_key = Some(fingerprint(key));
+        }
         if let Some(secret) = &shown.gateway.auth.jwt.hmac_secret {
             shown.gateway.auth.jwt.hmac_secret = Some(fingerprint(secret));
         }

@@ -5,6 +5,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::reply::{full, json, Body, Refusal};
+use super::Role;
 use crate::node::Node;
 
 /// The process is up and serving HTTP.
@@ -20,9 +21,33 @@ pub(crate) fn readyz(node: &Node) -> Response<Body> {
     }
 }
 
-/// The node's registry in Prometheus's text format.
-pub(crate) fn metrics(node: &Node) -> Response<Body> {
+/// The node's registry in Prometheus's text format, behind `auth.metrics_key` when it is
+/// set; on the clients' listener (`role` `All`), behind an API key when one is set: the
+/// metrics name channels, users' counts and the node's internals, which are nobody
+/// else's business.
+pub(crate) fn metrics(node: &Node, headers: &hyper::HeaderMap, role: Role) -> Response<Body> {
     use herald_metrics::prometheus::{Encoder, TextEncoder};
+    let keys = if !node.metrics_key.is_empty() {
+        Some(&node.metrics_key)
+    } else if role == Role::All && !node.api_keys.is_empty() {
+        Some(&node.api_keys)
+    } else {
+        None
+    };
+    if let Some(keys) = keys {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !matches!(keys.check(given), herald_auth::KeyCheck::Key(_)) {
+            return Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong key for /metrics (Authorization: Bearer <key>)",
+            )
+            .into_response();
+        }
+    }
     let mut buf = Vec::with_capacity(16 * 1024);
     if let Err(e) = TextEncoder::new().encode(&node.registry.gather(), &mut buf) {
         return Refusal::new(

@@ -198,7 +198,7 @@ async fn route(
         }
         "/demo" if public && node.config.demo => demo::page(),
         "/herald.js" if public && node.config.demo => demo::client_js(),
-        "/metrics" if internal => health::metrics(&node),
+        "/metrics" if internal => health::metrics(&node, req.headers(), role),
         p if internal && p.starts_with("/api/") => api::handle(req, &node).await,
         _ => Refusal::not_found().into_response(),
     }
