@@ -137,6 +137,51 @@ async fn proxy_protocol_v1_names_the_client() {
     assert_eq!(node.metric("herald_connections"), 2.0);
 }
 
+/// A PROXY header that arrives in pieces is read as the pieces come, each read waiting
+/// for data (it used to be peeked in a loop until complete: a thousand partial headers
+/// kept a core busy). Headers split anywhere still name the client, the request after
+/// them is intact, and 200 connections stalled mid-header do not keep another client
+/// out.
+#[tokio::test]
+async fn proxy_headers_in_pieces_are_read_without_polling() {
+    let node = Node::start_split(|c| {
+        c.proxy.protocol = true;
+        c.limits.max_connections_per_ip = 1;
+    })
+    .await;
+    let to = node.addr;
+    let mut stalled = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        let piece: &[u8] = if i % 2 == 0 {
+            b"PROXY TCP4 203.0"
+        } else {
+            b"\r\n\r\n\0\r\nQU"
+        };
+        s.write_all(piece).await.unwrap();
+        stalled.push(s);
+    }
+    let v1 = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 80\r\n".to_vec();
+    // 203.0.113.<last>:40000 -> 127.0.0.1:80, TCP over IPv4.
+    let v2 = |last: u8| {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+        h.extend_from_slice(&[203, 0, 113, last, 127, 0, 0, 1, 0x9c, 0x40, 0, 80]);
+        h
+    };
+    let mut held = Vec::new();
+    for (header, split) in [(v1.clone(), 9), (v2(10), 5), (v2(11), 14)] {
+        let mut s = TcpStream::connect(to).await.unwrap();
+        s.write_all(&header[..split]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let client = upgrade_over(s, &header[split..], to, &[]).await;
+        held.push(client.expect("upgraded (and welcomed) after a header in two pieces"));
+    }
+    // The per-address limit (1) saw the headers' addresses: .9 is taken now.
+    let s = TcpStream::connect(to).await.unwrap();
+    assert_eq!(upgrade_over(s, &v1, to, &[]).await.err(), Some(429));
+    drop(stalled);
+}
+
 #[tokio::test]
 async fn forwarded_for_counts_only_from_trusted_proxies() {
     let trusting = Node::start_with(|c| {

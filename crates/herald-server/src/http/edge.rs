@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hyper::header::HeaderMap;
 use ipnet::IpNet;
-use ppp::{v1, v2, HeaderResult, PartialResult};
+use ppp::{v1, v2, HeaderResult};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -42,38 +42,56 @@ pub(crate) async fn read_proxy_header(
         .map_err(|_| ProxyError::Timeout)?
 }
 
+/// The longest v1 header (the spec's bound, CRLF included).
+const MAX_V1: usize = 107;
+
+/// Reads exactly the header's bytes, never one past it (they are HTTP's), each read
+/// waiting for data: a header that arrives slowly, or never, costs a parked task, not
+/// a polling loop (peeking until the whole header was buffered spun once per
+/// millisecond or two per connection: a thousand partial headers used a core).
 async fn read(stream: &mut TcpStream, peer: SocketAddr) -> Result<SocketAddr, ProxyError> {
-    let mut buf = [0u8; MAX_HEADER];
-    loop {
-        // Peek, so that the bytes after the header stay in the socket for HTTP.
-        let n = stream.peek(&mut buf).await?;
-        if n == 0 {
-            return Err(ProxyError::Invalid("the connection closed".into()));
-        }
-        let parsed = HeaderResult::parse(&buf[..n]);
-        // A v1 line that has ended but does not parse is wrong, not unfinished.
-        let v1_ended =
-            matches!(parsed, HeaderResult::V1(_)) && buf[..n].windows(2).any(|w| w == b"\r\n");
-        if parsed.is_incomplete() && !v1_ended {
-            if n == buf.len() {
-                return Err(ProxyError::Invalid("header too long".into()));
+    let closed = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => ProxyError::Invalid("the connection closed".into()),
+        _ => ProxyError::Io(e),
+    };
+    let mut buf = vec![0u8; 6];
+    stream.read_exact(&mut buf).await.map_err(closed)?;
+    if buf == b"PROXY " {
+        // v1: a line; byte by byte up to its CRLF (it comes in one segment, so these
+        // reads find their byte buffered).
+        while !buf.ends_with(b"\r\n") {
+            if buf.len() >= MAX_V1 {
+                return Err(ProxyError::Invalid("v1 header too long".into()));
             }
-            // The rest of the header is still in flight (rare: proxies send it in one
-            // segment). Peek returns at once while data is buffered, so pause.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            continue;
+            buf.push(stream.read_u8().await.map_err(closed)?);
         }
-        let (len, addr) = match parsed {
-            HeaderResult::V1(Ok(h)) => (h.header.len(), v1_source(&h.addresses)),
-            HeaderResult::V2(Ok(h)) => (h.len(), v2_source(&h)),
-            HeaderResult::V1(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
-            HeaderResult::V2(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
-        };
-        // Consume exactly the header (its bytes are in `buf` already, so read over them).
-        stream.read_exact(&mut buf[..len]).await?;
-        return Ok(addr.unwrap_or(peer));
+    } else if buf == V2_SIGNATURE[..6] {
+        // v2: 16 bytes, the last two the length of what follows.
+        buf.resize(16, 0);
+        stream.read_exact(&mut buf[6..]).await.map_err(closed)?;
+        let len = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        if len > MAX_HEADER {
+            return Err(ProxyError::Invalid("header too long".into()));
+        }
+        buf.resize(len, 0);
+        stream.read_exact(&mut buf[16..]).await.map_err(closed)?;
+    } else {
+        return Err(ProxyError::Invalid(format!(
+            "the connection starts with {:?}",
+            String::from_utf8_lossy(&buf)
+        )));
     }
+    let addr = match HeaderResult::parse(&buf) {
+        HeaderResult::V1(Ok(h)) => v1_source(&h.addresses),
+        HeaderResult::V2(Ok(h)) => v2_source(&h),
+        HeaderResult::V1(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
+        HeaderResult::V2(Err(e)) => return Err(ProxyError::Invalid(e.to_string())),
+    };
+    Ok(addr.unwrap_or(peer))
 }
+
+/// The v2 header's first 12 bytes.
+const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
 fn v1_source(a: &v1::Addresses) -> Option<SocketAddr> {
     match a {
