@@ -615,6 +615,18 @@ async fn a_cluster_master_down_leaves_the_other_shards_alone() {
         "the healthy master's connection was replaced"
     );
     assert_eq!(s.node.metric("herald_broker_reconnects_total"), 0.0);
+    // A new subscriber is not told a lost master's channel is served (it used to get
+    // `subscribed` at once, and then nothing): it waits and is told `unavailable`. The
+    // healthy master's channel is confirmed as usual.
+    let mut late = s.node.client().await;
+    let r = late.request("subscribe", &s.steady).await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let r = late.request("subscribe", &s.plain_on_lost).await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{r}"
+    );
     tokio::task::block_in_place(|| cluster.servers[lost].restart());
     s.served_again(Duration::from_secs(10)).await;
 }

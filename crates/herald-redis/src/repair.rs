@@ -48,8 +48,14 @@ impl Repair {
     /// A master was lost, so any channel may be: every one is subscribed again, after
     /// a moment. (The redis crate reconnects a live master within milliseconds; a
     /// subscribe sent meanwhile goes to another master, is redirected, and makes the
-    /// crate refresh its slot map, the step in which it can deadlock.)
+    /// crate refresh its slot map, the step in which it can deadlock.) Until its
+    /// subscribe is confirmed again, no channel is ready: a new subscriber waits (or is
+    /// told `unavailable`) instead of being told deliveries flow on a lost master's
+    /// channel; the other masters' channels are ready again one round trip later.
     pub(crate) fn everything(&mut self, inner: &Inner) {
+        for wanted in inner.desired.lock().wanted.values() {
+            wanted.setter.unset();
+        }
         self.unconfirmed = None;
         self.delay = Self::SETTLE.min(inner.config.max_reconnect_delay);
         self.due = Some(tokio::time::Instant::now() + self.delay);
@@ -87,7 +93,21 @@ impl Repair {
             None => active.iter().cloned().collect(),
             Some(left) => left.into_iter().filter(|c| active.contains(c)).collect(),
         };
-        if let Err((failed, e)) = interest(inner, conn, &again, true).await {
+        let result = interest(inner, conn, &again, true).await;
+        {
+            // Confirmed: ready again (the failed ones stay unready until a later round).
+            let failed: HashSet<&ChannelName> = match &result {
+                Ok(()) => HashSet::new(),
+                Err((failed, _)) => failed.iter().collect(),
+            };
+            let desired = inner.desired.lock();
+            for c in again.iter().filter(|c| !failed.contains(c)) {
+                if let Some(wanted) = desired.wanted.get(c) {
+                    wanted.setter.set();
+                }
+            }
+        }
+        if let Err((failed, e)) = result {
             self.unconfirmed = Some(failed.into_iter().collect());
             return Err(e);
         }
