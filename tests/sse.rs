@@ -199,6 +199,60 @@ async fn sse_clients_publish_over_http_with_their_token() {
     assert_eq!(s.event().await.json()["data"], 2);
 }
 
+/// An SSE client that reads nothing (issue 18): its session is closed as a slow
+/// consumer or by the write timeout, and then its HTTP connection goes too, with what it
+/// buffered. It used to stay open after the session ended and was no longer counted:
+/// 150 such sockets pinned 1.26 GB. Here the client, once the session is gone, reads
+/// what the kernel held and then the end of the connection, instead of waiting on a
+/// response that never ends. Another subscriber gets every publication meanwhile.
+#[tokio::test]
+async fn an_sse_client_that_reads_nothing_loses_its_connection_after_its_session() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 64 * 1024;
+        c.limits.close_timeout = Duration::from_millis(300);
+        c.websocket.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut other = node.client().await;
+    other.subscribe("feed").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut idle = socket.connect(node.addr).await.unwrap();
+    idle.write_all(b"GET /sse?channel=feed HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the SSE session", || {
+        node.metric("herald_connections") == 2.0
+    })
+    .await;
+    // 4 MB the idle client never reads, 100 publications of 40 KB.
+    let big = format!("\"{}\"", "x".repeat(40 * 1024));
+    for _ in 0..100 {
+        assert_eq!(node.publish("feed", &big).await, 200);
+        assert_eq!(other.recv_json().await["op"], "message");
+    }
+    eventually("the idle session ended", || {
+        node.metric("herald_connections") == 1.0
+    })
+    .await;
+    // What is left in the kernel's buffers, then the end: EOF or a reset.
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match idle.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the connection stayed open after its session ended"
+    );
+}
+
 /// `POST /sse/publish` has the WebSocket publish's rate limit (issue 18): per user, or
 /// per client address for anonymous clients. Before, 500 anonymous publishes went
 /// through in 0.3 s. A client over its rate gets 429 and harms no one: another address

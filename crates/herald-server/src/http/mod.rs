@@ -136,13 +136,16 @@ async fn connection(
     // A timeout before any request is a half-open handshake; one after is just an idle
     // keep-alive connection closing.
     let served = Arc::new(AtomicBool::new(false));
+    // Fired by an SSE response whose session ended with events the client never took.
+    let abort = CancellationToken::new();
     let svc = {
         let node = node.clone();
         let served = served.clone();
+        let abort = abort.clone();
         hyper::service::service_fn(move |req| {
             served.store(true, Ordering::Relaxed);
-            let node = node.clone();
-            async move { Ok::<_, Infallible>(route(req, node, role, peer).await) }
+            let (node, abort) = (node.clone(), abort.clone());
+            async move { Ok::<_, Infallible>(route(req, node, role, peer, abort).await) }
         })
     };
     let conn = hyper::server::conn::http1::Builder::new()
@@ -153,9 +156,14 @@ async fn connection(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        // Dropped with what it holds (the SSE session is over and uncounted already).
+        _ = abort.cancelled() => return,
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                r = conn => r,
+                _ = abort.cancelled() => return,
+            }
         }
     };
     if let Err(e) = result {
@@ -171,6 +179,7 @@ async fn route(
     node: Arc<Node>,
     role: Role,
     peer: SocketAddr,
+    abort: CancellationToken,
 ) -> Response<Body> {
     let public = matches!(role, Role::Public | Role::All);
     let internal = matches!(role, Role::Internal | Role::All);
@@ -190,7 +199,7 @@ async fn route(
         }
         "/sse" if public => {
             let client = client(&req);
-            sse::sse(req, node, client)
+            sse::sse(req, node, client, abort)
         }
         "/sse/publish" if public => {
             let client = client(&req);

@@ -39,9 +39,44 @@ use crate::session::{self, Transport};
 /// decouples the two tasks.
 const BODY_CHUNKS: usize = 16;
 
-/// Serves `GET /sse`.
-pub(crate) fn sse(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -> Response<Body> {
-    match open(&req, &node, client) {
+/// Event bytes handed to the HTTP connection and not yet taken by it. The session's
+/// queue budget counts frames; an event is bigger (its `id:` and `data:` lines, binary
+/// frames as base64 JSON), so the sink counts the event bytes it actually hands over
+/// and stops taking frames past `limits.outbound_queue_bytes` of them: a client that
+/// reads nothing holds at most that much here, and the session's write timeout ends it.
+#[derive(Default)]
+struct InFlight {
+    bytes: std::sync::atomic::AtomicUsize,
+    /// The sink, waiting for the connection to take some.
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl InFlight {
+    fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn add(&self, n: usize) {
+        self.bytes.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    fn taken(&self, n: usize) {
+        self.bytes.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+        self.waker.wake();
+    }
+}
+
+/// Serves `GET /sse`. `abort` drops the HTTP connection: fired when the session has
+/// ended and its last events are still unwritten after `limits.close_timeout` (a client
+/// that reads nothing would otherwise keep the connection, and every buffer on its
+/// way, long after the session was closed and stopped being counted).
+pub(crate) fn sse(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    client: IpAddr,
+    abort: CancellationToken,
+) -> Response<Body> {
+    match open(&req, &node, client, abort) {
         Ok(r) => r,
         Err((reason, refusal)) => {
             tracing::debug!(%client, ?reason, "sse refused");
@@ -69,6 +104,7 @@ fn open(
     req: &Request<Incoming>,
     node: &Arc<Node>,
     client: IpAddr,
+    abort: CancellationToken,
 ) -> Result<Response<Body>, Refused> {
     if req.method() != Method::GET {
         return Err((None, Refusal::method_not_allowed("GET")));
@@ -144,7 +180,10 @@ fn open(
     // Spread reconnects after a drain over 1-4 s instead of the browser's default 3 s
     // for everyone at once.
     let retry = 1000 + (conn.wrapping_mul(2_654_435_761) ^ node.now_ms()) % 3000;
-    let _ = tx.try_send(Bytes::from(sse::retry(retry)));
+    let inflight = Arc::new(InFlight::default());
+    let first = Bytes::from(sse::retry(retry));
+    inflight.add(first.len());
+    let _ = tx.try_send(first);
     let ended = CancellationToken::new();
     // A client that goes away closes the HTTP connection, which drops the body: end the
     // session then, not at the next heartbeat's failed write (up to 25 s later, counted
@@ -175,8 +214,13 @@ fn open(
         tx: PollSender::new(tx),
         positions,
         ended,
+        inflight: inflight.clone(),
+        max_inflight: node.config.limits.outbound_queue_bytes,
     };
+    // Set once the connection has taken the last event (the body ended).
+    let drained = CancellationToken::new();
     let session_node = node.clone();
+    let (drained2, close_timeout) = (drained.clone(), node.config.limits.close_timeout);
     node.session_tasks.spawn(async move {
         let _slot = slot;
         session::run(
@@ -188,11 +232,30 @@ fn open(
             Transport::Sse,
         )
         .await;
+        // The session is over; its events get `close_timeout` to be taken, then the
+        // connection goes, with whatever it still holds.
+        if tokio::time::timeout(close_timeout, drained2.cancelled())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                conn,
+                "sse connection dropped: its last events were not taken"
+            );
+            abort.cancel();
+        }
     });
 
     let body = StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(rx)
-            .map(|b| Ok::<_, Infallible>(Frame::data(b))),
+            .map(move |b| {
+                inflight.taken(b.len());
+                Ok::<_, Infallible>(Frame::data(b))
+            })
+            .chain(futures_util::stream::poll_fn(move |_| {
+                drained.cancel();
+                Poll::Ready(None)
+            })),
     );
     let mut r = Response::new(BodyExt::boxed(body));
     allow_origin(&mut r, req.headers(), node);
@@ -273,6 +336,10 @@ struct SseSink {
     /// Fired once the close event is written: the session's request stream ends, so
     /// the session does not wait for a close reply an SSE client cannot send.
     ended: CancellationToken,
+    /// Event bytes handed over and not yet taken by the connection.
+    inflight: Arc<InFlight>,
+    /// `limits.outbound_queue_bytes`: no more frames are taken past this many.
+    max_inflight: usize,
 }
 
 impl SseSink {
@@ -291,8 +358,15 @@ impl Sink<Message> for SseSink {
     type Error = WsError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
-        self.get_mut()
-            .tx
+        let this = self.get_mut();
+        if this.inflight.bytes() > this.max_inflight {
+            this.inflight.waker.register(cx.waker());
+            // Taken meanwhile: the wake-up may have come before the registration.
+            if this.inflight.bytes() > this.max_inflight {
+                return Poll::Pending;
+            }
+        }
+        this.tx
             .poll_reserve(cx)
             .map_err(|_| WsError::ConnectionClosed)
     }
@@ -321,6 +395,7 @@ impl Sink<Message> for SseSink {
                 return Ok(());
             }
         };
+        this.inflight.add(event.len());
         this.tx
             .send_item(Bytes::from(event))
             .map_err(|_| WsError::ConnectionClosed)
