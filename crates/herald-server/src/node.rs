@@ -309,7 +309,11 @@ impl Node {
         let allowed = self.sessionless_rate.check_key(&key).is_ok();
         // Entries of clients that went quiet look like fresh ones: dropping them every
         // so often keeps the map as large as the set of clients publishing now.
-        if self.sessionless_checks.fetch_add(1, Ordering::Relaxed) % SWEEP_RATE_EVERY == 0 {
+        if self
+            .sessionless_checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SWEEP_RATE_EVERY)
+        {
             self.sessionless_rate.retain_recent();
             self.sessionless_rate.shrink_to_fit();
         }
