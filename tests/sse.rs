@@ -253,6 +253,41 @@ async fn an_sse_client_that_reads_nothing_loses_its_connection_after_its_session
     );
 }
 
+/// A client that leaves gives its connection slot back at once: waiting for a gone
+/// client's events to be taken (they never will) must not hold it for
+/// `limits.close_timeout`. Here the per-address limit is 1 and the timeout 5 s: the
+/// client reconnects well within it.
+#[tokio::test]
+async fn an_sse_client_that_leaves_frees_its_slot_at_once() {
+    let node = Node::start_with(|c| {
+        c.limits.max_connections_per_ip = 1;
+        c.limits.close_timeout = Duration::from_secs(5);
+    })
+    .await;
+    let mut s = SseClient::connect(node.addr, "/sse?channel=feed", &[]).await;
+    assert_eq!(s.event().await.json()["op"], "welcome");
+    drop(s);
+    let left = std::time::Instant::now();
+    loop {
+        let r = http(node.addr, "GET", "/healthz", &[], vec![]).await;
+        assert_eq!(r.status, 200);
+        let again = herald_testkit::try_http(node.addr, "GET", "/sse?channel=feed", &[], vec![]);
+        match tokio::time::timeout(Duration::from_millis(300), again).await {
+            // Admitted: the stream is open (its body never ends, so no full response).
+            Err(_) => break,
+            Ok(r) => {
+                let r = r.expect("an answer");
+                assert_eq!(r.status, 429, "{:?}", r.body);
+            }
+        }
+        assert!(
+            left.elapsed() < Duration::from_secs(3),
+            "the slot was still held 3 s after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `POST /sse/publish` has the WebSocket publish's rate limit (issue 18): per user, or
 /// per client address for anonymous clients. Before, 500 anonymous publishes went
 /// through in 0.3 s. A client over its rate gets 429 and harms no one: another address

@@ -217,7 +217,8 @@ fn open(
         inflight: inflight.clone(),
         max_inflight: node.config.limits.outbound_queue_bytes,
     };
-    // Set once the connection has taken the last event (the body ended).
+    // Set once the connection has taken the last event (the body ended), or has gone
+    // (the body was dropped: nothing is left to wait for).
     let drained = CancellationToken::new();
     let session_node = node.clone();
     let (drained2, close_timeout) = (drained.clone(), node.config.limits.close_timeout);
@@ -246,9 +247,11 @@ fn open(
         }
     });
 
+    let gone = drained.clone().drop_guard();
     let body = StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(rx)
             .map(move |b| {
+                let _held_by_the_body = &gone;
                 inflight.taken(b.len());
                 Ok::<_, Infallible>(Frame::data(b))
             })
