@@ -143,6 +143,7 @@ impl RedisBroker {
             conn: RwLock::new(None),
             up: AtomicBool::new(false),
             generation: Arc::new(AtomicU64::new(0)),
+            repairing: AtomicBool::new(false),
             lost: Arc::new(Notify::new()),
             lost_generation: Arc::new(AtomicU64::new(0)),
         });

@@ -10,6 +10,7 @@ use herald_protocol::ChannelName;
 use redis::cluster_async::ClusterConnection;
 use redis::Value;
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// A cluster connection's repair: which channels still have to be subscribed again,
@@ -53,6 +54,7 @@ impl Repair {
     /// told `unavailable`) instead of being told deliveries flow on a lost master's
     /// channel; the other masters' channels are ready again one round trip later.
     pub(crate) fn everything(&mut self, inner: &Inner) {
+        inner.repairing.store(true, Ordering::Release);
         for wanted in inner.desired.lock().wanted.values() {
             wanted.setter.unset();
         }
@@ -93,26 +95,20 @@ impl Repair {
             None => active.iter().cloned().collect(),
             Some(left) => left.into_iter().filter(|c| active.contains(c)).collect(),
         };
-        let result = interest(inner, conn, &again, true).await;
-        {
-            // Confirmed: ready again (the failed ones stay unready until a later round).
-            let failed: HashSet<&ChannelName> = match &result {
-                Ok(()) => HashSet::new(),
-                Err((failed, _)) => failed.iter().collect(),
-            };
-            let desired = inner.desired.lock();
-            for c in again.iter().filter(|c| !failed.contains(c)) {
-                if let Some(wanted) = desired.wanted.get(c) {
-                    wanted.setter.set();
-                }
+        // Each confirmed channel is ready again at once; the failed ones stay unready
+        // until a later round confirms them.
+        let ready = |c: &ChannelName| {
+            if let Some(wanted) = inner.desired.lock().wanted.get(c) {
+                wanted.setter.set();
             }
-        }
-        if let Err((failed, e)) = result {
+        };
+        if let Err((failed, e)) = interest(inner, conn, &again, true, &ready).await {
             self.unconfirmed = Some(failed.into_iter().collect());
             return Err(e);
         }
         changes?;
         let Conn::Cluster(c) = conn else {
+            inner.repairing.store(false, Ordering::Release);
             return Ok(());
         };
         // Nothing left to subscribe unless the check finds a channel missing.
@@ -128,6 +124,7 @@ impl Repair {
             )));
         }
         self.diverged = 0;
+        inner.repairing.store(false, Ordering::Release);
         Ok(())
     }
 }

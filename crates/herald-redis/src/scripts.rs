@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! {PC}.meta          hash  e = epoch (decimal), s = last offset,     PEXPIRE meta_ttl
-//!                          r = run_id of the server that wrote e
+//!                          r = lineage (run_id:master_replid) that wrote e
 //! {PC}.stream        stream, entry id "<offset>-0", field d = body   MAXLEN ~ size, PEXPIRE ttl
 //! {PC}.idem.<key>    string "<offset>:<epoch>" of a publish           PX idempotency window
 //! PC                 the pub/sub channel (hashes like {PC}: no braces in channel names)
@@ -43,25 +43,29 @@ use redis::{Script, Value};
 
 /// Lua shared by both scripts: the channel's epoch (`KEYS[1]` is its meta hash,
 /// `KEYS[2]` its stream), created from `new` when missing, and a new one when the
-/// epoch was written by another server process than this one (`rid`, this server's
-/// `run_id`; empty: the script reads it from `INFO server`, which costs a few
-/// microseconds).
+/// epoch was written in another lineage than this server's (`rid`: `run_id` and
+/// `master_replid` of `INFO`, as `run_id:master_replid`; empty: the script reads them,
+/// which costs a few microseconds).
 ///
-/// Why the process: Redis persists the meta hash and the stream together, so a server
+/// Why the lineage: Redis persists the meta hash and the stream together, so a server
 /// that restarts from older files (an RDB snapshot, an AOF that lost its last second, a
 /// restored backup) or a lagging replica promoted by a failover comes back with an
 /// older offset in the same epoch, and would hand out offsets that clients already
 /// received with other content. Nothing in the data can tell that it is old; the
-/// process can: every such case is a new process. The price is a new epoch (clients
-/// told `reset` / `recovered:false`) after every restart or failover, also the ones
-/// that lost nothing. Either way the old stream is deleted, so offsets restart cleanly
+/// server can: every such case is a new process (`run_id`) or a promotion
+/// (`master_replid`). The price is a new epoch (clients told `reset` /
+/// `recovered:false`) after every restart or failover, also the ones that lost
+/// nothing. Either way the old stream is deleted, so offsets restart cleanly
 /// (also when the meta hash was evicted or expired and the stream survived it).
 macro_rules! ensure_epoch {
     () => {
         r#"
 local function ensure_epoch(new, rid)
   if rid == nil or rid == '' then
-    rid = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+    -- The same lineage the nodes read on connecting: run_id:master_replid.
+    local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+    local repl = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+    rid = (run or '') .. ':' .. (repl or '')
   end
   local m = redis.call('HMGET', KEYS[1], 'e', 'r')
   local e = m[1]
@@ -86,9 +90,10 @@ end
 /// `ARGV`: 1 pub/sub channel, 2 envelope head (16 bytes; flag bit 0 set on history
 /// channels), 3 payload, 4 history size (0: no history), 5 history TTL ms, 6 meta TTL
 /// ms, 7 epoch to use if the channel has none (decimal, below 36^8), 8 `PUBLISH` or
-/// `SPUBLISH`, 9 idempotency window ms (0: none), 10 the server's `run_id` (from
-/// `INFO server` on the connection the script is sent on; empty: the script reads it,
-/// slower), which starts a new epoch on a server that did not write the current one.
+/// `SPUBLISH`, 9 idempotency window ms (0: none), 10 the server's lineage
+/// (`run_id:master_replid` from `INFO` on the connection the script is sent on; empty:
+/// the script reads it, slower), which starts a new epoch where another lineage wrote
+/// the current one.
 /// Returns `{offset, epoch, duplicate}` (offset and epoch 0 without history).
 pub const PUBLISH_SCRIPT: &str = concat!(
     ensure_epoch!(),
@@ -130,7 +135,7 @@ return {offset, epoch, 0}
 /// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
 /// none, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the epoch the read must be in to
 /// read entries, and then at most `limit` behind the top (0: any epoch, any distance),
-/// 6 the server's `run_id` (as for the publish script).
+/// 6 the server's lineage (as for the publish script).
 /// Returns `{epoch, top, entries}`.
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),

@@ -35,30 +35,40 @@ impl Conn {
     }
 }
 
-/// A Redis server process's identity (`INFO server`'s `run_id`): new at every start and
-/// on every server a failover promotes. History scripts compare it with the one that
-/// last wrote a channel's epoch, so data a server loaded from older files (a restart
-/// from an RDB snapshot, an AOF that lost its tail, a lagging replica promoted) starts
-/// a new epoch instead of handing out offsets again. Only meaningful for the connection
-/// it was read on: a connection never outlives its server, so it cannot be stale.
+/// A Redis server's lineage: `INFO`'s `run_id` (new at every start) and
+/// `master_replid` (new when a replica is promoted), as `run_id:master_replid`. History
+/// scripts compare it with the lineage that last wrote a channel's epoch, so data a
+/// server loaded from older files (a restart from an RDB snapshot, an AOF that lost its
+/// tail) or received as a lagging replica before its promotion (also a failover and
+/// back to a server that never restarted) starts a new epoch instead of handing out
+/// offsets again. Only meaningful for the connection it was read on: a connection never
+/// outlives its server. A field the server does not report is left empty (a server
+/// without either gets no lineage check, as before).
 #[derive(Clone)]
 pub(crate) struct RunId(pub(crate) Arc<str>);
 
 impl RunId {
     /// Asks the server behind `c`.
     pub(crate) async fn of(c: &mut MultiplexedConnection) -> redis::RedisResult<RunId> {
-        let info: String = redis::cmd("INFO").arg("server").query_async(c).await?;
-        parse_run_id(&info)
-            .map(|id| RunId(id.into()))
-            .ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::Parse, "no run_id in INFO server"))
-            })
+        // Two commands, not one with two sections: older servers take one section.
+        let server: String = redis::cmd("INFO").arg("server").query_async(c).await?;
+        let replication: String = redis::cmd("INFO").arg("replication").query_async(c).await?;
+        let id = format!(
+            "{}:{}",
+            field(&server, "run_id:").unwrap_or(""),
+            field(&replication, "master_replid:").unwrap_or("")
+        );
+        if id == ":" {
+            tracing::warn!("the Redis server reports no run_id or master_replid: a restart from older data cannot be detected");
+        }
+        Ok(RunId(id.into()))
     }
 }
 
-fn parse_run_id(info: &str) -> Option<&str> {
+/// The hex value of the `INFO` line starting with `name`.
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
     info.lines()
-        .find_map(|l| l.trim_end().strip_prefix("run_id:"))
+        .find_map(|l| l.trim_end().strip_prefix(name))
         .filter(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
@@ -98,6 +108,10 @@ pub(crate) struct Inner {
     pub(crate) conn: RwLock<Option<Conn>>,
     /// Subscriptions are in place and commands are answered (`Broker::is_up`).
     pub(crate) up: AtomicBool,
+    /// A cluster master was lost and its channels are being subscribed again: being in
+    /// the node's active set then proves nothing, so only a confirmed subscribe makes a
+    /// channel ready.
+    pub(crate) repairing: AtomicBool,
     /// Bumped per connection, so that a stale connection's disconnect push cannot
     /// tear down its successor.
     pub(crate) generation: Arc<AtomicU64>,
@@ -111,17 +125,22 @@ pub(crate) struct Inner {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_run_id;
+    use super::field;
 
     #[test]
-    fn run_id_is_read_from_info_server() {
+    fn lineage_fields_are_read_from_info() {
         let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:8e36004d92cef6df76ca907d1b8acbe53eeee351\r\ntcp_port:6379\r\n";
         assert_eq!(
-            parse_run_id(info),
+            field(info, "run_id:"),
             Some("8e36004d92cef6df76ca907d1b8acbe53eeee351")
         );
-        assert_eq!(parse_run_id("# Server\r\nrun_id:\r\n"), None);
-        assert_eq!(parse_run_id("run_id:not hex\r\n"), None);
-        assert_eq!(parse_run_id("redis_version:7\r\n"), None);
+        let repl = "# Replication\r\nmaster_replid:82366146c994cefffdad5064e9b027ca6be881dc\r\nmaster_replid2:0000\r\n";
+        assert_eq!(
+            field(repl, "master_replid:"),
+            Some("82366146c994cefffdad5064e9b027ca6be881dc")
+        );
+        assert_eq!(field("# Server\r\nrun_id:\r\n", "run_id:"), None);
+        assert_eq!(field("run_id:not hex\r\n", "run_id:"), None);
+        assert_eq!(field("redis_version:7\r\n", "run_id:"), None);
     }
 }

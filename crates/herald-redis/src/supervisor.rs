@@ -31,6 +31,9 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
         };
         let mut active: HashSet<ChannelName> = HashSet::new();
         let mut repair = Repair::new();
+        // A new connection starts with nothing active: whatever it subscribes is
+        // confirmed, so no repair of an earlier connection is under way any more.
+        inner.repairing.store(false, Ordering::Release);
         // Resubscribe everything before declaring the node usable again.
         if let Err(e) = sync(&inner, &conn, &mut active, Pass::NewConnection).await {
             tracing::warn!(error = %e, "Redis resubscribe failed");

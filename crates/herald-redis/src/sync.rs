@@ -49,6 +49,7 @@ pub(crate) async fn sync(
     };
     let mut failure = None;
     let mut retry: Vec<ChannelName> = Vec::new();
+    let mut confirmed: HashSet<ChannelName> = HashSet::new();
     for (channels, subscribe) in [(&to_sub, true), (&to_unsub, false)] {
         for chunk in channels.chunks(BATCH) {
             if failure.is_some() && matches!(conn, Conn::Single(..)) {
@@ -56,16 +57,18 @@ pub(crate) async fn sync(
                 retry.extend(chunk.iter().cloned());
                 continue;
             }
-            let failed: HashSet<ChannelName> = match interest(inner, conn, chunk, subscribe).await {
-                Ok(()) => HashSet::new(),
-                Err((failed, e)) => {
-                    failure.get_or_insert(e);
-                    failed.into_iter().collect()
-                }
-            };
+            let failed: HashSet<ChannelName> =
+                match interest(inner, conn, chunk, subscribe, &|_| {}).await {
+                    Ok(()) => HashSet::new(),
+                    Err((failed, e)) => {
+                        failure.get_or_insert(e);
+                        failed.into_iter().collect()
+                    }
+                };
             for c in chunk.iter().filter(|c| !failed.contains(*c)) {
                 if subscribe {
                     active.insert(c.clone());
+                    confirmed.insert(c.clone());
                 } else {
                     active.remove(c);
                 }
@@ -74,11 +77,18 @@ pub(crate) async fn sync(
         }
     }
     // Wake everyone waiting on a channel that Redis now delivers, including channels
-    // that were dropped and wanted again between two rounds.
+    // that were dropped and wanted again between two rounds (still active: unless a
+    // cluster repair is under way, when only a subscribe confirmed now counts).
+    let repairing = inner.repairing.load(std::sync::atomic::Ordering::Acquire);
     let mut desired = inner.desired.lock();
     for channel in &looked_at {
         if let Some(wanted) = desired.wanted.get(channel) {
-            if active.contains(channel) && !wanted.setter.is_set() {
+            let delivered = if repairing {
+                confirmed.contains(channel)
+            } else {
+                active.contains(channel)
+            };
+            if delivered && !wanted.setter.is_set() {
                 wanted.setter.set();
             }
         }
@@ -87,14 +97,16 @@ pub(crate) async fn sync(
     failure.map_or(Ok(()), Err)
 }
 
-/// Subscribes to (or unsubscribes from) `channels`, each within the timeout. On
-/// failure, names the channels that failed (all of them on a standalone connection,
-/// where they go in one command).
+/// Subscribes to (or unsubscribes from) `channels`, each within the timeout, calling
+/// `done` for each one Redis confirms as soon as it does (a cluster's dead master must
+/// not delay the live masters' channels). On failure, names the channels that failed
+/// (all of them on a standalone connection, where they go in one command).
 pub(crate) async fn interest(
     inner: &Inner,
     conn: &Conn,
     channels: &[ChannelName],
     subscribe: bool,
+    done: &(dyn Fn(&ChannelName) + Sync),
 ) -> Result<(), (Vec<ChannelName>, redis::RedisError)> {
     const WHAT: &str = "subscription command";
     let key = |c: &ChannelName| format!("{}{}", inner.config.prefix, c);
@@ -106,7 +118,9 @@ pub(crate) async fn interest(
             } else {
                 within(inner, WHAT, c.unsubscribe(&keys)).await
             };
-            r.map_err(|e| (channels.to_vec(), e))
+            r.map_err(|e| (channels.to_vec(), e))?;
+            channels.iter().for_each(done);
+            Ok(())
         }
         // A sharded (un)subscribe takes channels of one slot only: one command each,
         // many in flight, each failing on its own (a master may be down).
@@ -122,6 +136,9 @@ pub(crate) async fn interest(
                             } else {
                                 within(inner, WHAT, c.sunsubscribe(k)).await
                             };
+                            if r.is_ok() {
+                                done(&ch);
+                            }
                             (ch, r)
                         }
                     })
