@@ -56,6 +56,9 @@ pub enum DropReason {
     /// The subscriber's connection ended (closed, failed, or timed out writing) with
     /// messages still queued for it.
     Disconnected,
+    /// It came over a broker connection the node had already given up and replaced:
+    /// passing it on could deliver it twice (the replacement delivers it too).
+    StaleConnection,
 }
 
 /// Where a publication entered the system.
@@ -109,6 +112,7 @@ pub struct Metrics {
     dropped_slow: IntCounter,
     dropped_overflow: IntCounter,
     dropped_disconnected: IntCounter,
+    dropped_stale: IntCounter,
     /// Socket writes (or close frames) that did not complete within
     /// `websocket.write_timeout`: the socket was dropped.
     pub write_timeouts: IntCounter,
@@ -206,7 +210,7 @@ impl Metrics {
         )?;
         let dropped = counter_vec(
             "herald_messages_dropped_total",
-            "Messages not delivered, by reason (slow_consumer and disconnected: per subscriber; hub_overflow: per message).",
+            "Messages not delivered, by reason (slow_consumer and disconnected: per subscriber; hub_overflow and stale_connection: per message).",
             "reason",
         )?;
 
@@ -305,6 +309,7 @@ impl Metrics {
             dropped_slow: dropped.with_label_values(&["slow_consumer"]),
             dropped_overflow: dropped.with_label_values(&["hub_overflow"]),
             dropped_disconnected: dropped.with_label_values(&["disconnected"]),
+            dropped_stale: dropped.with_label_values(&["stale_connection"]),
             write_timeouts: counter(
                 "herald_write_timeouts_total",
                 "Socket writes that did not complete within websocket.write_timeout; the connection was dropped.",
@@ -419,6 +424,7 @@ impl Metrics {
             DropReason::SlowConsumer => &self.dropped_slow,
             DropReason::HubOverflow => &self.dropped_overflow,
             DropReason::Disconnected => &self.dropped_disconnected,
+            DropReason::StaleConnection => &self.dropped_stale,
         }
         .inc_by(n);
     }
@@ -429,6 +435,7 @@ impl Metrics {
             DropReason::SlowConsumer => &self.dropped_slow,
             DropReason::HubOverflow => &self.dropped_overflow,
             DropReason::Disconnected => &self.dropped_disconnected,
+            DropReason::StaleConnection => &self.dropped_stale,
         }
         .get()
     }

@@ -3,7 +3,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use herald_metrics::Source;
+use herald_metrics::{DropReason, Source};
 use herald_protocol::envelope::{self, Origin};
 use herald_protocol::{ChannelName, Publication};
 use redis::{PushInfo, PushKind, Value};
@@ -25,6 +25,16 @@ pub(crate) fn push_handler(
     let lost_generation = inner.lost_generation.clone();
     move |info: PushInfo| {
         match info.kind {
+            // A connection the supervisor has given up (a probe timed out, a resubscribe
+            // failed) may still be alive for a moment, subscribed: its messages also
+            // reach the connection that replaced it, and passing both on would deliver
+            // a plain channel's message twice. Dropped and counted; history channels
+            // repair from the stream either way.
+            PushKind::Message | PushKind::SMessage
+                if current.load(Ordering::Acquire) != generation =>
+            {
+                metrics.dropped(DropReason::StaleConnection, 1);
+            }
             PushKind::Message | PushKind::SMessage => {
                 if let Some(p) = decode_push(&prefix, info.data) {
                     let (p, origin) = p;

@@ -71,15 +71,21 @@ struct Sub {
     last_attempts: Vec<u32>,
     /// Every message delivered.
     got: Bits,
-    /// When gaps were announced (`reset`, `recovered:false`).
-    announced: Vec<u64>,
+    /// When gaps were announced (`reset`, `recovered:false`), and the newest message
+    /// delivered before each: an announcement covers only messages after that one.
+    announced: Vec<(u64, u64)>,
     /// Deliveries.
     messages: u64,
 }
 
 impl Sub {
-    fn announced_since(&self, t: u64) -> bool {
-        self.announced.iter().any(|&a| a >= t)
+    /// Whether a gap was announced that covers message `m` published at `t`: after the
+    /// publication, and before anything newer than `m` was delivered (a client that had
+    /// already received a later message was told nothing about `m` by a later reset).
+    fn announced_for(&self, m: u64, t: u64) -> bool {
+        self.announced
+            .iter()
+            .any(|&(at, last_m)| at >= t && last_m < m)
     }
 }
 
@@ -154,7 +160,7 @@ impl Checker {
                 sub.confirmed.get_or_insert(r.t);
             }
             Kind::Lost | Kind::Reset => {
-                sub.announced.push(r.t);
+                sub.announced.push((r.t, sub.last_m));
                 sub.last_offset = None;
                 self.announcements += 1;
             }
@@ -323,10 +329,10 @@ impl Checker {
                 continue;
             }
             report.acked += 1;
-            let start = msg.first_start();
+            let start = msg.published_from();
             for (c, s) in by_channel.get(msg.ch.as_str()).into_iter().flatten() {
                 let continuous = s.ended && !s.refused && s.confirmed.is_some_and(|t| t < start);
-                if !continuous || s.got.get(msg.m) || s.announced_since(start) {
+                if !continuous || s.got.get(msg.m) || s.announced_for(msg.m, start) {
                     continue;
                 }
                 if is_history(&msg.ch) {
@@ -447,13 +453,47 @@ mod tests {
         ];
         let r = judge(&events, 3);
         assert!(r.violations.is_empty(), "{r:?}");
-        // ...but an announcement before a message was sent does not excuse it.
+        // ...but an announcement before a message was sent does not excuse it,
         let events = [
             msg("r1", "h:0", 105, 1, 1, Some(1)),
             ev("r1", "h:0", 150, Kind::Lost),
             msg("r1", "h:0", 305, 3, 1, Some(3)),
         ];
         assert_eq!(kinds(&judge(&events, 3)), vec!["missing"]);
+        // nor one made after something newer was delivered (m 2 is lost silently,
+        // then a reset comes late),
+        let events = [
+            msg("r1", "h:0", 105, 1, 1, Some(1)),
+            ev("r1", "h:0", 150, Kind::Reset),
+            msg("r1", "h:0", 305, 3, 1, Some(3)),
+            ev("r1", "h:0", 400, Kind::Reset),
+        ];
+        assert_eq!(kinds(&judge(&events, 3)), vec!["missing"]);
+        let mut c = Checker::default();
+        c.record(&ev("r1", "h:0", 10, Kind::Sub));
+        c.record(&ev("r1", "h:0", 150, Kind::Reset));
+        c.record(&ev("r1", "h:0", 10_000, Kind::End));
+        // nor one made before the attempt that published it (the first was refused).
+        let sent = Sent {
+            ch: "h:0".into(),
+            m: 1,
+            attempts: vec![
+                Attempt {
+                    a: 1,
+                    start: 100,
+                    outcome: Outcome::NotPublished(503),
+                },
+                Attempt {
+                    a: 2,
+                    start: 200,
+                    outcome: Outcome::Acked {
+                        offset: 1,
+                        duplicate: false,
+                    },
+                },
+            ],
+        };
+        assert_eq!(kinds(&c.finish(&[sent])), vec!["missing"]);
     }
 
     #[test]

@@ -18,8 +18,10 @@ pub(crate) enum Fault {
     RedisAofTail(u64),
     /// `kill -9` Redis, start it from the last RDB snapshot alone: a rollback.
     RedisSnapshot,
-    /// `CLIENT KILL TYPE pubsub` (the nodes' subscriptions) or `normal` (commands).
-    ClientKill(bool),
+    /// `CLIENT KILL TYPE pubsub`: every node's connection.
+    ClientKillAll,
+    /// `CLIENT KILL ID` of one node's connection (the `n`-th listed, modulo).
+    ClientKillOne(u32),
     /// Cut the namespace's link for a while.
     NetCut(Duration),
     /// Drop this share (permille) of every client group's connections.
@@ -35,8 +37,8 @@ impl Fault {
             Fault::RedisCrash(_) => "redis kill -9",
             Fault::RedisAofTail(_) => "redis rollback (AOF tail cut)",
             Fault::RedisSnapshot => "redis rollback (RDB snapshot)",
-            Fault::ClientKill(true) => "CLIENT KILL pubsub",
-            Fault::ClientKill(false) => "CLIENT KILL normal",
+            Fault::ClientKillAll => "CLIENT KILL every node's",
+            Fault::ClientKillOne(_) => "CLIENT KILL one node's",
             Fault::NetCut(_) => "network cut",
             Fault::ClientDrop(_) => "client drops",
         }
@@ -72,7 +74,8 @@ impl Schedule {
                 30..=39 => Fault::RedisCrash(self.ms(100, 2000)),
                 40..=47 => Fault::RedisAofTail(self.rng.u64(1..64 * 1024)),
                 48..=54 => Fault::RedisSnapshot,
-                55..=66 => Fault::ClientKill(self.rng.bool()),
+                55..=60 => Fault::ClientKillAll,
+                61..=66 => Fault::ClientKillOne(self.rng.u32(..)),
                 67..=82 => Fault::NetCut(self.ms(500, 6000)),
                 _ => Fault::ClientDrop(self.rng.u32(50..600)),
             };

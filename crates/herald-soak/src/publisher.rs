@@ -86,9 +86,13 @@ impl Publisher {
                     Err(_) => Outcome::NotSent,
                 };
                 sent.attempts.push(Attempt { a, start, outcome });
-                if matches!(outcome, Outcome::Acked { .. })
-                    || tokio::time::Instant::now() > deadline
-                {
+                if matches!(outcome, Outcome::Acked { .. }) {
+                    break;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    // Given up. An attempt still in flight somewhere must land (or fail)
+                    // before the next message goes out, or it could arrive after it.
+                    tokio::time::sleep(ATTEMPT * 2).await;
                     break;
                 }
                 tokio::time::sleep(wait).await;

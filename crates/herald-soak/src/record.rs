@@ -100,9 +100,24 @@ pub(crate) struct Sent {
 }
 
 impl Sent {
-    /// When the first attempt was sent: a client subscribed before this must get it.
-    pub(crate) fn first_start(&self) -> u64 {
-        self.attempts.first().map_or(0, |a| a.start)
+    /// The earliest moment the message can have been published: the first attempt that
+    /// may have published it (acknowledged as new, or unknown; not one answered
+    /// "nothing was published"). A client subscribed before this must get it.
+    pub(crate) fn published_from(&self) -> u64 {
+        self.attempts
+            .iter()
+            .find(|a| {
+                matches!(
+                    a.outcome,
+                    Outcome::Unknown
+                        | Outcome::Acked {
+                            duplicate: false,
+                            ..
+                        }
+                )
+            })
+            .or(self.attempts.last())
+            .map_or(0, |a| a.start)
     }
 
     /// Whether some attempt was acknowledged.
