@@ -359,14 +359,30 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
                 redis.kill();
                 tokio::task::block_in_place(|| redis.start_from_snapshot())?;
             }
-            Fault::ClientKill(pubsub) => {
-                let kind = if pubsub { "pubsub" } else { "normal" };
-                let killed =
-                    tokio::task::block_in_place(|| redis.cli(&["CLIENT", "KILL", "TYPE", kind]));
-                println!(
-                    "herald-soak:          killed {} {kind} connections",
-                    killed.trim()
-                );
+            Fault::ClientKillAll => {
+                let killed = tokio::task::block_in_place(|| {
+                    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"])
+                });
+                println!("herald-soak:          killed {} connections", killed.trim());
+            }
+            Fault::ClientKillOne(n) => {
+                // The nodes' connections are the pub/sub ones (commands share them).
+                let list = tokio::task::block_in_place(|| {
+                    redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
+                });
+                let ids: Vec<&str> = list
+                    .lines()
+                    .filter_map(|l| l.split_whitespace().next()?.strip_prefix("id="))
+                    .collect();
+                if !ids.is_empty() {
+                    let id = ids[n as usize % ids.len()];
+                    let killed =
+                        tokio::task::block_in_place(|| redis.cli(&["CLIENT", "KILL", "ID", id]));
+                    println!(
+                        "herald-soak:          killed connection {id}: {}",
+                        killed.trim()
+                    );
+                }
             }
             Fault::NetCut(down) => {
                 if let Some((ns, _)) = &ns {
