@@ -14,6 +14,10 @@ pub(crate) enum Fault {
     NodeTerm(usize, Duration),
     /// `kill -9` Redis, start it again from its files after the pause.
     RedisCrash(Duration),
+    /// The same, and at once drop this share (permille) of the clients' connections:
+    /// they come back while Redis is down, and their subscribes are answered
+    /// `unavailable` (faults one at a time never overlap otherwise).
+    RedisCrashDrop(Duration, u32),
     /// `kill -9` Redis, cut its AOF's tail (bytes), start again: a rollback.
     RedisAofTail(u64),
     /// `kill -9` Redis, start it from the last RDB snapshot alone: a rollback.
@@ -35,6 +39,7 @@ impl Fault {
             Fault::NodeKill(..) => "node SIGKILL",
             Fault::NodeTerm(..) => "node SIGTERM",
             Fault::RedisCrash(_) => "redis kill -9",
+            Fault::RedisCrashDrop(..) => "redis kill -9 + client drops",
             Fault::RedisAofTail(_) => "redis rollback (AOF tail cut)",
             Fault::RedisSnapshot => "redis rollback (RDB snapshot)",
             Fault::ClientKillAll => "CLIENT KILL every node's",
@@ -71,7 +76,8 @@ impl Schedule {
             let f = match self.rng.u32(0..100) {
                 0..=17 => Fault::NodeKill(self.rng.usize(..self.nodes), self.ms(300, 3000)),
                 18..=29 => Fault::NodeTerm(self.rng.usize(..self.nodes), self.ms(300, 2000)),
-                30..=39 => Fault::RedisCrash(self.ms(100, 2000)),
+                30..=35 => Fault::RedisCrash(self.ms(100, 2000)),
+                36..=39 => Fault::RedisCrashDrop(self.ms(3000, 6000), self.rng.u32(200..600)),
                 40..=47 => Fault::RedisAofTail(self.rng.u64(1..64 * 1024)),
                 48..=54 => Fault::RedisSnapshot,
                 55..=60 => Fault::ClientKillAll,
@@ -101,7 +107,7 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         let names: std::collections::BTreeSet<&str> =
             draw(7).iter().map(|(f, _)| f.name()).collect();
-        assert_eq!(names.len(), 9, "{names:?}");
+        assert_eq!(names.len(), 10, "{names:?}");
         let mut s = Schedule::new(7, 3, false);
         assert!((0..400).all(|_| !matches!(s.next().0, Fault::NetCut(_))));
     }

@@ -3,7 +3,8 @@
 //! Three `herald` nodes behind HAProxy on one `redis-server` (AOF `everysec` and RDB
 //! snapshots); a publisher per channel retrying through the HTTP API with idempotency
 //! keys; Rust clients (on loopback, and in a network namespace whose link is cut) and
-//! the JS client under Node, on history and plain channels, with tokens that expire.
+//! the JS client under Node, on history and plain channels, with tokens that expire
+//! (every few seconds, but for the loopback Rust group's, which live an hour).
 //! Faults drawn from a seed: nodes killed (SIGKILL, SIGTERM), Redis killed and
 //! restarted from its files, rolled back (a cut AOF tail, the RDB snapshot alone),
 //! `CLIENT KILL`, network cuts, clients dropping their connections. The checker reads

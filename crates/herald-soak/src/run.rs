@@ -138,6 +138,11 @@ expiry_grace = "1s"
 [auth.jwt]
 hmac_secret = "{SECRET}"
 
+[limits]
+# A subscribe waits this long for Redis before it is answered `unavailable` (which
+# clients must retry): shorter than the soak's longest Redis outage.
+subscribe_timeout = "2s"
+
 [heartbeat]
 interval = "2s"
 timeout = "2s"
@@ -264,6 +269,10 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
             format!("127.0.0.1:{port}"),
             rng.u64(..),
         ));
+        // Long-lived tokens here: a reconnect resubscribes everything, so clients
+        // whose tokens expire every few seconds would hide a subscription that is
+        // never asked for again (the other groups' tokens expire every 6-20 s).
+        cmd.args(["--token-min-s", "1800", "--token-max-s", "3600"]);
         groups.push(Group::spawn("rust", cmd, log("rust")?, checker.clone())?);
         subscriptions += args.rust_clients * 2;
     }
@@ -347,6 +356,14 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
             }
             Fault::RedisCrash(down) => {
                 redis.kill();
+                sleep(down).await;
+                tokio::task::block_in_place(|| redis.start_again())?;
+            }
+            Fault::RedisCrashDrop(down, permille) => {
+                redis.kill();
+                for g in &mut groups {
+                    g.say(&format!("drop {permille}")).await;
+                }
                 sleep(down).await;
                 tokio::task::block_in_place(|| redis.start_again())?;
             }
