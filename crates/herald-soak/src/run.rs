@@ -19,7 +19,7 @@ use crate::check::{is_history, Checker, Report};
 use crate::faults::{Fault, Schedule};
 use crate::publisher::{Ledger, Publisher};
 use crate::record::Record;
-use crate::system::{haproxy, Namespace, Node, Redis, NS};
+use crate::system::{haproxy, Namespace, Node, Redis};
 
 /// `herald-soak run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -233,7 +233,7 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         Some(Namespace::create()?)
     };
     let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
-    let (_lb, port) = haproxy(&addrs, ns.is_some());
+    let (_lb, port) = haproxy(&addrs, ns.as_ref().map(|n| n.host_ip.as_str()));
 
     let channels: Vec<String> = (0..args.history_channels)
         .map(|i| format!("h:{i}"))
@@ -276,14 +276,16 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         groups.push(Group::spawn("rust", cmd, log("rust")?, checker.clone())?);
         subscriptions += args.rust_clients * 2;
     }
-    if let (Some((_, host)), true) = (&ns, args.netns_clients > 0) {
+    if let (Some(ns), true) = (&ns, args.netns_clients > 0) {
         let mut cmd = Command::new(herald_harness::system_tool("ip", "iproute2"));
-        cmd.args(["netns", "exec", NS]).arg(&me).args(rust_group(
-            "n",
-            args.netns_clients,
-            format!("{host}:{port}"),
-            rng.u64(..),
-        ));
+        cmd.args(["netns", "exec", &ns.name])
+            .arg(&me)
+            .args(rust_group(
+                "n",
+                args.netns_clients,
+                format!("{}:{port}", ns.host_ip),
+                rng.u64(..),
+            ));
         groups.push(Group::spawn("netns", cmd, log("netns")?, checker.clone())?);
         subscriptions += args.netns_clients * 2;
     }
@@ -402,7 +404,7 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
                 }
             }
             Fault::NetCut(down) => {
-                if let Some((ns, _)) = &ns {
+                if let Some(ns) = &ns {
                     ns.cut(true)?;
                     sleep(down).await;
                     ns.cut(false)?;

@@ -11,10 +11,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use herald_harness::{free_port, system_tool, Haproxy};
 
-/// The namespace the cut-able client group runs in, and the addresses of its link.
-pub(crate) const NS: &str = "hsoak-cli";
-const HOST_IP: &str = "10.203.0.1";
-
 /// `redis-server` with its files in a directory of its own.
 pub(crate) struct Redis {
     pub(crate) port: u16,
@@ -228,7 +224,7 @@ impl Drop for Node {
 
 /// HAProxy in front of the nodes: WebSocket (and everything else) balanced over the
 /// healthy ones, on loopback and on the namespace link's host address.
-pub(crate) fn haproxy(nodes: &[SocketAddr], netns: bool) -> (Haproxy, u16) {
+pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>) -> (Haproxy, u16) {
     Haproxy::start("soak", |port| {
         let mut cfg = String::from(
             "global\n    maxconn 8000\n\
@@ -237,8 +233,8 @@ pub(crate) fn haproxy(nodes: &[SocketAddr], netns: bool) -> (Haproxy, u16) {
              frontend fe\n",
         );
         cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
-        if netns {
-            cfg.push_str(&format!("    bind {HOST_IP}:{port}\n"));
+        if let Some(host_ip) = link {
+            cfg.push_str(&format!("    bind {host_ip}:{port}\n"));
         }
         cfg.push_str("    default_backend nodes\nbackend nodes\n    balance roundrobin\n");
         cfg.push_str("    option httpchk GET /readyz\n");
@@ -263,64 +259,72 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The clients' namespace, linked to the host by a veth pair; removed on drop.
-pub(crate) struct Namespace;
+/// The clients' namespace, linked to the host by a veth pair; removed on drop. Named
+/// and addressed after the process, so that two soaks on one machine do not meet.
+pub(crate) struct Namespace {
+    /// The namespace.
+    pub(crate) name: String,
+    /// The host's end of the veth pair, and the namespace's.
+    host_dev: String,
+    ns_dev: String,
+    /// The host's address on the link (HAProxy listens there too).
+    pub(crate) host_ip: String,
+}
 
 impl Namespace {
     /// Needs root and `ip` (iproute2).
-    pub(crate) fn create() -> anyhow::Result<(Namespace, String)> {
+    pub(crate) fn create() -> anyhow::Result<Namespace> {
         let ip = system_tool("ip", "iproute2");
         let ip = ip.to_str().context("path")?.to_owned();
-        // Leftovers of an interrupted run would make `add` fail.
-        let _ = sh(&[&ip, "netns", "del", NS]);
-        let _ = sh(&[&ip, "link", "del", "hsoak0"]);
-        sh(&[&ip, "netns", "add", NS]).context("creating a network namespace needs root")?;
-        let ns = Namespace;
-        sh(&[
-            &ip, "link", "add", "hsoak0", "type", "veth", "peer", "name", "hsoak1", "netns", NS,
-        ])?;
-        sh(&[
-            &ip,
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            "hsoak0",
-        ])?;
-        sh(&[&ip, "link", "set", "hsoak0", "up"])?;
+        let pid = std::process::id();
+        // 10.204-10.207.x.0/24 by pid: interface names stay within 15 bytes.
+        let (hi, lo) = (204 + (pid / 256) % 4, pid % 256);
+        let ns = Namespace {
+            name: format!("hsoak-{pid}"),
+            host_dev: format!("hs{pid}h"),
+            ns_dev: format!("hs{pid}n"),
+            host_ip: format!("10.{hi}.{lo}.1"),
+        };
+        // Leftovers of an interrupted run with this pid would make `add` fail.
+        let _ = sh(&[&ip, "netns", "del", &ns.name]);
+        let _ = sh(&[&ip, "link", "del", &ns.host_dev]);
+        sh(&[&ip, "netns", "add", &ns.name]).context("creating a network namespace needs root")?;
         sh(&[
             &ip,
-            "-n",
-            NS,
-            "addr",
+            "link",
             "add",
-            "10.203.0.2/24",
-            "dev",
-            "hsoak1",
+            &ns.host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &ns.ns_dev,
+            "netns",
+            &ns.name,
         ])?;
-        sh(&[&ip, "-n", NS, "link", "set", "hsoak1", "up"])?;
-        sh(&[&ip, "-n", NS, "link", "set", "lo", "up"])?;
-        Ok((ns, HOST_IP.to_owned()))
+        let host = format!("{}/24", ns.host_ip);
+        sh(&[&ip, "addr", "add", &host, "dev", &ns.host_dev])?;
+        sh(&[&ip, "link", "set", &ns.host_dev, "up"])?;
+        let inside = format!("10.{hi}.{lo}.2/24");
+        sh(&[
+            &ip, "-n", &ns.name, "addr", "add", &inside, "dev", &ns.ns_dev,
+        ])?;
+        sh(&[&ip, "-n", &ns.name, "link", "set", &ns.ns_dev, "up"])?;
+        sh(&[&ip, "-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
     }
 
     /// Cuts the clients' link (or restores it): their end goes down, as a laptop's
     /// Wi-Fi does; the host's end hears nothing.
     pub(crate) fn cut(&self, on: bool) -> anyhow::Result<()> {
-        sh(&[
-            "ip",
-            "-n",
-            NS,
-            "link",
-            "set",
-            "hsoak1",
-            if on { "down" } else { "up" },
-        ])
+        let state = if on { "down" } else { "up" };
+        sh(&["ip", "-n", &self.name, "link", "set", &self.ns_dev, state])
     }
 }
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", NS]);
-        let _ = sh(&["ip", "link", "del", "hsoak0"]);
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+        let _ = sh(&["ip", "link", "del", &self.host_dev]);
     }
 }
