@@ -81,16 +81,38 @@ export function stop(h, signal = 'SIGTERM') {
 
 /** A redis-server without persistence; resolves with { proc, url }. */
 export async function redis(port) {
-  port ??= await freePort();
-  const proc = spawn(tool('redis-server', 'redis-server'), ['--port', String(port), '--save', '', '--appendonly', 'no'], {
-    stdio: 'ignore',
-  });
-  const end = Date.now() + 10000;
-  while (!(await listening(port))) {
-    if (proc.exitCode !== null || Date.now() > end) throw new Error(`redis-server did not start on ${port}`);
-    await sleep(25);
+  // A free port can be taken between picking and binding (other processes open
+  // ephemeral ports too): redis-server then exits at once, and is started again on
+  // another port, unless the caller named the port. After three tries the error
+  // carries what it said.
+  let said = '';
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const p = port ?? (await freePort());
+    const proc = spawn(tool('redis-server', 'redis-server'), ['--port', String(p), '--save', '', '--appendonly', 'no'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
+    let out = '';
+    proc.stdout.on('data', (d) => (out = (out + d).slice(-4096)));
+    proc.stderr.on('data', (d) => (out = (out + d).slice(-4096)));
+    const end = Date.now() + 10000;
+    let up = false;
+    while (!up) {
+      up = await listening(p);
+      if (up || proc.exitCode !== null || Date.now() > end) break;
+      await sleep(25);
+    }
+    // Listening, but is it ours? Another process may hold the port while ours exits.
+    if (up) await sleep(50);
+    if (up && proc.exitCode === null) {
+      proc.stdout.resume();
+      proc.stderr.resume();
+      return { proc, url: `redis://127.0.0.1:${p}` };
+    }
+    proc.kill('SIGKILL');
+    said = `redis-server did not start on ${p}: ${out}`;
+    if (port !== undefined) break;
   }
-  return { proc, url: `redis://127.0.0.1:${port}` };
+  throw new Error(said);
 }
 
 /** HAProxy balancing `servers` (name → port) with 100 ms health checks on /readyz; one
