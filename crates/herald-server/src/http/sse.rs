@@ -46,6 +46,7 @@ const BODY_CHUNKS: usize = 16;
 /// reads nothing holds at most that much here, and the session's write timeout ends it.
 #[derive(Default)]
 struct InFlight {
+    /// Event bytes handed to the connection and not yet taken by it.
     bytes: std::sync::atomic::AtomicUsize,
     /// The sink, waiting for the connection to take some.
     waker: futures_util::task::AtomicWaker,
