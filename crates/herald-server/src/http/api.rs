@@ -210,12 +210,7 @@ fn authorize<'n>(
     req: &Request<Incoming>,
     node: &'n Node,
 ) -> Result<Option<&'n ChannelPatterns>, Refusal> {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match node.api_keys.check(given) {
+    match node.api_keys.check(super::edge::bearer(req.headers())) {
         KeyCheck::Open => Ok(None),
         KeyCheck::Key(channels) => Ok(Some(channels)),
         KeyCheck::Refused => Err(Refusal::new(

@@ -1,6 +1,6 @@
-//! The real client address behind a load balancer: the PROXY protocol header (v1 text
-//! or v2 binary) at the start of a connection, and `X-Forwarded-For` from trusted
-//! proxies only.
+//! Who the client is: its real address behind a load balancer (the PROXY protocol
+//! header, v1 text or v2 binary, at the start of a connection, and `X-Forwarded-For`
+//! from trusted proxies only), and the bearer credential it presents.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -110,6 +110,15 @@ fn v2_source(h: &v2::Header<'_>) -> Option<SocketAddr> {
         v2::Addresses::IPv6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
         _ => None,
     }
+}
+
+/// The credential of an `Authorization: Bearer <credential>` header (an API key, a
+/// metrics key, a connection token).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// The client's address: `peer` itself, unless `peer` is a trusted proxy; then the

@@ -35,11 +35,10 @@ pub(crate) fn metrics(node: &Node, headers: &hyper::HeaderMap, role: Role) -> Re
         None
     };
     if let Some(keys) = keys {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !matches!(keys.check(given), herald_auth::KeyCheck::Key(_)) {
+        if !matches!(
+            keys.check(super::edge::bearer(headers)),
+            herald_auth::KeyCheck::Key(_)
+        ) {
             return Refusal::new(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::Unauthorized,

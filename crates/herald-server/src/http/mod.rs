@@ -6,7 +6,8 @@
 //! - `api`: the publish API under `/api/`;
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
 //! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
-//! - `edge`: the client's real address (PROXY protocol, `X-Forwarded-For`).
+//! - `edge`: who the client is: its real address (PROXY protocol, `X-Forwarded-For`) and
+//!   the bearer credential it presents.
 
 use std::convert::Infallible;
 use std::io;

@@ -106,11 +106,7 @@ pub(super) fn authenticate(
             Refusal::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message),
         )
     };
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let header = super::edge::bearer(req.headers());
     let query = req.uri().query().and_then(|q| {
         q.split('&')
             .find_map(|pair| pair.strip_prefix("access_token="))
