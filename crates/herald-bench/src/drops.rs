@@ -197,14 +197,7 @@ pub(crate) fn publisher(args: PublisherArgs) -> anyhow::Result<()> {
 
 /// Runs a command, failing with its output.
 fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    herald_harness::run_checked(args).map_err(anyhow::Error::msg)
 }
 
 /// The two namespaces and their veth; removed on drop.

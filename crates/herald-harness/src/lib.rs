@@ -30,6 +30,22 @@ pub fn system_tool(bin: &str, package: &str) -> PathBuf {
         })
 }
 
+/// Runs `args[0]` with the rest as its arguments (an `ip` command, say); `Err` carries
+/// the command and what it printed on stderr when it could not run or failed.
+pub fn run_checked(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("running {args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
 /// Which key pair [`key_pair`] makes.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyKind {

@@ -249,14 +249,7 @@ pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>) -> (Haproxy, u16
 
 /// Runs a command, failing with its output.
 fn sh(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("running {args:?}"))?;
-    if !out.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    herald_harness::run_checked(args).map_err(anyhow::Error::msg)
 }
 
 /// The clients' namespace, linked to the host by a veth pair; removed on drop. Named
