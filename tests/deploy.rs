@@ -169,10 +169,18 @@ async fn resuming_client(
                 let at = t
                     .rfind(r#""offset":"#)
                     .expect("history deliveries carry offsets");
-                let offset: u64 = t[at + 9..t.len() - 1].parse().expect("an offset");
+                let digits = t[at + 9..]
+                    .find(|c: char| !c.is_ascii_digit())
+                    .map_or(&t[at + 9..], |end| &t[at + 9..at + 9 + end]);
+                let offset: u64 = digits.parse().expect("an offset");
                 seen.offsets.push(offset);
-                if let Some((o, _)) = &mut position {
+                // Offset 1 names its epoch (the channel had none when subscribed).
+                let named = t.rfind(r#""epoch":""#).map(|e| t[e + 9..e + 17].to_owned());
+                if let Some((o, e)) = &mut position {
                     *o = offset;
+                    if let Some(named) = named {
+                        *e = named;
+                    }
                 }
                 let target = until.load(Ordering::Acquire);
                 if target != 0 && offset >= target {

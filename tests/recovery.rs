@@ -36,10 +36,22 @@ fn epoch(v: &Value) -> String {
 async fn resume_story(a: &Node, b: &Node) {
     let mut client = a.client().await;
     let sub = client.subscribe_since("news:a", None).await;
-    assert_eq!(sub["offset"], 0, "{sub}");
-    let e = epoch(&sub);
+    // Nothing published yet: the start, which no epoch names (reading created none).
+    assert_eq!(
+        (&sub["offset"], epoch(&sub).as_str()),
+        (&json!(0), "00000000"),
+        "{sub}"
+    );
     a.publish_numbers("news:a", 1, 10).await;
-    assert_numbers(&client.messages(10).await, 1, 10, 1);
+    let first = client.messages(10).await;
+    assert_numbers(&first, 1, 10, 1);
+    // The first publication names the epoch it began; later ones do not repeat it.
+    let e = epoch(&first[0]);
+    assert_ne!(e, "00000000");
+    assert!(
+        first[1..].iter().all(|m| m.get("epoch").is_none()),
+        "{first:?}"
+    );
     client.close().await;
 
     b.publish_numbers("news:a", 11, 110).await;
@@ -259,9 +271,9 @@ async fn publications_racing_with_a_resume_are_merged_by_offset() {
     })
     .await;
     let mut first = node.client().await;
-    let e = epoch(&first.subscribe_since("news:r", None).await);
+    first.subscribe_since("news:r", None).await;
     node.publish_numbers("news:r", 1, 50).await;
-    first.messages(50).await;
+    let e = epoch(&first.messages(50).await[0]);
     first.close().await;
     let publisher = {
         let api = node.api;
@@ -516,7 +528,11 @@ async fn binary_deliveries_carry_the_offset_for_clients_that_track_positions() {
     )
     .await;
     assert_eq!(r.status, 200);
-    let mut want = vec![0u8, 0, 0, 0, 0, 0, 0, 0, 1, 5];
+    // Offset 1 names its epoch, after a zero length: [0][offset][0][epoch][L]...
+    let e = herald_protocol::Epoch::parse(r.json()["epoch"].as_str().unwrap()).unwrap();
+    let mut want = vec![0u8, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    want.extend_from_slice(&e.get().to_be_bytes());
+    want.push(5);
     want.extend_from_slice(b"bin:x");
     want.extend_from_slice(&[7, 8]);
     assert_eq!(&tracking.recv_binary().await[..], &want[..]);
@@ -541,8 +557,7 @@ async fn history_works_on_redis_cluster() {
     let mut positions = Vec::new();
     let mut client = a.client().await;
     for ch in &channels {
-        let sub = client.subscribe_since(ch, None).await;
-        positions.push(epoch(&sub));
+        client.subscribe_since(ch, None).await;
     }
     for ch in &channels {
         b.publish_numbers(ch, 1, 3).await;
@@ -551,6 +566,7 @@ async fn history_works_on_redis_cluster() {
         let got = client.messages(3).await;
         assert!(got.iter().all(|m| m["channel"] == ch.as_str()), "{got:?}");
         assert_numbers(&got, 1, 3, 1);
+        positions.push(epoch(&got[0]));
     }
     client.close().await;
     for ch in &channels {
@@ -604,6 +620,14 @@ async fn a_resume_that_cannot_recover_reads_no_entries() {
         let reply = r.subscribe_since("news:a", Some((since, e))).await;
         assert_eq!(reply["recovered"], false, "{reply}");
     }
+    // From the start, 50 missed with `max_recovery` 10: refused before reading too.
+    let mut r = node.client().await;
+    let reply = r.subscribe_since("news:a", Some((0, "00000000"))).await;
+    assert_eq!(
+        (&reply["recovered"], &reply["offset"]),
+        (&json!(false), &json!(50)),
+        "{reply}"
+    );
     assert_eq!(xranges(), before, "an unrecoverable resume read entries");
     // A recoverable one reads, and gets what it missed.
     let mut r = node.client().await;
@@ -629,12 +653,15 @@ async fn a_replay_larger_than_the_queue_is_refused_not_a_1013_loop() {
     })
     .await;
     let mut first = node.client().await;
-    let top = first.subscribe_since("news:big", None).await;
-    let epoch = top["epoch"].as_str().unwrap().to_owned();
+    first.subscribe_since("news:big", None).await;
     let data = format!(r#""{}""#, "x".repeat(1200));
     for _ in 0..200 {
         assert_eq!(node.publish("news:big", &data).await, 200);
     }
+    let epoch = first.recv_json().await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut resuming = node.client().await;
     let reply = resuming
         .subscribe_since("news:big", Some((0, &epoch)))
@@ -657,4 +684,84 @@ async fn a_replay_larger_than_the_queue_is_refused_not_a_1013_loop() {
         offsets(&small.messages(6).await),
         vec![196, 197, 198, 199, 200, 201]
     );
+}
+
+/// Reading a channel that was never published creates nothing: anonymous clients
+/// subscribing to (and resuming, and reading the history of) made-up names used to
+/// leave a meta key per name in Redis for `history_meta_ttl` (24 h), which under
+/// `maxmemory` evicts real channels' epochs. A channel's epoch now begins with its
+/// first publication, which names it; a client that subscribed before resumes from
+/// the start and recovers everything since.
+#[tokio::test]
+async fn reading_a_never_published_channel_creates_nothing() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        let mut rule = history_rule("news:*", 100);
+        rule.max_recovery = 50;
+        c.channels.rules = vec![rule];
+    })
+    .await;
+    let mut c = node.client().await;
+    for n in 0..300 {
+        let ch = format!("news:made-up-{n}");
+        let since = match n % 3 {
+            0 => None,
+            1 => Some((0, "00000000")),
+            _ => Some((7, "0k3f9a2b")),
+        };
+        let sub = c.subscribe_since(&ch, since).await;
+        assert_eq!(
+            (&sub["offset"], &sub["epoch"]),
+            (&json!(0), &json!("00000000")),
+            "{sub}"
+        );
+        if since.is_some() {
+            // Nothing was missed from the start; a made-up position is not recovered.
+            assert_eq!(sub["recovered"], n % 3 == 1, "{sub}");
+        }
+        let r = http(node.api, "GET", &format!("/api/history/{ch}"), &[], vec![]).await;
+        assert_eq!(
+            r.json(),
+            json!({"epoch":"00000000","offset":0,"complete":true,"publications":[]})
+        );
+        c.request("unsubscribe", &ch).await;
+    }
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0", "reads created keys");
+
+    // The start continues with the first publication, whose delivery names the epoch.
+    let mut live = node.client().await;
+    live.subscribe_since("news:s", None).await;
+    let mut away = node.client().await;
+    away.subscribe_since("news:s", None).await;
+    away.close().await;
+    let r = http(
+        node.api,
+        "POST",
+        "/api/publish",
+        &[("content-type", "application/json")],
+        br#"{"channel":"news:s","data":1}"#.to_vec(),
+    )
+    .await;
+    let e = r.json()["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(e, "00000000");
+    node.publish_numbers("news:s", 2, 5).await;
+    let got = live.messages(5).await;
+    assert_numbers(&got, 1, 5, 1);
+    assert_eq!(got[0]["epoch"], e.as_str());
+    // Back from the start: everything since, the first naming the epoch.
+    let mut back = node.client().await;
+    let sub = back.subscribe_since("news:s", Some((0, "00000000"))).await;
+    assert_eq!(
+        (&sub["recovered"], &sub["offset"]),
+        (&json!(true), &json!(5)),
+        "{sub}"
+    );
+    let got = back.messages(5).await;
+    assert_numbers(&got, 1, 5, 1);
+    assert_eq!(got[0]["epoch"], e.as_str());
+    // And on from that epoch's position, like any other.
+    let mut again = node.client().await;
+    let sub = again.subscribe_since("news:s", Some((3, &e))).await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_numbers(&again.messages(2).await, 4, 5, 4);
 }

@@ -28,6 +28,7 @@ var Emitter = class {
 var FATAL_CLOSE = /* @__PURE__ */ new Set([1002, 1003, 1007]);
 var POLICY_CLOSE = /* @__PURE__ */ new Set([1008, 1009]);
 var TOKEN_EXPIRED = 4001;
+var NO_EPOCH = "00000000";
 var HeraldError = class extends Error {
   constructor(code, message) {
     super(message);
@@ -281,7 +282,7 @@ var Client = class extends Emitter {
       case "welcome":
         return this.onWelcome(f);
       case "message":
-        return this.onMessage(f.channel, f.base64 !== void 0 ? base64(f.base64) : f.data, f.offset);
+        return this.onMessage(f.channel, f.base64 !== void 0 ? base64(f.base64) : f.data, f.offset, f.epoch);
       case "subscribed":
         return this.onSubscribed(f);
       case "reset": {
@@ -328,7 +329,8 @@ var Client = class extends Emitter {
     if (f.id !== void 0) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;
-    const resumed = f.recovered === true && sub.epoch === f.epoch;
+    const atStart = sub.offset === 0 && sub.epoch === NO_EPOCH;
+    const resumed = f.recovered === true && (sub.epoch === f.epoch || atStart);
     if (f.offset !== void 0 && !resumed) {
       const ahead = sub.epoch === f.epoch && sub.offset !== void 0 && sub.offset > f.offset;
       if (!ahead) sub.offset = f.offset;
@@ -337,24 +339,31 @@ var Client = class extends Emitter {
     sub._emit("subscribed", f);
     if (f.recovered !== void 0) sub._emit("recovered", f.recovered);
   }
-  onMessage(channel, data, offset) {
+  onMessage(channel, data, offset, epoch) {
     const sub = this.subscriptions.get(channel);
     if (!sub) return;
     if (offset !== void 0) sub.offset = offset;
+    if (epoch !== void 0) sub.epoch = epoch;
     sub._emit("message", data, offset === void 0 ? { channel } : { channel, offset });
   }
   onBinary(b) {
     this.lastHeard = Date.now();
     this.pingSent = 0;
     let offset;
+    let epoch;
     let i = 0;
+    const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
     if (b[0] === 0) {
-      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
+      offset = Number(view.getBigUint64(1));
       i = 9;
+      if (b[i] === 0) {
+        epoch = view.getBigUint64(i + 1).toString(36).padStart(8, "0");
+        i += 9;
+      }
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    this.onMessage(channel, b.subarray(i + 1 + len), offset);
+    this.onMessage(channel, b.subarray(i + 1 + len), offset, epoch);
   }
   settle(id, value, err) {
     if (id === void 0) return;

@@ -70,6 +70,9 @@ const FATAL_CLOSE = new Set([1002, 1003, 1007]);
 const POLICY_CLOSE = new Set([1008, 1009]);
 /** The connection's token expired: get a new one, then reconnect. */
 const TOKEN_EXPIRED = 4001;
+/** The epoch of a channel that had no publication yet (PROTOCOL.md): a position at
+ * offset 0 in it continues with offset 1 of whichever epoch comes first. */
+const NO_EPOCH = '00000000';
 
 interface Pending {
   resolve: (v: any) => void;
@@ -379,7 +382,7 @@ export class Client extends Emitter {
       case 'welcome':
         return this.onWelcome(f);
       case 'message':
-        return this.onMessage(f.channel, f.base64 !== undefined ? base64(f.base64) : f.data, f.offset);
+        return this.onMessage(f.channel, f.base64 !== undefined ? base64(f.base64) : f.data, f.offset, f.epoch);
       case 'subscribed':
         return this.onSubscribed(f);
       case 'reset': {
@@ -431,7 +434,11 @@ export class Client extends Emitter {
     // The position moves only with delivered messages: a resumed subscription's replay
     // follows this reply, and a connection lost during it must resume from what
     // arrived, not from the top (which would lose the rest of the replay).
-    const resumed = f.recovered === true && sub.epoch === f.epoch;
+    // A subscription at the start (made before the channel had any publication:
+    // offset 0, epoch `00000000`) resumes into whichever epoch began since; the replay's
+    // first message names it.
+    const atStart = sub.offset === 0 && sub.epoch === NO_EPOCH;
+    const resumed = f.recovered === true && (sub.epoch === f.epoch || atStart);
     if (f.offset !== undefined && !resumed) {
       const ahead = sub.epoch === f.epoch && sub.offset !== undefined && sub.offset > f.offset;
       if (!ahead) sub.offset = f.offset;
@@ -441,10 +448,12 @@ export class Client extends Emitter {
     if (f.recovered !== undefined) sub._emit('recovered', f.recovered);
   }
 
-  private onMessage(channel: string, data: unknown, offset?: number): void {
+  private onMessage(channel: string, data: unknown, offset?: number, epoch?: string): void {
     const sub = this.subscriptions.get(channel);
     if (!sub) return;
     if (offset !== undefined) sub.offset = offset;
+    // Offset 1 names its epoch (how a subscription at the start learns it).
+    if (epoch !== undefined) sub.epoch = epoch;
     sub._emit('message', data, offset === undefined ? { channel } : { channel, offset });
   }
 
@@ -452,14 +461,21 @@ export class Client extends Emitter {
     this.lastHeard = Date.now();
     this.pingSent = 0;
     let offset: number | undefined;
+    let epoch: string | undefined;
     let i = 0;
+    const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
     if (b[0] === 0) {
-      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
+      offset = Number(view.getBigUint64(1));
       i = 9;
+      // At offset 1 the epoch follows, marked by a zero length (PROTOCOL.md).
+      if (b[i] === 0) {
+        epoch = view.getBigUint64(i + 1).toString(36).padStart(8, '0');
+        i += 9;
+      }
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    this.onMessage(channel, b.subarray(i + 1 + len), offset);
+    this.onMessage(channel, b.subarray(i + 1 + len), offset, epoch);
   }
 
   private settle(id: number | undefined, value: unknown, err?: Error): void {

@@ -154,14 +154,16 @@ pub trait Broker: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<Published>, BrokerError>>;
 
     /// Reads `channel`'s stream: its current position, and up to `limit` publications
-    /// after offset `since`. A channel without a stream yet gets one (offset 0, a new
-    /// epoch), so that the position a client is given stays valid for the first
-    /// publication.
+    /// after offset `since`. Reading creates nothing: a channel without a stream (never
+    /// published, or expired) answers [`StreamPosition::START`], which continues with
+    /// the first publication of whatever epoch comes, so that anonymous reads of made-up
+    /// names cost no memory (and, on Redis, evict nothing under `maxmemory`).
     ///
     /// With `only_in`, the read is for continuing a stream from `since` in that epoch
     /// (a resume, a repair): the entries are read only if the stream is in that epoch
-    /// and at most `limit` publications past `since`; otherwise only the position comes
-    /// back, since such a read could not be used anyway. The decision is taken where
+    /// (any epoch for a resume from the start: `since` 0 in [`Epoch::NONE`]) and at most
+    /// `limit` publications past `since`; otherwise only the position comes back, since
+    /// such a read could not be used anyway. The decision is taken where
     /// the stream is, before anything is read, so that a client cannot make a node
     /// read `limit` entries with a made-up epoch or a `since` from long ago.
     fn history(

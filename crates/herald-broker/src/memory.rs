@@ -82,7 +82,8 @@ impl Stream {
 }
 
 impl State {
-    /// The live stream of `channel`, created (new epoch) when missing or expired.
+    /// The live stream of `channel`, created (new epoch) when missing or expired: for a
+    /// publication only (reads use [`State::existing`]).
     fn stream(
         &mut self,
         channel: &ChannelName,
@@ -104,6 +105,23 @@ impl State {
         s.policy = policy;
         s.touched = now;
         s
+    }
+
+    /// The live stream of `channel`, if it has one (expired ones are dropped).
+    fn existing(
+        &mut self,
+        channel: &ChannelName,
+        policy: HistoryPolicy,
+        now: Instant,
+    ) -> Option<&mut Stream> {
+        if !self.streams.get_mut(channel)?.expire(now) {
+            self.streams.remove(channel);
+            return None;
+        }
+        let s = self.streams.get_mut(channel)?;
+        s.policy = policy;
+        s.touched = now;
+        Some(s)
     }
 
     fn sweep(&mut self, now: Instant) {
@@ -202,9 +220,19 @@ impl Broker for MemoryBroker {
         let channel = channel.clone();
         Box::pin(async move {
             let mut state = self.state.lock().await;
-            let s = state.stream(&channel, policy, Instant::now());
-            let usable =
-                only_in.is_none_or(|e| e == s.epoch && s.top.saturating_sub(since) <= limit as u64);
+            let now = Instant::now();
+            state.sweep(now);
+            let Some(s) = state.existing(&channel, policy, now) else {
+                return Ok(HistoryPage {
+                    top: StreamPosition::START,
+                    publications: Vec::new(),
+                });
+            };
+            let from_start = since == 0;
+            let usable = only_in.is_none_or(|e| {
+                (e == s.epoch || (e == Epoch::NONE && from_start))
+                    && s.top.saturating_sub(since) <= limit as u64
+            });
             let publications = s
                 .ring
                 .iter()
@@ -312,16 +340,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reading_an_empty_channel_fixes_its_epoch() {
+    async fn reading_a_channel_creates_nothing() {
         let (tx, _rx) = inbound(4, Metrics::unregistered());
         let broker = MemoryBroker::new(tx);
         let c = ChannelName::new("c").unwrap();
-        let before = broker
-            .history(&c, policy(4), 0, 10, None)
-            .await
-            .unwrap()
-            .top;
-        assert_eq!(before.offset, 0);
+        for n in 0..1000 {
+            let other = ChannelName::new(&format!("made-up-{n}")).unwrap();
+            let page = broker
+                .history(&other, policy(4), 0, 10, None)
+                .await
+                .unwrap();
+            assert_eq!(page.top, StreamPosition::START);
+        }
+        assert!(broker.state.lock().await.streams.is_empty());
         let r = broker
             .publish(vec![PublishRequest {
                 history: Some(policy(4)),
@@ -329,7 +360,28 @@ mod tests {
             }])
             .await
             .unwrap();
-        assert_eq!(r[0].position.unwrap().epoch, before.epoch);
+        let first = r[0].position.unwrap();
+        assert_eq!(first.offset, 1);
+        assert_ne!(first.epoch, Epoch::NONE);
+        // A resume from the start reads the epoch begun since; one from offset 0 of
+        // another epoch does not.
+        let page = broker
+            .history(&c, policy(4), 0, 10, Some(Epoch::NONE))
+            .await
+            .unwrap();
+        assert_eq!((page.top, page.publications.len()), (first, 1));
+        let other = Epoch::new(first.epoch.get() ^ 1).unwrap();
+        let page = broker
+            .history(&c, policy(4), 0, 10, Some(other))
+            .await
+            .unwrap();
+        assert_eq!((page.top, page.publications.len()), (first, 0));
+        // Within the limit only.
+        let page = broker
+            .history(&c, policy(4), 0, 0, Some(Epoch::NONE))
+            .await
+            .unwrap();
+        assert!(page.publications.is_empty());
     }
 
     #[tokio::test]

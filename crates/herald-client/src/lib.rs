@@ -37,7 +37,7 @@ use futures_util::{SinkExt, StreamExt};
 use herald_protocol::backoff::Backoff;
 use herald_protocol::client::{encode_ping, encode_publish, encode_resume, encode_unsubscribe};
 use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
-use herald_protocol::{ChannelName, StreamPosition};
+use herald_protocol::{ChannelName, Epoch, StreamPosition};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, timeout, Instant};
@@ -618,7 +618,7 @@ async fn session(
     ended
 }
 
-fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
+fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>, epoch: Option<Epoch>) {
     if let (Some(o), Some(p)) = (offset, sub.position.as_mut()) {
         // A resume replays from after the position: anything at or before it was
         // delivered already.
@@ -626,6 +626,11 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>) {
             return;
         }
         p.offset = o;
+        // Offset 1 names its epoch: a subscription made before the channel had any
+        // publication (at the start, epoch `00000000`) learns it here.
+        if let Some(e) = epoch {
+            p.epoch = e;
+        }
     }
     sub.emit(Event::Message { data, offset });
 }
@@ -642,6 +647,7 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
                 sub,
                 Bytes::copy_from_slice(d.data.get().as_bytes()),
                 d.offset,
+                d.epoch.as_deref().and_then(Epoch::parse),
             );
         }
         return;
@@ -716,10 +722,10 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
 }
 
 fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {
-    let Some((channel, offset, payload)) = parse_binary_delivery(frame) else {
+    let Some(d) = parse_binary_delivery(frame) else {
         return;
     };
-    if let Some(sub) = subs.get_mut(&channel) {
-        deliver(sub, payload, offset);
+    if let Some(sub) = subs.get_mut(&d.channel) {
+        deliver(sub, d.payload, d.offset, d.epoch);
     }
 }

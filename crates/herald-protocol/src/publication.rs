@@ -95,14 +95,20 @@ impl Epoch {
     /// Epoch values are below this (36^8).
     pub const LIMIT: u64 = 2_821_109_907_456;
 
+    /// `00000000`: the channel has had no publication yet. Never the epoch of a run of
+    /// offsets: a position `(0, NONE)` continues with offset 1 of whichever epoch the
+    /// first publication starts (reading a channel creates nothing, so there is no epoch
+    /// to name before it), and a resume from it recovers every publication since.
+    pub const NONE: Epoch = Epoch(0);
+
     /// The epoch with this number, if it is in range.
     pub fn new(n: u64) -> Option<Epoch> {
         (n < Epoch::LIMIT).then_some(Epoch(n))
     }
 
-    /// An epoch from 64 random bits.
+    /// An epoch from 64 random bits (never [`Epoch::NONE`]).
     pub fn from_random(bits: u64) -> Epoch {
-        Epoch(bits % Epoch::LIMIT)
+        Epoch(bits % (Epoch::LIMIT - 1) + 1)
     }
 
     /// Its number.
@@ -149,6 +155,34 @@ pub struct StreamPosition {
     pub offset: u64,
     /// Which run of offsets.
     pub epoch: Epoch,
+}
+
+impl StreamPosition {
+    /// Before the first publication of a channel that has none yet.
+    pub const START: StreamPosition = StreamPosition {
+        offset: 0,
+        epoch: Epoch::NONE,
+    };
+
+    /// Whether this is [`StreamPosition::START`], which belongs to every epoch.
+    pub fn is_start(self) -> bool {
+        self == StreamPosition::START
+    }
+
+    /// This position seen from `epoch`: [`StreamPosition::START`] is offset 0 of any
+    /// epoch; every other position is itself.
+    pub fn in_epoch(self, epoch: Epoch) -> StreamPosition {
+        if self.is_start() {
+            StreamPosition { offset: 0, epoch }
+        } else {
+            self
+        }
+    }
+
+    /// Whether the two are in one run of offsets (either may be the start).
+    pub fn same_epoch(self, other: StreamPosition) -> bool {
+        self.epoch == other.epoch || self.is_start() || other.is_start()
+    }
 }
 
 /// Microseconds since the Unix epoch, by the system clock.

@@ -124,7 +124,8 @@ pub fn error(id: Option<u64>, code: ErrorCode, message: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     /// `{"op":"message","channel":C,"data":D}` as a text frame, with `,"offset":O`
-    /// before the closing brace on history channels.
+    /// before the closing brace on history channels (and `,"epoch":E` after it at
+    /// offset 1).
     Text(String),
     /// `[1 byte L][L bytes channel][payload]` as a binary frame.
     Binary(Bytes),
@@ -149,8 +150,13 @@ pub fn encode_delivery(p: &Publication) -> Delivery {
             s.push_str(channel);
             s.push_str(r#"","data":"#);
             s.push_str(&data);
-            if let Some(offset) = p.offset() {
-                let _ = write!(s, r#","offset":{offset}"#);
+            if let Some(pos) = p.position {
+                let _ = write!(s, r#","offset":{}"#, pos.offset);
+                // The first publication of an epoch names it: a subscriber that joined
+                // before the channel had any (position `START`) learns it here.
+                if pos.offset == 1 {
+                    let _ = write!(s, r#","epoch":"{}""#, pos.epoch);
+                }
             }
             s.push('}');
             Delivery::Text(s)
@@ -171,6 +177,9 @@ pub struct TextDelivery<'a> {
     /// Its position in the channel's stream, on history channels.
     #[serde(default)]
     pub offset: Option<u64>,
+    /// The epoch, on the first publication of one (offset 1).
+    #[serde(default, borrow)]
+    pub epoch: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     op: std::borrow::Cow<'a, str>,
 }
@@ -196,32 +205,61 @@ pub fn binary_frame(channel: &str, payload: &[u8]) -> Bytes {
 /// Builds `[0x00][8 bytes offset, big-endian][1 byte L][L bytes channel][payload]`: the
 /// binary delivery of a history channel to a subscriber that tracks positions. The
 /// leading zero byte cannot start a plain binary delivery (channel names are never
-/// empty), so a client tells the two layouts apart by it.
-pub fn binary_frame_with_offset(channel: &str, offset: u64, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(10 + channel.len() + payload.len());
+/// empty), so a client tells the two layouts apart by it. At offset 1 the epoch follows
+/// the offset, marked by a zero length: `[0x00][offset][0x00][8 bytes epoch][L]...`
+/// (as a text delivery names it there).
+pub fn binary_frame_with_offset(channel: &str, at: StreamPosition, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(19 + channel.len() + payload.len());
     b.put_u8(0);
-    b.put_u64(offset);
+    b.put_u64(at.offset);
+    if at.offset == 1 {
+        b.put_u8(0);
+        b.put_u64(at.epoch.get());
+    }
     b.put_u8(channel.len() as u8);
     b.put_slice(channel.as_bytes());
     b.put_slice(payload);
     b.freeze()
 }
 
-/// Reads a binary delivery (either layout) as a client does: the channel, the offset
-/// when the frame carries one, and the payload (shared, not copied). `None` for a frame
-/// that is neither layout.
-pub fn parse_binary_delivery(frame: &Bytes) -> Option<(crate::ChannelName, Option<u64>, Bytes)> {
-    let (offset, at) = match frame.first() {
+/// A binary delivery as a client reads it ([`parse_binary_delivery`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinaryDelivery {
+    /// The channel it was published on.
+    pub channel: crate::ChannelName,
+    /// Its offset, when the frame carries one.
+    pub offset: Option<u64>,
+    /// Its epoch, at offset 1.
+    pub epoch: Option<crate::Epoch>,
+    /// The publisher's bytes (shared with the frame, not copied).
+    pub payload: Bytes,
+}
+
+/// Reads a binary delivery (any layout) as a client does. `None` for a frame that is
+/// none of them.
+pub fn parse_binary_delivery(frame: &Bytes) -> Option<BinaryDelivery> {
+    let (offset, mut at) = match frame.first() {
         Some(0) => {
             let o: [u8; 8] = frame.get(1..9)?.try_into().ok()?;
             (Some(u64::from_be_bytes(o)), 9)
         }
         _ => (None, 0),
     };
+    let mut epoch = None;
+    if offset.is_some() && *frame.get(at)? == 0 {
+        let e: [u8; 8] = frame.get(at + 1..at + 9)?.try_into().ok()?;
+        epoch = Some(crate::Epoch::new(u64::from_be_bytes(e))?);
+        at += 9;
+    }
     let len = *frame.get(at)? as usize;
     let name = frame.get(at + 1..at + 1 + len)?;
     let channel = crate::ChannelName::from_bytes(name).ok()?;
-    Some((channel, offset, frame.slice(at + 1 + len..)))
+    Some(BinaryDelivery {
+        channel,
+        offset,
+        epoch,
+        payload: frame.slice(at + 1 + len..),
+    })
 }
 
 /// A server frame other than a delivery (welcome, replies, errors, resets), as a client
@@ -335,9 +373,40 @@ mod tests {
             encode_delivery(&p),
             Delivery::Text(r#"{"op":"message","channel":"news","data":1,"offset":57}"#.into())
         );
+        let e = at.epoch;
         assert_eq!(
-            &binary_frame_with_offset("b", 2, &[9])[..],
+            &binary_frame_with_offset(
+                "b",
+                StreamPosition {
+                    offset: 2,
+                    epoch: e
+                },
+                &[9]
+            )[..],
             &[0, 0, 0, 0, 0, 0, 0, 0, 2, 1, b'b', 9]
+        );
+        // The first publication of an epoch names it, in both layouts.
+        p.position = Some(StreamPosition {
+            offset: 1,
+            epoch: e,
+        });
+        assert_eq!(
+            encode_delivery(&p),
+            Delivery::Text(
+                r#"{"op":"message","channel":"news","data":1,"offset":1,"epoch":"00000010"}"#
+                    .into()
+            )
+        );
+        assert_eq!(
+            &binary_frame_with_offset(
+                "b",
+                StreamPosition {
+                    offset: 1,
+                    epoch: e
+                },
+                &[9]
+            )[..],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 36, 1, b'b', 9]
         );
     }
 
@@ -384,6 +453,16 @@ mod tests {
             panic!("text");
         };
         assert_eq!(parse_text_delivery(&frame).unwrap().offset, Some(7));
+        assert_eq!(parse_text_delivery(&frame).unwrap().epoch, None);
+        p.position = Some(StreamPosition {
+            offset: 1,
+            epoch: crate::Epoch::parse("0k3f0a1b").unwrap(),
+        });
+        let Delivery::Text(frame) = encode_delivery(&p) else {
+            panic!("text");
+        };
+        let d = parse_text_delivery(&frame).unwrap();
+        assert_eq!((d.offset, d.epoch.as_deref()), (Some(1), Some("0k3f0a1b")));
         for other in [
             welcome("n", "c", None, 1000),
             pong(Some(1)),
@@ -418,15 +497,41 @@ mod tests {
         );
         assert!(parse_reply(r#"{"op":"message","channel":"c","data":1}"#).is_none());
         let plain = binary_frame("c", b"xy");
+        let read =
+            |f: &Bytes| parse_binary_delivery(f).map(|d| (d.channel, d.offset, d.epoch, d.payload));
         assert_eq!(
-            parse_binary_delivery(&plain),
-            Some((ch.clone(), None, Bytes::from_static(b"xy")))
+            read(&plain),
+            Some((ch.clone(), None, None, Bytes::from_static(b"xy")))
         );
-        let positioned = binary_frame_with_offset("c", 9, b"z");
+        let positioned = binary_frame_with_offset(
+            "c",
+            StreamPosition {
+                offset: 9,
+                epoch: e,
+            },
+            b"z",
+        );
         assert_eq!(
-            parse_binary_delivery(&positioned),
-            Some((ch, Some(9), Bytes::from_static(b"z")))
+            read(&positioned),
+            Some((ch.clone(), Some(9), None, Bytes::from_static(b"z")))
         );
+        let first = binary_frame_with_offset(
+            "c",
+            StreamPosition {
+                offset: 1,
+                epoch: e,
+            },
+            b"z",
+        );
+        assert_eq!(
+            read(&first),
+            Some((ch, Some(1), Some(e), Bytes::from_static(b"z")))
+        );
+        // Cut inside the epoch, or an epoch out of range: not a delivery.
+        assert_eq!(read(&first.slice(..14)), None);
+        let mut bad = first.to_vec();
+        bad[10..18].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(read(&Bytes::from(bad)), None);
         assert_eq!(parse_binary_delivery(&Bytes::from_static(&[0, 1])), None);
         assert_eq!(parse_binary_delivery(&Bytes::from_static(&[5, b'a'])), None);
     }

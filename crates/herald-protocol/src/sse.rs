@@ -71,27 +71,25 @@ pub fn retry(ms: u64) -> String {
 
 /// A binary delivery as a text frame:
 /// `{"op":"message","channel":C,"offset":O,"base64":"..."}` (`offset` on history
-/// channels only). `frame` is the WebSocket binary frame (`[L][channel][payload]`, or
-/// `[0][u64 offset][L][channel][payload]`); `None` if it is not one.
+/// channels only, and `"epoch"` with it at offset 1, as in a text delivery). `frame` is
+/// the WebSocket binary frame (see [`crate::server::parse_binary_delivery`]); `None` if
+/// it is not one.
 pub fn binary_as_json(frame: &[u8]) -> Option<String> {
-    let (offset, rest) = match frame.first()? {
-        0 => {
-            let o = u64::from_be_bytes(frame.get(1..9)?.try_into().ok()?);
-            (Some(o), frame.get(9..)?)
-        }
-        _ => (None, frame),
-    };
-    let len = *rest.first()? as usize;
-    let channel = std::str::from_utf8(rest.get(1..1 + len)?).ok()?;
-    let payload = rest.get(1 + len..)?;
-    let mut s = format!(r#"{{"op":"message","channel":{}"#, json_string(channel));
-    if let Some(o) = offset {
+    let d = crate::server::parse_binary_delivery(&bytes::Bytes::copy_from_slice(frame))?;
+    let mut s = format!(
+        r#"{{"op":"message","channel":{}"#,
+        json_string(d.channel.as_str())
+    );
+    if let Some(o) = d.offset {
         let _ = write!(s, r#","offset":{o}"#);
+    }
+    if let Some(e) = d.epoch {
+        let _ = write!(s, r#","epoch":"{e}""#);
     }
     let _ = write!(
         s,
         r#","base64":"{}"}}"#,
-        base64::engine::general_purpose::STANDARD.encode(payload)
+        base64::engine::general_purpose::STANDARD.encode(&d.payload)
     );
     Some(s)
 }
@@ -168,7 +166,10 @@ impl Positions {
             // reconnect during the replay skip the rest of it).
             ("subscribed", Some(epoch))
                 if f.recovered == Some(true)
-                    && self.0.get(&channel).is_some_and(|p| p.epoch == epoch) =>
+                    && self
+                        .0
+                        .get(&channel)
+                        .is_some_and(|p| p.epoch == epoch || p.is_start()) =>
             {
                 false
             }
@@ -176,9 +177,14 @@ impl Positions {
                 self.0.insert(channel, StreamPosition { offset, epoch });
                 true
             }
-            ("message", _) => match self.0.get_mut(&channel) {
-                Some(p) if p.offset != offset => {
+            // The first publication of an epoch names it (a channel subscribed before
+            // it had any publication was at `START`).
+            ("message", epoch) => match self.0.get_mut(&channel) {
+                Some(p) if p.offset != offset || epoch.is_some_and(|e| e != p.epoch) => {
                     p.offset = offset;
+                    if let Some(e) = epoch {
+                        p.epoch = e;
+                    }
                     true
                 }
                 _ => false,
@@ -247,10 +253,30 @@ mod tests {
             binary_as_json(&plain).unwrap(),
             r#"{"op":"message","channel":"bin","base64":"AAH/"}"#
         );
-        let with = crate::server::binary_frame_with_offset("bin", 7, b"hi");
+        let e = Epoch::new(36).unwrap();
+        let with = crate::server::binary_frame_with_offset(
+            "bin",
+            StreamPosition {
+                offset: 7,
+                epoch: e,
+            },
+            b"hi",
+        );
         assert_eq!(
             binary_as_json(&with).unwrap(),
             r#"{"op":"message","channel":"bin","offset":7,"base64":"aGk="}"#
+        );
+        let first = crate::server::binary_frame_with_offset(
+            "bin",
+            StreamPosition {
+                offset: 1,
+                epoch: e,
+            },
+            b"hi",
+        );
+        assert_eq!(
+            binary_as_json(&first).unwrap(),
+            r#"{"op":"message","channel":"bin","offset":1,"epoch":"00000010","base64":"aGk="}"#
         );
         assert_eq!(binary_as_json(&[5, b'a']), None);
         assert_eq!(binary_as_json(&[]), None);
@@ -281,6 +307,24 @@ mod tests {
         assert_eq!(partial.id().unwrap(), "news=5~0000000a");
         p.remove(&news);
         assert_eq!(p.id().unwrap(), "chat:1=0~0000000b");
+    }
+
+    #[test]
+    fn a_channel_without_publications_learns_its_epoch_from_the_first() {
+        let mut p = Positions::default();
+        assert!(p.observe(r#"{"op":"subscribed","channel":"new","offset":0,"epoch":"00000000"}"#));
+        assert_eq!(p.id().unwrap(), "new=0~00000000");
+        // A resume from the start whose replay follows: the id waits for the replay.
+        assert!(!p.observe(
+            r#"{"op":"subscribed","channel":"new","offset":3,"epoch":"0000000a","recovered":true}"#
+        ));
+        assert_eq!(p.id().unwrap(), "new=0~00000000");
+        assert!(
+            p.observe(r#"{"op":"message","channel":"new","data":1,"offset":1,"epoch":"0000000a"}"#)
+        );
+        assert_eq!(p.id().unwrap(), "new=1~0000000a");
+        assert!(p.observe(r#"{"op":"message","channel":"new","data":1,"offset":2}"#));
+        assert_eq!(p.id().unwrap(), "new=2~0000000a");
     }
 
     #[test]

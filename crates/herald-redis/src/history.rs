@@ -32,7 +32,7 @@ pub(crate) async fn history(
         .arg(millis(policy.meta_ttl))
         .arg(since)
         .arg(count)
-        .arg(only_in.map_or(0, |e| e.get()))
+        .arg(only_in.map_or(-1, |e| e.get() as i64))
         .arg(conn.run_id());
     let work = async {
         match conn {

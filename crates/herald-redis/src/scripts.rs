@@ -24,9 +24,11 @@
 //! current epoch (see `ensure_epoch!`): a server that restarted from older data must
 //! not hand out offsets again.
 //!
-//! **History script**: creates the epoch when missing (so a position handed to a client
-//! before the first publication stays valid), refreshes the meta TTL, and returns the
-//! epoch, the last offset and up to `limit` entries after `since`.
+//! **History script**: writes nothing for a channel without a meta hash (it answers the
+//! start, `(0, 00000000)`, which continues with the first publication of any epoch);
+//! otherwise refreshes the meta TTL (and starts a new epoch where another lineage wrote
+//! the current one), and returns the epoch, the last offset and up to `limit` entries
+//! after `since`.
 //!
 //! A backend that wants to publish into a history channel without the HTTP API calls the
 //! publish script itself (`SCRIPT LOAD` it, or `EVAL` the source in
@@ -132,20 +134,28 @@ return {offset, epoch, 0}
 "#
 );
 
-/// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel has
-/// none, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the epoch the read must be in to
-/// read entries, and then at most `limit` behind the top (0: any epoch, any distance),
-/// 6 the server's lineage (as for the publish script).
-/// Returns `{epoch, top, entries}`.
+/// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel's
+/// epoch belongs to another lineage, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the
+/// epoch the read must be in to read entries, and then at most `limit` behind the top
+/// (-1: any epoch, any distance; 0, the start: any epoch from offset 0), 6 the server's
+/// lineage (as for the publish script).
+/// Returns `{epoch, top, entries}`; `{0, 0, {}}` (the start) for a channel without a
+/// meta hash, for which it writes nothing.
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),
     r#"
+-- Reading creates nothing: made-up channel names must not fill (or, under maxmemory,
+-- evict from) Redis. The first publication creates the epoch.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {0, 0, {}}
+end
 local e = ensure_epoch(ARGV[1], ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local top = tonumber(redis.call('HGET', KEYS[1], 's'))
 local entries = {}
 local since, limit, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local usable = want == 0 or (tonumber(e) == want and top - since <= limit)
+local same = tonumber(e) == want or (want == 0 and since == 0)
+local usable = want == -1 or (same and top - since <= limit)
 if limit > 0 and top > since and usable then
   entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end

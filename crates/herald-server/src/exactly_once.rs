@@ -230,8 +230,10 @@ mod history {
                 .history(&self.channels[c], POLICY, from, count, only_in)
                 .await
                 .unwrap();
-            let n = self.epochs.len();
-            self.epochs.entry(page.top.epoch).or_insert(n);
+            if page.top.epoch != Epoch::NONE {
+                let n = self.epochs.len();
+                self.epochs.entry(page.top.epoch).or_insert(n);
+            }
             page
         }
 
@@ -249,7 +251,11 @@ mod history {
                 let epoch = || Epoch::parse(v["epoch"].as_str().unwrap()).unwrap();
                 // An epoch first seen here was made by a read of the node's (a repair
                 // on a stream the broker had lost), after everything seen before.
-                if let Some(e) = v["epoch"].as_str().and_then(Epoch::parse) {
+                if let Some(e) = v["epoch"]
+                    .as_str()
+                    .and_then(Epoch::parse)
+                    .filter(|e| *e != Epoch::NONE)
+                {
                     let n = self.epochs.len();
                     self.epochs.entry(e).or_insert(n);
                 }
@@ -259,6 +265,12 @@ mod history {
                         let top = v["offset"].as_u64().unwrap();
                         let at = if v["recovered"].as_bool() == Some(true) {
                             let (e, o) = seen.at.expect("recovered from a position it had");
+                            if (e, o) == (Epoch::NONE, 0) {
+                                // From the start: the replay's first message names the epoch.
+                                seen.at = Some((e, o));
+                                seen.live = true;
+                                continue;
+                            }
                             prop_assert_eq!(e, epoch(), "recovered in another epoch");
                             o
                         } else {
@@ -280,7 +292,10 @@ mod history {
                             seen.at,
                             to
                         );
-                        if let Some((e, _)) = seen.at.filter(|(e, _)| *e != to.0) {
+                        // (From the start, any epoch is ahead.)
+                        if let Some((e, _)) =
+                            seen.at.filter(|(e, _)| *e != to.0 && *e != Epoch::NONE)
+                        {
                             prop_assert!(
                                 self.epochs.get(&to.0) > self.epochs.get(&e),
                                 "subscriber {} channel {}: reset from {:?} into an older epoch {:?}",
@@ -294,8 +309,32 @@ mod history {
                     }
                     "message" => {
                         prop_assert!(seen.live, "message before subscribed: {}", t.as_str());
-                        let (e, o) = seen.at.unwrap();
+                        let (mut e, o) = seen.at.unwrap();
                         let offset = v["offset"].as_u64().unwrap();
+                        // Offset 1 names its epoch; a subscriber at the start learns it so.
+                        let named = v["epoch"].as_str().map(|_| epoch());
+                        prop_assert_eq!(
+                            named.is_some(),
+                            offset == 1,
+                            "epoch named at offset 1 only: {}",
+                            t.as_str()
+                        );
+                        if e == Epoch::NONE {
+                            prop_assert!(
+                                named.is_some(),
+                                "a message to a subscriber at the start names its epoch: {}",
+                                t.as_str()
+                            );
+                        }
+                        if let Some(n) = named {
+                            prop_assert!(
+                                e == Epoch::NONE || e == n,
+                                "offset 1 of epoch {} to a subscriber in {}",
+                                n,
+                                e
+                            );
+                            e = n;
+                        }
                         prop_assert_eq!(offset, o + 1, "subscriber {} channel {}: not the next offset (a gap without reset, a duplicate or a reorder)", s, c);
                         let n = v["data"].as_u64().unwrap();
                         prop_assert_eq!(

@@ -349,16 +349,26 @@ impl Stream {
         // Once publications arrive, this member already has everything up to the node's
         // last (what arrived since it subscribed was merged above). Before the first
         // arrival, the first arrival is checked against the lowest live position.
-        if s.last.is_none()
-            && s.floor
-                .is_none_or(|f| f.epoch == through.epoch && through.offset < f.offset)
-        {
-            s.floor = Some(through);
+        // (A member at the start, before any publication, is offset 0 of the epoch
+        // other members are in: the floor keeps that epoch, so a first arrival of
+        // another one is checked.)
+        if s.last.is_none() {
+            match s.floor {
+                None => s.floor = Some(through),
+                Some(f) if f.same_epoch(through) => {
+                    let epoch = if f.is_start() { through.epoch } else { f.epoch };
+                    s.floor = Some(StreamPosition {
+                        offset: f.offset.min(through.offset),
+                        epoch,
+                    });
+                }
+                Some(_) => {}
+            }
         }
         // The node (or, before any arrival, another member) is in another epoch than this
         // member now has: one of the two is stale. The stream tells which, and the
         // repair announces it to whoever is behind.
-        if s.repairing.is_none() && s.last.or(s.floor).is_some_and(|l| l.epoch != through.epoch) {
+        if s.repairing.is_none() && s.last.or(s.floor).is_some_and(|l| !l.same_epoch(through)) {
             s.repairing = Some(Vec::new());
             tokio::spawn(self.clone().repair(through));
         }
@@ -464,7 +474,7 @@ impl Stream {
         let reset = Item::reply(server::reset(self.channel.as_str(), at));
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
-                if through.epoch != at.epoch || through.offset < at.offset {
+                if through.in_epoch(at.epoch).epoch != at.epoch || through.offset < at.offset {
                     *through = at;
                     m.handle.push(Item::control(reset.msg.clone(), reset.len));
                 }
@@ -477,12 +487,12 @@ impl Stream {
     fn reset_other_epochs(&self, s: &mut State, at: StreamPosition) {
         if s.members
             .values()
-            .any(|m| matches!(m.phase, Phase::Live { through } if through.epoch != at.epoch))
+            .any(|m| matches!(m.phase, Phase::Live { through } if !through.same_epoch(at)))
         {
             let reset = Item::reply(server::reset(self.channel.as_str(), at));
             for m in s.members.values_mut() {
                 if let Phase::Live { through } = &mut m.phase {
-                    if through.epoch != at.epoch {
+                    if !through.same_epoch(at) {
                         *through = at;
                         m.handle.push(Item::control(reset.msg.clone(), reset.len));
                     }
@@ -496,12 +506,32 @@ impl Stream {
     /// repair, which of the two is current, and resets whoever is not in it.
     fn fan_out(&self, s: &mut State, p: &Publication) {
         let Some(pos) = p.position else { return };
+        // A member at the start (it joined before the channel had any publication)
+        // continues with offset 1 of any epoch, which names the epoch. Anything later
+        // first would be a hole it cannot see (the node went on in an epoch its read
+        // did not find): it is told.
+        if pos.offset > 1 {
+            let at = StreamPosition {
+                offset: pos.offset - 1,
+                epoch: pos.epoch,
+            };
+            let reset = Item::reply(server::reset(self.channel.as_str(), at));
+            for m in s.members.values_mut() {
+                if let Phase::Live { through } = &mut m.phase {
+                    if through.is_start() {
+                        self.env.metrics.history_unrepairable.inc();
+                        *through = at;
+                        m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                    }
+                }
+            }
+        }
         // `positions`: only members that do (or do not) track positions; `None`: all.
         let live = |positions: Option<bool>| {
             s.members.values().filter(move |m| {
                 positions.is_none_or(|p| m.positions == p)
                     && matches!(m.phase, Phase::Live { through }
-                        if through.epoch == pos.epoch && through.offset < pos.offset)
+                        if through.same_epoch(pos) && through.offset < pos.offset)
             })
         };
         let plain = Item::delivery(p, false);
@@ -518,7 +548,7 @@ impl Stream {
         }
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
-                if through.epoch == pos.epoch && through.offset < pos.offset {
+                if through.same_epoch(pos) && through.offset < pos.offset {
                     *through = pos;
                 }
             }
@@ -548,7 +578,7 @@ impl Stream {
                         .history(&self.channel, self.policy, from, size, None)
                 };
                 match read(since.offset).await {
-                    Ok(page) if page.top.epoch != since.epoch => (read(0).await, true),
+                    Ok(page) if !page.top.same_epoch(since) => (read(0).await, true),
                     other => (other, false),
                 }
             };
@@ -591,7 +621,7 @@ impl Stream {
             },
             epoch: current,
         };
-        let moved = s.last.or(s.floor).is_some_and(|r| r.epoch != current);
+        let moved = s.last.or(s.floor).is_some_and(|r| !r.same_epoch(page.top));
         if moved {
             // A new epoch's stream is replayed to every member it resets: within the
             // queue budget, or not at all (the reset then names the top).
@@ -602,7 +632,8 @@ impl Stream {
             self.env.metrics.history_unrepairable.inc();
             self.reset_to(&mut s, at);
             s.last = Some(at);
-        } else {
+        } else if !page.top.is_start() {
+            // (A stream that is gone confirms no epoch: what arrives next will.)
             self.reset_other_epochs(&mut s, at);
         }
         self.buffer(&mut s, &fetched);
@@ -670,7 +701,7 @@ pub(crate) enum Verdict {
 }
 
 pub(crate) fn verdict(last: Option<StreamPosition>, p: StreamPosition) -> Verdict {
-    match last {
+    match last.map(|l| l.in_epoch(p.epoch)) {
         None => Verdict::Deliver,
         Some(l) if l.epoch != p.epoch => Verdict::NewEpoch,
         Some(l) if p.offset <= l.offset => Verdict::Duplicate,
@@ -725,9 +756,21 @@ pub(crate) fn merge(
     last_attempt: bool,
 ) -> Merged {
     let mut out = Vec::new();
+    // A read that found no stream (`START`) continues with whatever epoch began after
+    // it: the first live arrival issued after the read names it. Arrivals from before
+    // the read are of an epoch the read no longer found: stale, skipped below.
+    let top = match pending.get(read_after..).unwrap_or_default().first() {
+        Some(p) if top.is_start() => p.position.map_or(top, |q| top.in_epoch(q.epoch)),
+        _ => top,
+    };
     let recovered = since.map(|s| {
         let missed = top.offset.checked_sub(s.offset);
-        s.epoch == Some(top.epoch)
+        let from = StreamPosition {
+            offset: s.offset,
+            epoch: s.epoch.unwrap_or(top.epoch),
+        };
+        s.epoch.is_some()
+            && from.in_epoch(top.epoch).epoch == top.epoch
             && missed.is_some_and(|m| m <= max_recovery as u64)
             && covers(history, s.offset, top.offset)
     });
