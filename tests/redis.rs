@@ -693,17 +693,18 @@ async fn node_with_history_on_h() -> (RedisServer, Node) {
     (redis, node)
 }
 
-/// A batch whose last entry fails after the others were published is not answered
-/// "nothing was published" (503): the reply says the outcome is unknown (504), so the
-/// publisher retries with its idempotency keys (issue 18). The last entry fails
+/// A batch whose middle entry fails while the others are published is answered with
+/// each entry's outcome (502 `partial`), never "nothing was published" (503) and never
+/// a bare "unknown" (issue 18 item 5): the publisher retries exactly the failed entry,
+/// and with idempotency keys the retry publishes each entry once. The entry fails
 /// because its idempotency key's Redis key holds a hash (WRONGTYPE), which Redis
-/// answers with an error for that command alone, the way OOM does.
+/// answers with an error for that command alone, the way it answers OOM.
 #[tokio::test]
-async fn a_partly_published_batch_is_not_answered_unavailable() {
+async fn a_partly_published_batch_reports_each_entry() {
     let (redis, node) = node_with_history_on_h().await;
     let mut c = node.client().await;
     c.subscribe("h:1").await;
-    redis.cli(&["HSET", "{herald:h:1}.idem.api:k3", "x", "1"]);
+    redis.cli(&["HSET", "{herald:h:1}.idem.api:k2", "x", "1"]);
     let body = r#"{"publications":[{"channel":"h:1","data":1,"idempotency_key":"k1"},{"channel":"h:1","data":2,"idempotency_key":"k2"},{"channel":"h:1","data":3,"idempotency_key":"k3"}]}"#;
     let post = || {
         herald_testkit::http(
@@ -715,14 +716,49 @@ async fn a_partly_published_batch_is_not_answered_unavailable() {
         )
     };
     let r = post().await;
-    assert_eq!(r.status, 504, "{:?}", r.body);
-    assert_eq!(r.json()["code"], "unknown_outcome");
-    assert_eq!(c.recv_json().await["data"], 1);
-    assert_eq!(c.recv_json().await["data"], 2);
-    // The retry publishes nothing twice: 1 and 2 are duplicates, 3 fails alone and
-    // nothing new was published, so now "unavailable" is the truth.
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(
+        (&v["ok"], &v["code"], &v["published"]),
+        (&false.into(), &"partial".into(), &2.into()),
+        "{v}"
+    );
+    let epoch = v["results"][0]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(v["results"][0]["offset"], 1, "{v}");
+    assert_eq!(v["results"][1]["error"]["code"], "unavailable", "{v}");
+    assert_eq!(v["results"][2]["offset"], 2, "{v}");
+    // What the reply says was published was delivered, and nothing else.
+    let got: Vec<_> = [c.recv_json().await, c.recv_json().await]
+        .iter()
+        .map(|m| (m["data"].clone(), m["offset"].clone()))
+        .collect();
+    assert_eq!(got, vec![(1.into(), 1.into()), (3.into(), 2.into())]);
+    c.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(
+        node.metric(r#"herald_messages_published_total{source="http"}"#),
+        2.0
+    );
+    // Retried whole once the fault is gone: 1 and 3 are duplicates (same positions),
+    // 2 is published once.
+    redis.cli(&["DEL", "{herald:h:1}.idem.api:k2"]);
     let r = post().await;
-    assert_eq!(r.status, 503, "{:?}", r.body);
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let v = r.json();
+    assert_eq!(v["published"], 1, "{v}");
+    assert_eq!(
+        v["results"][0],
+        serde_json::json!({"offset":1,"epoch":epoch,"duplicate":true})
+    );
+    assert_eq!(
+        v["results"][1],
+        serde_json::json!({"offset":3,"epoch":epoch})
+    );
+    assert_eq!(
+        v["results"][2],
+        serde_json::json!({"offset":2,"epoch":epoch,"duplicate":true})
+    );
+    let m = c.recv_json().await;
+    assert_eq!((&m["data"], &m["offset"]), (&2.into(), &3.into()));
     c.expect_silence(Duration::from_millis(200)).await;
 }
 

@@ -57,9 +57,44 @@ pub enum BrokerError {
     /// failed after others were published. Never reported as "nothing published".
     #[error("broker outcome unknown: {0}")]
     UnknownOutcome(String),
+    /// The entries of a batch had different outcomes (some were published, others
+    /// failed): each entry's, in request order. At least one is `Ok` and one `Err`;
+    /// entries after a failed one may have been published.
+    #[error("batch partly published: {}", partial_summary(.0))]
+    Partial(Vec<Result<Published, BrokerError>>),
     /// The broker (or the node's hub behind it) has shut down.
     #[error("broker closed")]
     Closed,
+}
+
+fn partial_summary(results: &[Result<Published, BrokerError>]) -> String {
+    let failed: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("entry {i}: {e}")))
+        .collect();
+    format!(
+        "{} of {} failed ({})",
+        failed.len(),
+        results.len(),
+        failed.join("; ")
+    )
+}
+
+impl BrokerError {
+    /// The outcome of a batch from each entry's: `Ok` when every entry was, the first
+    /// error when none was (nothing was published), [`BrokerError::Partial`] otherwise.
+    pub fn batch(results: Vec<Result<Published, BrokerError>>) -> Result<Vec<Published>, Self> {
+        let ok = results.iter().filter(|r| r.is_ok()).count();
+        if ok == results.len() {
+            return Ok(results.into_iter().flatten().collect());
+        }
+        if ok == 0 {
+            let first = results.into_iter().find_map(Result::err);
+            return Err(first.unwrap_or(BrokerError::Closed));
+        }
+        Err(BrokerError::Partial(results))
+    }
 }
 
 /// How a history channel keeps its publications (from the channel's rule).

@@ -171,6 +171,49 @@ pub fn published_batch(outcomes: &[Outcome]) -> String {
     s
 }
 
+/// The reply to a batch of which some entries were published and others failed (HTTP
+/// 502): `{"ok":false,"code":"partial","message":..,"published":N,"results":[..]}`, each
+/// result an outcome as in [`published_batch`] or `{"error":{"code":C,"message":M}}`.
+/// Failed entries were not published (`unavailable`), or may have been
+/// (`unknown_outcome`): retried with their idempotency keys, they are published once.
+pub fn partly_published(results: &[Result<Outcome, (ErrorCode, &str)>]) -> String {
+    let n = results
+        .iter()
+        .filter(|r| r.as_ref().is_ok_and(|o| !o.duplicate))
+        .count();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    let mut s = format!(
+        r#"{{"ok":false,"code":"partial","message":"{failed} of {} entries failed; see results","published":{n},"results":["#,
+        results.len()
+    );
+    for (i, r) in results.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push('{');
+        match r {
+            Ok(o) => {
+                let mark = s.len();
+                push_outcome(&mut s, o);
+                if s.len() > mark {
+                    s.remove(mark);
+                }
+            }
+            Err((code, message)) => {
+                let _ = write!(
+                    s,
+                    r#""error":{{"code":"{}","message":{}}}"#,
+                    code.as_str(),
+                    crate::server::json_string(message)
+                );
+            }
+        }
+        s.push('}');
+    }
+    s.push_str("]}");
+    s
+}
+
 fn push_outcome(s: &mut String, o: &Outcome) {
     if let Some(p) = o.position {
         let _ = write!(s, r#","offset":{},"epoch":"{}""#, p.offset, p.epoch);

@@ -74,6 +74,9 @@ pub enum ErrorCode {
     /// The client's address or user holds as many connections as allowed (HTTP 429
     /// before the upgrade).
     TooManyConnections,
+    /// Some entries of a batch were published and others failed; the reply says which
+    /// (HTTP only).
+    Partial,
 }
 
 impl ErrorCode {
@@ -94,6 +97,7 @@ impl ErrorCode {
             ErrorCode::UnknownOutcome => "unknown_outcome",
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::Partial => "partial",
         }
     }
 }

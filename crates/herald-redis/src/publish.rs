@@ -49,14 +49,22 @@ pub(crate) async fn publish(
             // Sequential: keeps per-channel order without relying on how the cluster
             // client interleaves requests to different masters.
             Conn::Cluster(mut c) => {
-                let mut out: Vec<Published> = Vec::with_capacity(plans.len());
+                let mut out = Vec::with_capacity(plans.len());
                 for plan in &plans {
-                    match send_one(&mut c, scripts, plan).await {
-                        Ok(p) => out.push(p),
-                        Err(e) => return Err(partial(&out, plans.len(), e)),
+                    let r = send_one(&mut c, scripts, plan).await;
+                    let failed = r.is_err();
+                    out.push(r);
+                    if failed {
+                        break;
                     }
                 }
-                Ok(out)
+                // Not sent after a failure (order within a channel is kept).
+                while out.len() < plans.len() {
+                    out.push(Err(BrokerError::Unavailable(
+                        "not sent: an earlier entry of the batch failed".into(),
+                    )));
+                }
+                BrokerError::batch(out)
             }
         }
     };
@@ -80,36 +88,17 @@ async fn publish_pipelined(
     }
     let replies: Vec<redis::RedisResult<Value>> = pipe.query_async(c).await.map_err(in_flight)?;
     let mut out = Vec::with_capacity(plans.len());
-    let mut failed = None;
     for (plan, reply) in plans.iter().zip(replies) {
-        let r = match (plan, reply) {
+        out.push(match (plan, reply) {
             (Plan::Publish { .. }, Ok(_)) => Ok(Published::default()),
             (Plan::Script(_), Ok(v)) => outcome(&v),
             (Plan::Script(_), Err(e)) if is_noscript(&e) => send_one(c, scripts, plan).await,
+            // An error reply: Redis did not run it (a script's first write is where it
+            // can fail, OOM included, and nothing before it writes or publishes).
             (_, Err(e)) => Err(in_flight(e)),
-        };
-        match r {
-            Ok(p) => out.push(p),
-            Err(e) => {
-                failed.get_or_insert(e);
-            }
-        }
+        });
     }
-    match failed {
-        None => Ok(out),
-        Some(e) => Err(partial(&out, plans.len(), e)),
-    }
-}
-
-/// The error for a batch of `n` of which `published` took effect before (or around) a
-/// failure `e`: `e` itself when nothing new was published, else an unknown outcome (a
-/// reply that said "nothing was published" would lie).
-fn partial(published: &[Published], n: usize, e: BrokerError) -> BrokerError {
-    let new = published.iter().filter(|p| !p.duplicate).count();
-    if new == 0 {
-        return e;
-    }
-    BrokerError::UnknownOutcome(format!("{new} of {n} entries were published, then: {e}"))
+    BrokerError::batch(out)
 }
 
 async fn send_one<C: redis::aio::ConnectionLike>(

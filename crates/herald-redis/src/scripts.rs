@@ -16,8 +16,8 @@
 //! remembered idempotency key without publishing; on a history channel creates the
 //! epoch when the meta hash is missing (and then deletes a stream that outlived it, so
 //! offsets restart cleanly: the "meta evicted, stream survived" case), increments the
-//! offset, appends the body to the stream, refreshes both TTLs; then publishes the
-//! envelope (with offset and epoch) and remembers the idempotency key. Atomic: a
+//! offset, appends the body to the stream, refreshes both TTLs; remembers the idempotency key, then publishes the
+//! envelope (with offset and epoch). Atomic: a
 //! publication is either stored and published or neither.
 //!
 //! Both start a new epoch when the server process is not the one that wrote the
@@ -126,10 +126,13 @@ if tonumber(ARGV[4]) > 0 then
 else
   body = ARGV[2] .. ARGV[3]
 end
-redis.call(ARGV[8], ARGV[1], body)
+-- Remembered before publishing: under maxmemory, a script fails at its first write
+-- (Redis lets it finish once one succeeded), and publishing first would make an error
+-- reply for a delivered publication.
 if window > 0 then
   redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', window)
 end
+redis.call(ARGV[8], ARGV[1], body)
 return {offset, epoch, 0}
 "#
 );

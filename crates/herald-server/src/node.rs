@@ -266,7 +266,15 @@ impl Node {
             .collect();
         let started = Instant::now();
         // A broker that is down refuses at once (the trait's contract): no check here.
-        let results = self.broker.publish(requests).await?;
+        let results = match self.broker.publish(requests).await {
+            Ok(results) => results,
+            Err(BrokerError::Partial(results)) => {
+                let new = results.iter().flatten().filter(|r| !r.duplicate).count();
+                self.metrics.published(source, new as u64);
+                return Err(BrokerError::Partial(results));
+            }
+            Err(e) => return Err(e),
+        };
         self.metrics
             .broker_publish_seconds
             .observe(started.elapsed().as_secs_f64());

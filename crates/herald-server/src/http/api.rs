@@ -77,11 +77,39 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         .into_iter()
         .map(|p| (p.publication, p.idempotency_key))
         .collect();
-    let results = node
-        .publish(batch, Source::Http)
-        .await
-        .map_err(broker_refusal)?;
-    Ok(published(&results, single))
+    match node.publish(batch, Source::Http).await {
+        Ok(results) => Ok(published(&results, single)),
+        Err(BrokerError::Partial(results)) => Ok(partly_published(&results)),
+        Err(e) => Err(broker_refusal(e)),
+    }
+}
+
+/// The 502 reply to a batch of which some entries were published and others failed:
+/// each entry's outcome, so that the caller retries exactly the failed ones.
+fn partly_published(results: &[Result<Published, BrokerError>]) -> Response<Body> {
+    tracing::warn!(
+        error = %BrokerError::Partial(results.to_vec()),
+        "batch partly published"
+    );
+    let outcomes: Vec<Result<api::Outcome, (ErrorCode, &str)>> = results
+        .iter()
+        .map(|r| match r {
+            Ok(p) => Ok(api::Outcome {
+                position: p.position,
+                duplicate: p.duplicate,
+            }),
+            Err(BrokerError::Unavailable(_) | BrokerError::Closed) => Err((
+                ErrorCode::Unavailable,
+                "the broker refused this entry; it was not published",
+            )),
+            Err(_) => Err((
+                ErrorCode::UnknownOutcome,
+                "this entry may or may not have been published; retry it with its \
+                 idempotency_key to publish it exactly once",
+            )),
+        })
+        .collect();
+    json(StatusCode::BAD_GATEWAY, api::partly_published(&outcomes))
 }
 
 /// 415 unless the body is `application/json`: a browser page can send `text/plain` or
@@ -142,6 +170,13 @@ pub(super) fn broker_refusal(e: BrokerError) -> Refusal {
                 "the broker is unavailable; nothing was published; retry later",
             )
         }
+        // Only a batch's publish answers this, with its own reply
+        // (`partly_published`); anything else reading this far gets the honest summary.
+        BrokerError::Partial(_) => Refusal::new(
+            StatusCode::BAD_GATEWAY,
+            ErrorCode::Partial,
+            "some entries were published and others failed",
+        ),
         BrokerError::Closed => Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::Unavailable,
