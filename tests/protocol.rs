@@ -10,6 +10,8 @@ async fn welcome_is_the_first_frame() {
     let node = Node::start().await;
     let c = node.client().await;
     assert_eq!(c.welcome["version"], 1);
+    // The release, as `herald --version` prints it (crates/herald/tests/process.rs).
+    assert_eq!(c.welcome["server"], env!("CARGO_PKG_VERSION"));
     assert_eq!(c.welcome["node"], "test");
     assert!(c.welcome["conn"].as_str().is_some_and(|s| !s.is_empty()));
     let d = node.client().await;

@@ -38,6 +38,10 @@ pub use publication::{Epoch, Payload, Publication, StreamPosition};
 /// The protocol version announced in the welcome frame.
 pub const VERSION: u32 = 1;
 
+/// The Herald release, announced in the welcome frame as `"server"` (every crate of the
+/// workspace, the `herald` binary included, shares this version).
+pub const RELEASE: &str = env!("CARGO_PKG_VERSION");
+
 /// Error codes carried in `{"op":"error","code":..}` frames and HTTP error bodies.
 ///
 /// The set is closed for version 1 except for additions; clients must treat an unknown

@@ -8,17 +8,17 @@ use std::fmt::Write as _;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::{ErrorCode, Payload, Publication, StreamPosition, VERSION};
+use crate::{ErrorCode, Payload, Publication, StreamPosition, RELEASE, VERSION};
 
-/// `{"op":"welcome","version":1,"node":N,"conn":C,"heartbeat_ms":H}`: the first frame
-/// of every session. With a verified token, `"user"` carries its `sub`. `heartbeat_ms`
+/// `{"op":"welcome","version":1,"server":"0.1.0","node":N,"conn":C,"heartbeat_ms":H}`:
+/// the first frame of every session (`version`: the protocol's; `server`: the release). With a verified token, `"user"` carries its `sub`. `heartbeat_ms`
 /// is the server's heartbeat interval: a client that has heard nothing for about that
 /// long plus a margin should send `{"op":"ping"}` and, without an answer, reconnect
 /// (browsers answer WebSocket pings without telling the page).
 pub fn welcome(node: &str, conn: &str, user: Option<&str>, heartbeat_ms: u64) -> String {
     let user = user.map_or(String::new(), |u| format!(r#","user":{}"#, json_string(u)));
     format!(
-        r#"{{"op":"welcome","version":{VERSION},"node":{},"conn":{}{user},"heartbeat_ms":{heartbeat_ms}}}"#,
+        r#"{{"op":"welcome","version":{VERSION},"server":"{RELEASE}","node":{},"conn":{}{user},"heartbeat_ms":{heartbeat_ms}}}"#,
         json_string(node),
         json_string(conn)
     )

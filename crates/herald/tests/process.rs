@@ -468,3 +468,17 @@ async fn sighup_reloads_the_jwks_file() {
     assert_exits_cleanly(child).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `herald --version` names the release the welcome frame announces as `server`.
+#[test]
+fn version_is_the_release() {
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("--version")
+        .output()
+        .expect("run herald --version");
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("herald {}", herald_protocol::RELEASE)
+    );
+}
