@@ -31,23 +31,25 @@ fn epoch(v: &Value) -> String {
     v["epoch"].as_str().expect("an epoch").to_owned()
 }
 
+/// Whether `v` names a start: offset 0 and a start token (a read that found no stream).
+fn at_start(v: &Value) -> bool {
+    v["offset"] == 0
+        && herald_protocol::Epoch::parse(&epoch(v)).is_some_and(herald_protocol::Epoch::is_start)
+}
+
 /// The story of the issue, on any pair of nodes (the same node twice on the memory
 /// broker): read 10, leave, 100 are published, come back with `since`.
 async fn resume_story(a: &Node, b: &Node) {
     let mut client = a.client().await;
     let sub = client.subscribe_since("news:a", None).await;
-    // Nothing published yet: the start, which no epoch names (reading created none).
-    assert_eq!(
-        (&sub["offset"], epoch(&sub).as_str()),
-        (&json!(0), "00000000"),
-        "{sub}"
-    );
+    // Nothing published yet: a start, which no epoch names (reading created none).
+    assert!(at_start(&sub), "{sub}");
     a.publish_numbers("news:a", 1, 10).await;
     let first = client.messages(10).await;
     assert_numbers(&first, 1, 10, 1);
     // The first publication names the epoch it began; later ones do not repeat it.
     let e = epoch(&first[0]);
-    assert_ne!(e, "00000000");
+    assert!(!at_start(&first[0]));
     assert!(
         first[1..].iter().all(|m| m.get("epoch").is_none()),
         "{first:?}"
@@ -392,11 +394,13 @@ async fn a_redis_restored_from_an_older_snapshot_starts_a_new_epoch() {
     })
     .await;
     let mut live = node.client().await;
-    let old = epoch(&live.subscribe_since("news:r", None).await);
+    live.subscribe_since("news:r", None).await;
     node.publish_numbers("news:r", 1, 3).await;
     assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
     node.publish_numbers("news:r", 4, 6).await;
-    assert_numbers(&live.messages(6).await, 1, 6, 1);
+    let first = live.messages(6).await;
+    assert_numbers(&first, 1, 6, 1);
+    let old = epoch(&first[0]);
 
     redis.restart(); // SIGKILL, then a new process that loads the snapshot of 1..3
     assert_eq!(
@@ -528,11 +532,14 @@ async fn binary_deliveries_carry_the_offset_for_clients_that_track_positions() {
     )
     .await;
     assert_eq!(r.status, 200);
-    // Offset 1 names its epoch, after a zero length: [0][offset][0][epoch][L]...
-    let e = herald_protocol::Epoch::parse(r.json()["epoch"].as_str().unwrap()).unwrap();
-    let mut want = vec![0u8, 0, 0, 0, 0, 0, 0, 0, 1, 0];
-    want.extend_from_slice(&e.get().to_be_bytes());
-    want.push(5);
+    // Offset 1 begins an epoch: a text frame names it first (a binary frame has no
+    // room for it in the version-1 layout).
+    let named = tracking.recv_json().await;
+    assert_eq!(
+        named,
+        json!({"op":"epoch","channel":"bin:x","epoch":r.json()["epoch"]})
+    );
+    let mut want = vec![0u8, 0, 0, 0, 0, 0, 0, 0, 1, 5];
     want.extend_from_slice(b"bin:x");
     want.extend_from_slice(&[7, 8]);
     assert_eq!(&tracking.recv_binary().await[..], &want[..]);
@@ -620,9 +627,13 @@ async fn a_resume_that_cannot_recover_reads_no_entries() {
         let reply = r.subscribe_since("news:a", Some((since, e))).await;
         assert_eq!(reply["recovered"], false, "{reply}");
     }
-    // From the start, 50 missed with `max_recovery` 10: refused before reading too.
+    // From a start, 50 missed with `max_recovery` 10: refused before reading too.
     let mut r = node.client().await;
-    let reply = r.subscribe_since("news:a", Some((0, "00000000"))).await;
+    let start = r.subscribe_since("news:empty", None).await["epoch"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let reply = r.subscribe_since("news:a", Some((0, &start))).await;
     assert_eq!(
         (&reply["recovered"], &reply["offset"]),
         (&json!(false), &json!(50)),
@@ -702,27 +713,26 @@ async fn reading_a_never_published_channel_creates_nothing() {
     })
     .await;
     let mut c = node.client().await;
+    let start = epoch(&c.subscribe_since("news:made-up", None).await);
     for n in 0..300 {
         let ch = format!("news:made-up-{n}");
         let since = match n % 3 {
             0 => None,
-            1 => Some((0, "00000000")),
+            1 => Some((0, start.as_str())),
             _ => Some((7, "0k3f9a2b")),
         };
         let sub = c.subscribe_since(&ch, since).await;
-        assert_eq!(
-            (&sub["offset"], &sub["epoch"]),
-            (&json!(0), &json!("00000000")),
-            "{sub}"
-        );
+        assert!(at_start(&sub), "{sub}");
         if since.is_some() {
             // Nothing was missed from the start; a made-up position is not recovered.
             assert_eq!(sub["recovered"], n % 3 == 1, "{sub}");
         }
         let r = http(node.api, "GET", &format!("/api/history/{ch}"), &[], vec![]).await;
+        let page = r.json();
+        assert!(at_start(&page), "{page}");
         assert_eq!(
-            r.json(),
-            json!({"epoch":"00000000","offset":0,"complete":true,"publications":[]})
+            (&page["complete"], &page["publications"]),
+            (&json!(true), &json!([]))
         );
         c.request("unsubscribe", &ch).await;
     }
@@ -732,7 +742,7 @@ async fn reading_a_never_published_channel_creates_nothing() {
     let mut live = node.client().await;
     live.subscribe_since("news:s", None).await;
     let mut away = node.client().await;
-    away.subscribe_since("news:s", None).await;
+    let start = epoch(&away.subscribe_since("news:s", None).await);
     away.close().await;
     let r = http(
         node.api,
@@ -743,14 +753,14 @@ async fn reading_a_never_published_channel_creates_nothing() {
     )
     .await;
     let e = r.json()["epoch"].as_str().unwrap().to_owned();
-    assert_ne!(e, "00000000");
+    assert_ne!(e, start);
     node.publish_numbers("news:s", 2, 5).await;
     let got = live.messages(5).await;
     assert_numbers(&got, 1, 5, 1);
     assert_eq!(got[0]["epoch"], e.as_str());
     // Back from the start: everything since, the first naming the epoch.
     let mut back = node.client().await;
-    let sub = back.subscribe_since("news:s", Some((0, "00000000"))).await;
+    let sub = back.subscribe_since("news:s", Some((0, &start))).await;
     assert_eq!(
         (&sub["recovered"], &sub["offset"]),
         (&json!(true), &json!(5)),
@@ -764,4 +774,55 @@ async fn reading_a_never_published_channel_creates_nothing() {
     let sub = again.subscribe_since("news:s", Some((3, &e))).await;
     assert_eq!(sub["recovered"], true, "{sub}");
     assert_numbers(&again.messages(2).await, 4, 5, 4);
+}
+
+/// A start read before Redis restarted cannot know whether an epoch began and vanished
+/// meanwhile (here one did not, but a restart without persistence would have lost it):
+/// resuming from it is `recovered:false`, never a silent continuation (the wildcard
+/// start of an earlier design said `true` here).
+#[tokio::test]
+async fn a_start_from_before_a_redis_restart_is_not_recovered() {
+    let mut redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.channels.rules = vec![history_rule("news:*", 100)]
+    })
+    .await;
+    let mut away = node.client().await;
+    let sub = away.subscribe_since("news:k", None).await;
+    assert!(at_start(&sub), "{sub}");
+    let start = epoch(&sub);
+    away.close().await;
+    // Within one Redis run, the start continues into the epoch begun since.
+    node.publish_numbers("news:k", 1, 3).await;
+    let mut back = node.client().await;
+    let reply = back.subscribe_since("news:k", Some((0, &start))).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    assert_numbers(&back.messages(3).await, 1, 3, 1);
+    back.close().await;
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    redis.restart();
+    let mut again = node.client().await;
+    let reply = eventually_subscribed(&mut again, "news:k", &start).await;
+    assert_eq!(reply["recovered"], false, "{reply}");
+    again.expect_silence(Duration::from_millis(200)).await;
+}
+
+/// Subscribes with `since` = `(0, start)` until the node has its Redis back.
+async fn eventually_subscribed(c: &mut Client, channel: &str, start: &str) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        c.send_json(
+            &json!({"op":"subscribe","channel":channel,"id":1,"since":{"offset":0,"epoch":start}}),
+        )
+        .await;
+        let reply = c.recv_json().await;
+        if reply["op"] == "subscribed" {
+            return reply;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never subscribed: {reply}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

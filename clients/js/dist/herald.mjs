@@ -28,7 +28,8 @@ var Emitter = class {
 var FATAL_CLOSE = /* @__PURE__ */ new Set([1002, 1003, 1007]);
 var POLICY_CLOSE = /* @__PURE__ */ new Set([1008, 1009]);
 var TOKEN_EXPIRED = 4001;
-var NO_EPOCH = "00000000";
+var FIRST_START = 2 ** 40;
+var isStart = (offset, epoch) => offset === 0 && epoch !== void 0 && parseInt(epoch, 36) >= FIRST_START;
 var HeraldError = class extends Error {
   constructor(code, message) {
     super(message);
@@ -285,6 +286,11 @@ var Client = class extends Emitter {
         return this.onMessage(f.channel, f.base64 !== void 0 ? base64(f.base64) : f.data, f.offset, f.epoch);
       case "subscribed":
         return this.onSubscribed(f);
+      case "epoch": {
+        const sub = this.subscriptions.get(f.channel);
+        if (sub && isStart(sub.offset, sub.epoch)) sub.epoch = f.epoch;
+        return;
+      }
       case "reset": {
         const sub = this.subscriptions.get(f.channel);
         if (!sub) return;
@@ -329,7 +335,7 @@ var Client = class extends Emitter {
     if (f.id !== void 0) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;
-    const atStart = sub.offset === 0 && sub.epoch === NO_EPOCH;
+    const atStart = isStart(sub.offset, sub.epoch);
     const resumed = f.recovered === true && (sub.epoch === f.epoch || atStart);
     if (f.offset !== void 0 && !resumed) {
       const ahead = sub.epoch === f.epoch && sub.offset !== void 0 && sub.offset > f.offset;
@@ -350,20 +356,14 @@ var Client = class extends Emitter {
     this.lastHeard = Date.now();
     this.pingSent = 0;
     let offset;
-    let epoch;
     let i = 0;
-    const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
     if (b[0] === 0) {
-      offset = Number(view.getBigUint64(1));
+      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
       i = 9;
-      if (b[i] === 0) {
-        epoch = view.getBigUint64(i + 1).toString(36).padStart(8, "0");
-        i += 9;
-      }
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    this.onMessage(channel, b.subarray(i + 1 + len), offset, epoch);
+    this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
   settle(id, value, err) {
     if (id === void 0) return;

@@ -70,9 +70,11 @@ const FATAL_CLOSE = new Set([1002, 1003, 1007]);
 const POLICY_CLOSE = new Set([1008, 1009]);
 /** The connection's token expired: get a new one, then reconnect. */
 const TOKEN_EXPIRED = 4001;
-/** The epoch of a channel that had no publication yet (PROTOCOL.md): a position at
- * offset 0 in it continues with offset 1 of whichever epoch comes first. */
-const NO_EPOCH = '00000000';
+/** Epochs from 2^40 up are start tokens (PROTOCOL.md): a position at offset 0 in one is
+ * a start, before the first publication of a channel that had none when it was read. */
+const FIRST_START = 2 ** 40;
+const isStart = (offset: number | undefined, epoch: string | undefined): boolean =>
+  offset === 0 && epoch !== undefined && parseInt(epoch, 36) >= FIRST_START;
 
 interface Pending {
   resolve: (v: any) => void;
@@ -385,6 +387,12 @@ export class Client extends Emitter {
         return this.onMessage(f.channel, f.base64 !== undefined ? base64(f.base64) : f.data, f.offset, f.epoch);
       case 'subscribed':
         return this.onSubscribed(f);
+      case 'epoch': {
+        // Before a binary delivery at offset 1: the epoch it begins.
+        const sub = this.subscriptions.get(f.channel);
+        if (sub && isStart(sub.offset, sub.epoch)) sub.epoch = f.epoch;
+        return;
+      }
       case 'reset': {
         const sub = this.subscriptions.get(f.channel);
         if (!sub) return;
@@ -434,10 +442,10 @@ export class Client extends Emitter {
     // The position moves only with delivered messages: a resumed subscription's replay
     // follows this reply, and a connection lost during it must resume from what
     // arrived, not from the top (which would lose the rest of the replay).
-    // A subscription at the start (made before the channel had any publication:
-    // offset 0, epoch `00000000`) resumes into whichever epoch began since; the replay's
+    // A subscription at a start (made before the channel had any publication) resumes
+    // into the epoch begun since, when the server can tell none was lost; the replay's
     // first message names it.
-    const atStart = sub.offset === 0 && sub.epoch === NO_EPOCH;
+    const atStart = isStart(sub.offset, sub.epoch);
     const resumed = f.recovered === true && (sub.epoch === f.epoch || atStart);
     if (f.offset !== undefined && !resumed) {
       const ahead = sub.epoch === f.epoch && sub.offset !== undefined && sub.offset > f.offset;
@@ -461,21 +469,14 @@ export class Client extends Emitter {
     this.lastHeard = Date.now();
     this.pingSent = 0;
     let offset: number | undefined;
-    let epoch: string | undefined;
     let i = 0;
-    const view = new DataView(b.buffer, b.byteOffset, b.byteLength);
     if (b[0] === 0) {
-      offset = Number(view.getBigUint64(1));
+      offset = Number(new DataView(b.buffer, b.byteOffset + 1, 8).getBigUint64(0));
       i = 9;
-      // At offset 1 the epoch follows, marked by a zero length (PROTOCOL.md).
-      if (b[i] === 0) {
-        epoch = view.getBigUint64(i + 1).toString(36).padStart(8, '0');
-        i += 9;
-      }
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    this.onMessage(channel, b.subarray(i + 1 + len), offset, epoch);
+    this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
 
   private settle(id: number | undefined, value: unknown, err?: Error): void {

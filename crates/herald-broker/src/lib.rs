@@ -67,6 +67,35 @@ pub enum BrokerError {
     Closed,
 }
 
+#[cfg(test)]
+mod batch_tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_says_nothing_was_published_only_when_nothing_may_have_been() {
+        let down = || Err(BrokerError::Unavailable("down".into()));
+        let unknown = || Err(BrokerError::UnknownOutcome("cut".into()));
+        let ok = || Ok(Published::default());
+        assert_eq!(BrokerError::batch(vec![ok(), ok()]).map(|v| v.len()), Ok(2));
+        assert!(matches!(
+            BrokerError::batch(vec![ok(), down()]),
+            Err(BrokerError::Partial(_))
+        ));
+        assert!(matches!(
+            BrokerError::batch(vec![down(), down()]),
+            Err(BrokerError::Unavailable(_))
+        ));
+        assert!(matches!(
+            BrokerError::batch(vec![down(), unknown()]),
+            Err(BrokerError::UnknownOutcome(_))
+        ));
+        assert!(matches!(
+            BrokerError::batch(vec![unknown(), down()]),
+            Err(BrokerError::UnknownOutcome(_))
+        ));
+    }
+}
+
 fn partial_summary(results: &[Result<Published, BrokerError>]) -> String {
     let failed: Vec<String> = results
         .iter()
@@ -82,18 +111,34 @@ fn partial_summary(results: &[Result<Published, BrokerError>]) -> String {
 }
 
 impl BrokerError {
-    /// The outcome of a batch from each entry's: `Ok` when every entry was, the first
-    /// error when none was (nothing was published), [`BrokerError::Partial`] otherwise.
+    /// The outcome of a batch from each entry's: `Ok` when every entry was,
+    /// [`BrokerError::Partial`] when some were; when none was, an entry whose outcome is
+    /// unknown makes the whole unknown (never "nothing was published" while something
+    /// may have been), else the first error.
     pub fn batch(results: Vec<Result<Published, BrokerError>>) -> Result<Vec<Published>, Self> {
         let ok = results.iter().filter(|r| r.is_ok()).count();
         if ok == results.len() {
             return Ok(results.into_iter().flatten().collect());
         }
-        if ok == 0 {
-            let first = results.into_iter().find_map(Result::err);
-            return Err(first.unwrap_or(BrokerError::Closed));
+        if ok > 0 {
+            return Err(BrokerError::Partial(results));
         }
-        Err(BrokerError::Partial(results))
+        let mut errors = results.into_iter().filter_map(Result::err);
+        let first = errors.next().unwrap_or(BrokerError::Closed);
+        if first.may_have_published() {
+            return Err(first);
+        }
+        Err(errors
+            .find(BrokerError::may_have_published)
+            .unwrap_or(first))
+    }
+
+    /// Whether the request may have taken effect after all.
+    pub fn may_have_published(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Timeout | BrokerError::UnknownOutcome(_) | BrokerError::Partial(_)
+        )
     }
 }
 
@@ -161,6 +206,11 @@ pub struct HistoryPage {
     /// number, all of the current epoch. Missing ones (trimmed, expired) are simply not
     /// there: the caller compares offsets.
     pub publications: Vec<Publication>,
+    /// A start token for this read ([`Epoch::start`]: the data's lineage and the time),
+    /// which a resume from an earlier start is checked against
+    /// ([`Epoch::start_continues`]). A read that finds no stream answers `top` =
+    /// `(0, now)`.
+    pub now: Epoch,
 }
 
 /// A fresh epoch: random, so that a reset stream never reuses an earlier one.
@@ -190,13 +240,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Reads `channel`'s stream: its current position, and up to `limit` publications
     /// after offset `since`. Reading creates nothing: a channel without a stream (never
-    /// published, or expired) answers [`StreamPosition::START`], which continues with
-    /// the first publication of whatever epoch comes, so that anonymous reads of made-up
-    /// names cost no memory (and, on Redis, evict nothing under `maxmemory`).
+    /// published, or expired) answers a *start*, offset 0 with a start token
+    /// ([`Epoch::start`]), which continues with the first publication of whatever epoch
+    /// comes, so that anonymous reads of made-up names cost no memory (and, on Redis,
+    /// evict nothing under `maxmemory`).
     ///
     /// With `only_in`, the read is for continuing a stream from `since` in that epoch
     /// (a resume, a repair): the entries are read only if the stream is in that epoch
-    /// (any epoch for a resume from the start: `since` 0 in [`Epoch::NONE`]) and at most
+    /// (any epoch for a resume from a start: `since` 0 and a start token) and at most
     /// `limit` publications past `since`; otherwise only the position comes back, since
     /// such a read could not be used anyway. The decision is taken where
     /// the stream is, before anything is read, so that a client cannot make a node

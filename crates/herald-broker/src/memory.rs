@@ -31,6 +31,9 @@ pub struct MemoryBroker {
 
 #[derive(Default)]
 struct State {
+    /// This broker's data lineage, in start tokens: random per process, new after
+    /// [`MemoryBroker::forget`] (as a Redis restarted without its files has a new one).
+    lineage: u64,
     streams: HashMap<ChannelName, Stream>,
     /// (channel, key) → first result and when the key expires.
     seen: HashMap<(ChannelName, String), (Published, Instant)>,
@@ -142,15 +145,22 @@ impl MemoryBroker {
     pub fn new(inbound: Inbound) -> Self {
         MemoryBroker {
             inbound,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(State {
+                lineage: new_epoch().get(),
+                ..State::default()
+            }),
         }
     }
 
     /// Drops `channel`'s stream, as a broker that lost its data would (a Redis restarted
-    /// without its files): the next publication or read starts a new epoch. For fault
-    /// injection in tests.
+    /// without its files: a new lineage, and the node's subscriptions re-established,
+    /// announced after what was already queued): the next publication starts a new
+    /// epoch. For fault injection in tests.
     pub async fn forget(&self, channel: &ChannelName) {
-        self.state.lock().await.streams.remove(channel);
+        let mut state = self.state.lock().await;
+        state.streams.remove(channel);
+        state.lineage = new_epoch().get();
+        let _ = self.inbound.resubscribed().await;
     }
 }
 
@@ -222,15 +232,23 @@ impl Broker for MemoryBroker {
             let mut state = self.state.lock().await;
             let now = Instant::now();
             state.sweep(now);
+            let minutes = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() / 60);
+            let token = Epoch::start(state.lineage, minutes);
             let Some(s) = state.existing(&channel, policy, now) else {
                 return Ok(HistoryPage {
-                    top: StreamPosition::START,
+                    top: StreamPosition {
+                        offset: 0,
+                        epoch: token,
+                    },
                     publications: Vec::new(),
+                    now: token,
                 });
             };
             let from_start = since == 0;
             let usable = only_in.is_none_or(|e| {
-                (e == s.epoch || (e == Epoch::NONE && from_start))
+                (e == s.epoch || (e.is_start() && from_start))
                     && s.top.saturating_sub(since) <= limit as u64
             });
             let publications = s
@@ -243,6 +261,7 @@ impl Broker for MemoryBroker {
             Ok(HistoryPage {
                 top: s.position(),
                 publications,
+                now: token,
             })
         })
     }
@@ -344,15 +363,21 @@ mod tests {
         let (tx, _rx) = inbound(4, Metrics::unregistered());
         let broker = MemoryBroker::new(tx);
         let c = ChannelName::new("c").unwrap();
+        let mut start = None;
         for n in 0..1000 {
             let other = ChannelName::new(&format!("made-up-{n}")).unwrap();
             let page = broker
                 .history(&other, policy(4), 0, 10, None)
                 .await
                 .unwrap();
-            assert_eq!(page.top, StreamPosition::START);
+            assert!(
+                page.top.is_start() && page.top.epoch == page.now,
+                "{page:?}"
+            );
+            start.get_or_insert(page.now);
         }
         assert!(broker.state.lock().await.streams.is_empty());
+        let start = start.unwrap();
         let r = broker
             .publish(vec![PublishRequest {
                 history: Some(policy(4)),
@@ -362,14 +387,15 @@ mod tests {
             .unwrap();
         let first = r[0].position.unwrap();
         assert_eq!(first.offset, 1);
-        assert_ne!(first.epoch, Epoch::NONE);
-        // A resume from the start reads the epoch begun since; one from offset 0 of
+        assert!(!first.epoch.is_start());
+        // A resume from a start reads the epoch begun since; one from offset 0 of
         // another epoch does not.
         let page = broker
-            .history(&c, policy(4), 0, 10, Some(Epoch::NONE))
+            .history(&c, policy(4), 0, 10, Some(start))
             .await
             .unwrap();
         assert_eq!((page.top, page.publications.len()), (first, 1));
+        assert!(start.start_continues(page.now, policy(4).meta_ttl));
         let other = Epoch::new(first.epoch.get() ^ 1).unwrap();
         let page = broker
             .history(&c, policy(4), 0, 10, Some(other))
@@ -378,10 +404,18 @@ mod tests {
         assert_eq!((page.top, page.publications.len()), (first, 0));
         // Within the limit only.
         let page = broker
-            .history(&c, policy(4), 0, 0, Some(Epoch::NONE))
+            .history(&c, policy(4), 0, 0, Some(start))
             .await
             .unwrap();
         assert!(page.publications.is_empty());
+        // Data lost (a restart without files): a new lineage, so starts read before
+        // cannot tell what they missed.
+        broker.forget(&c).await;
+        let page = broker
+            .history(&c, policy(4), 0, 10, Some(start))
+            .await
+            .unwrap();
+        assert!(page.top.is_start() && !start.start_continues(page.now, policy(4).meta_ttl));
     }
 
     #[tokio::test]

@@ -627,7 +627,7 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>, epoch: Option<Epoch>
         }
         p.offset = o;
         // Offset 1 names its epoch: a subscription made before the channel had any
-        // publication (at the start, epoch `00000000`) learns it here.
+        // publication (at a start) learns it here.
         if let Some(e) = epoch {
             p.epoch = e;
         }
@@ -682,6 +682,19 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
                 sub.emit(Event::Recovered(ok));
             }
         }
+        // Before a binary delivery at offset 1: the epoch it begins, for a subscription
+        // at a start (text deliveries name it themselves).
+        "epoch" => {
+            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
+                return;
+            };
+            let epoch = r.epoch.as_deref().and_then(Epoch::parse);
+            if let (Some(p), Some(e)) = (sub.position.as_mut(), epoch) {
+                if p.is_start() {
+                    p.epoch = e;
+                }
+            }
+        }
         "reset" => {
             let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
                 return;
@@ -726,6 +739,6 @@ fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {
         return;
     };
     if let Some(sub) = subs.get_mut(&d.channel) {
-        deliver(sub, d.payload, d.offset, d.epoch);
+        deliver(sub, d.payload, d.offset, None);
     }
 }

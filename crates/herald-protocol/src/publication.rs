@@ -95,20 +95,56 @@ impl Epoch {
     /// Epoch values are below this (36^8).
     pub const LIMIT: u64 = 2_821_109_907_456;
 
-    /// `00000000`: the channel has had no publication yet. Never the epoch of a run of
-    /// offsets: a position `(0, NONE)` continues with offset 1 of whichever epoch the
-    /// first publication starts (reading a channel creates nothing, so there is no epoch
-    /// to name before it), and a resume from it recovers every publication since.
-    pub const NONE: Epoch = Epoch(0);
+    /// Epochs of runs of offsets are below this (2^40); the values from here to
+    /// [`Epoch::LIMIT`] are *start tokens* (see [`Epoch::start`]).
+    pub const FIRST_START: u64 = 1 << 40;
+
+    /// Minutes a start token counts, modulo (2^22: about 8 years).
+    const MINUTES: u64 = 1 << 22;
 
     /// The epoch with this number, if it is in range.
     pub fn new(n: u64) -> Option<Epoch> {
         (n < Epoch::LIMIT).then_some(Epoch(n))
     }
 
-    /// An epoch from 64 random bits (never [`Epoch::NONE`]).
+    /// An epoch from 64 random bits: a run of offsets (never 0, never a start token).
     pub fn from_random(bits: u64) -> Epoch {
-        Epoch(bits % (Epoch::LIMIT - 1) + 1)
+        Epoch(bits % (Epoch::FIRST_START - 1) + 1)
+    }
+
+    /// The start token of a read that found no stream: the channel has had no
+    /// publication (or its history expired), and reading it creates nothing, so there is
+    /// no epoch to name. The token names instead where the stream was read (`lineage`:
+    /// the data's lineage, a hash of the Redis server run and replication id, or the
+    /// memory broker's) and when (`minutes` since the Unix epoch), so that a resume from
+    /// it can tell whether any epoch could have begun and been lost meanwhile (see
+    /// [`Epoch::start_continues`]). 18 bits of the lineage and 22 of the minutes.
+    pub fn start(lineage: u64, minutes: u64) -> Epoch {
+        Epoch(Epoch::FIRST_START + ((lineage % (1 << 18)) << 22) + minutes % Epoch::MINUTES)
+    }
+
+    /// Whether this is a start token rather than the epoch of a run of offsets.
+    pub fn is_start(self) -> bool {
+        self.0 >= Epoch::FIRST_START
+    }
+
+    /// Whether every epoch that began after start token `self` was read is still there
+    /// to be seen now (`now`: a start token of a read made now on the same stream):
+    /// nothing can have begun and vanished in between when the data's lineage is the same
+    /// (no restart, no failover) and less than `ttl` (the history's `meta_ttl`, after
+    /// which an idle epoch expires) has passed. False for anything but two start tokens.
+    pub fn start_continues(self, now: Epoch, ttl: std::time::Duration) -> bool {
+        if !self.is_start() || !now.is_start() {
+            return false;
+        }
+        let (a, b) = (self.0 - Epoch::FIRST_START, now.0 - Epoch::FIRST_START);
+        if a >> 22 != b >> 22 {
+            return false;
+        }
+        let elapsed = (b.wrapping_sub(a)) % Epoch::MINUTES;
+        // A minute of slack for the clock's minute boundaries; a clock that went back
+        // by a minute reads as almost 8 years.
+        elapsed + 1 < ttl.as_secs() / 60
     }
 
     /// Its number.
@@ -158,19 +194,14 @@ pub struct StreamPosition {
 }
 
 impl StreamPosition {
-    /// Before the first publication of a channel that has none yet.
-    pub const START: StreamPosition = StreamPosition {
-        offset: 0,
-        epoch: Epoch::NONE,
-    };
-
-    /// Whether this is [`StreamPosition::START`], which belongs to every epoch.
+    /// Whether this is a *start*: offset 0 with a start token, before the first
+    /// publication of a channel that had none when it was read. It belongs to every epoch.
     pub fn is_start(self) -> bool {
-        self == StreamPosition::START
+        self.offset == 0 && self.epoch.is_start()
     }
 
-    /// This position seen from `epoch`: [`StreamPosition::START`] is offset 0 of any
-    /// epoch; every other position is itself.
+    /// This position seen from `epoch`: a start is offset 0 of any epoch; every other
+    /// position is itself.
     pub fn in_epoch(self, epoch: Epoch) -> StreamPosition {
         if self.is_start() {
             StreamPosition { offset: 0, epoch }
@@ -213,5 +244,41 @@ mod tests {
         for bad in ["", "0000000", "000000000", "0000000A", "0000-000"] {
             assert_eq!(Epoch::parse(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn start_tokens_are_apart_from_epochs_and_tell_what_may_have_been_lost() {
+        for bits in [0, 1, u64::MAX, Epoch::FIRST_START - 1, Epoch::FIRST_START] {
+            let e = Epoch::from_random(bits);
+            assert!(e.get() >= 1 && !e.is_start(), "{e:?}");
+        }
+        let day = std::time::Duration::from_secs(86_400);
+        let t = Epoch::start(0xabcdef, 29_500_000);
+        assert!(t.is_start() && t.get() < Epoch::LIMIT);
+        assert!(StreamPosition {
+            offset: 0,
+            epoch: t
+        }
+        .is_start());
+        assert!(!StreamPosition {
+            offset: 1,
+            epoch: t
+        }
+        .is_start());
+        // Same lineage, within the TTL: nothing can have come and gone.
+        assert!(t.start_continues(Epoch::start(0xabcdef, 29_500_000), day));
+        assert!(t.start_continues(Epoch::start(0xabcdef, 29_500_000 + 1000), day));
+        // The data restarted or failed over, or an idle epoch could have expired.
+        assert!(!t.start_continues(Epoch::start(0xabcdee, 29_500_000), day));
+        assert!(!t.start_continues(Epoch::start(0xabcdef, 29_500_000 + 1439), day));
+        assert!(!t.start_continues(Epoch::start(0xabcdef, 29_500_000 - 5), day));
+        // Across the minutes' wrap.
+        let w = Epoch::start(7, (1 << 22) - 2);
+        assert!(w.start_continues(Epoch::start(7, 3), day));
+        // Only tokens.
+        assert!(!Epoch::new(5).unwrap().start_continues(t, day));
+        assert!(!t.start_continues(Epoch::new(5).unwrap(), day));
+        // A token round-trips through its wire form.
+        assert_eq!(Epoch::parse(&t.to_string()), Some(t));
     }
 }

@@ -205,21 +205,23 @@ pub fn binary_frame(channel: &str, payload: &[u8]) -> Bytes {
 /// Builds `[0x00][8 bytes offset, big-endian][1 byte L][L bytes channel][payload]`: the
 /// binary delivery of a history channel to a subscriber that tracks positions. The
 /// leading zero byte cannot start a plain binary delivery (channel names are never
-/// empty), so a client tells the two layouts apart by it. At offset 1 the epoch follows
-/// the offset, marked by a zero length: `[0x00][offset][0x00][8 bytes epoch][L]...`
-/// (as a text delivery names it there).
-pub fn binary_frame_with_offset(channel: &str, at: StreamPosition, payload: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(19 + channel.len() + payload.len());
+/// empty), so a client tells the two layouts apart by it.
+pub fn binary_frame_with_offset(channel: &str, offset: u64, payload: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(10 + channel.len() + payload.len());
     b.put_u8(0);
-    b.put_u64(at.offset);
-    if at.offset == 1 {
-        b.put_u8(0);
-        b.put_u64(at.epoch.get());
-    }
+    b.put_u64(offset);
     b.put_u8(channel.len() as u8);
     b.put_slice(channel.as_bytes());
     b.put_slice(payload);
     b.freeze()
+}
+
+/// `{"op":"epoch","channel":C,"epoch":E}`: sent right before a *binary* delivery at
+/// offset 1 to a subscriber that tracks positions, naming the epoch that delivery
+/// begins (text deliveries at offset 1 carry `"epoch"` themselves). A subscriber at a
+/// start learns its epoch so; clients that do not know the frame ignore it.
+pub fn epoch(channel: &str, epoch: crate::Epoch) -> String {
+    format!(r#"{{"op":"epoch","channel":"{channel}","epoch":"{epoch}"}}"#)
 }
 
 /// A binary delivery as a client reads it ([`parse_binary_delivery`]).
@@ -229,35 +231,26 @@ pub struct BinaryDelivery {
     pub channel: crate::ChannelName,
     /// Its offset, when the frame carries one.
     pub offset: Option<u64>,
-    /// Its epoch, at offset 1.
-    pub epoch: Option<crate::Epoch>,
     /// The publisher's bytes (shared with the frame, not copied).
     pub payload: Bytes,
 }
 
-/// Reads a binary delivery (any layout) as a client does. `None` for a frame that is
-/// none of them.
+/// Reads a binary delivery (either layout) as a client does. `None` for a frame that is
+/// neither.
 pub fn parse_binary_delivery(frame: &Bytes) -> Option<BinaryDelivery> {
-    let (offset, mut at) = match frame.first() {
+    let (offset, at) = match frame.first() {
         Some(0) => {
             let o: [u8; 8] = frame.get(1..9)?.try_into().ok()?;
             (Some(u64::from_be_bytes(o)), 9)
         }
         _ => (None, 0),
     };
-    let mut epoch = None;
-    if offset.is_some() && *frame.get(at)? == 0 {
-        let e: [u8; 8] = frame.get(at + 1..at + 9)?.try_into().ok()?;
-        epoch = Some(crate::Epoch::new(u64::from_be_bytes(e))?);
-        at += 9;
-    }
     let len = *frame.get(at)? as usize;
     let name = frame.get(at + 1..at + 1 + len)?;
     let channel = crate::ChannelName::from_bytes(name).ok()?;
     Some(BinaryDelivery {
         channel,
         offset,
-        epoch,
         payload: frame.slice(at + 1 + len..),
     })
 }
@@ -373,22 +366,14 @@ mod tests {
             encode_delivery(&p),
             Delivery::Text(r#"{"op":"message","channel":"news","data":1,"offset":57}"#.into())
         );
-        let e = at.epoch;
         assert_eq!(
-            &binary_frame_with_offset(
-                "b",
-                StreamPosition {
-                    offset: 2,
-                    epoch: e
-                },
-                &[9]
-            )[..],
+            &binary_frame_with_offset("b", 2, &[9])[..],
             &[0, 0, 0, 0, 0, 0, 0, 0, 2, 1, b'b', 9]
         );
-        // The first publication of an epoch names it, in both layouts.
+        // The first publication of an epoch names it.
         p.position = Some(StreamPosition {
             offset: 1,
-            epoch: e,
+            epoch: at.epoch,
         });
         assert_eq!(
             encode_delivery(&p),
@@ -398,15 +383,14 @@ mod tests {
             )
         );
         assert_eq!(
-            &binary_frame_with_offset(
-                "b",
-                StreamPosition {
-                    offset: 1,
-                    epoch: e
-                },
-                &[9]
-            )[..],
-            &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 36, 1, b'b', 9]
+            epoch("b", at.epoch),
+            r#"{"op":"epoch","channel":"b","epoch":"00000010"}"#
+        );
+        let frame = epoch("b", at.epoch);
+        let r = parse_reply(&frame).unwrap();
+        assert_eq!(
+            (r.op.as_ref(), r.epoch.as_deref()),
+            ("epoch", Some("00000010"))
         );
     }
 
@@ -497,41 +481,17 @@ mod tests {
         );
         assert!(parse_reply(r#"{"op":"message","channel":"c","data":1}"#).is_none());
         let plain = binary_frame("c", b"xy");
-        let read =
-            |f: &Bytes| parse_binary_delivery(f).map(|d| (d.channel, d.offset, d.epoch, d.payload));
+        let read = |f: &Bytes| parse_binary_delivery(f).map(|d| (d.channel, d.offset, d.payload));
         assert_eq!(
             read(&plain),
-            Some((ch.clone(), None, None, Bytes::from_static(b"xy")))
+            Some((ch.clone(), None, Bytes::from_static(b"xy")))
         );
-        let positioned = binary_frame_with_offset(
-            "c",
-            StreamPosition {
-                offset: 9,
-                epoch: e,
-            },
-            b"z",
-        );
+        let positioned = binary_frame_with_offset("c", 9, b"z");
         assert_eq!(
             read(&positioned),
-            Some((ch.clone(), Some(9), None, Bytes::from_static(b"z")))
+            Some((ch, Some(9), Bytes::from_static(b"z")))
         );
-        let first = binary_frame_with_offset(
-            "c",
-            StreamPosition {
-                offset: 1,
-                epoch: e,
-            },
-            b"z",
-        );
-        assert_eq!(
-            read(&first),
-            Some((ch, Some(1), Some(e), Bytes::from_static(b"z")))
-        );
-        // Cut inside the epoch, or an epoch out of range: not a delivery.
-        assert_eq!(read(&first.slice(..14)), None);
-        let mut bad = first.to_vec();
-        bad[10..18].copy_from_slice(&u64::MAX.to_be_bytes());
-        assert_eq!(read(&Bytes::from(bad)), None);
+        let _ = e;
         assert_eq!(parse_binary_delivery(&Bytes::from_static(&[0, 1])), None);
         assert_eq!(parse_binary_delivery(&Bytes::from_static(&[5, b'a'])), None);
     }

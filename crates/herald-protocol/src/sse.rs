@@ -71,9 +71,8 @@ pub fn retry(ms: u64) -> String {
 
 /// A binary delivery as a text frame:
 /// `{"op":"message","channel":C,"offset":O,"base64":"..."}` (`offset` on history
-/// channels only, and `"epoch"` with it at offset 1, as in a text delivery). `frame` is
-/// the WebSocket binary frame (see [`crate::server::parse_binary_delivery`]); `None` if
-/// it is not one.
+/// channels only). `frame` is the WebSocket binary frame (`[L][channel][payload]`, or
+/// `[0][u64 offset][L][channel][payload]`); `None` if it is not one.
 pub fn binary_as_json(frame: &[u8]) -> Option<String> {
     let d = crate::server::parse_binary_delivery(&bytes::Bytes::copy_from_slice(frame))?;
     let mut s = format!(
@@ -82,9 +81,6 @@ pub fn binary_as_json(frame: &[u8]) -> Option<String> {
     );
     if let Some(o) = d.offset {
         let _ = write!(s, r#","offset":{o}"#);
-    }
-    if let Some(e) = d.epoch {
-        let _ = write!(s, r#","epoch":"{e}""#);
     }
     let _ = write!(
         s,
@@ -148,16 +144,26 @@ impl Positions {
     pub fn observe(&mut self, frame: &str) -> bool {
         // Most frames (deliveries on channels without history) carry no position: no
         // need to parse them.
-        if !frame.contains(r#""offset":"#) {
+        if !frame.contains(r#""offset":"#) && !frame.starts_with(r#"{"op":"epoch""#) {
             return false;
         }
         let Ok(f) = serde_json::from_str::<Frame<'_>>(frame) else {
             return false;
         };
-        let (Some(channel), Some(offset)) = (f.channel, f.offset) else {
+        let Some(Ok(channel)) = f.channel.map(ChannelName::new) else {
             return false;
         };
-        let Ok(channel) = ChannelName::new(channel) else {
+        if f.op == "epoch" {
+            // Before a binary delivery at offset 1: a position at a start takes the epoch.
+            return match (self.0.get_mut(&channel), f.epoch.and_then(Epoch::parse)) {
+                (Some(p), Some(e)) if p.is_start() => {
+                    p.epoch = e;
+                    true
+                }
+                _ => false,
+            };
+        }
+        let Some(offset) = f.offset else {
             return false;
         };
         match (f.op, f.epoch.and_then(Epoch::parse)) {
@@ -253,30 +259,10 @@ mod tests {
             binary_as_json(&plain).unwrap(),
             r#"{"op":"message","channel":"bin","base64":"AAH/"}"#
         );
-        let e = Epoch::new(36).unwrap();
-        let with = crate::server::binary_frame_with_offset(
-            "bin",
-            StreamPosition {
-                offset: 7,
-                epoch: e,
-            },
-            b"hi",
-        );
+        let with = crate::server::binary_frame_with_offset("bin", 7, b"hi");
         assert_eq!(
             binary_as_json(&with).unwrap(),
             r#"{"op":"message","channel":"bin","offset":7,"base64":"aGk="}"#
-        );
-        let first = crate::server::binary_frame_with_offset(
-            "bin",
-            StreamPosition {
-                offset: 1,
-                epoch: e,
-            },
-            b"hi",
-        );
-        assert_eq!(
-            binary_as_json(&first).unwrap(),
-            r#"{"op":"message","channel":"bin","offset":1,"epoch":"00000010","base64":"aGk="}"#
         );
         assert_eq!(binary_as_json(&[5, b'a']), None);
         assert_eq!(binary_as_json(&[]), None);
@@ -311,20 +297,30 @@ mod tests {
 
     #[test]
     fn a_channel_without_publications_learns_its_epoch_from_the_first() {
+        let start = Epoch::start(5, 100);
         let mut p = Positions::default();
-        assert!(p.observe(r#"{"op":"subscribed","channel":"new","offset":0,"epoch":"00000000"}"#));
-        assert_eq!(p.id().unwrap(), "new=0~00000000");
+        let sub = format!(r#"{{"op":"subscribed","channel":"new","offset":0,"epoch":"{start}"}}"#);
+        assert!(p.observe(&sub));
+        assert_eq!(p.id().unwrap(), format!("new=0~{start}"));
         // A resume from the start whose replay follows: the id waits for the replay.
         assert!(!p.observe(
             r#"{"op":"subscribed","channel":"new","offset":3,"epoch":"0000000a","recovered":true}"#
         ));
-        assert_eq!(p.id().unwrap(), "new=0~00000000");
+        assert_eq!(p.id().unwrap(), format!("new=0~{start}"));
         assert!(
             p.observe(r#"{"op":"message","channel":"new","data":1,"offset":1,"epoch":"0000000a"}"#)
         );
         assert_eq!(p.id().unwrap(), "new=1~0000000a");
         assert!(p.observe(r#"{"op":"message","channel":"new","data":1,"offset":2}"#));
         assert_eq!(p.id().unwrap(), "new=2~0000000a");
+        // Binary: the epoch frame before offset 1 (only a start takes it).
+        let mut p = Positions::default();
+        assert!(p.observe(&sub));
+        assert!(p.observe(r#"{"op":"epoch","channel":"new","epoch":"0000000b"}"#));
+        assert!(!p.observe(r#"{"op":"epoch","channel":"new","epoch":"0000000c"}"#));
+        let first = crate::server::binary_frame_with_offset("new", 1, b"x");
+        assert!(p.observe(&binary_as_json(&first).unwrap()));
+        assert_eq!(p.id().unwrap(), "new=1~0000000b");
     }
 
     #[test]

@@ -24,8 +24,8 @@
 //! current epoch (see `ensure_epoch!`): a server that restarted from older data must
 //! not hand out offsets again.
 //!
-//! **History script**: writes nothing for a channel without a meta hash (it answers the
-//! start, `(0, 00000000)`, which continues with the first publication of any epoch);
+//! **History script**: writes nothing for a channel without a meta hash (it answers a
+//! start: offset 0 with a start token naming the lineage and the time of the read);
 //! otherwise refreshes the meta TTL (and starts a new epoch where another lineage wrote
 //! the current one), and returns the epoch, the last offset and up to `limit` entries
 //! after `since`.
@@ -62,22 +62,32 @@ use redis::{Script, Value};
 macro_rules! ensure_epoch {
     () => {
         r#"
-local function ensure_epoch(new, rid)
+local function lineage(rid)
   if rid == nil or rid == '' then
     -- The same lineage the nodes read on connecting: run_id:master_replid.
     local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
     local repl = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
     rid = (run or '') .. ':' .. (repl or '')
   end
+  return rid
+end
+local function ensure_epoch(new, rid)
+  rid = lineage(rid)
   local m = redis.call('HMGET', KEYS[1], 'e', 'r')
   local e = m[1]
   if e and m[2] == rid then
     return e
   end
-  if e == new then
-    -- A new epoch must differ from the one it replaces.
-    new = tostring(tonumber(new) % 2821109907455 + 1)
+  -- Epochs of runs of offsets are in [1, 2^40): 0 and above are start tokens.
+  local n = tonumber(new) or 1
+  if n < 1 or n >= 1099511627776 then
+    n = n % 1099511627775 + 1
   end
+  if e and tonumber(e) == n then
+    -- A new epoch must differ from the one it replaces.
+    n = n % 1099511627775 + 1
+  end
+  new = string.format('%d', n)
   redis.call('HSET', KEYS[1], 'e', new, 's', 0, 'r', rid)
   redis.call('DEL', KEYS[2])
   return new
@@ -91,7 +101,8 @@ end
 /// `KEYS`: meta, stream, idempotency key (any name when unused).
 /// `ARGV`: 1 pub/sub channel, 2 envelope head (16 bytes; flag bit 0 set on history
 /// channels), 3 payload, 4 history size (0: no history), 5 history TTL ms, 6 meta TTL
-/// ms, 7 epoch to use if the channel has none (decimal, below 36^8), 8 `PUBLISH` or
+/// ms, 7 epoch to use if the channel has none (decimal, 1 to 2^40 - 1; other values are
+/// mapped into that range, which start tokens stay out of), 8 `PUBLISH` or
 /// `SPUBLISH`, 9 idempotency window ms (0: none), 10 the server's lineage
 /// (`run_id:master_replid` from `INFO` on the connection the script is sent on; empty:
 /// the script reads it, slower), which starts a new epoch where another lineage wrote
@@ -132,7 +143,16 @@ end
 if window > 0 then
   redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', window)
 end
-redis.call(ARGV[8], ARGV[1], body)
+-- Scripts do not roll back: a PUBLISH refused here (an ACL without the channel) comes
+-- after the writes above. Stored in the stream, the publication exists (subscribers get
+-- it by repair or resume); otherwise nothing was, and the key must not say it was.
+local sent = redis.pcall(ARGV[8], ARGV[1], body)
+if type(sent) == 'table' and sent.err and offset == 0 then
+  if window > 0 then
+    redis.call('DEL', KEYS[3])
+  end
+  return sent
+end
 return {offset, epoch, 0}
 "#
 );
@@ -140,29 +160,37 @@ return {offset, epoch, 0}
 /// The history script. `KEYS`: meta, stream. `ARGV`: 1 epoch to use if the channel's
 /// epoch belongs to another lineage, 2 meta TTL ms, 3 since (offset), 4 limit, 5 the
 /// epoch the read must be in to read entries, and then at most `limit` behind the top
-/// (-1: any epoch, any distance; 0, the start: any epoch from offset 0), 6 the server's
+/// (-1: any epoch, any distance; a start token, with since 0: any epoch), 6 the server's
 /// lineage (as for the publish script).
-/// Returns `{epoch, top, entries}`; `{0, 0, {}}` (the start) for a channel without a
-/// meta hash, for which it writes nothing.
+/// Returns `{epoch, top, entries, now}` (`now`: a start token for this read);
+/// `{now, 0, {}, now}` (a start) for a channel without a meta hash, for which it writes
+/// nothing.
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),
     r#"
+-- A start token for this read (herald_protocol::Epoch::start): 2^40 + 18 bits of the
+-- lineage's SHA-1 and 22 bits of the minutes since the Unix epoch (Redis's clock).
+local rid = lineage(ARGV[6])
+local t = redis.call('TIME')
+local minutes = math.floor(tonumber(t[1]) / 60) % 4194304
+local h = tonumber(string.sub(redis.sha1hex(rid), 1, 5), 16) % 262144
+local now = 1099511627776 + h * 4194304 + minutes
 -- Reading creates nothing: made-up channel names must not fill (or, under maxmemory,
 -- evict from) Redis. The first publication creates the epoch.
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0, 0, {}}
+  return {now, 0, {}, now}
 end
-local e = ensure_epoch(ARGV[1], ARGV[6])
+local e = ensure_epoch(ARGV[1], rid)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 local top = tonumber(redis.call('HGET', KEYS[1], 's'))
 local entries = {}
 local since, limit, want = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local same = tonumber(e) == want or (want == 0 and since == 0)
+local same = tonumber(e) == want or (want >= 1099511627776 and since == 0)
 local usable = want == -1 or (same and top - since <= limit)
 if limit > 0 and top > since and usable then
   entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[3] .. '-0', '+', 'COUNT', ARGV[4])
 end
-return {tonumber(e), top, entries}
+return {tonumber(e), top, entries, now}
 "#
 );
 
@@ -352,10 +380,15 @@ pub(crate) fn page(channel: &ChannelName, v: &Value) -> Result<HistoryPage, Brok
     let Value::Array(items) = v else {
         return Err(bad());
     };
-    let (Some(Value::Int(epoch)), Some(Value::Int(top))) = (items.first(), items.get(1)) else {
+    let (Some(Value::Int(epoch)), Some(Value::Int(top)), Some(Value::Int(now))) =
+        (items.first(), items.get(1), items.get(3))
+    else {
         return Err(bad());
     };
     let epoch = Epoch::new(*epoch as u64).ok_or_else(bad)?;
+    let now = Epoch::new(*now as u64)
+        .filter(|e| e.is_start())
+        .ok_or_else(bad)?;
     let mut publications = Vec::new();
     if let Some(Value::Array(entries)) = items.get(2) {
         for entry in entries {
@@ -379,5 +412,6 @@ pub(crate) fn page(channel: &ChannelName, v: &Value) -> Result<HistoryPage, Brok
             epoch,
         },
         publications,
+        now,
     })
 }

@@ -137,7 +137,7 @@ mod history {
     use herald_protocol::client::Since;
     use herald_protocol::{Epoch, StreamPosition};
 
-    use crate::history::{Completion, Resume, Stream, ATTEMPTS};
+    use crate::history::{Completion, Mark, Resume, Stream, ATTEMPTS};
 
     const CHANNELS: usize = 2;
     const POLICY: HistoryPolicy = HistoryPolicy {
@@ -185,7 +185,7 @@ mod history {
         page: HistoryPage,
         resume: Resume,
         /// What the subscriber's buffer held when the read was issued.
-        read_after: usize,
+        read_after: Mark,
         attempt: usize,
     }
 
@@ -196,6 +196,11 @@ mod history {
         at: Option<(Epoch, u64)>,
         /// Subscribed now (between `subscribed` and its unsubscribe).
         live: bool,
+        /// Publications made before the start it holds was read (its subscribe's read,
+        /// or its reset to a start): what that start cannot have missed.
+        start_n: u64,
+        /// Publications made before its subscribe's latest history read.
+        read_n: u64,
     }
 
     struct World {
@@ -230,7 +235,7 @@ mod history {
                 .history(&self.channels[c], POLICY, from, count, only_in)
                 .await
                 .unwrap();
-            if page.top.epoch != Epoch::NONE {
+            if !page.top.epoch.is_start() {
                 let n = self.epochs.len();
                 self.epochs.entry(page.top.epoch).or_insert(n);
             }
@@ -254,7 +259,7 @@ mod history {
                 if let Some(e) = v["epoch"]
                     .as_str()
                     .and_then(Epoch::parse)
-                    .filter(|e| *e != Epoch::NONE)
+                    .filter(|e| !e.is_start())
                 {
                     let n = self.epochs.len();
                     self.epochs.entry(e).or_insert(n);
@@ -265,7 +270,7 @@ mod history {
                         let top = v["offset"].as_u64().unwrap();
                         let at = if v["recovered"].as_bool() == Some(true) {
                             let (e, o) = seen.at.expect("recovered from a position it had");
-                            if (e, o) == (Epoch::NONE, 0) {
+                            if o == 0 && e.is_start() {
                                 // From the start: the replay's first message names the epoch.
                                 seen.at = Some((e, o));
                                 seen.live = true;
@@ -274,6 +279,8 @@ mod history {
                             prop_assert_eq!(e, epoch(), "recovered in another epoch");
                             o
                         } else {
+                            // Where its last read found the stream (a start, perhaps).
+                            seen.start_n = seen.read_n;
                             top
                         };
                         seen.at = Some((epoch(), at));
@@ -293,9 +300,7 @@ mod history {
                             to
                         );
                         // (From the start, any epoch is ahead.)
-                        if let Some((e, _)) =
-                            seen.at.filter(|(e, _)| *e != to.0 && *e != Epoch::NONE)
-                        {
+                        if let Some((e, _)) = seen.at.filter(|(e, _)| *e != to.0 && !e.is_start()) {
                             prop_assert!(
                                 self.epochs.get(&to.0) > self.epochs.get(&e),
                                 "subscriber {} channel {}: reset from {:?} into an older epoch {:?}",
@@ -304,6 +309,9 @@ mod history {
                                 seen.at,
                                 to
                             );
+                        }
+                        if to.0.is_start() {
+                            seen.start_n = self.n;
                         }
                         seen.at = Some(to);
                     }
@@ -319,7 +327,7 @@ mod history {
                             "epoch named at offset 1 only: {}",
                             t.as_str()
                         );
-                        if e == Epoch::NONE {
+                        if e.is_start() {
                             prop_assert!(
                                 named.is_some(),
                                 "a message to a subscriber at the start names its epoch: {}",
@@ -328,11 +336,29 @@ mod history {
                         }
                         if let Some(n) = named {
                             prop_assert!(
-                                e == Epoch::NONE || e == n,
+                                e.is_start() || e == n,
                                 "offset 1 of epoch {} to a subscriber in {}",
                                 n,
                                 e
                             );
+                            if e.is_start() {
+                                // From a start, the first epoch must be the first one
+                                // begun since: an older epoch published into after the
+                                // start was read is skipped without a reset.
+                                let since = seen.start_n;
+                                let epochs = &self.epochs;
+                                let skipped = self.published.iter().find(|((pc, pe, _), num)| {
+                                    *pc == c
+                                        && **num > since
+                                        && *pe != n
+                                        && epochs.get(pe) < epochs.get(&n)
+                                });
+                                prop_assert!(
+                                    skipped.is_none(),
+                                    "subscriber {} channel {}: from a start into epoch {}, skipping {:?}",
+                                    s, c, n, skipped
+                                );
+                            }
                             e = n;
                         }
                         prop_assert_eq!(offset, o + 1, "subscriber {} channel {}: not the next offset (a gap without reset, a duplicate or a reorder)", s, c);
@@ -373,7 +399,7 @@ mod history {
             for _ in 0..n {
                 match self.rx.try_recv() {
                     Some(Received::Publication(p)) => self.hub.dispatch(p),
-                    Some(Received::Resubscribed) => {}
+                    Some(Received::Resubscribed) => self.hub.catch_up(),
                     None => return,
                 }
             }
@@ -391,9 +417,17 @@ mod history {
                 p.attempt == ATTEMPTS,
             );
             if done == Completion::ReadAgain {
-                prop_assert!(p.attempt < ATTEMPTS);
+                if p.attempt >= ATTEMPTS {
+                    // Only a catch-up on the last attempt reads again: the subscribe
+                    // fails as `unavailable` and the session leaves the channel.
+                    self.hub.unsubscribe(&self.channels[c], s as u64);
+                    self.subscribed[s][c] = false;
+                    self.seen[s][c].live = false;
+                    return Ok(());
+                }
                 p.attempt += 1;
-                p.read_after = p.stream.buffered(s as u64).unwrap();
+                p.read_after = p.stream.mark(s as u64).unwrap();
+                self.seen[s][c].read_n = self.n;
                 p.page = self.read_page(c, p.resume.since).await;
                 // Another read, later: what was in flight may arrive meanwhile.
                 self.pending.insert((s, c), p);
@@ -438,15 +472,19 @@ mod history {
                     match op {
                         Op::Publish(c) => w.publish(c).await,
                         Op::Arrive(n) => w.arrive(n),
-                        Op::Lose => { w.rx.try_recv(); }
+                        // Only publications get lost: the resubscribe marker never is.
+                        Op::Lose => { if let Some(Received::Resubscribed) = w.rx.try_recv() { w.hub.catch_up(); } }
                         Op::Subscribe(s, c, resume) => {
                             if w.subscribed[s][c] { continue; }
                             w.subscribed[s][c] = true;
                             let sub = w.hub.subscribe(&w.channels[c], s as u64, &w.handles[s], opts);
                             let since = w.seen[s][c].at.filter(|_| resume).map(|(e, o)| Since { offset: o, epoch: Some(e) });
+                            w.seen[s][c].read_n = w.n;
+                            let stream = sub.stream.unwrap();
+                            let mark = stream.mark(s as u64).unwrap();
                             let page = w.read_page(c, since).await;
                             let resume = Resume { id: None, since, max_recovery: MAX_RECOVERY, timeout: Duration::from_secs(1) };
-                            w.pending.insert((s, c), Pending { stream: sub.stream.unwrap(), page, resume, read_after: 0, attempt: 1 });
+                            w.pending.insert((s, c), Pending { stream, page, resume, read_after: mark, attempt: 1 });
                         }
                         Op::Complete(s, c) => w.complete(s, c).await?,
                         Op::Unsubscribe(s, c) => {

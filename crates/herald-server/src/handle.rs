@@ -103,9 +103,9 @@ impl Item {
     /// goes to: text frames carry the offset for everyone; binary frames carry it only
     /// for subscribers that track positions (`positions`).
     pub(crate) fn delivery(p: &Publication, positions: bool) -> Self {
-        let (msg, len) = match (&p.payload, p.position) {
-            (Payload::Binary(data), Some(at)) if positions => {
-                let b = server::binary_frame_with_offset(p.channel.as_str(), at, data);
+        let (msg, len) = match (&p.payload, p.offset()) {
+            (Payload::Binary(data), Some(offset)) if positions => {
+                let b = server::binary_frame_with_offset(p.channel.as_str(), offset, data);
                 let len = b.len();
                 (Message::Binary(b), len)
             }

@@ -113,6 +113,18 @@ struct State {
     repairing: Option<Vec<Publication>>,
     /// The local subscribers and where each stands.
     members: IndexMap<ConnId, Member>,
+    /// How often the broker re-established its subscriptions ([`Stream::catch_up`]): a
+    /// subscribe whose read was issued before the latest reads again.
+    catch_ups: u64,
+}
+
+/// Where a subscribe stood when its history read was issued ([`Stream::mark`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Mark {
+    /// Publications in the member's buffer then (they arrived before the read).
+    pub(crate) buffered: usize,
+    /// The stream's catch-ups then.
+    pub(crate) catch_ups: u64,
 }
 
 struct Member {
@@ -181,6 +193,7 @@ impl Stream {
                 floor: None,
                 repairing: None,
                 members: IndexMap::new(),
+                catch_ups: 0,
             }),
         }
     }
@@ -225,7 +238,13 @@ impl Stream {
         };
         let mut attempt = 1;
         loop {
-            let Some(read_after) = self.buffered(conn) else {
+            if attempt > ATTEMPTS {
+                // Only a broker that keeps re-establishing its subscriptions gets here.
+                return Resumed::Unavailable(
+                    "the channel's history kept changing while it was read; retry later",
+                );
+            }
+            let Some(read_after) = self.mark(conn) else {
                 return Resumed::Gone;
             };
             let read = self
@@ -262,11 +281,15 @@ impl Stream {
         }
     }
 
-    /// How many publications `conn`'s buffer holds (they arrived before a read issued
-    /// now); `None` when it is not recovering.
-    pub(crate) fn buffered(&self, conn: ConnId) -> Option<usize> {
-        match &self.state.lock().members.get(&conn)?.phase {
-            Phase::Recovering(buf) => Some(buf.len()),
+    /// Where `conn`'s subscribe stands as a read is issued now (its buffer's length,
+    /// the node's catch-ups so far); `None` when it is not recovering.
+    pub(crate) fn mark(&self, conn: ConnId) -> Option<Mark> {
+        let s = self.state.lock();
+        match &s.members.get(&conn)?.phase {
+            Phase::Recovering(buf) => Some(Mark {
+                buffered: buf.len(),
+                catch_ups: s.catch_ups,
+            }),
             _ => None,
         }
     }
@@ -278,24 +301,38 @@ impl Stream {
         self: &Arc<Self>,
         conn: ConnId,
         page: &HistoryPage,
-        read_after: usize,
+        mark: Mark,
         r: Resume,
         last_attempt: bool,
     ) -> Completion {
         let mut s = self.state.lock();
+        // The broker re-established its subscriptions (perhaps a restarted Redis, its
+        // data lost) after this read was issued: what the read found may be gone, and a
+        // start it found could be continued by an epoch that is not the first since.
+        if s.catch_ups != mark.catch_ups {
+            return Completion::ReadAgain;
+        }
+        let read_after = mark.buffered;
         let Some(member) = s.members.get_mut(&conn) else {
             return Completion::Gone;
         };
         let Phase::Recovering(pending) = &member.phase else {
             return Completion::Gone;
         };
+        // A resume from a start recovers only if no epoch can have begun and vanished
+        // since that start was read (same data lineage, within the meta TTL).
+        let start_ok = r.since.is_some_and(|s| {
+            s.offset == 0
+                && s.epoch
+                    .is_some_and(|e| e.start_continues(page.now, self.policy.meta_ttl))
+        });
         let merge_with = |max_recovery| {
             merge(
-                page.top,
-                &page.publications,
+                page,
                 pending,
                 read_after,
                 r.since,
+                start_ok,
                 max_recovery,
                 last_attempt,
             )
@@ -335,6 +372,10 @@ impl Stream {
                 Out::Publication(p) => {
                     if p.offset().is_some_and(|o| o <= page.top.offset) {
                         replayed += 1;
+                    }
+                    if let Some(epoch) = epoch_frame(&self.channel, &p).filter(|_| member.positions)
+                    {
+                        member.handle.push(epoch);
                     }
                     member.handle.push(Item::delivery(&p, member.positions));
                 }
@@ -406,6 +447,7 @@ impl Stream {
     /// the stream (what was published meanwhile never arrived).
     pub(crate) fn catch_up(self: &Arc<Self>) {
         let mut s = self.state.lock();
+        s.catch_ups += 1;
         let (Some(last), None) = (s.last.or(s.floor), &s.repairing) else {
             return;
         };
@@ -539,6 +581,10 @@ impl Stream {
         if matches!(p.payload, Payload::Binary(_)) {
             let to = live(Some(false)).map(|m| &m.handle);
             SessionHandle::push_to_all(to, &plain, metrics);
+            if let Some(epoch) = epoch_frame(&self.channel, p) {
+                let to = live(Some(true)).map(|m| &m.handle);
+                SessionHandle::push_to_all(to, &epoch, metrics);
+            }
             let positioned = Item::delivery(p, true);
             let to = live(Some(true)).map(|m| &m.handle);
             SessionHandle::push_to_all(to, &positioned, metrics);
@@ -607,6 +653,29 @@ impl Stream {
         let mut s = self.state.lock();
         let waiting = s.repairing.take().unwrap_or_default();
         self.env.metrics.history_repairs.inc();
+        // Members at a start from before the data's lineage changed (or from longer ago
+        // than an idle epoch lives) cannot know whether an epoch began and vanished
+        // meanwhile: they are told, with a `reset` to the start of the current stream.
+        let stale = |m: &Member| {
+            matches!(m.phase, Phase::Live { through }
+                if through.is_start() && !through.epoch.start_continues(page.now, self.policy.meta_ttl))
+        };
+        if s.members.values().any(stale) {
+            // They go on from the beginning of the stream as it is now: what it holds is
+            // delivered below, in order (a hole before it is announced again there).
+            let fresh = StreamPosition {
+                offset: 0,
+                epoch: page.top.epoch,
+            };
+            let reset = Item::reply(server::reset(self.channel.as_str(), fresh));
+            for m in s.members.values_mut() {
+                if stale(m) {
+                    self.env.metrics.history_unrepairable.inc();
+                    m.phase = Phase::Live { through: fresh };
+                    m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                }
+            }
+        }
         let current = page.top.epoch;
         // Where the fetched publications continue from, in the current epoch.
         let mut fetched = page.publications;
@@ -663,6 +732,17 @@ impl Stream {
                 self.feed(&mut s, p, true);
             }
         }
+    }
+}
+
+/// The `epoch` frame that goes before a binary delivery at offset 1 to a member that
+/// tracks positions (binary frames have no room for the epoch; text ones carry it).
+fn epoch_frame(channel: &ChannelName, p: &Publication) -> Option<Item> {
+    match (&p.payload, p.position) {
+        (Payload::Binary(_), Some(at)) if at.offset == 1 => {
+            Some(Item::reply(server::epoch(channel.as_str(), at.epoch)))
+        }
+        _ => None,
     }
 }
 
@@ -747,30 +827,40 @@ pub(crate) enum Merged {
 /// one that arrived after may be a newer epoch's: read again to know.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn merge(
-    top: StreamPosition,
-    history: &[Publication],
+    page: &HistoryPage,
     pending: &[Publication],
     read_after: usize,
     since: Option<Since>,
+    start_ok: bool,
     max_recovery: usize,
     last_attempt: bool,
 ) -> Merged {
+    let history = &page.publications[..];
     let mut out = Vec::new();
-    // A read that found no stream (`START`) continues with whatever epoch began after
-    // it: the first live arrival issued after the read names it. Arrivals from before
-    // the read are of an epoch the read no longer found: stale, skipped below.
-    let top = match pending.get(read_after..).unwrap_or_default().first() {
-        Some(p) if top.is_start() => p.position.map_or(top, |q| top.in_epoch(q.epoch)),
-        _ => top,
-    };
+    // A read that found no stream (a start), and publications arrived after it: they
+    // may begin a new epoch, or be an old one's still in flight (the stream lost, its
+    // publications on their way). Only the stream tells: read again, where it now has
+    // an epoch to compare with. On the last attempt the subscriber goes on after the
+    // last of them, told with a `reset` (never handed a publication that may be stale).
+    // Arrivals from before the read are of an epoch the read no longer found: stale,
+    // skipped below.
+    let top = page.top;
+    if top.is_start() {
+        let after = pending.get(read_after..).unwrap_or_default();
+        if let Some(last) = after.iter().filter_map(|p| p.position).last() {
+            if !last_attempt {
+                return Merged::Incomplete;
+            }
+            return Merged::Ready {
+                recovered: since.map(|_| false),
+                out: vec![Out::Reset(last)],
+                through: last,
+            };
+        }
+    }
     let recovered = since.map(|s| {
         let missed = top.offset.checked_sub(s.offset);
-        let from = StreamPosition {
-            offset: s.offset,
-            epoch: s.epoch.unwrap_or(top.epoch),
-        };
-        s.epoch.is_some()
-            && from.in_epoch(top.epoch).epoch == top.epoch
+        (s.epoch == Some(top.epoch) || start_ok)
             && missed.is_some_and(|m| m <= max_recovery as u64)
             && covers(history, s.offset, top.offset)
     });
@@ -906,7 +996,7 @@ mod tests {
     #[test]
     fn resume_replays_history_then_live_without_duplicates() {
         // Read history 42..=57; live arrivals overlap it and continue.
-        let m = merge(
+        let m = merge_at(
             pos(57),
             &pubs(42..=57),
             &pubs(55..=60),
@@ -928,13 +1018,13 @@ mod tests {
     #[test]
     fn resume_is_refused_whole_never_partial() {
         // Trimmed: history starts after what the client missed.
-        let m = merge(pos(57), &pubs(50..=57), &[], 0, since(41), 100, false);
+        let m = merge_at(pos(57), &pubs(50..=57), &[], 0, since(41), 100, false);
         assert_eq!(offsets(&m), Vec::<i64>::new());
         assert!(
             matches!(m, Merged::Ready { recovered: Some(false), through, .. } if through == pos(57))
         );
         // Too many missed.
-        let m = merge(pos(57), &pubs(42..=57), &[], 0, since(41), 10, false);
+        let m = merge_at(pos(57), &pubs(42..=57), &[], 0, since(41), 10, false);
         assert!(matches!(
             m,
             Merged::Ready {
@@ -947,7 +1037,7 @@ mod tests {
             offset: 41,
             epoch: Epoch::new(E + 1),
         });
-        let m = merge(pos(57), &pubs(42..=57), &[], 0, other, 100, false);
+        let m = merge_at(pos(57), &pubs(42..=57), &[], 0, other, 100, false);
         assert!(matches!(
             m,
             Merged::Ready {
@@ -956,7 +1046,7 @@ mod tests {
             }
         ));
         // An offset from the future (of another run).
-        let m = merge(pos(57), &pubs(42..=57), &[], 0, since(90), 100, false);
+        let m = merge_at(pos(57), &pubs(42..=57), &[], 0, since(90), 100, false);
         assert!(matches!(
             m,
             Merged::Ready {
@@ -965,7 +1055,7 @@ mod tests {
             }
         ));
         // Nothing missed.
-        let m = merge(pos(57), &[], &pubs([58]), 0, since(57), 100, false);
+        let m = merge_at(pos(57), &[], &pubs([58]), 0, since(57), 100, false);
         assert_eq!(offsets(&m), vec![58]);
         assert!(matches!(
             m,
@@ -978,7 +1068,7 @@ mod tests {
 
     #[test]
     fn a_hole_between_history_and_live_asks_for_another_read_then_resets() {
-        let m = merge(
+        let m = merge_at(
             pos(57),
             &pubs(42..=57),
             &pubs([60, 61]),
@@ -988,7 +1078,7 @@ mod tests {
             false,
         );
         assert_eq!(m, Merged::Incomplete);
-        let m = merge(
+        let m = merge_at(
             pos(57),
             &pubs(42..=57),
             &pubs([60, 61]),
@@ -1004,7 +1094,7 @@ mod tests {
 
     #[test]
     fn a_plain_subscribe_starts_at_the_top() {
-        let m = merge(pos(57), &[], &pubs([56, 57, 58, 59]), 0, None, 100, false);
+        let m = merge_at(pos(57), &[], &pubs([56, 57, 58, 59]), 0, None, 100, false);
         assert_eq!(offsets(&m), vec![58, 59]);
         assert!(matches!(m, Merged::Ready { recovered: None, through, .. } if through == pos(59)));
     }
@@ -1020,15 +1110,15 @@ mod tests {
         }
         // Arrived after the read: perhaps newer, perhaps an old epoch's in flight.
         assert_eq!(
-            merge(pos(57), &[], &newer, 0, None, 100, false),
+            merge_at(pos(57), &[], &newer, 0, None, 100, false),
             Merged::Incomplete
         );
         // Arrived before the read, which found epoch E: an old epoch's, skipped.
-        let m = merge(pos(57), &[], &newer, 2, None, 100, false);
+        let m = merge_at(pos(57), &[], &newer, 2, None, 100, false);
         assert_eq!(offsets(&m), Vec::<i64>::new());
         // Still there after the last read: the subscriber goes live in E (the live
         // path announces a newer epoch once the stream confirms it).
-        let m = merge(pos(57), &[], &newer, 0, None, 100, true);
+        let m = merge_at(pos(57), &[], &newer, 0, None, 100, true);
         assert_eq!(offsets(&m), Vec::<i64>::new());
     }
 
@@ -1086,11 +1176,44 @@ mod tests {
         pubs([offset]).remove(0)
     }
 
+    /// A read issued before anything was buffered or caught up.
+    const MARK: Mark = Mark {
+        buffered: 0,
+        catch_ups: 0,
+    };
+
     fn page(top: u64, history: Vec<Publication>) -> HistoryPage {
         HistoryPage {
             top: pos(top),
             publications: history,
+            now: herald_protocol::Epoch::start(1, 1000),
         }
+    }
+
+    /// [`merge`] of a read that found `top` and `history` (not a resume from a start).
+    fn merge_at(
+        top: StreamPosition,
+        history: &[Publication],
+        pending: &[Publication],
+        read_after: usize,
+        since: Option<Since>,
+        max_recovery: usize,
+        last_attempt: bool,
+    ) -> Merged {
+        let page = HistoryPage {
+            top,
+            publications: history.to_vec(),
+            now: herald_protocol::Epoch::start(1, 1000),
+        };
+        merge(
+            &page,
+            pending,
+            read_after,
+            since,
+            false,
+            max_recovery,
+            last_attempt,
+        )
     }
 
     /// Publications that reach the channel while a subscriber reads the history are
@@ -1103,7 +1226,7 @@ mod tests {
         let live = Arc::new(SessionHandle::new(0, env.clone()));
         news.join(1, &live, true);
         assert_eq!(
-            news.complete(1, &page(0, vec![]), 0, resume(Some(1), None), false),
+            news.complete(1, &page(0, vec![]), MARK, resume(Some(1), None), false),
             Completion::Done { recovered: None }
         );
         news.arrive(positioned(1));
@@ -1116,7 +1239,13 @@ mod tests {
         news.arrive(positioned(3));
         news.arrive(positioned(4));
         assert_eq!(
-            news.complete(2, &page(2, pubs([2])), 0, resume(Some(7), since(1)), false),
+            news.complete(
+                2,
+                &page(2, pubs([2])),
+                MARK,
+                resume(Some(7), since(1)),
+                false
+            ),
             Completion::Done {
                 recovered: Some(true)
             }
@@ -1147,8 +1276,8 @@ mod tests {
         let late = Arc::new(SessionHandle::new(0, env.clone()));
         news.join(1, &early, true);
         news.join(2, &late, true);
-        news.complete(2, &page(5, vec![]), 0, resume(None, None), false);
-        news.complete(1, &page(3, vec![]), 0, resume(None, None), false);
+        news.complete(2, &page(5, vec![]), MARK, resume(None, None), false);
+        news.complete(1, &page(3, vec![]), MARK, resume(None, None), false);
         for n in 4..=6 {
             news.arrive(positioned(n));
         }
@@ -1186,8 +1315,9 @@ mod tests {
                 ..arrived[0].position.unwrap()
             },
             publications: vec![],
+            now: herald_protocol::Epoch::start(1, 1000),
         };
-        news.complete(1, &top, 0, resume(None, None), false);
+        news.complete(1, &top, MARK, resume(None, None), false);
         news.arrive(arrived[0].clone());
         news.arrive(arrived[2].clone());
         news.arrive(arrived[0].clone());

@@ -197,7 +197,7 @@ impl Hub {
 
     /// The broker's subscriptions were re-established: every history channel catches
     /// up from its stream.
-    fn catch_up(&self) {
+    pub(crate) fn catch_up(&self) {
         for shard in self.shards.iter() {
             for entry in shard.read().values() {
                 if let Members::History(stream) = &entry.members {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use herald_auth::KeyCheck;
 use herald_broker::{BrokerError, Published};
 use herald_metrics::Source;
-use herald_protocol::{api, ChannelName, ChannelPatterns, Epoch, ErrorCode, Payload, Publication};
+use herald_protocol::{api, ChannelName, ChannelPatterns, ErrorCode, Payload, Publication};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header;
@@ -209,10 +209,12 @@ async fn history(
         .history(&channel, policy, q.since, limit, None)
         .await
         .map_err(broker_refusal)?;
-    // (From the start, `since=0&epoch=00000000`, any epoch continues.)
+    // From a start (`since=0` and the start token a read answered), any epoch that
+    // cannot have been preceded by a vanished one continues it.
     let same_epoch = !q.bad_epoch
-        && q.epoch
-            .is_none_or(|e| e == page.top.epoch || (e == Epoch::NONE && q.since == 0));
+        && q.epoch.is_none_or(|e| {
+            e == page.top.epoch || (q.since == 0 && e.start_continues(page.now, policy.meta_ttl))
+        });
     let first = page.publications.first().and_then(Publication::offset);
     let complete = same_epoch
         && q.since <= page.top.offset
