@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Checks docs/openapi.yaml: it is a valid OpenAPI 3.1 document, and a real node's
+replies agree with it. The node (target/debug/herald, or HERALD_BIN) runs on loopback;
+each request below is sent, and its reply's status must be documented for the
+operation and its JSON body must validate against the documented schema. Every
+documented operation must have been answered with a 2xx at least once, and a node
+without its broker must answer 503 as documented. Run by docs/check_openapi.sh."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import yaml
+from openapi_schema_validator import OAS31Validator
+from openapi_spec_validator import validate
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SPEC = yaml.safe_load((ROOT / "docs" / "openapi.yaml").read_text())
+KEY, SCOPED = "openapi-check-key", "openapi-scoped-key"
+
+
+def fail(msg):
+    sys.exit(f"docs/openapi.yaml: {msg}")
+
+
+def resolve(node):
+    """The schema with every local $ref inlined (the document has no cycles)."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = SPEC
+            for part in node["$ref"].lstrip("#/").split("/"):
+                target = target[part]
+            rest = {k: v for k, v in node.items() if k != "$ref"}
+            return {**resolve(target), **resolve(rest)}
+        return {k: resolve(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [resolve(v) for v in node]
+    return node
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def start(binary, config, extra=()):
+    port = free_port()
+    cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+    cfg.write(config)
+    cfg.close()
+    p = subprocess.Popen(
+        [binary, "--config", cfg.name, "--listen", f"127.0.0.1:{port}", *extra],
+        env={**os.environ, "HERALD_LOG__LEVEL": "error"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return p, port
+        except OSError:
+            time.sleep(0.1)
+    p.kill()
+    fail("the node did not start")
+
+
+def request(port, method, path, body=None, ctype="application/json", key=KEY):
+    headers = {"content-type": ctype} if body is not None else {}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def operation(method, path):
+    for template, ops in SPEC["paths"].items():
+        parts, want = template.strip("/").split("/"), path.split("?")[0].strip("/").split("/")
+        if len(parts) == len(want) and all(p.startswith("{") or p == w for p, w in zip(parts, want)):
+            if method.lower() in ops:
+                return template, ops[method.lower()]
+            return template, None
+    return None, None
+
+
+answered = set()
+
+
+def check(port, method, path, want, body=None, ctype="application/json", key=KEY):
+    status, headers, raw = request(port, method, path, body, ctype, key)
+    if status != want:
+        fail(f"{method} {path}: expected {want}, got {status} {raw[:200]!r}")
+    template, op = operation(method, path)
+    if template is None:
+        fail(f"{method} {path}: no such path in the document")
+    if op is None:
+        # A method the path does not take: the 405 is documented on its operations.
+        ops = SPEC["paths"][template]
+        op = next(iter(v for k, v in ops.items() if k in ("get", "post")))
+    doc = op["responses"].get(str(status))
+    if doc is None:
+        fail(f"{method} {path}: status {status} is not documented for {template}")
+    doc = resolve(doc)
+    media = doc.get("content", {}).get("application/json")
+    if media is not None:
+        if not headers.get("content-type", "").startswith("application/json"):
+            fail(f"{method} {path}: {status} is documented as JSON, got {headers.get('content-type')}")
+        OAS31Validator(media["schema"]).validate(json.loads(raw))
+    if 200 <= status < 300:
+        answered.add((template, method.lower()))
+    return json.loads(raw) if raw else None
+
+
+def main():
+    validate(SPEC)
+    binary = os.environ.get("HERALD_BIN", str(ROOT / "target" / "debug" / "herald"))
+    config = f"""
+[auth]
+api_key = "{KEY}"
+[[auth.api_keys]]
+key = "{SCOPED}"
+channels = ["news:*"]
+[limits]
+max_batch = 3
+max_body_bytes = 2048
+[[channels.rules]]
+pattern = "h:*"
+history_size = 10
+"""
+    node, port = start(binary, config)
+    try:
+        check(port, "POST", "/api/publish", 200, {"channel": "news", "data": {"a": 1}})
+        first = check(port, "POST", "/api/publish", 200, {"channel": "h:1", "data": 1, "idempotency_key": "k1"})
+        again = check(port, "POST", "/api/publish", 200, {"channel": "h:1", "data": 1, "idempotency_key": "k1"})
+        if again.get("duplicate") is not True or again["offset"] != first["offset"]:
+            fail(f"a repeated idempotency key answered {again}")
+        check(port, "POST", "/api/publish", 400, b"{not json")
+        check(port, "POST", "/api/publish", 400, {"channel": "bad channel", "data": 1})
+        check(port, "POST", "/api/publish", 401, {"channel": "news", "data": 1}, key=None)
+        check(port, "POST", "/api/publish", 401, {"channel": "news", "data": 1}, key="wrong")
+        check(port, "POST", "/api/publish", 403, {"channel": "chat", "data": 1}, key=SCOPED)
+        check(port, "GET", "/api/publish", 405)
+        check(port, "POST", "/api/publish", 413, {"channel": "news", "data": "x" * 4096})
+        check(port, "POST", "/api/publish", 415, b"hello", ctype="text/plain")
+        check(port, "POST", "/api/publish/h:2", 200, {"title": "hi"})
+        check(port, "POST", "/api/publish/h:2", 200, b"\x00\x01", ctype="application/octet-stream")
+        check(port, "POST", "/api/publish/news", 415, b"a=b", ctype="application/x-www-form-urlencoded")
+        check(port, "POST", "/api/batch", 200, {"publications": [{"channel": "a", "data": 1}, {"channel": "h:3", "data": 2}]})
+        check(port, "POST", "/api/batch", 413, {"publications": [{"channel": "a", "data": n} for n in range(4)]})
+        check(port, "POST", "/api/batch", 400, {"publications": [{"channel": "a"}]})
+        page = check(port, "GET", "/api/history/h:2", 200)
+        if [p.get("data", p.get("binary")) for p in page["publications"]] != [{"title": "hi"}, "AAE="]:
+            fail(f"history of h:2: {page}")
+        check(port, "GET", f"/api/history/h:2?since=1&epoch={page['epoch']}&limit=1", 200)
+        empty = check(port, "GET", "/api/history/h:never", 200)
+        if empty["offset"] != 0 or empty["publications"]:
+            fail(f"a never-published channel: {empty}")
+        check(port, "GET", "/api/history/h:2?since=x", 400)
+        check(port, "GET", "/api/history/news", 404)
+        check(port, "POST", "/api/history/h:2", 405, {})
+        check(port, "GET", "/healthz", 200, key=None)
+        check(port, "GET", "/readyz", 200, key=None)
+    finally:
+        node.kill()
+    # A node whose Redis is not there: not ready, and publishing says nothing was.
+    dead = free_port()
+    node, port = start(binary, config, ["--redis", f"redis://127.0.0.1:{dead}"])
+    try:
+        time.sleep(0.5)
+        check(port, "POST", "/api/publish", 503, {"channel": "news", "data": 1})
+        check(port, "GET", "/readyz", 503, key=None)
+    finally:
+        node.kill()
+    documented = {(t, m) for t, ops in SPEC["paths"].items() for m in ops if m in ("get", "post")}
+    missing = documented - answered
+    if missing:
+        fail(f"operations never answered with a 2xx by the check: {sorted(missing)}")
+    print(f"docs/openapi.yaml: valid OpenAPI 3.1; {len(documented)} operations, every reply of the node checked against it")
+
+
+if __name__ == "__main__":
+    main()
