@@ -192,7 +192,7 @@ pub struct ChannelRule {
 /// subscription token for the channel also let a client subscribe; and a pattern with
 /// `{sub}` admits only the user it names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum SubscribeAccess {
     /// Every client, with a token or without.
     #[default]
@@ -206,7 +206,7 @@ pub enum SubscribeAccess {
 
 /// A rule's `publish` (WebSocket publishes; the HTTP API is governed by API keys).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum PublishAccess {
     /// No client: backends only.
     #[default]
@@ -217,6 +217,48 @@ pub enum PublishAccess {
     Authenticated,
     /// Clients whose token's `publish` claim matches.
     Claims,
+}
+
+/// The value a rule's setting names, or an error that lists the choices (the
+/// configuration library's own message names Rust types).
+fn choice<T: Copy>(value: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, v)| *v)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            format!("{value:?} is not one of {}", names.join(", "))
+        })
+}
+
+impl TryFrom<String> for SubscribeAccess {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        use SubscribeAccess::*;
+        let choices = [
+            ("anyone", Anyone),
+            ("authenticated", Authenticated),
+            ("claims", Claims),
+        ];
+        choice(&value, &choices)
+    }
+}
+
+impl TryFrom<String> for PublishAccess {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        use PublishAccess::*;
+        let choices = [
+            ("nobody", Nobody),
+            ("anyone", Anyone),
+            ("authenticated", Authenticated),
+            ("claims", Claims),
+        ];
+        choice(&value, &choices)
+    }
 }
 
 fn default_history_ttl() -> Duration {

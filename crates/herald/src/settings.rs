@@ -101,11 +101,70 @@ impl Default for LogConfig {
     }
 }
 
+/// `HOST:PORT` for a listener, refused in words a user acts on.
+fn address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_address(&text).map_err(serde::de::Error::custom)
+}
+
+fn optional_address<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<SocketAddr>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.filter(|t| !t.is_empty())
+        .map(|t| parse_address(&t).map_err(serde::de::Error::custom))
+        .transpose()
+}
+
+fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    text.parse().map_err(|_| {
+        format!(
+            "{text:?} is not an address: write IP:PORT, e.g. \"0.0.0.0:8080\" (every IPv4 \
+             interface), \"127.0.0.1:8080\" (this host only) or \"[::]:8080\" (IPv6)"
+        )
+    })
+}
+
+/// A configuration error in the words of herald.toml: `key: what is wrong (in FILE)`.
+/// The configuration library's messages name the key after the problem, run list
+/// indices into names (`rules[0]subscribe`) and say "expected a duration" without
+/// saying what one looks like.
+fn explain(e: config::ConfigError) -> String {
+    let text = e.to_string();
+    let Some((what, rest)) = text.split_once(" for key `") else {
+        return text;
+    };
+    let Some((key, origin)) = rest.split_once('`') else {
+        return text;
+    };
+    let mut fixed = String::with_capacity(key.len() + 4);
+    let mut after_index = false;
+    for c in key.chars() {
+        if after_index && c != '[' && c != '.' {
+            fixed.push('.');
+        }
+        after_index = c == ']';
+        fixed.push(c);
+    }
+    let mut what = what.to_owned();
+    if what.contains("expected a duration") {
+        what.push_str(" (a number with a unit: \"500ms\", \"5s\", \"2m\", \"1h\")");
+    }
+    let origin = origin.trim();
+    if origin.is_empty() {
+        format!("{fixed}: {what}")
+    } else {
+        format!("{fixed}: {what} ({origin})")
+    }
+}
+
 /// The keys of [`Settings`] that are the process's, not the gateway's.
 #[derive(Deserialize)]
 #[serde(default)]
 struct ProcessSettings {
+    #[serde(deserialize_with = "address")]
     listen: SocketAddr,
+    #[serde(deserialize_with = "optional_address")]
     internal_listen: Option<SocketAddr>,
     log: LogConfig,
     redis: RedisConfig,
@@ -256,11 +315,8 @@ impl Settings {
             return Err(format!("{key}: unknown key (herald.toml lists every key)"));
         }
         // The process's own keys, then the gateway's (which ignores the process's).
-        let process: ProcessSettings = merged
-            .clone()
-            .try_deserialize()
-            .map_err(|e| e.to_string())?;
-        let gateway: GatewayConfig = merged.try_deserialize().map_err(|e| e.to_string())?;
+        let process: ProcessSettings = merged.clone().try_deserialize().map_err(explain)?;
+        let gateway: GatewayConfig = merged.try_deserialize().map_err(explain)?;
         let settings = Settings {
             listen: process.listen,
             internal_listen: process.internal_listen,
@@ -269,6 +325,19 @@ impl Settings {
             gateway,
             ignored_env,
         };
+        // A filter that parses but names no level (a typo such as "loud" reads as a
+        // target name) would silence every log line: each part must be a level or
+        // `target=level`.
+        let levels = ["trace", "debug", "info", "warn", "error", "off"];
+        for part in settings.log.level.split(',').map(str::trim) {
+            if !part.contains('=') && !levels.contains(&part.to_ascii_lowercase().as_str()) {
+                return Err(format!(
+                    "log.level: {part:?} is not a level: use one of {} or target=level \
+                     (e.g. \"info,herald_redis=debug\")",
+                    levels.join(", ")
+                ));
+            }
+        }
         if !matches!(settings.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format: expected \"text\" or \"json\", got {:?}",
@@ -450,6 +519,42 @@ mod tests {
             ..Cli::default()
         };
         Settings::load(&cli, HashMap::new())
+    }
+
+    #[test]
+    fn configuration_errors_are_in_the_words_of_herald_toml() {
+        let cases = [
+            (
+                "[[channels.rules]]\npattern = \"x*\"\nsubscribe = \"everyone\"\n",
+                r#"channels.rules[0].subscribe: "everyone" is not one of "anyone", "authenticated", "claims""#,
+            ),
+            (
+                "[[channels.rules]]\npattern = \"x*\"\npublish = \"all\"\n",
+                r#"channels.rules[0].publish: "all" is not one of "nobody", "anyone", "authenticated", "claims""#,
+            ),
+            (
+                "listen = \":8080\"\n",
+                r#"listen: ":8080" is not an address: write IP:PORT, e.g. "0.0.0.0:8080""#,
+            ),
+            (
+                "internal_listen = \"9090\"\n",
+                r#"internal_listen: "9090" is not an address"#,
+            ),
+            (
+                "[log]\nlevel = \"loud\"\n",
+                r#"log.level: "loud" is not a level"#,
+            ),
+            (
+                "[shutdown]\ndrain_window = \"5\"\n",
+                r#"shutdown.drain_window: invalid value: string "5", expected a duration (a number with a unit: "500ms""#,
+            ),
+        ];
+        for (text, want) in cases {
+            let err = load_file("bad.toml", text).err().unwrap_or_default();
+            assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
+        }
+        // Still accepted: a level with targets.
+        assert!(load_file("ok.toml", "[log]\nlevel = \"info,herald_redis=debug\"\n").is_ok());
     }
 
     #[test]
