@@ -550,11 +550,11 @@ mod tests {
             ),
         ];
         for (text, want) in cases {
-            let err = load_file("bad.toml", text).err().unwrap_or_default();
+            let err = load_file("words.toml", text).err().unwrap_or_default();
             assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
         }
         // Still accepted: a level with targets.
-        assert!(load_file("ok.toml", "[log]\nlevel = \"info,herald_redis=debug\"\n").is_ok());
+        assert!(load_file("words-ok.toml", "[log]\nlevel = \"info,herald_redis=debug\"\n").is_ok());
     }
 
     #[test]
