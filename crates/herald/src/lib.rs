@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`settings`]: [`Settings`], layered defaults < file < `HERALD_*` environment <
 //!   flags, and [`Cli`].
+//! - [`commands`]: the tools `herald token` and `herald config` run instead of the
+//!   gateway.
 //! - [`gateway`]: settings and a registry in, a wired [`Gateway`] out, on the embedded
 //!   broker or on Redis (`redis.url`).
 #![deny(missing_docs)]
@@ -19,7 +21,9 @@ use herald_server::{Gateway, ServerError};
 
 pub mod settings;
 
-pub use settings::{Cli, LogConfig, Settings};
+pub mod commands;
+
+pub use settings::{Cli, Command, LogConfig, Settings};
 
 /// Assembles the gateway `settings` describe, with its metrics in `registry`: the
 /// embedded broker when `redis.url` is empty, the Redis broker otherwise (which connects

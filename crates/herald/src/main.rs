@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use herald::{Cli, Settings};
+use herald::{Cli, Command, Settings};
 use herald_metrics::prometheus::Registry;
 use herald_server::Listeners;
 use tokio::net::TcpListener;
@@ -25,6 +25,10 @@ const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Config { default: true }) = &cli.command {
+        print!("{}", herald::commands::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
     let settings = match Settings::load(&cli, std::env::vars().collect()) {
         Ok(s) => s,
         Err(e) => {
@@ -32,7 +36,25 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if cli.check_config {
+    if let Some(Command::Token {
+        sub,
+        ttl,
+        channels,
+        publish,
+    }) = &cli.command
+    {
+        return match herald::commands::mint_token(&settings.gateway, sub, ttl, channels, publish) {
+            Ok(token) => {
+                println!("{token}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("herald token: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        };
+    }
+    if cli.check_config || matches!(cli.command, Some(Command::Config { default: false })) {
         match settings.to_toml() {
             Ok(s) => {
                 println!("{s}");

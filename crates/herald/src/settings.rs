@@ -38,6 +38,37 @@ pub struct Cli {
     /// Serve the demo page at /demo (sets `demo = true`).
     #[arg(long)]
     pub demo: bool,
+    /// A tool instead of the gateway.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// `herald <command>`: tools that use the same configuration as the gateway.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Mint a development token (HS256, signed with auth.jwt.hmac_secret from the same
+    /// configuration the gateway reads), and print it.
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// How long it is valid ("15m", "1h", "7d").
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Channel patterns it may subscribe to (`channels` claim), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Channel patterns it may publish to (`publish` claim), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+    },
+    /// Print a configuration: with --default, the complete commented herald.toml with
+    /// every key and its default; without, the effective settings (as --check-config).
+    Config {
+        /// The complete commented default configuration.
+        #[arg(long)]
+        default: bool,
+    },
 }
 
 /// The whole configuration of a `herald` process: where it listens, how it logs, its
@@ -554,7 +585,11 @@ mod tests {
             assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
         }
         // Still accepted: a level with targets.
-        assert!(load_file("words-ok.toml", "[log]\nlevel = \"info,herald_redis=debug\"\n").is_ok());
+        assert!(load_file(
+            "words-ok.toml",
+            "[log]\nlevel = \"info,herald_redis=debug\"\n"
+        )
+        .is_ok());
     }
 
     #[test]

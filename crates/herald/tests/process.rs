@@ -482,3 +482,75 @@ fn version_is_the_release() {
         format!("herald {}", herald_protocol::RELEASE)
     );
 }
+
+/// `herald token` mints what a node with the same configuration accepts, and
+/// `herald config --default` prints a configuration the node reads as it is.
+#[tokio::test]
+async fn herald_token_and_herald_config_work_with_the_gateway() {
+    const SECRET: &str = "a-secret-for-herald-token-of-32-bytes-or-more";
+    let env = [
+        ("HERALD_AUTH__JWT__HMAC_SECRET", SECRET),
+        ("HERALD_AUTH__ANONYMOUS", "false"),
+    ];
+    let out = herald()
+        .args([
+            "token",
+            "--sub",
+            "alice",
+            "--ttl",
+            "10m",
+            "--channels",
+            "room:*",
+        ])
+        .envs(env)
+        .stdout(Stdio::piped())
+        .output()
+        .expect("herald token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let (child, addr) = start(&[], &env);
+    let mut c = Client::connect(&format!("ws://{addr}/ws?access_token={token}"))
+        .await
+        .expect("the minted token is accepted");
+    assert_eq!(c.welcome["user"], "alice");
+    c.send_text(r#"{"op":"subscribe","channel":"room:1","id":1}"#)
+        .await;
+    assert_eq!(c.recv_json().await["op"], "subscribed");
+    assert!(
+        Client::connect(&format!("ws://{addr}/ws")).await.is_err(),
+        "no token, no connection (anonymous = false)"
+    );
+    c.close().await;
+    signal(&child, "-TERM");
+    assert_exits_cleanly(child).await;
+    // Without a secret there is nothing to sign with: a clear refusal.
+    let out = herald()
+        .args(["token", "--sub", "alice"])
+        .output()
+        .expect("herald token");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auth.jwt.hmac_secret"));
+
+    let out = herald()
+        .args(["config", "--default"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("herald config --default");
+    assert!(out.status.success());
+    let file = std::env::temp_dir().join(format!("herald-default-{}.toml", std::process::id()));
+    std::fs::write(&file, &out.stdout).unwrap();
+    let checked = herald()
+        .args(["--config", file.to_str().unwrap(), "--check-config"])
+        .output()
+        .expect("check the default configuration");
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    std::fs::remove_file(file).ok();
+}
