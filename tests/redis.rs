@@ -794,3 +794,196 @@ async fn a_batch_stays_in_order_when_redis_lost_the_script() {
         }
     }
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with
+/// `openssl` in `dir`: `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`.
+fn tls_material(dir: &std::path::Path) {
+    let openssl = herald_testkit::system_tool("openssl", "openssl");
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    let steps: [&[&str]; 7] = [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=herald-node",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            // Extensions make it X.509 v3, which rustls requires.
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.pem",
+        ],
+        // A second CA that signed nothing here: a client trusting it must refuse.
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=other-ca",
+            "-keyout",
+            "other.key",
+            "-out",
+            "other.pem",
+        ],
+        &["version"],
+    ];
+    for args in steps {
+        let out = std::process::Command::new(&openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Redis over TLS (`rediss://`, the CA in `redis.tls_ca_file`, a client certificate for
+/// `tls-auth-clients yes`) as an ACL user that may touch only Herald's keys and
+/// channels: two nodes fan out and keep history through it. A node that does not
+/// trust the server's CA, or brings no client certificate, never comes up.
+#[tokio::test]
+async fn redis_over_tls_as_an_acl_user() {
+    let dir = std::env::temp_dir().join(format!("herald-redis-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tls_material(&dir);
+    let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let tls_port = herald_testkit::free_port();
+    let redis = RedisServer::start_with(
+        herald_testkit::free_port(),
+        &[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--tls-ca-cert-file",
+            &path("ca.pem"),
+            "--tls-auth-clients",
+            "yes",
+        ],
+    );
+    let acl = redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "herald",
+        "on",
+        ">s3cret",
+        "~herald:*",
+        "~{herald:*",
+        "&herald:*",
+        "+@all",
+    ]);
+    assert_eq!(acl.trim(), "OK");
+    let url = format!("rediss://herald:s3cret@127.0.0.1:{tls_port}");
+    let tls = |ca: &str, client: bool| herald_redis::RedisConfig {
+        tls_ca_file: Some(dir.join(ca)),
+        tls_cert_file: client.then(|| dir.join("client.pem")),
+        tls_key_file: client.then(|| dir.join("client.key")),
+        ..redis_config(&url)
+    };
+    let rules = |c: &mut herald_server::GatewayConfig| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+    };
+    let a = Node::start_redis_with(tls("ca.pem", true), rules).await;
+    let b = Node::start_redis_with(tls("ca.pem", true), rules).await;
+    let mut sub = b.client().await;
+    sub.subscribe("news").await;
+    sub.subscribe_since("h:1", None).await;
+    assert_eq!(a.publish("news", "1").await, 200);
+    assert_eq!(a.publish("h:1", "2").await, 200);
+    let got: Vec<_> = [sub.recv_json().await, sub.recv_json().await]
+        .iter()
+        .map(|m| (m["channel"].clone(), m["data"].clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("news".into(), 1.into()), ("h:1".into(), 2.into())]
+    );
+    // The ACL user's keys are Herald's, through TLS.
+    assert_eq!(redis.cli(&["HGET", "{herald:h:1}.meta", "s"]).trim(), "1");
+
+    for (what, config) in [
+        ("a CA that did not sign the server", tls("other.pem", true)),
+        ("no client certificate", tls("ca.pem", false)),
+    ] {
+        let (tx, _rx) = herald_broker::inbound(16, herald_metrics::Metrics::unregistered());
+        let broker =
+            herald_redis::RedisBroker::start(config, tx, herald_metrics::Metrics::unregistered())
+                .expect("valid settings");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!herald_broker::Broker::is_up(&broker), "up with {what}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,5 +1,6 @@
 //! [`RedisConfig`]: the `[redis]` settings, and [`RedisBrokerError`].
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::{IntoConnectionInfo, ProtocolVersion};
@@ -9,9 +10,21 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:pass@]host:port[/db]`; with `cluster`, a comma-separated list of
-    /// seed nodes. Empty: no Redis (the node runs on the embedded broker).
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://` for TLS; with `cluster`, a
+    /// comma-separated list of seed nodes. Empty: no Redis (the node runs on the
+    /// embedded broker). `user:pass` is an ACL user (Redis 6+).
     pub url: String,
+    /// `rediss://`: a PEM file of the CA(s) that sign the server's certificate (unset:
+    /// the system's trust store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// `rediss://` with client certificates (`tls-auth-clients yes`): this node's
+    /// certificate (PEM), with `tls_key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key (PEM) of `tls_cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
     /// Use Redis Cluster with sharded pub/sub (Redis 7+).
     pub cluster: bool,
     /// Prepended to every Redis channel Herald uses, so deployments can share a Redis.
@@ -31,6 +44,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: String::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             cluster: false,
             prefix: "herald:".into(),
             probe_interval: Duration::from_secs(1),
@@ -57,6 +73,9 @@ pub enum RedisBrokerError {
     /// A duration that must be positive is zero.
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    /// The TLS settings do not fit together or a file cannot be read.
+    #[error("redis TLS: {0}")]
+    Tls(String),
 }
 
 /// `url` with any password replaced by `***`, for messages.
@@ -83,6 +102,7 @@ impl RedisConfig {
         if !self.url.is_empty() {
             self.connection_infos()?;
         }
+        self.certificates()?;
         if !self
             .prefix
             .bytes()
@@ -100,6 +120,49 @@ impl RedisConfig {
             }
         }
         Ok(())
+    }
+
+    /// The TLS material the settings name, read now (at start: a file that does not
+    /// load stops the node with the file's name rather than failing every connection).
+    pub(crate) fn certificates(&self) -> Result<Option<redis::TlsCertificates>, RedisBrokerError> {
+        let read = |key: &str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| RedisBrokerError::Tls(format!("redis.{key} {}: {e}", path.display())))
+        };
+        let tls_url = self
+            .url
+            .split(',')
+            .any(|u| u.trim().starts_with("rediss://"));
+        let any = self.tls_ca_file.is_some()
+            || self.tls_cert_file.is_some()
+            || self.tls_key_file.is_some();
+        if any && !tls_url {
+            return Err(RedisBrokerError::Tls(
+                "tls_ca_file, tls_cert_file and tls_key_file need rediss:// URLs".into(),
+            ));
+        }
+        let client_tls = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("tls_cert_file", cert)?,
+                client_key: read("tls_key_file", key)?,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(RedisBrokerError::Tls(
+                    "tls_cert_file and tls_key_file go together".into(),
+                ))
+            }
+        };
+        let root_cert = match &self.tls_ca_file {
+            Some(ca) => Some(read("tls_ca_file", ca)?),
+            None => None,
+        };
+        Ok(
+            (client_tls.is_some() || root_cert.is_some()).then_some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            }),
+        )
     }
 
     pub(crate) fn connection_infos(&self) -> Result<Vec<redis::ConnectionInfo>, RedisBrokerError> {

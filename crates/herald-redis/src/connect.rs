@@ -58,7 +58,10 @@ pub(crate) async fn connect(inner: &Inner, generation: u64) -> redis::RedisResul
         let client = cluster_client(inner).push_sender(handler).build()?;
         Ok(Conn::Cluster(client.get_async_connection().await?))
     } else {
-        let client = redis::Client::open(inner.infos[0].clone())?;
+        let client = match &inner.certs {
+            Some(certs) => redis::Client::build_with_tls(inner.infos[0].clone(), certs.clone())?,
+            None => redis::Client::open(inner.infos[0].clone())?,
+        };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(inner.config.timeout))
             .set_response_timeout(Some(inner.config.timeout))
@@ -86,8 +89,12 @@ pub(crate) async fn connect_commands(inner: &Inner) -> redis::RedisResult<Conn> 
 
 /// A cluster client on the seed nodes, RESP3, with the configured timeouts.
 pub(crate) fn cluster_client(inner: &Inner) -> redis::cluster::ClusterClientBuilder {
-    redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
+    let builder = redis::cluster::ClusterClientBuilder::new(inner.infos.clone())
         .use_protocol(ProtocolVersion::RESP3)
         .connection_timeout(inner.config.timeout)
-        .response_timeout(inner.config.timeout)
+        .response_timeout(inner.config.timeout);
+    match &inner.certs {
+        Some(certs) => builder.certs(certs.clone()),
+        None => builder,
+    }
 }

@@ -132,10 +132,12 @@ impl RedisBroker {
     ) -> Result<Self, RedisBrokerError> {
         let infos = config.connection_infos()?;
         config.validate()?;
+        let certs = config.certificates()?;
         metrics.broker_up.set(0);
         let inner = Arc::new(Inner {
             config,
             infos,
+            certs,
             inbound,
             metrics,
             desired: Mutex::default(),

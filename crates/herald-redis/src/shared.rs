@@ -96,6 +96,8 @@ pub(crate) struct Inner {
     pub(crate) config: RedisConfig,
     /// Where to connect: the URL's server(s), parsed once.
     pub(crate) infos: Vec<redis::ConnectionInfo>,
+    /// `rediss://` with a CA file or a client certificate: the PEM material, read once.
+    pub(crate) certs: Option<redis::TlsCertificates>,
     /// Where pushed messages go (the hub's bounded queue).
     pub(crate) inbound: Inbound,
     /// Broker up/down, reconnects, repairs, drops.

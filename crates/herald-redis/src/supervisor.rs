@@ -19,12 +19,24 @@ use std::time::Duration;
 pub(crate) async fn supervise(inner: Arc<Inner>) {
     let mut backoff = Backoff::new(Duration::from_millis(25), inner.config.max_reconnect_delay);
     let mut connected_before = false;
+    // Failed connects since the last success: the first of a run, and one in a hundred
+    // after it, are warnings (a wrong address, password or certificate must show in the
+    // logs at the default level), the rest are noise of a reconnect loop.
+    let mut failures = 0u64;
     loop {
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         let conn = match within(&inner, "connect", connect(&inner, generation)).await {
-            Ok(c) => c,
+            Ok(c) => {
+                failures = 0;
+                c
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "Redis connect failed");
+                if failures % 100 == 0 {
+                    tracing::warn!(error = %e, failures, "Redis connect failed; retrying");
+                } else {
+                    tracing::debug!(error = %e, "Redis connect failed");
+                }
+                failures += 1;
                 tokio::time::sleep(backoff.next_wait()).await;
                 continue;
             }
