@@ -31,7 +31,7 @@ pub(crate) async fn supervise(inner: Arc<Inner>) {
                 c
             }
             Err(e) => {
-                if failures % 100 == 0 {
+                if failures.is_multiple_of(100) {
                     tracing::warn!(error = %e, failures, "Redis connect failed; retrying");
                 } else {
                     tracing::debug!(error = %e, "Redis connect failed");
