@@ -987,3 +987,46 @@ async fn redis_over_tls_as_an_acl_user() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A backend calling the publish script itself with an epoch that is no epoch (0, a
+/// float, `nan`, a start token's range): the script derives one in range instead of
+/// storing a fixed or broken value that a later run would repeat or that no reader
+/// could parse.
+#[tokio::test]
+async fn the_publish_script_derives_an_epoch_for_bad_ones() {
+    let redis = RedisServer::start();
+    let mut seen = std::collections::HashSet::new();
+    for (i, bad) in ["0", "nan", "1e300", "-5", "2.5", "1099511627776", "x"]
+        .iter()
+        .enumerate()
+    {
+        let ch = format!("herald:bad{i}");
+        let reply = redis.cli(&[
+            "EVAL",
+            herald_redis::PUBLISH_SCRIPT,
+            "3",
+            &format!("{{{ch}}}.meta"),
+            &format!("{{{ch}}}.stream"),
+            &format!("{{{ch}}}.idem.none"),
+            &ch,
+            "0123456789abcdef",
+            "1",
+            "10",
+            "60000",
+            "60000",
+            bad,
+            "PUBLISH",
+            "0",
+            "",
+        ]);
+        let numbers: Vec<u64> = reply
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect();
+        assert_eq!(numbers.len(), 3, "{bad}: {reply}");
+        let (offset, epoch) = (numbers[0], numbers[1]);
+        assert_eq!(offset, 1, "{bad}: {reply}");
+        assert!((1..1 << 40).contains(&epoch), "{bad}: epoch {epoch}");
+        assert!(seen.insert(epoch), "{bad}: epoch {epoch} repeated");
+    }
+}

@@ -34,6 +34,8 @@ struct State {
     /// This broker's data lineage, in start tokens: random per process, new after
     /// [`MemoryBroker::forget`] (as a Redis restarted without its files has a new one).
     lineage: u64,
+    /// When the broker was made: start tokens count minutes from here.
+    born: Option<Instant>,
     streams: HashMap<ChannelName, Stream>,
     /// (channel, key) → first result and when the key expires.
     seen: HashMap<(ChannelName, String), (Published, Instant)>,
@@ -147,6 +149,7 @@ impl MemoryBroker {
             inbound,
             state: Mutex::new(State {
                 lineage: new_epoch().get(),
+                born: Some(Instant::now()),
                 ..State::default()
             }),
         }
@@ -232,9 +235,11 @@ impl Broker for MemoryBroker {
             let mut state = self.state.lock().await;
             let now = Instant::now();
             state.sweep(now);
-            let minutes = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() / 60);
+            // The process's own clock, as the streams' expiry (a stepped wall clock
+            // must not make an expired epoch look vouched for).
+            let minutes = state
+                .born
+                .map_or(0, |b| now.duration_since(b).as_secs() / 60);
             let token = Epoch::start(state.lineage, minutes);
             let Some(s) = state.existing(&channel, policy, now) else {
                 return Ok(HistoryPage {

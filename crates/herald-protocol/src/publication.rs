@@ -99,8 +99,12 @@ impl Epoch {
     /// [`Epoch::LIMIT`] are *start tokens* (see [`Epoch::start`]).
     pub const FIRST_START: u64 = 1 << 40;
 
-    /// Minutes a start token counts, modulo (2^22: about 8 years).
-    const MINUTES: u64 = 1 << 22;
+    /// A start token counts time in ticks of this many minutes...
+    const TICK_MINUTES: u64 = 8;
+    /// ...modulo this (2^19 ticks: about 8 years).
+    const TICKS: u64 = 1 << 19;
+    /// Bits of the lineage's hash a start token keeps.
+    const LINEAGE_BITS: u32 = 21;
 
     /// The epoch with this number, if it is in range.
     pub fn new(n: u64) -> Option<Epoch> {
@@ -118,9 +122,12 @@ impl Epoch {
     /// the data's lineage, a hash of the Redis server run and replication id, or the
     /// memory broker's) and when (`minutes` since the Unix epoch), so that a resume from
     /// it can tell whether any epoch could have begun and been lost meanwhile (see
-    /// [`Epoch::start_continues`]). 18 bits of the lineage and 22 of the minutes.
+    /// [`Epoch::start_continues`]). 21 bits of the lineage and 19 of the time, in ticks of
+    /// 8 minutes (the Redis script computes the same: scripts.rs).
     pub fn start(lineage: u64, minutes: u64) -> Epoch {
-        Epoch(Epoch::FIRST_START + ((lineage % (1 << 18)) << 22) + minutes % Epoch::MINUTES)
+        let lineage = lineage % (1 << Epoch::LINEAGE_BITS);
+        let ticks = minutes / Epoch::TICK_MINUTES % Epoch::TICKS;
+        Epoch(Epoch::FIRST_START + lineage * Epoch::TICKS + ticks)
     }
 
     /// Whether this is a start token rather than the epoch of a run of offsets.
@@ -138,13 +145,13 @@ impl Epoch {
             return false;
         }
         let (a, b) = (self.0 - Epoch::FIRST_START, now.0 - Epoch::FIRST_START);
-        if a >> 22 != b >> 22 {
+        if a / Epoch::TICKS != b / Epoch::TICKS {
             return false;
         }
-        let elapsed = (b.wrapping_sub(a)) % Epoch::MINUTES;
-        // A minute of slack for the clock's minute boundaries; a clock that went back
-        // by a minute reads as almost 8 years.
-        elapsed + 1 < ttl.as_secs() / 60
+        let elapsed = (b % Epoch::TICKS + Epoch::TICKS - a % Epoch::TICKS) % Epoch::TICKS;
+        // A tick of slack for the boundaries (the read may have come just before one);
+        // a clock that went back reads as almost 8 years.
+        (elapsed + 1) * Epoch::TICK_MINUTES < ttl.as_secs() / 60
     }
 
     /// Its number.
@@ -271,10 +278,13 @@ mod tests {
         // The data restarted or failed over, or an idle epoch could have expired.
         assert!(!t.start_continues(Epoch::start(0xabcdee, 29_500_000), day));
         assert!(!t.start_continues(Epoch::start(0xabcdef, 29_500_000 + 1439), day));
-        assert!(!t.start_continues(Epoch::start(0xabcdef, 29_500_000 - 5), day));
-        // Across the minutes' wrap.
-        let w = Epoch::start(7, (1 << 22) - 2);
-        assert!(w.start_continues(Epoch::start(7, 3), day));
+        assert!(!t.start_continues(Epoch::start(0xabcdef, 29_500_000 - 16), day));
+        // Across the ticks' wrap.
+        let w = Epoch::start(7, ((1 << 19) - 1) * 8);
+        assert!(w.start_continues(Epoch::start(7, 8), day));
+        // A TTL of one tick or less vouches for nothing.
+        let short = std::time::Duration::from_secs(480);
+        assert!(!t.start_continues(t, short));
         // Only tokens.
         assert!(!Epoch::new(5).unwrap().start_continues(t, day));
         assert!(!t.start_continues(Epoch::new(5).unwrap(), day));

@@ -78,16 +78,20 @@ local function ensure_epoch(new, rid)
   if e and m[2] == rid then
     return e
   end
-  -- Epochs of runs of offsets are in [1, 2^40): 0 and above are start tokens.
-  local n = tonumber(new) or 1
-  if n < 1 or n >= 1099511627776 then
-    n = n % 1099511627775 + 1
+  -- Epochs of runs of offsets are integers in [1, 2^40); from 2^40 up are start tokens.
+  -- Anything else (a backend calling the script with 0, a float, nan) gets one derived
+  -- from the key, the lineage and the time, never a fixed value that would repeat.
+  local n = tonumber(new)
+  if not n or n ~= n or n ~= math.floor(n) or n < 1 or n >= 1099511627776 then
+    local t = redis.call('TIME')
+    n = tonumber(string.sub(redis.sha1hex(KEYS[1] .. rid .. t[1] .. t[2]), 1, 10), 16) % 1099511627775 + 1
   end
   if e and tonumber(e) == n then
     -- A new epoch must differ from the one it replaces.
     n = n % 1099511627775 + 1
   end
-  new = string.format('%d', n)
+  -- %.0f: exact below 2^53 (%d casts to a C long, 32 bits on some builds).
+  new = string.format('%.0f', n)
   redis.call('HSET', KEYS[1], 'e', new, 's', 0, 'r', rid)
   redis.call('DEL', KEYS[2])
   return new
@@ -168,13 +172,16 @@ return {offset, epoch, 0}
 pub const HISTORY_SCRIPT: &str = concat!(
     ensure_epoch!(),
     r#"
--- A start token for this read (herald_protocol::Epoch::start): 2^40 + 18 bits of the
--- lineage's SHA-1 and 22 bits of the minutes since the Unix epoch (Redis's clock).
+-- A start token for this read (herald_protocol::Epoch::start): 2^40 + 21 bits of a
+-- SHA-1 of the lineage and of evicted_keys (an eviction may have removed an epoch a
+-- start cannot see; any eviction voids the tokens read before it) and 19 bits of the
+-- time in 8-minute ticks since the Unix epoch (Redis's clock).
 local rid = lineage(ARGV[6])
+local evicted = string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or ''
 local t = redis.call('TIME')
-local minutes = math.floor(tonumber(t[1]) / 60) % 4194304
-local h = tonumber(string.sub(redis.sha1hex(rid), 1, 5), 16) % 262144
-local now = 1099511627776 + h * 4194304 + minutes
+local ticks = math.floor(tonumber(t[1]) / 480) % 524288
+local h = tonumber(string.sub(redis.sha1hex(rid .. '/' .. evicted), 1, 6), 16) % 2097152
+local now = 1099511627776 + h * 524288 + ticks
 -- Reading creates nothing: made-up channel names must not fill (or, under maxmemory,
 -- evict from) Redis. The first publication creates the epoch.
 if redis.call('EXISTS', KEYS[1]) == 0 then
