@@ -44,6 +44,9 @@ pub enum RejectReason {
     ProxyProtocol,
     /// An SSE connection named a channel its client may not subscribe to.
     Forbidden,
+    /// The TLS handshake on a `[tls]` listener failed (not TLS, no common version or
+    /// cipher, the client refused the certificate).
+    Tls,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -101,6 +104,7 @@ pub struct Metrics {
     rejected_per_ip: IntCounter,
     rejected_per_user: IntCounter,
     rejected_proxy: IntCounter,
+    rejected_tls: IntCounter,
     rejected_forbidden: IntCounter,
     rejected_unauthorized: IntCounter,
     close_codes: IntCounterVec,
@@ -296,6 +300,7 @@ impl Metrics {
             rejected_per_ip: rejected.with_label_values(&["per_ip"]),
             rejected_per_user: rejected.with_label_values(&["per_user"]),
             rejected_proxy: rejected.with_label_values(&["proxy_protocol"]),
+            rejected_tls: rejected.with_label_values(&["tls"]),
             rejected_forbidden: rejected.with_label_values(&["forbidden"]),
             rejected_unauthorized: rejected.with_label_values(&["unauthorized"]),
             close_codes,
@@ -395,6 +400,7 @@ impl Metrics {
             RejectReason::PerIp => &self.rejected_per_ip,
             RejectReason::PerUser => &self.rejected_per_user,
             RejectReason::ProxyProtocol => &self.rejected_proxy,
+            RejectReason::Tls => &self.rejected_tls,
             RejectReason::Forbidden => &self.rejected_forbidden,
             RejectReason::Unauthorized => &self.rejected_unauthorized,
         }

@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     pub shutdown: ShutdownConfig,
     /// The client's address behind a load balancer.
     pub proxy: ProxyConfig,
+    /// TLS on the public listener (`wss://`, `https://`), for deployments without a
+    /// terminating balancer.
+    pub tls: TlsConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
     /// publications, anyone may publish to `demo:chat`. Off by default.
@@ -72,6 +75,20 @@ pub struct ProxyConfig {
     /// Networks of proxies whose `X-Forwarded-For` header is believed (`10.0.0.0/8`).
     /// Empty: the header is ignored.
     pub trusted: Vec<ipnet::IpNet>,
+}
+
+/// `[tls]`: the public listener speaks TLS (1.2 and 1.3, rustls) when both files are
+/// set. The files are read at start and again on SIGHUP (a renewed certificate takes
+/// effect for new connections; a pair that does not load leaves the one in force).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain (PEM), leaf first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 /// Who may call what.
@@ -513,6 +530,18 @@ impl GatewayConfig {
         };
         if let Err(e) = Verifier::new(&self.auth.jwt) {
             return bad("auth.jwt", &e.to_string());
+        }
+        // (The files are parsed when the gateway starts: `tls::TlsKeys::load`.)
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(cert), Some(key)) => {
+                for (name, path) in [("cert_file", cert), ("key_file", key)] {
+                    if let Err(e) = std::fs::metadata(path) {
+                        return bad("tls", &format!("{name} {}: {e}", path.display()));
+                    }
+                }
+            }
+            (None, None) => {}
+            _ => return bad("tls", "cert_file and key_file go together"),
         }
         if !self.auth.anonymous && !self.auth.jwt.is_enabled() {
             return bad(

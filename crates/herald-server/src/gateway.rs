@@ -70,9 +70,13 @@ impl Gateway {
             key: "auth.jwt",
             problem: e.to_string(),
         })?;
+        let tls = crate::tls::TlsKeys::load(&config.tls).map_err(|problem| InvalidConfig {
+            key: "tls",
+            problem,
+        })?;
         let node_id = config.node_id();
         let node = Arc::new(Node::new(
-            config, verifier, node_id, broker, metrics, registry,
+            config, verifier, tls, node_id, broker, metrics, registry,
         ));
         Ok(Gateway { node, inbound: rx })
     }
@@ -245,5 +249,11 @@ impl KeyReloader {
     /// error says why.
     pub fn reload(&self) -> Result<(), herald_auth::KeyError> {
         self.0.reload_keys()
+    }
+
+    /// Re-reads `[tls]`'s certificate and key (a renewed certificate) for new
+    /// connections; on an error the ones in force stay. Nothing to do without `[tls]`.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        self.0.tls.as_ref().map_or(Ok(()), |t| t.reload())
     }
 }

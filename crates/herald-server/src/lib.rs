@@ -26,6 +26,7 @@
 //!   (bounded in bytes; slow consumers are closed with 1013, never waited for), its
 //!   lifecycle signals and its liveness clock. The only code that changes
 //!   `herald_outbound_queue_bytes`.
+//! - `tls`: the public listener's TLS keys (`[tls]`), reloaded on SIGHUP.
 //! - `error`: [`ServerError`].
 //! - [`config`]: [`GatewayConfig`], every limit with its default.
 //!
@@ -46,11 +47,12 @@ mod hub;
 mod lifecycle;
 mod node;
 mod session;
+mod tls;
 mod writer;
 
 #[cfg(test)]
 mod exactly_once;
 
-pub use config::GatewayConfig;
+pub use config::{GatewayConfig, TlsConfig};
 pub use error::ServerError;
 pub use gateway::{Gateway, KeyReloader, Listeners};

@@ -50,6 +50,8 @@ pub(crate) struct Node {
     /// Verifies connection tokens (`None`: no key configured, tokens are ignored).
     /// Swapped whole by a key reload (SIGHUP); each check takes the current one.
     verifier: parking_lot::RwLock<Option<Arc<herald_auth::Verifier>>>,
+    /// `[tls]`: the public listener's keys, when it speaks TLS.
+    pub(crate) tls: Option<crate::tls::TlsKeys>,
     /// The backends' API keys (hashed once, here).
     pub(crate) api_keys: herald_auth::ApiKeys,
     /// `auth.metrics_key`, hashed (empty when unset).
@@ -95,6 +97,7 @@ impl Node {
     pub(crate) fn new(
         config: GatewayConfig,
         verifier: Option<herald_auth::Verifier>,
+        tls: Option<crate::tls::TlsKeys>,
         node_id: String,
         broker: Arc<dyn Broker>,
         metrics: Metrics,
@@ -117,6 +120,7 @@ impl Node {
             ),
             metrics_key: herald_auth::ApiKeys::new(config.auth.metrics_key.as_deref(), &[]),
             verifier: parking_lot::RwLock::new(verifier.map(Arc::new)),
+            tls,
             hub: Arc::new(Hub::new(
                 broker.clone(),
                 metrics.clone(),

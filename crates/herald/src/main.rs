@@ -122,13 +122,15 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         None => None,
     };
     let public_addr = public.local_addr()?;
+    let settings_tls = settings.gateway.tls.cert_file.is_some();
     let internal_addr = internal.as_ref().map(|l| l.local_addr()).transpose()?;
     tracing::info!(
         node = gateway.node_id(),
         broker = gateway.broker_kind(),
         public = %public_addr,
         internal = %internal_addr.map_or("(same)".to_owned(), |a| a.to_string()),
-        "herald listening: ws://{public_addr}/ws"
+        "herald listening: {}://{public_addr}/ws",
+        if settings_tls { "wss" } else { "ws" }
     );
     tokio::spawn(reload_keys_on_sighup(hup, gateway.key_reloader()));
     gateway
@@ -137,8 +139,8 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Re-reads the token keys on every SIGHUP (a rotated JWKS file, say); a key that does
-/// not load leaves the ones in force.
+/// Re-reads the token keys and the TLS certificate on every SIGHUP (a rotated JWKS
+/// file, a renewed certificate); a key that does not load leaves the ones in force.
 async fn reload_keys_on_sighup(
     hup: std::io::Result<tokio::signal::unix::Signal>,
     keys: herald_server::KeyReloader,
@@ -152,6 +154,12 @@ async fn reload_keys_on_sighup(
             Ok(()) => tracing::info!("SIGHUP: token keys reloaded"),
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the previous ones stay")
+            }
+        }
+        match keys.reload_tls() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded (if [tls] is set)"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays")
             }
         }
     }

@@ -41,7 +41,8 @@ fn start_logged(
         let mut before = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if !sent {
-                if let Some(rest) = line.split("ws://").nth(1) {
+                let rest = line.split("ws://").nth(1).or(line.split("wss://").nth(1));
+                if let Some(rest) = rest {
                     if let Some(addr) = rest.split("/ws").next() {
                         let _ = tx.send((addr.to_owned(), std::mem::take(&mut before)));
                         sent = true;
@@ -553,4 +554,192 @@ async fn herald_token_and_herald_config_work_with_the_gateway() {
         String::from_utf8_lossy(&checked.stderr)
     );
     std::fs::remove_file(file).ok();
+}
+
+/// Makes a CA and, signed by it, a certificate for 127.0.0.1 named `cn`, in `dir`:
+/// `ca.pem`, `{name}.pem`, `{name}.key`.
+fn tls_certificate(dir: &std::path::Path, name: &str, cn: &str) {
+    let openssl = herald_testkit::system_tool("openssl", "openssl");
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    let subject = format!("/CN={cn}");
+    let (csr, key, pem) = (
+        format!("{name}.csr"),
+        format!("{name}.key"),
+        format!("{name}.pem"),
+    );
+    let mut steps: Vec<Vec<&str>> = Vec::new();
+    if !dir.join("ca.pem").exists() {
+        steps.push(vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+    }
+    steps.push(vec![
+        "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out", &csr,
+    ]);
+    steps.push(vec![
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        &pem,
+    ]);
+    for args in steps {
+        let out = Command::new(&openssl)
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// A TLS client trusting `dir/ca.pem`, connected to `addr`; returns the stream and the
+/// leaf certificate the server presented.
+async fn tls_connect(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(dir.join("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::from(addr.ip());
+    let stream = connector.connect(name, tcp).await.expect("TLS handshake");
+    let leaf = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (stream, leaf)
+}
+
+/// `[tls]` on the public listener: WebSocket over TLS (`wss://`) and HTTPS answer with
+/// the configured certificate, a plain-text client is refused (counted), and SIGHUP puts
+/// a renewed certificate in force for new connections while open ones keep running.
+#[tokio::test]
+async fn tls_on_the_public_listener_and_its_renewal() {
+    use futures_util::{SinkExt, StreamExt};
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = std::env::temp_dir().join(format!("herald-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    tls_certificate(&dir, "first", "herald-first");
+    tls_certificate(&dir, "second", "herald-second");
+    std::fs::copy(dir.join("first.pem"), dir.join("live.pem")).unwrap();
+    std::fs::copy(dir.join("first.key"), dir.join("live.key")).unwrap();
+    let der = |name: &str| {
+        rustls::pki_types::CertificateDer::pem_file_iter(dir.join(name))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .to_vec()
+    };
+    let (cert, key) = (dir.join("live.pem"), dir.join("live.key"));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let (child, addr) = start(
+        &[],
+        &[
+            ("HERALD_TLS__CERT_FILE", cert),
+            ("HERALD_TLS__KEY_FILE", key),
+        ],
+    );
+
+    // wss:// end to end: welcome, subscribe, a publication made through the API.
+    let (stream, leaf) = tls_connect(&dir, addr).await;
+    assert_eq!(leaf, der("first.pem"));
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://{addr}/ws"), stream)
+        .await
+        .expect("WebSocket over TLS");
+    let welcome = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(welcome.contains(r#""op":"welcome""#), "{welcome}");
+    ws.send(r#"{"op":"subscribe","channel":"news","id":1}"#.into())
+        .await
+        .unwrap();
+    let reply = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(reply.contains(r#""op":"subscribed""#), "{reply}");
+
+    // HTTPS: readiness, and a publish the WebSocket receives.
+    let (mut https, _) = tls_connect(&dir, addr).await;
+    let body = r#"{"channel":"news","data":{"over":"tls"}}"#;
+    let request = format!(
+        "POST /api/publish HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    https.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    https.read_to_string(&mut answer).await.ok();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let m = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(m.contains(r#""data":{"over":"tls"}"#), "{m}");
+
+    // Plain text on the TLS port: no HTTP answer, the connection is dropped.
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut got)).await;
+    assert!(
+        !String::from_utf8_lossy(&got).contains("200 OK"),
+        "plain HTTP answered"
+    );
+
+    // Renewal: new files, SIGHUP; new connections see the new certificate, the open
+    // WebSocket keeps working.
+    std::fs::copy(dir.join("second.pem"), dir.join("live.pem")).unwrap();
+    std::fs::copy(dir.join("second.key"), dir.join("live.key")).unwrap();
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, leaf) = tls_connect(&dir, addr).await;
+        if leaf == der("second.pem") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ws.send(r#"{"op":"ping","id":2}"#.into()).await.unwrap();
+    let pong = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(pong.contains(r#""op":"pong""#), "{pong}");
+    drop(ws);
+    signal(&child, "-TERM");
+    assert_exits_cleanly(child).await;
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -134,6 +134,25 @@ async fn connection(
             }
         }
     }
+    match node.tls.as_ref().filter(|_| role != Role::Internal) {
+        Some(tls) => match tokio::time::timeout(timeout, tls.acceptor().accept(stream)).await {
+            Ok(Ok(stream)) => http1(stream, peer, node, role, stop).await,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                node.metrics.rejected(RejectReason::Tls);
+            }
+            Err(_) => node.metrics.rejected(RejectReason::HandshakeTimeout),
+        },
+        None => http1(stream, peer, node, role, stop).await,
+    }
+}
+
+/// Serves HTTP/1.1 (and upgrades) on one connection, TLS or not.
+async fn http1<S>(stream: S, peer: SocketAddr, node: Arc<Node>, role: Role, stop: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = node.config.limits.handshake_timeout;
     // A timeout before any request is a half-open handshake; one after is just an idle
     // keep-alive connection closing.
     let served = Arc::new(AtomicBool::new(false));
