@@ -1030,3 +1030,133 @@ async fn the_publish_script_derives_an_epoch_for_bad_ones() {
         assert!(seen.insert(epoch), "{bad}: epoch {epoch} repeated");
     }
 }
+
+/// A `redis-server --sentinel` child process, killed on drop.
+struct Sentinel {
+    port: u16,
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Sentinel {
+    fn start(master_port: u16) -> Sentinel {
+        let port = herald_testkit::free_port();
+        let dir =
+            std::env::temp_dir().join(format!("herald-sentinel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor herald 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds herald 1000\nsentinel failover-timeout herald 5000\n\
+                 sentinel parallel-syncs herald 1\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let child =
+            std::process::Command::new(herald_testkit::system_tool("redis-server", "redis-server"))
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("start redis-server --sentinel");
+        let s = Sentinel { port, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sentinel did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Redis Sentinel: the node finds the master through a Sentinel, and when the master is
+/// SIGKILLed and the Sentinel promotes the replica, follows it without a restart:
+/// publishing works again, subscribers on plain channels receive again, and a history
+/// channel's subscriber is told (`reset`: a failover starts a new epoch, what the old
+/// master had not replicated may be lost) and then receives in the new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed_without_a_restart() {
+    let mut master = RedisServer::start();
+    let replica = RedisServer::start_with(
+        herald_testkit::free_port(),
+        &["--replicaof", "127.0.0.1", &master.port.to_string()],
+    );
+    let sentinel = Sentinel::start(master.port);
+    // The Sentinel knows the replica once the master reports it.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !replica
+        .cli(&["INFO", "replication"])
+        .contains("master_link_status:up")
+    {
+        assert!(Instant::now() < deadline, "the replica never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let config = herald_redis::RedisConfig {
+        sentinel_master: "herald".into(),
+        ..redis_config(&format!("redis://127.0.0.1:{}", sentinel.port))
+    };
+    let node = Node::start_redis_with(config, |c| {
+        c.channels.rules = vec![herald_testkit::history_rule("h:*", 100)];
+    })
+    .await;
+    let mut sub = node.client().await;
+    sub.subscribe("news").await;
+    sub.subscribe_since("h:1", None).await;
+    assert_eq!(node.publish("news", "1").await, 200);
+    assert_eq!(node.publish("h:1", "1").await, 200);
+    assert_eq!(sub.recv_json().await["data"], 1);
+    assert_eq!(sub.recv_json().await["data"], 1);
+
+    tokio::task::block_in_place(|| master.kill());
+    let killed = Instant::now();
+    // Publish until the promoted replica takes it (the Sentinel needs its
+    // down-after-milliseconds and an election).
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while node.publish("h:1", "2").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never published after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        replica.cli(&["ROLE"]).starts_with("master"),
+        "the replica was promoted"
+    );
+    let history: Vec<serde_json::Value> = [sub.recv_json().await, sub.recv_json().await].into();
+    assert_eq!(history[0]["op"], "reset", "{history:?}");
+    assert_eq!(
+        (&history[1]["data"], &history[1]["offset"]),
+        (&2.into(), &1.into()),
+        "{history:?}"
+    );
+    // Plain channels are served by the new master too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(node.publish("news", "3").await, 200);
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), sub.recv_json()).await {
+            assert_eq!(m["data"], 3, "{m}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "news not delivered after the failover"
+        );
+    }
+    eprintln!(
+        "sentinel failover followed {} ms after the kill",
+        killed.elapsed().as_millis()
+    );
+}

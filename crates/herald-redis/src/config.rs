@@ -27,6 +27,13 @@ pub struct RedisConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Use Redis Cluster with sharded pub/sub (Redis 7+).
     pub cluster: bool,
+    /// Redis Sentinel: the name of the monitored master (`sentinel monitor <name> ...`).
+    /// `url` then lists the Sentinels (`redis://sentinel-1:26379,redis://sentinel-2:26379`);
+    /// the node asks them for the master at every (re)connect and leaves a server that
+    /// is no longer master, so a failover is followed without a restart. Empty: no
+    /// Sentinel.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub sentinel_master: String,
     /// Prepended to every Redis channel Herald uses, so deployments can share a Redis.
     pub prefix: String,
     /// How often the connection is probed with `PING`.
@@ -48,6 +55,7 @@ impl Default for RedisConfig {
             tls_cert_file: None,
             tls_key_file: None,
             cluster: false,
+            sentinel_master: String::new(),
             prefix: "herald:".into(),
             probe_interval: Duration::from_secs(1),
             timeout: Duration::from_secs(2),
@@ -76,6 +84,9 @@ pub enum RedisBrokerError {
     /// The TLS settings do not fit together or a file cannot be read.
     #[error("redis TLS: {0}")]
     Tls(String),
+    /// The Sentinel settings do not fit the others.
+    #[error("redis Sentinel: {0}")]
+    Sentinel(String),
 }
 
 /// `url` with any password replaced by `***`, for messages.
@@ -103,6 +114,16 @@ impl RedisConfig {
             self.connection_infos()?;
         }
         self.certificates()?;
+        if !self.sentinel_master.is_empty() && self.cluster {
+            return Err(RedisBrokerError::Sentinel(
+                "sentinel_master and cluster exclude each other".into(),
+            ));
+        }
+        if !self.sentinel_master.is_empty() && self.certificates()?.is_some() {
+            return Err(RedisBrokerError::Sentinel(
+                "TLS files are not supported with Sentinel yet".into(),
+            ));
+        }
         if !self
             .prefix
             .bytes()

@@ -30,8 +30,20 @@ pub(crate) fn unexpected(what: String) -> redis::RedisError {
 pub(crate) async fn ping(inner: &Inner, conn: &Conn) -> redis::RedisResult<()> {
     use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
     let cmd = redis::cmd("PING");
+    let sentinel = inner.sentinel.is_some();
     let ping = async {
         match conn.clone() {
+            // Under Sentinel, a server that stopped being master (a failover demoted it
+            // and it came back as a replica) is as good as gone: reconnect, asking the
+            // Sentinels again.
+            Conn::Single(mut c, _) if sentinel => {
+                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut c).await?;
+                match role.first() {
+                    Some(Value::BulkString(r)) if r.as_slice() == b"master" => Ok(()),
+                    Some(Value::SimpleString(r)) if r == "master" => Ok(()),
+                    _ => Err(unexpected("not the master any more".into())),
+                }
+            }
             Conn::Single(mut c, _) => cmd.query_async::<Value>(&mut c).await.map(drop),
             Conn::Cluster(mut c) => c
                 .route_command(
@@ -58,9 +70,13 @@ pub(crate) async fn connect(inner: &Inner, generation: u64) -> redis::RedisResul
         let client = cluster_client(inner).push_sender(handler).build()?;
         Ok(Conn::Cluster(client.get_async_connection().await?))
     } else {
-        let client = match &inner.certs {
-            Some(certs) => redis::Client::build_with_tls(inner.infos[0].clone(), certs.clone())?,
-            None => redis::Client::open(inner.infos[0].clone())?,
+        let client = match (&inner.sentinel, &inner.certs) {
+            // The master the Sentinels name now (after a failover, the promoted one).
+            (Some(sentinel), _) => sentinel.lock().await.async_get_client().await?,
+            (None, Some(certs)) => {
+                redis::Client::build_with_tls(inner.infos[0].clone(), certs.clone())?
+            }
+            (None, None) => redis::Client::open(inner.infos[0].clone())?,
         };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(inner.config.timeout))

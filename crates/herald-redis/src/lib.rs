@@ -133,11 +133,30 @@ impl RedisBroker {
         let infos = config.connection_infos()?;
         config.validate()?;
         let certs = config.certificates()?;
+        let sentinel = if config.sentinel_master.is_empty() {
+            None
+        } else {
+            // The master is reached as the URLs say (RESP3, their user and password).
+            let master = redis::sentinel::SentinelNodeConnectionInfo::default()
+                .set_redis_connection_info(infos[0].redis_settings().clone());
+            let client = redis::sentinel::SentinelClient::build(
+                infos.clone(),
+                config.sentinel_master.clone(),
+                Some(master),
+                redis::sentinel::SentinelServerType::Master,
+            )
+            .map_err(|source| RedisBrokerError::Url {
+                url: redacted(&config.url),
+                source,
+            })?;
+            Some(tokio::sync::Mutex::new(client))
+        };
         metrics.broker_up.set(0);
         let inner = Arc::new(Inner {
             config,
             infos,
             certs,
+            sentinel,
             inbound,
             metrics,
             desired: Mutex::default(),

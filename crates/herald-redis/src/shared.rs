@@ -98,6 +98,8 @@ pub(crate) struct Inner {
     pub(crate) infos: Vec<redis::ConnectionInfo>,
     /// `rediss://` with a CA file or a client certificate: the PEM material, read once.
     pub(crate) certs: Option<redis::TlsCertificates>,
+    /// `redis.sentinel_master`: the Sentinels to ask where the master is.
+    pub(crate) sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
     /// Where pushed messages go (the hub's bounded queue).
     pub(crate) inbound: Inbound,
     /// Broker up/down, reconnects, repairs, drops.
