@@ -5,7 +5,11 @@ COPY . .
 RUN cargo build --release --locked -p herald && strip target/release/herald
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home herald
+# The system trust store, for rediss:// to a Redis whose certificate a public CA signed
+# (redis.tls_ca_file unset).
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home herald
 COPY --from=build /src/target/release/herald /usr/local/bin/herald
 USER herald
 EXPOSE 8080 9090

@@ -119,9 +119,15 @@ impl RedisConfig {
                 "sentinel_master and cluster exclude each other".into(),
             ));
         }
-        if !self.sentinel_master.is_empty() && self.certificates()?.is_some() {
+        let tls = self
+            .url
+            .split(',')
+            .any(|u| u.trim().starts_with("rediss://"));
+        if !self.sentinel_master.is_empty() && (tls || self.certificates()?.is_some()) {
+            // The master would be reached without TLS (and its password sent in the
+            // clear): refused until the master's connection carries the TLS settings.
             return Err(RedisBrokerError::Sentinel(
-                "TLS files are not supported with Sentinel yet".into(),
+                "rediss:// and the TLS files are not supported with Sentinel yet".into(),
             ));
         }
         if !self

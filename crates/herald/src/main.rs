@@ -132,7 +132,11 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         "herald listening: {}://{public_addr}/ws",
         if settings_tls { "wss" } else { "ws" }
     );
-    tokio::spawn(reload_keys_on_sighup(hup, gateway.key_reloader()));
+    tokio::spawn(reload_keys_on_sighup(
+        hup,
+        gateway.key_reloader(),
+        settings.gateway.tls.cert_file.is_some(),
+    ));
     gateway
         .run(Listeners { public, internal }, shutdown_signal())
         .await?;
@@ -144,6 +148,7 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
 async fn reload_keys_on_sighup(
     hup: std::io::Result<tokio::signal::unix::Signal>,
     keys: herald_server::KeyReloader,
+    tls: bool,
 ) {
     let Ok(mut hup) = hup else {
         tracing::warn!("cannot listen for SIGHUP; keys reload only on restart");
@@ -157,7 +162,8 @@ async fn reload_keys_on_sighup(
             }
         }
         match keys.reload_tls() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificate reloaded (if [tls] is set)"),
+            Ok(()) if tls => tracing::info!("SIGHUP: TLS certificate reloaded"),
+            Ok(()) => {}
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays")
             }

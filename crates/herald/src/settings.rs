@@ -359,9 +359,21 @@ impl Settings {
         // A filter that parses but names no level (a typo such as "loud" reads as a
         // target name) would silence every log line: each part must be a level or
         // `target=level`.
+        // (A bare target, which the filter reads as "every level there", is accepted
+        // when it looks like one: a module path, `herald_server`, `tokio::net`.)
         let levels = ["trace", "debug", "info", "warn", "error", "off"];
-        for part in settings.log.level.split(',').map(str::trim) {
-            if !part.contains('=') && !levels.contains(&part.to_ascii_lowercase().as_str()) {
+        let parts = settings
+            .log
+            .level
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty());
+        for part in parts {
+            let target = part.contains('_') || part.contains("::");
+            if !part.contains('=')
+                && !target
+                && !levels.contains(&part.to_ascii_lowercase().as_str())
+            {
                 return Err(format!(
                     "log.level: {part:?} is not a level: use one of {} or target=level \
                      (e.g. \"info,herald_redis=debug\")",
@@ -584,12 +596,17 @@ mod tests {
             let err = load_file("words.toml", text).err().unwrap_or_default();
             assert!(err.starts_with(want), "{text:?}\n got: {err}\nwant: {want}");
         }
-        // Still accepted: a level with targets.
-        assert!(load_file(
-            "words-ok.toml",
-            "[log]\nlevel = \"info,herald_redis=debug\"\n"
-        )
-        .is_ok());
+        // Still accepted: levels with targets, a trailing comma, a bare module path.
+        for ok in [
+            "info,herald_redis=debug",
+            "info,",
+            "herald_server",
+            "warn,tokio::net=off",
+            "INFO",
+        ] {
+            let text = format!("[log]\nlevel = {ok:?}\n");
+            assert!(load_file("words-ok.toml", &text).is_ok(), "{ok}");
+        }
     }
 
     #[test]
