@@ -121,7 +121,7 @@ def check(port, method, path, want, body=None, ctype="application/json", key=KEY
         OAS31Validator(media["schema"]).validate(json.loads(raw))
     if 200 <= status < 300:
         answered.add((template, method.lower()))
-    return json.loads(raw) if raw else None
+    return json.loads(raw) if raw and media is not None else raw
 
 
 def main():
@@ -171,6 +171,12 @@ history_size = 10
         check(port, "GET", "/api/history/h:2?since=x", 400)
         check(port, "GET", "/api/history/news", 404)
         check(port, "POST", "/api/history/h:2", 405, {})
+        # The node serves this very document, behind the API key.
+        served = check(port, "GET", "/api/openapi.yaml", 200)
+        if served.decode() != (ROOT / "docs" / "openapi.yaml").read_text():
+            fail("GET /api/openapi.yaml is not docs/openapi.yaml")
+        check(port, "GET", "/api/openapi.yaml", 401, key=None)
+        check(port, "POST", "/api/openapi.yaml", 405, {})
         check(port, "GET", "/healthz", 200, key=None)
         check(port, "GET", "/readyz", 200, key=None)
     finally:

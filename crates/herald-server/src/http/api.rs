@@ -25,8 +25,23 @@ pub(crate) async fn handle(req: Request<Incoming>, node: &Node) -> Response<Body
     }
 }
 
+/// `docs/openapi.yaml`, compiled in: the contract of exactly this build's API.
+const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
+
 async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
     let path = req.uri().path().to_owned();
+    if path == "/api/openapi.yaml" {
+        if req.method() != Method::GET {
+            return Err(Refusal::method_not_allowed("GET"));
+        }
+        authorize(&req, node)?;
+        let mut r = Response::new(super::reply::full(OPENAPI));
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/yaml"),
+        );
+        return Ok(r);
+    }
     if let Some(name) = path.strip_prefix("/api/history/") {
         if req.method() != Method::GET {
             return Err(Refusal::method_not_allowed("GET"));
