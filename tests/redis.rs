@@ -796,116 +796,15 @@ async fn a_batch_stays_in_order_when_redis_lost_the_script() {
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with
-/// `openssl` in `dir`: `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`.
+/// `openssl` in `dir`: `ca.pem`, `server.pem`/`server.key`, `client.pem`/`client.key`,
+/// and `other.pem`, a second CA that signed nothing here (a client trusting it must
+/// refuse).
 fn tls_material(dir: &std::path::Path) {
-    let openssl = herald_testkit::system_tool("openssl", "openssl");
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    let steps: [&[&str]; 7] = [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ],
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=herald-node",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-        ],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            // Extensions make it X.509 v3, which rustls requires.
-            "-extfile",
-            "client.ext",
-            "-out",
-            "client.pem",
-        ],
-        // A second CA that signed nothing here: a client trusting it must refuse.
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=other-ca",
-            "-keyout",
-            "other.key",
-            "-out",
-            "other.pem",
-        ],
-        &["version"],
-    ];
-    for args in steps {
-        let out = std::process::Command::new(&openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    use herald_testkit::{signed_certificate, test_ca, CertUse};
+    test_ca(dir, "ca");
+    signed_certificate(dir, "ca", "server", "127.0.0.1", CertUse::Server);
+    signed_certificate(dir, "ca", "client", "herald-node", CertUse::Client);
+    test_ca(dir, "other");
 }
 
 /// Redis over TLS (`rediss://`, the CA in `redis.tls_ca_file`, a client certificate for

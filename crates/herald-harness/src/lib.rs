@@ -55,17 +55,31 @@ pub enum KeyKind {
     EcP256,
 }
 
+/// Runs `openssl ARGS` in `dir`; a failure panics with what openssl said.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(system_tool("openssl", "openssl"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Makes a key pair with `openssl` in `dir`: `{name}.pem` (private) and
 /// `{name}.pub.pem` (public, PEM).
 pub fn key_pair(dir: &Path, name: &str, kind: KeyKind) {
-    let openssl = system_tool("openssl", "openssl");
     let (algorithm, option) = match kind {
         KeyKind::Rsa => ("RSA", "rsa_keygen_bits:2048"),
         KeyKind::EcP256 => ("EC", "ec_paramgen_curve:P-256"),
     };
     let private = format!("{name}.pem");
     let public = format!("{name}.pub.pem");
-    for args in [
+    openssl(
+        dir,
         &[
             "genpkey",
             "-algorithm",
@@ -74,20 +88,81 @@ pub fn key_pair(dir: &Path, name: &str, kind: KeyKind) {
             option,
             "-out",
             &private,
-        ][..],
-        &["pkey", "-in", &private, "-pubout", "-out", &public][..],
-    ] {
-        let out = Command::new(&openssl)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        ],
+    );
+    openssl(dir, &["pkey", "-in", &private, "-pubout", "-out", &public]);
+}
+
+/// What a test certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertUse {
+    /// A server at 127.0.0.1 (`subjectAltName=IP:127.0.0.1`).
+    Server,
+    /// A client presenting itself (`extendedKeyUsage=clientAuth`).
+    Client,
+}
+
+/// A self-signed test certificate authority in `dir`: `{name}.pem` and `{name}.key`,
+/// valid two days.
+pub fn test_ca(dir: &Path, name: &str) {
+    let (key, pem, subject) = (
+        format!("{name}.key"),
+        format!("{name}.pem"),
+        format!("/CN={name}"),
+    );
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject,
+            "-keyout", &key, "-out", &pem,
+        ],
+    );
+}
+
+/// A certificate signed by the test CA `ca` (see [`test_ca`]) in `dir`: `{name}.pem` and
+/// `{name}.key`, common name `cn`, valid two days. X.509 v3 (it carries an extension),
+/// which rustls requires.
+pub fn signed_certificate(dir: &Path, ca: &str, name: &str, cn: &str, usage: CertUse) {
+    let (key, csr, pem, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    let extension = match usage {
+        CertUse::Server => "subjectAltName=IP:127.0.0.1\n",
+        CertUse::Client => "extendedKeyUsage=clientAuth\n",
+    };
+    std::fs::write(dir.join(&ext), extension).expect("write the extension file");
+    let subject = format!("/CN={cn}");
+    openssl(
+        dir,
+        &[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out",
+            &csr,
+        ],
+    );
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+    );
 }
 
 /// A port that was free a moment ago.

@@ -556,67 +556,13 @@ async fn herald_token_and_herald_config_work_with_the_gateway() {
     std::fs::remove_file(file).ok();
 }
 
-/// Makes a CA and, signed by it, a certificate for 127.0.0.1 named `cn`, in `dir`:
-/// `ca.pem`, `{name}.pem`, `{name}.key`.
+/// Makes a CA (once) and, signed by it, a certificate for 127.0.0.1 named `cn`, in
+/// `dir`: `ca.pem`, `{name}.pem`, `{name}.key`.
 fn tls_certificate(dir: &std::path::Path, name: &str, cn: &str) {
-    let openssl = herald_testkit::system_tool("openssl", "openssl");
-    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    let subject = format!("/CN={cn}");
-    let (csr, key, pem) = (
-        format!("{name}.csr"),
-        format!("{name}.key"),
-        format!("{name}.pem"),
-    );
-    let mut steps: Vec<Vec<&str>> = Vec::new();
     if !dir.join("ca.pem").exists() {
-        steps.push(vec![
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]);
+        herald_testkit::test_ca(dir, "ca");
     }
-    steps.push(vec![
-        "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subject, "-keyout", &key, "-out", &csr,
-    ]);
-    steps.push(vec![
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-        "-out",
-        &pem,
-    ]);
-    for args in steps {
-        let out = Command::new(&openssl)
-            .args(&args)
-            .current_dir(dir)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    herald_testkit::signed_certificate(dir, "ca", name, cn, herald_testkit::CertUse::Server);
 }
 
 /// A TLS client trusting `dir/ca.pem`, connected to `addr`; returns the stream and the
