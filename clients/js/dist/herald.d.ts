@@ -95,6 +95,11 @@ export declare class Client extends Emitter {
     publish(channel: string, data: unknown): Promise<unknown>;
     /** Closes for good: no reconnect. */
     close(): void;
+    /** The connection is gone: whatever it carried will not be answered. Publishes sent
+     * on it fail with `unknown_outcome` (the server may have taken them); subscribes and
+     * refreshes are forgotten, not failed: the next welcome sends them again, and a
+     * subscription must not hear an error for a request nobody refused. */
+    private abandonRequests;
     private setState;
     private connect;
     private onWsFailure;

@@ -116,7 +116,7 @@ var Client = class extends Emitter {
    * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
   publish(channel, data) {
     return new Promise((resolve, reject) => {
-      const pending = { resolve, reject };
+      const pending = { resolve, reject, publish: true };
       pending.timer = setTimeout(() => {
         this.queue = this.queue.filter((q) => q.pending !== pending);
         for (const [id, p] of this.pending) if (p === pending) this.pending.delete(id);
@@ -146,9 +146,21 @@ var Client = class extends Emitter {
     }
     const closed = new HeraldError("closed", "client closed");
     for (const q of this.queue) this.fail(q.pending, closed);
-    for (const p of this.pending.values()) this.fail(p, closed);
     this.queue = [];
+    this.abandonRequests();
+  }
+  /** The connection is gone: whatever it carried will not be answered. Publishes sent
+   * on it fail with `unknown_outcome` (the server may have taken them); subscribes and
+   * refreshes are forgotten, not failed: the next welcome sends them again, and a
+   * subscription must not hear an error for a request nobody refused. */
+  abandonRequests() {
+    const unknown = () => new HeraldError(
+      "unknown_outcome",
+      "the connection closed before the server answered; the message may or may not have been published"
+    );
+    const pending = [...this.pending.values()];
     this.pending.clear();
+    for (const p of pending) if (p.publish) this.fail(p, unknown());
   }
   // ---- connection ----
   setState(s) {
@@ -220,6 +232,7 @@ var Client = class extends Emitter {
   onClosed(code, reason) {
     clearInterval(this.heartbeatTimer);
     clearTimeout(this.refreshTimer);
+    this.abandonRequests();
     for (const sub of this.subscriptions.values()) sub.active = false;
     if (this.state === "closed") return;
     this.setState("disconnected");

@@ -80,6 +80,9 @@ interface Pending {
   resolve: (v: any) => void;
   reject: (e: Error) => void;
   timer?: ReturnType<typeof setTimeout>;
+  /** A publish (its outcome matters after a drop); other requests belong to their
+   * connection and are sent again after the next welcome. */
+  publish?: boolean;
 }
 
 interface Queued {
@@ -197,7 +200,7 @@ export class Client extends Emitter {
    * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
   publish(channel: string, data: unknown): Promise<unknown> {
     return new Promise((resolve, reject) => {
-      const pending: Pending = { resolve, reject };
+      const pending: Pending = { resolve, reject, publish: true };
       pending.timer = setTimeout(() => {
         this.queue = this.queue.filter((q) => q.pending !== pending);
         for (const [id, p] of this.pending) if (p === pending) this.pending.delete(id);
@@ -228,9 +231,23 @@ export class Client extends Emitter {
     }
     const closed = new HeraldError('closed', 'client closed');
     for (const q of this.queue) this.fail(q.pending, closed);
-    for (const p of this.pending.values()) this.fail(p, closed);
     this.queue = [];
+    this.abandonRequests();
+  }
+
+  /** The connection is gone: whatever it carried will not be answered. Publishes sent
+   * on it fail with `unknown_outcome` (the server may have taken them); subscribes and
+   * refreshes are forgotten, not failed: the next welcome sends them again, and a
+   * subscription must not hear an error for a request nobody refused. */
+  private abandonRequests(): void {
+    const unknown = () =>
+      new HeraldError(
+        'unknown_outcome',
+        'the connection closed before the server answered; the message may or may not have been published',
+      );
+    const pending = [...this.pending.values()];
     this.pending.clear();
+    for (const p of pending) if (p.publish) this.fail(p, unknown());
   }
 
   // ---- connection ----
@@ -313,6 +330,7 @@ export class Client extends Emitter {
   private onClosed(code: number, reason: string): void {
     clearInterval(this.heartbeatTimer);
     clearTimeout(this.refreshTimer);
+    this.abandonRequests();
     for (const sub of this.subscriptions.values()) sub.active = false;
     if (this.state === 'closed') return;
     this.setState('disconnected');

@@ -6,7 +6,16 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { Client } from '../dist/herald.mjs';
-import { freePort, herald as start, publish, redis as startRedis, sleep, stop, tempFile } from './harness.mjs';
+import {
+  freePort,
+  herald as start,
+  publish,
+  redis as startRedis,
+  relay,
+  sleep,
+  stop,
+  tempFile,
+} from './harness.mjs';
 
 const SECRET = 'js-client-test-secret-js-client-test-0123';
 
@@ -274,6 +283,48 @@ test('retries a subscribe answered unavailable, and receives once Redis is back'
     c.close();
     await stop(h);
     redis.proc.kill('SIGKILL');
+  }
+});
+
+test('requests lost with a connection: publishes fail as unknown_outcome at once, subscribes are sent again, nothing surfaces as an error', async () => {
+  const h = await herald(0);
+  const r = await relay(h.addr);
+  const c = new Client(`ws://${r.addr}/ws`, { minReconnectDelay: 50, maxReconnectDelay: 100, publishTimeout: 60000 });
+  try {
+    await until('connected', () => c.state === 'connected');
+    // The server hears these and answers, but its answers die with the connection.
+    r.hold();
+    const errors = [];
+    const subs = Array.from({ length: 5 }, (_, i) => c.subscribe(`chat:lost${i}`));
+    for (const s of subs) s.on('error', (e) => errors.push(`${s.channel}: ${e.code}`));
+    c.on('error', (e) => errors.push(`client: ${e.code}`));
+    const sent = Date.now();
+    const outcome = c.publish('chat:lost0', { n: 1 }).then(
+      () => 'resolved',
+      (e) => e.code,
+    );
+    await sleep(200);
+    assert.ok(subs.every((s) => !s.active), 'no subscribe answered while held');
+    r.cut();
+    assert.equal(await outcome, 'unknown_outcome');
+    assert.ok(Date.now() - sent < 5000, 'rejected at the drop, not at publishTimeout');
+    // After the reconnect every subscription is confirmed and receives.
+    await until('all resubscribed', () => subs.every((s) => s.active));
+    const got = subs.map(collect);
+    for (const s of subs) await publish(h.addr, s.channel, 7);
+    await until('one message each', () => got.every((g) => g.length === 1));
+    // Held again, then closed by the application: a subscribe in flight is abandoned
+    // quietly, not reported as refused.
+    r.hold();
+    c.subscribe('chat:late').on('error', (e) => errors.push(`chat:late: ${e.code}`));
+    await sleep(100);
+    c.close();
+    await sleep(100);
+    assert.deepEqual(errors, []);
+  } finally {
+    c.close();
+    r.close();
+    await stop(h);
   }
 });
 

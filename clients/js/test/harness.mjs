@@ -189,3 +189,42 @@ export async function publish(where, channel, data) {
   });
   if (r.status !== 200) throw new Error(`publish: ${r.status} ${await r.text()}`);
 }
+
+/** A TCP relay to `target` ("host:port") that a test can stall and cut: `hold()` keeps
+ * the server's bytes from reaching the client (the requests still go through, so the
+ * server acts on them and its answers are lost with the connection), `cut()` destroys
+ * every relayed connection and forwards normally again. */
+export async function relay(target) {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const pairs = new Set();
+  let holding = false;
+  const server = createServer((down) => {
+    const up = connect(port, host);
+    const pair = { down, up };
+    pairs.add(pair);
+    down.on('data', (b) => up.write(b));
+    up.on('data', (b) => {
+      if (!holding) down.write(b);
+    });
+    const end = () => {
+      pairs.delete(pair);
+      down.destroy();
+      up.destroy();
+    };
+    down.on('error', end).on('close', end);
+    up.on('error', end).on('close', end);
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    addr: `127.0.0.1:${server.address().port}`,
+    hold: () => (holding = true),
+    cut: () => {
+      for (const { down, up } of [...pairs]) {
+        down.destroy();
+        up.destroy();
+      }
+      holding = false;
+    },
+    close: () => server.close(),
+  };
+}

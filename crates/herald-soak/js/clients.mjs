@@ -107,7 +107,7 @@ for (let i = 0; i < count; i++) {
       emit(r);
     });
     sub.on('error', (e) => {
-      if (e.code !== 'unavailable') emit(rec(id, ch, 'refused'));
+      if (e.code !== 'unavailable') emit(rec(id, ch, 'refused', { why: `${e.code}: ${e.message}` }));
     });
   }
   clients.push(client);

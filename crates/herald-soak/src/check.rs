@@ -166,7 +166,15 @@ impl Checker {
             }
             Kind::Refused => {
                 sub.refused = true;
-                found.push(("refused", format!("{} on {}: subscribe refused", r.c, r.ch)));
+                found.push((
+                    "refused",
+                    format!(
+                        "{} on {}: subscribe refused ({})",
+                        r.c,
+                        r.ch,
+                        r.why.as_deref().unwrap_or("no reason given")
+                    ),
+                ));
             }
             Kind::End => sub.ended = true,
             Kind::Msg => {
@@ -374,6 +382,7 @@ mod tests {
             m: None,
             a: None,
             o: None,
+            why: None,
         }
     }
 

@@ -191,7 +191,10 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
                         Event::Recovered(true) => rec(&id2, &ch, Kind::Rec),
                         Event::Recovered(false) => rec(&id2, &ch, Kind::Lost),
                         Event::Reset => rec(&id2, &ch, Kind::Reset),
-                        Event::Refused(_) => rec(&id2, &ch, Kind::Refused),
+                        Event::Refused(why) => Record {
+                            why: Some(why),
+                            ..rec(&id2, &ch, Kind::Refused)
+                        },
                         Event::Unavailable(_) => continue,
                     };
                     if tx.send(r).is_err() {
@@ -236,5 +239,6 @@ fn rec(c: &str, ch: &str, k: Kind) -> Record {
         m: None,
         a: None,
         o: None,
+        why: None,
     }
 }

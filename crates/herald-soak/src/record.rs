@@ -24,6 +24,9 @@ pub(crate) struct Record {
     /// For a message on a history channel: its offset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) o: Option<u64>,
+    /// For a refusal: the server's code and message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) why: Option<String>,
 }
 
 /// The kinds of client events.
