@@ -162,6 +162,27 @@ def check_consistency(docs, overlay):
     return dep, c, pod, cm, services, pause, total
 
 
+def write_rollout(dep, cm, pause, total):
+    """The timings a rolling update gives each pod, for the soak's rollout
+    (`herald-soak run --rolling-update target/k8s-rollout.json`)."""
+    toml = cm["data"]["herald.toml"]
+    strategy = dep["spec"]["strategy"]["rollingUpdate"]
+    for k in ("maxSurge", "maxUnavailable"):
+        if not isinstance(strategy[k], int):
+            fail(f"the rollout simulation takes a number of pods for {k}, not {strategy[k]!r}")
+    timings = {
+        "pre_stop_seconds": pause,
+        "termination_grace_period_seconds": total,
+        "drain_window": toml_value(toml, "shutdown", "drain_window") or "5s",
+        "grace_period": toml_value(toml, "shutdown", "grace_period") or "15s",
+        "max_surge": strategy["maxSurge"],
+        "max_unavailable": strategy["maxUnavailable"],
+    }
+    out = ROOT / "target" / "k8s-rollout.json"
+    out.write_text(json.dumps(timings, indent=2) + "\n")
+    print(f"deploy/kubernetes: rollout timings for the soak in {out.relative_to(ROOT)}: {timings}")
+
+
 def service_links(services):
     """The variables Kubernetes injects for every Service in the namespace (docker links
     style), unless the pod sets enableServiceLinks: false."""
@@ -358,7 +379,9 @@ def outside(binary):
     for overlay in OVERLAYS:
         docs = render(overlay)
         objects += validate(docs, overlay)
-        check_consistency(docs, overlay)
+        dep, _, pod, cm, _, pause, total = check_consistency(docs, overlay)
+        if overlay == "single-redis":
+            write_rollout(dep, cm, pause, total)
         # The validation bites: the same render with one misspelt field must fail.
         bad = yaml.safe_load(yaml.safe_dump(docs))
         by_kind(bad, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}

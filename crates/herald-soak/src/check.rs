@@ -138,12 +138,24 @@ pub(crate) struct Checker {
     deliveries: u64,
     announcements: u64,
     found: Vec<Violation>,
+    /// Whether an announced gap is itself a violation: in a run whose only disruption
+    /// is a rolling update nothing is lost, so `recovered:false` or `reset` would be a
+    /// message lost and merely admitted.
+    gaps_forbidden: bool,
 }
 
 /// Violations kept in detail per kind (all are counted).
 const DETAIL_PER_KIND: usize = 20;
 
 impl Checker {
+    /// A checker for a run where every gap, even announced, is a loss.
+    pub(crate) fn forbidding_gaps() -> Checker {
+        Checker {
+            gaps_forbidden: true,
+            ..Checker::default()
+        }
+    }
+
     fn violation(&mut self, kind: &'static str, detail: String) {
         self.found.push(Violation { kind, detail });
     }
@@ -163,6 +175,15 @@ impl Checker {
                 sub.announced.push((r.t, sub.last_m));
                 sub.last_offset = None;
                 self.announcements += 1;
+                if self.gaps_forbidden {
+                    found.push((
+                        "announced_gap",
+                        format!(
+                            "{} on {}: {:?} after message {}",
+                            r.c, r.ch, r.k, sub.last_m
+                        ),
+                    ));
+                }
             }
             Kind::Refused => {
                 sub.refused = true;
@@ -269,6 +290,12 @@ impl Checker {
                 format!("{c} on {ch}: received nothing new by the end of the final fence"),
             );
         }
+    }
+
+    /// A pod still running at the end of its termination grace period (SIGKILLed): the
+    /// manifests promise a drain within it.
+    pub(crate) fn grace_exceeded(&mut self, detail: String) {
+        self.violation("grace_exceeded", detail);
     }
 
     /// A publish answered with a status the soak never provokes.

@@ -7,7 +7,9 @@
 //! (every few seconds, but for the loopback Rust group's, which live an hour).
 //! Faults drawn from a seed: nodes killed (SIGKILL, SIGTERM), Redis killed and
 //! restarted from its files, rolled back (a cut AOF tail, the RDB snapshot alone),
-//! `CLIENT KILL`, network cuts, clients dropping their connections. The checker reads
+//! `CLIENT KILL`, network cuts, clients dropping their connections. Or, with
+//! `--rolling-update`, no faults but Kubernetes rolling updates with the manifests'
+//! timings, where even an announced gap counts as a loss. The checker reads
 //! every delivery and every publish reply and names each broken promise (see
 //! `check`). The seed is printed first; `--seed` replays the schedule.
 //!
@@ -17,6 +19,7 @@
 //! # Layout
 //! Each module uses only those listed after it:
 //! - `run`: the orchestrator: system, groups, publishers, faults, fence, report.
+//! - `rollout`: a rolling update with the manifests' timings.
 //! - `group`: a Rust client group process.
 //! - `publisher`: one channel's publisher and the ledger of every attempt.
 //! - `check`: the delivery checker.
@@ -31,6 +34,7 @@ mod faults;
 mod group;
 mod publisher;
 mod record;
+mod rollout;
 mod run;
 mod system;
 

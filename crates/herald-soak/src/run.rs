@@ -19,6 +19,7 @@ use crate::check::{is_history, Checker, Report};
 use crate::faults::{Fault, Schedule};
 use crate::publisher::{Ledger, Publisher};
 use crate::record::Record;
+use crate::rollout::Rollout;
 use crate::system::{haproxy, Namespace, Node, Redis};
 
 /// `herald-soak run`.
@@ -56,6 +57,12 @@ pub(crate) struct RunArgs {
     /// Where to write the report (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of faults, rolling updates (every node replaced, one at a time, until
+    /// `--seconds` are up; at least once) with the timings in this file, written by
+    /// `deploy/kubernetes/check.py` from the rendered manifests. Nothing may be lost,
+    /// not even with an announcement.
+    #[arg(long, value_name = "TIMINGS_JSON")]
+    rolling_update: Option<PathBuf>,
 }
 
 const SECRET: &str = "herald-soak-secret-of-at-least-32-bytes";
@@ -120,7 +127,11 @@ impl Group {
     }
 }
 
-fn node_config(dir: &std::path::Path, redis: &str) -> anyhow::Result<PathBuf> {
+fn node_config(
+    dir: &std::path::Path,
+    redis: &str,
+    (drain_window, grace_period): (&str, &str),
+) -> anyhow::Result<PathBuf> {
     let path = dir.join("herald.toml");
     std::fs::write(
         &path,
@@ -148,8 +159,8 @@ interval = "2s"
 timeout = "2s"
 
 [shutdown]
-drain_window = "1s"
-grace_period = "3s"
+drain_window = "{drain_window}"
+grace_period = "{grace_period}"
 
 [[channels.rules]]
 pattern = "h:*"
@@ -176,7 +187,7 @@ async fn all_ready(nodes: &[Node], within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
         let mut ready = true;
-        for n in nodes {
+        for n in nodes.iter().filter(|n| n.running()) {
             ready &= n.ready().await;
         }
         if ready {
@@ -187,6 +198,55 @@ async fn all_ready(nodes: &[Node], within: Duration) -> bool {
         }
         sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Rolling updates until `seconds` are up (at least one): every pod replaced in turn,
+/// each replacement taking the slot the previous old pod left.
+async fn roll(
+    rollout: &Rollout,
+    nodes: &mut [Node],
+    admin: &std::path::Path,
+    rng: &mut fastrand::Rng,
+    injected: &mut BTreeMap<&'static str, u64>,
+    started: Instant,
+    seconds: u64,
+) -> anyhow::Result<Vec<String>> {
+    let mut killed = Vec::new();
+    let mut rounds = 0;
+    while rounds == 0 || started.elapsed() < Duration::from_secs(seconds) {
+        rounds += 1;
+        let pods: Vec<usize> = (0..nodes.len()).filter(|&i| nodes[i].running()).collect();
+        for old in pods {
+            let Some(new) = (0..nodes.len()).find(|&i| !nodes[i].running()) else {
+                bail!("no free slot for a replacement");
+            };
+            let lag = Duration::from_secs_f64(rollout.pre_stop_seconds * rng.f64() * 0.8);
+            let t = started.elapsed().as_secs_f64();
+            println!(
+                "herald-soak: {t:7.1}s rollout {rounds}: slot {old} -> {new} (endpoint removed after {:.1}s)",
+                lag.as_secs_f64()
+            );
+            let done = rollout.replace(nodes, old, new, admin, lag).await?;
+            *injected.entry("rolling update: pod replaced").or_default() += 1;
+            if done.exited {
+                println!(
+                    "herald-soak:          the old pod exited {:.1}s after its deletion",
+                    done.took.as_secs_f64()
+                );
+            } else {
+                *injected
+                    .entry("rolling update: SIGKILL at the end of the grace period")
+                    .or_default() += 1;
+                let what = format!(
+                    "rollout {rounds}: the pod in slot {old} was still running {:.1}s after its deletion: SIGKILL",
+                    done.took.as_secs_f64()
+                );
+                println!("herald-soak:          {what}");
+                killed.push(what);
+            }
+        }
+    }
+    Ok(killed)
 }
 
 pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -203,8 +263,12 @@ pub(crate) fn run(args: RunArgs) -> anyhow::Result<()> {
 
 async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     let seed = args.seed.unwrap_or_else(|| fastrand::u64(..));
+    let replay = match &args.rolling_update {
+        Some(t) => format!(" --rolling-update {}", t.display()),
+        None => String::new(),
+    };
     println!(
-        "herald-soak: seed {seed} (replay the schedule: herald-soak run --seed {seed} --seconds {})",
+        "herald-soak: seed {seed} (replay the schedule: herald-soak run --seed {seed} --seconds {}{replay})",
         args.seconds
     );
     let mut rng = fastrand::Rng::with_seed(seed);
@@ -216,12 +280,22 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     std::fs::create_dir_all(&dir)?;
     println!("herald-soak: files and logs in {}", dir.display());
 
+    let rollout = match &args.rolling_update {
+        Some(path) => Some(Rollout::load(path)?),
+        None => None,
+    };
     let mut redis = tokio::task::block_in_place(|| Redis::start(&dir.join("redis")))?;
-    let config = node_config(&dir, &redis.url())?;
-    let mut nodes: Vec<Node> = (0..NODES)
+    let shutdown = match &rollout {
+        Some(r) => (r.drain_window.as_str(), r.grace_period.as_str()),
+        None => ("1s", "3s"),
+    };
+    let config = node_config(&dir, &redis.url(), shutdown)?;
+    // A rollout's replacements start in spare slots (HAProxy knows every slot).
+    let slots = NODES + rollout.as_ref().map_or(0, Rollout::spare_slots);
+    let mut nodes: Vec<Node> = (0..slots)
         .map(|i| Node::new(&herald, &config, dir.join(format!("node{i}.log"))))
         .collect();
-    for n in &mut nodes {
+    for n in &mut nodes[..NODES] {
         n.start()?;
     }
     if !all_ready(&nodes, Duration::from_secs(30)).await {
@@ -233,13 +307,17 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         Some(Namespace::create()?)
     };
     let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
-    let (_lb, port) = haproxy(&addrs, ns.as_ref().map(|n| n.host_ip.as_str()));
+    let admin = dir.join("haproxy.sock");
+    let (_lb, port) = haproxy(&addrs, ns.as_ref().map(|n| n.host_ip.as_str()), &admin);
 
     let channels: Vec<String> = (0..args.history_channels)
         .map(|i| format!("h:{i}"))
         .chain((0..args.plain_channels).map(|i| format!("p:{i}")))
         .collect();
-    let checker = Arc::new(Mutex::new(Checker::default()));
+    let checker = Arc::new(Mutex::new(match rollout {
+        Some(_) => Checker::forbidding_gaps(),
+        None => Checker::default(),
+    }));
     let me = std::env::current_exe()?;
     let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log")));
     let rust_group = |prefix: &str, n: usize, upstream: String, seed: u64| {
@@ -340,7 +418,14 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some());
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     sleep(Duration::from_secs(2)).await;
-    while started.elapsed() < Duration::from_secs(args.seconds) {
+    let killed = match &rollout {
+        Some(r) => {
+            let (seconds, injected) = (args.seconds, &mut injected);
+            roll(r, &mut nodes, &admin, &mut rng, injected, started, seconds).await?
+        }
+        None => Vec::new(),
+    };
+    while rollout.is_none() && started.elapsed() < Duration::from_secs(args.seconds) {
         let (fault, pause) = schedule.next();
         let t = started.elapsed().as_secs_f64();
         println!("herald-soak: {t:7.1}s {fault:?}");
@@ -422,8 +507,11 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
 
     // The fence: every node ready, then every subscription must receive a message
     // published from now on (publishing goes on until they all have, or a minute).
-    for n in nodes.iter_mut().filter(|n| !n.running()) {
-        n.start()?;
+    // (A rollout's spare slots stay empty.)
+    if rollout.is_none() {
+        for n in nodes.iter_mut().filter(|n| !n.running()) {
+            n.start()?;
+        }
     }
     if !all_ready(&nodes, Duration::from_secs(30)).await {
         println!("herald-soak: not every node is ready 30 s after the last fault");
@@ -474,6 +562,9 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         .into_inner()
         .expect("checker");
     checker.stalled(&stalled);
+    for k in killed {
+        checker.grace_exceeded(k);
+    }
     for u in ledger.unexpected.lock().expect("ledger").drain(..) {
         checker.unexpected(u);
     }

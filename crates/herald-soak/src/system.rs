@@ -180,21 +180,29 @@ impl Node {
 
     /// SIGTERM: the node drains its sessions and exits; waits for it (bounded).
     pub(crate) async fn terminate(&mut self) {
+        self.terminate_within(Duration::from_secs(20)).await;
+    }
+
+    /// SIGTERM, then up to `within` for the node to drain and exit, SIGKILL after that
+    /// (what the kubelet does at the end of the termination grace period). Whether it
+    /// exited by itself.
+    pub(crate) async fn terminate_within(&mut self, within: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
-            return;
+            return true;
         };
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = c.try_wait() {
-                return;
+                return true;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = c.kill();
         let _ = c.wait();
+        false
     }
 
     /// Whether `/readyz` answers 200.
@@ -223,14 +231,17 @@ impl Drop for Node {
 }
 
 /// HAProxy in front of the nodes: WebSocket (and everything else) balanced over the
-/// healthy ones, on loopback and on the namespace link's host address.
-pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>) -> (Haproxy, u16) {
+/// healthy ones, on loopback and on the namespace link's host address. Its admin socket
+/// (`admin`) lets a rollout take a server out of rotation the way Kubernetes removes a
+/// terminating pod from its Service's endpoints.
+pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>, admin: &Path) -> (Haproxy, u16) {
     Haproxy::start("soak", |port| {
-        let mut cfg = String::from(
-            "global\n    maxconn 8000\n\
+        let mut cfg = format!(
+            "global\n    maxconn 8000\n    stats socket {} level admin\n\
              defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n\
              \x20   timeout server 30s\n    timeout tunnel 1h\n\
              frontend fe\n",
+            admin.display()
         );
         cfg.push_str(&format!("    bind 127.0.0.1:{port}\n"));
         if let Some(host_ip) = link {
@@ -245,6 +256,31 @@ pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>) -> (Haproxy, u16
         }
         cfg
     })
+}
+
+/// Sets server `n{i}`'s administrative state through HAProxy's admin socket: `drain`
+/// (no new connections, the open ones stay: an endpoint removed) or `ready`.
+pub(crate) async fn haproxy_server_state(
+    admin: &Path,
+    i: usize,
+    state: &str,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(admin)
+        .await
+        .with_context(|| format!("HAProxy's admin socket {}", admin.display()))?;
+    s.write_all(format!("set server nodes/n{i} state {state}\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    // Success is an empty answer; anything else is HAProxy saying why not.
+    if !answer.trim().is_empty() {
+        bail!(
+            "HAProxy: set server nodes/n{i} state {state}: {}",
+            answer.trim()
+        );
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its output.
