@@ -3,10 +3,21 @@
 // herald nodes that share a real redis-server.
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { spawnSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
-import { freePort, haproxy, herald as start, publish, redis as startRedis, sleep, tool } from './harness.mjs';
+import {
+  freePort,
+  haproxy,
+  herald as start,
+  publish,
+  redis as startRedis,
+  sleep,
+  testCertificates,
+  tool,
+} from './harness.mjs';
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 
@@ -25,10 +36,11 @@ async function until(what, pred, ms = 15000) {
 // A new machine's first Chromium launch builds its caches (fonts, profile) and can take
 // many seconds: launch with a generous timeout and load a blank page once, before any
 // test clock starts.
-async function launch() {
+async function launch(env = undefined) {
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
     timeout: 120000,
+    env,
     args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--no-first-run'],
   });
   const warm = await browser.newPage();
@@ -181,6 +193,73 @@ test('a page on another origin falls back to SSE on the gateway (CORS), and publ
   } finally {
     await browser?.close();
     site.close();
+    node.kill('SIGKILL');
+  }
+});
+
+// Chromium on Linux trusts what the NSS database in $HOME/.pki/nssdb trusts: a HOME of
+// our own, with the test CA added by certutil, is a user who installed that CA.
+function homeTrusting(ca) {
+  const certutil = tool('certutil', 'libnss3-tools');
+  const home = mkdtempSync(join(tmpdir(), 'herald-chromium-home-'));
+  const db = join(home, '.pki', 'nssdb');
+  mkdirSync(db, { recursive: true });
+  const run = (...args) => {
+    const r = spawnSync(certutil, args, { encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`certutil ${args.join(' ')}: ${r.stderr}`);
+  };
+  if (ca) {
+    run('-d', `sql:${db}`, '-N', '--empty-password');
+    run('-d', `sql:${db}`, '-A', '-t', 'C,,', '-n', 'herald-test-ca', '-i', ca);
+  }
+  return home;
+}
+
+test('the demo over TLS on the node ([tls]): Chromium trusting the test CA chats over wss://; one that does not is refused', async () => {
+  tool(CHROMIUM, 'chromium');
+  const certs = testCertificates();
+  const port = await freePort();
+  const node = (
+    await start(port, ['--node-id', 't', '--demo'], {
+      HERALD_TLS__CERT_FILE: certs.cert,
+      HERALD_TLS__KEY_FILE: certs.key,
+      HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms',
+    })
+  ).proc;
+  let trusting;
+  let stranger;
+  const consoles = [];
+  try {
+    trusting = await launch({ ...process.env, HOME: homeTrusting(certs.ca) });
+    const open = async () => {
+      const page = await trusting.newPage();
+      page.on('console', (m) => consoles.push(m.text()));
+      page.on('pageerror', (e) => consoles.push(`error: ${e.message}`));
+      await page.goto(`https://127.0.0.1:${port}/demo`, { timeout: 60000 });
+      await until('connected', async () => (await page.textContent('#state')) === 'connected', 30000);
+      return page;
+    };
+    const a = await open();
+    const b = await open();
+    assert.equal(await a.textContent('#transport'), 'websocket');
+    assert.equal(await a.evaluate(() => location.protocol), 'https:');
+    await b.fill('#text', 'hello over wss');
+    await b.click('#send');
+    await until('the chat line on page a', async () => (await items(a, 'chat')).some((t) => t.endsWith('hello over wss')));
+
+    // The same browser without the CA: the certificate is refused, as it must be.
+    stranger = await launch({ ...process.env, HOME: homeTrusting(null) });
+    const page = await stranger.newPage();
+    const refused = await page.goto(`https://127.0.0.1:${port}/demo`, { timeout: 60000 }).then(
+      () => 'loaded',
+      (e) => e.message,
+    );
+    assert.match(refused, /ERR_CERT_AUTHORITY_INVALID/);
+  } catch (e) {
+    throw explain(e, consoles, { t: node });
+  } finally {
+    await trusting?.close();
+    await stranger?.close();
     node.kill('SIGKILL');
   }
 });

@@ -57,7 +57,7 @@ export function herald(port, args = [], env = {}) {
     }, 20000);
     proc.stderr.on('data', (d) => {
       buf += d;
-      const m = buf.match(/ws:\/\/([0-9.:]+)\/ws/);
+      const m = buf.match(/wss?:\/\/([0-9.:]+)\/ws/);
       if (m) {
         clearTimeout(timer);
         resolve({ proc, addr: m[1] });
@@ -227,4 +227,20 @@ export async function relay(target) {
     },
     close: () => server.close(),
   };
+}
+
+/** A test CA and a server certificate it signed for 127.0.0.1 and localhost, made with
+ * openssl in a fresh directory: { dir, ca, cert, key } (PEM paths). */
+export function testCertificates() {
+  const openssl = tool('openssl', 'openssl');
+  const dir = mkdtempSync(join(tmpdir(), 'herald-tls-'));
+  const run = (...args) => {
+    const r = spawnSync(openssl, args, { cwd: dir, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`openssl ${args.join(' ')}: ${r.stderr}`);
+  };
+  run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2', '-subj', '/CN=Herald test CA', '-keyout', 'ca.key', '-out', 'ca.pem');
+  run('req', '-newkey', 'rsa:2048', '-nodes', '-subj', '/CN=localhost', '-keyout', 'server.key', '-out', 'server.csr');
+  writeFileSync(join(dir, 'server.ext'), 'subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n');
+  run('x509', '-req', '-in', 'server.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-days', '2', '-extfile', 'server.ext', '-out', 'server.pem');
+  return { dir, ca: join(dir, 'ca.pem'), cert: join(dir, 'server.pem'), key: join(dir, 'server.key') };
 }
