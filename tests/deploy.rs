@@ -427,3 +427,36 @@ fn shipped_alert_rules_are_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// docker-compose.yml mounts only files the repository ships, and every service the
+/// Grafana and Prometheus provisioning reach by name is one compose starts (Docker is
+/// not on CI machines: this is what can be checked without it).
+#[test]
+fn compose_mounts_shipped_files_and_names_its_services() {
+    let compose = std::fs::read_to_string(repo("docker-compose.yml")).unwrap();
+    let mut mounts = 0;
+    for line in compose.lines().map(str::trim) {
+        if let Some(source) = line.strip_prefix("- ./") {
+            let path = source.split(':').next().unwrap();
+            assert!(
+                Path::new(&repo(path)).exists(),
+                "docker-compose.yml mounts {path}, which does not exist"
+            );
+            mounts += 1;
+        }
+    }
+    assert!(mounts >= 5, "only {mounts} mounts found");
+    let service = |name: &str| compose.contains(&format!("\n  {name}:\n"));
+    let datasource =
+        std::fs::read_to_string(repo("deploy/grafana/provisioning/datasources/prometheus.yml"))
+            .unwrap();
+    assert!(datasource.contains("url: http://prometheus:9090") && service("prometheus"));
+    assert!(service("grafana"));
+    let provider =
+        std::fs::read_to_string(repo("deploy/grafana/provisioning/dashboards/herald.yml")).unwrap();
+    assert!(
+        provider.contains("path: /var/lib/grafana/dashboards")
+            && compose.contains(":/var/lib/grafana/dashboards/herald-dashboard.json:ro"),
+        "the dashboard provider reads where compose mounts the dashboard"
+    );
+}
