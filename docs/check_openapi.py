@@ -126,6 +126,8 @@ def check(port, method, path, want, body=None, ctype="application/json", key=KEY
 
 def main():
     validate(SPEC)
+    if (ROOT / "docs" / "openapi.json").read_text() != json_text():
+        fail("docs/openapi.json is not the YAML as JSON: run target/openapi-venv/bin/python docs/check_openapi.py --write-json")
     binary = os.environ.get("HERALD_BIN", str(ROOT / "target" / "debug" / "herald"))
     config = f"""
 [auth]
@@ -176,6 +178,11 @@ history_size = 10
         if served.decode() != (ROOT / "docs" / "openapi.yaml").read_text():
             fail("GET /api/openapi.yaml is not docs/openapi.yaml")
         check(port, "GET", "/api/openapi.yaml", 401, key=None)
+        served = check(port, "GET", "/api/openapi.json", 200)
+        if served != json.loads(json_text()):
+            fail("GET /api/openapi.json is not docs/openapi.json")
+        check(port, "GET", "/api/openapi.json", 401, key=None)
+        check(port, "POST", "/api/openapi.json", 405, {})
         check(port, "POST", "/api/openapi.yaml", 405, {})
         check(port, "GET", "/healthz", 200, key=None)
         check(port, "GET", "/readyz", 200, key=None)
@@ -197,5 +204,13 @@ history_size = 10
     print(f"docs/openapi.yaml: valid OpenAPI 3.1; {len(documented)} operations, every reply of the node checked against it")
 
 
+def json_text():
+    """docs/openapi.json: the YAML document as JSON, for tools that want JSON."""
+    return json.dumps(SPEC, indent=2, ensure_ascii=False) + "\n"
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--write-json"]:
+        (ROOT / "docs" / "openapi.json").write_text(json_text())
+    else:
+        main()

@@ -447,9 +447,10 @@ fn compose_mounts_shipped_files_and_names_its_services() {
     }
     assert!(mounts >= 5, "only {mounts} mounts found");
     let service = |name: &str| compose.contains(&format!("\n  {name}:\n"));
-    let datasource =
-        std::fs::read_to_string(repo("deploy/grafana/provisioning/datasources/prometheus.yml"))
-            .unwrap();
+    let datasource = std::fs::read_to_string(repo(
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+    ))
+    .unwrap();
     assert!(datasource.contains("url: http://prometheus:9090") && service("prometheus"));
     assert!(service("grafana"));
     let provider =

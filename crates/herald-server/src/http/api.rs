@@ -25,20 +25,27 @@ pub(crate) async fn handle(req: Request<Incoming>, node: &Node) -> Response<Body
     }
 }
 
-/// `docs/openapi.yaml`, compiled in: the contract of exactly this build's API.
-const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
+/// `docs/openapi.yaml` (and `docs/openapi.json`, the same document generated from it),
+/// compiled in: the contract of exactly this build's API.
+const OPENAPI_YAML: &str = include_str!("../../../../docs/openapi.yaml");
+const OPENAPI_JSON: &str = include_str!("../../../../docs/openapi.json");
 
 async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Refusal> {
     let path = req.uri().path().to_owned();
-    if path == "/api/openapi.yaml" {
+    let document = match path.as_str() {
+        "/api/openapi.yaml" => Some((OPENAPI_YAML, "application/yaml")),
+        "/api/openapi.json" => Some((OPENAPI_JSON, "application/json")),
+        _ => None,
+    };
+    if let Some((text, content_type)) = document {
         if req.method() != Method::GET {
             return Err(Refusal::method_not_allowed("GET"));
         }
         authorize(&req, node)?;
-        let mut r = Response::new(super::reply::full(OPENAPI));
+        let mut r = Response::new(super::reply::full(text));
         r.headers_mut().insert(
             hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/yaml"),
+            hyper::header::HeaderValue::from_static(content_type),
         );
         return Ok(r);
     }
