@@ -4,6 +4,7 @@
 
 mod auth;
 mod client;
+mod control;
 mod deploy;
 mod edge;
 mod http_api;

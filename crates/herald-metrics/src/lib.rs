@@ -161,6 +161,16 @@ pub struct Metrics {
     pub history_stale: IntCounter,
     /// Time for the broker's history script (a publish batch on history channels).
     pub history_script_seconds: Histogram,
+    /// Control messages between nodes dropped because the node's control queue was full.
+    pub control_dropped: IntCounter,
+    /// Control commands this node carried out (from any node's survey), by command.
+    pub control_commands: IntCounterVec,
+    /// Surveys this node ran for the control API, by outcome (complete: every known
+    /// node answered; incomplete: some did not in time; failed: the broker refused).
+    pub control_surveys: IntCounterVec,
+    /// Nodes this node knows in the cluster (itself included): heard from within the
+    /// control plane's window.
+    pub cluster_nodes: IntGauge,
 }
 
 impl Metrics {
@@ -249,7 +259,7 @@ impl Metrics {
         // Create the known series up front, so they read 0 (not absent) until used and
         // rate() works from the first increment.
         for code in [
-            "1000", "1001", "1008", "1009", "1011", "1012", "1013", "4001",
+            "1000", "1001", "1008", "1009", "1011", "1012", "1013", "4001", "4400",
         ] {
             close_codes.with_label_values(&[code]);
         }
@@ -262,6 +272,23 @@ impl Metrics {
             "unavailable",
         ] {
             client_errors.with_label_values(&[code]);
+        }
+
+        let control_commands = counter_vec(
+            "herald_control_commands_total",
+            "Control commands this node carried out for a survey (its own or another node's), by command.",
+            "command",
+        )?;
+        for c in ["disconnect", "subscribe", "unsubscribe", "channels", "info"] {
+            control_commands.with_label_values(&[c]);
+        }
+        let control_surveys = counter_vec(
+            "herald_control_surveys_total",
+            "Control API surveys this node ran, by outcome (complete, incomplete: a node did not answer in time, failed: not sent).",
+            "outcome",
+        )?;
+        for o in ["complete", "incomplete", "failed"] {
+            control_surveys.with_label_values(&[o]);
         }
 
         Ok(Metrics {
@@ -385,6 +412,16 @@ impl Metrics {
                 "Time for the broker to run a publish batch on history channels.",
                 latency_buckets,
             )?,
+            control_dropped: counter(
+                "herald_control_messages_dropped_total",
+                "Control messages between nodes dropped because this node's control queue was full.",
+            )?,
+            control_commands,
+            control_surveys,
+            cluster_nodes: gauge(
+                "herald_cluster_nodes",
+                "Nodes this node knows in the cluster, itself included (heard from within the control heartbeat window).",
+            )?,
         })
     }
 
@@ -409,9 +446,14 @@ impl Metrics {
 
     /// The server sent a close frame with `code`.
     pub fn close_code(&self, code: u16) {
-        self.close_codes
-            .with_label_values(&[code.to_string().as_str()])
-            .inc();
+        // The control API lets backends pick any code in 4000-4999: those outside the
+        // ones Herald itself uses share one series, so the label set stays closed.
+        let label = match code {
+            4001 | 4400 => code.to_string(),
+            4000..=4999 => "4xxx".to_owned(),
+            _ => code.to_string(),
+        };
+        self.close_codes.with_label_values(&[label.as_str()]).inc();
     }
 
     /// `n` publications entered through `source`.

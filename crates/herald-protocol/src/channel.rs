@@ -63,6 +63,30 @@ impl ChannelName {
         Ok(ChannelName(Arc::from(s)))
     }
 
+    /// A node-internal channel (`$herald.control`, `$herald.reply.N`): the `$` no client,
+    /// API caller or rule can use keeps these apart from every channel users name.
+    /// `name` is what follows the `$`, from the channel-name alphabet.
+    pub fn internal(name: &str) -> Result<Self, InvalidChannel> {
+        validate(name.as_bytes())?;
+        Ok(ChannelName(Arc::from(format!("${name}"))))
+    }
+
+    /// Like [`ChannelName::from_bytes`], but also admits an internal name (as it comes
+    /// back from a broker).
+    pub fn from_bytes_or_internal(name: &[u8]) -> Result<Self, InvalidChannel> {
+        match name.strip_prefix(b"$") {
+            Some(rest) => {
+                Self::internal(std::str::from_utf8(rest).map_err(|_| InvalidChannel::BadCharacter)?)
+            }
+            None => Self::from_bytes(name),
+        }
+    }
+
+    /// Whether this is a node-internal channel (see [`ChannelName::internal`]).
+    pub fn is_internal(&self) -> bool {
+        self.0.starts_with('$')
+    }
+
     /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -309,6 +333,11 @@ impl ChannelPatterns {
             set.written.push(p.to_owned());
         }
         Ok(set)
+    }
+
+    /// Whether the set holds the lone `*`: every channel.
+    pub fn covers_everything(&self) -> bool {
+        self.prefixes.iter().any(|p| p.is_empty())
     }
 
     /// Whether `channel` matches any pattern.

@@ -3,7 +3,8 @@
 //! A client should reconnect (with jittered backoff) after every code here except
 //! [`PROTOCOL_ERROR`], [`INVALID_PAYLOAD`], [`POLICY_VIOLATION`] and [`MESSAGE_TOO_BIG`],
 //! which mean the client itself is at fault. [`TOKEN_EXPIRED`] asks for a new token
-//! first.
+//! first. Codes 4000-4399 mean "reconnect with backoff"; 4400-4499 mean "do not
+//! reconnect" (the control API's `POST /api/disconnect` picks within 4000-4999).
 
 /// The client or server ended the session normally.
 pub const NORMAL: u16 = 1000;
@@ -26,3 +27,12 @@ pub const TRY_AGAIN_LATER: u16 = 1013;
 /// The connection's token expired and no `refresh` arrived within the grace period:
 /// fetch a new token, then reconnect.
 pub const TOKEN_EXPIRED: u16 = 4001;
+/// Closed through the control API (`POST /api/disconnect`) without a code of the
+/// caller's: do not reconnect (a ban, a sign-out). Every code in 4400-4499 means that.
+pub const DISCONNECTED: u16 = 4400;
+
+/// Whether a client should stop instead of reconnecting after this close code (the
+/// 4400-4499 range).
+pub fn is_terminal(code: u16) -> bool {
+    (4400..=4499).contains(&code)
+}

@@ -5,6 +5,7 @@
 //! has no async runtime; `PROTOCOL.md` is its normative, human-readable twin.
 //!
 //! # Layout
+//! - [`control`]: what nodes tell each other, and the control API's bodies.
 //! - [`api`]: the HTTP API's request and reply bodies.
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
 //! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
@@ -27,6 +28,7 @@ pub mod backoff;
 pub mod channel;
 pub mod client;
 pub mod close;
+pub mod control;
 pub mod envelope;
 pub mod publication;
 pub mod server;

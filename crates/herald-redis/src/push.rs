@@ -59,7 +59,7 @@ fn decode_push(prefix: &str, data: Vec<Value>) -> Option<(Publication, Origin)> 
     let channel = bulk(it.next()?)?;
     let body = bulk(it.next()?)?;
     let name = channel.strip_prefix(prefix.as_bytes())?;
-    let channel = ChannelName::from_bytes(name).ok()?;
+    let channel = ChannelName::from_bytes_or_internal(name).ok()?;
     Some(envelope::decode(channel, body))
 }
 

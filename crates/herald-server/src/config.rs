@@ -38,6 +38,8 @@ pub struct GatewayConfig {
     /// TLS on the public listener (`wss://`, `https://`), for deployments without a
     /// terminating balancer.
     pub tls: TlsConfig,
+    /// The control plane between nodes (the control API's surveys).
+    pub control: ControlConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
     /// publications, anyone may publish to `demo:chat`. Off by default.
@@ -406,6 +408,30 @@ impl Default for LimitsConfig {
     }
 }
 
+/// The control plane: how nodes know each other and how long the control API waits
+/// for them.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Every node says it is alive this often; one not heard from for three intervals
+    /// is no longer expected to answer surveys.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long a control API call (`/api/disconnect`, `/api/info`, ...) waits for every
+    /// known node; those that have not answered by then are listed as `missing`.
+    #[serde(with = "humantime_serde")]
+    pub survey_timeout: Duration,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            survey_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Heartbeats for dead-peer detection.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -631,6 +657,12 @@ impl GatewayConfig {
         }
         if self.heartbeat.interval.is_zero() || self.heartbeat.timeout.is_zero() {
             return bad("heartbeat", "interval and timeout must be greater than 0");
+        }
+        if self.control.heartbeat_interval.is_zero() || self.control.survey_timeout.is_zero() {
+            return bad(
+                "control",
+                "heartbeat_interval and survey_timeout must be greater than 0",
+            );
         }
         if self.websocket.write_timeout.is_zero() || self.limits.close_timeout.is_zero() {
             return bad(

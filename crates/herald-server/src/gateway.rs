@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GatewayConfig, InvalidConfig};
+use crate::control;
 use crate::error::ServerError;
 use crate::http::{self, Role};
 use crate::lifecycle;
@@ -163,6 +164,17 @@ impl Gateway {
                 }
             }
         });
+        background.spawn({
+            let (node, stop) = (node.clone(), stop.clone());
+            async move {
+                control::run(node, stop.clone()).await;
+                if stop.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(ServerError::TaskEnded("control plane"))
+                }
+            }
+        });
         let (public_role, split) = match listeners.internal {
             Some(_) => (Role::Public, true),
             None => (Role::All, false),
@@ -195,6 +207,7 @@ impl Gateway {
 
         let grace = tokio::time::Instant::now() + node.config.shutdown.grace_period;
         node.begin_drain();
+        control::leave(&node).await;
         let window = node.config.shutdown.drain_window;
         tracing::info!(sessions = node.sessions.lock().len(), ?window, "draining");
         lifecycle::drain(&node, window).await;

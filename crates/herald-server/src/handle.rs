@@ -16,6 +16,7 @@
 //!
 //! The handle is the only code that changes `herald_outbound_queue_bytes`.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -24,8 +25,9 @@ use std::time::Duration;
 
 use futures_util::Sink;
 use herald_metrics::{DropReason, Metrics};
+use herald_protocol::client::Since;
 use herald_protocol::server::{self, encode_delivery, Delivery};
-use herald_protocol::{Payload, Publication};
+use herald_protocol::{ChannelName, Payload, Publication};
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -145,8 +147,8 @@ impl Item {
 pub(crate) struct Closing {
     /// The close code sent (1013 slow consumer, 1001/1012 drain, 4001 token expired, ...).
     pub(crate) code: u16,
-    /// The close frame's reason text.
-    pub(crate) reason: &'static str,
+    /// The close frame's reason text (the control API's `disconnect` names its own).
+    pub(crate) reason: Cow<'static, str>,
     /// Write what is queued before the close frame (drain) or discard it (slow consumer).
     pub(crate) flush_queue: bool,
 }
@@ -175,6 +177,23 @@ struct State {
     closing: Option<Closing>,
     /// Where the socket's sending half is (running writer, parked, or gone).
     writer: WriterSlot,
+    /// What the control API asked of the session, for its reader to carry out.
+    commands: Vec<SessionCommand>,
+}
+
+/// What the control API asks a session to do on the node's behalf (the session task
+/// owns its subscriptions, so it does it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SessionCommand {
+    /// Subscribe (server-side: no permission check, no request id).
+    Subscribe {
+        /// The channel.
+        channel: ChannelName,
+        /// Where to resume from on a history channel.
+        since: Option<Since>,
+    },
+    /// Unsubscribe, and tell the client.
+    Unsubscribe(ChannelName),
 }
 
 /// A one-shot flag that tasks can wait for (a lighter `CancellationToken`: sessions
@@ -234,6 +253,11 @@ pub(crate) struct SessionHandle {
     wake: Notify,
     /// What every session of the node shares (limits, metrics, how to start a writer).
     pub(crate) env: Arc<SessionEnv>,
+    /// The token's user, for the control API's `{"user":..}` targets (set once, at
+    /// the start; `refresh` cannot change the user).
+    user: std::sync::OnceLock<Box<str>>,
+    /// Wakes the reader when a command arrives.
+    poke: Notify,
 }
 
 /// What the heartbeat sweeper should do with a session.
@@ -262,10 +286,40 @@ impl SessionHandle {
                 inflight: 0,
                 closing: None,
                 writer: WriterSlot::Detached,
+                commands: Vec::new(),
             }),
             wake: Notify::new(),
             env,
+            user: std::sync::OnceLock::new(),
+            poke: Notify::new(),
         }
+    }
+
+    /// Records the token's user (once).
+    pub(crate) fn set_user(&self, user: &str) {
+        let _ = self.user.set(user.into());
+    }
+
+    /// The token's user, if the session has one.
+    pub(crate) fn user(&self) -> Option<&str> {
+        self.user.get().map(|u| &**u)
+    }
+
+    /// Hands the session a command; its reader carries it out.
+    pub(crate) fn command(&self, c: SessionCommand) {
+        self.state.lock().commands.push(c);
+        // `notify_one` keeps a permit: a reader busy elsewhere sees it on its next wait.
+        self.poke.notify_one();
+    }
+
+    /// Resolves when a command may be waiting.
+    pub(crate) async fn poked(&self) {
+        self.poke.notified().await
+    }
+
+    /// The commands waiting, oldest first.
+    pub(crate) fn take_commands(&self) -> Vec<SessionCommand> {
+        std::mem::take(&mut self.state.lock().commands)
     }
 
     /// The peer said something (any frame): it is alive.
@@ -440,7 +494,7 @@ impl SessionHandle {
             s.bytes = 0;
             s.closing = Some(Closing {
                 code: herald_protocol::close::TRY_AGAIN_LATER,
-                reason: "slow consumer",
+                reason: Cow::Borrowed("slow consumer"),
                 flush_queue: false,
             });
             self.start_writer(s, true);
@@ -454,12 +508,17 @@ impl SessionHandle {
     }
 
     /// Asks the writer to end the session with `code`. The first close wins.
-    pub(crate) fn close(self: &Arc<Self>, code: u16, reason: &'static str, flush_queue: bool) {
+    pub(crate) fn close(
+        self: &Arc<Self>,
+        code: u16,
+        reason: impl Into<Cow<'static, str>>,
+        flush_queue: bool,
+    ) {
         let mut s = self.state.lock();
         if s.closing.is_none() {
             s.closing = Some(Closing {
                 code,
-                reason,
+                reason: reason.into(),
                 flush_queue,
             });
         }

@@ -216,7 +216,12 @@ impl Stream {
         (removed, s.members.len())
     }
 
-    #[cfg(test)]
+    /// Whether `conn` is a member.
+    pub(crate) fn contains(&self, conn: ConnId) -> bool {
+        self.state.lock().members.contains_key(&conn)
+    }
+
+    /// Its members (subscribers, whether or not their subscribe has completed).
     pub(crate) fn len(&self) -> usize {
         self.state.lock().members.len()
     }

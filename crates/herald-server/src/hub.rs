@@ -37,6 +37,8 @@ enum Members {
     Plain(IndexMap<ConnId, Arc<SessionHandle>>),
     /// A history channel: its stream holds the subscribers and where each stands.
     History(Arc<Stream>),
+    /// A node-internal channel (the control plane): one listener in the node.
+    Node(tokio::sync::mpsc::Sender<Publication>),
 }
 
 impl Members {
@@ -45,6 +47,7 @@ impl Members {
         match self {
             Members::Plain(m) => m.len(),
             Members::History(s) => s.len(),
+            Members::Node(_) => 1,
         }
     }
 }
@@ -138,6 +141,9 @@ impl Hub {
         let (new, stream) = match &mut entry.members {
             Members::Plain(m) => (m.insert(conn, handle.clone()).is_none(), None),
             Members::History(s) => (s.join(conn, handle, opts.positions), Some(s.clone())),
+            // Internal names are not a client's to subscribe to (no channel name parses
+            // to one); should one get here, it takes nothing.
+            Members::Node(_) => (false, None),
         };
         if new {
             self.metrics.subscriptions.inc();
@@ -157,6 +163,7 @@ impl Hub {
         let (removed, left) = match &mut entry.members {
             Members::Plain(m) => (m.swap_remove(&conn).is_some(), m.len()),
             Members::History(s) => s.leave(conn),
+            Members::Node(_) => return false,
         };
         if removed {
             self.metrics.subscriptions.dec();
@@ -167,6 +174,52 @@ impl Hub {
             self.metrics.channels.dec();
         }
         removed
+    }
+
+    /// Makes the node itself the listener of an internal channel (`channel` must be
+    /// one, [`ChannelName::internal`]): what the broker delivers there goes to `to`
+    /// (bounded: a full queue drops, counted). For the node's life.
+    pub(crate) fn listen(&self, channel: &ChannelName, to: tokio::sync::mpsc::Sender<Publication>) {
+        debug_assert!(channel.is_internal());
+        let mut shard = self.shard(channel.as_str()).write();
+        shard.insert(
+            channel.clone(),
+            Channel {
+                ready: self.broker.subscribe(channel),
+                members: Members::Node(to),
+            },
+        );
+    }
+
+    /// Whether `conn` subscribes to `channel`.
+    pub(crate) fn has(&self, channel: &str, conn: ConnId) -> bool {
+        self.shard(channel)
+            .read()
+            .get(channel)
+            .is_some_and(|c| match &c.members {
+                Members::Plain(m) => m.contains_key(&conn),
+                Members::History(s) => s.contains(conn),
+                Members::Node(_) => false,
+            })
+    }
+
+    /// Every channel with a local subscriber (internal ones left out) that `keep`
+    /// accepts, with its local subscriber count.
+    pub(crate) fn channels(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, entry) in shard.read().iter() {
+                let n = match &entry.members {
+                    Members::Plain(m) => m.len(),
+                    Members::History(s) => s.len(),
+                    Members::Node(_) => continue,
+                };
+                if n > 0 && keep(name.as_str()) {
+                    out.push((name.as_str().to_owned(), n as u64));
+                }
+            }
+        }
+        out
     }
 
     /// Local subscribers of `channel` (for tests and introspection).
@@ -191,6 +244,11 @@ impl Hub {
             Members::Plain(m) => {
                 let item = Item::delivery(&p, false);
                 SessionHandle::push_to_all(m.values(), &item, &self.metrics);
+            }
+            Members::Node(to) => {
+                if to.try_send(p).is_err() {
+                    self.metrics.control_dropped.inc();
+                }
             }
         }
     }

@@ -12,12 +12,15 @@
 //!   authenticate, admit: drain, origin, slot, then start the session), `http::api`
 //!   (the publish and history API), `http::sse` (the SSE transport), `http::health`
 //!   (health, readiness, metrics), `http::reply` (JSON responses).
+//! - `control`: the control plane's tasks (heartbeats, answering surveys) and the
+//!   surveys the control API runs; what a command does to this node's sessions.
 //! - `lifecycle`: the node's sweeper (heartbeats, token expiry) and the drain.
 //! - `session`: one session (WebSocket or SSE): its start and end, and its reader
 //!   (requests, rate limit, token refresh).
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
 //! - `node`: `Node`, the state every task shares (config, broker, hub, metrics, open
 //!   sessions, connection slots, task trackers).
+//! - `cluster`: what the node knows of the cluster (nodes alive, surveys waiting).
 //! - `hub`: channel → local subscribers, and fan-out of broker publications.
 //! - `history`: history channels: each one's `Stream` (members and where each stands,
 //!   gap repair, epoch changes) and the whole resume of a subscriber.
@@ -37,7 +40,9 @@
 #![deny(missing_docs)]
 
 mod access;
+mod cluster;
 pub mod config;
+mod control;
 mod error;
 mod gateway;
 mod handle;

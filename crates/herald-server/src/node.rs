@@ -32,6 +32,8 @@ pub(crate) struct Node {
     pub(crate) metrics: Metrics,
     /// What `/metrics` serves; `metrics` is registered in it.
     pub(crate) registry: herald_metrics::prometheus::Registry,
+    /// The cluster as the control plane sees it.
+    pub(crate) cluster: crate::cluster::Cluster,
     /// Open sessions, so that the drain and the heartbeat sweeper can reach each one.
     pub(crate) sessions: Mutex<HashMap<ConnId, Arc<SessionHandle>>>,
     /// Connection slots taken (upgrades in progress plus open sessions); checked
@@ -131,6 +133,7 @@ impl Node {
             node_id,
             metrics,
             registry,
+            cluster: crate::cluster::Cluster::new(config.control.heartbeat_interval),
             sessions: Mutex::default(),
             n_slots: AtomicUsize::new(0),
             per_client: Mutex::default(),

@@ -22,7 +22,7 @@ use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::access;
-use crate::handle::{ConnId, Item, SessionHandle};
+use crate::handle::{ConnId, Item, SessionCommand, SessionHandle};
 use crate::history::{Resume, Resumed};
 use crate::hub::SubscribeOpts;
 use crate::node::Node;
@@ -44,6 +44,7 @@ pub(crate) async fn run<S, R>(
     let handle = Arc::new(SessionHandle::new(node.now_ms(), node.session_env.clone()));
     if let Some(i) = &identity {
         handle.set_expiry(i.expires_at);
+        handle.set_user(&i.user);
     }
     if transport == Transport::Sse {
         handle.set_one_way();
@@ -117,8 +118,18 @@ pub(crate) enum Transport {
 }
 
 /// The connection id shown to clients: unique per node, and with the node id, per cluster.
-fn conn_name(node: &str, conn: ConnId) -> String {
+pub(crate) fn conn_name(node: &str, conn: ConnId) -> String {
     format!("{node}-{conn:x}")
+}
+
+/// The node's own connection a client-facing id names, if it names one of this node's.
+pub(crate) fn parse_conn_name(node: &str, name: &str) -> Option<ConnId> {
+    let hex = name.strip_prefix(node)?.strip_prefix('-')?;
+    // `from_str_radix` takes a sign; a connection id never has one.
+    if hex.starts_with('+') {
+        return None;
+    }
+    ConnId::from_str_radix(hex, 16).ok()
 }
 
 struct Session {
@@ -152,6 +163,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = handle.done.wait() => return,
+                _ = handle.poked() => Box::pin(self.on_commands()).await,
                 msg = stream.next() => {
                     handle.heard(self.node.now_ms());
                     match msg {
@@ -280,6 +292,26 @@ impl Session {
             Ok(Request::Refresh { token, id }) => self.refresh(&token, id),
             Ok(Request::Ping { id }) => self.reply(frames::pong(id)),
             Err(e) => self.error(e),
+        }
+    }
+
+    /// Carries out what the control API asked (server-side subscribe and unsubscribe).
+    async fn on_commands(&mut self) {
+        for c in self.handle.take_commands() {
+            match c {
+                // The backend decided: no permission check; the client hears an
+                // unsolicited `subscribed` (no id) and then the channel's messages.
+                SessionCommand::Subscribe { channel, since } => {
+                    self.subscribe(channel, None, true, since).await
+                }
+                SessionCommand::Unsubscribe(channel) => {
+                    if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
+                        self.subscriptions.swap_remove(i);
+                        self.node.hub.unsubscribe(&channel, self.conn);
+                        self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), None));
+                    }
+                }
+            }
         }
     }
 

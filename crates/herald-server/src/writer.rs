@@ -179,7 +179,10 @@ async fn send_close<S>(
     metrics.close_code(closing.code);
     let frame = CloseFrame {
         code: CloseCode::from(closing.code),
-        reason: closing.reason.into(),
+        reason: match &closing.reason {
+            std::borrow::Cow::Borrowed(r) => (*r).into(),
+            std::borrow::Cow::Owned(r) => r.clone().into(),
+        },
     };
     // A peer that reads nothing cannot take the close frame either: bound the attempt,
     // then wait (bounded too) for the peer's reply, which ends the reader.

@@ -49,6 +49,9 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
         );
         return Ok(r);
     }
+    if super::admin::serves(&path) {
+        return super::admin::serve(req, &path, node).await;
+    }
     if let Some(name) = path.strip_prefix("/api/history/") {
         if req.method() != Method::GET {
             return Err(Refusal::method_not_allowed("GET"));
@@ -268,7 +271,7 @@ fn content_type(req: &Request<Incoming>) -> Option<String> {
 
 /// Checks the API key; returns the channels it may use (`None`: no key is configured,
 /// every channel).
-fn authorize<'n>(
+pub(super) fn authorize<'n>(
     req: &Request<Incoming>,
     node: &'n Node,
 ) -> Result<Option<&'n ChannelPatterns>, Refusal> {

@@ -4,6 +4,8 @@
 //! - `sse`: `/sse`, the same sessions over Server-Sent Events;
 //! - `demo`: the opt-in demo page and the JS client bundle;
 //! - `api`: the publish API under `/api/`;
+//! - `admin`: the control API under `/api/` (disconnect, subscribe, unsubscribe,
+//!   channels, info: surveys of every node);
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
 //! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
 //! - `edge`: who the client is: its real address (PROXY protocol, `X-Forwarded-For`) and
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ServerError;
 use crate::node::Node;
 
+mod admin;
 mod api;
 mod demo;
 mod edge;
