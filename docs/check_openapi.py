@@ -184,6 +184,39 @@ history_size = 10
         check(port, "GET", "/api/openapi.json", 401, key=None)
         check(port, "POST", "/api/openapi.json", 405, {})
         check(port, "POST", "/api/openapi.yaml", 405, {})
+        # The control API, with a real connection to act on.
+        from websockets.sync.client import connect as ws_connect
+
+        with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            conn = json.loads(ws.recv())["conn"]
+            ws.send(json.dumps({"op": "subscribe", "channel": "news:x", "id": 1}))
+            json.loads(ws.recv())
+            info = check(port, "GET", "/api/info", 200)
+            if info["nodes"][0]["connections"] != 1 or info["missing"]:
+                fail(f"/api/info: {info}")
+            listed = check(port, "GET", "/api/channels?pattern=news:*", 200)
+            if listed["channels"] != [{"channel": "news:x", "subscribers": 1}]:
+                fail(f"/api/channels: {listed}")
+            check(port, "GET", "/api/channels?limit=0", 400)
+            check(port, "GET", "/api/info", 403, key=SCOPED)
+            check(port, "POST", "/api/info", 405, {})
+            check(port, "POST", "/api/subscribe", 200, {"conn": conn, "channel": "news:y"}, key=SCOPED)
+            check(port, "POST", "/api/subscribe", 403, {"conn": conn, "channel": "chat"}, key=SCOPED)
+            check(port, "POST", "/api/subscribe", 400, {"conn": conn, "channel": "bad channel"})
+            check(port, "POST", "/api/unsubscribe", 200, {"conn": conn, "channel": "news:y"})
+            check(port, "POST", "/api/disconnect", 400, {"conn": conn, "code": 1000})
+            check(port, "POST", "/api/disconnect", 403, {"conn": conn}, key=SCOPED)
+            check(port, "POST", "/api/disconnect", 415, b"x", ctype="text/plain")
+            gone = check(port, "POST", "/api/disconnect", 200, {"conn": conn, "code": 4401, "reason": "checked"})
+            if gone["connections"] != 1:
+                fail(f"/api/disconnect: {gone}")
+            try:
+                while True:
+                    ws.recv(timeout=5)
+            except Exception as e:  # the close we asked for
+                code = getattr(getattr(e, "rcvd", None), "code", None)
+                if code != 4401:
+                    fail(f"the disconnected client saw {e!r}, not a 4401 close")
         check(port, "GET", "/healthz", 200, key=None)
         check(port, "GET", "/readyz", 200, key=None)
     finally:

@@ -28,8 +28,12 @@ fn start_logged(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> (Child, std::net::SocketAddr, Vec<String>) {
-    let mut child = herald()
-        .args(["--listen", "127.0.0.1:0", "--node-id", "proc"])
+    let mut cmd = herald();
+    cmd.args(["--listen", "127.0.0.1:0"]);
+    if !extra.contains(&"--node-id") {
+        cmd.args(["--node-id", "proc"]);
+    }
+    let mut child = cmd
         .args(extra)
         .envs(env.iter().copied())
         .spawn()
@@ -688,4 +692,76 @@ async fn tls_on_the_public_listener_and_its_renewal() {
     signal(&child, "-TERM");
     assert_exits_cleanly(child).await;
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The control plane with real processes: a node that stops answering (SIGSTOP: frozen
+/// with its sockets open, as a node stuck in a GC pause or on a dead host looks) is
+/// reported missing by surveys until it has been silent for three heartbeats, then
+/// forgotten; thawed (SIGCONT), it answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_node_is_reported_missing_then_forgotten() {
+    let redis = herald_testkit::RedisServer::start();
+    let url = redis.url();
+    let env = [
+        ("HERALD_AUTH__API_KEY", "control-key"),
+        ("HERALD_CONTROL__HEARTBEAT_INTERVAL", "300ms"),
+        ("HERALD_CONTROL__SURVEY_TIMEOUT", "500ms"),
+        ("HERALD_REDIS__URL", url.as_str()),
+    ];
+    let (mut a, addr) = start(&["--node-id", "a"], &env);
+    let (mut b, _) = start(&["--node-id", "b"], &env);
+    let info = || async move {
+        let r = http(
+            addr,
+            "GET",
+            "/api/info",
+            &[("authorization", "Bearer control-key")],
+            vec![],
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        let nodes: Vec<String> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["node"].as_str().unwrap().to_owned())
+            .collect();
+        let missing: Vec<String> = serde_json::from_value(v["missing"].clone()).unwrap();
+        (nodes, missing)
+    };
+    let until = |want: (Vec<&'static str>, Vec<&'static str>)| async move {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = info().await;
+            if got.0 == want.0 && got.1 == want.1 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {want:?}, still {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    until((vec!["a", "b"], vec![])).await;
+    signal(&b, "-STOP");
+    let started = Instant::now();
+    let (nodes, missing) = info().await;
+    assert_eq!(
+        (nodes, missing),
+        (vec!["a".to_owned()], vec!["b".to_owned()])
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(450),
+        "the survey waited for b until control.survey_timeout"
+    );
+    // Silent for three heartbeats: no longer expected.
+    until((vec!["a"], vec![])).await;
+    signal(&b, "-CONT");
+    until((vec!["a", "b"], vec![])).await;
+    let _ = a.kill();
+    let _ = b.kill();
+    let _ = a.wait();
+    let _ = b.wait();
 }
