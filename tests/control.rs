@@ -335,3 +335,87 @@ async fn the_control_api_on_the_embedded_broker() {
     .await;
     assert_eq!((status, r["connections"].as_u64()), (200, Some(0)));
 }
+
+/// The Rust client: a subscription the backend makes arrives as a `Subscription`
+/// (confirmed, then messages); one it ends hears `Unsubscribed`; a 4400-4499 close
+/// stops the client with `Disconnected`.
+#[tokio::test]
+async fn the_rust_client_follows_the_control_api() {
+    use herald_client::{Config, Event, State};
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.auth.api_key = Some(KEY.into());
+    })
+    .await;
+    let mut config = Config::new(node.ws_url());
+    config.token = Some(token("erin", 600, json!({})));
+    let client = herald_client::Client::start(config);
+    let mut state = client.state();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == State::Connected),
+    )
+    .await
+    .expect("connected")
+    .unwrap();
+    let (_, r) = call(
+        &node,
+        "POST",
+        "/api/subscribe",
+        KEY,
+        json!({"user": "erin", "channel": "news"}),
+    )
+    .await;
+    assert_eq!(r["connections"], 1, "{r}");
+    let mut sub = tokio::time::timeout(Duration::from_secs(10), client.next_server_subscription())
+        .await
+        .expect("a server-made subscription")
+        .unwrap();
+    assert_eq!(sub.channel(), "news");
+    assert_eq!(next_event(&mut sub).await, Event::Subscribed);
+    publish(&node, "news", 7).await;
+    assert!(matches!(next_event(&mut sub).await, Event::Message { data, .. } if &data[..] == b"7"));
+    let (_, r) = call(
+        &node,
+        "POST",
+        "/api/unsubscribe",
+        KEY,
+        json!({"user": "erin", "channel": "news"}),
+    )
+    .await;
+    assert_eq!(r["connections"], 1, "{r}");
+    assert_eq!(next_event(&mut sub).await, Event::Unsubscribed);
+
+    let mut mine = client.subscribe("sports").unwrap();
+    assert_eq!(next_event(&mut mine).await, Event::Subscribed);
+    let (_, r) = call(
+        &node,
+        "POST",
+        "/api/disconnect",
+        KEY,
+        json!({"user": "erin", "code": 4403, "reason": "banned"}),
+    )
+    .await;
+    assert_eq!(r["connections"], 1, "{r}");
+    assert_eq!(
+        next_event(&mut mine).await,
+        Event::Disconnected {
+            code: 4403,
+            reason: "banned".into()
+        }
+    );
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == State::Closed),
+    )
+    .await
+    .expect("the client stopped")
+    .unwrap();
+}
+
+async fn next_event(sub: &mut herald_client::Subscription) -> herald_client::Event {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("an event")
+        .expect("the client runs")
+}

@@ -39,7 +39,8 @@ export declare class HeraldError extends Error {
     constructor(code: string, message: string);
 }
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
- * `recovered` (ok: boolean), `reset`, `error` (HeraldError). */
+ * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
+ * ended it: control API). */
 export declare class Subscription extends Emitter {
     readonly channel: string;
     private client;
@@ -55,7 +56,8 @@ export declare class Subscription extends Emitter {
     /** @internal */
     _emit(event: string, ...args: unknown[]): void;
 }
-/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`. */
+/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`,
+ * `subscription` (a Subscription the server made: control API). */
 export declare class Client extends Emitter {
     readonly url: string;
     state: State;

@@ -27,6 +27,7 @@ var Emitter = class {
 };
 var FATAL_CLOSE = /* @__PURE__ */ new Set([1002, 1003, 1007]);
 var POLICY_CLOSE = /* @__PURE__ */ new Set([1008, 1009]);
+var isTerminal = (code) => code >= 4400 && code <= 4499;
 var TOKEN_EXPIRED = 4001;
 var FIRST_START = 2 ** 40;
 var isStart = (offset, epoch) => offset === 0 && epoch !== void 0 && parseInt(epoch, 36) >= FIRST_START;
@@ -242,6 +243,13 @@ var Client = class extends Emitter {
       this.close();
       return;
     }
+    if (isTerminal(code)) {
+      const e = new HeraldError("disconnected", `disconnected by the server: ${code} ${reason}`);
+      e.closeCode = code;
+      this.emit("error", e);
+      this.close();
+      return;
+    }
     if (code === 1012 || code === 1001) this.attempt = 0;
     if (POLICY_CLOSE.has(code)) this.attempt = Math.max(this.attempt, 16);
     this.scheduleReconnect(code === 1012 || code === TOKEN_EXPIRED);
@@ -313,10 +321,19 @@ var Client = class extends Emitter {
         sub._emit("recovered", false);
         return;
       }
+      case "unsubscribed":
+        if (f.id === void 0) {
+          const sub = this.subscriptions.get(f.channel);
+          if (!sub) return;
+          this.subscriptions.delete(f.channel);
+          sub.active = false;
+          sub._emit("unsubscribed", f);
+          return;
+        }
+        return this.settle(f.id, f);
       case "published":
       case "refreshed":
       case "pong":
-      case "unsubscribed":
         return this.settle(f.id, f);
       case "error": {
         const err = new HeraldError(f.code, f.message);
@@ -343,8 +360,13 @@ var Client = class extends Emitter {
     for (const q of queued) this.sendPublish(q);
   }
   onSubscribed(f) {
-    const sub = this.subscriptions.get(f.channel);
-    if (!sub) return;
+    let sub = this.subscriptions.get(f.channel);
+    if (!sub) {
+      if (f.id !== void 0) return;
+      sub = new Subscription(f.channel, this);
+      this.subscriptions.set(f.channel, sub);
+      this.emit("subscription", sub);
+    }
     if (f.id !== void 0) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;

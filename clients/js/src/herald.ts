@@ -68,6 +68,9 @@ class Emitter {
 const FATAL_CLOSE = new Set([1002, 1003, 1007]);
 /** The client broke a policy (rate limit, heartbeat, size): reconnect, but slowly. */
 const POLICY_CLOSE = new Set([1008, 1009]);
+/** Closed by the backend through the control API not to come back (a ban, a sign-out):
+ * 4400-4499 (PROTOCOL.md). 4000-4399 reconnect with backoff. */
+const isTerminal = (code: number): boolean => code >= 4400 && code <= 4499;
 /** The connection's token expired: get a new one, then reconnect. */
 const TOKEN_EXPIRED = 4001;
 /** Epochs from 2^40 up are start tokens (PROTOCOL.md): a position at offset 0 in one is
@@ -103,7 +106,8 @@ export class HeraldError extends Error {
 }
 
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
- * `recovered` (ok: boolean), `reset`, `error` (HeraldError). */
+ * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
+ * ended it: control API). */
 export class Subscription extends Emitter {
   /** The last position seen, on history channels. */
   offset?: number;
@@ -127,7 +131,8 @@ export class Subscription extends Emitter {
   }
 }
 
-/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`. */
+/** A Herald connection. Events: `state` (State), `welcome` (frame), `error`,
+ * `subscription` (a Subscription the server made: control API). */
 export class Client extends Emitter {
   state: State = 'disconnected';
   transport: Transport = 'websocket';
@@ -340,6 +345,15 @@ export class Client extends Emitter {
       this.close();
       return;
     }
+    if (isTerminal(code)) {
+      const e = new HeraldError('disconnected', `disconnected by the server: ${code} ${reason}`) as HeraldError & {
+        closeCode?: number;
+      };
+      e.closeCode = code;
+      this.emit('error', e);
+      this.close();
+      return;
+    }
     // Drains (1001/1012) reconnect at once to another node; token expiry asks for a
     // new token first (connect() always does); everything else backs off.
     if (code === 1012 || code === 1001) this.attempt = 0;
@@ -420,10 +434,20 @@ export class Client extends Emitter {
         sub._emit('recovered', false);
         return;
       }
+      case 'unsubscribed':
+        // Without an id: the backend unsubscribed us (control API); not asked again.
+        if (f.id === undefined) {
+          const sub = this.subscriptions.get(f.channel);
+          if (!sub) return;
+          this.subscriptions.delete(f.channel);
+          sub.active = false;
+          sub._emit('unsubscribed', f);
+          return;
+        }
+        return this.settle(f.id, f);
       case 'published':
       case 'refreshed':
       case 'pong':
-      case 'unsubscribed':
         return this.settle(f.id, f);
       case 'error': {
         const err = new HeraldError(f.code, f.message);
@@ -452,8 +476,16 @@ export class Client extends Emitter {
   }
 
   private onSubscribed(f: any): void {
-    const sub = this.subscriptions.get(f.channel);
-    if (!sub) return;
+    let sub = this.subscriptions.get(f.channel);
+    if (!sub) {
+      // Without an id: the backend subscribed us (control API). It becomes one of ours
+      // (resumed after a reconnect like any other); `subscription` hands it over
+      // before its first message.
+      if (f.id !== undefined) return;
+      sub = new Subscription(f.channel, this);
+      this.subscriptions.set(f.channel, sub);
+      this.emit('subscription', sub);
+    }
     if (f.id !== undefined) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;

@@ -328,6 +328,69 @@ test('requests lost with a connection: publishes fail as unknown_outcome at once
   }
 });
 
+test('the control API: server-side subscribe and unsubscribe reach the app; 4000 reconnects, 4400 stops', async () => {
+  const key = 'js-control-key';
+  const h = await herald(0, [], { HERALD_AUTH__API_KEY: key });
+  const api = async (path, body) => {
+    const r = await fetch(`http://${h.addr}${path}`, {
+      method: body === undefined ? 'GET' : 'POST',
+      headers: { authorization: `Bearer ${key}`, 'content-type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    assert.equal(r.status, 200, `${path}: ${r.status}`);
+    return r.json();
+  };
+  const publishKeyed = (channel, data) => api('/api/publish', { channel, data });
+  const c = new Client(`ws://${h.addr}/ws`, {
+    minReconnectDelay: 50,
+    maxReconnectDelay: 100,
+    getToken: async () => token('dana', 600),
+  });
+  const errors = [];
+  c.on('error', (e) => errors.push(e));
+  try {
+    await until('connected', () => c.state === 'connected');
+    const made = [];
+    c.on('subscription', (sub) => made.push(sub));
+    assert.equal((await api('/api/subscribe', { user: 'dana', channel: 'chat:pushed' })).connections, 1);
+    await until('the server-side subscription', () => made.length === 1 && made[0].active);
+    const sub = made[0];
+    assert.equal(sub.channel, 'chat:pushed');
+    assert.equal(c.subscriptions.get('chat:pushed'), sub);
+    const got = collect(sub);
+    await publishKeyed('chat:pushed', 1);
+    await until('its first message', () => got.length === 1);
+
+    // 4000-4399: reconnect, and the server-made subscription is resumed like our own.
+    assert.equal((await api('/api/disconnect', { user: 'dana', code: 4000, reason: 'sign in again' })).connections, 1);
+    await until('disconnected', () => c.state !== 'connected');
+    await until('back', () => c.state === 'connected' && sub.active);
+    await publishKeyed('chat:pushed', 2);
+    await until('a message after the reconnect', () => got.length === 2);
+
+    // The backend takes the channel away: the app hears it; it is not asked for again.
+    const ended = [];
+    sub.on('unsubscribed', () => ended.push(true));
+    assert.equal((await api('/api/unsubscribe', { user: 'dana', channel: 'chat:pushed' })).connections, 1);
+    await until('unsubscribed', () => ended.length === 1);
+    assert.equal(c.subscriptions.has('chat:pushed'), false);
+
+    // 4400-4499: stop for good, with the code.
+    assert.deepEqual(errors, []);
+    assert.equal((await api('/api/disconnect', { user: 'dana', reason: 'banned' })).connections, 1);
+    await until('closed for good', () => c.state === 'closed');
+    assert.equal(errors.length, 1);
+    assert.equal(errors[0].code, 'disconnected');
+    assert.equal(errors[0].closeCode, 4400);
+    await sleep(500);
+    const info = await api('/api/info');
+    assert.equal(info.nodes[0].connections, 0, 'no reconnect after 4400');
+  } finally {
+    c.close();
+    await stop(h);
+  }
+});
+
 test('refreshes a short token once, not in a storm, even with a clock far ahead', async () => {
   const h = await herald(0);
   const realDateNow = Date.now;

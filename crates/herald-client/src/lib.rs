@@ -142,6 +142,17 @@ pub enum Event {
     /// The server could not confirm the subscription yet (`unavailable`: its broker is
     /// down); the client asks again with backoff while connected, by itself.
     Unavailable(String),
+    /// The backend ended this subscription (the control API's `POST /api/unsubscribe`);
+    /// it is over and not asked for again.
+    Unsubscribed,
+    /// The backend closed the connection not to come back (`POST /api/disconnect`,
+    /// codes 4400-4499: a ban, a sign-out): the client has stopped.
+    Disconnected {
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
 }
 
 /// Why a request failed.
@@ -186,6 +197,19 @@ pub struct Client {
     publish_timeout: Duration,
     /// Numbers listeners: one channel may have several [`Subscription`]s.
     next_listener: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Subscriptions the server made (the control API's `POST /api/subscribe`).
+    made: std::sync::Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Subscription>>>,
+}
+
+/// What the client's task needs to hand over subscriptions the server made.
+struct Made {
+    /// To give each a way to unsubscribe; weak, so that the task does not keep the
+    /// client alive.
+    commands: mpsc::WeakUnboundedSender<Command>,
+    /// Numbers their listeners like the client's own.
+    next_listener: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Where they go ([`Client::next_server_subscription`]).
+    out: mpsc::UnboundedSender<Subscription>,
 }
 
 /// One channel's events, in order.
@@ -223,12 +247,20 @@ impl Client {
         let (commands, rx) = mpsc::unbounded_channel();
         let (state_tx, state) = watch::channel(State::Connecting);
         let publish_timeout = config.publish_timeout;
-        tokio::spawn(run(config, rx, state_tx));
+        let next_listener = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (out, made) = mpsc::unbounded_channel();
+        let made_ctx = Made {
+            commands: commands.downgrade(),
+            next_listener: next_listener.clone(),
+            out,
+        };
+        tokio::spawn(run(config, rx, state_tx, made_ctx));
         Client {
             commands,
             state,
             publish_timeout,
-            next_listener: Default::default(),
+            next_listener,
+            made: std::sync::Arc::new(tokio::sync::Mutex::new(made)),
         }
     }
 
@@ -268,6 +300,13 @@ impl Client {
     /// The connection's state, as it changes.
     pub fn state(&self) -> watch::Receiver<State> {
         self.state.clone()
+    }
+
+    /// The next subscription the server made for this client (the control API's
+    /// `POST /api/subscribe`), before its first message; it is then resumed after
+    /// reconnects like the client's own. `None` once the client is closed.
+    pub async fn next_server_subscription(&self) -> Option<Subscription> {
+        self.made.lock().await.recv().await
     }
 
     /// Closes the connection for good.
@@ -363,6 +402,7 @@ async fn run(
     config: Config,
     mut commands: mpsc::UnboundedReceiver<Command>,
     state: watch::Sender<State>,
+    made: Made,
 ) {
     let mut subs: HashMap<ChannelName, Sub> = HashMap::new();
     let mut queue: Vec<Queued> = Vec::new();
@@ -385,7 +425,17 @@ async fn run(
         };
         backoff.reset();
         let _ = state.send(State::Connected);
-        match session(&config, ws, heartbeat, &mut commands, &mut subs, &mut queue).await {
+        match session(
+            &config,
+            ws,
+            heartbeat,
+            &mut commands,
+            &mut subs,
+            &mut queue,
+            &made,
+        )
+        .await
+        {
             Ended::Closed => break,
             Ended::Reconnect { at_once } => {
                 if !at_once {
@@ -511,6 +561,7 @@ async fn session(
     commands: &mut mpsc::UnboundedReceiver<Command>,
     subs: &mut HashMap<ChannelName, Sub>,
     queue: &mut Vec<Queued>,
+    made: &Made,
 ) -> Ended {
     let mut requests = Requests::default();
     for sub in subs.values_mut() {
@@ -545,10 +596,20 @@ async fn session(
                 last_heard = Instant::now();
                 pinged = None;
                 match msg {
-                    Some(Ok(Message::Text(t))) => on_text(t.as_str(), subs, &mut requests),
+                    Some(Ok(Message::Text(t))) => {
+                        on_text(config, t.as_str(), subs, &mut requests, made)
+                    }
                     Some(Ok(Message::Binary(b))) => on_binary(&b, subs),
                     Some(Ok(Message::Close(frame))) => {
-                        let code = frame.map_or(1005, |f| u16::from(f.code));
+                        let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                            (u16::from(f.code), f.reason.to_string())
+                        });
+                        if herald_protocol::close::is_terminal(code) {
+                            for sub in subs.values_mut() {
+                                sub.emit(Event::Disconnected { code, reason: reason.clone() });
+                            }
+                            break Ended::Closed;
+                        }
                         break Ended::Reconnect { at_once: matches!(code, 1001 | 1012) };
                     }
                     Some(Ok(_)) => {}
@@ -635,7 +696,13 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>, epoch: Option<Epoch>
     sub.emit(Event::Message { data, offset });
 }
 
-fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requests) {
+fn on_text(
+    config: &Config,
+    text: &str,
+    subs: &mut HashMap<ChannelName, Sub>,
+    requests: &mut Requests,
+    made: &Made,
+) {
     // Deliveries are most frames: their `data` is handed on as the publisher's bytes,
     // not parsed and printed again.
     if let Some(d) = parse_text_delivery(text) {
@@ -662,7 +729,12 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
             if let Some(id) = id {
                 requests.subscribing.remove(&id);
             }
-            let Some(sub) = channel.and_then(|c| subs.get_mut(&c)) else {
+            let Some(channel) = channel else { return };
+            // Without an id, for a channel we do not hold: the backend subscribed us.
+            if id.is_none() && !subs.contains_key(&channel) {
+                adopt(config, subs, &channel, made);
+            }
+            let Some(sub) = subs.get_mut(&channel) else {
                 return;
             };
             if let Some(at) = r.position() {
@@ -704,6 +776,12 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
             }
             sub.emit(Event::Reset);
         }
+        // Without an id: the backend ended the subscription; it is not asked for again.
+        "unsubscribed" if id.is_none() => {
+            if let Some(mut sub) = channel.and_then(|c| subs.remove(&c)) {
+                sub.emit(Event::Unsubscribed);
+            }
+        }
         "published" => {
             if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
                 // The caller gets the reply as JSON (offset and epoch on history
@@ -732,6 +810,30 @@ fn on_text(text: &str, subs: &mut HashMap<ChannelName, Sub>, requests: &mut Requ
         }
         _ => {}
     }
+}
+
+/// Takes a subscription the server made as one of the client's, and hands its
+/// [`Subscription`] to the application.
+fn adopt(
+    config: &Config,
+    subs: &mut HashMap<ChannelName, Sub>,
+    channel: &ChannelName,
+    made: &Made,
+) {
+    let Some(commands) = made.commands.upgrade() else {
+        return;
+    };
+    let listener = made
+        .next_listener
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, events) = mpsc::unbounded_channel();
+    subs.insert(channel.clone(), Sub::new(config, listener, tx));
+    let _ = made.out.send(Subscription {
+        channel: channel.clone(),
+        listener,
+        events,
+        commands,
+    });
 }
 
 fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {

@@ -196,6 +196,16 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
                             ..rec(&id2, &ch, Kind::Refused)
                         },
                         Event::Unavailable(_) => continue,
+                        // The soak never calls the control API: either would end a
+                        // subscription the checker expects to go on.
+                        Event::Unsubscribed => Record {
+                            why: Some("unsubscribed by the server".into()),
+                            ..rec(&id2, &ch, Kind::Refused)
+                        },
+                        Event::Disconnected { code, reason } => Record {
+                            why: Some(format!("disconnected: {code} {reason}")),
+                            ..rec(&id2, &ch, Kind::Refused)
+                        },
                     };
                     if tx.send(r).is_err() {
                         break;
