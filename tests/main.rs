@@ -11,6 +11,7 @@ mod http_api;
 mod lifecycle;
 mod limits;
 mod observability;
+mod presence;
 mod protocol;
 mod recovery;
 mod redis;

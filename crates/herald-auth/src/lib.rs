@@ -116,6 +116,11 @@ pub struct Identity {
     pub channels: ChannelPatterns,
     /// Channel patterns the token lets the client publish to (`publish`).
     pub publish: ChannelPatterns,
+    /// What presence shows about the user (`info`, any JSON), as JSON text.
+    pub info: Option<String>,
+    /// Channels the server subscribes the connection to when it opens (`subscribe`),
+    /// whatever the channel permissions say: the issuer decided.
+    pub subscribe: Vec<String>,
 }
 
 /// What a verified subscription token grants: one channel, to one user.
@@ -127,6 +132,8 @@ pub struct Grant {
     pub channel: String,
     /// When it expires (`exp`, seconds since the Unix epoch).
     pub expires_at: u64,
+    /// What presence shows about the user in this channel (`info`), as JSON text.
+    pub info: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -139,6 +146,10 @@ struct Claims {
     publish: Vec<String>,
     /// Only in subscription tokens.
     channel: Option<String>,
+    #[serde(default)]
+    info: Option<serde_json::Value>,
+    #[serde(default)]
+    subscribe: Vec<String>,
 }
 
 /// One key and the algorithms it may verify.
@@ -305,6 +316,8 @@ impl Verifier {
             publish: patterns(&c.publish, "publish")?,
             user: c.sub,
             expires_at: c.exp.min(MAX_EXP),
+            info: c.info.map(|v| v.to_string()),
+            subscribe: c.subscribe,
         })
     }
 
@@ -320,6 +333,7 @@ impl Verifier {
             user: c.sub,
             channel,
             expires_at: c.exp.min(MAX_EXP),
+            info: c.info.map(|v| v.to_string()),
         })
     }
 

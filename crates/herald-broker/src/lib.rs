@@ -32,6 +32,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use herald_metrics::{DropReason, Metrics};
+use herald_protocol::presence::Member;
 use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use tokio::sync::mpsc;
 
@@ -226,6 +227,44 @@ pub fn new_epoch() -> Epoch {
     Epoch::from_random(h.finish())
 }
 
+/// A change presence made: a connection joined or left a channel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceChange {
+    /// Who.
+    pub member: Member,
+    /// It was its user's first connection in the channel (joined) or last (left).
+    pub user_edge: bool,
+}
+
+/// A page of a channel's members.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct PresencePage {
+    /// The members.
+    pub members: Vec<Member>,
+    /// Where the next page starts; `None` on the last.
+    pub cursor: Option<String>,
+}
+
+/// How many are present in a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PresenceStats {
+    /// Connections.
+    pub connections: u64,
+    /// Distinct users.
+    pub users: u64,
+}
+
+fn no_presence<T>() -> BoxFuture<'static, Result<T, BrokerError>>
+where
+    T: Send + 'static,
+{
+    Box::pin(async {
+        Err(BrokerError::Unavailable(
+            "this broker keeps no presence".into(),
+        ))
+    })
+}
+
 /// Carries publications between nodes.
 pub trait Broker: Send + Sync + 'static {
     /// Hands `batch` to the broker, in order. Resolves `Ok` (one [`Published`] per
@@ -268,6 +307,60 @@ pub trait Broker: Send + Sync + 'static {
 
     /// This node no longer serves `channel`.
     fn unsubscribe(&self, channel: &ChannelName);
+
+    /// Adds `members` to `channel`'s presence (an entry expires `ttl` after it was last
+    /// added: nodes add their members again every refresh). Answers the members that
+    /// were not there yet (a refresh after a broker lost its data re-adds them).
+    fn presence_add(
+        &self,
+        channel: &ChannelName,
+        members: Vec<Member>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let _ = (channel, members, ttl);
+        no_presence()
+    }
+
+    /// Removes connections from `channel`'s presence; answers those that were there.
+    fn presence_remove(
+        &self,
+        channel: &ChannelName,
+        conns: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let _ = (channel, conns);
+        no_presence()
+    }
+
+    /// Removes up to `limit` entries of `channel` whose time ran out (their node stopped
+    /// refreshing them: it died); answers them, so that their leaves are announced.
+    fn presence_expire(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let _ = (channel, limit);
+        no_presence()
+    }
+
+    /// A page of `channel`'s members, about `limit` long, from `cursor`.
+    fn presence_page(
+        &self,
+        channel: &ChannelName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PresencePage, BrokerError>> {
+        let _ = (channel, cursor, limit);
+        no_presence()
+    }
+
+    /// How many connections and distinct users `channel` holds, in O(1).
+    fn presence_stats(
+        &self,
+        channel: &ChannelName,
+    ) -> BoxFuture<'_, Result<PresenceStats, BrokerError>> {
+        let _ = channel;
+        no_presence()
+    }
 
     /// Whether the broker can currently accept publications and deliver them.
     fn is_up(&self) -> bool;

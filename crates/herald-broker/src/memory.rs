@@ -7,9 +7,10 @@ use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use tokio::sync::Mutex;
 
 use crate::{
-    new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PublishRequest,
-    Published, Ready,
+    new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
+    PresencePage, PresenceStats, PublishRequest, Published, Ready,
 };
+use herald_protocol::presence::Member;
 
 /// How often expired streams and idempotency keys are swept out (also done lazily on
 /// every access, so this only bounds the memory of channels nobody touches again).
@@ -40,6 +41,39 @@ struct State {
     /// (channel, key) → first result and when the key expires.
     seen: HashMap<(ChannelName, String), (Published, Instant)>,
     last_sweep: Option<Instant>,
+    /// Presence, per channel.
+    rooms: HashMap<ChannelName, Room>,
+}
+
+/// One channel's presence: members by connection id (sorted: pages follow the order),
+/// each with when it expires, and connections per user.
+#[derive(Default)]
+struct Room {
+    members: std::collections::BTreeMap<String, (Member, Instant)>,
+    users: HashMap<String, u64>,
+}
+
+impl Room {
+    fn remove(&mut self, conn: &str) -> Option<PresenceChange> {
+        let (member, _) = self.members.remove(conn)?;
+        let key = counted(&member).to_owned();
+        let n = self.users.entry(key.clone()).or_default();
+        *n = n.saturating_sub(1);
+        let user_edge = *n == 0;
+        if user_edge {
+            self.users.remove(&key);
+        }
+        Some(PresenceChange { member, user_edge })
+    }
+}
+
+/// Whom a member counts as: its user, or for an anonymous connection, itself.
+fn counted(m: &Member) -> &str {
+    if m.user.is_empty() {
+        &m.conn
+    } else {
+        &m.user
+    }
 }
 
 struct Stream {
@@ -276,6 +310,130 @@ impl Broker for MemoryBroker {
     }
 
     fn unsubscribe(&self, _channel: &ChannelName) {}
+
+    fn presence_add(
+        &self,
+        channel: &ChannelName,
+        members: Vec<Member>,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let room = state.rooms.entry(channel).or_default();
+            let until = Instant::now() + ttl;
+            let mut added = Vec::new();
+            for m in members {
+                match room.members.get_mut(&m.conn) {
+                    Some(entry) => entry.1 = until,
+                    None => {
+                        let n = room.users.entry(counted(&m).to_owned()).or_default();
+                        *n += 1;
+                        added.push(PresenceChange {
+                            member: m.clone(),
+                            user_edge: *n == 1,
+                        });
+                        room.members.insert(m.conn.clone(), (m, until));
+                    }
+                }
+            }
+            Ok(added)
+        })
+    }
+
+    fn presence_remove(
+        &self,
+        channel: &ChannelName,
+        conns: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let Some(room) = state.rooms.get_mut(&channel) else {
+                return Ok(Vec::new());
+            };
+            let gone = conns.iter().filter_map(|c| room.remove(c)).collect();
+            if room.members.is_empty() {
+                state.rooms.remove(&channel);
+            }
+            Ok(gone)
+        })
+    }
+
+    fn presence_expire(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let Some(room) = state.rooms.get_mut(&channel) else {
+                return Ok(Vec::new());
+            };
+            let now = Instant::now();
+            let stale: Vec<String> = room
+                .members
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(c, _)| c.clone())
+                .take(limit)
+                .collect();
+            let gone = stale.iter().filter_map(|c| room.remove(c)).collect();
+            if room.members.is_empty() {
+                state.rooms.remove(&channel);
+            }
+            Ok(gone)
+        })
+    }
+
+    fn presence_page(
+        &self,
+        channel: &ChannelName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PresencePage, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let state = self.state.lock().await;
+            let Some(room) = state.rooms.get(&channel) else {
+                return Ok(PresencePage::default());
+            };
+            let after = cursor.unwrap_or_default();
+            let mut members: Vec<Member> = room
+                .members
+                .range::<String, _>((
+                    std::ops::Bound::Excluded(&after),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take(limit.max(1) + 1)
+                .map(|(_, (m, _))| m.clone())
+                .collect();
+            let more = members.len() > limit.max(1);
+            members.truncate(limit.max(1));
+            let cursor = more
+                .then(|| members.last().map(|m| m.conn.clone()))
+                .flatten();
+            Ok(PresencePage { members, cursor })
+        })
+    }
+
+    fn presence_stats(
+        &self,
+        channel: &ChannelName,
+    ) -> BoxFuture<'_, Result<PresenceStats, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let state = self.state.lock().await;
+            Ok(state
+                .rooms
+                .get(&channel)
+                .map_or_else(PresenceStats::default, |r| PresenceStats {
+                    connections: r.members.len() as u64,
+                    users: r.users.len() as u64,
+                }))
+        })
+    }
 
     fn is_up(&self) -> bool {
         true

@@ -171,6 +171,12 @@ pub struct Metrics {
     /// Nodes this node knows in the cluster (itself included): heard from within the
     /// control plane's window.
     pub cluster_nodes: IntGauge,
+    /// Presence members on this node (connections present in a presence channel).
+    pub presence_members: IntGauge,
+    /// Presence events: `join`/`leave` announced, `unsent` (the broker refused the
+    /// announcement), `deferred` (the broker refused the change; the refresh or the TTL
+    /// settles it).
+    pub presence_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -289,6 +295,15 @@ impl Metrics {
         )?;
         for o in ["complete", "incomplete", "failed"] {
             control_surveys.with_label_values(&[o]);
+        }
+
+        let presence_events = counter_vec(
+            "herald_presence_events_total",
+            "Presence events: join and leave announced; unsent: the broker refused an announcement; deferred: the broker refused a change (the refresh or the TTL settles it).",
+            "event",
+        )?;
+        for e in ["join", "leave", "unsent", "deferred"] {
+            presence_events.with_label_values(&[e]);
         }
 
         Ok(Metrics {
@@ -422,6 +437,11 @@ impl Metrics {
                 "herald_cluster_nodes",
                 "Nodes this node knows in the cluster, itself included (heard from within the control heartbeat window).",
             )?,
+            presence_members: gauge(
+                "herald_presence_members",
+                "Connections on this node present in presence channels (one per connection and channel).",
+            )?,
+            presence_events,
         })
     }
 

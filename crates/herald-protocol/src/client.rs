@@ -59,6 +59,22 @@ pub enum Request {
         /// Echoed in the reply.
         id: Option<u64>,
     },
+    /// Who is present in a channel (one page).
+    Presence {
+        /// Which channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<u64>,
+        /// The previous page's `cursor`.
+        cursor: Option<String>,
+    },
+    /// How many connections and distinct users are present in a channel.
+    PresenceStats {
+        /// Which channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<u64>,
+    },
 }
 
 /// A position a client resumes from: `{"offset":41,"epoch":"Xk3f0a1b"}`.
@@ -120,6 +136,8 @@ struct RawRequest<'a> {
     since: Option<RawSince<'a>>,
     #[serde(borrow)]
     token: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cursor: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -137,6 +155,8 @@ impl Request {
             | Request::Unsubscribe { id, .. }
             | Request::Publish { id, .. }
             | Request::Refresh { id, .. }
+            | Request::Presence { id, .. }
+            | Request::PresenceStats { id, .. }
             | Request::Ping { id } => *id,
         }
     }
@@ -222,6 +242,15 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
             })
         }
         "ping" => Ok(Request::Ping { id }),
+        "presence" => Ok(Request::Presence {
+            channel: channel()?,
+            id,
+            cursor: raw.cursor.map(Cow::into_owned),
+        }),
+        "presence_stats" => Ok(Request::PresenceStats {
+            channel: channel()?,
+            id,
+        }),
         other => Err(RequestError::new(
             id,
             ErrorCode::BadRequest,

@@ -30,6 +30,11 @@ pub fn control_channel() -> ChannelName {
     ChannelName::internal("herald.control").expect("a valid internal name")
 }
 
+/// The channel presence changes travel on between nodes ([`ControlMessage::Presence`]).
+pub fn presence_channel() -> ChannelName {
+    ChannelName::internal("herald.presence").expect("a valid internal name")
+}
+
 /// A reply channel for a node: `token` is random per process, so that a restarted node
 /// never receives answers meant for its previous life.
 pub fn reply_channel(token: u64) -> ChannelName {
@@ -58,6 +63,16 @@ pub enum ControlMessage {
         reply: String,
         /// What to do.
         command: Command,
+    },
+    /// Someone joined or left a channel: every node pushes the `join`/`leave` frame to
+    /// its local subscribers of the channel (sent on [`presence_channel`]).
+    Presence {
+        /// The channel.
+        channel: String,
+        /// Joined (else left).
+        join: bool,
+        /// Who.
+        member: crate::presence::Member,
     },
     /// One node's answer to a survey.
     Answer {

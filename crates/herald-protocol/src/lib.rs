@@ -9,6 +9,7 @@
 //! - [`api`]: the HTTP API's request and reply bodies.
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
 //! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
+//! - [`presence`]: presence members and their frames and bodies.
 //! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
 //! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
@@ -30,6 +31,7 @@ pub mod client;
 pub mod close;
 pub mod control;
 pub mod envelope;
+pub mod presence;
 pub mod publication;
 pub mod server;
 pub mod sse;

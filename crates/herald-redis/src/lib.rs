@@ -66,6 +66,7 @@
 //!   `(S)SUBSCRIBE`/`(S)UNSUBSCRIBE`.
 //! - `connect`: opening and probing connections; the `redis.timeout` deadline.
 //! - `push`: decoding what Redis pushes and handing it to the hub's inbound queue.
+//! - `presence`: presence (members, expiry, counts) in three keys per channel.
 //! - `history`: reading a history channel's position and publications.
 //! - `publish`: publishing a batch (pipelined, scripts reloaded where Redis lost them),
 //!   and [`BackendPublisher`] for backends (and the benchmark) publishing through Redis.
@@ -80,10 +81,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use herald_broker::{
-    BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PublishRequest, Published,
-    Ready,
+    BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
+    PresencePage, PresenceStats, PublishRequest, Published, Ready,
 };
 use herald_metrics::Metrics;
+use herald_protocol::presence::Member;
 use herald_protocol::ChannelName;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -91,6 +93,7 @@ use tokio::sync::Notify;
 mod config;
 mod connect;
 mod history;
+mod presence;
 mod publish;
 mod push;
 mod repair;
@@ -227,6 +230,56 @@ impl Broker for RedisBroker {
             let conn = self.live()?;
             history::history(self.target(conn), &channel, policy, since, limit, only_in).await
         })
+    }
+
+    fn presence_add(
+        &self,
+        channel: &ChannelName,
+        members: Vec<Member>,
+        ttl: std::time::Duration,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(
+            async move { presence::add(self.target(self.live()?), &channel, members, ttl).await },
+        )
+    }
+
+    fn presence_remove(
+        &self,
+        channel: &ChannelName,
+        conns: Vec<String>,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move { presence::remove(self.target(self.live()?), &channel, conns).await })
+    }
+
+    fn presence_expire(
+        &self,
+        channel: &ChannelName,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move { presence::expire(self.target(self.live()?), &channel, limit).await })
+    }
+
+    fn presence_page(
+        &self,
+        channel: &ChannelName,
+        cursor: Option<String>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<PresencePage, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(
+            async move { presence::page(self.target(self.live()?), &channel, cursor, limit).await },
+        )
+    }
+
+    fn presence_stats(
+        &self,
+        channel: &ChannelName,
+    ) -> BoxFuture<'_, Result<PresenceStats, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move { presence::stats(self.target(self.live()?), &channel).await })
     }
 
     fn subscribe(&self, channel: &ChannelName) -> Ready {

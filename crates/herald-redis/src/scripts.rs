@@ -201,12 +201,72 @@ return {tonumber(e), top, entries, now}
 "#
 );
 
-/// The two scripts, hashed once.
+/// Presence (see the `presence` module for the keys).
+///
+/// Adds members: `ARGV` = now (ms), ttl (ms), then (conn, user, member JSON) triples.
+/// Answers each new member's JSON and whether it was its user's first connection.
+pub(crate) const PRESENCE_ADD_SCRIPT: &str = r#"
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for i = 3, #ARGV, 3 do
+  local conn, user, m = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if redis.call('HSETNX', KEYS[1], conn, m) == 1 then
+    local n = redis.call('HINCRBY', KEYS[3], user, 1)
+    out[#out + 1] = m
+    out[#out + 1] = (n == 1) and 1 or 0
+  end
+  redis.call('ZADD', KEYS[2], now + ttl, conn)
+end
+for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl * 2) end
+return out
+"#;
+
+/// Removes members: `ARGV[1]` = "conns" then the connection ids, or "expired", now (ms)
+/// and a limit. Answers each removed member's JSON and whether it was its user's last
+/// connection.
+pub(crate) const PRESENCE_REMOVE_SCRIPT: &str = r#"
+local conns
+if ARGV[1] == 'expired' then
+  conns = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+else
+  conns = {}
+  for i = 2, #ARGV do conns[#conns + 1] = ARGV[i] end
+end
+local out = {}
+for _, conn in ipairs(conns) do
+  local m = redis.call('HGET', KEYS[1], conn)
+  redis.call('ZREM', KEYS[2], conn)
+  if m then
+    redis.call('HDEL', KEYS[1], conn)
+    local user = cjson.decode(m).user
+    -- Anonymous connections count as a user each.
+    if user == '' then user = conn end
+    local n = redis.call('HINCRBY', KEYS[3], user, -1)
+    if n <= 0 then redis.call('HDEL', KEYS[3], user) end
+    out[#out + 1] = m
+    out[#out + 1] = (n <= 0) and 1 or 0
+  end
+end
+return out
+"#;
+
+/// The counts: connections and distinct users.
+pub(crate) const PRESENCE_STATS_SCRIPT: &str = r#"
+return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[3])}
+"#;
+
+/// The scripts, hashed once.
 pub(crate) struct Scripts {
     /// [`PUBLISH_SCRIPT`].
     pub(crate) publish: Script,
     /// [`HISTORY_SCRIPT`].
     pub(crate) history: Script,
+    /// Presence (the `presence` module's scripts).
+    pub(crate) presence_add: Script,
+    /// Presence removals and expiry.
+    pub(crate) presence_remove: Script,
+    /// Presence counts.
+    pub(crate) presence_stats: Script,
 }
 
 impl Scripts {
@@ -214,6 +274,9 @@ impl Scripts {
         Scripts {
             publish: Script::new(PUBLISH_SCRIPT),
             history: Script::new(HISTORY_SCRIPT),
+            presence_add: Script::new(PRESENCE_ADD_SCRIPT),
+            presence_remove: Script::new(PRESENCE_REMOVE_SCRIPT),
+            presence_stats: Script::new(PRESENCE_STATS_SCRIPT),
         }
     }
 }

@@ -98,6 +98,10 @@ mod tests {
             max_recovery: 0,
             subscribe,
             publish,
+            presence: false,
+            join_leave: false,
+            join_leave_per: Default::default(),
+            presence_access: Default::default(),
         }
     }
 
@@ -107,6 +111,8 @@ mod tests {
             expires_at: u64::MAX,
             channels: ChannelPatterns::new(channels).unwrap(),
             publish: ChannelPatterns::new(publish).unwrap(),
+            info: None,
+            subscribe: Vec::new(),
         }
     }
 
@@ -142,6 +148,7 @@ mod tests {
             user: user.into(),
             channel: channel.into(),
             expires_at: u64::MAX,
+            info: None,
         };
         let g = grant("42", "private:x");
         assert!(may_subscribe(&config, "private:x", Some(&u42), Some(&g)));

@@ -1,15 +1,24 @@
 //! What a node knows of its cluster, for the control plane: which nodes are alive (each
 //! says so on the control channel every `control.heartbeat_interval`) and which surveys
-//! it is waiting on. Plain state; the `control` module runs the tasks that feed it.
+//! it is waiting on; and, for presence, which members are this node's own. Plain state;
+//! the `control` and `presence` modules run the tasks that feed it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use herald_protocol::control::{reply_channel, Answer};
+use herald_protocol::presence::Member;
 use herald_protocol::ChannelName;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
+
+/// This node's presence members, per channel (what it refreshes).
+#[derive(Default)]
+pub(crate) struct LocalMembers {
+    /// Channel → connection id → member.
+    pub(crate) channels: Mutex<HashMap<ChannelName, HashMap<String, Member>>>,
+}
 
 /// A node not heard from for this many heartbeat intervals is no longer expected.
 const MISSED_HEARTBEATS: u32 = 3;

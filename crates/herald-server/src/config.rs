@@ -40,6 +40,8 @@ pub struct GatewayConfig {
     pub tls: TlsConfig,
     /// The control plane between nodes (the control API's surveys).
     pub control: ControlConfig,
+    /// Presence timings and page size.
+    pub presence: PresenceConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
     /// publications, anyone may publish to `demo:chat`. Off by default.
@@ -57,6 +59,10 @@ impl GatewayConfig {
             max_recovery: 0,
             subscribe: SubscribeAccess::Anyone,
             publish,
+            presence: false,
+            join_leave: false,
+            join_leave_per: JoinLeavePer::User,
+            presence_access: PresenceAccess::Subscribers,
         };
         vec![
             rule("demo:feed", PublishAccess::Nobody),
@@ -205,6 +211,69 @@ pub struct ChannelRule {
     /// publish over the HTTP API).
     #[serde(default)]
     pub publish: PublishAccess,
+    /// Keep presence: who is subscribed, cluster-wide (default: off).
+    #[serde(default)]
+    pub presence: bool,
+    /// Push `join` and `leave` frames to the channel's subscribers (needs `presence`).
+    #[serde(default)]
+    pub join_leave: bool,
+    /// Whether `join`/`leave` go per user (the first connection joins, the last
+    /// leaves: tabs and devices of one user are one member) or per connection.
+    #[serde(default)]
+    pub join_leave_per: JoinLeavePer,
+    /// Which clients may ask who is present (`presence`, `presence_stats` ops).
+    #[serde(default)]
+    pub presence_access: PresenceAccess,
+}
+
+/// A rule's `join_leave_per`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum JoinLeavePer {
+    /// A user's first connection joins, its last leaves.
+    #[default]
+    User,
+    /// Every connection joins and leaves.
+    Connection,
+}
+
+/// A rule's `presence_access`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum PresenceAccess {
+    /// Clients subscribed to the channel.
+    #[default]
+    Subscribers,
+    /// No client (backends still can, over the HTTP API).
+    Nobody,
+}
+
+impl TryFrom<String> for JoinLeavePer {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        choice(
+            &value,
+            &[
+                ("user", JoinLeavePer::User),
+                ("connection", JoinLeavePer::Connection),
+            ],
+        )
+    }
+}
+
+impl TryFrom<String> for PresenceAccess {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        choice(
+            &value,
+            &[
+                ("subscribers", PresenceAccess::Subscribers),
+                ("nobody", PresenceAccess::Nobody),
+            ],
+        )
+    }
 }
 
 /// A rule's `subscribe`. Whatever it says, a token's `channels` claim and a
@@ -404,6 +473,32 @@ impl Default for LimitsConfig {
             ipv6_prefix: 64,
             max_connections_per_user: 100,
             max_sse_channels: 16,
+        }
+    }
+}
+
+/// Presence: how long an entry lives without a refresh, how often nodes refresh
+/// theirs, and how many members one page holds.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// Every node adds its members again this often.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// An entry not refreshed for this long expires (its node died): the members of a
+    /// dead node leave within it, announced. More than `refresh_interval`.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// The most members one `presence` page holds (the default page too).
+    pub page_size: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            refresh_interval: Duration::from_secs(10),
+            ttl: Duration::from_secs(30),
+            page_size: 100,
         }
     }
 }
@@ -657,6 +752,17 @@ impl GatewayConfig {
         }
         if self.heartbeat.interval.is_zero() || self.heartbeat.timeout.is_zero() {
             return bad("heartbeat", "interval and timeout must be greater than 0");
+        }
+        if self.presence.refresh_interval.is_zero()
+            || self.presence.ttl <= self.presence.refresh_interval
+        {
+            return bad(
+                "presence",
+                "refresh_interval must be greater than 0 and ttl greater than refresh_interval",
+            );
+        }
+        if !(1..=1000).contains(&self.presence.page_size) {
+            return bad("presence.page_size", "must be 1-1000");
         }
         if self.control.heartbeat_interval.is_zero() || self.control.survey_timeout.is_zero() {
             return bad(

@@ -129,6 +129,8 @@ fn on_message(node: &Arc<Node>, p: Publication) {
         } => {
             node.cluster.answer(id, from, answer);
         }
+        // Presence changes travel on their own channel (the `presence` module's).
+        ControlMessage::Presence { .. } => {}
     }
 }
 

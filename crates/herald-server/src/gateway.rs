@@ -17,6 +17,7 @@ use crate::error::ServerError;
 use crate::http::{self, Role};
 use crate::lifecycle;
 use crate::node::Node;
+use crate::presence;
 
 /// The sockets to serve. With `internal` set, `public` serves the client endpoints
 /// (`/ws`, `/sse`, `/sse/publish`, the demo page with `--demo`) and `/healthz`, `/readyz`,
@@ -161,6 +162,17 @@ impl Gateway {
                     Ok(())
                 } else {
                     Err(ServerError::TaskEnded("heartbeat sweeper"))
+                }
+            }
+        });
+        background.spawn({
+            let (node, stop) = (node.clone(), stop.clone());
+            async move {
+                presence::run(node, stop.clone()).await;
+                if stop.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(ServerError::TaskEnded("presence"))
                 }
             }
         });

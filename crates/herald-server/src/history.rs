@@ -216,6 +216,16 @@ impl Stream {
         (removed, s.members.len())
     }
 
+    /// Every member's handle.
+    pub(crate) fn handles(&self) -> Vec<Arc<SessionHandle>> {
+        self.state
+            .lock()
+            .members
+            .values()
+            .map(|m| m.handle.clone())
+            .collect()
+    }
+
     /// Whether `conn` is a member.
     pub(crate) fn contains(&self, conn: ConnId) -> bool {
         self.state.lock().members.contains_key(&conn)

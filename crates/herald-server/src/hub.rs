@@ -191,6 +191,24 @@ impl Hub {
         );
     }
 
+    /// Pushes a non-delivery frame (`join`, `leave`) to every local subscriber of
+    /// `channel`; like fan-out, it never waits (a full queue closes that subscriber).
+    pub(crate) fn push_to_subscribers(&self, channel: &str, text: &str) {
+        let shard = self.shard(channel).read();
+        let Some(entry) = shard.get(channel) else {
+            return;
+        };
+        let handles: Vec<Arc<SessionHandle>> = match &entry.members {
+            Members::Plain(m) => m.values().cloned().collect(),
+            Members::History(s) => s.handles(),
+            Members::Node(_) => return,
+        };
+        drop(shard);
+        for h in handles {
+            h.push(Item::reply(text.to_owned()));
+        }
+    }
+
     /// Whether `conn` subscribes to `channel`.
     pub(crate) fn has(&self, channel: &str, conn: ConnId) -> bool {
         self.shard(channel)

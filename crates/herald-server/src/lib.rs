@@ -17,10 +17,13 @@
 //! - `lifecycle`: the node's sweeper (heartbeats, token expiry) and the drain.
 //! - `session`: one session (WebSocket or SSE): its start and end, and its reader
 //!   (requests, rate limit, token refresh).
+//! - `presence`: who is in a channel: joins, leaves, the refresh and sweep, and the
+//!   `join`/`leave` frames to local subscribers.
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
 //! - `node`: `Node`, the state every task shares (config, broker, hub, metrics, open
 //!   sessions, connection slots, task trackers).
-//! - `cluster`: what the node knows of the cluster (nodes alive, surveys waiting).
+//! - `cluster`: what the node knows of the cluster (nodes alive, surveys waiting) and
+//!   its own presence members.
 //! - `hub`: channel → local subscribers, and fan-out of broker publications.
 //! - `history`: history channels: each one's `Stream` (members and where each stands,
 //!   gap repair, epoch changes) and the whole resume of a subscriber.
@@ -51,6 +54,7 @@ mod http;
 mod hub;
 mod lifecycle;
 mod node;
+mod presence;
 mod session;
 mod tls;
 mod writer;

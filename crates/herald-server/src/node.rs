@@ -34,6 +34,8 @@ pub(crate) struct Node {
     pub(crate) registry: herald_metrics::prometheus::Registry,
     /// The cluster as the control plane sees it.
     pub(crate) cluster: crate::cluster::Cluster,
+    /// This node's presence members.
+    pub(crate) presence: crate::cluster::LocalMembers,
     /// Open sessions, so that the drain and the heartbeat sweeper can reach each one.
     pub(crate) sessions: Mutex<HashMap<ConnId, Arc<SessionHandle>>>,
     /// Connection slots taken (upgrades in progress plus open sessions); checked
@@ -134,6 +136,7 @@ impl Node {
             metrics,
             registry,
             cluster: crate::cluster::Cluster::new(config.control.heartbeat_interval),
+            presence: Default::default(),
             sessions: Mutex::default(),
             n_slots: AtomicUsize::new(0),
             per_client: Mutex::default(),

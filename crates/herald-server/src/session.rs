@@ -16,16 +16,19 @@ use futures_util::{Sink, Stream, StreamExt};
 use herald_broker::BrokerError;
 use herald_metrics::Source;
 use herald_protocol::client::{parse_binary, parse_text, Request, RequestError, Since};
+use herald_protocol::presence::Member;
 use herald_protocol::server::{self as frames, Ack};
 use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::access;
+use crate::config::PresenceAccess;
 use crate::handle::{ConnId, Item, SessionCommand, SessionHandle};
 use crate::history::{Resume, Resumed};
 use crate::hub::SubscribeOpts;
 use crate::node::Node;
+use crate::presence;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
@@ -96,8 +99,22 @@ pub(crate) async fn run<S, R>(
     handle.done.fire();
     drop(handle.detach());
 
+    let mut present = Vec::new();
     for channel in std::mem::take(&mut session.subscriptions) {
         node.hub.unsubscribe(&channel, conn);
+        if presence::rule(&node, channel.as_str()).is_some() {
+            present.push(channel);
+        }
+    }
+    if !present.is_empty() {
+        // Off the session's teardown: the broker's answer is not worth keeping the
+        // session's resources for. Tracked, so a drain waits for these leaves.
+        let (node, name) = (node.clone(), conn_name(&node.node_id, conn));
+        node.session_tasks.clone().spawn(async move {
+            for channel in present {
+                presence::leave(&node, &channel, &name).await;
+            }
+        });
     }
     handle.discard();
     node.sessions.lock().remove(&conn);
@@ -283,8 +300,17 @@ impl Session {
                 if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
                     self.subscriptions.swap_remove(i);
                     self.node.hub.unsubscribe(&channel, self.conn);
+                    self.left(&channel).await;
                 }
                 self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), id));
+            }
+            Ok(Request::Presence {
+                channel,
+                id,
+                cursor,
+            }) => self.presence(channel, id, cursor, false).await,
+            Ok(Request::PresenceStats { channel, id }) => {
+                self.presence(channel, id, None, true).await
             }
             Ok(Request::Publish { channel, data, id }) => {
                 self.publish(channel, Payload::Json(data), id).await
@@ -309,6 +335,7 @@ impl Session {
                         self.subscriptions.swap_remove(i);
                         self.node.hub.unsubscribe(&channel, self.conn);
                         self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), None));
+                        self.left(&channel).await;
                     }
                 }
             }
@@ -434,7 +461,8 @@ impl Session {
             );
         }
         let Some(stream) = subscribed.stream else {
-            return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+            self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+            return self.joined(&channel).await;
         };
         let resume = Resume {
             id,
@@ -443,8 +471,97 @@ impl Session {
             timeout: limit,
         };
         match stream.resume(self.conn, resume).await {
-            Resumed::Done { .. } | Resumed::Gone => {}
+            Resumed::Done { .. } => self.joined(&channel).await,
+            Resumed::Gone => {}
             Resumed::Unavailable(why) => self.refuse_subscribe(&channel, id, why),
+        }
+    }
+
+    /// This connection as a presence member.
+    fn member(&self) -> Member {
+        Member {
+            user: self
+                .identity
+                .as_ref()
+                .map_or_else(String::new, |i| i.user.clone()),
+            conn: conn_name(&self.node.node_id, self.conn),
+            info: self
+                .identity
+                .as_ref()
+                .and_then(|i| i.info.as_deref())
+                .and_then(|t| serde_json::from_str(t).ok()),
+        }
+    }
+
+    /// A subscribe completed: on a presence channel, the connection joins.
+    async fn joined(&self, channel: &ChannelName) {
+        if presence::rule(&self.node, channel.as_str()).is_some() {
+            presence::join(&self.node, channel, self.member()).await;
+        }
+    }
+
+    /// An unsubscribe: on a presence channel, the connection leaves.
+    async fn left(&self, channel: &ChannelName) {
+        if presence::rule(&self.node, channel.as_str()).is_some() {
+            let conn = conn_name(&self.node.node_id, self.conn);
+            presence::leave(&self.node, channel, &conn).await;
+        }
+    }
+
+    /// `presence` and `presence_stats`: for subscribers of a presence channel (by
+    /// default; the rule's `presence_access`).
+    async fn presence(
+        &self,
+        channel: ChannelName,
+        id: Option<u64>,
+        cursor: Option<String>,
+        stats: bool,
+    ) {
+        let Some(rule) = presence::rule(&self.node, channel.as_str()) else {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::BadRequest,
+                message: "this channel keeps no presence".into(),
+            });
+        };
+        let allowed = match rule.presence_access {
+            PresenceAccess::Subscribers => self.subscriptions.contains(&channel),
+            PresenceAccess::Nobody => false,
+        };
+        if !allowed {
+            return self.forbidden(
+                id,
+                "only the channel's subscribers may see who is present".into(),
+            );
+        }
+        let unavailable = |s: &Self| {
+            s.error(RequestError {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "presence could not be read; retry later".into(),
+            })
+        };
+        if stats {
+            match presence::stats(&self.node, &channel).await {
+                Ok(st) => self.reply(herald_protocol::presence::stats_frame(
+                    channel.as_str(),
+                    id,
+                    st.connections,
+                    st.users,
+                )),
+                Err(_) => unavailable(self),
+            }
+        } else {
+            let limit = self.node.config.presence.page_size;
+            match presence::page(&self.node, &channel, cursor, limit).await {
+                Ok(p) => self.reply(herald_protocol::presence::page_frame(
+                    channel.as_str(),
+                    id,
+                    &p.members,
+                    p.cursor.as_deref(),
+                )),
+                Err(_) => unavailable(self),
+            }
         }
     }
 

@@ -38,6 +38,20 @@ pub fn history_rule(pattern: &str, size: usize) -> ChannelRule {
         max_recovery: 0,
         subscribe: Default::default(),
         publish: Default::default(),
+        presence: false,
+        join_leave: false,
+        join_leave_per: Default::default(),
+        presence_access: Default::default(),
+    }
+}
+
+/// A `[[channels.rules]]` entry with presence and `join`/`leave` frames (no history).
+pub fn presence_rule(pattern: &str) -> ChannelRule {
+    ChannelRule {
+        history_size: 0,
+        presence: true,
+        join_leave: true,
+        ..history_rule(pattern, 0)
     }
 }
 

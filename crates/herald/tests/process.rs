@@ -765,3 +765,62 @@ async fn a_frozen_node_is_reported_missing_then_forgotten() {
     let _ = a.wait();
     let _ = b.wait();
 }
+
+/// Presence with real processes: a node SIGKILLed takes its members with it within the
+/// TTL, and the cluster announces their `leave` (the dead node cannot).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_members_leave_within_the_ttl() {
+    let redis = herald_testkit::RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("herald-presence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{}\"\n[presence]\nrefresh_interval = \"200ms\"\nttl = \"1s\"\n\
+             [[channels.rules]]\npattern = \"room:*\"\npresence = true\njoin_leave = true\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (mut a, a_addr) = start(&["--config", config, "--node-id", "a"], &[]);
+    let (mut b, b_addr) = start(&["--config", config, "--node-id", "b"], &[]);
+    let mut watcher = Client::connect(&format!("ws://{a_addr}/ws")).await.unwrap();
+    watcher.subscribe("room:1").await;
+    let me = watcher.recv_json().await;
+    assert_eq!(
+        (me["op"].as_str(), &me["conn"]),
+        (Some("join"), &watcher.welcome["conn"])
+    );
+    let mut member = Client::connect(&format!("ws://{b_addr}/ws")).await.unwrap();
+    member.subscribe("room:1").await;
+    let joined = watcher.recv_json().await;
+    assert_eq!(
+        (joined["op"].as_str(), &joined["conn"]),
+        (Some("join"), &member.welcome["conn"])
+    );
+
+    let _ = b.kill();
+    let _ = b.wait();
+    let killed = Instant::now();
+    let left = tokio::time::timeout(Duration::from_secs(10), watcher.recv_json())
+        .await
+        .expect("a leave within the TTL and a sweep");
+    assert_eq!(
+        (left["op"].as_str(), &left["conn"]),
+        (Some("leave"), &member.welcome["conn"])
+    );
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "left {took:?} after the kill (ttl 1 s)"
+    );
+    eprintln!(
+        "the killed node's member left {} ms after the kill",
+        took.as_millis()
+    );
+    let _ = a.kill();
+    let _ = a.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

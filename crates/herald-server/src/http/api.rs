@@ -52,6 +52,16 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     if super::admin::serves(&path) {
         return super::admin::serve(req, &path, node).await;
     }
+    for (prefix, stats) in [("/api/presence/", false), ("/api/presence_stats/", true)] {
+        if let Some(name) = path.strip_prefix(prefix) {
+            if req.method() != Method::GET {
+                return Err(Refusal::method_not_allowed("GET"));
+            }
+            let scope = authorize(&req, node)?;
+            let query = req.uri().query().unwrap_or("");
+            return presence(name, query, scope, node, stats).await;
+        }
+    }
     if let Some(name) = path.strip_prefix("/api/history/") {
         if req.method() != Method::GET {
             return Err(Refusal::method_not_allowed("GET"));
@@ -208,6 +218,60 @@ pub(super) fn broker_refusal(e: BrokerError) -> Refusal {
             "the node is shutting down; nothing was published",
         ),
     }
+}
+
+/// `GET /api/presence/{channel}?cursor=&limit=` and `GET /api/presence_stats/{channel}`.
+async fn presence(
+    name: &str,
+    query: &str,
+    scope: Option<&ChannelPatterns>,
+    node: &Node,
+    stats: bool,
+) -> Result<Response<Body>, Refusal> {
+    use herald_protocol::presence as wire;
+    let channel = path_channel(name)?;
+    in_scope(scope, &channel)?;
+    if crate::presence::rule(node, channel.as_str()).is_none() {
+        return Err(Refusal::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this channel keeps no presence (no [[channels.rules]] entry with presence = true)",
+        ));
+    }
+    let unavailable = |e: BrokerError| {
+        tracing::debug!(error = %e, "presence read failed");
+        Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "presence could not be read; retry later",
+        )
+    };
+    if stats {
+        if !query.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadRequest,
+                "presence_stats takes no parameters",
+            ));
+        }
+        let st = crate::presence::stats(node, &channel)
+            .await
+            .map_err(unavailable)?;
+        return Ok(json(
+            StatusCode::OK,
+            wire::stats_body(st.connections, st.users),
+        ));
+    }
+    let q = wire::parse_page_query(query).map_err(Refusal::body)?;
+    let max = node.config.presence.page_size;
+    let limit = q.limit.unwrap_or(max).min(max);
+    let page = crate::presence::page(node, &channel, q.cursor, limit)
+        .await
+        .map_err(unavailable)?;
+    Ok(json(
+        StatusCode::OK,
+        wire::page_body(&page.members, page.cursor.as_deref()),
+    ))
 }
 
 /// `GET /api/history/{channel}?since=&epoch=&limit=`.

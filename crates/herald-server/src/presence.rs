@@ -1,0 +1,237 @@
+//! Presence: who is subscribed to a channel, cluster-wide, for channels whose rule says
+//! `presence = true`.
+//!
+//! The broker holds the members (Redis, or the embedded broker's maps) with counts kept
+//! as they change, so stats cost O(1). Each node also remembers its own members and adds
+//! them again every `presence.refresh_interval`: an entry lives `presence.ttl` without
+//! that, so the members of a node that died expire, and a Redis that lost its data gets
+//! them back (without a second `join`). Whichever node next sweeps or reads the channel
+//! removes expired entries and announces their `leave`s. A session leaves every channel
+//! when it ends, so a drain removes its members at once.
+//!
+//! `join`/`leave` frames (`join_leave = true`) travel between nodes on an internal
+//! channel; each node pushes them to its local subscribers of the channel. Per user by
+//! default: only a user's first connection joins and its last leaves.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_broker::{BrokerError, PresenceChange, PresencePage, PresenceStats, PublishRequest};
+use herald_protocol::control::{presence_channel, ControlMessage};
+use herald_protocol::presence::{event_frame, Member};
+use herald_protocol::{ChannelName, Payload, Publication};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ChannelRule, JoinLeavePer};
+use crate::node::Node;
+
+/// Expired entries removed per channel per sweep (the rest go on the next).
+const EXPIRE_BATCH: usize = 1000;
+/// Presence changes waiting to be pushed to local subscribers; beyond this they are
+/// dropped and counted (`herald_control_messages_dropped_total`).
+const QUEUE: usize = 4096;
+
+/// The rule of `channel` if it keeps presence.
+pub(crate) fn rule<'n>(node: &'n Node, channel: &str) -> Option<&'n ChannelRule> {
+    node.config.channels.rule(channel).filter(|r| r.presence)
+}
+
+/// `member` subscribed to `channel` (a presence channel): record it and announce.
+pub(crate) async fn join(node: &Node, channel: &ChannelName, member: Member) {
+    node.presence
+        .channels
+        .lock()
+        .entry(channel.clone())
+        .or_default()
+        .insert(member.conn.clone(), member.clone());
+    node.metrics.presence_members.inc();
+    let ttl = node.config.presence.ttl;
+    match node.broker.presence_add(channel, vec![member], ttl).await {
+        Ok(changes) => announce(node, channel, true, changes).await,
+        // The next refresh adds it; its join is then not announced (counted here).
+        Err(e) => lost(node, "join", &e),
+    }
+}
+
+/// Connection `conn` left `channel` (unsubscribed, or its session ended).
+pub(crate) async fn leave(node: &Node, channel: &ChannelName, conn: &str) {
+    let known = {
+        let mut local = node.presence.channels.lock();
+        let known = local
+            .get_mut(channel)
+            .and_then(|members| members.remove(conn))
+            .is_some();
+        if local.get(channel).is_some_and(HashMap::is_empty) {
+            local.remove(channel);
+        }
+        known
+    };
+    if !known {
+        return;
+    }
+    node.metrics.presence_members.dec();
+    match node
+        .broker
+        .presence_remove(channel, vec![conn.to_owned()])
+        .await
+    {
+        Ok(changes) => announce(node, channel, false, changes).await,
+        // Not refreshed any more, it expires within the TTL; that leave is announced.
+        Err(e) => lost(node, "leave", &e),
+    }
+}
+
+fn lost(node: &Node, what: &str, e: &BrokerError) {
+    tracing::debug!(error = %e, what, "presence change not recorded now");
+    node.metrics
+        .presence_events
+        .with_label_values(&["deferred"])
+        .inc();
+}
+
+/// Publishes the `join`/`leave` frames `changes` call for (per the rule).
+async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<PresenceChange>) {
+    let Some(rule) = rule(node, channel.as_str()).filter(|r| r.join_leave) else {
+        return;
+    };
+    for c in changes {
+        if rule.join_leave_per == JoinLeavePer::User && !c.user_edge {
+            continue;
+        }
+        let msg = ControlMessage::Presence {
+            channel: channel.as_str().to_owned(),
+            join,
+            member: c.member,
+        };
+        let p = Publication::now(
+            presence_channel(),
+            Payload::Json(Bytes::from(msg.to_json())),
+        );
+        let event = if join { "join" } else { "leave" };
+        match node.broker.publish(vec![PublishRequest::plain(p)]).await {
+            Ok(_) => node
+                .metrics
+                .presence_events
+                .with_label_values(&[event])
+                .inc(),
+            Err(e) => {
+                tracing::debug!(error = %e, event, "presence event not sent");
+                node.metrics
+                    .presence_events
+                    .with_label_values(&["unsent"])
+                    .inc();
+            }
+        }
+    }
+}
+
+/// A page of `channel`'s members (expired entries removed first, their leaves announced).
+pub(crate) async fn page(
+    node: &Node,
+    channel: &ChannelName,
+    cursor: Option<String>,
+    limit: usize,
+) -> Result<PresencePage, BrokerError> {
+    expire(node, channel).await;
+    node.broker.presence_page(channel, cursor, limit).await
+}
+
+/// `channel`'s counts (expired entries removed first).
+pub(crate) async fn stats(
+    node: &Node,
+    channel: &ChannelName,
+) -> Result<PresenceStats, BrokerError> {
+    expire(node, channel).await;
+    node.broker.presence_stats(channel).await
+}
+
+async fn expire(node: &Node, channel: &ChannelName) {
+    if let Ok(gone) = node.broker.presence_expire(channel, EXPIRE_BATCH).await {
+        if !gone.is_empty() {
+            announce(node, channel, false, gone).await;
+        }
+    }
+}
+
+/// Refreshes this node's members and sweeps expired ones every
+/// `presence.refresh_interval`, and pushes `join`/`leave` frames to local subscribers,
+/// until `stop`.
+pub(crate) async fn run(node: Arc<Node>, stop: CancellationToken) {
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    node.hub.listen(&presence_channel(), tx);
+    let mut tick = tokio::time::interval(node.config.presence.refresh_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let node = node.clone();
+                // Off the loop: a slow broker delays the refresh, not the frames.
+                tokio::spawn(async move { refresh(&node).await });
+            }
+            p = rx.recv() => match p {
+                Some(p) => push(&node, p),
+                None => return,
+            },
+        }
+    }
+}
+
+/// Adds every local member again (quietly), then sweeps each channel.
+async fn refresh(node: &Node) {
+    let snapshot: Vec<(ChannelName, Vec<Member>)> = node
+        .presence
+        .channels
+        .lock()
+        .iter()
+        .map(|(c, m)| (c.clone(), m.values().cloned().collect()))
+        .collect();
+    let ttl = node.config.presence.ttl;
+    for (channel, members) in snapshot {
+        if node
+            .broker
+            .presence_add(&channel, members.clone(), ttl)
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        // A member that left while this refresh was on its way may have been added
+        // back: take it out again, quietly (its leave was announced).
+        let vanished: Vec<String> = {
+            let local = node.presence.channels.lock();
+            let now = local.get(&channel);
+            members
+                .into_iter()
+                .filter(|m| now.is_none_or(|n| !n.contains_key(&m.conn)))
+                .map(|m| m.conn)
+                .collect()
+        };
+        if !vanished.is_empty() {
+            let _ = node.broker.presence_remove(&channel, vanished).await;
+        }
+        expire(node, &channel).await;
+    }
+}
+
+/// A `join`/`leave` from any node: to this node's subscribers of the channel.
+fn push(node: &Node, p: Publication) {
+    let Payload::Json(json) = &p.payload else {
+        return;
+    };
+    let Some(ControlMessage::Presence {
+        channel,
+        join,
+        member,
+    }) = ControlMessage::parse(json)
+    else {
+        return;
+    };
+    if rule(node, &channel).is_none_or(|r| !r.join_leave) {
+        return;
+    }
+    node.hub
+        .push_to_subscribers(&channel, &event_frame(join, &channel, &member));
+}

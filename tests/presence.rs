@@ -1,0 +1,194 @@
+//! Presence across nodes on one real Redis: the same user in two tabs on two nodes is
+//! one member (one `join`, one `leave` when the last tab closes), counts stay right,
+//! a Redis that restarts empty gets the members back from the nodes' refresh without a
+//! second `join`, and who may ask is enforced. (A node SIGKILLed, its members leaving
+//! within the TTL, is a process test: `crates/herald/tests/process.rs`.)
+
+use std::time::{Duration, Instant};
+
+use herald_server::GatewayConfig;
+use herald_testkit::{http, presence_rule, token, Client, Node, RedisServer, TEST_SECRET};
+use serde_json::{json, Value};
+
+const KEY: &str = "presence-test-key";
+
+fn config(c: &mut GatewayConfig, id: &str) {
+    c.node_id = id.into();
+    c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+    c.auth.api_key = Some(KEY.into());
+    let mut quiet = presence_rule("quiet:*");
+    quiet.join_leave = false;
+    quiet.presence_access = herald_server::config::PresenceAccess::Nobody;
+    c.channels.rules = vec![presence_rule("room:*"), quiet];
+    c.presence.refresh_interval = Duration::from_millis(200);
+    c.presence.ttl = Duration::from_secs(1);
+    c.presence.page_size = 2;
+}
+
+async fn user(node: &Node, sub: &str, info: Value) -> Client {
+    let t = token(sub, 600, json!({ "info": info }));
+    Client::connect(&format!("{}?access_token={t}", node.ws_url()))
+        .await
+        .expect("connect")
+}
+
+async fn api(node: &Node, path: &str) -> (u16, Value) {
+    let r = http(
+        node.api,
+        "GET",
+        path,
+        &[("authorization", &format!("Bearer {KEY}"))],
+        vec![],
+    )
+    .await;
+    (r.status, r.json())
+}
+
+/// Reads frames until one with `op` arrives; every frame before it must be a `join` or
+/// `leave` (returned too).
+async fn until_op(c: &mut Client, op: &str) -> (Value, Vec<Value>) {
+    let mut seen = Vec::new();
+    loop {
+        let f = c.recv_json().await;
+        if f["op"] == op {
+            return (f, seen);
+        }
+        seen.push(f);
+    }
+}
+
+async fn stats(node: &Node, channel: &str) -> (u64, u64) {
+    let (status, s) = api(node, &format!("/api/presence_stats/{channel}")).await;
+    assert_eq!(status, 200, "{s}");
+    (
+        s["connections"].as_u64().unwrap(),
+        s["users"].as_u64().unwrap(),
+    )
+}
+
+async fn eventually_stats(node: &Node, channel: &str, want: (u64, u64)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = stats(node, channel).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{channel}: {got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_per_user_and_cluster_wide() {
+    let mut redis = RedisServer::start();
+    let a = Node::start_redis(&redis.url(), |c| config(c, "a")).await;
+    let b = Node::start_redis(&redis.url(), |c| config(c, "b")).await;
+    let c = Node::start_redis(&redis.url(), |c| config(c, "c")).await;
+
+    // Bob watches from node c.
+    let mut bob = user(&c, "bob", json!({"name": "Bob"})).await;
+    bob.subscribe("room:1").await;
+    let (joined, _) = until_op(&mut bob, "join").await;
+    assert_eq!(
+        (joined["user"].as_str(), joined["info"]["name"].as_str()),
+        (Some("bob"), Some("Bob"))
+    );
+
+    // Alice opens two tabs on two other nodes: one member, one join.
+    let mut tab1 = user(&a, "alice", json!({"name": "Alice"})).await;
+    tab1.subscribe("room:1").await;
+    let (joined, _) = until_op(&mut bob, "join").await;
+    assert_eq!(joined["user"], "alice");
+    assert_eq!(joined["info"], json!({"name": "Alice"}), "the token's info");
+    assert_eq!(joined["conn"], tab1.welcome["conn"]);
+    let mut tab2 = user(&b, "alice", json!({"name": "Alice"})).await;
+    tab2.subscribe("room:1").await;
+    eventually_stats(&a, "room:1", (3, 2)).await;
+    bob.expect_silence(Duration::from_millis(300)).await;
+
+    // Members, paged (page_size 2), from a client and over HTTP.
+    let asked = json!({"op": "presence", "channel": "room:1", "id": 9});
+    tab2.send_json(&asked).await;
+    let (page, _) = until_op(&mut tab2, "presence").await;
+    assert_eq!(page["id"], 9);
+    let mut members: Vec<Value> = page["members"].as_array().unwrap().clone();
+    let mut cursor = page["cursor"].as_str().map(str::to_owned);
+    while let Some(k) = cursor {
+        let (status, p) = api(&b, &format!("/api/presence/room:1?cursor={k}")).await;
+        assert_eq!(status, 200, "{p}");
+        members.extend(p["members"].as_array().unwrap().iter().cloned());
+        cursor = p["cursor"].as_str().map(str::to_owned);
+    }
+    let mut users: Vec<&str> = members
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["alice", "alice", "bob"], "{members:?}");
+    tab1.send_json(&json!({"op": "presence_stats", "channel": "room:1", "id": 10}))
+        .await;
+    let (st, _) = until_op(&mut tab1, "presence_stats").await;
+    assert_eq!(
+        (st["connections"].as_u64(), st["users"].as_u64()),
+        (Some(3), Some(2))
+    );
+
+    // Redis restarts empty: the refresh puts every member back, and nobody hears a
+    // second join.
+    tokio::task::block_in_place(|| redis.restart());
+    eventually_stats(&a, "room:1", (3, 2)).await;
+    bob.expect_silence(Duration::from_millis(500)).await;
+
+    // Closing one tab is not a leave; closing the last is, once.
+    tab1.close().await;
+    eventually_stats(&c, "room:1", (2, 2)).await;
+    bob.expect_silence(Duration::from_millis(300)).await;
+    tab2.close().await;
+    let (left, _) = until_op(&mut bob, "leave").await;
+    assert_eq!(left["user"], "alice");
+    bob.expect_silence(Duration::from_millis(300)).await;
+    eventually_stats(&b, "room:1", (1, 1)).await;
+
+    // Refusals: not subscribed, a channel without presence, one whose presence is
+    // backends' only; over HTTP, a channel without presence is 404.
+    let mut carol = user(&a, "carol", json!(null)).await;
+    for (frame, code) in [
+        (
+            json!({"op": "presence", "channel": "room:1", "id": 1}),
+            "forbidden",
+        ),
+        (
+            json!({"op": "presence_stats", "channel": "news", "id": 2}),
+            "bad_request",
+        ),
+    ] {
+        carol.send_json(&frame).await;
+        let (e, _) = until_op(&mut carol, "error").await;
+        assert_eq!(
+            (e["id"].clone(), e["code"].as_str()),
+            (frame["id"].clone(), Some(code)),
+            "{frame}"
+        );
+    }
+    carol.subscribe("quiet:1").await;
+    carol
+        .send_json(&json!({"op": "presence", "channel": "quiet:1", "id": 3}))
+        .await;
+    let (e, _) = until_op(&mut carol, "error").await;
+    assert_eq!(e["code"], "forbidden");
+    // `join_leave = false`: counted, not announced.
+    eventually_stats(&a, "quiet:1", (1, 1)).await;
+    carol.expect_silence(Duration::from_millis(200)).await;
+    assert_eq!(api(&a, "/api/presence/news").await.0, 404);
+    assert_eq!(api(&a, "/api/presence/room:1?limit=x").await.0, 400);
+    let r = http(a.api, "GET", "/api/presence_stats/room:1", &[], vec![]).await;
+    assert_eq!(r.status, 401);
+    // Bob was never disturbed by any of it.
+    bob.send_json(&json!({"op": "ping", "id": 77})).await;
+    let (pong, extra) = until_op(&mut bob, "pong").await;
+    assert_eq!((pong["id"].as_u64(), extra.len()), (Some(77), 0));
+    assert!(a.metric("herald_presence_events_total{event=\"join\"}") >= 1.0);
+}
