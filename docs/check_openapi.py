@@ -141,6 +141,10 @@ max_body_bytes = 2048
 [[channels.rules]]
 pattern = "h:*"
 history_size = 10
+[[channels.rules]]
+pattern = "news:*"
+presence = true
+join_leave = true
 """
     node, port = start(binary, config)
     try:
@@ -191,6 +195,15 @@ history_size = 10
             conn = json.loads(ws.recv())["conn"]
             ws.send(json.dumps({"op": "subscribe", "channel": "news:x", "id": 1}))
             json.loads(ws.recv())
+            members = check(port, "GET", "/api/presence/news:x", 200)
+            if [m["conn"] for m in members["members"]] != [conn]:
+                fail(f"/api/presence/news:x: {members}")
+            if check(port, "GET", "/api/presence_stats/news:x", 200) != {"connections": 1, "users": 1}:
+                fail("/api/presence_stats/news:x")
+            check(port, "GET", "/api/presence/h:1", 404)
+            check(port, "GET", "/api/presence/news:x?limit=0", 400)
+            check(port, "GET", "/api/presence_stats/chat", 403, key=SCOPED)
+            check(port, "POST", "/api/presence/news:x", 405, {})
             info = check(port, "GET", "/api/info", 200)
             if info["nodes"][0]["connections"] != 1 or info["missing"]:
                 fail(f"/api/info: {info}")

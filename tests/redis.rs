@@ -30,14 +30,14 @@ async fn three_nodes_share_one_redis() {
     sub.subscribe("news").await;
     // Interest-based routing: only A subscribes, and only to what it serves.
     assert_eq!(numsub(&redis, "herald:news"), 1);
-    // (Each node also listens on the control plane's internal `$` channels: one shared,
-    // one reply channel each.)
+    // (Each node also listens on the internal `$` channels: control and presence,
+    // shared, and a reply channel each.)
     let channels = redis.cli(&["PUBSUB", "CHANNELS", "herald:*"]);
     let (internal, users): (Vec<&str>, Vec<&str>) = channels
         .lines()
         .partition(|c| c.starts_with("herald:$herald."));
     assert_eq!(users, ["herald:news"], "B and C subscribe to nothing");
-    assert_eq!(internal.len(), 4, "{internal:?}");
+    assert_eq!(internal.len(), 5, "{internal:?}");
 
     // HTTP on C reaches a client on A.
     assert_eq!(c.publish("news", r#"{"via":"http"}"#).await, 200);
