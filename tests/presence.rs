@@ -192,3 +192,50 @@ async fn presence_is_per_user_and_cluster_wide() {
     assert_eq!((pong["id"].as_u64(), extra.len()), (Some(77), 0));
     assert!(a.metric("herald_presence_events_total{event=\"join\"}") >= 1.0);
 }
+
+/// The Rust client: presence questions, and `join`/`leave` as subscription events.
+#[tokio::test]
+async fn the_rust_client_sees_who_is_here() {
+    use herald_client::{Config, Event};
+    let node = Node::start_with(|c| config(c, "solo")).await;
+    let start = |sub: &str| {
+        let mut config = Config::new(node.ws_url());
+        config.token = Some(token(sub, 600, json!({"info": {"n": sub}})));
+        herald_client::Client::start(config)
+    };
+    let dee = start("dee");
+    let mut room = dee.subscribe("room:7").unwrap();
+    assert_eq!(next_event(&mut room).await, Event::Subscribed);
+    assert!(matches!(next_event(&mut room).await, Event::Join(m) if m.user == "dee"));
+    let eve = start("eve");
+    let mut eves = eve.subscribe("room:7").unwrap();
+    assert_eq!(next_event(&mut eves).await, Event::Subscribed);
+    match next_event(&mut room).await {
+        Event::Join(m) => assert_eq!(
+            (m.user.as_str(), m.info),
+            ("eve", Some(json!({"n": "eve"})))
+        ),
+        other => panic!("{other:?}"),
+    }
+    let st = dee.presence_stats("room:7").await.unwrap();
+    assert_eq!(
+        (st["connections"].as_u64(), st["users"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let page = dee.presence("room:7", None).await.unwrap();
+    assert_eq!(page["members"].as_array().unwrap().len(), 2, "{page}");
+    let refused = dee.presence("room:8", None).await.unwrap_err();
+    assert!(
+        matches!(&refused, herald_client::Error::Server { code, .. } if code == "forbidden"),
+        "{refused:?}"
+    );
+    eve.close();
+    assert!(matches!(next_event(&mut room).await, Event::Leave(m) if m.user == "eve"));
+}
+
+async fn next_event(s: &mut herald_client::Subscription) -> herald_client::Event {
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("an event")
+        .expect("running")
+}

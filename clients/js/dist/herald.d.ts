@@ -38,9 +38,16 @@ export declare class HeraldError extends Error {
     code: string;
     constructor(code: string, message: string);
 }
+/** A connection present in a channel: its user (the token's `sub`), its id, and the
+ * token's `info`. */
+export interface Member {
+    user: string;
+    conn: string;
+    info?: unknown;
+}
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
  * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
- * ended it: control API). */
+ * ended it: control API), `join` and `leave` (Member: presence with join_leave). */
 export declare class Subscription extends Emitter {
     readonly channel: string;
     private client;
@@ -53,6 +60,17 @@ export declare class Subscription extends Emitter {
     constructor(channel: string, client: Client);
     /** Stops receiving the channel. */
     unsubscribe(): void;
+    /** One page of who is present (channels with presence; subscribers only by default).
+     * Pass the returned `cursor` back for the next page; it is absent on the last. */
+    presence(cursor?: string): Promise<{
+        members: Member[];
+        cursor?: string;
+    }>;
+    /** How many connections and distinct users are present. */
+    presenceStats(): Promise<{
+        connections: number;
+        users: number;
+    }>;
     /** @internal */
     _emit(event: string, ...args: unknown[]): void;
 }
@@ -121,6 +139,8 @@ export declare class Client extends Emitter {
     private send;
     private sendSubscribe;
     private sendPublish;
+    /** @internal A question answered by a frame with its id (presence, presence_stats). */
+    _query(frame: Record<string, unknown>): Promise<any>;
     /** @internal */
     _unsubscribe(sub: Subscription): void;
     private startHeartbeat;

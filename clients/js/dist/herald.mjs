@@ -51,6 +51,15 @@ var Subscription = class extends Emitter {
   unsubscribe() {
     this.client._unsubscribe(this);
   }
+  /** One page of who is present (channels with presence; subscribers only by default).
+   * Pass the returned `cursor` back for the next page; it is absent on the last. */
+  presence(cursor) {
+    return this.client._query({ op: "presence", channel: this.channel, ...cursor ? { cursor } : {} });
+  }
+  /** How many connections and distinct users are present. */
+  presenceStats() {
+    return this.client._query({ op: "presence_stats", channel: this.channel });
+  }
   /** @internal */
   _emit(event, ...args) {
     this.emit(event, ...args);
@@ -161,7 +170,10 @@ var Client = class extends Emitter {
     );
     const pending = [...this.pending.values()];
     this.pending.clear();
-    for (const p of pending) if (p.publish) this.fail(p, unknown());
+    for (const p of pending) {
+      if (p.publish) this.fail(p, unknown());
+      else if (p.query) this.fail(p, new HeraldError("disconnected", "the connection closed before the answer"));
+    }
   }
   // ---- connection ----
   setState(s) {
@@ -334,7 +346,15 @@ var Client = class extends Emitter {
       case "published":
       case "refreshed":
       case "pong":
+      case "presence":
+      case "presence_stats":
         return this.settle(f.id, f);
+      case "join":
+      case "leave": {
+        const { op, channel, ...member } = f;
+        this.subscriptions.get(channel)?._emit(op, member);
+        return;
+      }
       case "error": {
         const err = new HeraldError(f.code, f.message);
         if (f.id !== void 0 && this.pending.has(f.id)) return this.settle(f.id, void 0, err);
@@ -449,6 +469,22 @@ var Client = class extends Emitter {
       this.pending.delete(id);
       this.queue.push(q);
     }
+  }
+  /** @internal A question answered by a frame with its id (presence, presence_stats). */
+  _query(frame) {
+    return new Promise((resolve, reject) => {
+      if (this.state !== "connected" || this.transport !== "websocket") {
+        return reject(new HeraldError("disconnected", "not connected over WebSocket"));
+      }
+      const id = this.nextId++;
+      const p = { resolve, reject, query: true };
+      p.timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new HeraldError("timeout", `${String(frame.op)} timed out`));
+      }, this.opts.publishTimeout);
+      this.pending.set(id, p);
+      this.send({ ...frame, id });
+    });
   }
   /** @internal */
   _unsubscribe(sub) {

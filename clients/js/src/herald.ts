@@ -86,6 +86,8 @@ interface Pending {
   /** A publish (its outcome matters after a drop); other requests belong to their
    * connection and are sent again after the next welcome. */
   publish?: boolean;
+  /** A question (presence): fails with `disconnected` when its connection drops. */
+  query?: boolean;
 }
 
 interface Queued {
@@ -105,9 +107,17 @@ export class HeraldError extends Error {
   }
 }
 
+/** A connection present in a channel: its user (the token's `sub`), its id, and the
+ * token's `info`. */
+export interface Member {
+  user: string;
+  conn: string;
+  info?: unknown;
+}
+
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
  * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
- * ended it: control API). */
+ * ended it: control API), `join` and `leave` (Member: presence with join_leave). */
 export class Subscription extends Emitter {
   /** The last position seen, on history channels. */
   offset?: number;
@@ -124,6 +134,15 @@ export class Subscription extends Emitter {
   /** Stops receiving the channel. */
   unsubscribe(): void {
     this.client._unsubscribe(this);
+  }
+  /** One page of who is present (channels with presence; subscribers only by default).
+   * Pass the returned `cursor` back for the next page; it is absent on the last. */
+  presence(cursor?: string): Promise<{ members: Member[]; cursor?: string }> {
+    return this.client._query({ op: 'presence', channel: this.channel, ...(cursor ? { cursor } : {}) });
+  }
+  /** How many connections and distinct users are present. */
+  presenceStats(): Promise<{ connections: number; users: number }> {
+    return this.client._query({ op: 'presence_stats', channel: this.channel });
   }
   /** @internal */
   _emit(event: string, ...args: unknown[]): void {
@@ -252,7 +271,10 @@ export class Client extends Emitter {
       );
     const pending = [...this.pending.values()];
     this.pending.clear();
-    for (const p of pending) if (p.publish) this.fail(p, unknown());
+    for (const p of pending) {
+      if (p.publish) this.fail(p, unknown());
+      else if (p.query) this.fail(p, new HeraldError('disconnected', 'the connection closed before the answer'));
+    }
   }
 
   // ---- connection ----
@@ -448,7 +470,15 @@ export class Client extends Emitter {
       case 'published':
       case 'refreshed':
       case 'pong':
+      case 'presence':
+      case 'presence_stats':
         return this.settle(f.id, f);
+      case 'join':
+      case 'leave': {
+        const { op, channel, ...member } = f;
+        this.subscriptions.get(channel)?._emit(op, member);
+        return;
+      }
       case 'error': {
         const err = new HeraldError(f.code, f.message);
         if (f.id !== undefined && this.pending.has(f.id)) return this.settle(f.id, undefined, err);
@@ -584,6 +614,23 @@ export class Client extends Emitter {
       this.pending.delete(id);
       this.queue.push(q);
     }
+  }
+
+  /** @internal A question answered by a frame with its id (presence, presence_stats). */
+  _query(frame: Record<string, unknown>): Promise<any> {
+    return new Promise((resolve, reject) => {
+      if (this.state !== 'connected' || this.transport !== 'websocket') {
+        return reject(new HeraldError('disconnected', 'not connected over WebSocket'));
+      }
+      const id = this.nextId++;
+      const p: Pending = { resolve, reject, query: true };
+      p.timer = setTimeout(() => {
+        this.pending.delete(id);
+        reject(new HeraldError('timeout', `${String(frame.op)} timed out`));
+      }, this.opts.publishTimeout);
+      this.pending.set(id, p);
+      this.send({ ...frame, id });
+    });
   }
 
   /** @internal */

@@ -31,6 +31,10 @@ publish = "anyone"
 [[channels.rules]]
 pattern = "feed:*"
 history_size = 1000
+[[channels.rules]]
+pattern = "room:*"
+presence = true
+join_leave = true
 `;
 
 const CONFIG = tempFile('herald.toml', RULES);
@@ -387,6 +391,40 @@ test('the control API: server-side subscribe and unsubscribe reach the app; 4000
     assert.equal(info.nodes[0].connections, 0, 'no reconnect after 4400');
   } finally {
     c.close();
+    await stop(h);
+  }
+});
+
+test('presence: who is here, counts, and join/leave events', async () => {
+  const h = await herald(0);
+  const mk = (sub) => new Client(`ws://${h.addr}/ws`, { getToken: async () => token(sub, 600) });
+  const ann = mk('ann');
+  const ben = mk('ben');
+  try {
+    const room = ann.subscribe('room:1');
+    const events = [];
+    room.on('join', (m) => events.push(['join', m.user]));
+    room.on('leave', (m) => events.push(['leave', m.user]));
+    await until('ann in', () => room.active && events.length === 1);
+    const benRoom = ben.subscribe('room:1');
+    await until('ben joined', () => benRoom.active && events.length === 2);
+    const page = await room.presence();
+    assert.deepEqual(page.members.map((m) => m.user).sort(), ['ann', 'ben']);
+    assert.deepEqual(await benRoom.presenceStats().then(({ connections, users }) => [connections, users]), [2, 2]);
+    // Only subscribers may ask: a channel this client does not hold is refused.
+    const other = await ann.subscribe('chat:x');
+    await until('chat', () => other.active);
+    await assert.rejects(other.presence(), (e) => e.code === 'bad_request');
+    ben.close();
+    await until('ben left', () => events.length === 3);
+    assert.deepEqual(events, [
+      ['join', 'ann'],
+      ['join', 'ben'],
+      ['leave', 'ben'],
+    ]);
+  } finally {
+    ann.close();
+    ben.close();
     await stop(h);
   }
 });

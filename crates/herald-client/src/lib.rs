@@ -35,7 +35,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::backoff::Backoff;
-use herald_protocol::client::{encode_ping, encode_publish, encode_resume, encode_unsubscribe};
+use herald_protocol::client::{
+    encode_ping, encode_presence, encode_publish, encode_resume, encode_unsubscribe,
+};
 use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
 use herald_protocol::{ChannelName, Epoch, StreamPosition};
 use serde_json::Value;
@@ -142,6 +144,10 @@ pub enum Event {
     /// The server could not confirm the subscription yet (`unavailable`: its broker is
     /// down); the client asks again with backoff while connected, by itself.
     Unavailable(String),
+    /// Someone joined the channel (presence with `join_leave`).
+    Join(herald_protocol::presence::Member),
+    /// Someone left it.
+    Leave(herald_protocol::presence::Member),
     /// The backend ended this subscription (the control API's `POST /api/unsubscribe`);
     /// it is over and not asked for again.
     Unsubscribed,
@@ -186,6 +192,8 @@ enum Command {
     /// That listener is gone.
     Unsubscribe(ChannelName, u64),
     Publish(String, Value, Reply),
+    /// A presence question (`stats`: `presence_stats`), answered while connected.
+    Presence(ChannelName, Option<String>, bool, Reply),
     Close,
 }
 
@@ -289,6 +297,42 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Publish(channel.to_owned(), data.clone(), tx))
+            .map_err(|_| Error::Closed)?;
+        match timeout(self.publish_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// One page of who is present in `channel` (a presence channel this client
+    /// subscribes to): the server's `presence` frame (`members`, and `cursor` while
+    /// there are more: pass it back for the next page).
+    pub async fn presence(&self, channel: &str, cursor: Option<&str>) -> Result<Value, Error> {
+        self.ask_presence(channel, cursor, false).await
+    }
+
+    /// How many connections and distinct users are present in `channel`: the server's
+    /// `presence_stats` frame (`connections`, `users`).
+    pub async fn presence_stats(&self, channel: &str) -> Result<Value, Error> {
+        self.ask_presence(channel, None, true).await
+    }
+
+    async fn ask_presence(
+        &self,
+        channel: &str,
+        cursor: Option<&str>,
+        stats: bool,
+    ) -> Result<Value, Error> {
+        let channel = ChannelName::new(channel).map_err(|e| Error::Channel(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Presence(
+                channel,
+                cursor.map(str::to_owned),
+                stats,
+                tx,
+            ))
             .map_err(|_| Error::Closed)?;
         match timeout(self.publish_timeout, rx).await {
             Ok(Ok(r)) => r,
@@ -478,6 +522,9 @@ async fn wait_or_command(
                 Some(Command::Publish(channel, data, reply)) => {
                     queue.push(Queued { channel, data, reply, since: Instant::now() });
                 }
+                Some(Command::Presence(.., reply)) => {
+                    let _ = reply.send(Err(Error::Disconnected));
+                }
             }
         }
     }
@@ -641,6 +688,14 @@ async fn session(
                         break Ended::Reconnect { at_once: false };
                     }
                 }
+                Some(Command::Presence(channel, cursor, stats, reply)) => {
+                    let id = requests.id();
+                    requests.publishing.insert(id, reply);
+                    let frame = encode_presence(&channel, id, cursor.as_deref(), stats);
+                    if ws.send(Message::Text(frame.into())).await.is_err() {
+                        break Ended::Reconnect { at_once: false };
+                    }
+                }
             },
             _ = sleep_until_first(&requests.retry), if !requests.retry.is_empty() => {
                 let now = tokio::time::Instant::now();
@@ -776,13 +831,28 @@ fn on_text(
             }
             sub.emit(Event::Reset);
         }
+        "join" | "leave" => {
+            if let Some((join, channel, member)) = herald_protocol::presence::parse_event(text) {
+                let sub = ChannelName::new(&channel)
+                    .ok()
+                    .and_then(|c| subs.get_mut(&c));
+                if let Some(sub) = sub {
+                    sub.emit(if join {
+                        Event::Join(member)
+                    } else {
+                        Event::Leave(member)
+                    });
+                }
+            }
+        }
         // Without an id: the backend ended the subscription; it is not asked for again.
         "unsubscribed" if id.is_none() => {
             if let Some(mut sub) = channel.and_then(|c| subs.remove(&c)) {
                 sub.emit(Event::Unsubscribed);
             }
         }
-        "published" => {
+        // Requests answered with their frame: a publish, a presence question.
+        "published" | "presence" | "presence_stats" => {
             if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
                 // The caller gets the reply as JSON (offset and epoch on history
                 // channels).

@@ -329,6 +329,23 @@ pub fn encode_publish(channel: &str, data: &str, id: Option<u64>) -> String {
     s
 }
 
+/// `{"op":"presence","channel":C,"id":N[,"cursor":K]}` (or `presence_stats`, which
+/// takes no cursor) as a client sends it.
+pub fn encode_presence(
+    channel: &ChannelName,
+    id: u64,
+    cursor: Option<&str>,
+    stats: bool,
+) -> String {
+    let op = if stats { "presence_stats" } else { "presence" };
+    let mut s = format!(r#"{{"op":"{op}","channel":"{channel}","id":{id}"#);
+    if let (Some(c), false) = (cursor, stats) {
+        s.push_str(&format!(r#","cursor":{}"#, crate::server::json_string(c)));
+    }
+    s.push('}');
+    s
+}
+
 /// `{"op":"unsubscribe","channel":C,"id":N}` as a client sends it.
 pub fn encode_unsubscribe(channel: &ChannelName, id: Option<u64>) -> String {
     let mut s = format!(r#"{{"op":"unsubscribe","channel":"{channel}""#);

@@ -97,6 +97,24 @@ pub fn event_frame(join: bool, channel: &str, member: &Member) -> String {
     s
 }
 
+/// Reads a pushed `join`/`leave` frame: whether it is a join, the channel, the member.
+pub fn parse_event(text: &str) -> Option<(bool, String, Member)> {
+    #[derive(Deserialize)]
+    struct Event {
+        op: String,
+        channel: String,
+        #[serde(flatten)]
+        member: Member,
+    }
+    let e: Event = serde_json::from_str(text).ok()?;
+    let join = match e.op.as_str() {
+        "join" => true,
+        "leave" => false,
+        _ => return None,
+    };
+    Some((join, e.channel, e.member))
+}
+
 /// `GET /api/presence/{channel}`'s reply.
 pub fn page_body(members: &[Member], cursor: Option<&str>) -> String {
     let mut s = format!(r#"{{"members":{}"#, members_json(members));
@@ -167,6 +185,10 @@ mod tests {
         assert_eq!(
             (v["id"].as_u64(), v["cursor"].as_str()),
             (Some(3), Some("17"))
+        );
+        assert_eq!(
+            parse_event(&event_frame(true, "room", &m)),
+            Some((true, "room".into(), m.clone()))
         );
         let v: serde_json::Value = serde_json::from_str(&event_frame(false, "room", &m)).unwrap();
         assert_eq!(

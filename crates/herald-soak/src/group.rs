@@ -195,7 +195,7 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
                             why: Some(why),
                             ..rec(&id2, &ch, Kind::Refused)
                         },
-                        Event::Unavailable(_) => continue,
+                        Event::Unavailable(_) | Event::Join(_) | Event::Leave(_) => continue,
                         // The soak never calls the control API: either would end a
                         // subscription the checker expects to go on.
                         Event::Unsubscribed => Record {
