@@ -419,3 +419,36 @@ async fn next_event(sub: &mut herald_client::Subscription) -> herald_client::Eve
         .expect("an event")
         .expect("the client runs")
 }
+
+/// Server-side subscriptions when a connection opens: the token's `subscribe` claim and
+/// `auth.personal_channel`, without the client asking; a name that is not a channel is
+/// skipped, and the connection goes on.
+#[tokio::test]
+async fn a_token_and_the_personal_channel_subscribe_at_connect() {
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.auth.api_key = Some(KEY.into());
+        c.auth.personal_channel = "user:{sub}".into();
+    })
+    .await;
+    let t = token("fay", 600, json!({"subscribe": ["news", "not a channel"]}));
+    let mut fay = Client::connect(&format!("{}?access_token={t}", node.ws_url()))
+        .await
+        .unwrap();
+    let mut subscribed = vec![fay.recv_json().await, fay.recv_json().await];
+    subscribed.sort_by_key(|f| f["channel"].as_str().unwrap().to_owned());
+    assert_eq!(
+        subscribed,
+        [
+            json!({"op": "subscribed", "channel": "news"}),
+            json!({"op": "subscribed", "channel": "user:fay"})
+        ]
+    );
+    publish(&node, "user:fay", 1).await;
+    publish(&node, "news", 2).await;
+    assert_eq!(fay.recv_json().await["data"], 1);
+    assert_eq!(fay.recv_json().await["data"], 2);
+    // Anonymous connections have no personal channel.
+    let mut anon = node.client().await;
+    anon.expect_silence(Duration::from_millis(200)).await;
+}

@@ -129,6 +129,10 @@ pub struct AuthConfig {
     /// `refresh`; then it is closed with 4001 (token expired).
     #[serde(with = "humantime_serde")]
     pub expiry_grace: Duration,
+    /// A channel every connection with a token is subscribed to when it opens, with
+    /// `{sub}` standing for its user (`user:{sub}`): a backend reaches one user by
+    /// publishing there. Empty: none.
+    pub personal_channel: String,
 }
 
 impl Default for AuthConfig {
@@ -142,6 +146,7 @@ impl Default for AuthConfig {
             jwt: JwtConfig::default(),
             public_api_without_key: false,
             expiry_grace: Duration::from_secs(10),
+            personal_channel: String::new(),
         }
     }
 }
@@ -763,6 +768,16 @@ impl GatewayConfig {
         }
         if !(1..=1000).contains(&self.presence.page_size) {
             return bad("presence.page_size", "must be 1-1000");
+        }
+        let personal = &self.auth.personal_channel;
+        if !personal.is_empty()
+            && (!personal.contains("{sub}")
+                || herald_protocol::ChannelName::new(&personal.replace("{sub}", "u")).is_err())
+        {
+            return bad(
+                "auth.personal_channel",
+                "must be a channel name with {sub} in it, e.g. \"user:{sub}\"",
+            );
         }
         if self.control.heartbeat_interval.is_zero() || self.control.survey_timeout.is_zero() {
             return bad(

@@ -82,6 +82,23 @@ pub(crate) async fn run<S, R>(
             node.config.heartbeat.interval.as_millis() as u64,
         ));
     }
+    // Server-side subscriptions: the token's `subscribe` claim and the personal
+    // channel. The reader carries them out first, like any command.
+    if let Some(i) = session.identity.as_deref() {
+        let personal = &node.config.auth.personal_channel;
+        let personal = (!personal.is_empty()).then(|| personal.replace("{sub}", &i.user));
+        for name in i.subscribe.iter().cloned().chain(personal) {
+            match ChannelName::new(&name) {
+                Ok(channel) => handle.command(SessionCommand::Subscribe {
+                    channel,
+                    since: None,
+                }),
+                Err(e) => {
+                    tracing::debug!(channel = %name, error = %e, "server-side subscription skipped")
+                }
+            }
+        }
+    }
     // Re-check after registering: a drain that snapshotted the sessions just before this
     // one registered must still close it.
     if node.is_draining() {
