@@ -826,3 +826,76 @@ async fn eventually_subscribed(c: &mut Client, channel: &str, start: &str) -> Va
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The `history` op: a page can back-fill from the channel's last publications, on
+/// the embedded broker and on Redis; only subscribers may ask (by default), and a
+/// channel without history or a rule that says `history_access = "nobody"` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_op_returns_the_latest_publications() {
+    let redis = RedisServer::start();
+    let rules = |c: &mut herald_server::GatewayConfig| {
+        let mut closed = history_rule("closed:*", 10);
+        closed.history_access = herald_server::config::PresenceAccess::Nobody;
+        c.channels.rules = vec![history_rule("h:*", 10), closed];
+    };
+    for node in [
+        Node::start_with(rules).await,
+        Node::start_redis(&redis.url(), rules).await,
+    ] {
+        node.publish_numbers("h:1", 1, 14).await;
+        let mut c = node.client().await;
+        let ask = |channel: &str, id: u64, limit: u64| json!({"op": "history", "channel": channel, "id": id, "limit": limit});
+        c.send_json(&ask("h:1", 1, 3)).await;
+        let e = c.recv_json().await;
+        assert_eq!(
+            (e["id"].as_u64(), e["code"].as_str()),
+            (Some(1), Some("forbidden")),
+            "{e}"
+        );
+        c.subscribe("h:1").await;
+        c.send_json(&ask("h:1", 2, 3)).await;
+        let page = c.recv_json().await;
+        assert_eq!(
+            (page["op"].as_str(), page["id"].as_u64()),
+            (Some("history"), Some(2)),
+            "{page}"
+        );
+        assert_eq!(page["offset"], 14);
+        let got: Vec<(u64, Value)> = page["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["offset"].as_u64().unwrap(), p["data"].clone()))
+            .collect();
+        assert_eq!(got, [(12, json!(12)), (13, json!(13)), (14, json!(14))]);
+        // Asking for more than is kept answers what is kept (history_size 10, at least:
+        // Redis trims approximately), in order up to the last.
+        c.send_json(&ask("h:1", 3, 100)).await;
+        let page = c.recv_json().await;
+        let kept: Vec<u64> = page["publications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["offset"].as_u64().unwrap())
+            .collect();
+        assert!(kept.len() >= 10, "{page}");
+        assert_eq!(kept, ((15 - kept.len() as u64)..=14).collect::<Vec<_>>());
+        c.subscribe("news").await;
+        c.send_json(&ask("news", 4, 3)).await;
+        assert_eq!(c.recv_json().await["code"], "bad_request");
+        c.subscribe("closed:1").await;
+        c.send_json(&ask("closed:1", 5, 3)).await;
+        assert_eq!(c.recv_json().await["code"], "forbidden");
+        // A channel never published: its position, nothing to read.
+        c.subscribe_since("h:empty", None).await;
+        c.send_json(&ask("h:empty", 6, 3)).await;
+        let page = c.recv_json().await;
+        assert_eq!(
+            (
+                page["offset"].as_u64(),
+                page["publications"].as_array().map(Vec::len)
+            ),
+            (Some(0), Some(0))
+        );
+    }
+}

@@ -290,6 +290,24 @@ pub fn history(top: StreamPosition, complete: bool, publications: &[Publication]
     s
 }
 
+/// The reply to a client's `history` op: the same object as `GET /api/history`'s,
+/// with `"op":"history"`, the channel and the request's id in front.
+pub fn history_frame(
+    channel: &str,
+    id: Option<u64>,
+    top: StreamPosition,
+    publications: &[Publication],
+) -> String {
+    let body = history(top, true, publications);
+    let mut s = format!(r#"{{"op":"history","channel":{}"#, json_string(channel));
+    if let Some(id) = id {
+        let _ = write!(s, r#","id":{id}"#);
+    }
+    s.push(',');
+    s.push_str(&body[1..]);
+    s
+}
+
 /// `{"code":CODE,"message":TEXT}`: every API error body.
 pub fn error(code: ErrorCode, message: &str) -> String {
     let mut s = String::with_capacity(32 + message.len());

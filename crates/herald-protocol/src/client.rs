@@ -68,6 +68,15 @@ pub enum Request {
         /// The previous page's `cursor`.
         cursor: Option<String>,
     },
+    /// A channel's most recent publications (history channels).
+    History {
+        /// Which channel.
+        channel: ChannelName,
+        /// Echoed in the reply.
+        id: Option<u64>,
+        /// How many (the server caps it).
+        limit: Option<u64>,
+    },
     /// How many connections and distinct users are present in a channel.
     PresenceStats {
         /// Which channel.
@@ -138,6 +147,7 @@ struct RawRequest<'a> {
     token: Option<Cow<'a, str>>,
     #[serde(borrow)]
     cursor: Option<Cow<'a, str>>,
+    limit: Option<u64>,
 }
 
 fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -157,6 +167,7 @@ impl Request {
             | Request::Refresh { id, .. }
             | Request::Presence { id, .. }
             | Request::PresenceStats { id, .. }
+            | Request::History { id, .. }
             | Request::Ping { id } => *id,
         }
     }
@@ -246,6 +257,11 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
             channel: channel()?,
             id,
             cursor: raw.cursor.map(Cow::into_owned),
+        }),
+        "history" => Ok(Request::History {
+            channel: channel()?,
+            id,
+            limit: raw.limit,
         }),
         "presence_stats" => Ok(Request::PresenceStats {
             channel: channel()?,
@@ -344,6 +360,11 @@ pub fn encode_presence(
     }
     s.push('}');
     s
+}
+
+/// `{"op":"history","channel":C,"id":N,"limit":L}` as a client sends it.
+pub fn encode_history(channel: &ChannelName, id: u64, limit: u64) -> String {
+    format!(r#"{{"op":"history","channel":"{channel}","id":{id},"limit":{limit}}}"#)
 }
 
 /// `{"op":"unsubscribe","channel":C,"id":N}` as a client sends it.

@@ -102,6 +102,7 @@ mod tests {
             join_leave: false,
             join_leave_per: Default::default(),
             presence_access: Default::default(),
+            history_access: Default::default(),
         }
     }
 

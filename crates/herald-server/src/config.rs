@@ -63,6 +63,7 @@ impl GatewayConfig {
             join_leave: false,
             join_leave_per: JoinLeavePer::User,
             presence_access: PresenceAccess::Subscribers,
+            history_access: PresenceAccess::Subscribers,
         };
         vec![
             rule("demo:feed", PublishAccess::Nobody),
@@ -229,6 +230,10 @@ pub struct ChannelRule {
     /// Which clients may ask who is present (`presence`, `presence_stats` ops).
     #[serde(default)]
     pub presence_access: PresenceAccess,
+    /// Which clients may read recent history with the `history` op (history
+    /// channels; resuming with `since` is not governed by this).
+    #[serde(default)]
+    pub history_access: PresenceAccess,
 }
 
 /// A rule's `join_leave_per`.
@@ -242,7 +247,7 @@ pub enum JoinLeavePer {
     Connection,
 }
 
-/// A rule's `presence_access`.
+/// A rule's `presence_access` and `history_access`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase", try_from = "String")]
 pub enum PresenceAccess {

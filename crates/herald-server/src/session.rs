@@ -329,6 +329,7 @@ impl Session {
             Ok(Request::PresenceStats { channel, id }) => {
                 self.presence(channel, id, None, true).await
             }
+            Ok(Request::History { channel, id, limit }) => self.recent(channel, id, limit).await,
             Ok(Request::Publish { channel, data, id }) => {
                 self.publish(channel, Payload::Json(data), id).await
             }
@@ -522,6 +523,55 @@ impl Session {
         if presence::rule(&self.node, channel.as_str()).is_some() {
             let conn = conn_name(&self.node.node_id, self.conn);
             presence::leave(&self.node, channel, &conn).await;
+        }
+    }
+
+    /// `history`: a history channel's most recent publications (at most `limit` and
+    /// `limits.max_history_page`), for subscribers by default (the rule's
+    /// `history_access`).
+    async fn recent(&self, channel: ChannelName, id: Option<u64>, limit: Option<u64>) {
+        let rule = self.node.config.channels.rule(channel.as_str());
+        let Some((rule, policy)) = rule.and_then(|r| Some((r, r.history()?))) else {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::BadRequest,
+                message: "this channel keeps no history".into(),
+            });
+        };
+        let allowed = match rule.history_access {
+            PresenceAccess::Subscribers => self.subscriptions.contains(&channel),
+            PresenceAccess::Nobody => false,
+        };
+        if !allowed {
+            return self.forbidden(
+                id,
+                "only the channel's subscribers may read its history".into(),
+            );
+        }
+        let max = self.node.config.limits.max_history_page as u64;
+        let n = limit.unwrap_or(max).min(max);
+        let broker = &self.node.broker;
+        // Where the stream stands, then its last `n` publications in that epoch (a new
+        // epoch begun in between answers its position and nothing: read again).
+        let read = async {
+            let head = broker.history(&channel, policy, 0, 0, None).await?;
+            let since = head.top.offset.saturating_sub(n);
+            broker
+                .history(&channel, policy, since, n as usize, Some(head.top.epoch))
+                .await
+        };
+        match read.await {
+            Ok(page) => self.reply(herald_protocol::api::history_frame(
+                channel.as_str(),
+                id,
+                page.top,
+                &page.publications,
+            )),
+            Err(_) => self.error(RequestError {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "the channel's history could not be read; retry later".into(),
+            }),
         }
     }
 
