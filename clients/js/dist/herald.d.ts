@@ -21,6 +21,13 @@ export interface Options {
      * which, unlike a WebSocket handshake, shows its status) before the client stops:
      * state `closed`, and an `error` with the server's code and reason. 0: never. */
     maxAuthFailures?: number;
+    /** Connect at once (default); `false`: only when `connect()` is called. */
+    autoConnect?: boolean;
+    /** Returns a subscription token (JWT with a `channel` claim) for a channel the
+     * connection's own token does not open; called before every subscribe of that
+     * channel (after reconnects too: tokens expire). Return null for channels that need
+     * none. WebSocket only. */
+    getSubscriptionToken?: (channel: string) => Promise<string | null | undefined> | string | null | undefined;
 }
 export interface MessageContext {
     channel: string;
@@ -28,11 +35,41 @@ export interface MessageContext {
     offset?: number;
 }
 type Listener = (...args: any[]) => void;
-declare class Emitter {
+/** What a subscription emits (a misspelt name is a type error). */
+export interface SubscriptionEvents {
+    /** A publication: its data (JSON, or Uint8Array for binary) and where it came from. */
+    message: (data: any, ctx: MessageContext) => void;
+    /** The server confirmed the subscription (again after every reconnect). */
+    subscribed: (frame: any) => void;
+    /** After a resume: whether everything missed arrived (false: reload from the source). */
+    recovered: (ok: boolean) => void;
+    /** The channel's stream restarted (new epoch); positions start over. */
+    reset: (frame: any) => void;
+    /** A refusal (forbidden, unavailable, ...). */
+    error: (e: HeraldError) => void;
+    /** The server ended the subscription (control API); it is not asked for again. */
+    unsubscribed: (frame: any) => void;
+    /** Presence with join_leave: someone joined or left. */
+    join: (member: Member) => void;
+    leave: (member: Member) => void;
+}
+/** What the client emits. */
+export interface ClientEvents {
+    state: (state: State) => void;
+    welcome: (frame: any) => void;
+    transport: (transport: Transport) => void;
+    error: (e: Error) => void;
+    /** A subscription the server made (control API, a token's subscribe claim, the
+     * personal channel), before its first message. */
+    subscription: (sub: Subscription) => void;
+}
+declare class Emitter<E extends {
+    [K in keyof E]: Listener;
+}> {
     private listeners;
-    on(event: string, fn: Listener): this;
-    off(event: string, fn: Listener): this;
-    protected emit(event: string, ...args: unknown[]): void;
+    on<K extends keyof E>(event: K, fn: E[K]): this;
+    off<K extends keyof E>(event: K, fn: E[K]): this;
+    protected emit<K extends keyof E>(event: K, ...args: Parameters<E[K]>): void;
 }
 export declare class HeraldError extends Error {
     code: string;
@@ -48,7 +85,7 @@ export interface Member {
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
  * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
  * ended it: control API), `join` and `leave` (Member: presence with join_leave). */
-export declare class Subscription extends Emitter {
+export declare class Subscription extends Emitter<SubscriptionEvents> {
     readonly channel: string;
     private client;
     /** The last position seen, on history channels. */
@@ -71,12 +108,26 @@ export declare class Subscription extends Emitter {
         connections: number;
         users: number;
     }>;
+    /** The channel's last `limit` publications (history channels; subscribers by
+     * default), oldest first, for a page to show before live messages. It moves
+     * nothing: resuming stays the client's job. */
+    history(opts?: {
+        limit?: number;
+    }): Promise<{
+        epoch: string;
+        offset: number;
+        publications: {
+            offset: number;
+            data?: unknown;
+            binary?: string;
+        }[];
+    }>;
     /** @internal */
-    _emit(event: string, ...args: unknown[]): void;
+    _emit<K extends keyof SubscriptionEvents>(event: K, ...args: Parameters<SubscriptionEvents[K]>): void;
 }
 /** A Herald connection. Events: `state` (State), `welcome` (frame), `error`,
  * `subscription` (a Subscription the server made: control API). */
-export declare class Client extends Emitter {
+export declare class Client extends Emitter<ClientEvents> {
     readonly url: string;
     state: State;
     transport: Transport;
@@ -85,6 +136,7 @@ export declare class Client extends Emitter {
     private ws;
     private sse;
     private nextId;
+    private started;
     private pending;
     private queue;
     private attempt;
@@ -107,6 +159,9 @@ export declare class Client extends Emitter {
     private onOnline;
     private onOffline;
     constructor(url: string, options?: Options);
+    /** Starts connecting (with `autoConnect: false`; otherwise the constructor did).
+     * Once: after `close()`, make a new client. */
+    connect(): void;
     /** Subscribes (or returns the existing subscription). History channels resume by
      * themselves after every reconnect. */
     subscribe(channel: string): Subscription;
@@ -121,7 +176,7 @@ export declare class Client extends Emitter {
      * subscription must not hear an error for a request nobody refused. */
     private abandonRequests;
     private setState;
-    private connect;
+    private dial;
     private onWsFailure;
     private onClosed;
     private scheduleReconnect;
@@ -138,6 +193,7 @@ export declare class Client extends Emitter {
     private fail;
     private send;
     private sendSubscribe;
+    private sendSubscribeFrame;
     private sendPublish;
     /** @internal A question answered by a frame with its id (presence, presence_stats). */
     _query(frame: Record<string, unknown>): Promise<any>;

@@ -60,6 +60,12 @@ var Subscription = class extends Emitter {
   presenceStats() {
     return this.client._query({ op: "presence_stats", channel: this.channel });
   }
+  /** The channel's last `limit` publications (history channels; subscribers by
+   * default), oldest first, for a page to show before live messages. It moves
+   * nothing: resuming stays the client's job. */
+  history(opts = {}) {
+    return this.client._query({ op: "history", channel: this.channel, limit: opts.limit ?? 100 });
+  }
   /** @internal */
   _emit(event, ...args) {
     this.emit(event, ...args);
@@ -75,6 +81,7 @@ var Client = class extends Emitter {
     this.ws = null;
     this.sse = null;
     this.nextId = 1;
+    this.started = false;
     this.pending = /* @__PURE__ */ new Map();
     this.queue = [];
     this.attempt = 0;
@@ -107,7 +114,14 @@ var Client = class extends Emitter {
       g.addEventListener("online", this.onOnline);
       g.addEventListener("offline", this.onOffline);
     }
-    this.connect();
+    if (this.opts.autoConnect !== false) this.connect();
+  }
+  /** Starts connecting (with `autoConnect: false`; otherwise the constructor did).
+   * Once: after `close()`, make a new client. */
+  connect() {
+    if (this.started) return;
+    this.started = true;
+    this.dial();
   }
   /** Subscribes (or returns the existing subscription). History channels resume by
    * themselves after every reconnect. */
@@ -181,7 +195,7 @@ var Client = class extends Emitter {
     this.state = s;
     this.emit("state", s);
   }
-  async connect() {
+  async dial() {
     if (this.state === "closed") return;
     this.setState("connecting");
     this.opened = false;
@@ -275,13 +289,13 @@ var Client = class extends Emitter {
     );
     this.attempt++;
     const delay = soon ? Math.random() * this.opts.minReconnectDelay : Math.random() * bound;
-    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+    this.reconnectTimer = setTimeout(() => this.dial(), delay);
   }
   reconnectNow() {
     if (this.state === "connected" || this.state === "closed") return;
     this.attempt = 0;
     clearTimeout(this.reconnectTimer);
-    this.connect();
+    this.dial();
   }
   /** Drops the current connection and reconnects (dead peer, offline, transport). */
   drop(why) {
@@ -348,6 +362,7 @@ var Client = class extends Emitter {
       case "pong":
       case "presence":
       case "presence_stats":
+      case "history":
         return this.settle(f.id, f);
       case "join":
       case "leave": {
@@ -439,6 +454,18 @@ var Client = class extends Emitter {
     return true;
   }
   sendSubscribe(sub) {
+    const ask = this.opts.getSubscriptionToken;
+    if (!ask) return this.sendSubscribeFrame(sub, null);
+    Promise.resolve().then(() => ask(sub.channel)).then(
+      (token) => {
+        if (this.state === "connected" && this.subscriptions.get(sub.channel) === sub && !sub.active) {
+          this.sendSubscribeFrame(sub, token ?? null);
+        }
+      },
+      (e) => sub._emit("error", new HeraldError("token", `getSubscriptionToken failed: ${e}`))
+    );
+  }
+  sendSubscribeFrame(sub, token) {
     const id = this.nextId++;
     this.pending.set(id, {
       resolve: () => {
@@ -456,6 +483,7 @@ var Client = class extends Emitter {
     });
     const frame = { op: "subscribe", channel: sub.channel, id, recover: true };
     if (sub.offset !== void 0 && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
+    if (token) frame.token = token;
     this.send(frame);
   }
   sendPublish(q) {
@@ -548,7 +576,7 @@ var Client = class extends Emitter {
   restartSse() {
     this.sse?.abort();
     this.sse = null;
-    this.connect();
+    this.dial();
   }
   async openSse() {
     const channels = [...this.subscriptions.keys()];

@@ -29,6 +29,13 @@ export interface Options {
    * which, unlike a WebSocket handshake, shows its status) before the client stops:
    * state `closed`, and an `error` with the server's code and reason. 0: never. */
   maxAuthFailures?: number;
+  /** Connect at once (default); `false`: only when `connect()` is called. */
+  autoConnect?: boolean;
+  /** Returns a subscription token (JWT with a `channel` claim) for a channel the
+   * connection's own token does not open; called before every subscribe of that
+   * channel (after reconnects too: tokens expire). Return null for channels that need
+   * none. WebSocket only. */
+  getSubscriptionToken?: (channel: string) => Promise<string | null | undefined> | string | null | undefined;
 }
 
 export interface MessageContext {
@@ -39,19 +46,49 @@ export interface MessageContext {
 
 type Listener = (...args: any[]) => void;
 
-class Emitter {
-  private listeners = new Map<string, Set<Listener>>();
-  on(event: string, fn: Listener): this {
+/** What a subscription emits (a misspelt name is a type error). */
+export interface SubscriptionEvents {
+  /** A publication: its data (JSON, or Uint8Array for binary) and where it came from. */
+  message: (data: any, ctx: MessageContext) => void;
+  /** The server confirmed the subscription (again after every reconnect). */
+  subscribed: (frame: any) => void;
+  /** After a resume: whether everything missed arrived (false: reload from the source). */
+  recovered: (ok: boolean) => void;
+  /** The channel's stream restarted (new epoch); positions start over. */
+  reset: (frame: any) => void;
+  /** A refusal (forbidden, unavailable, ...). */
+  error: (e: HeraldError) => void;
+  /** The server ended the subscription (control API); it is not asked for again. */
+  unsubscribed: (frame: any) => void;
+  /** Presence with join_leave: someone joined or left. */
+  join: (member: Member) => void;
+  leave: (member: Member) => void;
+}
+
+/** What the client emits. */
+export interface ClientEvents {
+  state: (state: State) => void;
+  welcome: (frame: any) => void;
+  transport: (transport: Transport) => void;
+  error: (e: Error) => void;
+  /** A subscription the server made (control API, a token's subscribe claim, the
+   * personal channel), before its first message. */
+  subscription: (sub: Subscription) => void;
+}
+
+class Emitter<E extends { [K in keyof E]: Listener }> {
+  private listeners = new Map<keyof E, Set<Listener>>();
+  on<K extends keyof E>(event: K, fn: E[K]): this {
     let set = this.listeners.get(event);
     if (!set) this.listeners.set(event, (set = new Set()));
     set.add(fn);
     return this;
   }
-  off(event: string, fn: Listener): this {
+  off<K extends keyof E>(event: K, fn: E[K]): this {
     this.listeners.get(event)?.delete(fn);
     return this;
   }
-  protected emit(event: string, ...args: unknown[]): void {
+  protected emit<K extends keyof E>(event: K, ...args: Parameters<E[K]>): void {
     for (const fn of [...(this.listeners.get(event) ?? [])]) {
       try {
         fn(...args);
@@ -118,7 +155,7 @@ export interface Member {
 /** One channel's subscription. Events: `message` (data, ctx), `subscribed`,
  * `recovered` (ok: boolean), `reset`, `error` (HeraldError), `unsubscribed` (the server
  * ended it: control API), `join` and `leave` (Member: presence with join_leave). */
-export class Subscription extends Emitter {
+export class Subscription extends Emitter<SubscriptionEvents> {
   /** The last position seen, on history channels. */
   offset?: number;
   epoch?: string;
@@ -144,23 +181,35 @@ export class Subscription extends Emitter {
   presenceStats(): Promise<{ connections: number; users: number }> {
     return this.client._query({ op: 'presence_stats', channel: this.channel });
   }
+  /** The channel's last `limit` publications (history channels; subscribers by
+   * default), oldest first, for a page to show before live messages. It moves
+   * nothing: resuming stays the client's job. */
+  history(opts: { limit?: number } = {}): Promise<{
+    epoch: string;
+    offset: number;
+    publications: { offset: number; data?: unknown; binary?: string }[];
+  }> {
+    return this.client._query({ op: 'history', channel: this.channel, limit: opts.limit ?? 100 });
+  }
   /** @internal */
-  _emit(event: string, ...args: unknown[]): void {
+  _emit<K extends keyof SubscriptionEvents>(event: K, ...args: Parameters<SubscriptionEvents[K]>): void {
     this.emit(event, ...args);
   }
 }
 
 /** A Herald connection. Events: `state` (State), `welcome` (frame), `error`,
  * `subscription` (a Subscription the server made: control API). */
-export class Client extends Emitter {
+export class Client extends Emitter<ClientEvents> {
   state: State = 'disconnected';
   transport: Transport = 'websocket';
   readonly subscriptions = new Map<string, Subscription>();
 
-  private opts: Required<Omit<Options, 'getToken' | 'WebSocket' | 'sseUrl'>> & Options;
+  private opts: Required<Omit<Options, 'getToken' | 'WebSocket' | 'sseUrl' | 'autoConnect' | 'getSubscriptionToken'>> &
+    Options;
   private ws: any = null;
   private sse: AbortController | null = null;
   private nextId = 1;
+  private started = false;
   private pending = new Map<number, Pending>();
   private queue: Queued[] = [];
   private attempt = 0;
@@ -203,7 +252,15 @@ export class Client extends Emitter {
       g.addEventListener('online', this.onOnline);
       g.addEventListener('offline', this.onOffline);
     }
-    this.connect();
+    if (this.opts.autoConnect !== false) this.connect();
+  }
+
+  /** Starts connecting (with `autoConnect: false`; otherwise the constructor did).
+   * Once: after `close()`, make a new client. */
+  connect(): void {
+    if (this.started) return;
+    this.started = true;
+    this.dial();
   }
 
   /** Subscribes (or returns the existing subscription). History channels resume by
@@ -285,7 +342,7 @@ export class Client extends Emitter {
     this.emit('state', s);
   }
 
-  private async connect(): Promise<void> {
+  private async dial(): Promise<void> {
     if (this.state === 'closed') return;
     this.setState('connecting');
     this.opened = false;
@@ -293,7 +350,7 @@ export class Client extends Emitter {
       this.token = this.opts.getToken ? ((await this.opts.getToken()) ?? null) : null;
       this.tokenAt = Date.now();
     } catch (e) {
-      this.emit('error', e);
+      this.emit('error', e as Error);
       return this.scheduleReconnect();
     }
     // close() may have run while the token was being fetched.
@@ -306,7 +363,7 @@ export class Client extends Emitter {
     try {
       ws = new WS(url);
     } catch (e) {
-      this.emit('error', e);
+      this.emit('error', e as Error);
       return this.onWsFailure();
     }
     ws.binaryType = 'arraybuffer';
@@ -372,7 +429,7 @@ export class Client extends Emitter {
         closeCode?: number;
       };
       e.closeCode = code;
-      this.emit('error', e);
+      this.emit('error', e as Error);
       this.close();
       return;
     }
@@ -392,14 +449,14 @@ export class Client extends Emitter {
     );
     this.attempt++;
     const delay = soon ? Math.random() * this.opts.minReconnectDelay : Math.random() * bound;
-    this.reconnectTimer = setTimeout(() => this.connect(), delay);
+    this.reconnectTimer = setTimeout(() => this.dial(), delay);
   }
 
   private reconnectNow(): void {
     if (this.state === 'connected' || this.state === 'closed') return;
     this.attempt = 0;
     clearTimeout(this.reconnectTimer);
-    this.connect();
+    this.dial();
   }
 
   /** Drops the current connection and reconnects (dead peer, offline, transport). */
@@ -472,11 +529,12 @@ export class Client extends Emitter {
       case 'pong':
       case 'presence':
       case 'presence_stats':
+      case 'history':
         return this.settle(f.id, f);
       case 'join':
       case 'leave': {
         const { op, channel, ...member } = f;
-        this.subscriptions.get(channel)?._emit(op, member);
+        this.subscriptions.get(channel)?._emit(op as 'join' | 'leave', member as Member);
         return;
       }
       case 'error': {
@@ -581,6 +639,22 @@ export class Client extends Emitter {
   }
 
   private sendSubscribe(sub: Subscription): void {
+    const ask = this.opts.getSubscriptionToken;
+    if (!ask) return this.sendSubscribeFrame(sub, null);
+    Promise.resolve()
+      .then(() => ask(sub.channel))
+      .then(
+        (token) => {
+          // Still wanted, on a connection that has not confirmed it yet.
+          if (this.state === 'connected' && this.subscriptions.get(sub.channel) === sub && !sub.active) {
+            this.sendSubscribeFrame(sub, token ?? null);
+          }
+        },
+        (e) => sub._emit('error', new HeraldError('token', `getSubscriptionToken failed: ${e}`)),
+      );
+  }
+
+  private sendSubscribeFrame(sub: Subscription, token: string | null): void {
     const id = this.nextId++;
     // A refused subscribe is an error frame with this id: the subscription hears it.
     // `unavailable` (the broker could not confirm it yet, e.g. Redis is down) is
@@ -588,7 +662,7 @@ export class Client extends Emitter {
     this.pending.set(id, {
       resolve: () => {},
       reject: (e) => {
-        sub._emit('error', e);
+        sub._emit('error', e as HeraldError);
         if ((e as HeraldError).code !== 'unavailable') return;
         const bound = Math.min(this.opts.maxReconnectDelay, this.opts.minReconnectDelay * 2 ** sub._retries++);
         setTimeout(() => {
@@ -600,6 +674,7 @@ export class Client extends Emitter {
     });
     const frame: any = { op: 'subscribe', channel: sub.channel, id, recover: true };
     if (sub.offset !== undefined && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
+    if (token) frame.token = token;
     this.send(frame);
   }
 
@@ -687,11 +762,11 @@ export class Client extends Emitter {
         const id = this.nextId++;
         this.pending.set(id, {
           resolve: () => this.scheduleRefresh(),
-          reject: (e) => this.emit('error', e),
+          reject: (e) => this.emit('error', e as Error),
         });
         this.send({ op: 'refresh', token: t, id });
       } catch (e) {
-        this.emit('error', e);
+        this.emit('error', e as Error);
       }
     }, at);
   }
@@ -710,7 +785,7 @@ export class Client extends Emitter {
   private restartSse(): void {
     this.sse?.abort();
     this.sse = null;
-    this.connect();
+    this.dial();
   }
 
   private async openSse(): Promise<void> {
@@ -782,7 +857,7 @@ export class Client extends Emitter {
     } catch (e) {
       if (this.sse !== abort) return; // replaced or closed on purpose
       this.sse = null;
-      this.emit('error', e);
+      this.emit('error', e as Error);
       if (!this.opened) {
         // SSE failed too: the server, not WebSocket, is unreachable. Alternate, so
         // that the first attempt once it is back may be a WebSocket again.

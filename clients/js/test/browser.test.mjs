@@ -21,8 +21,15 @@ import {
 
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 
+// Presence with a short TTL: the members of the node the test kills leave within a second.
 const herald = async (port, id, redis) =>
-  (await start(port, ['--node-id', id, '--redis', redis, '--demo'], { HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms' })).proc;
+  (
+    await start(port, ['--node-id', id, '--redis', redis, '--demo'], {
+      HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms',
+      HERALD_PRESENCE__REFRESH_INTERVAL: '300ms',
+      HERALD_PRESENCE__TTL: '1s',
+    })
+  ).proc;
 
 async function until(what, pred, ms = 15000) {
   const end = Date.now() + ms;
@@ -126,6 +133,16 @@ test('the demo in Chromium: chat between pages, no loss when a node dies, SSE wh
     await a.click('#send');
     await until('page a\'s line on the SSE page', async () => (await items(c, 'chat')).some((t) => t.endsWith('hello back')));
     assert.deepEqual(aErrors, []);
+
+    // A page opened now back-fills the feed's last 20 items (the history op) and shows
+    // who is in the chat (presence: pages a, b, c and itself; c over SSE).
+    const { page: d } = await open(front);
+    await until('the back-filled feed', async () => (await items(d, 'feed')).length === 20);
+    assert.deepEqual(await items(d, 'feed'), feed.slice(-20));
+    await until('four pages online', async () => (await items(d, 'online')).length === 4);
+    await until('page d on page a\'s list too', async () => (await items(a, 'online')).length === 4);
+    await d.close();
+    await until('page d left', async () => (await items(a, 'online')).length === 3);
 
     const shot = new URL('../../../target/demo.png', import.meta.url).pathname;
     mkdirSync(join(shot, '..'), { recursive: true });

@@ -35,6 +35,10 @@ history_size = 1000
 pattern = "room:*"
 presence = true
 join_leave = true
+[[channels.rules]]
+pattern = "private:*"
+subscribe = "claims"
+history_size = 10
 `;
 
 const CONFIG = tempFile('herald.toml', RULES);
@@ -45,10 +49,10 @@ const herald = (port, args = [], env = {}) => start(port, ['--config', CONFIG, .
 /** The real time, in ms, whatever a test did to `Date.now`. */
 const realNow = Date.now.bind(Date);
 
-function token(sub, expiresIn, { iat = false } = {}) {
+function token(sub, expiresIn, { iat = false, extra = {} } = {}) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
   const now = Math.floor(realNow() / 1000);
-  const claims = { sub, exp: now + expiresIn, ...(iat ? { iat: now } : {}) };
+  const claims = { sub, exp: now + expiresIn, ...(iat ? { iat: now } : {}), ...extra };
   const body = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
   return `${body}.${createHmac('sha256', SECRET).update(body).digest('base64url')}`;
 }
@@ -425,6 +429,49 @@ test('presence: who is here, counts, and join/leave events', async () => {
   } finally {
     ann.close();
     ben.close();
+    await stop(h);
+  }
+});
+
+test('connect() after autoConnect: false, subscription tokens, and history to back-fill a page', async () => {
+  const h = await herald(0);
+  const asked = [];
+  const c = new Client(`ws://${h.addr}/ws`, {
+    autoConnect: false,
+    getToken: async () => token('gil', 600),
+    getSubscriptionToken: async (channel) => {
+      asked.push(channel);
+      return channel.startsWith('private:') ? token('gil', 600, { extra: { channel } }) : null;
+    },
+  });
+  try {
+    await sleep(300);
+    assert.equal(c.state, 'disconnected', 'nothing happens before connect()');
+    const priv = c.subscribe('private:gil');
+    c.connect();
+    c.connect(); // once is enough; twice is harmless
+    await until('subscribed with a subscription token', () => priv.active);
+    assert.deepEqual(asked, ['private:gil']);
+    for (let i = 1; i <= 12; i++) await publish(h.addr, 'private:gil', { n: i });
+    const back = await priv.history({ limit: 3 });
+    assert.deepEqual(
+      back.publications.map((p) => [p.offset, p.data.n]),
+      [
+        [10, 10],
+        [11, 11],
+        [12, 12],
+      ],
+    );
+    assert.equal(back.offset, 12);
+    // Without a token the server refuses, and the subscription hears why.
+    const errors = [];
+    const other = new Client(`ws://${h.addr}/ws`, { getToken: async () => token('hal', 600) });
+    other.subscribe('private:gil').on('error', (e) => errors.push(e.code));
+    await until('refused', () => errors.length === 1);
+    assert.deepEqual(errors, ['forbidden']);
+    other.close();
+  } finally {
+    c.close();
     await stop(h);
   }
 });

@@ -44,7 +44,8 @@ pub struct GatewayConfig {
     pub presence: PresenceConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
-    /// publications, anyone may publish to `demo:chat`. Off by default.
+    /// publications, anyone may publish to `demo:chat`, which keeps presence. Off by
+    /// default.
     pub demo: bool,
 }
 
@@ -59,8 +60,9 @@ impl GatewayConfig {
             max_recovery: 0,
             subscribe: SubscribeAccess::Anyone,
             publish,
-            presence: false,
-            join_leave: false,
+            // The chat shows who is online.
+            presence: publish == PublishAccess::Anyone,
+            join_leave: publish == PublishAccess::Anyone,
             join_leave_per: JoinLeavePer::User,
             presence_access: PresenceAccess::Subscribers,
             history_access: PresenceAccess::Subscribers,
