@@ -239,3 +239,26 @@ async fn next_event(s: &mut herald_client::Subscription) -> herald_client::Event
         .expect("an event")
         .expect("running")
 }
+
+/// A subscription token's `info` is what presence shows in its channel (the
+/// connection token's elsewhere).
+#[tokio::test]
+async fn a_subscription_tokens_info_shows_in_its_channel() {
+    let node = Node::start_with(|c| config(c, "solo")).await;
+    let mut ivy = user(&node, "ivy", json!({"name": "Ivy"})).await;
+    let grant = token(
+        "ivy",
+        600,
+        json!({"channel": "room:5", "info": {"role": "host"}}),
+    );
+    ivy.send_json(&json!({"op": "subscribe", "channel": "room:5", "id": 1, "token": grant}))
+        .await;
+    let (joined, _) = until_op(&mut ivy, "join").await;
+    assert_eq!(joined["info"], json!({"role": "host"}));
+    ivy.subscribe("room:6").await;
+    let (joined, _) = until_op(&mut ivy, "join").await;
+    assert_eq!(
+        (joined["channel"].as_str(), &joined["info"]),
+        (Some("room:6"), &json!({"name": "Ivy"}))
+    );
+}

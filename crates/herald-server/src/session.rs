@@ -72,6 +72,7 @@ pub(crate) async fn run<S, R>(
         strikes_since: std::time::Instant::now(),
         identity: identity.map(Box::new),
         node: node.clone(),
+        channel_info: Vec::new(),
     };
     // An echo session (conformance testing) speaks no Herald protocol at all.
     if !node.config.websocket.echo {
@@ -185,6 +186,8 @@ struct Session {
     identity: Option<Box<herald_auth::Identity>>,
     /// The node (config, hub, broker, verifier).
     node: Arc<Node>,
+    /// Presence info from subscription tokens, per channel (rare: usually empty).
+    channel_info: Vec<(ChannelName, Box<str>)>,
 }
 
 impl Session {
@@ -318,6 +321,7 @@ impl Session {
                     self.subscriptions.swap_remove(i);
                     self.node.hub.unsubscribe(&channel, self.conn);
                     self.left(&channel).await;
+                    self.channel_info.retain(|(c, _)| *c != channel);
                 }
                 self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), id));
             }
@@ -354,6 +358,7 @@ impl Session {
                         self.node.hub.unsubscribe(&channel, self.conn);
                         self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), None));
                         self.left(&channel).await;
+                        self.channel_info.retain(|(c, _)| *c != channel);
                     }
                 }
             }
@@ -375,7 +380,12 @@ impl Session {
 
     /// Whether this client may subscribe to `channel` (with the subscription `token` it
     /// sent, if any); answers `forbidden` when not.
-    fn may_subscribe(&self, channel: &ChannelName, id: Option<u64>, token: Option<&str>) -> bool {
+    fn may_subscribe(
+        &mut self,
+        channel: &ChannelName,
+        id: Option<u64>,
+        token: Option<&str>,
+    ) -> bool {
         let grant = match (token, self.node.verifier()) {
             (None, _) => None,
             (Some(t), Some(v)) => match v.verify_subscription(t) {
@@ -397,6 +407,11 @@ impl Session {
             identity,
             grant.as_ref(),
         ) {
+            // A subscription token's `info` is what presence shows in this channel.
+            if let Some(info) = grant.and_then(|g| g.info) {
+                self.channel_info.retain(|(c, _)| c != channel);
+                self.channel_info.push((channel.clone(), info.into()));
+            }
             return true;
         }
         self.forbidden(id, "not allowed to subscribe to this channel".into());
@@ -495,18 +510,21 @@ impl Session {
         }
     }
 
-    /// This connection as a presence member.
-    fn member(&self) -> Member {
+    /// This connection as a presence member of `channel`.
+    fn member(&self, channel: &ChannelName) -> Member {
+        let from_grant = self
+            .channel_info
+            .iter()
+            .find(|(c, _)| c == channel)
+            .map(|(_, i)| &**i);
         Member {
             user: self
                 .identity
                 .as_ref()
                 .map_or_else(String::new, |i| i.user.clone()),
             conn: conn_name(&self.node.node_id, self.conn),
-            info: self
-                .identity
-                .as_ref()
-                .and_then(|i| i.info.as_deref())
+            info: from_grant
+                .or_else(|| self.identity.as_ref().and_then(|i| i.info.as_deref()))
                 .and_then(|t| serde_json::from_str(t).ok()),
         }
     }
@@ -514,7 +532,7 @@ impl Session {
     /// A subscribe completed: on a presence channel, the connection joins.
     async fn joined(&self, channel: &ChannelName) {
         if presence::rule(&self.node, channel.as_str()).is_some() {
-            presence::join(&self.node, channel, self.member()).await;
+            presence::join(&self.node, channel, self.member(channel)).await;
         }
     }
 
