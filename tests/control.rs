@@ -452,3 +452,16 @@ async fn a_token_and_the_personal_channel_subscribe_at_connect() {
     let mut anon = node.client().await;
     anon.expect_silence(Duration::from_millis(200)).await;
 }
+
+/// A node restarted under the same id hands out connection ids it never gave before
+/// (presence and `/api/disconnect {"conn":..}` name connections by them).
+#[tokio::test]
+async fn connection_ids_are_never_reused_across_restarts() {
+    let first = Node::start_with(|c| c.node_id = "same".into()).await;
+    let a = first.client().await.welcome["conn"].clone();
+    first.shutdown().await.unwrap();
+    let second = Node::start_with(|c| c.node_id = "same".into()).await;
+    let b = second.client().await.welcome["conn"].clone();
+    assert!(a.as_str().unwrap().starts_with("same-"), "{a}");
+    assert_ne!(a, b);
+}

@@ -114,6 +114,11 @@ async fn presence_is_per_user_and_cluster_wide() {
     tab2.send_json(&asked).await;
     let (page, _) = until_op(&mut tab2, "presence").await;
     assert_eq!(page["id"], 9);
+    assert_eq!(
+        page["members"].as_array().unwrap().len(),
+        2,
+        "page_size 2: {page}"
+    );
     let mut members: Vec<Value> = page["members"].as_array().unwrap().clone();
     let mut cursor = page["cursor"].as_str().map(str::to_owned);
     while let Some(k) = cursor {
@@ -184,6 +189,9 @@ async fn presence_is_per_user_and_cluster_wide() {
     carol.expect_silence(Duration::from_millis(200)).await;
     assert_eq!(api(&a, "/api/presence/news").await.0, 404);
     assert_eq!(api(&a, "/api/presence/room:1?limit=x").await.0, 400);
+    assert_eq!(api(&a, "/api/presence/room:1?cursor=garbage").await.0, 400);
+    let (_, one) = api(&a, "/api/presence/room:1?limit=1").await;
+    assert_eq!(one["members"].as_array().unwrap().len(), 1, "{one}");
     let r = http(a.api, "GET", "/api/presence_stats/room:1", &[], vec![]).await;
     assert_eq!(r.status, 401);
     // Bob was never disturbed by any of it.
@@ -261,4 +269,79 @@ async fn a_subscription_tokens_info_shows_in_its_channel() {
         (joined["channel"].as_str(), &joined["info"]),
         (Some("room:6"), &json!({"name": "Ivy"}))
     );
+    // A grant for another channel, or another user, lends no info.
+    for (i, grant) in [
+        token(
+            "ivy",
+            600,
+            json!({"channel": "room:5", "info": {"role": "fake"}}),
+        ),
+        token(
+            "eve",
+            600,
+            json!({"channel": "room:7", "info": {"role": "fake"}}),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        ivy.send_json(
+            &json!({"op": "subscribe", "channel": "room:7", "id": 10 + i, "token": grant}),
+        )
+        .await;
+        let (joined, _) = until_op(&mut ivy, "join").await;
+        assert_eq!(joined["info"], json!({"name": "Ivy"}), "{joined}");
+        ivy.send_json(&json!({"op": "unsubscribe", "channel": "room:7", "id": 20 + i}))
+            .await;
+        // (Its own leave goes to the channel's subscribers, which it no longer is.)
+        until_op(&mut ivy, "unsubscribed").await;
+    }
+}
+
+/// Joins and leaves racing the refresh (every 20 ms) and a Redis that lost everything:
+/// every join and every leave is announced, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_join_or_leave_is_lost_to_the_refresh_or_a_flushed_redis() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        config(c, "busy");
+        let mut each = presence_rule("conn:*");
+        each.join_leave_per = herald_server::config::JoinLeavePer::Connection;
+        c.channels.rules.push(each);
+        c.presence.refresh_interval = Duration::from_millis(20);
+        c.presence.ttl = Duration::from_secs(5);
+    })
+    .await;
+    let mut watcher = user(&node, "watcher", json!(null)).await;
+    watcher.subscribe("conn:1").await;
+    until_op(&mut watcher, "join").await;
+    let mut guest = user(&node, "guest", json!(null)).await;
+    for i in 0..100u64 {
+        guest
+            .send_json(&json!({"op": "subscribe", "channel": "conn:1", "id": 2 * i}))
+            .await;
+        until_op(&mut guest, "subscribed").await;
+        if i % 10 == 0 {
+            // Redis forgets everyone; the refresh brings them back, and a leave before it
+            // does is still announced.
+            redis.cli(&["FLUSHALL"]);
+        }
+        guest
+            .send_json(&json!({"op": "unsubscribe", "channel": "conn:1", "id": 2 * i + 1}))
+            .await;
+        until_op(&mut guest, "unsubscribed").await;
+    }
+    let (mut joins, mut leaves) = (0, 0);
+    while joins < 100 || leaves < 100 {
+        let f = tokio::time::timeout(Duration::from_secs(5), watcher.recv_json())
+            .await
+            .unwrap_or_else(|_| panic!("stuck at {joins} joins, {leaves} leaves"));
+        match f["op"].as_str() {
+            Some("join") => joins += 1,
+            Some("leave") => leaves += 1,
+            _ => {}
+        }
+    }
+    watcher.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!((joins, leaves), (100, 100));
 }

@@ -899,3 +899,30 @@ async fn the_history_op_returns_the_latest_publications() {
         );
     }
 }
+
+/// A `history` reply larger than half the client's queue is cut to the newest that fit
+/// (`complete: false`) instead of closing the client as a slow consumer.
+#[tokio::test]
+async fn a_large_history_reply_fits_the_queue() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("h:*", 100)]).await;
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..30 {
+        assert_eq!(node.publish("h:big", &big).await, 200);
+    }
+    let mut c = node.client().await;
+    c.subscribe("h:big").await;
+    c.send_json(&json!({"op": "history", "channel": "h:big", "id": 1, "limit": 100}))
+        .await;
+    let page = c.recv_json().await;
+    assert_eq!(
+        (page["op"].as_str(), page["complete"].as_bool()),
+        (Some("history"), Some(false)),
+        "{}",
+        page["op"]
+    );
+    let n = page["publications"].as_array().unwrap().len();
+    assert!((1..30).contains(&n), "{n} publications");
+    assert_eq!(page["publications"][n - 1]["offset"], 30, "the newest");
+    c.send_json(&json!({"op": "ping", "id": 2})).await;
+    assert_eq!(c.recv_json().await["op"], "pong", "still connected");
+}

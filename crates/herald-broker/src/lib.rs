@@ -321,13 +321,15 @@ pub trait Broker: Send + Sync + 'static {
         no_presence()
     }
 
-    /// Removes connections from `channel`'s presence; answers those that were there.
+    /// Removes `members` from `channel`'s presence. Answers every one of them (with
+    /// whether it was its user's last connection), also one the broker no longer held
+    /// (it lost its data): the leave of a member the subscribers saw join must be told.
     fn presence_remove(
         &self,
         channel: &ChannelName,
-        conns: Vec<String>,
+        members: Vec<Member>,
     ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
-        let _ = (channel, conns);
+        let _ = (channel, members);
         no_presence()
     }
 

@@ -56,7 +56,7 @@ struct Room {
 impl Room {
     fn remove(&mut self, conn: &str) -> Option<PresenceChange> {
         let (member, _) = self.members.remove(conn)?;
-        let key = counted(&member).to_owned();
+        let key = counted(&member);
         let n = self.users.entry(key.clone()).or_default();
         *n = n.saturating_sub(1);
         let user_edge = *n == 0;
@@ -67,12 +67,13 @@ impl Room {
     }
 }
 
-/// Whom a member counts as: its user, or for an anonymous connection, itself.
-fn counted(m: &Member) -> &str {
+/// The key a member counts under: its user, or for an anonymous connection itself (the
+/// prefixes keep a user named like a connection apart from it).
+fn counted(m: &Member) -> String {
     if m.user.is_empty() {
-        &m.conn
+        format!("c:{}", m.conn)
     } else {
-        &m.user
+        format!("u:{}", m.user)
     }
 }
 
@@ -327,7 +328,7 @@ impl Broker for MemoryBroker {
                 match room.members.get_mut(&m.conn) {
                     Some(entry) => entry.1 = until,
                     None => {
-                        let n = room.users.entry(counted(&m).to_owned()).or_default();
+                        let n = room.users.entry(counted(&m)).or_default();
                         *n += 1;
                         added.push(PresenceChange {
                             member: m.clone(),
@@ -344,15 +345,21 @@ impl Broker for MemoryBroker {
     fn presence_remove(
         &self,
         channel: &ChannelName,
-        conns: Vec<String>,
+        members: Vec<Member>,
     ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
         let channel = channel.clone();
         Box::pin(async move {
             let mut state = self.state.lock().await;
-            let Some(room) = state.rooms.get_mut(&channel) else {
-                return Ok(Vec::new());
-            };
-            let gone = conns.iter().filter_map(|c| room.remove(c)).collect();
+            let room = state.rooms.entry(channel.clone()).or_default();
+            let gone = members
+                .into_iter()
+                .map(|m| {
+                    room.remove(&m.conn).unwrap_or_else(|| PresenceChange {
+                        user_edge: !room.users.contains_key(&counted(&m)),
+                        member: m,
+                    })
+                })
+                .collect();
             if room.members.is_empty() {
                 state.rooms.remove(&channel);
             }
@@ -399,21 +406,22 @@ impl Broker for MemoryBroker {
             let Some(room) = state.rooms.get(&channel) else {
                 return Ok(PresencePage::default());
             };
-            let after = cursor.unwrap_or_default();
-            let mut members: Vec<Member> = room
+            // The cursor is `0:SKIP`, the shape Redis's takes (`SCAN:SKIP`).
+            let skip: usize = cursor
+                .as_deref()
+                .and_then(|c| c.split_once(':'))
+                .and_then(|(_, n)| n.parse().ok())
+                .unwrap_or(0);
+            let limit = limit.max(1);
+            let members: Vec<Member> = room
                 .members
-                .range::<String, _>((
-                    std::ops::Bound::Excluded(&after),
-                    std::ops::Bound::Unbounded,
-                ))
-                .take(limit.max(1) + 1)
-                .map(|(_, (m, _))| m.clone())
+                .values()
+                .skip(skip)
+                .take(limit)
+                .map(|(m, _)| m.clone())
                 .collect();
-            let more = members.len() > limit.max(1);
-            members.truncate(limit.max(1));
-            let cursor = more
-                .then(|| members.last().map(|m| m.conn.clone()))
-                .flatten();
+            let more = room.members.len() > skip + members.len();
+            let cursor = more.then(|| format!("0:{}", skip + members.len()));
             Ok(PresencePage { members, cursor })
         })
     }

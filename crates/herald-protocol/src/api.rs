@@ -291,14 +291,16 @@ pub fn history(top: StreamPosition, complete: bool, publications: &[Publication]
 }
 
 /// The reply to a client's `history` op: the same object as `GET /api/history`'s,
-/// with `"op":"history"`, the channel and the request's id in front.
+/// with `"op":"history"`, the channel and the request's id in front (`complete`: false
+/// when fewer publications than asked for fit the reply).
 pub fn history_frame(
     channel: &str,
     id: Option<u64>,
     top: StreamPosition,
+    complete: bool,
     publications: &[Publication],
 ) -> String {
-    let body = history(top, true, publications);
+    let body = history(top, complete, publications);
     let mut s = format!(r#"{{"op":"history","channel":{}"#, json_string(channel));
     if let Some(id) = id {
         let _ = write!(s, r#","id":{id}"#);

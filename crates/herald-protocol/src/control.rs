@@ -316,6 +316,11 @@ pub fn parse_subscribe(body: &[u8]) -> Result<Command, BodyError> {
     if b.code.is_some() || b.reason.is_some() || !b.keep.is_empty() {
         return Err(bad("subscribe takes no \"code\", \"reason\" or \"keep\""));
     }
+    if b.since.as_ref().is_some_and(|p| p.since().epoch.is_none()) {
+        return Err(bad(
+            "since.epoch is not an epoch this server could have issued",
+        ));
+    }
     Ok(Command::Subscribe {
         channel: channel_of(&b)?,
         target,
@@ -474,10 +479,14 @@ mod tests {
     #[test]
     fn subscribe_bodies() {
         let c = parse_subscribe(
-            br#"{"conn":"n-1","channel":"h:1","since":{"offset":3,"epoch":"abc"}}"#,
+            br#"{"conn":"n-1","channel":"h:1","since":{"offset":3,"epoch":"0k3f9a2b"}}"#,
         )
         .unwrap();
         assert!(matches!(c, Command::Subscribe { since: Some(_), .. }));
+        assert!(parse_subscribe(
+            br#"{"conn":"n-1","channel":"h:1","since":{"offset":1,"epoch":"!!"}}"#
+        )
+        .is_err());
         assert_eq!(
             parse_subscribe(br#"{"conn":"n-1","channel":"bad channel"}"#)
                 .unwrap_err()

@@ -247,10 +247,12 @@ impl Broker for RedisBroker {
     fn presence_remove(
         &self,
         channel: &ChannelName,
-        conns: Vec<String>,
+        members: Vec<Member>,
     ) -> BoxFuture<'_, Result<Vec<PresenceChange>, BrokerError>> {
         let channel = channel.clone();
-        Box::pin(async move { presence::remove(self.target(self.live()?), &channel, conns).await })
+        Box::pin(
+            async move { presence::remove(self.target(self.live()?), &channel, members).await },
+        )
     }
 
     fn presence_expire(

@@ -96,23 +96,34 @@ pub(crate) async fn add(
     ];
     for m in &members {
         args.push(m.conn.clone().into_bytes());
-        // Anonymous connections count as a user each (their `user` is empty).
-        let counted = if m.user.is_empty() { &m.conn } else { &m.user };
-        args.push(counted.clone().into_bytes());
+        args.push(count_key(m).into_bytes());
         args.push(m.to_json().into_bytes());
     }
     let v = run(&to, &to.scripts.presence_add, channel, args).await?;
     changes(&v)
 }
 
+/// The key a member counts under: its user, or for an anonymous connection itself (the
+/// prefixes keep a user named like a connection apart from it).
+fn count_key(m: &Member) -> String {
+    if m.user.is_empty() {
+        format!("c:{}", m.conn)
+    } else {
+        format!("u:{}", m.user)
+    }
+}
+
 pub(crate) async fn remove(
     to: Redis<'_>,
     channel: &ChannelName,
-    conns: Vec<String>,
+    members: Vec<Member>,
 ) -> Result<Vec<PresenceChange>, BrokerError> {
-    let args = std::iter::once(b"conns".to_vec())
-        .chain(conns.into_iter().map(String::into_bytes))
-        .collect();
+    let mut args = vec![b"members".to_vec()];
+    for m in &members {
+        args.push(m.conn.clone().into_bytes());
+        args.push(count_key(m).into_bytes());
+        args.push(m.to_json().into_bytes());
+    }
     let v = run(&to, &to.scripts.presence_remove, channel, args).await?;
     changes(&v)
 }
@@ -148,8 +159,9 @@ pub(crate) async fn stats(
     }
 }
 
-/// One `HSCAN` of the members hash: about `limit` members (`COUNT` is a hint Redis may
-/// exceed a little on small hashes), and the cursor to go on with.
+/// A page of the members hash, exactly `limit` long (or the rest). The cursor is
+/// `SCAN:SKIP`: where `HSCAN` goes on, and how many of that batch were already given
+/// (`HSCAN`'s `COUNT` is a hint: a small hash comes back whole, a page must not).
 pub(crate) async fn page(
     to: Redis<'_>,
     channel: &ChannelName,
@@ -157,29 +169,59 @@ pub(crate) async fn page(
     limit: usize,
 ) -> Result<PresencePage, BrokerError> {
     let [members_key, _, _] = keys(to.prefix, channel);
-    let start: u64 = cursor.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
-    let mut cmd = redis::cmd("HSCAN");
-    cmd.arg(&members_key)
-        .arg(start)
-        .arg("COUNT")
-        .arg(limit.max(1));
-    let conn = to.conn.clone();
-    let work = async {
-        match conn {
-            Conn::Single(mut c, _) => cmd.query_async::<(String, Vec<Vec<u8>>)>(&mut c).await,
-            Conn::Cluster(mut c) => cmd.query_async::<(String, Vec<Vec<u8>>)>(&mut c).await,
+    let limit = limit.max(1);
+    let (mut scan, mut skip) = cursor
+        .as_deref()
+        .and_then(|c| c.split_once(':'))
+        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
+        .unwrap_or((0, 0));
+    let mut members = Vec::new();
+    // Bounded: each round takes at least one entry or ends the scan.
+    for _ in 0..1000 {
+        let mut cmd = redis::cmd("HSCAN");
+        cmd.arg(&members_key).arg(scan).arg("COUNT").arg(limit);
+        let conn = to.conn.clone();
+        let work = async {
+            match conn {
+                Conn::Single(mut c, _) => cmd.query_async::<(String, Vec<Vec<u8>>)>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<(String, Vec<Vec<u8>>)>(&mut c).await,
+            }
+        };
+        let (next, flat) = match tokio::time::timeout(to.timeout, work).await {
+            Ok(r) => r.map_err(unavailable)?,
+            Err(_) => return Err(BrokerError::Timeout),
+        };
+        let batch: Vec<Member> = flat
+            .chunks(2)
+            .filter_map(|kv| kv.get(1).and_then(|m| Member::parse(m)))
+            .collect();
+        let want = limit - members.len();
+        let rest = batch.len().saturating_sub(skip);
+        if rest > want {
+            members.extend(batch.into_iter().skip(skip).take(want));
+            return Ok(PresencePage {
+                members,
+                cursor: Some(format!("{scan}:{}", skip + want)),
+            });
         }
-    };
-    let (next, flat) = match tokio::time::timeout(to.timeout, work).await {
-        Ok(r) => r.map_err(unavailable)?,
-        Err(_) => return Err(BrokerError::Timeout),
-    };
-    let members = flat
-        .chunks(2)
-        .filter_map(|kv| kv.get(1).and_then(|m| Member::parse(m)))
-        .collect();
+        members.extend(batch.into_iter().skip(skip));
+        skip = 0;
+        scan = next.parse().unwrap_or(0);
+        if scan == 0 {
+            return Ok(PresencePage {
+                members,
+                cursor: None,
+            });
+        }
+        if members.len() == limit {
+            return Ok(PresencePage {
+                members,
+                cursor: Some(format!("{scan}:0")),
+            });
+        }
+    }
     Ok(PresencePage {
         members,
-        cursor: (next != "0").then_some(next),
+        cursor: Some(format!("{scan}:{skip}")),
     })
 }

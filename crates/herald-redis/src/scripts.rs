@@ -221,31 +221,37 @@ for k = 1, 3 do redis.call('PEXPIRE', KEYS[k], ttl * 2) end
 return out
 "#;
 
-/// Removes members: `ARGV[1]` = "conns" then the connection ids, or "expired", now (ms)
-/// and a limit. Answers each removed member's JSON and whether it was its user's last
-/// connection.
+/// Removes members: `ARGV[1]` = "members" then (conn, count key, member JSON) triples,
+/// or "expired", now (ms) and a limit. Answers each member's JSON and whether it was its
+/// user's last connection.
 pub(crate) const PRESENCE_REMOVE_SCRIPT: &str = r#"
-local conns
-if ARGV[1] == 'expired' then
-  conns = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
-else
-  conns = {}
-  for i = 2, #ARGV do conns[#conns + 1] = ARGV[i] end
-end
 local out = {}
-for _, conn in ipairs(conns) do
+-- Removes one member; `key` is its count key ('u:' .. user, or 'c:' .. conn for an
+-- anonymous connection). A member the hash no longer holds (Redis lost it) is still
+-- answered with `fallback`, the node's copy: its leave must be announced all the same.
+local function drop(conn, key, fallback)
   local m = redis.call('HGET', KEYS[1], conn)
   redis.call('ZREM', KEYS[2], conn)
   if m then
     redis.call('HDEL', KEYS[1], conn)
-    local user = cjson.decode(m).user
-    -- Anonymous connections count as a user each.
-    if user == '' then user = conn end
-    local n = redis.call('HINCRBY', KEYS[3], user, -1)
-    if n <= 0 then redis.call('HDEL', KEYS[3], user) end
+    if not key then
+      local user = cjson.decode(m).user
+      if user == '' then key = 'c:' .. conn else key = 'u:' .. user end
+    end
+    local n = redis.call('HINCRBY', KEYS[3], key, -1)
+    if n <= 0 then redis.call('HDEL', KEYS[3], key) end
     out[#out + 1] = m
     out[#out + 1] = (n <= 0) and 1 or 0
+  elseif fallback then
+    out[#out + 1] = fallback
+    out[#out + 1] = (redis.call('HEXISTS', KEYS[3], key) == 0) and 1 or 0
   end
+end
+if ARGV[1] == 'expired' then
+  local conns = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+  for _, conn in ipairs(conns) do drop(conn, nil, nil) end
+else
+  for i = 2, #ARGV, 3 do drop(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
 end
 return out
 "#;

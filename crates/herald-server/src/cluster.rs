@@ -14,14 +14,42 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 /// This node's presence members, per channel (what it refreshes).
-#[derive(Default)]
 pub(crate) struct LocalMembers {
     /// Channel → connection id → member.
     pub(crate) channels: Mutex<HashMap<ChannelName, HashMap<String, Member>>>,
+    /// Turns: one presence change (join, leave, refresh) at a time per channel, by
+    /// channel hash.
+    turns: Box<[tokio::sync::Mutex<()>]>,
+    /// Picks a channel's turn.
+    hasher: std::hash::RandomState,
+    /// A refresh is running.
+    pub(crate) refreshing: std::sync::atomic::AtomicBool,
 }
 
-/// A node not heard from for this many heartbeat intervals is no longer expected.
+impl Default for LocalMembers {
+    fn default() -> Self {
+        LocalMembers {
+            channels: Mutex::default(),
+            turns: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: std::hash::RandomState::new(),
+            refreshing: Default::default(),
+        }
+    }
+}
+
+impl LocalMembers {
+    /// Waits for `channel`'s turn.
+    pub(crate) async fn turn(&self, channel: &ChannelName) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::BuildHasher;
+        let i = self.hasher.hash_one(channel.as_str()) as usize % self.turns.len();
+        self.turns[i].lock().await
+    }
+}
+
+/// A node not heard from for this many heartbeat intervals is no longer waited for...
 const MISSED_HEARTBEATS: u32 = 3;
+/// ...and after this many, no longer named missing either (it is gone).
+const FORGET_AFTER: u32 = 30;
 
 /// One node's view of the cluster.
 pub(crate) struct Cluster {
@@ -78,13 +106,30 @@ impl Cluster {
         self.members.lock().remove(node);
     }
 
-    /// The other nodes heard from recently, sorted (the ones not heard from for
-    /// [`MISSED_HEARTBEATS`] intervals are forgotten).
+    /// The other nodes heard from recently (within [`MISSED_HEARTBEATS`] intervals),
+    /// sorted: a survey waits for these.
     pub(crate) fn members(&self) -> Vec<String> {
-        let window = self.heartbeat * MISSED_HEARTBEATS;
+        self.heard(|age| age <= self.heartbeat * MISSED_HEARTBEATS)
+    }
+
+    /// Nodes that went silent without saying they leave (not heard from for
+    /// [`MISSED_HEARTBEATS`] intervals, but within [`FORGET_AFTER`]): a survey does not
+    /// wait for them but names them missing, since a node frozen or cut off from the
+    /// broker may still hold connections a command was meant for.
+    pub(crate) fn silent(&self) -> Vec<String> {
+        let recent = self.heartbeat * MISSED_HEARTBEATS;
+        self.heard(|age| age > recent)
+    }
+
+    fn heard(&self, keep: impl Fn(Duration) -> bool) -> Vec<String> {
+        let forget = self.heartbeat * FORGET_AFTER;
         let mut m = self.members.lock();
-        m.retain(|_, seen| seen.elapsed() <= window);
-        let mut ids: Vec<String> = m.keys().cloned().collect();
+        m.retain(|_, seen| seen.elapsed() <= forget);
+        let mut ids: Vec<String> = m
+            .iter()
+            .filter(|(_, seen)| keep(seen.elapsed()))
+            .map(|(id, _)| id.clone())
+            .collect();
         ids.sort();
         ids
     }
@@ -124,6 +169,9 @@ mod tests {
         assert_eq!(c.members(), ["b"]);
         std::thread::sleep(Duration::from_millis(80));
         assert!(c.members().is_empty(), "not heard from for three intervals");
+        assert_eq!(c.silent(), ["b"], "silent, still named");
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(c.silent().is_empty(), "forgotten after thirty");
     }
 
     #[test]

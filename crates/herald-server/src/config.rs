@@ -700,6 +700,17 @@ impl GatewayConfig {
         for (i, r) in self.channels.rules.iter().enumerate() {
             let key = "channels.rules";
             let at = format!("rule {} (pattern {:?})", i + 1, r.pattern.as_str());
+            if r.join_leave && !r.presence {
+                return bad(key, &format!("{at}: join_leave needs presence = true"));
+            }
+            if r.join_leave && r.presence_access == PresenceAccess::Nobody {
+                return bad(
+                    key,
+                    &format!(
+                        "{at}: join_leave tells every subscriber who comes and goes, which presence_access = \"nobody\" means to keep from them: choose one"
+                    ),
+                );
+            }
             if r.history_size > MAX_HISTORY_SIZE {
                 return bad(
                     key,

@@ -59,7 +59,7 @@ pub(crate) async fn run(node: Arc<Node>, stop: CancellationToken) {
 
 /// Tells the cluster this node is leaving (its drain began): surveys stop waiting
 /// for it. Bounded: a broker that does not take it within a second is not waited for
-/// (the node then drops out of the others' view after three heartbeats).
+/// (the others then stop waiting for it after three heartbeats).
 pub(crate) async fn leave(node: &Node) {
     let gone = ControlMessage::Gone {
         node: node.node_id.clone(),
@@ -155,6 +155,7 @@ pub(crate) struct Surveyed {
 pub(crate) async fn survey(node: &Node, command: Command) -> Result<Surveyed, BrokerError> {
     let mut open = node.cluster.open();
     let mut expected: BTreeSet<String> = node.cluster.members().into_iter().collect();
+    let silent = node.cluster.silent();
     expected.insert(node.node_id.clone());
     let ask = ControlMessage::Ask {
         id: open.id,
@@ -181,7 +182,9 @@ pub(crate) async fn survey(node: &Node, command: Command) -> Result<Surveyed, Br
             Ok(None) | Err(_) => break,
         }
     }
-    let missing: Vec<String> = expected.difference(&answered).cloned().collect();
+    let mut missing: Vec<String> = expected.difference(&answered).cloned().collect();
+    missing.extend(silent.into_iter().filter(|n| !answered.contains(n)));
+    missing.sort();
     outcome(if missing.is_empty() {
         "complete"
     } else {
@@ -205,7 +208,7 @@ fn execute(node: &Node, command: &Command) -> Answer {
         } => affected(for_target(node, target, |conn, handle| {
             if keep
                 .iter()
-                .any(|k| parse_conn_name(&node.node_id, k) == Some(conn))
+                .any(|k| parse_conn_name(&node.instance, k) == Some(conn))
             {
                 return false;
             }
@@ -278,7 +281,7 @@ fn for_target(
     mut act: impl FnMut(ConnId, &Arc<SessionHandle>) -> bool,
 ) -> u64 {
     let chosen: Vec<(ConnId, Arc<SessionHandle>)> = match target {
-        Target::Conn(name) => parse_conn_name(&node.node_id, name)
+        Target::Conn(name) => parse_conn_name(&node.instance, name)
             .and_then(|conn| Some((conn, node.sessions.lock().get(&conn)?.clone())))
             .into_iter()
             .collect(),

@@ -22,6 +22,9 @@ pub(crate) struct Node {
     pub(crate) config: GatewayConfig,
     /// Announced in welcome frames and logs; never empty.
     pub(crate) node_id: String,
+    /// The node id and a random part new with every start (`web-1-3fa2b1c0`): what
+    /// connection ids begin with, so that they are never reused across restarts.
+    pub(crate) instance: String,
     /// Channels and their local subscribers; fan-out.
     pub(crate) hub: Arc<Hub>,
     /// Where publications go (every path: API, client publishes, SSE publishes), and
@@ -132,6 +135,7 @@ impl Node {
                 config.limits.outbound_queue_bytes / 2,
             )),
             broker,
+            instance: format!("{node_id}-{:08x}", fastrand::u32(..)),
             node_id,
             metrics,
             registry,

@@ -40,15 +40,22 @@ pub(crate) fn rule<'n>(node: &'n Node, channel: &str) -> Option<&'n ChannelRule>
 
 /// `member` subscribed to `channel` (a presence channel): record it and announce.
 pub(crate) async fn join(node: &Node, channel: &ChannelName, member: Member) {
+    // One change at a time per channel on this node: a refresh cannot slip in between
+    // the broker's answer and the local record (and steal the `join`).
+    let _turn = node.presence.turn(channel).await;
+    let ttl = node.config.presence.ttl;
+    let added = node
+        .broker
+        .presence_add(channel, vec![member.clone()], ttl)
+        .await;
     node.presence
         .channels
         .lock()
         .entry(channel.clone())
         .or_default()
-        .insert(member.conn.clone(), member.clone());
+        .insert(member.conn.clone(), member);
     node.metrics.presence_members.inc();
-    let ttl = node.config.presence.ttl;
-    match node.broker.presence_add(channel, vec![member], ttl).await {
+    match added {
         Ok(changes) => announce(node, channel, true, changes).await,
         // The next refresh adds it; its join is then not announced (counted here).
         Err(e) => lost(node, "join", &e),
@@ -57,26 +64,25 @@ pub(crate) async fn join(node: &Node, channel: &ChannelName, member: Member) {
 
 /// Connection `conn` left `channel` (unsubscribed, or its session ended).
 pub(crate) async fn leave(node: &Node, channel: &ChannelName, conn: &str) {
-    let known = {
+    let _turn = node.presence.turn(channel).await;
+    let member = {
         let mut local = node.presence.channels.lock();
-        let known = local
+        let member = local
             .get_mut(channel)
-            .and_then(|members| members.remove(conn))
-            .is_some();
+            .and_then(|members| members.remove(conn));
         if local.get(channel).is_some_and(HashMap::is_empty) {
             local.remove(channel);
         }
-        known
+        member
     };
-    if !known {
+    let Some(member) = member else {
         return;
-    }
+    };
     node.metrics.presence_members.dec();
-    match node
-        .broker
-        .presence_remove(channel, vec![conn.to_owned()])
-        .await
-    {
+    // The broker answers the leave even when it had lost the entry (a Redis restarted
+    // empty before the refresh put it back): the subscribers saw the join, they must
+    // see the leave.
+    match node.broker.presence_remove(channel, vec![member]).await {
         Ok(changes) => announce(node, channel, false, changes).await,
         // Not refreshed any more, it expires within the TTL; that leave is announced.
         Err(e) => lost(node, "leave", &e),
@@ -125,6 +131,14 @@ async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<P
             }
         }
     }
+}
+
+/// Whether `cursor` has the shape the brokers' cursors have (`N:N`); anything else is
+/// the caller's mistake, answered as such rather than taken as "from the start".
+pub(crate) fn valid_cursor(cursor: &str) -> bool {
+    cursor
+        .split_once(':')
+        .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
 }
 
 /// A page of `channel`'s members (expired entries removed first, their leaves announced).
@@ -179,41 +193,40 @@ pub(crate) async fn run(node: Arc<Node>, stop: CancellationToken) {
     }
 }
 
-/// Adds every local member again (quietly), then sweeps each channel.
+/// Adds every local member again (quietly), then sweeps each channel. One refresh at a
+/// time: a slow broker delays the next instead of piling them up.
 async fn refresh(node: &Node) {
-    let snapshot: Vec<(ChannelName, Vec<Member>)> = node
+    if node
         .presence
-        .channels
-        .lock()
-        .iter()
-        .map(|(c, m)| (c.clone(), m.values().cloned().collect()))
-        .collect();
+        .refreshing
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
+        return;
+    }
+    let channels: Vec<ChannelName> = node.presence.channels.lock().keys().cloned().collect();
     let ttl = node.config.presence.ttl;
-    for (channel, members) in snapshot {
-        if node
-            .broker
-            .presence_add(&channel, members.clone(), ttl)
-            .await
-            .is_err()
+    for channel in channels {
         {
-            continue;
-        }
-        // A member that left while this refresh was on its way may have been added
-        // back: take it out again, quietly (its leave was announced).
-        let vanished: Vec<String> = {
-            let local = node.presence.channels.lock();
-            let now = local.get(&channel);
-            members
-                .into_iter()
-                .filter(|m| now.is_none_or(|n| !n.contains_key(&m.conn)))
-                .map(|m| m.conn)
-                .collect()
-        };
-        if !vanished.is_empty() {
-            let _ = node.broker.presence_remove(&channel, vanished).await;
+            // Under the channel's turn: no join or leave of this node is half done.
+            let _turn = node.presence.turn(&channel).await;
+            let members: Vec<Member> = match node.presence.channels.lock().get(&channel) {
+                Some(m) => m.values().cloned().collect(),
+                None => continue,
+            };
+            if node
+                .broker
+                .presence_add(&channel, members, ttl)
+                .await
+                .is_err()
+            {
+                continue;
+            }
         }
         expire(node, &channel).await;
     }
+    node.presence
+        .refreshing
+        .store(false, std::sync::atomic::Ordering::Release);
 }
 
 /// A `join`/`leave` from any node: to this node's subscribers of the channel.

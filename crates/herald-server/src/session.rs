@@ -73,12 +73,13 @@ pub(crate) async fn run<S, R>(
         identity: identity.map(Box::new),
         node: node.clone(),
         channel_info: Vec::new(),
+        grant_info: None,
     };
     // An echo session (conformance testing) speaks no Herald protocol at all.
     if !node.config.websocket.echo {
         session.reply(frames::welcome(
             &node.node_id,
-            &conn_name(&node.node_id, conn),
+            &conn_name(&node.instance, conn),
             session.identity.as_ref().map(|i| i.user.as_str()),
             node.config.heartbeat.interval.as_millis() as u64,
         ));
@@ -87,7 +88,18 @@ pub(crate) async fn run<S, R>(
     // channel. The reader carries them out first, like any command.
     if let Some(i) = session.identity.as_deref() {
         let personal = &node.config.auth.personal_channel;
-        let personal = (!personal.is_empty()).then(|| personal.replace("{sub}", &i.user));
+        // A sub holding a segment separator would name another user's sub-channel
+        // (sub `alice:dm` → `user:alice:dm`): no personal channel then, as `{sub}`
+        // patterns in rules match nothing for it.
+        let personal = (!personal.is_empty())
+            .then(|| {
+                if i.user.contains([':', '/', '*']) {
+                    tracing::info!("no personal channel for a user whose sub holds : / or *");
+                    return None;
+                }
+                Some(personal.replace("{sub}", &i.user))
+            })
+            .flatten();
         for name in i.subscribe.iter().cloned().chain(personal) {
             match ChannelName::new(&name) {
                 Ok(channel) => handle.command(SessionCommand::Subscribe {
@@ -127,7 +139,7 @@ pub(crate) async fn run<S, R>(
     if !present.is_empty() {
         // Off the session's teardown: the broker's answer is not worth keeping the
         // session's resources for. Tracked, so a drain waits for these leaves.
-        let (node, name) = (node.clone(), conn_name(&node.node_id, conn));
+        let (node, name) = (node.clone(), conn_name(&node.instance, conn));
         node.session_tasks.clone().spawn(async move {
             for channel in present {
                 presence::leave(&node, &channel, &name).await;
@@ -152,7 +164,9 @@ pub(crate) enum Transport {
     Sse,
 }
 
-/// The connection id shown to clients: unique per node, and with the node id, per cluster.
+/// The connection id shown to clients: `instance` ([`Node::instance`]: the node id and a
+/// random part new with every start, so that a node restarted with the same id never
+/// hands out an id the cluster still knows, e.g. in presence) and the number.
 pub(crate) fn conn_name(node: &str, conn: ConnId) -> String {
     format!("{node}-{conn:x}")
 }
@@ -186,9 +200,16 @@ struct Session {
     identity: Option<Box<herald_auth::Identity>>,
     /// The node (config, hub, broker, verifier).
     node: Arc<Node>,
-    /// Presence info from subscription tokens, per channel (rare: usually empty).
+    /// Presence info from subscription tokens, per subscribed channel (rare: usually
+    /// empty; at most one per subscription).
     channel_info: Vec<(ChannelName, Box<str>)>,
+    /// A subscribe's token info, until the subscribe completes.
+    grant_info: Option<(ChannelName, Box<str>)>,
 }
+
+/// The largest `info` claim presence shows, in bytes of JSON; a larger one is ignored
+/// (every member's info is stored, refreshed and sent to every subscriber).
+const MAX_INFO: usize = 1024;
 
 impl Session {
     async fn read_loop<R>(&mut self, mut stream: R)
@@ -313,8 +334,9 @@ impl Session {
                 token,
             }) => {
                 if self.may_subscribe(&channel, id, token.as_deref()) {
-                    self.subscribe(channel, id, recover, since).await
+                    self.subscribe(channel, id, recover, since).await;
                 }
+                self.grant_info = None;
             }
             Ok(Request::Unsubscribe { channel, id }) => {
                 if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
@@ -407,11 +429,15 @@ impl Session {
             identity,
             grant.as_ref(),
         ) {
-            // A subscription token's `info` is what presence shows in this channel.
-            if let Some(info) = grant.and_then(|g| g.info) {
-                self.channel_info.retain(|(c, _)| c != channel);
-                self.channel_info.push((channel.clone(), info.into()));
-            }
+            // A subscription token's `info` is what presence shows in this channel: only
+            // a token for this channel and this connection's user, and kept once the
+            // subscribe completes (`joined`).
+            let user = identity.map(|i| i.user.as_str());
+            self.grant_info = grant
+                .filter(|g| g.channel == channel.as_str() && Some(g.user.as_str()) == user)
+                .and_then(|g| g.info)
+                .filter(|i| i.len() <= MAX_INFO)
+                .map(|i| (channel.clone(), i.into()));
             return true;
         }
         self.forbidden(id, "not allowed to subscribe to this channel".into());
@@ -522,15 +548,22 @@ impl Session {
                 .identity
                 .as_ref()
                 .map_or_else(String::new, |i| i.user.clone()),
-            conn: conn_name(&self.node.node_id, self.conn),
+            conn: conn_name(&self.node.instance, self.conn),
             info: from_grant
                 .or_else(|| self.identity.as_ref().and_then(|i| i.info.as_deref()))
+                .filter(|t| t.len() <= MAX_INFO)
                 .and_then(|t| serde_json::from_str(t).ok()),
         }
     }
 
     /// A subscribe completed: on a presence channel, the connection joins.
-    async fn joined(&self, channel: &ChannelName) {
+    async fn joined(&mut self, channel: &ChannelName) {
+        if let Some((c, info)) = self.grant_info.take() {
+            if c == *channel {
+                self.channel_info.retain(|(c, _)| c != channel);
+                self.channel_info.push((c, info));
+            }
+        }
         if presence::rule(&self.node, channel.as_str()).is_some() {
             presence::join(&self.node, channel, self.member(channel)).await;
         }
@@ -539,7 +572,7 @@ impl Session {
     /// An unsubscribe: on a presence channel, the connection leaves.
     async fn left(&self, channel: &ChannelName) {
         if presence::rule(&self.node, channel.as_str()).is_some() {
-            let conn = conn_name(&self.node.node_id, self.conn);
+            let conn = conn_name(&self.node.instance, self.conn);
             presence::leave(&self.node, channel, &conn).await;
         }
     }
@@ -579,12 +612,30 @@ impl Session {
                 .await
         };
         match read.await {
-            Ok(page) => self.reply(herald_protocol::api::history_frame(
-                channel.as_str(),
-                id,
-                page.top,
-                &page.publications,
-            )),
+            Ok(page) => {
+                // The reply goes through this client's queue like everything else: keep
+                // the newest publications that fit half of it (what a resume's replay
+                // may take), so a page asking for history is never closed for it.
+                let budget = self.node.config.limits.outbound_queue_bytes / 2;
+                let mut used = 0;
+                let fit = page
+                    .publications
+                    .iter()
+                    .rev()
+                    .take_while(|p| {
+                        used += p.payload.len() * 4 / 3 + 64;
+                        used <= budget
+                    })
+                    .count();
+                let from = page.publications.len() - fit;
+                self.reply(herald_protocol::api::history_frame(
+                    channel.as_str(),
+                    id,
+                    page.top,
+                    from == 0,
+                    &page.publications[from..],
+                ))
+            }
             Err(_) => self.error(RequestError {
                 id,
                 code: ErrorCode::Unavailable,
@@ -637,6 +688,16 @@ impl Session {
                 Err(_) => unavailable(self),
             }
         } else {
+            if cursor
+                .as_deref()
+                .is_some_and(|c| !presence::valid_cursor(c))
+            {
+                return self.error(RequestError {
+                    id,
+                    code: ErrorCode::BadRequest,
+                    message: "cursor: not one a presence page gave".into(),
+                });
+            }
             let limit = self.node.config.presence.page_size;
             match presence::page(&self.node, &channel, cursor, limit).await {
                 Ok(p) => self.reply(herald_protocol::presence::page_frame(

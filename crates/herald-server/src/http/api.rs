@@ -263,6 +263,16 @@ async fn presence(
         ));
     }
     let q = wire::parse_page_query(query).map_err(Refusal::body)?;
+    if q.cursor
+        .as_deref()
+        .is_some_and(|c| !crate::presence::valid_cursor(c))
+    {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "cursor: not one a presence page gave",
+        ));
+    }
     let max = node.config.presence.page_size;
     let limit = q.limit.unwrap_or(max).min(max);
     let page = crate::presence::page(node, &channel, q.cursor, limit)
@@ -356,7 +366,7 @@ fn in_scope(scope: Option<&ChannelPatterns>, channel: &ChannelName) -> Result<()
         Some(s) if !s.matches(channel.as_str()) => Err(Refusal::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
-            format!("this API key may not use channel {channel}; nothing was published"),
+            format!("this API key may not use channel {channel}"),
         )),
         _ => Ok(()),
     }
