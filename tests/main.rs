@@ -7,6 +7,7 @@ mod client;
 mod control;
 mod deploy;
 mod edge;
+mod hooks;
 mod http_api;
 mod lifecycle;
 mod limits;

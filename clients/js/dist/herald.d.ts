@@ -73,6 +73,8 @@ declare class Emitter<E extends {
 }
 export declare class HeraldError extends Error {
     code: string;
+    /** For `refused` (a hook's error answer): the application backend's own code. */
+    hookCode?: number;
     constructor(code: string, message: string);
 }
 /** A connection present in a channel: its user (the token's `sub`), its id, and the
@@ -195,6 +197,11 @@ export declare class Client extends Emitter<ClientEvents> {
     private sendSubscribe;
     private sendSubscribeFrame;
     private sendPublish;
+    /** Calls the application's backend (the server's `[hooks.rpc]`): resolves with its
+     * result. Rejects with `refused` (the backend said no; its code in `hookCode`),
+     * `unavailable` (it did not answer), `forbidden`, `rate_limited`, or `disconnected`
+     * (the connection dropped first: whether the backend ran it is unknown). */
+    rpc(method: string, data?: unknown): Promise<unknown>;
     /** @internal A question answered by a frame with its id (presence, presence_stats). */
     _query(frame: Record<string, unknown>): Promise<any>;
     /** @internal */

@@ -363,6 +363,7 @@ var Client = class extends Emitter {
       case "presence":
       case "presence_stats":
       case "history":
+      case "result":
         return this.settle(f.id, f);
       case "join":
       case "leave": {
@@ -372,6 +373,7 @@ var Client = class extends Emitter {
       }
       case "error": {
         const err = new HeraldError(f.code, f.message);
+        if (f.hook_code !== void 0) err.hookCode = f.hook_code;
         if (f.id !== void 0 && this.pending.has(f.id)) return this.settle(f.id, void 0, err);
         if (f.channel) this.subscriptions.get(f.channel)?._emit("error", err);
         this.emit("error", err);
@@ -497,6 +499,13 @@ var Client = class extends Emitter {
       this.pending.delete(id);
       this.queue.push(q);
     }
+  }
+  /** Calls the application's backend (the server's `[hooks.rpc]`): resolves with its
+   * result. Rejects with `refused` (the backend said no; its code in `hookCode`),
+   * `unavailable` (it did not answer), `forbidden`, `rate_limited`, or `disconnected`
+   * (the connection dropped first: whether the backend ran it is unknown). */
+  rpc(method, data = null) {
+    return this._query({ op: "rpc", method, data }).then((f) => f.data);
   }
   /** @internal A question answered by a frame with its id (presence, presence_stats). */
   _query(frame) {

@@ -135,6 +135,8 @@ interface Queued {
 }
 
 export class HeraldError extends Error {
+  /** For `refused` (a hook's error answer): the application backend's own code. */
+  hookCode?: number;
   constructor(
     public code: string,
     message: string,
@@ -530,6 +532,7 @@ export class Client extends Emitter<ClientEvents> {
       case 'presence':
       case 'presence_stats':
       case 'history':
+      case 'result':
         return this.settle(f.id, f);
       case 'join':
       case 'leave': {
@@ -539,6 +542,8 @@ export class Client extends Emitter<ClientEvents> {
       }
       case 'error': {
         const err = new HeraldError(f.code, f.message);
+        // A backend's refusal of an rpc carries the backend's own code.
+        if (f.hook_code !== undefined) err.hookCode = f.hook_code;
         if (f.id !== undefined && this.pending.has(f.id)) return this.settle(f.id, undefined, err);
         if (f.channel) this.subscriptions.get(f.channel)?._emit('error', err);
         this.emit('error', err);
@@ -689,6 +694,14 @@ export class Client extends Emitter<ClientEvents> {
       this.pending.delete(id);
       this.queue.push(q);
     }
+  }
+
+  /** Calls the application's backend (the server's `[hooks.rpc]`): resolves with its
+   * result. Rejects with `refused` (the backend said no; its code in `hookCode`),
+   * `unavailable` (it did not answer), `forbidden`, `rate_limited`, or `disconnected`
+   * (the connection dropped first: whether the backend ran it is unknown). */
+  rpc(method: string, data: unknown = null): Promise<unknown> {
+    return this._query({ op: 'rpc', method, data }).then((f) => f.data);
   }
 
   /** @internal A question answered by a frame with its id (presence, presence_stats). */

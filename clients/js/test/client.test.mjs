@@ -476,6 +476,35 @@ test('connect() after autoConnect: false, subscription tokens, and history to ba
   }
 });
 
+test('rpc: the backend answers, refuses with its code, or is not there', async () => {
+  const { createServer } = await import('node:http');
+  const backend = createServer((req, res) => {
+    let body = '';
+    req.on('data', (d) => (body += d));
+    req.on('end', () => {
+      const call = JSON.parse(body);
+      res.setHeader('content-type', 'application/json');
+      if (call.method === 'add') res.end(JSON.stringify({ result: { sum: call.data.a + call.data.b, user: call.user } }));
+      else res.end(JSON.stringify({ error: { code: 7, message: 'unknown method' } }));
+    });
+  });
+  await new Promise((r) => backend.listen(0, '127.0.0.1', r));
+  const h = await herald(0, [], { HERALD_HOOKS__RPC__URL: `http://127.0.0.1:${backend.address().port}/rpc` });
+  const c = new Client(`ws://${h.addr}/ws`, { getToken: async () => token('mia', 600) });
+  try {
+    await until('connected', () => c.state === 'connected');
+    assert.deepEqual(await c.rpc('add', { a: 2, b: 3 }), { sum: 5, user: 'mia' });
+    await assert.rejects(c.rpc('nope'), (e) => e.code === 'refused' && e.hookCode === 7 && e.message === 'unknown method');
+    backend.close();
+    backend.closeAllConnections();
+    await assert.rejects(c.rpc('add', { a: 1, b: 1 }), (e) => e.code === 'unavailable');
+  } finally {
+    c.close();
+    backend.close();
+    await stop(h);
+  }
+});
+
 test('refreshes a short token once, not in a storm, even with a clock far ahead', async () => {
   const h = await herald(0);
   const realDateNow = Date.now;

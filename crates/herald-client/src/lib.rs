@@ -36,7 +36,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::backoff::Backoff;
 use herald_protocol::client::{
-    encode_ping, encode_presence, encode_publish, encode_resume, encode_unsubscribe,
+    encode_ping, encode_presence, encode_publish, encode_resume, encode_rpc, encode_unsubscribe,
 };
 use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
 use herald_protocol::{ChannelName, Epoch, StreamPosition};
@@ -194,6 +194,8 @@ enum Command {
     Publish(String, Value, Reply),
     /// A presence question (`stats`: `presence_stats`), answered while connected.
     Presence(ChannelName, Option<String>, bool, Reply),
+    /// An `rpc` (method, data), answered while connected.
+    Rpc(String, Value, Reply),
     Close,
 }
 
@@ -300,6 +302,22 @@ impl Client {
             .map_err(|_| Error::Closed)?;
         match timeout(self.publish_timeout, rx).await {
             Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// Calls the application's backend (the server's `[hooks.rpc]`) and returns its
+    /// result's `data`. A refusal by the backend is `Error::Server` with code `refused`;
+    /// `Error::Disconnected` when the connection dropped first (whether the backend ran
+    /// it is unknown).
+    pub async fn rpc(&self, method: &str, data: &Value) -> Result<Value, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Rpc(method.to_owned(), data.clone(), tx))
+            .map_err(|_| Error::Closed)?;
+        match timeout(self.publish_timeout, rx).await {
+            Ok(Ok(r)) => r.map(|mut frame| frame["data"].take()),
             Ok(Err(_)) => Err(Error::Closed),
             Err(_) => Err(Error::Timeout),
         }
@@ -522,7 +540,7 @@ async fn wait_or_command(
                 Some(Command::Publish(channel, data, reply)) => {
                     queue.push(Queued { channel, data, reply, since: Instant::now() });
                 }
-                Some(Command::Presence(.., reply)) => {
+                Some(Command::Presence(.., reply)) | Some(Command::Rpc(.., reply)) => {
                     let _ = reply.send(Err(Error::Disconnected));
                 }
             }
@@ -685,6 +703,14 @@ async fn session(
                 Some(Command::Publish(channel, data, reply)) => {
                     let frame = requests.publish(&channel, &data, reply);
                     if ws.send(frame).await.is_err() {
+                        break Ended::Reconnect { at_once: false };
+                    }
+                }
+                Some(Command::Rpc(method, data, reply)) => {
+                    let id = requests.id();
+                    requests.publishing.insert(id, reply);
+                    let frame = encode_rpc(id, &method, &data.to_string());
+                    if ws.send(Message::Text(frame.into())).await.is_err() {
                         break Ended::Reconnect { at_once: false };
                     }
                 }
@@ -852,7 +878,7 @@ fn on_text(
             }
         }
         // Requests answered with their frame: a publish, a presence question.
-        "published" | "presence" | "presence_stats" => {
+        "published" | "presence" | "presence_stats" | "result" => {
             if let Some(reply) = id.and_then(|id| requests.publishing.remove(&id)) {
                 // The caller gets the reply as JSON (offset and epoch on history
                 // channels).

@@ -13,7 +13,8 @@
 #![deny(missing_docs)]
 
 use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub use prometheus;
@@ -177,6 +178,11 @@ pub struct Metrics {
     /// announcement), `deferred` (the broker refused the change; the refresh or the TTL
     /// settles it).
     pub presence_events: IntCounterVec,
+    /// Hook calls to the application's backend, by hook and outcome (result, error,
+    /// disconnect; timeout, failed, bad_answer: refused, failing closed).
+    pub hook_calls: IntCounterVec,
+    /// How long hook calls took, by hook.
+    pub hook_seconds: HistogramVec,
 }
 
 impl Metrics {
@@ -305,6 +311,24 @@ impl Metrics {
         for e in ["join", "leave", "unsent", "deferred"] {
             presence_events.with_label_values(&[e]);
         }
+
+        let hook_calls = IntCounterVec::new(
+            Opts::new(
+                "herald_hook_calls_total",
+                "Calls to the application's backend (hooks), by hook and outcome: result, error, disconnect; timeout, failed, bad_answer (the request was refused: hooks fail closed).",
+            ),
+            &["hook", "outcome"],
+        )?;
+        registry.register(Box::new(hook_calls.clone()))?;
+        let hook_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "herald_hook_seconds",
+                "How long calls to the application's backend took, by hook.",
+            )
+            .buckets(latency_buckets.clone()),
+            &["hook"],
+        )?;
+        registry.register(Box::new(hook_seconds.clone()))?;
 
         Ok(Metrics {
             connections: gauge(
@@ -442,6 +466,8 @@ impl Metrics {
                 "Connections on this node present in presence channels (one per connection and channel).",
             )?,
             presence_events,
+            hook_calls,
+            hook_seconds,
         })
     }
 

@@ -77,6 +77,15 @@ pub enum Request {
         /// How many (the server caps it).
         limit: Option<u64>,
     },
+    /// A call to the application's backend (`[hooks.rpc]`).
+    Rpc {
+        /// Echoed in the reply.
+        id: Option<u64>,
+        /// What to call (1-128 bytes).
+        method: String,
+        /// The raw JSON text of `data` (`null` when absent).
+        data: Bytes,
+    },
     /// How many connections and distinct users are present in a channel.
     PresenceStats {
         /// Which channel.
@@ -148,6 +157,8 @@ struct RawRequest<'a> {
     #[serde(borrow)]
     cursor: Option<Cow<'a, str>>,
     limit: Option<u64>,
+    #[serde(borrow)]
+    method: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -168,6 +179,7 @@ impl Request {
             | Request::Presence { id, .. }
             | Request::PresenceStats { id, .. }
             | Request::History { id, .. }
+            | Request::Rpc { id, .. }
             | Request::Ping { id } => *id,
         }
     }
@@ -258,6 +270,20 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
             id,
             cursor: raw.cursor.map(Cow::into_owned),
         }),
+        "rpc" => {
+            let method = raw
+                .method
+                .filter(|m| (1..=128).contains(&m.len()))
+                .ok_or_else(|| {
+                    RequestError::new(id, ErrorCode::BadRequest, "method: 1-128 bytes of text")
+                })?
+                .into_owned();
+            let data = match raw.data {
+                Some(d) => slice_of(frame, d.get().as_bytes()),
+                None => Bytes::from_static(b"null"),
+            };
+            Ok(Request::Rpc { id, method, data })
+        }
         "history" => Ok(Request::History {
             channel: channel()?,
             id,
@@ -360,6 +386,14 @@ pub fn encode_presence(
     }
     s.push('}');
     s
+}
+
+/// `{"op":"rpc","id":N,"method":M,"data":D}` as a client sends it (`data`: JSON text).
+pub fn encode_rpc(id: u64, method: &str, data: &str) -> String {
+    format!(
+        r#"{{"op":"rpc","id":{id},"method":{},"data":{data}}}"#,
+        crate::server::json_string(method)
+    )
 }
 
 /// `{"op":"history","channel":C,"id":N,"limit":L}` as a client sends it.

@@ -6,10 +6,10 @@
 //!
 //! # Layout
 //! - [`control`]: what nodes tell each other, and the control API's bodies.
+//! - [`presence`]: presence members and their frames and bodies.
 //! - [`api`]: the HTTP API's request and reply bodies.
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
 //! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
-//! - [`presence`]: presence members and their frames and bodies.
 //! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
 //! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
@@ -82,6 +82,9 @@ pub enum ErrorCode {
     /// The client's address or user holds as many connections as allowed (HTTP 429
     /// before the upgrade).
     TooManyConnections,
+    /// The application's backend refused the request (a hook's `error` answer; its own
+    /// code travels as `hook_code`).
+    Refused,
     /// Some entries of a batch were published and others failed; the reply says which
     /// (HTTP only).
     Partial,
@@ -106,6 +109,7 @@ impl ErrorCode {
             ErrorCode::RequestTimeout => "request_timeout",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::Partial => "partial",
+            ErrorCode::Refused => "refused",
         }
     }
 }

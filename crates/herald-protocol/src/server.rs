@@ -99,6 +99,28 @@ pub fn refreshed(id: Option<u64>, expires: u64) -> String {
     s
 }
 
+/// `{"op":"result","id":N,"data":D}`: the backend's answer to an `rpc` (`data` is its
+/// JSON text, as it came).
+pub fn result(id: Option<u64>, data: &str) -> String {
+    let mut s = String::from(r#"{"op":"result""#);
+    push_id(&mut s, id);
+    let _ = write!(s, r#","data":{data}}}"#);
+    s
+}
+
+/// `{"op":"error","id":N,"code":"refused","hook_code":C,"message":M}`: the backend
+/// refused the request.
+pub fn refused(id: Option<u64>, hook_code: i64, message: &str) -> String {
+    let mut s = String::from(r#"{"op":"error""#);
+    push_id(&mut s, id);
+    let _ = write!(
+        s,
+        r#","code":"refused","hook_code":{hook_code},"message":{}}}"#,
+        json_string(message)
+    );
+    s
+}
+
 /// `{"op":"pong","id":N}`.
 pub fn pong(id: Option<u64>) -> String {
     let mut s = String::from(r#"{"op":"pong""#);

@@ -42,6 +42,8 @@ pub struct GatewayConfig {
     pub control: ControlConfig,
     /// Presence timings and page size.
     pub presence: PresenceConfig,
+    /// Calls to the application's backend (`[hooks]`, `[hooks.rpc]`).
+    pub hooks: herald_hooks::HooksConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
     /// publications, anyone may publish to `demo:chat`, which keeps presence. Off by
@@ -786,6 +788,9 @@ impl GatewayConfig {
         }
         if !(1..=1000).contains(&self.presence.page_size) {
             return bad("presence.page_size", "must be 1-1000");
+        }
+        if let Err(e) = herald_hooks::validate(&self.hooks) {
+            return bad("hooks", &e.0);
         }
         let personal = &self.auth.personal_channel;
         if !personal.is_empty()

@@ -39,6 +39,8 @@ pub(crate) struct Node {
     pub(crate) cluster: crate::cluster::Cluster,
     /// This node's presence members.
     pub(crate) presence: crate::cluster::LocalMembers,
+    /// Calls to the application's backend, when a hook is configured.
+    pub(crate) hooks: Option<Arc<herald_hooks::Hooks>>,
     /// Open sessions, so that the drain and the heartbeat sweeper can reach each one.
     pub(crate) sessions: Mutex<HashMap<ConnId, Arc<SessionHandle>>>,
     /// Connection slots taken (upgrades in progress plus open sessions); checked
@@ -120,6 +122,7 @@ impl Node {
             start_writer: crate::writer::start,
             tasks: session_tasks.clone(),
         });
+        let hooks = herald_hooks::Hooks::new(&config.hooks, metrics.clone());
         Node {
             api_keys: herald_auth::ApiKeys::new(
                 config.auth.api_key.as_deref(),
@@ -141,6 +144,7 @@ impl Node {
             registry,
             cluster: crate::cluster::Cluster::new(config.control.heartbeat_interval),
             presence: Default::default(),
+            hooks: hooks.map(Arc::new),
             sessions: Mutex::default(),
             n_slots: AtomicUsize::new(0),
             per_client: Mutex::default(),

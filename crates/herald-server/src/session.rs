@@ -74,6 +74,7 @@ pub(crate) async fn run<S, R>(
         node: node.clone(),
         channel_info: Vec::new(),
         grant_info: None,
+        rpc_in_flight: Default::default(),
     };
     // An echo session (conformance testing) speaks no Herald protocol at all.
     if !node.config.websocket.echo {
@@ -205,6 +206,23 @@ struct Session {
     channel_info: Vec<(ChannelName, Box<str>)>,
     /// A subscribe's token info, until the subscribe completes.
     grant_info: Option<(ChannelName, Box<str>)>,
+    /// `rpc` calls waiting for the backend.
+    rpc_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// `rpc` calls one session may have waiting for the backend at once.
+const MAX_RPC_IN_FLIGHT: usize = 8;
+
+/// A close reason within the 123 bytes a close frame carries (cut at a char boundary).
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > herald_protocol::control::MAX_REASON {
+        let mut end = herald_protocol::control::MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
 }
 
 /// The largest `info` claim presence shows, in bytes of JSON; a larger one is ignored
@@ -355,6 +373,7 @@ impl Session {
             Ok(Request::PresenceStats { channel, id }) => {
                 self.presence(channel, id, None, true).await
             }
+            Ok(Request::Rpc { id, method, data }) => self.rpc(id, method, data),
             Ok(Request::History { channel, id, limit }) => self.recent(channel, id, limit).await,
             Ok(Request::Publish { channel, data, id }) => {
                 self.publish(channel, Payload::Json(data), id).await
@@ -575,6 +594,81 @@ impl Session {
             let conn = conn_name(&self.node.instance, self.conn);
             presence::leave(&self.node, channel, &conn).await;
         }
+    }
+
+    /// `rpc`: the call goes to the backend (`[hooks.rpc]`) off the reader, so the
+    /// session's other requests and deliveries go on meanwhile; its answer is queued to
+    /// the client when it comes (at most [`MAX_RPC_IN_FLIGHT`] at once per session).
+    fn rpc(&mut self, id: Option<u64>, method: String, data: Bytes) {
+        let Some((hooks, cfg)) = self
+            .node
+            .hooks
+            .as_ref()
+            .and_then(|h| Some((h.clone(), h.rpc()?.clone())))
+        else {
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::BadRequest,
+                message: "rpc is not enabled on this server ([hooks.rpc])".into(),
+            });
+        };
+        if self.identity.is_none() && !cfg.anonymous {
+            return self.forbidden(id, "rpc needs a token".into());
+        }
+        let in_flight = self.rpc_in_flight.clone();
+        if in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_RPC_IN_FLIGHT {
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return self.error(RequestError {
+                id,
+                code: ErrorCode::RateLimited,
+                message: format!("at most {MAX_RPC_IN_FLIGHT} rpc calls in flight per connection")
+                    .into(),
+            });
+        }
+        let data: serde_json::Value =
+            serde_json::from_slice(&data).unwrap_or(serde_json::Value::Null);
+        let body = serde_json::json!({
+            "conn": conn_name(&self.node.instance, self.conn),
+            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
+            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
+            "method": method,
+            "data": data,
+        });
+        let handle = self.handle.clone();
+        let metrics = self.node.metrics.clone();
+        self.node.session_tasks.spawn(async move {
+            let frame = match hooks.call(herald_hooks::Hook::Rpc, &body).await {
+                Ok(herald_hooks::Reply::Result(r)) => Some(frames::result(id, r.get())),
+                Ok(herald_hooks::Reply::Error { code, message }) => {
+                    Some(frames::refused(id, code, &message))
+                }
+                Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
+                    let code = if (4000..=4999).contains(&code) {
+                        code
+                    } else {
+                        close::DISCONNECTED
+                    };
+                    handle.close(code, truncate_reason(reason), true);
+                    None
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "rpc hook failed");
+                    metrics
+                        .client_errors
+                        .with_label_values(&[ErrorCode::Unavailable.as_str()])
+                        .inc();
+                    Some(frames::error(
+                        id,
+                        ErrorCode::Unavailable,
+                        "the application's backend did not answer; retry later",
+                    ))
+                }
+            };
+            if let Some(f) = frame {
+                handle.push(Item::reply(f));
+            }
+            in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
     }
 
     /// `history`: a history channel's most recent publications (at most `limit` and

@@ -1,0 +1,390 @@
+//! Hooks: calls from a Herald node to the application's backend.
+//!
+//! A hook is a `POST` of a JSON object to the URL its table configures (`[hooks.rpc]`
+//! now; connect, refresh, subscribe and publish follow the same contract). The backend
+//! answers with exactly one of `{"result": {...}}`, `{"error": {"code": N, "message":
+//! ".."}}` (refuse this request, keep the connection) or `{"disconnect": {"code": N,
+//! "reason": ".."}}`. Anything else (another status, not JSON, more than
+//! `hooks.max_response_bytes`, no answer within the hook's `timeout`) fails closed: the
+//! request is refused as `unavailable`, never let through.
+//!
+//! Robust by design: one client per node with pooled keep-alive connections; at most
+//! `hooks.max_concurrency` calls in flight per node (a call that cannot get a slot
+//! within its timeout fails, so a slow backend holds no more than that many requests
+//! and no memory beyond them); no retries (a hook may not be idempotent); every request
+//! signed when `hooks.secret` is set: `X-Herald-Timestamp` (Unix seconds) and
+//! `X-Herald-Signature`, the lowercase hex HMAC-SHA256 of the timestamp's digits
+//! followed by the body's bytes, so the backend can check it comes from Herald and is
+//! fresh. Latency and outcome per hook are in `herald_hook_seconds` and
+//! `herald_hook_calls_total`.
+#![deny(missing_docs)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+/// `[hooks]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HooksConfig {
+    /// The HMAC-SHA256 key requests are signed with; empty: unsigned.
+    pub secret: String,
+    /// Hook calls in flight per node, at most.
+    pub max_concurrency: usize,
+    /// The largest answer read from a backend, in bytes.
+    pub max_response_bytes: usize,
+    /// `[hooks.rpc]`: the `rpc` client op.
+    pub rpc: Option<RpcHookConfig>,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            secret: String::new(),
+            max_concurrency: 64,
+            max_response_bytes: 65536,
+            rpc: None,
+        }
+    }
+}
+
+/// `[hooks.rpc]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcHookConfig {
+    /// Where to `POST` (`http://`).
+    pub url: String,
+    /// How long a call may take, the wait for a slot included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Whether clients without a token may call it.
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Which hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A client's `rpc`.
+    Rpc,
+}
+
+impl Hook {
+    /// Its name, in metrics and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Rpc => "rpc",
+        }
+    }
+}
+
+/// What a backend answered.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// `{"result": R}`: R's JSON text.
+    Result(Box<RawValue>),
+    /// `{"error": {"code": N, "message": M}}`: refuse the request.
+    Error {
+        /// The backend's code.
+        code: i64,
+        /// The backend's message.
+        message: String,
+    },
+    /// `{"disconnect": {"code": N, "reason": R}}`: close the connection.
+    Disconnect {
+        /// The close code (kept within 4000-4999 by the caller).
+        code: u16,
+        /// The close reason.
+        reason: String,
+    },
+}
+
+/// Why a hook gave no answer. Every one of these fails closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HookError {
+    /// The hook is not configured.
+    #[error("this hook is not configured")]
+    NotConfigured,
+    /// No slot, or no answer, within the hook's timeout.
+    #[error("the backend did not answer in time")]
+    Timeout,
+    /// The request could not be made or the connection failed.
+    #[error("the backend could not be reached: {0}")]
+    Failed(String),
+    /// The answer was not one of the three the contract allows.
+    #[error("the backend's answer is not a hook answer: {0}")]
+    BadAnswer(String),
+}
+
+impl HookError {
+    fn outcome(&self) -> &'static str {
+        match self {
+            HookError::NotConfigured => "not_configured",
+            HookError::Timeout => "timeout",
+            HookError::Failed(_) => "failed",
+            HookError::BadAnswer(_) => "bad_answer",
+        }
+    }
+}
+
+/// Invalid `[hooks]` settings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("hooks: {0}")]
+pub struct InvalidHooks(pub String);
+
+/// The node's hook client.
+pub struct Hooks {
+    config: HooksConfig,
+    client: Client<HttpConnector, Full<Bytes>>,
+    slots: Semaphore,
+    metrics: herald_metrics::Metrics,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("Hooks")
+            .field("rpc", &self.config.rpc.as_ref().map(|r| &r.url))
+            .finish()
+    }
+}
+
+/// Checks `[hooks]`.
+pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
+    if config.max_concurrency == 0 || config.max_response_bytes == 0 {
+        return Err(InvalidHooks(
+            "max_concurrency and max_response_bytes must be greater than 0".into(),
+        ));
+    }
+    if let Some(rpc) = &config.rpc {
+        let uri: hyper::Uri = rpc
+            .url
+            .parse()
+            .map_err(|e| InvalidHooks(format!("rpc.url {:?}: {e}", rpc.url)))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(InvalidHooks(format!(
+                "rpc.url {:?}: an http:// URL with a host (put TLS on a local proxy)",
+                rpc.url
+            )));
+        }
+        if rpc.timeout.is_zero() {
+            return Err(InvalidHooks("rpc.timeout must be greater than 0".into()));
+        }
+    }
+    Ok(())
+}
+
+/// `X-Herald-Signature` for `body` sent at `timestamp`: the lowercase hex HMAC-SHA256,
+/// keyed with `secret`, of the timestamp's decimal digits followed by the body.
+pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    result: Option<Box<RawValue>>,
+    error: Option<ErrorAnswer>,
+    disconnect: Option<DisconnectAnswer>,
+}
+
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    code: i64,
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct DisconnectAnswer {
+    code: u16,
+    #[serde(default)]
+    reason: String,
+}
+
+fn parse(body: &[u8]) -> Result<Reply, HookError> {
+    let bad = |why: String| HookError::BadAnswer(why);
+    let a: Answer = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    match (a.result, a.error, a.disconnect) {
+        (Some(r), None, None) => Ok(Reply::Result(r)),
+        (None, Some(e), None) => Ok(Reply::Error {
+            code: e.code,
+            message: e.message,
+        }),
+        (None, None, Some(d)) => Ok(Reply::Disconnect {
+            code: d.code,
+            reason: d.reason,
+        }),
+        _ => Err(bad(
+            "exactly one of result, error, disconnect is expected".into()
+        )),
+    }
+}
+
+impl Hooks {
+    /// The node's hook client, or none when no hook is configured.
+    pub fn new(config: &HooksConfig, metrics: herald_metrics::Metrics) -> Option<Hooks> {
+        config.rpc.as_ref()?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        Some(Hooks {
+            slots: Semaphore::new(config.max_concurrency),
+            config: config.clone(),
+            client,
+            metrics,
+        })
+    }
+
+    /// The `[hooks.rpc]` table, if set.
+    pub fn rpc(&self) -> Option<&RpcHookConfig> {
+        self.config.rpc.as_ref()
+    }
+
+    /// Calls `hook` with `body` (a JSON object): its answer, or why there is none.
+    pub async fn call(&self, hook: Hook, body: &serde_json::Value) -> Result<Reply, HookError> {
+        let started = std::time::Instant::now();
+        let r = self.call_inner(hook, body).await;
+        let outcome = match &r {
+            Ok(Reply::Result(_)) => "result",
+            Ok(Reply::Error { .. }) => "error",
+            Ok(Reply::Disconnect { .. }) => "disconnect",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .hook_calls
+            .with_label_values(&[hook.name(), outcome])
+            .inc();
+        self.metrics
+            .hook_seconds
+            .with_label_values(&[hook.name()])
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    async fn call_inner(&self, hook: Hook, body: &serde_json::Value) -> Result<Reply, HookError> {
+        let (url, limit) = match hook {
+            Hook::Rpc => {
+                let c = self.config.rpc.as_ref().ok_or(HookError::NotConfigured)?;
+                (&c.url, c.timeout)
+            }
+        };
+        let work = async {
+            let _slot = self
+                .slots
+                .acquire()
+                .await
+                .map_err(|_| HookError::Failed("shutting down".into()))?;
+            let body = Bytes::from(serde_json::to_vec(body).expect("JSON serializes"));
+            let timestamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let mut req = hyper::Request::post(url.as_str())
+                .header("content-type", "application/json")
+                .header("x-herald-timestamp", timestamp.to_string());
+            if !self.config.secret.is_empty() {
+                req = req.header(
+                    "x-herald-signature",
+                    sign(&self.config.secret, timestamp, &body),
+                );
+            }
+            let req = req
+                .body(Full::new(body))
+                .map_err(|e| HookError::Failed(e.to_string()))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| HookError::Failed(e.to_string()))?;
+            if resp.status() != hyper::StatusCode::OK {
+                return Err(HookError::BadAnswer(format!("HTTP {}", resp.status())));
+            }
+            let bytes = Limited::new(resp.into_body(), self.config.max_response_bytes)
+                .collect()
+                .await
+                .map_err(|e| HookError::BadAnswer(format!("reading the answer: {e}")))?
+                .to_bytes();
+            parse(&bytes)
+        };
+        tokio::time::timeout(limit, work)
+            .await
+            .unwrap_or(Err(HookError::Timeout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_exactly_one_of_three() {
+        assert!(
+            matches!(parse(br#"{"result":{"a":1}}"#), Ok(Reply::Result(r)) if r.get() == r#"{"a":1}"#)
+        );
+        assert!(matches!(
+            parse(br#"{"error":{"code":403,"message":"no"}}"#),
+            Ok(Reply::Error { code: 403, message }) if message == "no"
+        ));
+        assert!(matches!(
+            parse(br#"{"disconnect":{"code":4403,"reason":"bye"}}"#),
+            Ok(Reply::Disconnect { code: 4403, .. })
+        ));
+        for bad in [
+            &br#"{}"#[..],
+            br#"{"result":1,"error":{"code":1}}"#,
+            br#"{"result":1,"extra":2}"#,
+            br#"[1]"#,
+            b"not json",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn signatures_cover_the_timestamp_and_the_body() {
+        let a = sign("k", 100, b"{}");
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, sign("k", 101, b"{}"));
+        assert_ne!(a, sign("k", 100, b"{ }"));
+        assert_ne!(a, sign("j", 100, b"{}"));
+        // The digits, then the body: what a backend computes from the two headers' inputs.
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"k").unwrap();
+        mac.update(b"100{}");
+        assert_eq!(a, hex::encode(mac.finalize().into_bytes()));
+    }
+
+    #[test]
+    fn only_http_urls_with_a_host() {
+        let with = |url: &str| HooksConfig {
+            rpc: Some(RpcHookConfig {
+                url: url.into(),
+                timeout: Duration::from_secs(1),
+                anonymous: false,
+            }),
+            ..HooksConfig::default()
+        };
+        assert!(validate(&with("http://127.0.0.1:3000/rpc")).is_ok());
+        for bad in ["https://x/rpc", "ftp://x", "/rpc", "not a url"] {
+            assert!(validate(&with(bad)).is_err(), "{bad}");
+        }
+    }
+}
