@@ -27,6 +27,7 @@ async fn backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
                     |req: Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
                         let ts: u64 = req.headers()["x-herald-timestamp"]
                             .to_str()
                             .unwrap()
@@ -48,6 +49,30 @@ async fn backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                                 json!({"error": {"code": 401, "message": "bad signature"}})
                                     .to_string(),
                             );
+                        }
+                        let channel = call["channel"].as_str().unwrap_or("");
+                        match path.as_str() {
+                            "/subscribe" => {
+                                return answer(
+                                    match channel.split(':').next().unwrap() {
+                                        "open" => json!({"result": {}}),
+                                        "kick" => json!({"disconnect": {"code": 4401, "reason": "not you"}}),
+                                        _ => json!({"error": {"code": 403, "message": "members only"}}),
+                                    }
+                                    .to_string(),
+                                )
+                            }
+                            "/publish" => {
+                                return answer(
+                                    match channel {
+                                        "pub:rewrite" => json!({"result": {"data": {"clean": true, "was": call["data"], "by": call["user"]}}}),
+                                        "pub:ok" => json!({"result": {}}),
+                                        _ => json!({"error": {"code": 3, "message": "no"}}),
+                                    }
+                                    .to_string(),
+                                )
+                            }
+                            _ => {}
                         }
                         match call["method"].as_str().unwrap() {
                         "echo" => answer(json!({"result": {"data": call["data"], "user": call["user"], "conn": call["conn"], "transport": call["transport"]}}).to_string()),
@@ -206,4 +231,89 @@ async fn the_rpc_hook_answers_and_fails_closed() {
         (1.0, 1.0, 1.0, 1.0)
     );
     assert_eq!(m("bad_answer"), 4.0);
+}
+
+/// `subscribe = "hook"` and `publish = "hook"`: the backend allows, refuses with its
+/// code, disconnects, or rewrites what is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_and_publish_hooks_decide_per_request() {
+    let (addr, server) = backend().await;
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.hooks.secret = SECRET.into();
+        let table = |path: &str| herald_hooks::HookConfig {
+            url: format!("http://{addr}{path}"),
+            timeout: Duration::from_secs(2),
+        };
+        c.hooks.subscribe = Some(table("/subscribe"));
+        c.hooks.publish = Some(table("/publish"));
+        let rule = |pattern: &str| {
+            let mut r = herald_testkit::history_rule(pattern, 0);
+            r.subscribe = herald_server::config::SubscribeAccess::Hook;
+            r
+        };
+        let mut publish = herald_testkit::history_rule("pub:*", 0);
+        publish.publish = herald_server::config::PublishAccess::Hook;
+        c.channels.rules = vec![rule("open:*"), rule("closed:*"), rule("kick:*"), publish];
+    })
+    .await;
+    let url = format!(
+        "{}?access_token={}",
+        node.ws_url(),
+        token("ada", 600, json!({}))
+    );
+    let mut ada = Client::connect(&url).await.unwrap();
+    ada.subscribe("open:1").await;
+    ada.send_json(&json!({"op": "subscribe", "channel": "closed:1", "id": 7}))
+        .await;
+    let e = ada.recv_json().await;
+    assert_eq!(
+        (
+            e["id"].as_u64(),
+            e["code"].as_str(),
+            e["hook_code"].as_i64()
+        ),
+        (Some(7), Some("refused"), Some(403)),
+        "{e}"
+    );
+
+    ada.subscribe("pub:rewrite").await;
+    ada.subscribe("pub:ok").await;
+    ada.send_json(
+        &json!({"op": "publish", "channel": "pub:rewrite", "data": {"text": "hi"}, "id": 8}),
+    )
+    .await;
+    let got = [ada.recv_json().await, ada.recv_json().await];
+    let msg = got
+        .iter()
+        .find(|f| f["op"] == "message")
+        .expect("the publication");
+    assert_eq!(
+        msg["data"],
+        json!({"clean": true, "was": {"text": "hi"}, "by": "ada"})
+    );
+    assert!(got.iter().any(|f| f["op"] == "published" && f["id"] == 8));
+    ada.send_json(&json!({"op": "publish", "channel": "pub:ok", "data": 5, "id": 9}))
+        .await;
+    let got = [ada.recv_json().await, ada.recv_json().await];
+    assert!(
+        got.iter().any(|f| f["op"] == "message" && f["data"] == 5),
+        "{got:?}"
+    );
+    ada.send_json(&json!({"op": "publish", "channel": "pub:no", "data": 1, "id": 10}))
+        .await;
+    let e = ada.recv_json().await;
+    assert_eq!(
+        (e["code"].as_str(), e["hook_code"].as_i64()),
+        (Some("refused"), Some(3))
+    );
+
+    ada.send_json(&json!({"op": "subscribe", "channel": "kick:1", "id": 11}))
+        .await;
+    let (closed, _) = ada.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(4401), "not you")
+    );
+    server.abort();
 }

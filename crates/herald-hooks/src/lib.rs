@@ -42,6 +42,21 @@ pub struct HooksConfig {
     pub max_response_bytes: usize,
     /// `[hooks.rpc]`: the `rpc` client op.
     pub rpc: Option<RpcHookConfig>,
+    /// `[hooks.subscribe]`: asked for channels whose rule says `subscribe = "hook"`.
+    pub subscribe: Option<HookConfig>,
+    /// `[hooks.publish]`: asked for channels whose rule says `publish = "hook"`.
+    pub publish: Option<HookConfig>,
+}
+
+/// `[hooks.subscribe]`, `[hooks.publish]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HookConfig {
+    /// Where to `POST` (`http://`).
+    pub url: String,
+    /// How long a call may take, the wait for a slot included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for HooksConfig {
@@ -51,6 +66,8 @@ impl Default for HooksConfig {
             max_concurrency: 64,
             max_response_bytes: 65536,
             rpc: None,
+            subscribe: None,
+            publish: None,
         }
     }
 }
@@ -78,6 +95,10 @@ fn default_timeout() -> Duration {
 pub enum Hook {
     /// A client's `rpc`.
     Rpc,
+    /// A subscribe to a `subscribe = "hook"` channel.
+    Subscribe,
+    /// A publish to a `publish = "hook"` channel.
+    Publish,
 }
 
 impl Hook {
@@ -85,6 +106,8 @@ impl Hook {
     pub fn name(self) -> &'static str {
         match self {
             Hook::Rpc => "rpc",
+            Hook::Subscribe => "subscribe",
+            Hook::Publish => "publish",
         }
     }
 }
@@ -167,19 +190,33 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
             "max_concurrency and max_response_bytes must be greater than 0".into(),
         ));
     }
-    if let Some(rpc) = &config.rpc {
-        let uri: hyper::Uri = rpc
-            .url
+    let tables = [
+        ("rpc", config.rpc.as_ref().map(|r| (&r.url, r.timeout))),
+        (
+            "subscribe",
+            config.subscribe.as_ref().map(|r| (&r.url, r.timeout)),
+        ),
+        (
+            "publish",
+            config.publish.as_ref().map(|r| (&r.url, r.timeout)),
+        ),
+    ];
+    for (name, table) in tables {
+        let Some((url, timeout)) = table else {
+            continue;
+        };
+        let uri: hyper::Uri = url
             .parse()
-            .map_err(|e| InvalidHooks(format!("rpc.url {:?}: {e}", rpc.url)))?;
+            .map_err(|e| InvalidHooks(format!("{name}.url {url:?}: {e}")))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
             return Err(InvalidHooks(format!(
-                "rpc.url {:?}: an http:// URL with a host (put TLS on a local proxy)",
-                rpc.url
+                "{name}.url {url:?}: an http:// URL with a host (put TLS on a local proxy)"
             )));
         }
-        if rpc.timeout.is_zero() {
-            return Err(InvalidHooks("rpc.timeout must be greater than 0".into()));
+        if timeout.is_zero() {
+            return Err(InvalidHooks(format!(
+                "{name}.timeout must be greater than 0"
+            )));
         }
     }
     Ok(())
@@ -240,7 +277,9 @@ fn parse(body: &[u8]) -> Result<Reply, HookError> {
 impl Hooks {
     /// The node's hook client, or none when no hook is configured.
     pub fn new(config: &HooksConfig, metrics: herald_metrics::Metrics) -> Option<Hooks> {
-        config.rpc.as_ref()?;
+        if config.rpc.is_none() && config.subscribe.is_none() && config.publish.is_none() {
+            return None;
+        }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
@@ -284,6 +323,14 @@ impl Hooks {
         let (url, limit) = match hook {
             Hook::Rpc => {
                 let c = self.config.rpc.as_ref().ok_or(HookError::NotConfigured)?;
+                (&c.url, c.timeout)
+            }
+            Hook::Subscribe | Hook::Publish => {
+                let c = match hook {
+                    Hook::Subscribe => self.config.subscribe.as_ref(),
+                    _ => self.config.publish.as_ref(),
+                };
+                let c = c.ok_or(HookError::NotConfigured)?;
                 (&c.url, c.timeout)
             }
         };
@@ -383,6 +430,14 @@ mod tests {
             ..HooksConfig::default()
         };
         assert!(validate(&with("http://127.0.0.1:3000/rpc")).is_ok());
+        let publish = HooksConfig {
+            publish: Some(HookConfig {
+                url: "https://x/p".into(),
+                timeout: Duration::from_secs(1),
+            }),
+            ..HooksConfig::default()
+        };
+        assert!(validate(&publish).is_err());
         for bad in ["https://x/rpc", "ftp://x", "/rpc", "not a url"] {
             assert!(validate(&with(bad)).is_err(), "{bad}");
         }

@@ -39,7 +39,42 @@ pub(crate) fn may_subscribe(
         SubscribeAccess::Anyone => true,
         SubscribeAccess::Authenticated => identity.is_some(),
         SubscribeAccess::Claims => false,
+        // Decided by the backend, before this is asked (`subscribe_hook`).
+        SubscribeAccess::Hook => false,
     }
+}
+
+/// For a channel whose rule says `subscribe = "hook"`: `Some(true)` when the backend
+/// must be asked, `Some(false)` when the `{sub}` namespace already refuses; `None` when
+/// the rule does not say hook, or the token's `channels` claim (or a subscription
+/// token, `granted`) admits without asking.
+pub(crate) fn subscribe_hook(
+    config: &ChannelsConfig,
+    channel: &str,
+    identity: Option<&Identity>,
+    granted: bool,
+) -> Option<bool> {
+    let rule = config.rule(channel)?;
+    if rule.subscribe != SubscribeAccess::Hook
+        || granted
+        || identity.is_some_and(|i| i.channels.matches(channel))
+    {
+        return None;
+    }
+    Some(own_namespace(rule, channel, identity))
+}
+
+/// For a channel whose rule says `publish = "hook"`: as [`subscribe_hook`].
+pub(crate) fn publish_hook(
+    config: &ChannelsConfig,
+    channel: &str,
+    identity: Option<&Identity>,
+) -> Option<bool> {
+    let rule = config.rule(channel)?;
+    if rule.publish != PublishAccess::Hook || config.client_publish.matches(channel) {
+        return None;
+    }
+    Some(own_namespace(rule, channel, identity))
 }
 
 /// Whether a client may publish to `channel` over WebSocket.
@@ -69,6 +104,8 @@ pub(crate) fn may_publish(
         PublishAccess::Anyone => true,
         PublishAccess::Authenticated => identity.is_some(),
         PublishAccess::Claims => claimed,
+        // Decided by the backend, before this is asked (`publish_hook`).
+        PublishAccess::Hook => false,
     }
 }
 

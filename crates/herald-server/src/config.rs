@@ -304,6 +304,9 @@ pub enum SubscribeAccess {
     /// Only clients whose token's `channels` claim matches (or that present a
     /// subscription token for the channel).
     Claims,
+    /// The application's backend decides (`[hooks.subscribe]`), for each subscribe
+    /// (a token's `channels` claim or a subscription token still admits without it).
+    Hook,
 }
 
 /// A rule's `publish` (WebSocket publishes; the HTTP API is governed by API keys).
@@ -319,6 +322,8 @@ pub enum PublishAccess {
     Authenticated,
     /// Clients whose token's `publish` claim matches.
     Claims,
+    /// The application's backend decides (`[hooks.publish]`), and may rewrite the data.
+    Hook,
 }
 
 /// The value a rule's setting names, or an error that lists the choices (the
@@ -343,6 +348,7 @@ impl TryFrom<String> for SubscribeAccess {
             ("anyone", Anyone),
             ("authenticated", Authenticated),
             ("claims", Claims),
+            ("hook", Hook),
         ];
         choice(&value, &choices)
     }
@@ -358,6 +364,7 @@ impl TryFrom<String> for PublishAccess {
             ("anyone", Anyone),
             ("authenticated", Authenticated),
             ("claims", Claims),
+            ("hook", Hook),
         ];
         choice(&value, &choices)
     }
@@ -702,6 +709,18 @@ impl GatewayConfig {
         for (i, r) in self.channels.rules.iter().enumerate() {
             let key = "channels.rules";
             let at = format!("rule {} (pattern {:?})", i + 1, r.pattern.as_str());
+            if r.subscribe == SubscribeAccess::Hook && self.hooks.subscribe.is_none() {
+                return bad(
+                    key,
+                    &format!("{at}: subscribe = \"hook\" needs [hooks.subscribe]"),
+                );
+            }
+            if r.publish == PublishAccess::Hook && self.hooks.publish.is_none() {
+                return bad(
+                    key,
+                    &format!("{at}: publish = \"hook\" needs [hooks.publish]"),
+                );
+            }
             if r.join_leave && !r.presence {
                 return bad(key, &format!("{at}: join_leave needs presence = true"));
             }

@@ -351,7 +351,27 @@ impl Session {
                 since,
                 token,
             }) => {
-                if self.may_subscribe(&channel, id, token.as_deref()) {
+                let identity = self.identity.as_deref();
+                let hook = access::subscribe_hook(
+                    &self.node.config.channels,
+                    channel.as_str(),
+                    identity,
+                    token.is_some(),
+                );
+                let allowed = match hook {
+                    None => self.may_subscribe(&channel, id, token.as_deref()),
+                    Some(false) => {
+                        self.forbidden(id, "not allowed to subscribe to this channel".into());
+                        false
+                    }
+                    Some(true) => {
+                        let ask = serde_json::json!({"channel": channel.as_str()});
+                        self.ask(herald_hooks::Hook::Subscribe, id, ask)
+                            .await
+                            .is_some()
+                    }
+                };
+                if allowed {
                     self.subscribe(channel, id, recover, since).await;
                 }
                 self.grant_info = None;
@@ -596,6 +616,64 @@ impl Session {
         }
     }
 
+    /// Asks the backend (`hook`) whether this request may go on: its result when it
+    /// allows; otherwise the client has been answered (`refused`, `unavailable`) or the
+    /// session is closing (the backend said disconnect). Awaited in the reader: the
+    /// connection's next requests wait for it (at most the hook's timeout).
+    async fn ask(
+        &self,
+        hook: herald_hooks::Hook,
+        id: Option<u64>,
+        fields: serde_json::Value,
+    ) -> Option<Box<serde_json::value::RawValue>> {
+        let Some(hooks) = self.node.hooks.clone() else {
+            self.error(RequestError {
+                id,
+                code: ErrorCode::Unavailable,
+                message: "no hook is configured for this channel".into(),
+            });
+            return None;
+        };
+        let mut body = serde_json::json!({
+            "conn": conn_name(&self.node.instance, self.conn),
+            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
+            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
+        });
+        if let (Some(b), serde_json::Value::Object(f)) = (body.as_object_mut(), fields) {
+            b.extend(f);
+        }
+        match hooks.call(hook, &body).await {
+            Ok(herald_hooks::Reply::Result(r)) => Some(r),
+            Ok(herald_hooks::Reply::Error { code, message }) => {
+                self.node
+                    .metrics
+                    .client_errors
+                    .with_label_values(&[ErrorCode::Refused.as_str()])
+                    .inc();
+                self.reply(frames::refused(id, code, &message));
+                None
+            }
+            Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
+                let code = if (4000..=4999).contains(&code) {
+                    code
+                } else {
+                    close::DISCONNECTED
+                };
+                self.handle.close(code, truncate_reason(reason), true);
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, hook = hook.name(), "hook failed");
+                self.error(RequestError {
+                    id,
+                    code: ErrorCode::Unavailable,
+                    message: "the application's backend did not answer; retry later".into(),
+                });
+                None
+            }
+        }
+    }
+
     /// `rpc`: the call goes to the backend (`[hooks.rpc]`) off the reader, so the
     /// session's other requests and deliveries go on meanwhile; its answer is queued to
     /// the client when it comes (at most [`MAX_RPC_IN_FLIGHT`] at once per session).
@@ -816,10 +894,47 @@ impl Session {
         });
     }
 
-    async fn publish(&mut self, channel: ChannelName, payload: Payload, id: Option<u64>) {
+    async fn publish(&mut self, channel: ChannelName, mut payload: Payload, id: Option<u64>) {
         let identity = self.identity.as_deref();
-        if !access::may_publish(&self.node.config.channels, channel.as_str(), identity) {
-            return self.forbidden(id, "not allowed to publish to this channel".into());
+        let channels = &self.node.config.channels;
+        match access::publish_hook(channels, channel.as_str(), identity) {
+            None => {
+                if !access::may_publish(channels, channel.as_str(), identity) {
+                    return self.forbidden(id, "not allowed to publish to this channel".into());
+                }
+            }
+            Some(false) => {
+                return self.forbidden(id, "not allowed to publish to this channel".into())
+            }
+            Some(true) => {
+                use base64::Engine as _;
+                let data = match &payload {
+                    Payload::Json(d) => serde_json::json!({
+                        "data": serde_json::from_slice::<serde_json::Value>(d)
+                            .unwrap_or(serde_json::Value::Null)
+                    }),
+                    Payload::Binary(b) => serde_json::json!({
+                        "binary": base64::engine::general_purpose::STANDARD.encode(b)
+                    }),
+                };
+                let mut ask = serde_json::json!({"channel": channel.as_str()});
+                if let (Some(a), serde_json::Value::Object(d)) = (ask.as_object_mut(), data) {
+                    a.extend(d);
+                }
+                let Some(result) = self.ask(herald_hooks::Hook::Publish, id, ask).await else {
+                    return;
+                };
+                // `{"result": {"data": ...}}` rewrites what is published.
+                #[derive(serde::Deserialize)]
+                struct Rewrite<'a> {
+                    /// What to publish instead.
+                    #[serde(borrow)]
+                    data: Option<&'a serde_json::value::RawValue>,
+                }
+                if let Ok(Rewrite { data: Some(d) }) = serde_json::from_str(result.get()) {
+                    payload = Payload::Json(Bytes::from(d.get().to_owned()));
+                }
+            }
         }
         let name = channel.clone();
         let publication = Publication::now(channel, payload);
