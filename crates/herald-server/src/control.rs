@@ -13,8 +13,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use herald_broker::{BrokerError, PublishRequest};
+use herald_broker::BrokerError;
 use herald_protocol::control::{
     control_channel, Answer, ChannelCount, Command, ControlMessage, NodeInfo, Target,
 };
@@ -66,7 +65,7 @@ pub(crate) async fn leave(node: &Node) {
     };
     let sent = tokio::time::timeout(
         std::time::Duration::from_secs(1),
-        send(node, control_channel(), &gone),
+        node.tell(control_channel(), &gone),
     )
     .await;
     if !matches!(sent, Ok(Ok(()))) {
@@ -80,7 +79,7 @@ fn say_alive(node: &Arc<Node>) {
     };
     let node = node.clone();
     tokio::spawn(async move {
-        if let Err(e) = send(&node, control_channel(), &alive).await {
+        if let Err(e) = node.tell(control_channel(), &alive).await {
             tracing::debug!(error = %e, "control heartbeat not sent");
         }
     });
@@ -117,7 +116,7 @@ fn on_message(node: &Arc<Node>, p: Publication) {
             };
             let node = node.clone();
             tokio::spawn(async move {
-                if let Err(e) = send(&node, to, &answer).await {
+                if let Err(e) = node.tell(to, &answer).await {
                     tracing::debug!(error = %e, "survey answer not sent");
                 }
             });
@@ -132,14 +131,6 @@ fn on_message(node: &Arc<Node>, p: Publication) {
         // Presence changes travel on their own channel (the `presence` module's).
         ControlMessage::Presence { .. } => {}
     }
-}
-
-async fn send(node: &Node, to: ChannelName, msg: &ControlMessage) -> Result<(), BrokerError> {
-    let p = Publication::now(to, Payload::Json(Bytes::from(msg.to_json())));
-    node.broker
-        .publish(vec![PublishRequest::plain(p)])
-        .await
-        .map(|_| ())
 }
 
 /// What every node answered to a survey.
@@ -163,7 +154,7 @@ pub(crate) async fn survey(node: &Node, command: Command) -> Result<Surveyed, Br
         command,
     };
     let outcome = |o: &str| node.metrics.control_surveys.with_label_values(&[o]).inc();
-    if let Err(e) = send(node, control_channel(), &ask).await {
+    if let Err(e) = node.tell(control_channel(), &ask).await {
         outcome("failed");
         return Err(e);
     }

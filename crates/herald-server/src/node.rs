@@ -179,6 +179,20 @@ impl Node {
         Ok(())
     }
 
+    /// Publishes a message between nodes (control plane, presence) on an internal
+    /// channel: the broker's path, not counted as a user publication.
+    pub(crate) async fn tell(
+        &self,
+        to: herald_protocol::ChannelName,
+        msg: &herald_protocol::control::ControlMessage,
+    ) -> Result<(), BrokerError> {
+        let p = Publication::now(to, herald_protocol::Payload::Json(msg.to_json().into()));
+        self.broker
+            .publish(vec![PublishRequest::plain(p)])
+            .await
+            .map(|_| ())
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

@@ -16,8 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use herald_broker::{BrokerError, PresenceChange, PresencePage, PresenceStats, PublishRequest};
+use herald_broker::{BrokerError, PresenceChange, PresencePage, PresenceStats};
 use herald_protocol::control::{presence_channel, ControlMessage};
 use herald_protocol::presence::{event_frame, Member};
 use herald_protocol::{ChannelName, Payload, Publication};
@@ -111,12 +110,8 @@ async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<P
             join,
             member: c.member,
         };
-        let p = Publication::now(
-            presence_channel(),
-            Payload::Json(Bytes::from(msg.to_json())),
-        );
         let event = if join { "join" } else { "leave" };
-        match node.broker.publish(vec![PublishRequest::plain(p)]).await {
+        match node.tell(presence_channel(), &msg).await {
             Ok(_) => node
                 .metrics
                 .presence_events
