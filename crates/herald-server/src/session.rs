@@ -213,6 +213,17 @@ struct Session {
 /// `rpc` calls one session may have waiting for the backend at once.
 const MAX_RPC_IN_FLIGHT: usize = 8;
 
+/// The backend's `{"disconnect": ...}`: close with its code when it is one a backend
+/// may use (4000-4999; otherwise 4400) and its reason, cut to fit a close frame.
+fn close_for_backend(handle: &Arc<SessionHandle>, code: u16, reason: String) {
+    let code = if (4000..=4999).contains(&code) {
+        code
+    } else {
+        close::DISCONNECTED
+    };
+    handle.close(code, truncate_reason(reason), true);
+}
+
 /// A close reason within the 123 bytes a close frame carries (cut at a char boundary).
 fn truncate_reason(mut reason: String) -> String {
     if reason.len() > herald_protocol::control::MAX_REASON {
@@ -616,6 +627,20 @@ impl Session {
         }
     }
 
+    /// A hook request: what every hook is told of the connection (`conn`, `user`,
+    /// `transport`), with `fields` (an object) added.
+    fn hook_request(&self, fields: serde_json::Value) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "conn": conn_name(&self.node.instance, self.conn),
+            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
+            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
+        });
+        if let (Some(b), serde_json::Value::Object(f)) = (body.as_object_mut(), fields) {
+            b.extend(f);
+        }
+        body
+    }
+
     /// Asks the backend (`hook`) whether this request may go on: its result when it
     /// allows; otherwise the client has been answered (`refused`, `unavailable`) or the
     /// session is closing (the backend said disconnect). Awaited in the reader: the
@@ -634,15 +659,7 @@ impl Session {
             });
             return None;
         };
-        let mut body = serde_json::json!({
-            "conn": conn_name(&self.node.instance, self.conn),
-            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
-            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
-        });
-        if let (Some(b), serde_json::Value::Object(f)) = (body.as_object_mut(), fields) {
-            b.extend(f);
-        }
-        match hooks.call(hook, &body).await {
+        match hooks.call(hook, &self.hook_request(fields)).await {
             Ok(herald_hooks::Reply::Result(r)) => Some(r),
             Ok(herald_hooks::Reply::Error { code, message }) => {
                 self.node
@@ -654,12 +671,7 @@ impl Session {
                 None
             }
             Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
-                let code = if (4000..=4999).contains(&code) {
-                    code
-                } else {
-                    close::DISCONNECTED
-                };
-                self.handle.close(code, truncate_reason(reason), true);
+                close_for_backend(&self.handle, code, reason);
                 None
             }
             Err(e) => {
@@ -705,13 +717,7 @@ impl Session {
         }
         let data: serde_json::Value =
             serde_json::from_slice(&data).unwrap_or(serde_json::Value::Null);
-        let body = serde_json::json!({
-            "conn": conn_name(&self.node.instance, self.conn),
-            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
-            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
-            "method": method,
-            "data": data,
-        });
+        let body = self.hook_request(serde_json::json!({"method": method, "data": data}));
         let handle = self.handle.clone();
         let metrics = self.node.metrics.clone();
         self.node.session_tasks.spawn(async move {
@@ -721,12 +727,7 @@ impl Session {
                     Some(frames::refused(id, code, &message))
                 }
                 Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
-                    let code = if (4000..=4999).contains(&code) {
-                        code
-                    } else {
-                        close::DISCONNECTED
-                    };
-                    handle.close(code, truncate_reason(reason), true);
+                    close_for_backend(&handle, code, reason);
                     None
                 }
                 Err(e) => {
