@@ -57,20 +57,27 @@ async fn until_op(c: &mut Client, op: &str) -> (Value, Vec<Value>) {
     }
 }
 
-async fn stats(node: &Node, channel: &str) -> (u64, u64) {
+/// The channel's counts; `Err` with the reply when the node could not read them (503
+/// while its Redis reconnects).
+async fn stats(node: &Node, channel: &str) -> Result<(u64, u64), Value> {
     let (status, s) = api(node, &format!("/api/presence_stats/{channel}")).await;
-    assert_eq!(status, 200, "{s}");
-    (
+    if status != 200 {
+        assert_eq!((status, &s["code"]), (503, &json!("unavailable")), "{s}");
+        return Err(s);
+    }
+    Ok((
         s["connections"].as_u64().unwrap(),
         s["users"].as_u64().unwrap(),
-    )
+    ))
 }
 
+/// Polls the counts until they are `want` (a node whose Redis is reconnecting answers
+/// 503 meanwhile, e.g. after the restart below).
 async fn eventually_stats(node: &Node, channel: &str, want: (u64, u64)) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let got = stats(node, channel).await;
-        if got == want {
+        if got.as_ref() == Ok(&want) {
             return;
         }
         assert!(
