@@ -56,7 +56,7 @@ struct Room {
 impl Room {
     fn remove(&mut self, conn: &str) -> Option<PresenceChange> {
         let (member, _) = self.members.remove(conn)?;
-        let key = counted(&member);
+        let key = member.count_key();
         let n = self.users.entry(key.clone()).or_default();
         *n = n.saturating_sub(1);
         let user_edge = *n == 0;
@@ -64,16 +64,6 @@ impl Room {
             self.users.remove(&key);
         }
         Some(PresenceChange { member, user_edge })
-    }
-}
-
-/// The key a member counts under: its user, or for an anonymous connection itself (the
-/// prefixes keep a user named like a connection apart from it).
-fn counted(m: &Member) -> String {
-    if m.user.is_empty() {
-        format!("c:{}", m.conn)
-    } else {
-        format!("u:{}", m.user)
     }
 }
 
@@ -328,7 +318,7 @@ impl Broker for MemoryBroker {
                 match room.members.get_mut(&m.conn) {
                     Some(entry) => entry.1 = until,
                     None => {
-                        let n = room.users.entry(counted(&m)).or_default();
+                        let n = room.users.entry(m.count_key()).or_default();
                         *n += 1;
                         added.push(PresenceChange {
                             member: m.clone(),
@@ -355,7 +345,7 @@ impl Broker for MemoryBroker {
                 .into_iter()
                 .map(|m| {
                     room.remove(&m.conn).unwrap_or_else(|| PresenceChange {
-                        user_edge: !room.users.contains_key(&counted(&m)),
+                        user_edge: !room.users.contains_key(&m.count_key()),
                         member: m,
                     })
                 })
@@ -406,12 +396,11 @@ impl Broker for MemoryBroker {
             let Some(room) = state.rooms.get(&channel) else {
                 return Ok(PresencePage::default());
             };
-            // The cursor is `0:SKIP`, the shape Redis's takes (`SCAN:SKIP`).
-            let skip: usize = cursor
+            // The scan part is always 0 here: the members are in one ordered map.
+            let skip = cursor
                 .as_deref()
-                .and_then(|c| c.split_once(':'))
-                .and_then(|(_, n)| n.parse().ok())
-                .unwrap_or(0);
+                .and_then(herald_protocol::presence::parse_cursor)
+                .map_or(0, |(_, skip)| skip as usize);
             let limit = limit.max(1);
             let members: Vec<Member> = room
                 .members
@@ -421,7 +410,8 @@ impl Broker for MemoryBroker {
                 .map(|(m, _)| m.clone())
                 .collect();
             let more = room.members.len() > skip + members.len();
-            let cursor = more.then(|| format!("0:{}", skip + members.len()));
+            let cursor =
+                more.then(|| herald_protocol::presence::cursor(0, (skip + members.len()) as u64));
             Ok(PresencePage { members, cursor })
         })
     }

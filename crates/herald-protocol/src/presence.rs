@@ -38,10 +38,35 @@ impl Member {
         serde_json::to_string(self).expect("members serialize")
     }
 
+    /// The key the member counts under in a channel's per-user counts: its user, or
+    /// for an anonymous connection itself (each counts as a user); the prefixes keep a
+    /// user named like a connection apart from it. Brokers keep the counts; Redis's
+    /// presence script derives the same key from a stored member.
+    pub fn count_key(&self) -> String {
+        if self.user.is_empty() {
+            format!("c:{}", self.conn)
+        } else {
+            format!("u:{}", self.user)
+        }
+    }
+
     /// Reads a member's JSON (as a broker stored it).
     pub fn parse(json: &[u8]) -> Option<Member> {
         serde_json::from_slice(json).ok()
     }
+}
+
+/// A presence page's cursor: `SCAN:SKIP` (where the broker's scan goes on, and how
+/// many of that batch were already given). Brokers make and read it; the gateway
+/// refuses anything else before a broker sees it.
+pub fn cursor(scan: u64, skip: u64) -> String {
+    format!("{scan}:{skip}")
+}
+
+/// Reads a cursor made by [`cursor`]; `None` for anything else.
+pub fn parse_cursor(cursor: &str) -> Option<(u64, u64)> {
+    let (scan, skip) = cursor.split_once(':')?;
+    Some((scan.parse().ok()?, skip.parse().ok()?))
 }
 
 fn members_json(members: &[Member]) -> String {

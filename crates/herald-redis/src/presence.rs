@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use herald_broker::{BrokerError, PresenceChange, PresencePage, PresenceStats};
-use herald_protocol::presence::Member;
+use herald_protocol::presence::{self as wire, Member};
 use herald_protocol::ChannelName;
 use redis::Value;
 
@@ -96,21 +96,11 @@ pub(crate) async fn add(
     ];
     for m in &members {
         args.push(m.conn.clone().into_bytes());
-        args.push(count_key(m).into_bytes());
+        args.push(m.count_key().into_bytes());
         args.push(m.to_json().into_bytes());
     }
     let v = run(&to, &to.scripts.presence_add, channel, args).await?;
     changes(&v)
-}
-
-/// The key a member counts under: its user, or for an anonymous connection itself (the
-/// prefixes keep a user named like a connection apart from it).
-fn count_key(m: &Member) -> String {
-    if m.user.is_empty() {
-        format!("c:{}", m.conn)
-    } else {
-        format!("u:{}", m.user)
-    }
 }
 
 pub(crate) async fn remove(
@@ -121,7 +111,7 @@ pub(crate) async fn remove(
     let mut args = vec![b"members".to_vec()];
     for m in &members {
         args.push(m.conn.clone().into_bytes());
-        args.push(count_key(m).into_bytes());
+        args.push(m.count_key().into_bytes());
         args.push(m.to_json().into_bytes());
     }
     let v = run(&to, &to.scripts.presence_remove, channel, args).await?;
@@ -170,11 +160,11 @@ pub(crate) async fn page(
 ) -> Result<PresencePage, BrokerError> {
     let [members_key, _, _] = keys(to.prefix, channel);
     let limit = limit.max(1);
-    let (mut scan, mut skip) = cursor
+    let (mut scan, skip) = cursor
         .as_deref()
-        .and_then(|c| c.split_once(':'))
-        .and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<usize>().ok()?)))
+        .and_then(wire::parse_cursor)
         .unwrap_or((0, 0));
+    let mut skip = skip as usize;
     let mut members = Vec::new();
     // Bounded: each round takes at least one entry or ends the scan.
     for _ in 0..1000 {
@@ -201,7 +191,7 @@ pub(crate) async fn page(
             members.extend(batch.into_iter().skip(skip).take(want));
             return Ok(PresencePage {
                 members,
-                cursor: Some(format!("{scan}:{}", skip + want)),
+                cursor: Some(wire::cursor(scan, (skip + want) as u64)),
             });
         }
         members.extend(batch.into_iter().skip(skip));
@@ -216,12 +206,12 @@ pub(crate) async fn page(
         if members.len() == limit {
             return Ok(PresencePage {
                 members,
-                cursor: Some(format!("{scan}:0")),
+                cursor: Some(wire::cursor(scan, 0)),
             });
         }
     }
     Ok(PresencePage {
         members,
-        cursor: Some(format!("{scan}:{skip}")),
+        cursor: Some(wire::cursor(scan, skip as u64)),
     })
 }

@@ -128,12 +128,10 @@ async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<P
     }
 }
 
-/// Whether `cursor` has the shape the brokers' cursors have (`N:N`); anything else is
-/// the caller's mistake, answered as such rather than taken as "from the start".
+/// Whether `cursor` is one a presence page could have given (anything else is the
+/// caller's mistake, answered as such rather than taken as "from the start").
 pub(crate) fn valid_cursor(cursor: &str) -> bool {
-    cursor
-        .split_once(':')
-        .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
+    herald_protocol::presence::parse_cursor(cursor).is_some()
 }
 
 /// A page of `channel`'s members (expired entries removed first, their leaves announced).
