@@ -3,11 +3,9 @@
 
 use herald_broker::{BrokerError, HistoryPage, HistoryPolicy};
 use herald_protocol::ChannelName;
-use redis::Value;
 
 use crate::publish::Redis;
-use crate::scripts::{millis, page, unavailable, Keys};
-use crate::shared::Conn;
+use crate::scripts::{invoke, millis, page, Keys};
 
 /// Reads up to `count` publications of `channel` after `since`, within the deadline.
 pub(crate) async fn history(
@@ -34,15 +32,6 @@ pub(crate) async fn history(
         .arg(count)
         .arg(only_in.map_or(-1, |e| e.get() as i64))
         .arg(conn.run_id());
-    let work = async {
-        match conn {
-            Conn::Single(mut c, _) => inv.invoke_async::<Value>(&mut c).await,
-            Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
-        }
-    };
-    let v = match tokio::time::timeout(limit, work).await {
-        Ok(r) => r.map_err(unavailable)?,
-        Err(_) => return Err(BrokerError::Timeout),
-    };
+    let v = invoke(conn, &inv, limit).await?;
     page(channel, &v)
 }

@@ -21,7 +21,7 @@ use herald_protocol::ChannelName;
 use redis::Value;
 
 use crate::publish::Redis;
-use crate::scripts::{millis, unavailable};
+use crate::scripts::{invoke, millis, unavailable};
 use crate::shared::Conn;
 
 /// The three keys of `channel`'s presence.
@@ -53,17 +53,7 @@ async fn run(
     for a in args {
         inv.arg(a);
     }
-    let conn = to.conn.clone();
-    let work = async {
-        match conn {
-            Conn::Single(mut c, _) => inv.invoke_async::<Value>(&mut c).await,
-            Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
-        }
-    };
-    match tokio::time::timeout(to.timeout, work).await {
-        Ok(r) => r.map_err(unavailable),
-        Err(_) => Err(BrokerError::Timeout),
-    }
+    invoke(to.conn.clone(), &inv, to.timeout).await
 }
 
 /// Reads a script's flat `[member JSON, 0|1, ...]` answer.

@@ -43,6 +43,8 @@ use herald_protocol::envelope;
 use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use redis::{Script, Value};
 
+use crate::shared::Conn;
+
 /// Lua shared by both scripts: the channel's epoch (`KEYS[1]` is its meta hash,
 /// `KEYS[2]` its stream), created from `new` when missing, and a new one when the
 /// epoch was written in another lineage than this server's (`rid`: `run_id` and
@@ -427,6 +429,26 @@ pub(crate) fn outcome(v: &Value) -> Result<Published, BrokerError> {
 
 pub(crate) fn is_noscript(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// Runs a prepared script invocation on `conn` within `limit`: its answer, or
+/// `Unavailable` (Redis answered an error, or the connection failed) or `Timeout`. For
+/// reads and idempotent changes, where the two failures mean the same to the caller.
+pub(crate) async fn invoke(
+    conn: Conn,
+    inv: &redis::ScriptInvocation<'_>,
+    limit: Duration,
+) -> Result<Value, BrokerError> {
+    let work = async {
+        match conn {
+            Conn::Single(mut c, _) => inv.invoke_async::<Value>(&mut c).await,
+            Conn::Cluster(mut c) => inv.invoke_async::<Value>(&mut c).await,
+        }
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(r) => r.map_err(unavailable),
+        Err(_) => Err(BrokerError::Timeout),
+    }
 }
 
 pub(crate) fn unavailable(e: redis::RedisError) -> BrokerError {
