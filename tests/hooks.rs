@@ -51,6 +51,9 @@ async fn backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                             );
                         }
                         let channel = call["channel"].as_str().unwrap_or("");
+                        if let Some(a) = session_hooks(&path, &call).await {
+                            return answer(a.to_string());
+                        }
                         match path.as_str() {
                             "/subscribe" => {
                                 return answer(
@@ -65,6 +68,8 @@ async fn backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
                             "/publish" => {
                                 return answer(
                                     match channel {
+                                        "pub:live" => json!({"result": {"skip_history": true}}),
+                                        "pub:odd" => json!({"result": 7}),
                                         "pub:rewrite" => json!({"result": {"data": {"clean": true, "was": call["data"], "by": call["user"]}}}),
                                         "pub:ok" => json!({"result": {}}),
                                         _ => json!({"error": {"code": 3, "message": "no"}}),
@@ -100,6 +105,53 @@ async fn backend() -> (SocketAddr, tokio::task::JoinHandle<()>) {
         }
     });
     (addr, task)
+}
+
+/// The connect and refresh hooks of a cookie-session application: the `session`
+/// cookie names who the client is (or how the backend misbehaves).
+async fn session_hooks(path: &str, call: &Value) -> Option<Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let user = call["user"].as_str().unwrap_or("");
+    match path {
+        "/connect" => {
+            let cookie = call["headers"]["cookie"].as_str().unwrap_or("");
+            let session = cookie.split("; ").find_map(|c| c.strip_prefix("session="));
+            Some(match (session, user) {
+                (Some("alice"), _) => json!({"result": {
+                    "user": "alice", "expires": now + 600, "info": {"name": "Alice"},
+                    "channels": ["inbox:alice"],
+                    "data": {"theme": "dark", "address": call["address"],
+                             "transport": call["transport"], "conn": call["conn"],
+                             "headers": call["headers"]}}}),
+                (Some(u @ ("brief" | "ending")), _) => {
+                    json!({"result": {"user": u, "expires": now + 2}})
+                }
+                (Some("endless"), _) => json!({"result": {"user": "endless"}}),
+                (Some("banned"), _) => json!({"error": {"code": 403, "message": "banned"}}),
+                (Some("kick"), _) => json!({"disconnect": {"code": 4403, "reason": "go away"}}),
+                (Some("slow"), _) => {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    json!({"result": {"user": "slow"}})
+                }
+                (Some("garbage"), _) => json!({"result": 5}),
+                (Some("past"), _) => json!({"result": {"user": "past", "expires": now - 5}}),
+                // `always = true`: a token's user is asked about too.
+                (None, "kim") => {
+                    json!({"result": {"channels": ["news"], "data": {"hello": "kim"}}})
+                }
+                (None, "mallory") => json!({"error": {"code": 403, "message": "suspended"}}),
+                _ => json!({"error": {"code": 401, "message": "sign in"}}),
+            })
+        }
+        "/refresh" => Some(match user {
+            "brief" => json!({"result": {"expires": now + 2}}),
+            _ => json!({"error": {"code": 1, "message": "signed out"}}),
+        }),
+        _ => None,
+    }
 }
 
 async fn rpc(c: &mut Client, id: u64, method: &str, data: Value) -> Value {
@@ -308,6 +360,30 @@ async fn subscribe_and_publish_hooks_decide_per_request() {
         (Some("refused"), Some(3))
     );
 
+    // Over SSE the session asks the same hook: allowed, then refused as an event.
+    let bearer = format!("Bearer {}", token("ada", 600, json!({})));
+    let mut sse = herald_testkit::SseClient::connect(
+        node.addr,
+        "/sse?channel=open:2&channel=closed:2",
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(sse.event().await.json());
+    }
+    assert!(
+        seen.iter()
+            .any(|e| e["op"] == "subscribed" && e["channel"] == "open:2"),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|e| e["code"] == "refused" && e["hook_code"] == 403),
+        "{seen:?}"
+    );
+
     ada.send_json(&json!({"op": "subscribe", "channel": "kick:1", "id": 11}))
         .await;
     let (closed, _) = ada.closed().await;
@@ -315,5 +391,356 @@ async fn subscribe_and_publish_hooks_decide_per_request() {
         (closed.code, closed.reason.as_str()),
         (Some(4401), "not you")
     );
+    server.abort();
+}
+
+/// A WebSocket opened with a session cookie from `origin`.
+async fn with_cookie(
+    node: &Node,
+    origin: &str,
+    session: &str,
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    let cookie = format!("theme=x; session={session}");
+    let headers = [
+        ("origin", origin),
+        ("cookie", &cookie),
+        ("x-secret", "not forwarded"),
+    ];
+    open(&node.ws_url(), &headers).await
+}
+
+/// A WebSocket to `url` opened with `headers`.
+async fn open(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in headers {
+        let name: hyper::header::HeaderName = k.parse().unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    Ok(Client::from_stream(ws).await)
+}
+
+/// What a refused upgrade answered: its status and JSON body.
+async fn refused(node: &Node, session: &str) -> (u16, Value) {
+    let cookie = format!("session={session}");
+    let r = herald_testkit::http(
+        node.addr,
+        "GET",
+        "/ws",
+        &[
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("origin", "http://app.test"),
+            ("cookie", &cookie),
+        ],
+        Vec::new(),
+    )
+    .await;
+    (r.status, r.json())
+}
+
+/// Cookie sessions: the connect hook names the user (with expiry, info, server-side
+/// channels and welcome data), refuses before the upgrade with the backend's code,
+/// fails closed; the refresh hook extends or ends connections it let in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_hook_lets_cookie_sessions_in() {
+    let (addr, server) = backend().await;
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.auth.anonymous = false;
+        c.auth.allowed_origins = vec!["http://app.test".into()];
+        c.hooks.secret = SECRET.into();
+        c.hooks.connect = Some(herald_hooks::ConnectHookConfig {
+            url: format!("http://{addr}/connect"),
+            timeout: Duration::from_millis(700),
+            forward_headers: vec!["Cookie".into()],
+            always: false,
+        });
+        c.hooks.refresh = Some(herald_hooks::RefreshHookConfig {
+            url: format!("http://{addr}/refresh"),
+            timeout: Duration::from_secs(1),
+            before_expiry: Duration::from_secs(1),
+        });
+        let mut inbox = herald_testkit::history_rule("inbox:{sub}", 0);
+        inbox.subscribe = herald_server::config::SubscribeAccess::Authenticated;
+        c.channels.rules = vec![inbox];
+    })
+    .await;
+
+    let mut alice = with_cookie(&node, "http://app.test", "alice")
+        .await
+        .unwrap();
+    let w = &alice.welcome;
+    assert_eq!(w["user"], "alice", "{w}");
+    assert_eq!(w["data"]["theme"], "dark");
+    assert_eq!(
+        (
+            w["data"]["address"].as_str(),
+            w["data"]["transport"].as_str()
+        ),
+        (Some("127.0.0.1"), Some("websocket"))
+    );
+    assert_eq!(w["data"]["conn"], w["conn"]);
+    // Only the forwarded header reached the backend, cookies whole.
+    assert_eq!(
+        w["data"]["headers"],
+        json!({"cookie": "theme=x; session=alice"})
+    );
+    // The backend's channels are subscribed server-side; its user owns `inbox:alice`.
+    let s = alice.recv_json().await;
+    assert_eq!(
+        (s["op"].as_str(), s["channel"].as_str()),
+        (Some("subscribed"), Some("inbox:alice")),
+        "{s}"
+    );
+    assert_eq!(node.publish("inbox:alice", "1").await, 200);
+    assert_eq!(alice.recv_json().await["data"], 1);
+    alice
+        .send_json(&json!({"op": "subscribe", "channel": "inbox:bob", "id": 5}))
+        .await;
+    assert_eq!(alice.recv_json().await["code"], "forbidden");
+
+    // Refusals before the upgrade, with the backend's code; failures fail closed.
+    let (status, body) = refused(&node, "nobody").await;
+    assert_eq!(
+        (
+            status,
+            body["code"].as_str(),
+            body["hook_code"].as_i64(),
+            body["message"].as_str()
+        ),
+        (401, Some("refused"), Some(401), Some("sign in")),
+        "{body}"
+    );
+    let (status, body) = refused(&node, "banned").await;
+    assert_eq!(
+        (status, body["hook_code"].as_i64()),
+        (403, Some(403)),
+        "{body}"
+    );
+    let (status, body) = refused(&node, "kick").await;
+    assert_eq!(
+        (status, body["hook_code"].as_i64()),
+        (403, Some(4403)),
+        "{body}"
+    );
+    let (status, body) = refused(&node, "past").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+    let started = Instant::now();
+    let (status, body) = refused(&node, "slow").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    let (status, _) = refused(&node, "garbage").await;
+    assert_eq!(status, 503);
+    // Another site's page is refused before the backend is asked (cross-site
+    // WebSocket hijacking), and a token still works without the hook.
+    let calls = |o: &str| {
+        node.metric(&format!(
+            "herald_hook_calls_total{{hook=\"connect\",outcome=\"{o}\"}}"
+        ))
+    };
+    let asked = calls("result") + calls("error") + calls("disconnect");
+    assert!(with_cookie(&node, "http://evil.test", "alice")
+        .await
+        .is_err());
+    let url = format!(
+        "{}?access_token={}",
+        node.ws_url(),
+        token("kim", 600, json!({}))
+    );
+    let kim = open(&url, &[("origin", "http://app.test")]).await.unwrap();
+    assert_eq!(kim.welcome["user"], "kim");
+    assert_eq!(
+        calls("result") + calls("error") + calls("disconnect"),
+        asked
+    );
+    let rejected = |r: &str| {
+        node.metric(&format!(
+            "herald_connections_rejected_total{{reason=\"{r}\"}}"
+        ))
+    };
+    assert_eq!(
+        (rejected("hook_refused"), rejected("hook_failed")),
+        (4.0, 2.0)
+    );
+
+    // Refresh: `brief` is extended past its first expiry again and again; `ending` is
+    // told it signed out (4001); `endless` has no expiry and is never asked about.
+    let mut brief = with_cookie(&node, "http://app.test", "brief")
+        .await
+        .unwrap();
+    let mut ending = with_cookie(&node, "http://app.test", "ending")
+        .await
+        .unwrap();
+    let _endless = with_cookie(&node, "http://app.test", "endless")
+        .await
+        .unwrap();
+    let (closed, _) = ending.closed().await;
+    assert_eq!(
+        (closed.code, closed.reason.as_str()),
+        (Some(4001), "signed out")
+    );
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    brief.send_json(&json!({"op": "ping", "id": 1})).await;
+    assert_eq!(brief.recv_json().await["op"], "pong");
+    let refreshes = node.metric("herald_hook_calls_total{hook=\"refresh\",outcome=\"result\"}");
+    assert!((2.0..=6.0).contains(&refreshes), "{refreshes}");
+    assert_eq!(
+        node.metric("herald_hook_calls_total{hook=\"refresh\",outcome=\"error\"}"),
+        1.0
+    );
+
+    // Over SSE the same cookie session, credentials allowed for the listed origin.
+    let mut sse = herald_testkit::SseClient::connect(
+        node.addr,
+        "/sse?channel=inbox:alice",
+        &[("cookie", "session=alice"), ("origin", "http://app.test")],
+    )
+    .await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.headers["access-control-allow-credentials"], "true");
+    assert_eq!(sse.event().await.json()["user"], "alice");
+    server.abort();
+}
+
+/// `always = true`: a valid token's user is asked about too; the backend may refuse it
+/// or add channels and welcome data. The publish hook's `skip_history` delivers live
+/// without storing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_hook_can_be_asked_always_and_publishes_can_skip_history() {
+    let (addr, server) = backend().await;
+    let node = Node::start_with(|c| {
+        c.auth.jwt.hmac_secret = Some(TEST_SECRET.into());
+        c.hooks.secret = SECRET.into();
+        c.hooks.connect = Some(herald_hooks::ConnectHookConfig {
+            url: format!("http://{addr}/connect"),
+            timeout: Duration::from_secs(2),
+            forward_headers: vec![],
+            always: true,
+        });
+        c.hooks.publish = Some(herald_hooks::HookConfig {
+            url: format!("http://{addr}/publish"),
+            timeout: Duration::from_secs(2),
+        });
+        let mut publish = herald_testkit::history_rule("pub:*", 10);
+        publish.publish = herald_server::config::PublishAccess::Hook;
+        c.channels.rules = vec![publish];
+    })
+    .await;
+    let url = |user: &str| {
+        format!(
+            "{}?access_token={}",
+            node.ws_url(),
+            token(user, 600, json!({}))
+        )
+    };
+    let mut kim = Client::connect(&url("kim")).await.unwrap();
+    assert_eq!(
+        (kim.welcome["user"].as_str(), &kim.welcome["data"]),
+        (Some("kim"), &json!({"hello": "kim"}))
+    );
+    let s = kim.recv_json().await;
+    assert_eq!(
+        (s["op"].as_str(), s["channel"].as_str()),
+        (Some("subscribed"), Some("news"))
+    );
+    match Client::connect(&url("mallory")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("mallory connected: {:?}", other.map(|c| c.welcome)),
+    }
+
+    // skip_history: delivered live without an offset, absent from history; a
+    // publication kept in history still gets offset 1.
+    let r = kim.subscribe_since("pub:live", None).await;
+    assert_eq!(r["offset"], 0, "{r}");
+    kim.send_json(&json!({"op": "publish", "channel": "pub:live", "data": {"n": 1}, "id": 9}))
+        .await;
+    let got = [kim.recv_json().await, kim.recv_json().await];
+    let msg = got
+        .iter()
+        .find(|f| f["op"] == "message")
+        .expect("delivered live");
+    assert_eq!(
+        (msg["data"].clone(), msg.get("offset")),
+        (json!({"n": 1}), None),
+        "{msg}"
+    );
+    let h = herald_testkit::http(node.addr, "GET", "/api/history/pub:live", &[], Vec::new()).await;
+    assert_eq!(
+        h.json()["publications"],
+        json!([]),
+        "{}",
+        String::from_utf8_lossy(&h.body)
+    );
+    assert_eq!(node.publish("pub:live", "2").await, 200);
+    let m = kim.recv_json().await;
+    assert_eq!(
+        (m["data"].as_u64(), m["offset"].as_u64()),
+        (Some(2), Some(1)),
+        "{m}"
+    );
+    // A result that is not an object fails closed.
+    kim.send_json(&json!({"op": "publish", "channel": "pub:odd", "data": 1, "id": 10}))
+        .await;
+    assert_eq!(kim.recv_json().await["code"], "unavailable");
+
+    // POST /sse/publish asks the same hooks (connect with always, then publish).
+    let bearer = format!("Bearer {}", token("kim", 600, json!({})));
+    let sse_publish = |channel: &'static str| {
+        let bearer = bearer.clone();
+        let addr = node.addr;
+        async move {
+            herald_testkit::http(
+                addr,
+                "POST",
+                "/sse/publish",
+                &[
+                    ("authorization", &bearer),
+                    ("content-type", "application/json"),
+                ],
+                json!({"channel": channel, "data": {"n": 3}})
+                    .to_string()
+                    .into_bytes(),
+            )
+            .await
+        }
+    };
+    let r = sse_publish("pub:live").await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let m = kim.recv_json().await;
+    assert_eq!(
+        (m["data"].clone(), m.get("offset")),
+        (json!({"n": 3}), None),
+        "{m}"
+    );
+    let r = sse_publish("pub:no").await;
+    assert_eq!(
+        (
+            r.status,
+            r.json()["code"].as_str(),
+            r.json()["hook_code"].as_i64()
+        ),
+        (403, Some("refused"), Some(3))
+    );
+    let r = sse_publish("pub:odd").await;
+    assert_eq!(r.status, 503);
     server.abort();
 }

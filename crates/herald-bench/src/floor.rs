@@ -256,7 +256,7 @@ async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)>
     frame(
         &mut out,
         0x1,
-        server::welcome("floor", "0", None, 25_000).as_bytes(),
+        server::welcome("floor", "0", None, 25_000, None).as_bytes(),
     );
     stream.write_all(&out).await?;
     // One client frame: the subscribe (masked, small).

@@ -1,7 +1,7 @@
 //! Hooks: calls from a Herald node to the application's backend.
 //!
-//! A hook is a `POST` of a JSON object to the URL its table configures (`[hooks.rpc]`
-//! now; connect, refresh, subscribe and publish follow the same contract). The backend
+//! A hook is a `POST` of a JSON object to the URL its table configures (`[hooks.connect]`,
+//! `[hooks.refresh]`, `[hooks.subscribe]`, `[hooks.publish]`, `[hooks.rpc]`). The backend
 //! answers with exactly one of `{"result": {...}}`, `{"error": {"code": N, "message":
 //! ".."}}` (refuse this request, keep the connection) or `{"disconnect": {"code": N,
 //! "reason": ".."}}`. Anything else (another status, not JSON, more than
@@ -40,6 +40,11 @@ pub struct HooksConfig {
     pub max_concurrency: usize,
     /// The largest answer read from a backend, in bytes.
     pub max_response_bytes: usize,
+    /// `[hooks.connect]`: asked who a client is when it connects without a valid token
+    /// (or always).
+    pub connect: Option<ConnectHookConfig>,
+    /// `[hooks.refresh]`: asked to extend connections the connect hook gave an expiry.
+    pub refresh: Option<RefreshHookConfig>,
     /// `[hooks.rpc]`: the `rpc` client op.
     pub rpc: Option<RpcHookConfig>,
     /// `[hooks.subscribe]`: asked for channels whose rule says `subscribe = "hook"`.
@@ -65,10 +70,23 @@ impl Default for HooksConfig {
             secret: String::new(),
             max_concurrency: 64,
             max_response_bytes: 65536,
+            connect: None,
+            refresh: None,
             rpc: None,
             subscribe: None,
             publish: None,
         }
+    }
+}
+
+impl HooksConfig {
+    /// Whether the connect hook is told the client's cookies (cookie sessions).
+    pub fn forwards_cookies(&self) -> bool {
+        self.connect.as_ref().is_some_and(|c| {
+            c.forward_headers
+                .iter()
+                .any(|h| h.eq_ignore_ascii_case("cookie"))
+        })
     }
 }
 
@@ -86,6 +104,44 @@ pub struct RpcHookConfig {
     pub anonymous: bool,
 }
 
+/// `[hooks.connect]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectHookConfig {
+    /// Where to `POST` (`http://`).
+    pub url: String,
+    /// How long a call may take, the wait for a slot included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Request headers passed on to the backend (names, any case; e.g. `["cookie",
+    /// "authorization"]`). Only these: a client's other headers stay on the node.
+    #[serde(default)]
+    pub forward_headers: Vec<String>,
+    /// Call it even when the client presents a valid token (the backend may refuse it,
+    /// or add info, channels and welcome data).
+    #[serde(default)]
+    pub always: bool,
+}
+
+/// `[hooks.refresh]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshHookConfig {
+    /// Where to `POST` (`http://`).
+    pub url: String,
+    /// How long a call may take, the wait for a slot included.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long before a connection's expiry it is asked (and asked again, while it
+    /// fails, until the expiry passes).
+    #[serde(default = "default_before_expiry", with = "humantime_serde")]
+    pub before_expiry: Duration,
+}
+
+fn default_before_expiry() -> Duration {
+    Duration::from_secs(10)
+}
+
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
 }
@@ -93,6 +149,10 @@ fn default_timeout() -> Duration {
 /// Which hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
+    /// A client connects (`[hooks.connect]`).
+    Connect,
+    /// A connection's expiry approaches (`[hooks.refresh]`).
+    Refresh,
     /// A client's `rpc`.
     Rpc,
     /// A subscribe to a `subscribe = "hook"` channel.
@@ -105,6 +165,8 @@ impl Hook {
     /// Its name, in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
+            Hook::Connect => "connect",
+            Hook::Refresh => "refresh",
             Hook::Rpc => "rpc",
             Hook::Subscribe => "subscribe",
             Hook::Publish => "publish",
@@ -178,6 +240,7 @@ impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the secret.
         f.debug_struct("Hooks")
+            .field("connect", &self.config.connect.as_ref().map(|r| &r.url))
             .field("rpc", &self.config.rpc.as_ref().map(|r| &r.url))
             .finish()
     }
@@ -191,6 +254,14 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
         ));
     }
     let tables = [
+        (
+            "connect",
+            config.connect.as_ref().map(|r| (&r.url, r.timeout)),
+        ),
+        (
+            "refresh",
+            config.refresh.as_ref().map(|r| (&r.url, r.timeout)),
+        ),
         ("rpc", config.rpc.as_ref().map(|r| (&r.url, r.timeout))),
         (
             "subscribe",
@@ -218,6 +289,21 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
                 "{name}.timeout must be greater than 0"
             )));
         }
+    }
+    if let Some(c) = &config.connect {
+        for h in &c.forward_headers {
+            if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(InvalidHooks(format!(
+                    "connect.forward_headers: {h:?} is not a header name"
+                )));
+            }
+        }
+    }
+    if config.refresh.is_some() && config.connect.is_none() {
+        return Err(InvalidHooks(
+            "[hooks.refresh] extends connections the connect hook let in: it needs [hooks.connect]"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -277,7 +363,11 @@ fn parse(body: &[u8]) -> Result<Reply, HookError> {
 impl Hooks {
     /// The node's hook client, or none when no hook is configured.
     pub fn new(config: &HooksConfig, metrics: herald_metrics::Metrics) -> Option<Hooks> {
-        if config.rpc.is_none() && config.subscribe.is_none() && config.publish.is_none() {
+        if config.connect.is_none()
+            && config.rpc.is_none()
+            && config.subscribe.is_none()
+            && config.publish.is_none()
+        {
             return None;
         }
         let mut connector = HttpConnector::new();
@@ -291,6 +381,16 @@ impl Hooks {
             client,
             metrics,
         })
+    }
+
+    /// The `[hooks.connect]` table, if set.
+    pub fn connect(&self) -> Option<&ConnectHookConfig> {
+        self.config.connect.as_ref()
+    }
+
+    /// The `[hooks.refresh]` table, if set.
+    pub fn refresh(&self) -> Option<&RefreshHookConfig> {
+        self.config.refresh.as_ref()
     }
 
     /// The `[hooks.rpc]` table, if set.
@@ -320,20 +420,15 @@ impl Hooks {
     }
 
     async fn call_inner(&self, hook: Hook, body: &serde_json::Value) -> Result<Reply, HookError> {
-        let (url, limit) = match hook {
-            Hook::Rpc => {
-                let c = self.config.rpc.as_ref().ok_or(HookError::NotConfigured)?;
-                (&c.url, c.timeout)
-            }
-            Hook::Subscribe | Hook::Publish => {
-                let c = match hook {
-                    Hook::Subscribe => self.config.subscribe.as_ref(),
-                    _ => self.config.publish.as_ref(),
-                };
-                let c = c.ok_or(HookError::NotConfigured)?;
-                (&c.url, c.timeout)
-            }
+        let c = &self.config;
+        let table = match hook {
+            Hook::Connect => c.connect.as_ref().map(|c| (&c.url, c.timeout)),
+            Hook::Refresh => c.refresh.as_ref().map(|c| (&c.url, c.timeout)),
+            Hook::Rpc => c.rpc.as_ref().map(|c| (&c.url, c.timeout)),
+            Hook::Subscribe => c.subscribe.as_ref().map(|c| (&c.url, c.timeout)),
+            Hook::Publish => c.publish.as_ref().map(|c| (&c.url, c.timeout)),
         };
+        let (url, limit) = table.ok_or(HookError::NotConfigured)?;
         let work = async {
             let _slot = self
                 .slots

@@ -48,6 +48,11 @@ pub enum RejectReason {
     /// The TLS handshake on a `[tls]` listener failed (not TLS, no common version or
     /// cipher, the client refused the certificate).
     Tls,
+    /// The connect hook (the application's backend) refused the client.
+    HookRefused,
+    /// The connect hook gave no answer (down, too slow, not a hook answer): failed
+    /// closed.
+    HookFailed,
 }
 
 /// Why a message was not delivered to a subscriber.
@@ -106,6 +111,8 @@ pub struct Metrics {
     rejected_per_user: IntCounter,
     rejected_proxy: IntCounter,
     rejected_tls: IntCounter,
+    rejected_hook_refused: IntCounter,
+    rejected_hook_failed: IntCounter,
     rejected_forbidden: IntCounter,
     rejected_unauthorized: IntCounter,
     close_codes: IntCounterVec,
@@ -367,6 +374,8 @@ impl Metrics {
             rejected_per_user: rejected.with_label_values(&["per_user"]),
             rejected_proxy: rejected.with_label_values(&["proxy_protocol"]),
             rejected_tls: rejected.with_label_values(&["tls"]),
+            rejected_hook_refused: rejected.with_label_values(&["hook_refused"]),
+            rejected_hook_failed: rejected.with_label_values(&["hook_failed"]),
             rejected_forbidden: rejected.with_label_values(&["forbidden"]),
             rejected_unauthorized: rejected.with_label_values(&["unauthorized"]),
             close_codes,
@@ -484,6 +493,8 @@ impl Metrics {
             RejectReason::PerUser => &self.rejected_per_user,
             RejectReason::ProxyProtocol => &self.rejected_proxy,
             RejectReason::Tls => &self.rejected_tls,
+            RejectReason::HookRefused => &self.rejected_hook_refused,
+            RejectReason::HookFailed => &self.rejected_hook_failed,
             RejectReason::Forbidden => &self.rejected_forbidden,
             RejectReason::Unauthorized => &self.rejected_unauthorized,
         }

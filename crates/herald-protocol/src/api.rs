@@ -322,6 +322,15 @@ pub fn error(code: ErrorCode, message: &str) -> String {
     s
 }
 
+/// `{"code":"refused","hook_code":N,"message":M}`: the application's backend (a hook)
+/// refused the request with its own code `N`.
+pub fn refused(hook_code: i64, message: &str) -> String {
+    format!(
+        r#"{{"code":"refused","hook_code":{hook_code},"message":{}}}"#,
+        json_string(message)
+    )
+}
+
 /// `{"status":STATUS}`: the health and readiness bodies (`ok`, `ready`, or why not).
 pub fn status(status: &str) -> String {
     format!(r#"{{"status":{}}}"#, json_string(status))

@@ -11,14 +11,22 @@ use bytes::{BufMut, Bytes, BytesMut};
 use crate::{ErrorCode, Payload, Publication, StreamPosition, RELEASE, VERSION};
 
 /// `{"op":"welcome","version":1,"server":"0.1.0","node":N,"conn":C,"heartbeat_ms":H}`:
-/// the first frame of every session (`version`: the protocol's; `server`: the release). With a verified token, `"user"` carries its `sub`. `heartbeat_ms`
+/// the first frame of every session (`version`: the protocol's; `server`: the release). With a verified token (or a user the connect hook named), `"user"` carries it; `"data"` carries the connect hook's data, if it gave any. `heartbeat_ms`
 /// is the server's heartbeat interval: a client that has heard nothing for about that
 /// long plus a margin should send `{"op":"ping"}` and, without an answer, reconnect
 /// (browsers answer WebSocket pings without telling the page).
-pub fn welcome(node: &str, conn: &str, user: Option<&str>, heartbeat_ms: u64) -> String {
+pub fn welcome(
+    node: &str,
+    conn: &str,
+    user: Option<&str>,
+    heartbeat_ms: u64,
+    data: Option<&str>,
+) -> String {
     let user = user.map_or(String::new(), |u| format!(r#","user":{}"#, json_string(u)));
+    // `data` is JSON text (the connect hook's), inserted as is.
+    let data = data.map_or(String::new(), |d| format!(r#","data":{d}"#));
     format!(
-        r#"{{"op":"welcome","version":{VERSION},"server":"{RELEASE}","node":{},"conn":{}{user},"heartbeat_ms":{heartbeat_ms}}}"#,
+        r#"{{"op":"welcome","version":{VERSION},"server":"{RELEASE}","node":{},"conn":{}{user},"heartbeat_ms":{heartbeat_ms}{data}}}"#,
         json_string(node),
         json_string(conn)
     )
@@ -346,8 +354,8 @@ mod tests {
     #[test]
     fn frames_are_valid_json() {
         for s in [
-            welcome("node\"1", "c1", None, 25000),
-            welcome("n", "c", Some("user \"42\""), 1),
+            welcome("node\"1", "c1", None, 25000, None),
+            welcome("n", "c", Some("user \"42\""), 1, Some(r#"{"a":[1]}"#)),
             ack(Ack::Subscribed, "news", Some(1)),
             ack(Ack::Published, "news", None),
             pong(Some(9)),
@@ -470,7 +478,7 @@ mod tests {
         let d = parse_text_delivery(&frame).unwrap();
         assert_eq!((d.offset, d.epoch.as_deref()), (Some(1), Some("0k3f0a1b")));
         for other in [
-            welcome("n", "c", None, 1000),
+            welcome("n", "c", None, 1000, None),
             pong(Some(1)),
             ack(Ack::Subscribed, "news", Some(2)),
             r#"{"op":"messages","channel":"news","data":1}"#.to_owned(),

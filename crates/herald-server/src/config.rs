@@ -811,6 +811,17 @@ impl GatewayConfig {
         if let Err(e) = herald_hooks::validate(&self.hooks) {
             return bad("hooks", &e.0);
         }
+        // A browser sends its cookies on a WebSocket handshake whatever page opened it:
+        // with cookie sessions, an open origin list lets any web page connect as the
+        // user who visits it (cross-site WebSocket hijacking).
+        if self.hooks.forwards_cookies() && self.auth.allowed_origins.is_empty() {
+            return bad(
+                "hooks.connect.forward_headers",
+                "forwarding cookies needs auth.allowed_origins: without it any web page \
+                 could connect as the user visiting it (cross-site WebSocket hijacking); \
+                 list your sites' origins",
+            );
+        }
         let personal = &self.auth.personal_channel;
         if !personal.is_empty()
             && (!personal.contains("{sub}")

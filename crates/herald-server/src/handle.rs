@@ -333,14 +333,15 @@ impl SessionHandle {
         self.one_way.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the session is one way (SSE).
-    pub(crate) fn is_one_way(&self) -> bool {
-        self.one_way.load(Ordering::Relaxed)
-    }
-
     /// The session now runs on a token that expires at `exp` (Unix seconds).
     pub(crate) fn set_expiry(&self, exp: u64) {
         self.expires_at.store(exp, Ordering::Relaxed);
+    }
+
+    /// When the session's token (or connect hook's grant) expires, Unix seconds; 0:
+    /// never.
+    pub(crate) fn expires_at(&self) -> u64 {
+        self.expires_at.load(Ordering::Relaxed)
     }
 
     /// Whether the session's token expired more than `grace` before `now` (Unix time).

@@ -9,7 +9,8 @@
 //! Modules import each other one way, top to bottom (herald-tidy checks it):
 //! - `gateway`: [`Gateway`] (assembly, run, shutdown) and [`Listeners`].
 //! - `http`: the accept loop and routing; `http::upgrade` (validate the handshake,
-//!   authenticate, admit: drain, origin, slot, then start the session), `http::api`
+//!   admit: drain, origin, slot, then authenticate and start the session),
+//!   `http::connect` (a token, or the connect hook), `http::api`
 //!   (the publish and history API), `http::sse` (the SSE transport), `http::health`
 //!   (health, readiness, metrics), `http::reply` (JSON responses).
 //! - `control`: the control plane's tasks (heartbeats, answering surveys) and the
@@ -19,6 +20,8 @@
 //!   (requests, rate limit, token refresh).
 //! - `presence`: who is in a channel: joins, leaves, the refresh and sweep, and the
 //!   `join`/`leave` frames to local subscribers.
+//! - `backend`: what the gateway asks the application's backend (hooks) on a client's
+//!   behalf, from a session or `POST /sse/publish`, and what the answers do.
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
 //! - `node`: `Node`, the state every task shares (config, broker, hub, metrics, open
 //!   sessions, connection slots, task trackers).
@@ -43,6 +46,7 @@
 #![deny(missing_docs)]
 
 mod access;
+mod backend;
 mod cluster;
 pub mod config;
 mod control;

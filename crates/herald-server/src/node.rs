@@ -240,14 +240,9 @@ impl Node {
             user: None,
         };
         let limits = &self.config.limits;
-        if limits.max_connections_per_ip == 0
-            && (limits.max_connections_per_user == 0 || user.is_none())
-        {
-            return Ok(slot);
-        }
-        let mut per = self.per_client.lock();
-        let ip = client_key(ip, limits.ipv6_prefix);
         if limits.max_connections_per_ip > 0 {
+            let mut per = self.per_client.lock();
+            let ip = client_key(ip, limits.ipv6_prefix);
             let n = per.ip.entry(ip).or_default();
             if *n >= limits.max_connections_per_ip {
                 return Err(SlotRefused::PerIp);
@@ -255,16 +250,8 @@ impl Node {
             *n += 1;
             slot.ip = Some(ip);
         }
-        if let (Some(user), true) = (user, limits.max_connections_per_user > 0) {
-            let user: Arc<str> = Arc::from(user);
-            let n = per.user.entry(user.clone()).or_default();
-            if *n >= limits.max_connections_per_user {
-                // `slot` gives the per-address count back on drop, under this lock.
-                drop(per);
-                return Err(SlotRefused::PerUser);
-            }
-            *n += 1;
-            slot.user = Some(user);
+        if let Some(user) = user {
+            slot.count_user(user)?;
         }
         Ok(slot)
     }
@@ -273,7 +260,7 @@ impl Node {
     /// its idempotency key (if any), and counts what was newly published.
     pub(crate) async fn publish(
         &self,
-        batch: Vec<(Publication, Option<String>)>,
+        batch: Vec<Outgoing>,
         source: Source,
     ) -> Result<Vec<Published>, BrokerError> {
         let channels = &self.config.channels;
@@ -287,14 +274,22 @@ impl Node {
         };
         let requests = batch
             .into_iter()
-            .map(|(publication, key)| PublishRequest {
-                history: channels.history(publication.channel.as_str()),
-                idempotency: key.map(|key| Idempotency {
-                    key: format!("{namespace}:{key}"),
-                    window,
-                }),
-                publication,
-            })
+            .map(
+                |Outgoing {
+                     publication,
+                     key,
+                     skip_history,
+                 }| PublishRequest {
+                    history: channels
+                        .history(publication.channel.as_str())
+                        .filter(|_| !skip_history),
+                    idempotency: key.map(|key| Idempotency {
+                        key: format!("{namespace}:{key}"),
+                        window,
+                    }),
+                    publication,
+                },
+            )
             .collect();
         let started = Instant::now();
         // A broker that is down refuses at once (the trait's contract): no check here.
@@ -313,6 +308,11 @@ impl Node {
         let new = results.iter().filter(|r| !r.duplicate).count();
         self.metrics.published(source, new as u64);
         Ok(results)
+    }
+
+    /// Whether the connect hook forwards the client's cookies (cookie sessions).
+    pub(crate) fn forwards_cookies(&self) -> bool {
+        self.config.hooks.forwards_cookies() && !self.config.auth.allowed_origins.is_empty()
     }
 
     /// Why `p` cannot be published, if it cannot: a publication whose frame would not
@@ -410,6 +410,28 @@ pub(crate) struct PerClient {
 
 /// A taken connection slot; dropping it gives the slot back (and the client's and
 /// user's counts, if they were taken).
+/// One publication as a publish path hands it to [`Node::publish`].
+pub(crate) struct Outgoing {
+    /// What to publish.
+    pub(crate) publication: Publication,
+    /// The caller's idempotency key, if any.
+    pub(crate) key: Option<String>,
+    /// Not stored even on a history channel (the publish hook's `skip_history`): it is
+    /// delivered live, without an offset, and no resume replays it.
+    pub(crate) skip_history: bool,
+}
+
+impl Outgoing {
+    /// `publication`, stored as its channel's rule says, deduplicated by `key`.
+    pub(crate) fn new(publication: Publication, key: Option<String>) -> Self {
+        Outgoing {
+            publication,
+            key,
+            skip_history: false,
+        }
+    }
+}
+
 pub(crate) struct Slot {
     /// Where the slot is given back.
     node: Arc<Node>,
@@ -417,6 +439,27 @@ pub(crate) struct Slot {
     ip: Option<IpAddr>,
     /// The user whose count this slot holds, if counted.
     user: Option<Arc<str>>,
+}
+
+impl Slot {
+    /// Counts the slot against `user` too (`limits.max_connections_per_user`): for a
+    /// client whose user is known only after the slot was taken (the connect hook).
+    /// On refusal the slot still holds (and gives back on drop) what it held.
+    pub(crate) fn count_user(&mut self, user: &str) -> Result<(), SlotRefused> {
+        let max = self.node.config.limits.max_connections_per_user;
+        if max == 0 || self.user.is_some() {
+            return Ok(());
+        }
+        let mut per = self.node.per_client.lock();
+        let user: Arc<str> = Arc::from(user);
+        let n = per.user.entry(user.clone()).or_default();
+        if *n >= max {
+            return Err(SlotRefused::PerUser);
+        }
+        *n += 1;
+        self.user = Some(user);
+        Ok(())
+    }
 }
 
 impl Drop for Slot {

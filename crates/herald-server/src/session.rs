@@ -9,6 +9,7 @@
 //! other follows. Heartbeats are the node's sweeper's job (`lifecycle`); the reader
 //! only records when it last heard from the peer, so an idle session holds no timer.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,30 +20,33 @@ use herald_protocol::client::{parse_binary, parse_text, Request, RequestError, S
 use herald_protocol::presence::Member;
 use herald_protocol::server::{self as frames, Ack};
 use herald_protocol::{close, ChannelName, ErrorCode, Payload, Publication};
+use serde_json::value::RawValue;
 use tokio::time::timeout;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::access;
+use crate::backend;
 use crate::config::PresenceAccess;
 use crate::handle::{ConnId, Item, SessionCommand, SessionHandle};
 use crate::history::{Resume, Resumed};
 use crate::hub::SubscribeOpts;
-use crate::node::Node;
+use crate::node::{Node, Outgoing};
 use crate::presence;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
-pub(crate) async fn run<S, R>(
-    sink: S,
-    stream: R,
-    node: Arc<Node>,
-    conn: ConnId,
-    identity: Option<herald_auth::Identity>,
-    transport: Transport,
-) where
+pub(crate) async fn run<S, R>(sink: S, stream: R, node: Arc<Node>, conn: ConnId, peer: Peer)
+where
     S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
+    let Peer {
+        identity,
+        address,
+        transport,
+        by_hook,
+        welcome,
+    } = peer;
     let limits = &node.config.limits;
     let handle = Arc::new(SessionHandle::new(node.now_ms(), node.session_env.clone()));
     if let Some(i) = &identity {
@@ -75,6 +79,8 @@ pub(crate) async fn run<S, R>(
         channel_info: Vec::new(),
         grant_info: None,
         rpc_in_flight: Default::default(),
+        address,
+        transport,
     };
     // An echo session (conformance testing) speaks no Herald protocol at all.
     if !node.config.websocket.echo {
@@ -83,7 +89,11 @@ pub(crate) async fn run<S, R>(
             &conn_name(&node.instance, conn),
             session.identity.as_ref().map(|i| i.user.as_str()),
             node.config.heartbeat.interval.as_millis() as u64,
+            welcome.as_deref().map(RawValue::get),
         ));
+    }
+    if by_hook {
+        session.refresh_by_hook();
     }
     // Server-side subscriptions: the token's `subscribe` claim and the personal
     // channel. The reader carries them out first, like any command.
@@ -165,6 +175,30 @@ pub(crate) enum Transport {
     Sse,
 }
 
+impl Transport {
+    /// Its name in hook requests.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// Who is at the other end of a session, as its upgrade established.
+pub(crate) struct Peer {
+    /// The client's identity: from its token or the connect hook; none: anonymous.
+    pub(crate) identity: Option<herald_auth::Identity>,
+    /// The client's address (its own, or the one a trusted proxy named).
+    pub(crate) address: IpAddr,
+    /// How it is connected.
+    pub(crate) transport: Transport,
+    /// The connect hook gave the identity its expiry: the refresh hook extends it.
+    pub(crate) by_hook: bool,
+    /// `data` from the connect hook's result, for the welcome frame.
+    pub(crate) welcome: Option<Box<RawValue>>,
+}
+
 /// The connection id shown to clients: `instance` ([`Node::instance`]: the node id and a
 /// random part new with every start, so that a node restarted with the same id never
 /// hands out an id the cluster still knows, e.g. in presence) and the number.
@@ -208,7 +242,14 @@ struct Session {
     grant_info: Option<(ChannelName, Box<str>)>,
     /// `rpc` calls waiting for the backend.
     rpc_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// The client's address (hook requests name it).
+    address: IpAddr,
+    /// How the client is connected.
+    transport: Transport,
 }
+
+/// How soon a refresh hook that gave no answer is asked again.
+const REFRESH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// `rpc` calls one session may have waiting for the backend at once.
 const MAX_RPC_IN_FLIGHT: usize = 8;
@@ -377,9 +418,9 @@ impl Session {
                     }
                     Some(true) => {
                         let ask = serde_json::json!({"channel": channel.as_str()});
-                        self.ask(herald_hooks::Hook::Subscribe, id, ask)
-                            .await
-                            .is_some()
+                        let hook = herald_hooks::Hook::Subscribe;
+                        let answer = backend::ask(&self.node, hook, &self.caller(), ask).await;
+                        self.answered(id, answer).is_some()
                     }
                 };
                 if allowed {
@@ -627,41 +668,24 @@ impl Session {
         }
     }
 
-    /// A hook request: what every hook is told of the connection (`conn`, `user`,
-    /// `transport`), with `fields` (an object) added.
-    fn hook_request(&self, fields: serde_json::Value) -> serde_json::Value {
-        let mut body = serde_json::json!({
-            "conn": conn_name(&self.node.instance, self.conn),
-            "user": self.identity.as_ref().map_or("", |i| i.user.as_str()),
-            "transport": if self.handle.is_one_way() { "sse" } else { "websocket" },
-        });
-        if let (Some(b), serde_json::Value::Object(f)) = (body.as_object_mut(), fields) {
-            b.extend(f);
+    /// The client, as hooks are told of it.
+    fn caller(&self) -> backend::Caller<'_> {
+        backend::Caller {
+            conn: conn_name(&self.node.instance, self.conn),
+            user: self.identity.as_ref().map_or("", |i| i.user.as_str()),
+            address: self.address,
+            transport: self.transport.name(),
         }
-        body
     }
 
-    /// Asks the backend (`hook`) whether this request may go on: its result when it
-    /// allows; otherwise the client has been answered (`refused`, `unavailable`) or the
-    /// session is closing (the backend said disconnect). Awaited in the reader: the
-    /// connection's next requests wait for it (at most the hook's timeout).
-    async fn ask(
-        &self,
-        hook: herald_hooks::Hook,
-        id: Option<u64>,
-        fields: serde_json::Value,
-    ) -> Option<Box<serde_json::value::RawValue>> {
-        let Some(hooks) = self.node.hooks.clone() else {
-            self.error(RequestError {
-                id,
-                code: ErrorCode::Unavailable,
-                message: "no hook is configured for this channel".into(),
-            });
-            return None;
-        };
-        match hooks.call(hook, &self.hook_request(fields)).await {
-            Ok(herald_hooks::Reply::Result(r)) => Some(r),
-            Ok(herald_hooks::Reply::Error { code, message }) => {
+    /// Tells the client what the backend decided against its request (`refused`,
+    /// `unavailable`), or closes the session (the backend said disconnect); the
+    /// decision's value when it allows. Awaited in the reader: the connection's next
+    /// requests wait for it (at most the hook's timeout).
+    fn answered<T>(&self, id: Option<u64>, answer: backend::Answer<T>) -> Option<T> {
+        match answer {
+            backend::Answer::Allow(r) => Some(r),
+            backend::Answer::Refuse { code, message } => {
                 self.node
                     .metrics
                     .client_errors
@@ -670,12 +694,11 @@ impl Session {
                 self.reply(frames::refused(id, code, &message));
                 None
             }
-            Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
+            backend::Answer::Disconnect { code, reason } => {
                 close_for_backend(&self.handle, code, reason);
                 None
             }
-            Err(e) => {
-                tracing::debug!(error = %e, hook = hook.name(), "hook failed");
+            backend::Answer::Failed => {
                 self.error(RequestError {
                     id,
                     code: ErrorCode::Unavailable,
@@ -684,6 +707,80 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// Keeps a connection the connect hook let in past its expiry by asking the
+    /// refresh hook (`[hooks.refresh]`) `before_expiry` ahead: `{"expires": T}` moves
+    /// the expiry to T (0 lifts it), a refusal ends the connection (4001 with the
+    /// backend's message), a disconnect closes it with the backend's code. A backend
+    /// that does not answer is asked again every [`REFRESH_RETRY`] until the expiry
+    /// passes; then the sweeper closes the connection as any expired one (4001).
+    fn refresh_by_hook(&self) {
+        let Some((hooks, config)) = self
+            .node
+            .hooks
+            .as_ref()
+            .and_then(|h| Some((h.clone(), h.refresh()?.clone())))
+        else {
+            return;
+        };
+        let handle = self.handle.clone();
+        let body = self.caller().request(serde_json::json!({}));
+        self.node.session_tasks.spawn(async move {
+            /// The refresh hook's `result`.
+            #[derive(serde::Deserialize)]
+            struct Extended {
+                /// The new expiry (Unix seconds; 0: none).
+                expires: u64,
+            }
+            let unix_now = || {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+            };
+            loop {
+                let exp = handle.expires_at();
+                if exp == 0 {
+                    return;
+                }
+                let due = std::time::Duration::from_secs(exp).saturating_sub(config.before_expiry);
+                tokio::select! {
+                    _ = handle.done.wait() => return,
+                    _ = tokio::time::sleep(due.saturating_sub(unix_now())) => {}
+                }
+                let failed = match hooks.call(herald_hooks::Hook::Refresh, &body).await {
+                    Ok(herald_hooks::Reply::Result(r)) => {
+                        match serde_json::from_str::<Extended>(r.get()) {
+                            Ok(Extended { expires })
+                                if expires == 0 || expires > unix_now().as_secs() =>
+                            {
+                                handle.set_expiry(expires.min(herald_auth::MAX_EXP));
+                                continue;
+                            }
+                            Ok(_) => {
+                                handle.close(close::TOKEN_EXPIRED, "expired", true);
+                                return;
+                            }
+                            Err(e) => format!("result: {e}"),
+                        }
+                    }
+                    Ok(herald_hooks::Reply::Error { message, .. }) => {
+                        handle.close(close::TOKEN_EXPIRED, truncate_reason(message), true);
+                        return;
+                    }
+                    Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
+                        close_for_backend(&handle, code, reason);
+                        return;
+                    }
+                    Err(e) => e.to_string(),
+                };
+                tracing::debug!(error = %failed, "refresh hook failed; asking again");
+                tokio::select! {
+                    _ = handle.done.wait() => return,
+                    _ = tokio::time::sleep(REFRESH_RETRY) => {}
+                }
+            }
+        });
     }
 
     /// `rpc`: the call goes to the backend (`[hooks.rpc]`) off the reader, so the
@@ -717,7 +814,9 @@ impl Session {
         }
         let data: serde_json::Value =
             serde_json::from_slice(&data).unwrap_or(serde_json::Value::Null);
-        let body = self.hook_request(serde_json::json!({"method": method, "data": data}));
+        let body = self
+            .caller()
+            .request(serde_json::json!({"method": method, "data": data}));
         let handle = self.handle.clone();
         let metrics = self.node.metrics.clone();
         self.node.session_tasks.spawn(async move {
@@ -898,6 +997,7 @@ impl Session {
     async fn publish(&mut self, channel: ChannelName, mut payload: Payload, id: Option<u64>) {
         let identity = self.identity.as_deref();
         let channels = &self.node.config.channels;
+        let mut skip_history = false;
         match access::publish_hook(channels, channel.as_str(), identity) {
             None => {
                 if !access::may_publish(channels, channel.as_str(), identity) {
@@ -908,33 +1008,13 @@ impl Session {
                 return self.forbidden(id, "not allowed to publish to this channel".into())
             }
             Some(true) => {
-                use base64::Engine as _;
-                let data = match &payload {
-                    Payload::Json(d) => serde_json::json!({
-                        "data": serde_json::from_slice::<serde_json::Value>(d)
-                            .unwrap_or(serde_json::Value::Null)
-                    }),
-                    Payload::Binary(b) => serde_json::json!({
-                        "binary": base64::engine::general_purpose::STANDARD.encode(b)
-                    }),
-                };
-                let mut ask = serde_json::json!({"channel": channel.as_str()});
-                if let (Some(a), serde_json::Value::Object(d)) = (ask.as_object_mut(), data) {
-                    a.extend(d);
-                }
-                let Some(result) = self.ask(herald_hooks::Hook::Publish, id, ask).await else {
+                let caller = self.caller();
+                let answer = backend::publish(&self.node, &caller, channel.as_str(), payload).await;
+                let Some(allowed) = self.answered(id, answer) else {
                     return;
                 };
-                // `{"result": {"data": ...}}` rewrites what is published.
-                #[derive(serde::Deserialize)]
-                struct Rewrite<'a> {
-                    /// What to publish instead.
-                    #[serde(borrow)]
-                    data: Option<&'a serde_json::value::RawValue>,
-                }
-                if let Ok(Rewrite { data: Some(d) }) = serde_json::from_str(result.get()) {
-                    payload = Payload::Json(Bytes::from(d.get().to_owned()));
-                }
+                payload = allowed.payload;
+                skip_history = allowed.skip_history;
             }
         }
         let name = channel.clone();
@@ -948,7 +1028,14 @@ impl Session {
         }
         match self
             .node
-            .publish(vec![(publication, None)], Source::Client)
+            .publish(
+                vec![Outgoing {
+                    publication,
+                    key: None,
+                    skip_history,
+                }],
+                Source::Client,
+            )
             .await
         {
             Ok(_) => self.reply(frames::ack(Ack::Published, name.as_str(), id)),

@@ -15,7 +15,7 @@ use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 
 use super::reply::{json, Body, Refusal};
-use crate::node::Node;
+use crate::node::{Node, Outgoing};
 
 /// Serves one request under `/api/`.
 pub(crate) async fn handle(req: Request<Incoming>, node: &Node) -> Response<Body> {
@@ -110,7 +110,7 @@ async fn serve(req: Request<Incoming>, node: &Node) -> Result<Response<Body>, Re
     }
     let batch = batch
         .into_iter()
-        .map(|p| (p.publication, p.idempotency_key))
+        .map(|p| Outgoing::new(p.publication, p.idempotency_key))
         .collect();
     match node.publish(batch, Source::Http).await {
         Ok(results) => Ok(published(&results, single)),

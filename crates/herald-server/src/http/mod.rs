@@ -7,6 +7,8 @@
 //! - `admin`: the control API under `/api/` (disconnect, subscribe, unsubscribe,
 //!   channels, info: surveys of every node);
 //! - `health`: `/healthz`, `/readyz`, `/metrics`;
+//! - `connect`: who a connecting client is: its token, or the application's backend
+//!   (the connect hook);
 //! - `reply`: JSON responses and refusals (bodies from `herald_protocol::api`);
 //! - `edge`: who the client is: its real address (PROXY protocol, `X-Forwarded-For`) and
 //!   the bearer credential it presents.
@@ -30,6 +32,7 @@ use crate::node::Node;
 
 mod admin;
 mod api;
+mod connect;
 mod demo;
 mod edge;
 mod health;
@@ -214,7 +217,7 @@ async fn route(
         "/readyz" => health::readyz(&node),
         "/ws" if public => {
             let client = client(&req);
-            upgrade::upgrade(req, node, client)
+            upgrade::upgrade(req, node, client).await
         }
         "/sse" if public && req.method() == Method::OPTIONS => sse::preflight(&req, &node, "GET"),
         "/sse/publish" if public && req.method() == Method::OPTIONS => {
@@ -222,7 +225,7 @@ async fn route(
         }
         "/sse" if public => {
             let client = client(&req);
-            sse::sse(req, node, client, abort)
+            sse::sse(req, node, client, abort).await
         }
         "/sse/publish" if public => {
             let client = client(&req);

@@ -41,6 +41,8 @@ pub(crate) struct Refusal {
     /// For a 405: the methods the resource takes (the `Allow` header RFC 9110 asks
     /// for).
     pub(crate) allow: Option<&'static str>,
+    /// For a refusal by the application's backend (`refused`): its code.
+    pub(crate) hook_code: Option<i64>,
 }
 
 impl Refusal {
@@ -50,6 +52,15 @@ impl Refusal {
             code,
             message: message.into(),
             allow: None,
+            hook_code: None,
+        }
+    }
+
+    /// The application's backend (a hook) refused with `hook_code`: `refused`.
+    pub(crate) fn by_hook(status: StatusCode, hook_code: i64, message: impl Into<String>) -> Self {
+        Refusal {
+            hook_code: Some(hook_code),
+            ..Refusal::new(status, ErrorCode::Refused, message)
         }
     }
 
@@ -84,7 +95,11 @@ impl Refusal {
     }
 
     pub(crate) fn into_response(self) -> Response<Body> {
-        let mut r = json(self.status, api::error(self.code, &self.message));
+        let body = match self.hook_code {
+            Some(code) => api::refused(code, &self.message),
+            None => api::error(self.code, &self.message),
+        };
+        let mut r = json(self.status, body);
         if let Some(allow) = self.allow {
             r.headers_mut()
                 .insert(header::ALLOW, HeaderValue::from_static(allow));

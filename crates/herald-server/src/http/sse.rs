@@ -19,7 +19,7 @@ use futures_util::{Sink, StreamExt};
 use herald_metrics::{RejectReason, Source};
 use herald_protocol::client::encode_resume;
 use herald_protocol::sse::{self, Positions};
-use herald_protocol::{ChannelName, ErrorCode};
+use herald_protocol::{ChannelName, ErrorCode, Payload};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{self, HeaderValue};
@@ -28,10 +28,12 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::{CancellationToken, PollSender};
 
 use super::api;
+use super::connect::authenticate;
 use super::reply::{Body, Refusal};
-use super::upgrade::{admit, authenticate};
+use super::upgrade::admit;
 use crate::access;
-use crate::node::Node;
+use crate::backend;
+use crate::node::{Node, Outgoing};
 use crate::session::{self, Transport};
 
 /// Events buffered between the session's writer and the HTTP connection. The session's
@@ -71,13 +73,13 @@ impl InFlight {
 /// ended and its last events are still unwritten after `limits.close_timeout` (a client
 /// that reads nothing would otherwise keep the connection, and every buffer on its
 /// way, long after the session was closed and stopped being counted).
-pub(crate) fn sse(
+pub(crate) async fn sse(
     req: Request<Incoming>,
     node: Arc<Node>,
     client: IpAddr,
     abort: CancellationToken,
 ) -> Response<Body> {
-    match open(&req, &node, client, abort) {
+    match open(&req, &node, client, abort).await {
         Ok(r) => r,
         Err((reason, refusal)) => {
             tracing::debug!(%client, ?reason, "sse refused");
@@ -101,7 +103,7 @@ fn bad(message: impl Into<String>) -> Refused {
     )
 }
 
-fn open(
+async fn open(
     req: &Request<Incoming>,
     node: &Arc<Node>,
     client: IpAddr,
@@ -110,7 +112,6 @@ fn open(
     if req.method() != Method::GET {
         return Err((None, Refusal::method_not_allowed("GET")));
     }
-    let identity = authenticate(req, node).map_err(|(r, f)| (Some(r), f))?;
     let query = req.uri().query().unwrap_or("");
     let max = node.config.limits.max_sse_channels;
     let mut channels: Vec<ChannelName> = Vec::new();
@@ -148,10 +149,28 @@ fn open(
             "name at least one channel: /sse?channel=news&channel=chat",
         ));
     }
+    // The slot (node and address limits) before any work is done for the client,
+    // the connect hook's call included; the user's limit once the user is known.
+    let mut slot =
+        admit(req.headers(), node, client, None, false).map_err(|(r, f)| (Some(r), f))?;
+    let conn = node.next_conn_id();
+    let peer = authenticate(req, node, conn, client, Transport::Sse)
+        .await
+        .map_err(|(r, f)| (Some(r), f))?;
+    if let Some(i) = &peer.identity {
+        slot.count_user(&i.user)
+            .map_err(super::upgrade::slot_refused)
+            .map_err(|(r, f)| (Some(r), f))?;
+    }
+    let identity = peer.identity.as_ref();
     // Refuse up front what the session would refuse channel by channel: an SSE client
-    // cannot send subscription tokens, so the rules and its token decide.
+    // cannot send subscription tokens, so the rules and its token decide (or, for
+    // `subscribe = "hook"` channels, the backend, asked by the session: a refusal is
+    // an error event).
+    let config = &node.config.channels;
     if let Some(c) = channels.iter().find(|c| {
-        !access::may_subscribe(&node.config.channels, c.as_str(), identity.as_ref(), None)
+        !access::may_subscribe(config, c.as_str(), identity, None)
+            && access::subscribe_hook(config, c.as_str(), identity, false) != Some(true)
     }) {
         return Err((
             Some(RejectReason::Forbidden),
@@ -172,10 +191,7 @@ fn open(
         .or(last_event_id);
     let mut positions = last.as_deref().map(Positions::parse).unwrap_or_default();
     positions.retain(&channels);
-    let user = identity.as_ref().map(|i| i.user.as_str());
-    let slot = admit(req.headers(), node, client, user, false).map_err(|(r, f)| (Some(r), f))?;
 
-    let conn = node.next_conn_id();
     tracing::debug!(conn, %client, channels = channels.len(), "sse accepted");
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(BODY_CHUNKS);
     // Spread reconnects after a drain over 1-4 s instead of the browser's default 3 s
@@ -225,15 +241,7 @@ fn open(
     let (drained2, close_timeout) = (drained.clone(), node.config.limits.close_timeout);
     node.session_tasks.spawn(async move {
         let _slot = slot;
-        session::run(
-            sink,
-            Box::pin(incoming),
-            session_node,
-            conn,
-            identity,
-            Transport::Sse,
-        )
-        .await;
+        session::run(sink, Box::pin(incoming), session_node, conn, peer).await;
         // The session is over; its events get `close_timeout` to be taken, then the
         // connection goes, with whatever it still holds.
         if tokio::time::timeout(close_timeout, drained2.cancelled())
@@ -275,8 +283,8 @@ fn open(
 }
 
 /// CORS for the SSE endpoints, so that a page on `www.` can use a gateway on `rt.`
-/// (tokens travel in the `Authorization` header, never as cookies, so no credentials
-/// mode): a request with an `Origin` that `auth.allowed_origins` admits (every origin
+/// (tokens travel in the `Authorization` header; credentials mode only for cookie
+/// sessions): a request with an `Origin` that `auth.allowed_origins` admits (every origin
 /// when the list is empty) gets it back in `Access-Control-Allow-Origin`.
 pub(crate) fn allow_origin(r: &mut Response<Body>, req: &hyper::HeaderMap, node: &Node) {
     let Some(origin) = req.get(header::ORIGIN) else {
@@ -289,6 +297,15 @@ pub(crate) fn allow_origin(r: &mut Response<Body>, req: &hyper::HeaderMap, node:
     h.insert(header::VARY, HeaderValue::from_static("origin"));
     if allowed {
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        // Cookie sessions (the connect hook forwards cookies): a page on another listed
+        // origin opens the stream `withCredentials`. Never with an open list (start-up
+        // refuses cookie forwarding without one).
+        if node.forwards_cookies() {
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+                HeaderValue::from_static("true"),
+            );
+        }
     }
 }
 
@@ -448,7 +465,11 @@ async fn publish_inner(
     if req.method() != Method::POST {
         return Err(Refusal::method_not_allowed("POST"));
     }
-    let identity = authenticate(&req, node).map_err(|(_, f)| f)?;
+    // A publish is no session: the connect hook is asked with connection id 0.
+    let identity = authenticate(&req, node, 0, client, Transport::Sse)
+        .await
+        .map_err(|(_, f)| f)?
+        .identity;
     // Before the body is read: a client over its rate costs as little as possible.
     let user = identity.as_ref().map(|i| i.user.as_str());
     if !node.sessionless_publish_allowed(user, client) {
@@ -464,18 +485,55 @@ async fn publish_inner(
     }
     api::require_json(&req)?;
     let body = api::read_body(req, &node.config.limits).await?;
-    let p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
+    let mut p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
     let channel = p.publication.channel.clone();
-    if !access::may_publish(&node.config.channels, channel.as_str(), identity.as_ref()) {
+    let forbidden = || {
         node.metrics
             .client_errors
             .with_label_values(&[ErrorCode::Forbidden.as_str()])
             .inc();
-        return Err(Refusal::new(
+        Refusal::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
             format!("not allowed to publish to {channel}"),
-        ));
+        )
+    };
+    let mut skip_history = false;
+    let config = &node.config.channels;
+    match access::publish_hook(config, channel.as_str(), identity.as_ref()) {
+        None if access::may_publish(config, channel.as_str(), identity.as_ref()) => {}
+        None | Some(false) => return Err(forbidden()),
+        // `publish = "hook"`: the backend decides, as for a WebSocket client's publish;
+        // there is no connection to close, so a disconnect is a refusal.
+        Some(true) => {
+            let caller = backend::Caller {
+                conn: String::new(),
+                user: user.unwrap_or(""),
+                address: client,
+                transport: Transport::Sse.name(),
+            };
+            let payload =
+                std::mem::replace(&mut p.publication.payload, Payload::Json(Bytes::new()));
+            match backend::publish(node, &caller, channel.as_str(), payload).await {
+                backend::Answer::Allow(allowed) => {
+                    p.publication.payload = allowed.payload;
+                    skip_history = allowed.skip_history;
+                }
+                backend::Answer::Refuse { code, message } => {
+                    return Err(Refusal::by_hook(StatusCode::FORBIDDEN, code, message))
+                }
+                backend::Answer::Disconnect { code, reason } => {
+                    return Err(Refusal::by_hook(StatusCode::FORBIDDEN, code.into(), reason))
+                }
+                backend::Answer::Failed => {
+                    return Err(Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Unavailable,
+                        "the application's backend did not answer; nothing was published",
+                    ))
+                }
+            }
+        }
     }
     // The same limits as a WebSocket client's publish: `max_message_bytes` for the
     // message, and never more than a subscriber's queue holds.
@@ -496,7 +554,14 @@ async fn publish_inner(
     }
     let key = p.idempotency_key.map(|k| Node::client_key(user, k));
     let results = node
-        .publish(vec![(p.publication, key)], Source::Client)
+        .publish(
+            vec![Outgoing {
+                publication: p.publication,
+                key,
+                skip_history,
+            }],
+            Source::Client,
+        )
         .await
         .map_err(api::broker_refusal)?;
     Ok(api::published(&results, true))

@@ -2,12 +2,13 @@
 //!
 //! 1. **validate** the handshake (GET, `Connection: Upgrade`, `Upgrade: websocket`,
 //!    version 13, a key): 400 otherwise;
-//! 2. **authenticate** it (a token in `Authorization` or `access_token`; 401 for a
-//!    token that does not verify, or for none when `auth.anonymous` is false), then
-//!    **admit** it: not while draining (503), only from an allowed origin (403), only
-//!    with a free connection slot (503) and within the per-address and per-user limits
-//!    (429; the address is the one `edge` found). The slot is taken before the 101,
-//!    so the limits hold before any work is done for the session;
+//! 2. **admit** it: not while draining (503), only from an allowed origin (403), only
+//!    with a free connection slot (503) and within the per-address limit (429; the
+//!    address is the one `edge` found), then **authenticate** it (`connect`: a token in
+//!    `Authorization` or `access_token`, or the connect hook; 401 for a token that does
+//!    not verify, or for none when `auth.anonymous` is false) and count it against its
+//!    user's limit (429). The slot is taken before the 101, so the limits hold before
+//!    any work is done for the session;
 //! 3. **start** the session task and answer 101.
 //!
 //! Every refusal is counted in `herald_connections_rejected_total{reason}`.
@@ -27,22 +28,32 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 use tokio_tungstenite::WebSocketStream;
 
-use herald_auth::Identity;
-
+use super::connect::{authenticate, Rejected};
 use super::reply::{full, Body, Refusal};
+use crate::handle::ConnId;
 use crate::node::{Node, Slot, SlotRefused};
-use crate::session;
+use crate::session::{self, Peer, Transport};
 
 /// Serves `GET /ws`.
-pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -> Response<Body> {
-    let admitted = validate(&req).and_then(|accept| {
-        let identity = authenticate(&req, &node)?;
-        let user = identity.as_ref().map(|i| i.user.as_str());
-        let slot = admit(req.headers(), &node, client, user, true)?;
-        Ok((accept, identity, slot))
-    });
-    match admitted {
-        Ok((accept, identity, slot)) => start(req, node, slot, identity, client, &accept),
+pub(crate) async fn upgrade(
+    req: Request<Incoming>,
+    node: Arc<Node>,
+    client: IpAddr,
+) -> Response<Body> {
+    let admitted = async {
+        let accept = validate(&req)?;
+        // The slot (node and address limits) before any work is done for the client,
+        // the connect hook's call included; the user's limit once the user is known.
+        let mut slot = admit(req.headers(), &node, client, None, true)?;
+        let conn = node.next_conn_id();
+        let peer = authenticate(&req, &node, conn, client, Transport::WebSocket).await?;
+        if let Some(i) = &peer.identity {
+            slot.count_user(&i.user).map_err(slot_refused)?;
+        }
+        Ok((accept, conn, peer, slot))
+    };
+    match admitted.await {
+        Ok((accept, conn, peer, slot)) => start(req, node, slot, conn, peer, &accept),
         Err((reason, refusal)) => {
             tracing::debug!(%client, ?reason, "upgrade refused");
             node.metrics.rejected(reason);
@@ -57,8 +68,6 @@ pub(crate) fn upgrade(req: Request<Incoming>, node: Arc<Node>, client: IpAddr) -
         }
     }
 }
-
-pub(super) type Rejected = (RejectReason, Refusal);
 
 /// Checks that `req` is a WebSocket handshake; returns the `Sec-WebSocket-Accept` value.
 fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
@@ -89,37 +98,6 @@ fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
                 ErrorCode::BadRequest,
                 "expected a WebSocket upgrade (GET, Connection: Upgrade, Upgrade: websocket, Sec-WebSocket-Version: 13)",
             ),
-        )),
-    }
-}
-
-/// The client's identity from its token (`Authorization: Bearer`, or the
-/// `access_token` query parameter for browsers, which cannot set headers on a
-/// WebSocket). The token is never logged or echoed.
-pub(super) fn authenticate(
-    req: &Request<Incoming>,
-    node: &Node,
-) -> Result<Option<Identity>, Rejected> {
-    let refuse = |message: String| {
-        (
-            RejectReason::Unauthorized,
-            Refusal::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message),
-        )
-    };
-    let header = super::edge::bearer(req.headers());
-    let query = req.uri().query().and_then(|q| {
-        q.split('&')
-            .find_map(|pair| pair.strip_prefix("access_token="))
-    });
-    let token = header.or(query).filter(|t| !t.is_empty());
-    match (token, node.verifier()) {
-        (Some(token), Some(verifier)) => verifier
-            .verify(token)
-            .map(Some)
-            .map_err(|e| refuse(e.to_string())),
-        (None, _) | (Some(_), None) if node.config.auth.anonymous => Ok(None),
-        _ => Err(refuse(
-            "a token is required (Authorization: Bearer <jwt>, or ?access_token=<jwt>)".into(),
         )),
     }
 }
@@ -162,33 +140,37 @@ pub(super) fn admit(
             ));
         }
     }
-    node.take_slot(client, user)
-        .map_err(|refused| match refused {
-            SlotRefused::Node => (
-                RejectReason::Limit,
-                Refusal::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ErrorCode::Unavailable,
-                    "node is at its connection limit; try another node or later",
-                ),
+    node.take_slot(client, user).map_err(slot_refused)
+}
+
+/// Why a slot was refused, as the client is told.
+pub(super) fn slot_refused(refused: SlotRefused) -> Rejected {
+    match refused {
+        SlotRefused::Node => (
+            RejectReason::Limit,
+            Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "node is at its connection limit; try another node or later",
             ),
-            SlotRefused::PerIp => (
-                RejectReason::PerIp,
-                Refusal::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    ErrorCode::TooManyConnections,
-                    "too many connections from this address (limits.max_connections_per_ip)",
-                ),
+        ),
+        SlotRefused::PerIp => (
+            RejectReason::PerIp,
+            Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyConnections,
+                "too many connections from this address (limits.max_connections_per_ip)",
             ),
-            SlotRefused::PerUser => (
-                RejectReason::PerUser,
-                Refusal::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    ErrorCode::TooManyConnections,
-                    "too many connections for this user (limits.max_connections_per_user)",
-                ),
+        ),
+        SlotRefused::PerUser => (
+            RejectReason::PerUser,
+            Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyConnections,
+                "too many connections for this user (limits.max_connections_per_user)",
             ),
-        })
+        ),
+    }
 }
 
 /// Spawns the session (it runs once hyper hands over the connection) and answers 101.
@@ -196,12 +178,11 @@ fn start(
     req: Request<Incoming>,
     node: Arc<Node>,
     slot: Slot,
-    identity: Option<Identity>,
-    client: IpAddr,
+    conn: ConnId,
+    peer: Peer,
     accept: &str,
 ) -> Response<Body> {
-    let conn = node.next_conn_id();
-    tracing::debug!(conn, %client, "upgrade accepted");
+    tracing::debug!(conn, client = %peer.address, "upgrade accepted");
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
         .write_buffer_size(node.config.websocket.write_buffer_bytes)
@@ -223,15 +204,7 @@ fn start(
                 ))
                 .await;
                 let (sink, stream) = ws.split();
-                session::run(
-                    sink,
-                    stream,
-                    node,
-                    conn,
-                    identity,
-                    session::Transport::WebSocket,
-                )
-                .await;
+                session::run(sink, stream, node, conn, peer).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
