@@ -23,6 +23,10 @@ export interface Options {
     maxAuthFailures?: number;
     /** Connect at once (default); `false`: only when `connect()` is called. */
     autoConnect?: boolean;
+    /** Send the page's cookies on SSE requests to a gateway on another origin (cookie
+     * sessions through the server's connect hook; `fetch` with `credentials: 'include'`).
+     * WebSocket handshakes carry cookies anyway. Default false. */
+    withCredentials?: boolean;
     /** Returns a subscription token (JWT with a `channel` claim) for a channel the
      * connection's own token does not open; called before every subscribe of that
      * channel (after reconnects too: tokens expire). Return null for channels that need
@@ -211,6 +215,7 @@ export declare class Client extends Emitter<ClientEvents> {
     private sseBase;
     private restartSse;
     private openSse;
+    private credentials;
     private httpPublish;
 }
 export {};

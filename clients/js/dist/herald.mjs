@@ -107,6 +107,7 @@ var Client = class extends Emitter {
       sseAfterFailures: 2,
       websocketRetryInterval: 6e4,
       maxAuthFailures: 3,
+      withCredentials: false,
       ...options
     };
     const g = globalThis;
@@ -603,7 +604,7 @@ var Client = class extends Emitter {
     const headers = { accept: "text/event-stream" };
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
-      const r = await fetch(u, { headers, signal: abort.signal, cache: "no-store" });
+      const r = await fetch(u, { headers, signal: abort.signal, cache: "no-store", credentials: this.credentials() });
       if (!r.ok || !r.body) {
         const body = await r.json().catch(() => ({}));
         const err = new HeraldError(body.code ?? "sse", body.message ?? `SSE refused: ${r.status}`);
@@ -660,13 +661,21 @@ var Client = class extends Emitter {
       this.onClosed(1006, "stream failed");
     }
   }
+  credentials() {
+    return this.opts.withCredentials ? "include" : "same-origin";
+  }
   async httpPublish(q) {
     const u = new URL(this.sseBase());
     u.pathname = u.pathname + "/publish";
     const headers = { "content-type": "application/json" };
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
-      const r = await fetch(u, { method: "POST", headers, body: JSON.stringify({ channel: q.channel, data: q.data }) });
+      const r = await fetch(u, {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ channel: q.channel, data: q.data }),
+        credentials: this.credentials()
+      });
       const body = await r.json().catch(() => ({}));
       clearTimeout(q.pending.timer);
       if (r.ok) q.pending.resolve(body);

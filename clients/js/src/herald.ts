@@ -31,6 +31,10 @@ export interface Options {
   maxAuthFailures?: number;
   /** Connect at once (default); `false`: only when `connect()` is called. */
   autoConnect?: boolean;
+  /** Send the page's cookies on SSE requests to a gateway on another origin (cookie
+   * sessions through the server's connect hook; `fetch` with `credentials: 'include'`).
+   * WebSocket handshakes carry cookies anyway. Default false. */
+  withCredentials?: boolean;
   /** Returns a subscription token (JWT with a `channel` claim) for a channel the
    * connection's own token does not open; called before every subscribe of that
    * channel (after reconnects too: tokens expire). Return null for channels that need
@@ -247,6 +251,7 @@ export class Client extends Emitter<ClientEvents> {
       sseAfterFailures: 2,
       websocketRetryInterval: 60000,
       maxAuthFailures: 3,
+      withCredentials: false,
       ...options,
     };
     const g = globalThis as any;
@@ -820,7 +825,7 @@ export class Client extends Emitter<ClientEvents> {
     const headers: Record<string, string> = { accept: 'text/event-stream' };
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
-      const r = await fetch(u, { headers, signal: abort.signal, cache: 'no-store' });
+      const r = await fetch(u, { headers, signal: abort.signal, cache: 'no-store', credentials: this.credentials() });
       if (!r.ok || !r.body) {
         const body: any = await r.json().catch(() => ({}));
         const err = new HeraldError(body.code ?? 'sse', body.message ?? `SSE refused: ${r.status}`);
@@ -882,13 +887,22 @@ export class Client extends Emitter<ClientEvents> {
     }
   }
 
+  private credentials(): RequestCredentials {
+    return this.opts.withCredentials ? 'include' : 'same-origin';
+  }
+
   private async httpPublish(q: Queued): Promise<void> {
     const u = new URL(this.sseBase());
     u.pathname = u.pathname + '/publish';
     const headers: Record<string, string> = { 'content-type': 'application/json' };
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     try {
-      const r = await fetch(u, { method: 'POST', headers, body: JSON.stringify({ channel: q.channel, data: q.data }) });
+      const r = await fetch(u, {
+        method: 'POST',
+        headers,
+        body: JSON.stringify({ channel: q.channel, data: q.data }),
+        credentials: this.credentials(),
+      });
       const body: any = await r.json().catch(() => ({}));
       clearTimeout(q.pending.timer);
       if (r.ok) q.pending.resolve(body);

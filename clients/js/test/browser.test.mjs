@@ -15,6 +15,7 @@ import {
   publish,
   redis as startRedis,
   sleep,
+  tempFile,
   testCertificates,
   tool,
 } from './harness.mjs';
@@ -277,6 +278,141 @@ test('the demo over TLS on the node ([tls]): Chromium trusting the test CA chats
   } finally {
     await trusting?.close();
     await stranger?.close();
+    node.kill('SIGKILL');
+  }
+});
+
+test('cookie sessions: the page\'s cookie reaches the connect hook, and the user reads only their channels', async () => {
+  tool(CHROMIUM, 'chromium');
+  const { createServer } = await import('node:http');
+  const { randomBytes } = await import('node:crypto');
+  const gatewayPort = await freePort();
+  // The application: a login that sets an HttpOnly session cookie, a page, and the
+  // connect hook that turns the cookie into a user.
+  const sessions = new Map();
+  const hookCalls = [];
+  const app = createServer((req, res) => {
+    const url = new URL(req.url, 'http://app');
+    if (url.pathname === '/login') {
+      const sid = randomBytes(16).toString('hex');
+      sessions.set(sid, url.searchParams.get('user'));
+      res.writeHead(302, { 'set-cookie': `sid=${sid}; HttpOnly; SameSite=Lax; Path=/`, location: `/${url.search.includes('sse') ? '?sse=1' : ''}` });
+      return res.end();
+    }
+    if (url.pathname === '/herald/connect') {
+      let body = '';
+      req.on('data', (d) => (body += d));
+      req.on('end', () => {
+        const call = JSON.parse(body);
+        hookCalls.push(call);
+        const sid = (call.headers.cookie ?? '').split('; ').find((c) => c.startsWith('sid='))?.slice(4);
+        const user = sessions.get(sid);
+        res.setHeader('content-type', 'application/json');
+        res.end(JSON.stringify(user
+          ? { result: { user, data: { name: user.toUpperCase() } } }
+          : { error: { code: 401, message: 'sign in first' } }));
+      });
+      return;
+    }
+    const me = sessions.get((req.headers.cookie ?? '').split('; ').find((c) => c.startsWith('sid='))?.slice(4)) ?? '';
+    const sse = url.searchParams.get('sse') === '1';
+    res.setHeader('content-type', 'text/html');
+    res.end(`<!doctype html><title>waiting</title>
+<script src="http://127.0.0.1:${gatewayPort}/herald.js"></script>
+<script>
+  const c = new Herald.Client('ws://127.0.0.1:${gatewayPort}/ws', {
+    minReconnectDelay: 50, maxReconnectDelay: 200, withCredentials: true,
+    ${sse ? "sseAfterFailures: 1, WebSocket: class { constructor() { throw new Error('no WebSocket here'); } }," : ''}
+  });
+  c.on('welcome', (f) => { document.body.dataset.user = f.user ?? ''; document.body.dataset.name = f.data?.name ?? ''; });
+  c.on('error', (e) => { document.body.dataset.error = e.code; });
+  const me = ${JSON.stringify(me)};
+  if (!me) c.subscribe('inbox:guest');
+  if (me) {
+    const own = c.subscribe('inbox:' + me);
+    own.on('subscribed', () => { document.body.dataset.own = c.transport; });
+    own.on('message', (d) => { document.title = 'got ' + JSON.stringify(d); });
+    if (!${sse}) {
+      const other = c.subscribe('inbox:someone-else');
+      other.on('error', (e) => { document.body.dataset.other = e.code; });
+      other.on('message', (d) => { document.title = 'LEAK ' + JSON.stringify(d); });
+    }
+  }
+</script>`);
+  });
+  await new Promise((r) => app.listen(0, '127.0.0.1', r));
+  const appPort = app.address().port;
+  const config = tempFile('cookie-herald.toml', `
+[auth]
+anonymous = false
+allowed_origins = ["http://127.0.0.1:${appPort}"]
+[hooks.connect]
+url = "http://127.0.0.1:${appPort}/herald/connect"
+timeout = "2s"
+forward_headers = ["cookie"]
+[[channels.rules]]
+pattern = "inbox:{sub}"
+subscribe = "authenticated"
+`);
+  const node = (await start(gatewayPort, ['--config', config, '--node-id', 'g', '--demo'])).proc;
+  let browser;
+  const consoles = [];
+  const watch = (page) => {
+    page.on('console', (m) => consoles.push(m.text()));
+    page.on('pageerror', (e) => consoles.push(`error: ${e.message}`));
+  };
+  try {
+    browser = await launch();
+    // Signed in: the cookie (HttpOnly: the page's script never sees it) reaches the
+    // hook, the user is alice, her inbox is hers and someone else's is refused.
+    const alice = await browser.newContext();
+    const page = await alice.newPage();
+    watch(page);
+    await page.goto(`http://127.0.0.1:${appPort}/login?user=alice`, { timeout: 60000 });
+    try {
+      await until('alice connected, her inbox subscribed, the other refused', async () =>
+        (await page.getAttribute('body', 'data-user')) === 'alice' &&
+        (await page.getAttribute('body', 'data-own')) === 'websocket' &&
+        (await page.getAttribute('body', 'data-other')) === 'forbidden', 30000);
+    } catch (e) {
+      throw explain(e, consoles, { g: node });
+    }
+    assert.equal(await page.getAttribute('body', 'data-name'), 'ALICE');
+    assert.ok(hookCalls.some((c) => c.transport === 'websocket' && /sid=/.test(c.headers.cookie ?? '') && c.address === '127.0.0.1'));
+    await publish(gatewayPort, 'inbox:someone-else', { secret: 1 });
+    await publish(gatewayPort, 'inbox:alice', { hello: 'alice' });
+    await until('her message', async () => (await page.title()) === `got ${JSON.stringify({ hello: 'alice' })}`);
+
+    // The same session over SSE from the app's origin (cross-origin, with credentials).
+    const ssePage = await alice.newPage();
+    watch(ssePage);
+    await ssePage.goto(`http://127.0.0.1:${appPort}/?sse=1`);
+    try {
+      await until('alice over SSE', async () =>
+        (await ssePage.getAttribute('body', 'data-own')) === 'sse' &&
+        (await ssePage.getAttribute('body', 'data-user')) === 'alice', 30000);
+    } catch (e) {
+      throw explain(e, consoles, { g: node });
+    }
+    await publish(gatewayPort, 'inbox:alice', { n: 2 });
+    await until('her message over SSE', async () => (await ssePage.title()) === `got ${JSON.stringify({ n: 2 })}`);
+
+    // Signed out: refused by the backend; the client stops with its code (no loop).
+    const stranger = await browser.newContext();
+    const out = await stranger.newPage();
+    watch(out);
+    await out.goto(`http://127.0.0.1:${appPort}/`);
+    try {
+      await until('the stranger refused', async () => (await out.getAttribute('body', 'data-error')) === 'refused', 30000);
+    } catch (e) {
+      throw explain(e, consoles, { g: node });
+    }
+    assert.equal(await out.getAttribute('body', 'data-user'), null);
+    // Alice's first page has her second message too, and never someone else's.
+    assert.equal(await page.title(), `got ${JSON.stringify({ n: 2 })}`);
+  } finally {
+    await browser?.close();
+    app.close();
     node.kill('SIGKILL');
   }
 });

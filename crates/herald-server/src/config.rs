@@ -685,10 +685,10 @@ impl GatewayConfig {
             (None, None) => {}
             _ => return bad("tls", "cert_file and key_file go together"),
         }
-        if !self.auth.anonymous && !self.auth.jwt.is_enabled() {
+        if !self.auth.anonymous && !self.auth.jwt.is_enabled() && self.hooks.connect.is_none() {
             return bad(
                 "auth.anonymous",
-                "is false but no [auth.jwt] key is set: nobody could connect",
+                "is false but no [auth.jwt] key and no [hooks.connect] is set: nobody could connect",
             );
         }
         if self.auth.api_key.as_deref() == Some("") {
