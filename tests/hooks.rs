@@ -744,3 +744,162 @@ async fn the_connect_hook_can_be_asked_always_and_publishes_can_skip_history() {
     assert_eq!(r.status, 503);
     server.abort();
 }
+
+/// The webhook events the backend took (answered 2xx), as (event, channel) pairs, in
+/// arrival order.
+fn events(calls: &[herald_testkit::Call]) -> Vec<(String, String)> {
+    calls
+        .iter()
+        .filter(|c| (200..300).contains(&c.status))
+        .map(|c| {
+            (
+                c.body["event"].as_str().unwrap_or("").to_owned(),
+                c.body["channel"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+fn count(calls: &[herald_testkit::Call], event: &str, channel: &str) -> usize {
+    events(calls)
+        .iter()
+        .filter(|(e, c)| e == event && c == channel)
+        .count()
+}
+
+/// Occupancy decided cluster-wide on a real Redis: with subscribers on two nodes, one
+/// `channel_occupied`, no `channel_vacated` while either remains, exactly one after the
+/// last leaves anywhere; join/leave of presence channels; every body signed, with a
+/// unique id; a backend that fails is retried until it takes the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_tell_occupancy_decided_across_nodes() {
+    let redis = herald_testkit::RedisServer::start();
+    // The backend refuses its first two deliveries (500), then takes everything.
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let refused = seen.clone();
+    let backend = herald_testkit::Backend::start(move |_| {
+        if refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+            (500, "try later".into())
+        } else {
+            (204, String::new())
+        }
+    })
+    .await;
+    let url = format!("http://{}/events", backend.addr);
+    let config = |c: &mut herald_server::GatewayConfig, id: &str| {
+        c.node_id = id.into();
+        c.webhooks.url = url.clone();
+        c.webhooks.secret = SECRET.into();
+        c.webhooks.timeout = Duration::from_millis(500);
+        c.webhooks.occupancy_ttl = Duration::from_secs(2);
+        c.channels.rules = vec![herald_testkit::presence_rule("room:*")];
+    };
+    let a = Node::start_redis(&redis.url(), |c| config(c, "a")).await;
+    let b = Node::start_redis(&redis.url(), |c| config(c, "b")).await;
+
+    let mut alice = a.client().await;
+    alice.subscribe("news").await;
+    let mut bob = b.client().await;
+    bob.subscribe("news").await;
+    let calls = backend
+        .wait_for("news occupied", |c| {
+            count(c, "channel_occupied", "news") == 1
+        })
+        .await;
+    // The two refusals were retried, not lost.
+    assert!(seen.load(std::sync::atomic::Ordering::SeqCst) >= 3);
+    let retried = a
+        .metric("herald_webhook_events_total{event=\"channel_occupied\",outcome=\"retried\"}")
+        + b.metric("herald_webhook_events_total{event=\"channel_occupied\",outcome=\"retried\"}");
+    assert_eq!(retried, 2.0);
+    // Signed, each with an id of its own.
+    for c in &calls {
+        let ts: u64 = c.headers["x-herald-timestamp"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(
+            c.headers["x-herald-signature"].to_str().unwrap(),
+            herald_hooks::sign(SECRET, ts, &c.raw)
+        );
+        assert!(
+            c.body["id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{}",
+            c.body
+        );
+    }
+
+    // Alice leaves; Bob still holds the channel on the other node: not vacated.
+    alice
+        .send_json(&json!({"op": "unsubscribe", "channel": "news", "id": 9}))
+        .await;
+    assert_eq!(alice.recv_json().await["op"], "unsubscribed");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(&backend.calls(), "channel_vacated", "news"), 0);
+    // Bob goes: vacated, once, after the occupied.
+    bob.close().await;
+    let calls = backend
+        .wait_for("news vacated", |c| count(c, "channel_vacated", "news") == 1)
+        .await;
+    let order: Vec<_> = events(&calls)
+        .into_iter()
+        .filter(|(_, c)| c == "news")
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("channel_occupied".into(), "news".into()),
+            ("channel_vacated".into(), "news".into())
+        ]
+    );
+
+    // Presence channels: join and leave with the member.
+    let mut carol = b.client().await;
+    carol.subscribe("room:1").await;
+    let calls = backend
+        .wait_for("carol's join", |c| count(c, "join", "room:1") == 1)
+        .await;
+    let join = calls.iter().find(|c| c.body["event"] == "join").unwrap();
+    assert_eq!(join.body["member"]["conn"], carol.welcome["conn"]);
+    carol.close().await;
+    backend
+        .wait_for("carol's leave and the room vacated", |c| {
+            count(c, "leave", "room:1") == 1 && count(c, "channel_vacated", "room:1") == 1
+        })
+        .await;
+    // A while later still exactly once each, and every id distinct.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let calls = backend.calls();
+    assert_eq!(
+        (
+            count(&calls, "channel_occupied", "news"),
+            count(&calls, "channel_vacated", "news"),
+            count(&calls, "channel_occupied", "room:1"),
+            count(&calls, "channel_vacated", "room:1"),
+        ),
+        (1, 1, 1, 1),
+        "{:?}",
+        events(&calls)
+    );
+    let delivered: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c.status == 204)
+        .map(|c| &c.body["id"])
+        .collect();
+    let mut ids = delivered.clone();
+    ids.sort_by_key(|v| v.to_string());
+    ids.dedup();
+    assert_eq!(ids.len(), delivered.len(), "{delivered:?}");
+    // The two refused attempts carried the id of the event their retry delivered.
+    let refused: Vec<&Value> = calls
+        .iter()
+        .filter(|c| c.status == 500)
+        .map(|c| &c.body["id"])
+        .collect();
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused.iter().all(|id| delivered.contains(id)),
+        "{refused:?}"
+    );
+}

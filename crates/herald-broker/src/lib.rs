@@ -254,13 +254,45 @@ pub struct PresenceStats {
     pub users: u64,
 }
 
+/// What a call that may queue webhook events did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Queued {
+    /// Events queued.
+    pub queued: u64,
+    /// Events not queued: the queue held its maximum already.
+    pub dropped: u64,
+}
+
+/// One webhook event waiting for delivery ([`Broker::webhook_take`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    /// Its id: unique in the queue, increasing in the order events were queued.
+    pub id: String,
+    /// The event, a JSON object (without its id).
+    pub json: String,
+    /// Times it was taken before this one (by any node): a retry after a node died.
+    pub retakes: u64,
+}
+
+/// How the webhook queue is bounded and shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WebhookQueue {
+    /// Events waiting (queued, not yet done), at most; past it new events are dropped
+    /// (and counted).
+    pub max: usize,
+    /// One node delivers at a time (events arrive in order), holding the queue this
+    /// long, renewed by every [`Broker::webhook_take`]; a node that finds it free
+    /// takes over, with the events the previous one had taken and not finished.
+    pub lease: Duration,
+}
+
 fn no_presence<T>() -> BoxFuture<'static, Result<T, BrokerError>>
 where
     T: Send + 'static,
 {
     Box::pin(async {
         Err(BrokerError::Unavailable(
-            "this broker keeps no presence".into(),
+            "this broker keeps no presence or webhook state".into(),
         ))
     })
 }
@@ -361,6 +393,69 @@ pub trait Broker: Send + Sync + 'static {
         channel: &ChannelName,
     ) -> BoxFuture<'_, Result<PresenceStats, BrokerError>> {
         let _ = channel;
+        no_presence()
+    }
+
+    /// Channel occupancy across the cluster, for the `channel_occupied` and
+    /// `channel_vacated` webhooks: `node` now has (`true`) or no longer has (`false`)
+    /// local subscribers of each channel. A channel that gets its first node anywhere
+    /// queues `channel_occupied`; one that loses its last, `channel_vacated`: decided
+    /// where the entries are, atomically, so exactly one node's change makes each event
+    /// whatever the nodes do at once. An entry expires `ttl` after it was last set
+    /// ([`Broker::occupancy_refresh`] sets them again).
+    fn occupancy(
+        &self,
+        node: &str,
+        changes: Vec<(ChannelName, bool)>,
+        ttl: Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let _ = (node, changes, ttl, queue);
+        no_presence()
+    }
+
+    /// Sets `node`'s entries for `channels` again (their TTL starts over; an entry the
+    /// broker lost is added, and may queue `channel_occupied` again), then removes the
+    /// expired entries of any node (one that died), queueing the vacated channels.
+    fn occupancy_refresh(
+        &self,
+        node: &str,
+        channels: Vec<ChannelName>,
+        ttl: Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let _ = (node, channels, ttl, queue);
+        no_presence()
+    }
+
+    /// Queues webhook events decided elsewhere (`join`, `leave`), in order.
+    fn webhook_queue(
+        &self,
+        events: Vec<String>,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let _ = (events, queue);
+        no_presence()
+    }
+
+    /// Up to `max` events for `consumer` (a node) to deliver, oldest first, if it holds
+    /// the queue's lease (taken or renewed here; none while another consumer holds it):
+    /// events taken before and never finished (a previous holder's, or its own older
+    /// than a lease), then new ones. An event taken stays queued until
+    /// [`Broker::webhook_done`]. `max` 0 only renews the lease.
+    fn webhook_take(
+        &self,
+        consumer: &str,
+        max: usize,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+        let _ = (consumer, max, queue);
+        no_presence()
+    }
+
+    /// The events `ids` are finished with (delivered, or given up): they leave the queue.
+    fn webhook_done(&self, ids: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let _ = ids;
         no_presence()
     }
 

@@ -8,7 +8,8 @@ use tokio::sync::Mutex;
 
 use crate::{
     new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
-    PresencePage, PresenceStats, PublishRequest, Published, Ready,
+    PresencePage, PresenceStats, PublishRequest, Published, Queued, Ready, WebhookEvent,
+    WebhookQueue,
 };
 use herald_protocol::presence::Member;
 
@@ -43,6 +44,91 @@ struct State {
     last_sweep: Option<Instant>,
     /// Presence, per channel.
     rooms: HashMap<ChannelName, Room>,
+    /// Occupancy: channel → node → when its entry expires.
+    occupancy: HashMap<ChannelName, HashMap<String, Instant>>,
+    /// The webhook queue.
+    webhooks: WebhookEvents,
+}
+
+/// The webhook queue: events in order, each with who took it last and when.
+#[derive(Default)]
+struct WebhookEvents {
+    /// The next event's id.
+    next: u64,
+    /// The events, oldest first.
+    events: VecDeque<Pending>,
+    /// Who delivers now, until when.
+    lease: Option<(String, Instant)>,
+}
+
+impl WebhookEvents {
+    fn push(&mut self, json: String, queue: WebhookQueue, out: &mut Queued) {
+        if self.events.len() >= queue.max {
+            out.dropped += 1;
+            return;
+        }
+        self.next += 1;
+        self.events.push_back(Pending {
+            id: self.next,
+            json,
+            taken: None,
+            times: 0,
+        });
+        out.queued += 1;
+    }
+}
+
+/// One queued webhook event.
+struct Pending {
+    /// Its id.
+    id: u64,
+    /// Its record.
+    json: String,
+    /// Who took it last, and when.
+    taken: Option<(String, Instant)>,
+    /// Times it was taken.
+    times: u64,
+}
+
+/// An occupancy event's record (the gateway renders the webhook body from it).
+fn occupancy_event(occupied: bool, channel: &ChannelName) -> String {
+    let time_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    herald_protocol::webhook::occupancy(occupied, channel.as_str(), time_ms)
+}
+
+impl State {
+    /// Sets (`until` = Some) or removes `node`'s entry for `channel`, queueing the
+    /// channel's first occupancy or last vacancy.
+    fn occupy(
+        &mut self,
+        node: &str,
+        channel: &ChannelName,
+        until: Option<Instant>,
+        queue: WebhookQueue,
+        out: &mut Queued,
+    ) {
+        let nodes = self.occupancy.entry(channel.clone()).or_default();
+        match until {
+            Some(t) => {
+                let was_empty = nodes.is_empty();
+                if nodes.insert(node.to_owned(), t).is_none() && was_empty {
+                    let e = occupancy_event(true, channel);
+                    self.webhooks.push(e, queue, out);
+                }
+            }
+            None => {
+                if nodes.remove(node).is_some() && nodes.is_empty() {
+                    self.occupancy.remove(channel);
+                    let e = occupancy_event(false, channel);
+                    self.webhooks.push(e, queue, out);
+                } else if nodes.is_empty() {
+                    self.occupancy.remove(channel);
+                }
+            }
+        }
+    }
 }
 
 /// One channel's presence: members by connection id (sorted: pages follow the order),
@@ -433,6 +519,132 @@ impl Broker for MemoryBroker {
         })
     }
 
+    fn occupancy(
+        &self,
+        node: &str,
+        changes: Vec<(ChannelName, bool)>,
+        ttl: Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let mut out = Queued::default();
+            let until = Instant::now() + ttl;
+            for (channel, on) in changes {
+                state.occupy(&node, &channel, on.then_some(until), queue, &mut out);
+            }
+            Ok(out)
+        })
+    }
+
+    fn occupancy_refresh(
+        &self,
+        node: &str,
+        channels: Vec<ChannelName>,
+        ttl: Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let mut out = Queued::default();
+            let now = Instant::now();
+            for channel in channels {
+                state.occupy(&node, &channel, Some(now + ttl), queue, &mut out);
+            }
+            let expired: Vec<(ChannelName, String)> = state
+                .occupancy
+                .iter()
+                .flat_map(|(c, nodes)| {
+                    nodes
+                        .iter()
+                        .filter(|(_, t)| **t <= now)
+                        .map(|(n, _)| (c.clone(), n.clone()))
+                })
+                .collect();
+            for (channel, node) in expired {
+                state.occupy(&node, &channel, None, queue, &mut out);
+            }
+            Ok(out)
+        })
+    }
+
+    fn webhook_queue(
+        &self,
+        events: Vec<String>,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let mut out = Queued::default();
+            for e in events {
+                state.webhooks.push(e, queue, &mut out);
+            }
+            Ok(out)
+        })
+    }
+
+    fn webhook_take(
+        &self,
+        consumer: &str,
+        max: usize,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+        let consumer = consumer.to_owned();
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            let now = Instant::now();
+            let w = &mut state.webhooks;
+            let holder = w.lease.take().filter(|(_, until)| *until > now);
+            if let Some(other) = holder.as_ref().filter(|(h, _)| *h != consumer) {
+                w.lease = Some(other.clone());
+                return Ok(Vec::new());
+            }
+            let took_over = holder.is_none();
+            w.lease = Some((consumer.clone(), now + queue.lease));
+            let mut out = Vec::new();
+            for Pending {
+                id,
+                json,
+                taken,
+                times,
+            } in w.events.iter_mut()
+            {
+                if out.len() == max {
+                    break;
+                }
+                let free = match taken {
+                    None => true,
+                    Some((by, at)) => {
+                        (took_over && *by != consumer) || now.duration_since(*at) >= queue.lease
+                    }
+                };
+                if free {
+                    out.push(WebhookEvent {
+                        id: id.to_string(),
+                        json: json.clone(),
+                        retakes: u64::from(*times > 0),
+                    });
+                    *taken = Some((consumer.clone(), now));
+                    *times += 1;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn webhook_done(&self, ids: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().await;
+            state
+                .webhooks
+                .events
+                .retain(|e| !ids.iter().any(|d| *d == e.id.to_string()));
+            Ok(())
+        })
+    }
+
     fn is_up(&self) -> bool {
         true
     }
@@ -648,5 +860,61 @@ mod tests {
                 .await,
             Err(BrokerError::Closed)
         );
+    }
+
+    #[tokio::test]
+    async fn occupancy_is_decided_across_nodes_and_queued_in_order() {
+        let (tx, _rx) = inbound(16, Metrics::unregistered());
+        let broker = MemoryBroker::new(tx);
+        let q = WebhookQueue {
+            max: 3,
+            lease: Duration::from_millis(50),
+        };
+        let ttl = Duration::from_secs(60);
+        let ch = |n: &str| ChannelName::new(n).unwrap();
+        let set = |node: &'static str, c: &'static str, on: bool| {
+            let broker = &broker;
+            async move {
+                broker
+                    .occupancy(node, vec![(ch(c), on)], ttl, q)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(set("a", "news", true).await.queued, 1);
+        assert_eq!(set("b", "news", true).await.queued, 0);
+        assert_eq!(set("a", "news", false).await.queued, 0, "b still holds it");
+        assert_eq!(set("b", "news", false).await.queued, 1);
+        assert_eq!(set("b", "news", false).await.queued, 0, "twice is once");
+        // A dead node's entry expires and the sweep vacates its channel.
+        broker
+            .occupancy("c", vec![(ch("gone"), true)], Duration::ZERO, q)
+            .await
+            .unwrap();
+        let swept = broker.occupancy_refresh("a", vec![], ttl, q).await.unwrap();
+        assert_eq!(
+            (swept.queued, swept.dropped),
+            (0, 1),
+            "the queue holds 3 already"
+        );
+
+        // One consumer at a time; events in order; a dead one's events retaken.
+        let taken = broker.webhook_take("a", 10, q).await.unwrap();
+        let events: Vec<&str> = taken.iter().map(|e| e.json.as_str()).collect();
+        assert_eq!(events.len(), 3);
+        assert!(events[0].contains("channel_occupied") && events[1].contains("channel_vacated"));
+        assert!(
+            broker.webhook_take("b", 10, q).await.unwrap().is_empty(),
+            "a holds the lease"
+        );
+        broker
+            .webhook_done(vec![taken[0].id.clone()])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let retaken = broker.webhook_take("b", 10, q).await.unwrap();
+        assert_eq!(retaken.len(), 2);
+        assert!(retaken.iter().all(|e| e.retakes == 1));
+        assert_eq!(retaken[0].id, taken[1].id);
     }
 }

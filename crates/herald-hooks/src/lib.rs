@@ -17,6 +17,9 @@
 //! followed by the body's bytes, so the backend can check it comes from Herald and is
 //! fresh. Latency and outcome per hook are in `herald_hook_seconds` and
 //! `herald_hook_calls_total`.
+//!
+//! # Layout
+//! - `webhooks`: [`Webhooks`], events told to the backend (`[webhooks]`), retried.
 #![deny(missing_docs)]
 
 use std::time::Duration;
@@ -29,6 +32,10 @@ use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
+
+mod webhooks;
+
+pub use webhooks::{WebhookError, Webhooks, WebhooksConfig};
 
 /// `[hooks]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -190,6 +190,11 @@ pub struct Metrics {
     pub hook_calls: IntCounterVec,
     /// How long hook calls took, by hook.
     pub hook_seconds: HistogramVec,
+    /// Webhook events, by event and outcome: `queued` (by this node), `dropped` (the
+    /// queue was full: never delivered), `delivered`, `retried` (an attempt failed and
+    /// is repeated), `failed` (every attempt failed: given up), `retaken` (taken over
+    /// from a node that did not finish it).
+    pub webhook_events: IntCounterVec,
 }
 
 impl Metrics {
@@ -336,6 +341,14 @@ impl Metrics {
             &["hook"],
         )?;
         registry.register(Box::new(hook_seconds.clone()))?;
+        let webhook_events = IntCounterVec::new(
+            Opts::new(
+                "herald_webhook_events_total",
+                "Webhook events, by event and outcome: queued, dropped (queue full: never delivered), delivered, retried, failed (given up after every attempt), retaken (from a node that did not finish).",
+            ),
+            &["event", "outcome"],
+        )?;
+        registry.register(Box::new(webhook_events.clone()))?;
 
         Ok(Metrics {
             connections: gauge(
@@ -477,6 +490,7 @@ impl Metrics {
             presence_events,
             hook_calls,
             hook_seconds,
+            webhook_events,
         })
     }
 

@@ -6,6 +6,7 @@
 //!
 //! # Layout
 //! - [`control`]: what nodes tell each other, and the control API's bodies.
+//! - [`webhook`]: the events webhooks tell the application's backend.
 //! - [`presence`]: presence members and their frames and bodies.
 //! - [`api`]: the HTTP API's request and reply bodies.
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
@@ -35,6 +36,7 @@ pub mod presence;
 pub mod publication;
 pub mod server;
 pub mod sse;
+pub mod webhook;
 
 pub use channel::{ChannelName, ChannelPattern, ChannelPatterns, InvalidChannel};
 pub use publication::{Epoch, Payload, Publication, StreamPosition};

@@ -66,6 +66,7 @@
 //!   `(S)SUBSCRIBE`/`(S)UNSUBSCRIBE`.
 //! - `connect`: opening and probing connections; the `redis.timeout` deadline.
 //! - `push`: decoding what Redis pushes and handing it to the hub's inbound queue.
+//! - `webhooks`: channel occupancy and the webhook event queue, under one hash tag.
 //! - `presence`: presence (members, expiry, counts) in three keys per channel.
 //! - `history`: reading a history channel's position and publications.
 //! - `publish`: publishing a batch (pipelined, scripts reloaded where Redis lost them),
@@ -82,7 +83,8 @@ use std::sync::Arc;
 
 use herald_broker::{
     BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
-    PresencePage, PresenceStats, PublishRequest, Published, Ready,
+    PresencePage, PresenceStats, PublishRequest, Published, Queued, Ready, WebhookEvent,
+    WebhookQueue,
 };
 use herald_metrics::Metrics;
 use herald_protocol::presence::Member;
@@ -101,6 +103,7 @@ mod scripts;
 mod shared;
 mod supervisor;
 mod sync;
+mod webhooks;
 
 pub use config::{redacted, RedisBrokerError, RedisConfig};
 pub use publish::BackendPublisher;
@@ -282,6 +285,56 @@ impl Broker for RedisBroker {
     ) -> BoxFuture<'_, Result<PresenceStats, BrokerError>> {
         let channel = channel.clone();
         Box::pin(async move { presence::stats(self.target(self.live()?), &channel).await })
+    }
+
+    fn occupancy(
+        &self,
+        node: &str,
+        changes: Vec<(ChannelName, bool)>,
+        ttl: std::time::Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            webhooks::occupancy(self.target(self.live()?), &node, changes, ttl, queue).await
+        })
+    }
+
+    fn occupancy_refresh(
+        &self,
+        node: &str,
+        channels: Vec<ChannelName>,
+        ttl: std::time::Duration,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            webhooks::refresh(self.target(self.live()?), &node, channels, ttl, queue).await
+        })
+    }
+
+    fn webhook_queue(
+        &self,
+        events: Vec<String>,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+        Box::pin(async move { webhooks::enqueue(self.target(self.live()?), events, queue).await })
+    }
+
+    fn webhook_take(
+        &self,
+        consumer: &str,
+        max: usize,
+        queue: WebhookQueue,
+    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+        let consumer = consumer.to_owned();
+        Box::pin(
+            async move { webhooks::take(self.target(self.live()?), &consumer, max, queue).await },
+        )
+    }
+
+    fn webhook_done(&self, ids: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
+        Box::pin(async move { webhooks::done(self.target(self.live()?), ids).await })
     }
 
     fn subscribe(&self, channel: &ChannelName) -> Ready {

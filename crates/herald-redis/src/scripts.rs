@@ -263,6 +263,115 @@ pub(crate) const PRESENCE_STATS_SCRIPT: &str = r#"
 return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[3])}
 "#;
 
+/// Occupancy (see the `webhooks` module for the keys). `ARGV` = now (ms), ttl (ms),
+/// the queue's max, mode, node, then for `set` (channel, 1|0) pairs, for `refresh`
+/// channels (set again, then every node's expired entries removed). An event is queued
+/// only while the stream holds fewer than max; each makes the same record as
+/// `herald_protocol::webhook::occupancy`. Answers {queued, dropped}.
+pub(crate) const OCCUPANCY_SCRIPT: &str = r#"
+local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local node = ARGV[5]
+local queued, dropped = 0, 0
+local function event(name, channel)
+  if redis.call('XLEN', KEYS[3]) >= max then
+    dropped = dropped + 1
+    return
+  end
+  redis.call('XADD', KEYS[3], '*', 'e',
+    '{"event":"' .. name .. '","channel":"' .. channel .. '","time_ms":' .. ARGV[1] .. '}')
+  queued = queued + 1
+end
+local function add(channel)
+  if redis.call('ZADD', KEYS[2], now + ttl, node .. '\n' .. channel) == 1 then
+    if redis.call('HINCRBY', KEYS[1], channel, 1) == 1 then
+      event('channel_occupied', channel)
+    end
+  end
+end
+local function drop(entry)
+  if redis.call('ZREM', KEYS[2], entry) == 1 then
+    local channel = string.sub(entry, string.find(entry, '\n', 1, true) + 1)
+    if redis.call('HINCRBY', KEYS[1], channel, -1) <= 0 then
+      redis.call('HDEL', KEYS[1], channel)
+      event('channel_vacated', channel)
+    end
+  end
+end
+if ARGV[4] == 'set' then
+  for i = 6, #ARGV, 2 do
+    if ARGV[i + 1] == '1' then add(ARGV[i]) else drop(node .. '\n' .. ARGV[i]) end
+  end
+else
+  for i = 6, #ARGV do add(ARGV[i]) end
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
+  for _, entry in ipairs(gone) do drop(entry) end
+end
+return {queued, dropped}
+"#;
+
+/// Queues records: `ARGV` = the queue's max, then records. Answers {queued, dropped}.
+pub(crate) const WEBHOOK_QUEUE_SCRIPT: &str = r#"
+local max, queued, dropped = tonumber(ARGV[1]), 0, 0
+for i = 2, #ARGV do
+  if redis.call('XLEN', KEYS[3]) >= max then
+    dropped = dropped + 1
+  else
+    redis.call('XADD', KEYS[3], '*', 'e', ARGV[i])
+    queued = queued + 1
+  end
+end
+return {queued, dropped}
+"#;
+
+/// Takes events for a consumer: `ARGV` = consumer, max, lease (ms). One consumer at a
+/// time delivers (so events arrive in order): the one holding the lease key, which this
+/// call renews; a consumer that finds it free takes it, and with it every event the
+/// previous holder had taken and not finished (it died or stalled past its lease).
+/// `max` 0 only renews. Answers flat {id, record, retaken (0|1), ...}, or nothing
+/// while another consumer holds the lease.
+pub(crate) const WEBHOOK_TAKE_SCRIPT: &str = r#"
+local holder = redis.call('GET', KEYS[4])
+if holder and holder ~= ARGV[1] then return {} end
+redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
+local out, max = {}, tonumber(ARGV[2])
+if max == 0 then return out end
+redis.pcall('XGROUP', 'CREATE', KEYS[3], 'herald', '0', 'MKSTREAM')
+local function take(entries, retaken)
+  for _, e in ipairs(entries) do
+    local fields = e[2]
+    if fields then
+      for i = 1, #fields, 2 do
+        if fields[i] == 'e' then
+          out[#out + 1] = e[1]
+          out[#out + 1] = fields[i + 1]
+          out[#out + 1] = retaken
+        end
+      end
+    end
+  end
+end
+-- Taken before and not finished: the previous holder's (all of them, at once), or
+-- this consumer's own that it lost track of (older than a lease).
+local idle = 0
+if holder then idle = ARGV[3] end
+local claimed = redis.call('XAUTOCLAIM', KEYS[3], 'herald', ARGV[1], idle, '0-0', 'COUNT', max)
+take(claimed[2], 1)
+local room = max - #out / 3
+if room > 0 then
+  local r = redis.call('XREADGROUP', 'GROUP', 'herald', ARGV[1], 'COUNT', room, 'STREAMS', KEYS[3], '>')
+  if r then take(r[1][2], 0) end
+end
+return out
+"#;
+
+/// Finishes events: `ARGV` = their ids (acknowledged and deleted: the stream holds only
+/// what is outstanding).
+pub(crate) const WEBHOOK_DONE_SCRIPT: &str = r#"
+redis.call('XACK', KEYS[3], 'herald', unpack(ARGV))
+redis.call('XDEL', KEYS[3], unpack(ARGV))
+return 1
+"#;
+
 /// The scripts, hashed once.
 pub(crate) struct Scripts {
     /// [`PUBLISH_SCRIPT`].
@@ -275,6 +384,14 @@ pub(crate) struct Scripts {
     pub(crate) presence_remove: Script,
     /// Presence counts.
     pub(crate) presence_stats: Script,
+    /// [`OCCUPANCY_SCRIPT`].
+    pub(crate) occupancy: Script,
+    /// [`WEBHOOK_QUEUE_SCRIPT`].
+    pub(crate) webhook_queue: Script,
+    /// [`WEBHOOK_TAKE_SCRIPT`].
+    pub(crate) webhook_take: Script,
+    /// [`WEBHOOK_DONE_SCRIPT`].
+    pub(crate) webhook_done: Script,
 }
 
 impl Scripts {
@@ -285,6 +402,10 @@ impl Scripts {
             presence_add: Script::new(PRESENCE_ADD_SCRIPT),
             presence_remove: Script::new(PRESENCE_REMOVE_SCRIPT),
             presence_stats: Script::new(PRESENCE_STATS_SCRIPT),
+            occupancy: Script::new(OCCUPANCY_SCRIPT),
+            webhook_queue: Script::new(WEBHOOK_QUEUE_SCRIPT),
+            webhook_take: Script::new(WEBHOOK_TAKE_SCRIPT),
+            webhook_done: Script::new(WEBHOOK_DONE_SCRIPT),
         }
     }
 }

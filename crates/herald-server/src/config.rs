@@ -44,6 +44,8 @@ pub struct GatewayConfig {
     pub presence: PresenceConfig,
     /// Calls to the application's backend (`[hooks]`, `[hooks.rpc]`).
     pub hooks: herald_hooks::HooksConfig,
+    /// Events told to the application's backend (`[webhooks]`).
+    pub webhooks: herald_hooks::WebhooksConfig,
     /// Serve the demo page at `/demo` (and the JS client at `/herald.js`) on the public
     /// listener, and open the demo's channels: `demo:feed` and `demo:chat` keep 100
     /// publications, anyone may publish to `demo:chat`, which keeps presence. Off by
@@ -810,6 +812,9 @@ impl GatewayConfig {
         }
         if let Err(e) = herald_hooks::validate(&self.hooks) {
             return bad("hooks", &e.0);
+        }
+        if let Err(e) = self.webhooks.validate() {
+            return bad("webhooks", &e.0);
         }
         // A browser sends its cookies on a WebSocket handshake whatever page opened it:
         // with cookie sessions, an open origin list lets any web page connect as the

@@ -18,6 +18,7 @@ use crate::http::{self, Role};
 use crate::lifecycle;
 use crate::node::Node;
 use crate::presence;
+use crate::webhooks;
 
 /// The sockets to serve. With `internal` set, `public` serves the client endpoints
 /// (`/ws`, `/sse`, `/sse/publish`, the demo page with `--demo`) and `/healthz`, `/readyz`,
@@ -173,6 +174,17 @@ impl Gateway {
                     Ok(())
                 } else {
                     Err(ServerError::TaskEnded("presence"))
+                }
+            }
+        });
+        background.spawn({
+            let (node, stop) = (node.clone(), stop.clone());
+            async move {
+                webhooks::run(node, stop.clone()).await;
+                if stop.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(ServerError::TaskEnded("webhooks"))
                 }
             }
         });

@@ -84,6 +84,10 @@ pub(crate) struct Hub {
     metrics: Metrics,
     /// Shared by every history channel's stream.
     streams: Arc<StreamEnv>,
+    /// Told when a channel gets its first local subscriber (`true`) or loses its last
+    /// (`false`), when webhooks want occupancy (bounded: a change that does not fit is
+    /// settled by the next occupancy refresh, or the entry's expiry).
+    occupancy: std::sync::OnceLock<tokio::sync::mpsc::Sender<(ChannelName, bool)>>,
 }
 
 impl Hub {
@@ -106,7 +110,33 @@ impl Hub {
             )),
             broker,
             metrics,
+            occupancy: std::sync::OnceLock::new(),
         }
+    }
+
+    /// From now on, tells `to` when channels become occupied or vacated on this node.
+    pub(crate) fn watch_occupancy(&self, to: tokio::sync::mpsc::Sender<(ChannelName, bool)>) {
+        let _ = self.occupancy.set(to);
+    }
+
+    fn occupancy_changed(&self, channel: &ChannelName, occupied: bool) {
+        if let Some(to) = self.occupancy.get() {
+            let _ = to.try_send((channel.clone(), occupied));
+        }
+    }
+
+    /// Every channel with a local subscriber, internal ones left out.
+    pub(crate) fn occupied(&self) -> Vec<ChannelName> {
+        self.shards
+            .iter()
+            .flat_map(|s| {
+                s.read()
+                    .keys()
+                    .filter(|c| !c.is_internal())
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     }
 
     fn shard(&self, channel: &str) -> &RwLock<HashMap<ChannelName, Channel>> {
@@ -125,6 +155,7 @@ impl Hub {
         let mut shard = self.shard(channel.as_str()).write();
         let entry = shard.entry(channel.clone()).or_insert_with(|| {
             self.metrics.channels.inc();
+            self.occupancy_changed(channel, true);
             let members = match opts.history {
                 Some(policy) => Members::History(Arc::new(Stream::new(
                     channel.clone(),
@@ -172,6 +203,7 @@ impl Hub {
             shard.remove(channel.as_str());
             self.broker.unsubscribe(channel);
             self.metrics.channels.dec();
+            self.occupancy_changed(channel, false);
         }
         removed
     }

@@ -20,6 +20,9 @@
 //!   (requests, rate limit, token refresh).
 //! - `presence`: who is in a channel: joins, leaves, the refresh and sweep, and the
 //!   `join`/`leave` frames to local subscribers.
+//! - `webhooks`: `[webhooks]`: this node's occupancy changes, refresh and sweep, the
+//!   `join`/`leave` events, and delivering the broker's event queue while it holds the
+//!   queue's lease.
 //! - `backend`: what the gateway asks the application's backend (hooks) on a client's
 //!   behalf, from a session or `POST /sse/publish`, and what the answers do.
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).
@@ -61,6 +64,7 @@ mod node;
 mod presence;
 mod session;
 mod tls;
+mod webhooks;
 mod writer;
 
 #[cfg(test)]

@@ -41,6 +41,8 @@ pub(crate) struct Node {
     pub(crate) presence: crate::cluster::LocalMembers,
     /// Calls to the application's backend, when a hook is configured.
     pub(crate) hooks: Option<Arc<herald_hooks::Hooks>>,
+    /// The webhook sender (`[webhooks]`), when webhooks are on.
+    pub(crate) webhooks: Option<Arc<herald_hooks::Webhooks>>,
     /// Open sessions, so that the drain and the heartbeat sweeper can reach each one.
     pub(crate) sessions: Mutex<HashMap<ConnId, Arc<SessionHandle>>>,
     /// Connection slots taken (upgrades in progress plus open sessions); checked
@@ -123,6 +125,7 @@ impl Node {
             tasks: session_tasks.clone(),
         });
         let hooks = herald_hooks::Hooks::new(&config.hooks, metrics.clone());
+        let webhooks = herald_hooks::Webhooks::new(&config.webhooks);
         Node {
             api_keys: herald_auth::ApiKeys::new(
                 config.auth.api_key.as_deref(),
@@ -145,6 +148,7 @@ impl Node {
             cluster: crate::cluster::Cluster::new(config.control.heartbeat_interval),
             presence: Default::default(),
             hooks: hooks.map(Arc::new),
+            webhooks: webhooks.map(Arc::new),
             sessions: Mutex::default(),
             n_slots: AtomicUsize::new(0),
             per_client: Mutex::default(),

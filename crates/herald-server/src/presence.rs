@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelRule, JoinLeavePer};
 use crate::node::Node;
+use crate::webhooks;
 
 /// Expired entries removed per channel per sweep (the rest go on the next).
 const EXPIRE_BATCH: usize = 1000;
@@ -98,13 +99,19 @@ fn lost(node: &Node, what: &str, e: &BrokerError) {
 
 /// Publishes the `join`/`leave` frames `changes` call for (per the rule).
 async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<PresenceChange>) {
-    let Some(rule) = rule(node, channel.as_str()).filter(|r| r.join_leave) else {
+    let Some(rule) = rule(node, channel.as_str()) else {
         return;
     };
+    let changes: Vec<PresenceChange> = changes
+        .into_iter()
+        .filter(|c| rule.join_leave_per == JoinLeavePer::Connection || c.user_edge)
+        .collect();
+    let members: Vec<&Member> = changes.iter().map(|c| &c.member).collect();
+    webhooks::presence(node, channel, join, &members).await;
+    if !rule.join_leave {
+        return;
+    }
     for c in changes {
-        if rule.join_leave_per == JoinLeavePer::User && !c.user_edge {
-            continue;
-        }
         let msg = ControlMessage::Presence {
             channel: channel.as_str().to_owned(),
             join,

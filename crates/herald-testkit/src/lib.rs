@@ -14,6 +14,7 @@
 //! - `node`: [`Node`] and its configuration helpers.
 //! - `client`: [`Client`].
 //! - `sse`: [`SseClient`].
+//! - `backend`: [`Backend`], the application's backend for hooks and webhooks.
 //! - `http`: [`http`], [`try_http`], and [`WAIT`], how long any expectation waits.
 //! - `auth`: [`token`].
 //! - `fault`: [`FaultProxy`].
@@ -22,6 +23,7 @@
 pub use serde_json::json;
 
 mod auth;
+mod backend;
 mod client;
 mod fault;
 mod http;
@@ -29,6 +31,7 @@ mod node;
 mod sse;
 
 pub use auth::*;
+pub use backend::{Backend, Call};
 pub use client::*;
 pub use fault::FaultProxy;
 pub use http::*;

@@ -837,3 +837,78 @@ async fn a_killed_nodes_members_leave_within_the_ttl() {
     let _ = a.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Webhooks with real processes: a node SIGKILLed while it alone held a channel has the
+/// channel vacated by the cluster within the occupancy TTL, exactly once (the dead node
+/// cannot say so; the survivor's sweep does, and whichever node holds the queue's lease
+/// delivers it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_nodes_channels_are_vacated_once() {
+    let redis = herald_testkit::RedisServer::start();
+    let backend = herald_testkit::Backend::start(|_| (200, String::new())).await;
+    let dir = std::env::temp_dir().join(format!("herald-webhooks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{}\"\n[webhooks]\nurl = \"http://{}/events\"\n\
+             timeout = \"300ms\"\noccupancy_ttl = \"1s\"\ntakeover_after = \"1s\"\n",
+            redis.url(),
+            backend.addr
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (mut a, a_addr) = start(&["--config", config, "--node-id", "a"], &[]);
+    let (mut b, b_addr) = start(&["--config", config, "--node-id", "b"], &[]);
+    let taken = |event: &'static str, channel: &'static str| {
+        move |calls: &[herald_testkit::Call]| {
+            calls
+                .iter()
+                .filter(|c| c.body["event"] == event && c.body["channel"] == channel)
+                .count()
+                == 1
+        }
+    };
+    let mut on_a = Client::connect(&format!("ws://{a_addr}/ws")).await.unwrap();
+    on_a.subscribe("kept").await;
+    let mut on_b = Client::connect(&format!("ws://{b_addr}/ws")).await.unwrap();
+    on_b.subscribe("doomed").await;
+    backend
+        .wait_for("both occupied", |c| {
+            taken("channel_occupied", "kept")(c) && taken("channel_occupied", "doomed")(c)
+        })
+        .await;
+
+    let _ = b.kill();
+    let _ = b.wait();
+    let killed = Instant::now();
+    backend
+        .wait_for("doomed vacated", taken("channel_vacated", "doomed"))
+        .await;
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "vacated {took:?} after the kill (ttl 1 s)"
+    );
+    eprintln!(
+        "the killed node's channel was vacated {} ms after the kill",
+        took.as_millis()
+    );
+    // Once, and the live node's channel stays occupied.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let calls = backend.calls();
+    assert!(taken("channel_vacated", "doomed")(&calls));
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.body["event"] == "channel_vacated" && c.body["channel"] == "kept"),
+        "{:?}",
+        calls.iter().map(|c| &c.body).collect::<Vec<_>>()
+    );
+    drop(on_a);
+    let _ = a.kill();
+    let _ = a.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
