@@ -349,6 +349,11 @@ impl Metrics {
             &["event", "outcome"],
         )?;
         registry.register(Box::new(webhook_events.clone()))?;
+        for event in ["channel_occupied", "channel_vacated", "join", "leave"] {
+            for outcome in ["delivered", "failed", "dropped"] {
+                webhook_events.with_label_values(&[event, outcome]);
+            }
+        }
 
         Ok(Metrics {
             connections: gauge(
