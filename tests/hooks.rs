@@ -903,3 +903,79 @@ async fn webhooks_tell_occupancy_decided_across_nodes() {
         "{refused:?}"
     );
 }
+
+/// Hooks and webhooks over `https://`: a backend with a certificate from a private CA
+/// is reached when `tls_ca_file` names the CA, and refused (failing closed, counted)
+/// when it does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hooks_and_webhooks_reach_an_https_backend() {
+    use herald_testkit::{signed_certificate, test_ca, CertUse};
+    let dir = tempfile_dir("herald-hooks-tls");
+    test_ca(&dir, "ca");
+    signed_certificate(&dir, "ca", "backend", "127.0.0.1", CertUse::Server);
+    let backend = herald_testkit::Backend::start_tls(
+        &dir.join("backend.pem"),
+        &dir.join("backend.key"),
+        |call| match call.path.as_str() {
+            "/rpc" => (200, json!({"result": {"over": "tls"}}).to_string()),
+            _ => (204, String::new()),
+        },
+    )
+    .await;
+    let start = |trusted: bool| {
+        let (dir, addr) = (dir.clone(), backend.addr);
+        Node::start_with(move |c| {
+            c.hooks.tls_ca_file = trusted.then(|| dir.join("ca.pem"));
+            c.hooks.rpc = Some(herald_hooks::RpcHookConfig {
+                url: format!("https://127.0.0.1:{}/rpc", addr.port()),
+                timeout: Duration::from_secs(2),
+                anonymous: true,
+            });
+            c.webhooks.url = format!("https://127.0.0.1:{}/events", addr.port());
+            c.webhooks.tls_ca_file = trusted.then(|| dir.join("ca.pem"));
+            c.webhooks.max_attempts = 1;
+        })
+    };
+    let node = start(true).await;
+    let mut c = node.client().await;
+    let r = rpc(&mut c, 1, "any", Value::Null).await;
+    assert_eq!(r["data"], json!({"over": "tls"}), "{r}");
+    c.subscribe("news").await;
+    backend
+        .wait_for("the occupied event over TLS", |calls| {
+            calls
+                .iter()
+                .any(|c| c.path == "/events" && c.body["event"] == "channel_occupied")
+        })
+        .await;
+
+    // Without the CA the certificate is not trusted: refused, never sent in the clear.
+    let stranger = start(false).await;
+    let mut c = stranger.client().await;
+    assert_eq!(
+        rpc(&mut c, 1, "any", Value::Null).await["code"],
+        "unavailable"
+    );
+    assert_eq!(
+        stranger.metric("herald_hook_calls_total{hook=\"rpc\",outcome=\"failed\"}"),
+        1.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        fastrand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn fastrand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}

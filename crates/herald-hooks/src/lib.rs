@@ -20,20 +20,21 @@
 //!
 //! # Layout
 //! - `webhooks`: [`Webhooks`], events told to the backend (`[webhooks]`), retried.
+//! - `client`: the pooled HTTP client both use (`http://` and `https://`, the system's
+//!   roots plus an optional private CA).
 #![deny(missing_docs)]
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
 mod webhooks;
+
+mod client;
 
 pub use webhooks::{WebhookError, Webhooks, WebhooksConfig};
 
@@ -47,6 +48,9 @@ pub struct HooksConfig {
     pub max_concurrency: usize,
     /// The largest answer read from a backend, in bytes.
     pub max_response_bytes: usize,
+    /// A PEM file of CA certificates trusted for `https://` hook URLs, besides the
+    /// system's (a private CA).
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// `[hooks.connect]`: asked who a client is when it connects without a valid token
     /// (or always).
     pub connect: Option<ConnectHookConfig>,
@@ -64,7 +68,7 @@ pub struct HooksConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookConfig {
-    /// Where to `POST` (`http://`).
+    /// Where to `POST` (`http://` or `https://`).
     pub url: String,
     /// How long a call may take, the wait for a slot included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -77,6 +81,7 @@ impl Default for HooksConfig {
             secret: String::new(),
             max_concurrency: 64,
             max_response_bytes: 65536,
+            tls_ca_file: None,
             connect: None,
             refresh: None,
             rpc: None,
@@ -101,7 +106,7 @@ impl HooksConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RpcHookConfig {
-    /// Where to `POST` (`http://`).
+    /// Where to `POST` (`http://` or `https://`).
     pub url: String,
     /// How long a call may take, the wait for a slot included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -115,7 +120,7 @@ pub struct RpcHookConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectHookConfig {
-    /// Where to `POST` (`http://`).
+    /// Where to `POST` (`http://` or `https://`).
     pub url: String,
     /// How long a call may take, the wait for a slot included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -134,7 +139,7 @@ pub struct ConnectHookConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshHookConfig {
-    /// Where to `POST` (`http://`).
+    /// Where to `POST` (`http://` or `https://`).
     pub url: String,
     /// How long a call may take, the wait for a slot included.
     #[serde(default = "default_timeout", with = "humantime_serde")]
@@ -238,7 +243,7 @@ pub struct InvalidHooks(pub String);
 /// The node's hook client.
 pub struct Hooks {
     config: HooksConfig,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: client::HttpClient,
     slots: Semaphore,
     metrics: herald_metrics::Metrics,
 }
@@ -283,14 +288,7 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
         let Some((url, timeout)) = table else {
             continue;
         };
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| InvalidHooks(format!("{name}.url {url:?}: {e}")))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(InvalidHooks(format!(
-                "{name}.url {url:?}: an http:// URL with a host (put TLS on a local proxy)"
-            )));
-        }
+        client::check_url(name, url)?;
         if timeout.is_zero() {
             return Err(InvalidHooks(format!(
                 "{name}.timeout must be greater than 0"
@@ -306,6 +304,7 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
             }
         }
     }
+    client::check_ca(config.tls_ca_file.as_deref())?;
     if config.refresh.is_some() && config.connect.is_none() {
         return Err(InvalidHooks(
             "[hooks.refresh] extends connections the connect hook let in: it needs [hooks.connect]"
@@ -369,25 +368,24 @@ fn parse(body: &[u8]) -> Result<Reply, HookError> {
 
 impl Hooks {
     /// The node's hook client, or none when no hook is configured.
-    pub fn new(config: &HooksConfig, metrics: herald_metrics::Metrics) -> Option<Hooks> {
+    pub fn new(
+        config: &HooksConfig,
+        metrics: herald_metrics::Metrics,
+    ) -> Result<Option<Hooks>, InvalidHooks> {
         if config.connect.is_none()
             && config.rpc.is_none()
             && config.subscribe.is_none()
             && config.publish.is_none()
         {
-            return None;
+            return Ok(None);
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
-        Some(Hooks {
+        let client = client::new(config.tls_ca_file.as_deref())?;
+        Ok(Some(Hooks {
             slots: Semaphore::new(config.max_concurrency),
             config: config.clone(),
             client,
             metrics,
-        })
+        }))
     }
 
     /// The `[hooks.connect]` table, if set.

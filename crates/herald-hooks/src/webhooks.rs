@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
-use crate::{sign, InvalidHooks};
+use crate::{client, sign, InvalidHooks};
 
 /// `[webhooks]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebhooksConfig {
-    /// Where events are `POST`ed (`http://`); empty: no webhooks.
+    /// Where events are `POST`ed (`http://` or `https://`); empty: no webhooks.
     pub url: String,
+    /// A PEM file of CA certificates trusted for an `https://` URL, besides the
+    /// system's.
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Which events: `channel_occupied`, `channel_vacated`, `join`, `leave`.
     pub events: Vec<String>,
     /// The HMAC-SHA256 key requests are signed with (as hooks'); empty: unsigned.
@@ -50,6 +50,7 @@ impl Default for WebhooksConfig {
     fn default() -> Self {
         WebhooksConfig {
             url: String::new(),
+            tls_ca_file: None,
             events: ["channel_occupied", "channel_vacated", "join", "leave"]
                 .map(String::from)
                 .to_vec(),
@@ -80,15 +81,8 @@ impl WebhooksConfig {
             return Ok(());
         }
         let bad = |why: String| Err(InvalidHooks(why));
-        match self.url.parse::<hyper::Uri>() {
-            Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {}
-            _ => {
-                return bad(format!(
-                    "webhooks.url {:?}: an http:// URL with a host (put TLS on a local proxy)",
-                    self.url
-                ))
-            }
-        }
+        client::check_url("webhooks", &self.url)?;
+        client::check_ca(self.tls_ca_file.as_deref())?;
         const KNOWN: [&str; 4] = ["channel_occupied", "channel_vacated", "join", "leave"];
         if let Some(e) = self.events.iter().find(|e| !KNOWN.contains(&e.as_str())) {
             return bad(format!(
@@ -135,7 +129,7 @@ pub enum WebhookError {
 /// The node's webhook sender.
 pub struct Webhooks {
     config: WebhooksConfig,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: client::HttpClient,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -148,18 +142,14 @@ impl std::fmt::Debug for Webhooks {
 
 impl Webhooks {
     /// The sender, or none when webhooks are off.
-    pub fn new(config: &WebhooksConfig) -> Option<Webhooks> {
+    pub fn new(config: &WebhooksConfig) -> Result<Option<Webhooks>, InvalidHooks> {
         if !config.enabled() {
-            return None;
+            return Ok(None);
         }
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        Some(Webhooks {
+        Ok(Some(Webhooks {
             config: config.clone(),
-            client: Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector),
-        })
+            client: client::new(config.tls_ca_file.as_deref())?,
+        }))
     }
 
     /// The configuration.

@@ -16,7 +16,7 @@ use crate::control;
 use crate::error::ServerError;
 use crate::http::{self, Role};
 use crate::lifecycle;
-use crate::node::Node;
+use crate::node::{Loaded, Node};
 use crate::presence;
 use crate::webhooks;
 
@@ -77,9 +77,23 @@ impl Gateway {
             key: "tls",
             problem,
         })?;
+        let loaded = Loaded {
+            verifier,
+            tls,
+            hooks: herald_hooks::Hooks::new(&config.hooks, metrics.clone()).map_err(|e| {
+                InvalidConfig {
+                    key: "hooks",
+                    problem: e.0,
+                }
+            })?,
+            webhooks: herald_hooks::Webhooks::new(&config.webhooks).map_err(|e| InvalidConfig {
+                key: "webhooks",
+                problem: e.0,
+            })?,
+        };
         let node_id = config.node_id();
         let node = Arc::new(Node::new(
-            config, verifier, tls, node_id, broker, metrics, registry,
+            config, loaded, node_id, broker, metrics, registry,
         ));
         Ok(Gateway { node, inbound: rx })
     }

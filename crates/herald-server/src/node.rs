@@ -107,13 +107,18 @@ const SWEEP_RATE_EVERY: u64 = 1024;
 impl Node {
     pub(crate) fn new(
         config: GatewayConfig,
-        verifier: Option<herald_auth::Verifier>,
-        tls: Option<crate::tls::TlsKeys>,
+        loaded: Loaded,
         node_id: String,
         broker: Arc<dyn Broker>,
         metrics: Metrics,
         registry: herald_metrics::prometheus::Registry,
     ) -> Self {
+        let Loaded {
+            verifier,
+            tls,
+            hooks,
+            webhooks,
+        } = loaded;
         let session_tasks = TaskTracker::new();
         let session_env = Arc::new(SessionEnv {
             metrics: metrics.clone(),
@@ -124,8 +129,6 @@ impl Node {
             start_writer: crate::writer::start,
             tasks: session_tasks.clone(),
         });
-        let hooks = herald_hooks::Hooks::new(&config.hooks, metrics.clone());
-        let webhooks = herald_hooks::Webhooks::new(&config.webhooks);
         Node {
             api_keys: herald_auth::ApiKeys::new(
                 config.auth.api_key.as_deref(),
@@ -414,6 +417,20 @@ pub(crate) struct PerClient {
 
 /// A taken connection slot; dropping it gives the slot back (and the client's and
 /// user's counts, if they were taken).
+/// What the gateway read and built from its configuration before the node: keys,
+/// certificates and the clients for the application's backend (each `None` when not
+/// configured).
+pub(crate) struct Loaded {
+    /// The token verifier (`[auth.jwt]`).
+    pub(crate) verifier: Option<herald_auth::Verifier>,
+    /// The public listener's TLS keys (`[tls]`).
+    pub(crate) tls: Option<crate::tls::TlsKeys>,
+    /// `[hooks]`.
+    pub(crate) hooks: Option<herald_hooks::Hooks>,
+    /// `[webhooks]`.
+    pub(crate) webhooks: Option<herald_hooks::Webhooks>,
+}
+
 /// One publication as a publish path hands it to [`Node::publish`].
 pub(crate) struct Outgoing {
     /// What to publish.

@@ -45,6 +45,41 @@ impl Drop for Backend {
 impl Backend {
     /// Starts a backend that answers each request with `answer(call)`: status and body.
     pub async fn start(answer: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static) -> Backend {
+        Backend::serve(answer, None).await
+    }
+
+    /// The same over TLS (`https://127.0.0.1:port`), with the certificate `cert` and key
+    /// `key` (PEM files).
+    pub async fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        answer: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static,
+    ) -> Backend {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Backend::serve(
+            answer,
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))),
+        )
+        .await
+    }
+
+    async fn serve(
+        answer: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Backend {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let calls: Arc<Mutex<Vec<Call>>> = Arc::default();
@@ -55,7 +90,7 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (answer, recorded) = (answer.clone(), recorded.clone());
+                let (answer, recorded, tls) = (answer.clone(), recorded.clone(), tls.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
                         move |req: hyper::Request<hyper::body::Incoming>| {
@@ -86,9 +121,20 @@ impl Backend {
                             }
                         },
                     );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(s) => {
+                                http.serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                                    .await
+                            }
+                            Err(_) => return,
+                        },
+                        None => {
+                            http.serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                                .await
+                        }
+                    };
                 });
             }
         });
