@@ -520,7 +520,7 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls_with_a_host() {
+    fn only_http_and_https_urls_with_a_host() {
         let with = |url: &str| HooksConfig {
             rpc: Some(RpcHookConfig {
                 url: url.into(),
@@ -530,15 +530,21 @@ mod tests {
             ..HooksConfig::default()
         };
         assert!(validate(&with("http://127.0.0.1:3000/rpc")).is_ok());
+        assert!(validate(&with("https://backend.example/rpc")).is_ok());
         let publish = HooksConfig {
             publish: Some(HookConfig {
-                url: "https://x/p".into(),
+                url: "ws://x/p".into(),
                 timeout: Duration::from_secs(1),
             }),
             ..HooksConfig::default()
         };
         assert!(validate(&publish).is_err());
-        for bad in ["https://x/rpc", "ftp://x", "/rpc", "not a url"] {
+        let unreadable = HooksConfig {
+            tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..with("https://x/rpc")
+        };
+        assert!(validate(&unreadable).is_err());
+        for bad in ["ftp://x", "/rpc", "not a url", "https:///rpc"] {
             assert!(validate(&with(bad)).is_err(), "{bad}");
         }
     }

@@ -225,7 +225,8 @@ mod tests {
         assert!(with("http://127.0.0.1:1/w", &["vacated"])
             .validate()
             .is_err());
-        assert!(with("https://x/w", &["join"]).validate().is_err());
+        assert!(with("https://x/w", &["join"]).validate().is_ok());
+        assert!(with("ws://x/w", &["join"]).validate().is_err());
         assert!(with("127.0.0.1:1", &["join"]).validate().is_err());
     }
 }
