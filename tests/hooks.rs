@@ -572,6 +572,32 @@ async fn the_connect_hook_lets_cookie_sessions_in() {
         calls("result") + calls("error") + calls("disconnect"),
         asked
     );
+    // POST /sse/publish from another site's page (its browser sends the cookie along),
+    // or with a body no browser form can send: refused before the backend is asked.
+    for (origin, content_type, status) in [
+        ("http://evil.test", "application/json", 403),
+        ("http://app.test", "text/plain", 415),
+    ] {
+        let r = herald_testkit::http(
+            node.addr,
+            "POST",
+            "/sse/publish",
+            &[
+                ("origin", origin),
+                ("cookie", "session=alice"),
+                ("content-type", content_type),
+            ],
+            json!({"channel": "inbox:alice", "data": 1})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(
+        calls("result") + calls("error") + calls("disconnect"),
+        asked
+    );
     let rejected = |r: &str| {
         node.metric(&format!(
             "herald_connections_rejected_total{{reason=\"{r}\"}}"
@@ -978,4 +1004,53 @@ fn fastrand_suffix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
+}
+
+/// A backend whose refresh extends a connection by less than `before_expiry` is asked
+/// again no sooner than every 2 s, not in a loop (it was asked ~3,300 times a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_refresh_is_not_asked_in_a_loop() {
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    let backend = herald_testkit::Backend::start(move |call| {
+        let answer = match call.path.as_str() {
+            "/connect" => json!({"result": {"user": "tight", "expires": now() + 4}}),
+            _ => json!({"result": {"expires": now() + 2}}),
+        };
+        (200, answer.to_string())
+    })
+    .await;
+    let addr = backend.addr;
+    let node = Node::start_with(move |c| {
+        c.hooks.connect = Some(herald_hooks::ConnectHookConfig {
+            url: format!("http://{addr}/connect"),
+            timeout: Duration::from_secs(1),
+            forward_headers: vec![],
+            always: false,
+        });
+        c.hooks.refresh = Some(herald_hooks::RefreshHookConfig {
+            url: format!("http://{addr}/refresh"),
+            timeout: Duration::from_secs(1),
+            before_expiry: Duration::from_secs(10),
+        });
+    })
+    .await;
+    let mut c = node.client().await;
+    assert_eq!(c.welcome["user"], "tight");
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    c.send_json(&json!({"op": "ping", "id": 1})).await;
+    assert_eq!(c.recv_json().await["op"], "pong", "still extended");
+    let refreshes = backend
+        .calls()
+        .iter()
+        .filter(|c| c.path == "/refresh")
+        .count();
+    assert!(
+        (2..=4).contains(&refreshes),
+        "{refreshes} refresh calls in 4.5 s"
+    );
 }

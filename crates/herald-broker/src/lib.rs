@@ -263,6 +263,20 @@ pub struct Queued {
     pub dropped: u64,
 }
 
+/// What an occupancy call did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Occupancy {
+    /// `channel_occupied` events queued (and dropped: the queue was full).
+    pub occupied: Queued,
+    /// `channel_vacated` events queued (and dropped).
+    pub vacated: Queued,
+    /// Channels whose last entry a sweep removed: their node stopped refreshing it (it
+    /// died). The caller settles what else that node left behind (presence).
+    pub swept: Vec<ChannelName>,
+    /// The sweep stopped at its limit: more expired entries remain (sweep again).
+    pub more: bool,
+}
+
 /// One webhook event waiting for delivery ([`Broker::webhook_take`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebhookEvent {
@@ -409,7 +423,7 @@ pub trait Broker: Send + Sync + 'static {
         changes: Vec<(ChannelName, bool)>,
         ttl: Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let _ = (node, changes, ttl, queue);
         no_presence()
     }
@@ -423,7 +437,7 @@ pub trait Broker: Send + Sync + 'static {
         channels: Vec<ChannelName>,
         ttl: Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let _ = (node, channels, ttl, queue);
         no_presence()
     }
@@ -442,13 +456,14 @@ pub trait Broker: Send + Sync + 'static {
     /// the queue's lease (taken or renewed here; none while another consumer holds it):
     /// events taken before and never finished (a previous holder's, or its own older
     /// than a lease), then new ones. An event taken stays queued until
-    /// [`Broker::webhook_done`]. `max` 0 only renews the lease.
+    /// [`Broker::webhook_done`]. `max` 0 only renews the lease. `None`: another
+    /// consumer holds the lease (one that had it and lost it must stop delivering).
     fn webhook_take(
         &self,
         consumer: &str,
         max: usize,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<WebhookEvent>>, BrokerError>> {
         let _ = (consumer, max, queue);
         no_presence()
     }

@@ -7,9 +7,9 @@ use herald_protocol::{ChannelName, Epoch, Publication, StreamPosition};
 use tokio::sync::Mutex;
 
 use crate::{
-    new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
-    PresencePage, PresenceStats, PublishRequest, Published, Queued, Ready, WebhookEvent,
-    WebhookQueue,
+    new_epoch, BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, Occupancy,
+    PresenceChange, PresencePage, PresenceStats, PublishRequest, Published, Queued, Ready,
+    WebhookEvent, WebhookQueue,
 };
 use herald_protocol::presence::Member;
 
@@ -100,32 +100,36 @@ fn occupancy_event(occupied: bool, channel: &ChannelName) -> String {
 
 impl State {
     /// Sets (`until` = Some) or removes `node`'s entry for `channel`, queueing the
-    /// channel's first occupancy or last vacancy.
+    /// channel's first occupancy or last vacancy. Answers whether it vacated it.
     fn occupy(
         &mut self,
         node: &str,
         channel: &ChannelName,
         until: Option<Instant>,
         queue: WebhookQueue,
-        out: &mut Queued,
-    ) {
+        out: &mut Occupancy,
+    ) -> bool {
         let nodes = self.occupancy.entry(channel.clone()).or_default();
         match until {
             Some(t) => {
                 let was_empty = nodes.is_empty();
                 if nodes.insert(node.to_owned(), t).is_none() && was_empty {
                     let e = occupancy_event(true, channel);
-                    self.webhooks.push(e, queue, out);
+                    self.webhooks.push(e, queue, &mut out.occupied);
                 }
+                false
             }
             None => {
-                if nodes.remove(node).is_some() && nodes.is_empty() {
+                let removed = nodes.remove(node).is_some();
+                if nodes.is_empty() {
                     self.occupancy.remove(channel);
-                    let e = occupancy_event(false, channel);
-                    self.webhooks.push(e, queue, out);
-                } else if nodes.is_empty() {
-                    self.occupancy.remove(channel);
+                    if removed {
+                        let e = occupancy_event(false, channel);
+                        self.webhooks.push(e, queue, &mut out.vacated);
+                        return true;
+                    }
                 }
+                false
             }
         }
     }
@@ -525,11 +529,11 @@ impl Broker for MemoryBroker {
         changes: Vec<(ChannelName, bool)>,
         ttl: Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let node = node.to_owned();
         Box::pin(async move {
             let mut state = self.state.lock().await;
-            let mut out = Queued::default();
+            let mut out = Occupancy::default();
             let until = Instant::now() + ttl;
             for (channel, on) in changes {
                 state.occupy(&node, &channel, on.then_some(until), queue, &mut out);
@@ -544,11 +548,11 @@ impl Broker for MemoryBroker {
         channels: Vec<ChannelName>,
         ttl: Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let node = node.to_owned();
         Box::pin(async move {
             let mut state = self.state.lock().await;
-            let mut out = Queued::default();
+            let mut out = Occupancy::default();
             let now = Instant::now();
             for channel in channels {
                 state.occupy(&node, &channel, Some(now + ttl), queue, &mut out);
@@ -564,7 +568,9 @@ impl Broker for MemoryBroker {
                 })
                 .collect();
             for (channel, node) in expired {
-                state.occupy(&node, &channel, None, queue, &mut out);
+                if state.occupy(&node, &channel, None, queue, &mut out) {
+                    out.swept.push(channel);
+                }
             }
             Ok(out)
         })
@@ -590,7 +596,7 @@ impl Broker for MemoryBroker {
         consumer: &str,
         max: usize,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<WebhookEvent>>, BrokerError>> {
         let consumer = consumer.to_owned();
         Box::pin(async move {
             let mut state = self.state.lock().await;
@@ -599,7 +605,7 @@ impl Broker for MemoryBroker {
             let holder = w.lease.take().filter(|(_, until)| *until > now);
             if let Some(other) = holder.as_ref().filter(|(h, _)| *h != consumer) {
                 w.lease = Some(other.clone());
-                return Ok(Vec::new());
+                return Ok(None);
             }
             let took_over = holder.is_none();
             w.lease = Some((consumer.clone(), now + queue.lease));
@@ -630,7 +636,7 @@ impl Broker for MemoryBroker {
                     *times += 1;
                 }
             }
-            Ok(out)
+            Ok(Some(out))
         })
     }
 
@@ -881,11 +887,19 @@ mod tests {
                     .unwrap()
             }
         };
-        assert_eq!(set("a", "news", true).await.queued, 1);
-        assert_eq!(set("b", "news", true).await.queued, 0);
-        assert_eq!(set("a", "news", false).await.queued, 0, "b still holds it");
-        assert_eq!(set("b", "news", false).await.queued, 1);
-        assert_eq!(set("b", "news", false).await.queued, 0, "twice is once");
+        assert_eq!(set("a", "news", true).await.occupied.queued, 1);
+        assert_eq!(set("b", "news", true).await.occupied.queued, 0);
+        assert_eq!(
+            set("a", "news", false).await.vacated.queued,
+            0,
+            "b still holds it"
+        );
+        assert_eq!(set("b", "news", false).await.vacated.queued, 1);
+        assert_eq!(
+            set("b", "news", false).await.vacated.queued,
+            0,
+            "twice is once"
+        );
         // A dead node's entry expires and the sweep vacates its channel.
         broker
             .occupancy("c", vec![(ch("gone"), true)], Duration::ZERO, q)
@@ -893,18 +907,19 @@ mod tests {
             .unwrap();
         let swept = broker.occupancy_refresh("a", vec![], ttl, q).await.unwrap();
         assert_eq!(
-            (swept.queued, swept.dropped),
+            (swept.vacated.queued, swept.vacated.dropped),
             (0, 1),
             "the queue holds 3 already"
         );
+        assert_eq!(swept.swept, vec![ch("gone")]);
 
         // One consumer at a time; events in order; a dead one's events retaken.
-        let taken = broker.webhook_take("a", 10, q).await.unwrap();
+        let taken = broker.webhook_take("a", 10, q).await.unwrap().unwrap();
         let events: Vec<&str> = taken.iter().map(|e| e.json.as_str()).collect();
         assert_eq!(events.len(), 3);
         assert!(events[0].contains("channel_occupied") && events[1].contains("channel_vacated"));
         assert!(
-            broker.webhook_take("b", 10, q).await.unwrap().is_empty(),
+            broker.webhook_take("b", 10, q).await.unwrap().is_none(),
             "a holds the lease"
         );
         broker
@@ -912,7 +927,7 @@ mod tests {
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(60)).await;
-        let retaken = broker.webhook_take("b", 10, q).await.unwrap();
+        let retaken = broker.webhook_take("b", 10, q).await.unwrap().unwrap();
         assert_eq!(retaken.len(), 2);
         assert!(retaken.iter().all(|e| e.retakes == 1));
         assert_eq!(retaken[0].id, taken[1].id);

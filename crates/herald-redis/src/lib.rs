@@ -82,7 +82,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use herald_broker::{
-    BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, PresenceChange,
+    BoxFuture, Broker, BrokerError, HistoryPage, HistoryPolicy, Inbound, Occupancy, PresenceChange,
     PresencePage, PresenceStats, PublishRequest, Published, Queued, Ready, WebhookEvent,
     WebhookQueue,
 };
@@ -171,6 +171,7 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             generation: Arc::new(AtomicU64::new(0)),
             repairing: AtomicBool::new(false),
+            webhook_queue_seen: AtomicBool::new(false),
             lost: Arc::new(Notify::new()),
             lost_generation: Arc::new(AtomicU64::new(0)),
         });
@@ -293,7 +294,7 @@ impl Broker for RedisBroker {
         changes: Vec<(ChannelName, bool)>,
         ttl: std::time::Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let node = node.to_owned();
         Box::pin(async move {
             webhooks::occupancy(self.target(self.live()?), &node, changes, ttl, queue).await
@@ -306,7 +307,7 @@ impl Broker for RedisBroker {
         channels: Vec<ChannelName>,
         ttl: std::time::Duration,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Queued, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Occupancy, BrokerError>> {
         let node = node.to_owned();
         Box::pin(async move {
             webhooks::refresh(self.target(self.live()?), &node, channels, ttl, queue).await
@@ -326,11 +327,25 @@ impl Broker for RedisBroker {
         consumer: &str,
         max: usize,
         queue: WebhookQueue,
-    ) -> BoxFuture<'_, Result<Vec<WebhookEvent>, BrokerError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<WebhookEvent>>, BrokerError>> {
         let consumer = consumer.to_owned();
-        Box::pin(
-            async move { webhooks::take(self.target(self.live()?), &consumer, max, queue).await },
-        )
+        Box::pin(async move {
+            let (taken, created) =
+                webhooks::take(self.target(self.live()?), &consumer, max, queue).await?;
+            let seen = self.inner.webhook_queue_seen.swap(true, Ordering::Relaxed);
+            if created && seen {
+                // How many is unknown: said, and counted once.
+                tracing::warn!(
+                        "Redis lost the webhook queue (restarted without its data): its undelivered events are gone; reconcile the backend (GET /api/channels)"
+                    );
+                self.inner
+                    .metrics
+                    .webhook_events
+                    .with_label_values(&["unknown", "lost"])
+                    .inc();
+            }
+            Ok(taken)
+        })
     }
 
     fn webhook_done(&self, ids: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {

@@ -265,26 +265,28 @@ return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[3])}
 
 /// Occupancy (see the `webhooks` module for the keys). `ARGV` = now (ms), ttl (ms),
 /// the queue's max, mode, node, then for `set` (channel, 1|0) pairs, for `refresh`
-/// channels (set again, then every node's expired entries removed). An event is queued
-/// only while the stream holds fewer than max; each makes the same record as
-/// `herald_protocol::webhook::occupancy`. Answers {queued, dropped}.
+/// channels (set again, then up to 1000 of every node's expired entries removed). An
+/// event is queued only while the stream holds fewer than max; each makes the same
+/// record as `herald_protocol::webhook::occupancy`. Answers {occupied queued, occupied
+/// dropped, vacated queued, vacated dropped, more expired (0|1), swept channels...}.
 pub(crate) const OCCUPANCY_SCRIPT: &str = r#"
 local now, ttl, max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local node = ARGV[5]
-local queued, dropped = 0, 0
-local function event(name, channel)
+local counts = {0, 0, 0, 0}
+local swept = {}
+local function event(name, channel, at)
   if redis.call('XLEN', KEYS[3]) >= max then
-    dropped = dropped + 1
+    counts[at + 1] = counts[at + 1] + 1
     return
   end
   redis.call('XADD', KEYS[3], '*', 'e',
     '{"event":"' .. name .. '","channel":"' .. channel .. '","time_ms":' .. ARGV[1] .. '}')
-  queued = queued + 1
+  counts[at] = counts[at] + 1
 end
 local function add(channel)
   if redis.call('ZADD', KEYS[2], now + ttl, node .. '\n' .. channel) == 1 then
     if redis.call('HINCRBY', KEYS[1], channel, 1) == 1 then
-      event('channel_occupied', channel)
+      event('channel_occupied', channel, 1)
     end
   end
 end
@@ -293,10 +295,12 @@ local function drop(entry)
     local channel = string.sub(entry, string.find(entry, '\n', 1, true) + 1)
     if redis.call('HINCRBY', KEYS[1], channel, -1) <= 0 then
       redis.call('HDEL', KEYS[1], channel)
-      event('channel_vacated', channel)
+      event('channel_vacated', channel, 3)
+      return channel
     end
   end
 end
+local more = 0
 if ARGV[4] == 'set' then
   for i = 6, #ARGV, 2 do
     if ARGV[i + 1] == '1' then add(ARGV[i]) else drop(node .. '\n' .. ARGV[i]) end
@@ -304,9 +308,15 @@ if ARGV[4] == 'set' then
 else
   for i = 6, #ARGV do add(ARGV[i]) end
   local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)
-  for _, entry in ipairs(gone) do drop(entry) end
+  for _, entry in ipairs(gone) do
+    local channel = drop(entry)
+    if channel then swept[#swept + 1] = channel end
+  end
+  if #gone == 1000 then more = 1 end
 end
-return {queued, dropped}
+local out = {counts[1], counts[2], counts[3], counts[4], more}
+for _, c in ipairs(swept) do out[#out + 1] = c end
+return out
 "#;
 
 /// Queues records: `ARGV` = the queue's max, then records. Answers {queued, dropped}.
@@ -327,15 +337,18 @@ return {queued, dropped}
 /// time delivers (so events arrive in order): the one holding the lease key, which this
 /// call renews; a consumer that finds it free takes it, and with it every event the
 /// previous holder had taken and not finished (it died or stalled past its lease).
-/// `max` 0 only renews. Answers flat {id, record, retaken (0|1), ...}, or nothing
-/// while another consumer holds the lease.
+/// `max` 0 only renews. Answers {holds the lease (0|1), queue created (0|1), then flat
+/// id, record, retaken (0|1), ...}. "Created" after the queue existed means Redis lost
+/// it (restarted without its data).
 pub(crate) const WEBHOOK_TAKE_SCRIPT: &str = r#"
+local created = redis.pcall('XGROUP', 'CREATE', KEYS[3], 'herald', '0', 'MKSTREAM')
+local fresh = 0
+if type(created) == 'table' and created.ok then fresh = 1 end
 local holder = redis.call('GET', KEYS[4])
-if holder and holder ~= ARGV[1] then return {} end
+if holder and holder ~= ARGV[1] then return {0, fresh} end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
-local out, max = {}, tonumber(ARGV[2])
+local out, max = {1, fresh}, tonumber(ARGV[2])
 if max == 0 then return out end
-redis.pcall('XGROUP', 'CREATE', KEYS[3], 'herald', '0', 'MKSTREAM')
 local function take(entries, retaken)
   for _, e in ipairs(entries) do
     local fields = e[2]
@@ -356,7 +369,7 @@ local idle = 0
 if holder then idle = ARGV[3] end
 local claimed = redis.call('XAUTOCLAIM', KEYS[3], 'herald', ARGV[1], idle, '0-0', 'COUNT', max)
 take(claimed[2], 1)
-local room = max - #out / 3
+local room = max - (#out - 2) / 3
 if room > 0 then
   local r = redis.call('XREADGROUP', 'GROUP', 'herald', ARGV[1], 'COUNT', room, 'STREAMS', KEYS[3], '>')
   if r then take(r[1][2], 0) end

@@ -104,6 +104,9 @@ pub(crate) struct Inner {
     pub(crate) inbound: Inbound,
     /// Broker up/down, reconnects, repairs, drops.
     pub(crate) metrics: Metrics,
+    /// This node has read the webhook queue before: finding it created afresh means
+    /// Redis lost it.
+    pub(crate) webhook_queue_seen: AtomicBool,
     /// What the hub wants served.
     pub(crate) desired: Mutex<Desired>,
     /// Wakes the supervisor when `desired` changed.

@@ -19,7 +19,7 @@
 
 use std::time::Duration;
 
-use herald_broker::{BrokerError, Queued, WebhookEvent, WebhookQueue};
+use herald_broker::{BrokerError, Occupancy, Queued, WebhookEvent, WebhookQueue};
 use herald_protocol::ChannelName;
 use redis::Value;
 
@@ -70,6 +70,41 @@ fn queued(v: &Value) -> Result<Queued, BrokerError> {
     }
 }
 
+/// Reads the occupancy script's answer.
+fn occupancy_answer(v: &Value) -> Result<Occupancy, BrokerError> {
+    let bad = || BrokerError::Unavailable("Redis: unexpected occupancy answer".into());
+    let Value::Array(a) = v else {
+        return Err(bad());
+    };
+    let n = |i: usize| match a.get(i) {
+        Some(Value::Int(n)) => Ok((*n).max(0) as u64),
+        _ => Err(bad()),
+    };
+    let swept = a
+        .get(5..)
+        .unwrap_or_default()
+        .iter()
+        .map(|c| match c {
+            Value::BulkString(b) => {
+                ChannelName::new(&String::from_utf8_lossy(b)).map_err(|_| bad())
+            }
+            _ => Err(bad()),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Occupancy {
+        occupied: Queued {
+            queued: n(0)?,
+            dropped: n(1)?,
+        },
+        vacated: Queued {
+            queued: n(2)?,
+            dropped: n(3)?,
+        },
+        more: n(4)? == 1,
+        swept,
+    })
+}
+
 fn head(node: &str, ttl: Duration, queue: WebhookQueue, mode: &str) -> Vec<Vec<u8>> {
     vec![
         now_ms().to_string().into_bytes(),
@@ -86,13 +121,13 @@ pub(crate) async fn occupancy(
     changes: Vec<(ChannelName, bool)>,
     ttl: Duration,
     queue: WebhookQueue,
-) -> Result<Queued, BrokerError> {
+) -> Result<Occupancy, BrokerError> {
     let mut args = head(node, ttl, queue, "set");
     for (channel, on) in changes {
         args.push(channel.as_str().as_bytes().to_vec());
         args.push(if on { b"1".to_vec() } else { b"0".to_vec() });
     }
-    queued(&run(&to, &to.scripts.occupancy, args).await?)
+    occupancy_answer(&run(&to, &to.scripts.occupancy, args).await?)
 }
 
 pub(crate) async fn refresh(
@@ -101,10 +136,10 @@ pub(crate) async fn refresh(
     channels: Vec<ChannelName>,
     ttl: Duration,
     queue: WebhookQueue,
-) -> Result<Queued, BrokerError> {
+) -> Result<Occupancy, BrokerError> {
     let mut args = head(node, ttl, queue, "refresh");
     args.extend(channels.iter().map(|c| c.as_str().as_bytes().to_vec()));
-    queued(&run(&to, &to.scripts.occupancy, args).await?)
+    occupancy_answer(&run(&to, &to.scripts.occupancy, args).await?)
 }
 
 pub(crate) async fn enqueue(
@@ -117,12 +152,15 @@ pub(crate) async fn enqueue(
     queued(&run(&to, &to.scripts.webhook_queue, args).await?)
 }
 
+/// The events taken (none while another consumer holds the lease), and whether the
+/// queue had to be created: after this node had seen it, Redis lost it with every
+/// event in it (a restart without its data).
 pub(crate) async fn take(
     to: Redis<'_>,
     consumer: &str,
     max: usize,
     queue: WebhookQueue,
-) -> Result<Vec<WebhookEvent>, BrokerError> {
+) -> Result<(Option<Vec<WebhookEvent>>, bool), BrokerError> {
     let args = vec![
         consumer.as_bytes().to_vec(),
         max.to_string().into_bytes(),
@@ -130,9 +168,16 @@ pub(crate) async fn take(
     ];
     let v = run(&to, &to.scripts.webhook_take, args).await?;
     let bad = || BrokerError::Unavailable("Redis: unexpected webhook answer".into());
-    let Value::Array(flat) = v else {
+    let Value::Array(all) = v else {
         return Err(bad());
     };
+    let [Value::Int(holds), Value::Int(created), flat @ ..] = all.as_slice() else {
+        return Err(bad());
+    };
+    let created = *created == 1;
+    if *holds == 0 {
+        return Ok((None, created));
+    }
     flat.chunks(3)
         .map(|e| match e {
             [Value::BulkString(id), Value::BulkString(json), Value::Int(retaken)] => {
@@ -144,7 +189,8 @@ pub(crate) async fn take(
             }
             _ => Err(bad()),
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()
+        .map(|events| (Some(events), created))
 }
 
 pub(crate) async fn done(to: Redis<'_>, ids: Vec<String>) -> Result<(), BrokerError> {

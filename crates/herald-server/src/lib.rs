@@ -18,11 +18,11 @@
 //! - `lifecycle`: the node's sweeper (heartbeats, token expiry) and the drain.
 //! - `session`: one session (WebSocket or SSE): its start and end, and its reader
 //!   (requests, rate limit, token refresh).
+//! - `webhooks`: `[webhooks]`: this node's occupancy changes, refresh and sweep (and
+//!   the presence members of the nodes it sweeps), and delivering the broker's event
+//!   queue while it holds the queue's lease.
 //! - `presence`: who is in a channel: joins, leaves, the refresh and sweep, and the
 //!   `join`/`leave` frames to local subscribers.
-//! - `webhooks`: `[webhooks]`: this node's occupancy changes, refresh and sweep, the
-//!   `join`/`leave` events, and delivering the broker's event queue while it holds the
-//!   queue's lease.
 //! - `backend`: what the gateway asks the application's backend (hooks) on a client's
 //!   behalf, from a session or `POST /sse/publish`, and what the answers do.
 //! - `access`: who may subscribe and publish (rules, token claims, subscription tokens).

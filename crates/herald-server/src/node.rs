@@ -317,6 +317,29 @@ impl Node {
         Ok(results)
     }
 
+    /// How the webhook queue is bounded and shared (`[webhooks]`).
+    pub(crate) fn webhook_queue(&self) -> herald_broker::WebhookQueue {
+        let c = &self.config.webhooks;
+        herald_broker::WebhookQueue {
+            max: c.max_queue,
+            lease: c.takeover_after,
+        }
+    }
+
+    /// Counts webhook events of `event` this node queued (and dropped: queue full).
+    pub(crate) fn webhooks_queued(&self, event: &str, q: herald_broker::Queued) {
+        let m = &self.metrics.webhook_events;
+        m.with_label_values(&[event, "queued"]).inc_by(q.queued);
+        m.with_label_values(&[event, "dropped"]).inc_by(q.dropped);
+        if q.dropped > 0 {
+            tracing::warn!(
+                event,
+                dropped = q.dropped,
+                "webhook queue full: events dropped"
+            );
+        }
+    }
+
     /// Whether the connect hook forwards the client's cookies (cookie sessions).
     pub(crate) fn forwards_cookies(&self) -> bool {
         self.config.hooks.forwards_cookies() && !self.config.auth.allowed_origins.is_empty()

@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ChannelRule, JoinLeavePer};
 use crate::node::Node;
-use crate::webhooks;
 
 /// Expired entries removed per channel per sweep (the rest go on the next).
 const EXPIRE_BATCH: usize = 1000;
@@ -107,7 +106,7 @@ async fn announce(node: &Node, channel: &ChannelName, join: bool, changes: Vec<P
         .filter(|c| rule.join_leave_per == JoinLeavePer::Connection || c.user_edge)
         .collect();
     let members: Vec<&Member> = changes.iter().map(|c| &c.member).collect();
-    webhooks::presence(node, channel, join, &members).await;
+    tell_backend(node, channel, join, &members).await;
     if !rule.join_leave {
         return;
     }
@@ -159,6 +158,41 @@ pub(crate) async fn stats(
 ) -> Result<PresenceStats, BrokerError> {
     expire(node, channel).await;
     node.broker.presence_stats(channel).await
+}
+
+/// Queues `join` / `leave` webhook events for `members` of `channel` (when wanted).
+async fn tell_backend(node: &Node, channel: &ChannelName, join: bool, members: &[&Member]) {
+    let event = if join { "join" } else { "leave" };
+    if members.is_empty() || !node.config.webhooks.wants(event) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let records = members
+        .iter()
+        .map(|m| herald_protocol::webhook::presence(join, channel.as_str(), m, now))
+        .collect();
+    match node
+        .broker
+        .webhook_queue(records, node.webhook_queue())
+        .await
+    {
+        Ok(q) => node.webhooks_queued(event, q),
+        Err(e) => {
+            tracing::warn!(error = %e, event, "webhook events not queued");
+            node.metrics
+                .webhook_events
+                .with_label_values(&[event, "dropped"])
+                .inc_by(members.len() as u64);
+        }
+    }
+}
+
+/// Removes `channel`'s members whose time ran out and announces their leaves: for a
+/// channel a dead node alone held, which no live node sweeps (`webhooks`).
+pub(crate) async fn sweep(node: &Node, channel: &ChannelName) {
+    expire(node, channel).await;
 }
 
 async fn expire(node: &Node, channel: &ChannelName) {

@@ -738,16 +738,22 @@ impl Session {
                     .duration_since(std::time::UNIX_EPOCH)
                     .unwrap_or_default()
             };
+            // A backend that extends by less than `before_expiry` would otherwise be
+            // asked again at once, in a loop: calls are at least REFRESH_RETRY apart.
+            let mut earliest = std::time::Duration::ZERO;
             loop {
                 let exp = handle.expires_at();
                 if exp == 0 {
                     return;
                 }
-                let due = std::time::Duration::from_secs(exp).saturating_sub(config.before_expiry);
+                let due = std::time::Duration::from_secs(exp)
+                    .saturating_sub(config.before_expiry)
+                    .max(earliest);
                 tokio::select! {
                     _ = handle.done.wait() => return,
                     _ = tokio::time::sleep(due.saturating_sub(unix_now())) => {}
                 }
+                earliest = unix_now() + REFRESH_RETRY;
                 let failed = match hooks.call(herald_hooks::Hook::Refresh, &body).await {
                     Ok(herald_hooks::Reply::Result(r)) => {
                         match serde_json::from_str::<Extended>(r.get()) {

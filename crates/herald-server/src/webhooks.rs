@@ -8,7 +8,7 @@
 //!   `occupancy_ttl` the node sets its entries again and the broker removes expired
 //!   ones, so a node that dies has its channels vacated within the TTL, once.
 //! - **join / leave**: queued by the node that decided them (`presence`), for presence
-//!   channels.
+//!   channels; a swept node's members are swept from the channels it alone held.
 //! - **Delivery.** The queue is the broker's; one node at a time holds its lease and
 //!   delivers in order: signed `POST`s, retried with backoff up to `max_attempts`, then
 //!   given up (counted). A node that dies mid-delivery leaves its events to the next
@@ -18,13 +18,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_broker::{Queued, WebhookEvent, WebhookQueue};
-use herald_protocol::presence::Member;
+use herald_broker::{Occupancy, WebhookEvent, WebhookQueue};
 use herald_protocol::{webhook, ChannelName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
+use crate::presence;
 
 /// Occupancy changes waiting for the webhooks task, at most (the rest are settled by
 /// the next refresh or by expiry).
@@ -35,56 +35,6 @@ const BATCH: usize = 16;
 
 /// How often the queue is looked at while it is empty (or another node delivers).
 const IDLE: Duration = Duration::from_millis(250);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn queue(node: &Node) -> WebhookQueue {
-    let c = &node.config.webhooks;
-    WebhookQueue {
-        max: c.max_queue,
-        lease: c.takeover_after,
-    }
-}
-
-fn counted(node: &Node, event: &str, q: Queued) {
-    let m = &node.metrics.webhook_events;
-    m.with_label_values(&[event, "queued"]).inc_by(q.queued);
-    m.with_label_values(&[event, "dropped"]).inc_by(q.dropped);
-    if q.dropped > 0 {
-        tracing::warn!(
-            event,
-            dropped = q.dropped,
-            "webhook queue full: events dropped"
-        );
-    }
-}
-
-/// Queues `join` / `leave` events for `members` of `channel` (when wanted).
-pub(crate) async fn presence(node: &Node, channel: &ChannelName, join: bool, members: &[&Member]) {
-    let event = if join { "join" } else { "leave" };
-    if members.is_empty() || !node.config.webhooks.wants(event) {
-        return;
-    }
-    let now = now_ms();
-    let records = members
-        .iter()
-        .map(|m| webhook::presence(join, channel.as_str(), m, now))
-        .collect();
-    match node.broker.webhook_queue(records, queue(node)).await {
-        Ok(q) => counted(node, event, q),
-        Err(e) => {
-            tracing::warn!(error = %e, event, "webhook events not queued");
-            node.metrics
-                .webhook_events
-                .with_label_values(&[event, "dropped"])
-                .inc_by(members.len() as u64);
-        }
-    }
-}
 
 /// Occupancy and delivery, until `stop` (then this node's last occupancy changes are
 /// sent: its channels vacate now, not at their expiry).
@@ -136,11 +86,56 @@ async fn occupy(node: &Arc<Node>, stop: CancellationToken) {
             let channels = node.hub.occupied();
             match node
                 .broker
-                .occupancy_refresh(&node.instance, channels, ttl, queue(node))
+                .occupancy_refresh(&node.instance, channels, ttl, node.webhook_queue())
                 .await
             {
-                Ok(q) => counted(node, "occupancy", q),
+                Ok(o) => swept(node, o).await,
                 Err(e) => tracing::debug!(error = %e, "occupancy refresh failed"),
+            }
+        }
+    }
+}
+
+/// Counts what an occupancy call queued, and settles what the nodes whose entries a
+/// sweep removed left behind: their presence members (none of the channel's
+/// subscribers is left anywhere, so nobody else would sweep them), whose `leave`s are
+/// told once their own TTL has run out. A sweep that stopped at its limit goes on.
+async fn swept(node: &Arc<Node>, mut o: Occupancy) {
+    let ttl = node.config.webhooks.occupancy_ttl;
+    // Bounded: a thousand entries a round.
+    for _ in 0..100 {
+        node.webhooks_queued("channel_occupied", o.occupied);
+        node.webhooks_queued("channel_vacated", o.vacated);
+        let channels: Vec<ChannelName> = std::mem::take(&mut o.swept)
+            .into_iter()
+            .filter(|c| presence::rule(node, c.as_str()).is_some())
+            .collect();
+        if !channels.is_empty() {
+            let (node, wait) = (node.clone(), node.config.presence.ttl);
+            // Untracked: a drain does not wait for the second sweep.
+            tokio::spawn(async move {
+                for c in &channels {
+                    presence::sweep(&node, c).await;
+                }
+                // Members refreshed after the node's occupancy entry expire later.
+                tokio::time::sleep(wait).await;
+                for c in &channels {
+                    presence::sweep(&node, c).await;
+                }
+            });
+        }
+        if !o.more {
+            return;
+        }
+        match node
+            .broker
+            .occupancy_refresh(&node.instance, Vec::new(), ttl, node.webhook_queue())
+            .await
+        {
+            Ok(next) => o = next,
+            Err(e) => {
+                tracing::debug!(error = %e, "occupancy sweep failed");
+                return;
             }
         }
     }
@@ -156,10 +151,13 @@ async fn flush(node: &Node, pending: &mut HashMap<ChannelName, bool>) {
     let ttl = node.config.webhooks.occupancy_ttl;
     match node
         .broker
-        .occupancy(&node.instance, changes.clone(), ttl, queue(node))
+        .occupancy(&node.instance, changes.clone(), ttl, node.webhook_queue())
         .await
     {
-        Ok(q) => counted(node, "occupancy", q),
+        Ok(o) => {
+            node.webhooks_queued("channel_occupied", o.occupied);
+            node.webhooks_queued("channel_vacated", o.vacated);
+        }
         Err(e) => {
             tracing::debug!(error = %e, "occupancy changes not sent; kept for the next try");
             for (c, on) in changes {
@@ -171,13 +169,15 @@ async fn flush(node: &Node, pending: &mut HashMap<ChannelName, bool>) {
 
 /// Takes events while this node holds the queue's lease and delivers them in order.
 async fn deliver(node: &Node, sender: &herald_hooks::Webhooks, stop: CancellationToken) {
-    let q = queue(node);
+    let q = node.webhook_queue();
     loop {
         if stop.is_cancelled() {
             return;
         }
         let events = match node.broker.webhook_take(&node.instance, BATCH, q).await {
-            Ok(events) => events,
+            Ok(Some(events)) => events,
+            // Another node delivers now.
+            Ok(None) => Vec::new(),
             Err(e) => {
                 tracing::debug!(error = %e, "webhook queue not readable");
                 Vec::new()
@@ -190,12 +190,17 @@ async fn deliver(node: &Node, sender: &herald_hooks::Webhooks, stop: Cancellatio
             }
         }
         for e in events {
-            // Renewed per event: one event may take a whole `timeout`.
-            let _ = node.broker.webhook_take(&node.instance, 0, q).await;
-            if !deliver_one(node, sender, &e, &stop).await {
-                // Stopping mid-delivery: the event stays taken, and the next holder of
-                // the lease delivers it.
-                return;
+            // Still ours? One event may take a whole `timeout`, a node may have been
+            // stalled past its lease: a node that lost the lease stops here, and the
+            // new holder delivers the rest, in order.
+            if !holds_lease(node, q).await {
+                break;
+            }
+            match deliver_one(node, sender, &e, &stop).await {
+                Attempts::Finished => {}
+                // The event stays taken; the next holder of the lease delivers it.
+                Attempts::Stopped => return,
+                Attempts::LeaseLost => break,
             }
             if let Err(err) = node.broker.webhook_done(vec![e.id.clone()]).await {
                 tracing::debug!(error = %err, "webhook event not marked done; it may be sent again");
@@ -204,13 +209,32 @@ async fn deliver(node: &Node, sender: &herald_hooks::Webhooks, stop: Cancellatio
     }
 }
 
-/// Delivers `e`, with retries; false when `stop` came first.
+/// Renews this node's lease on the queue; false when another node holds it, or the
+/// broker cannot say.
+async fn holds_lease(node: &Node, q: WebhookQueue) -> bool {
+    matches!(
+        node.broker.webhook_take(&node.instance, 0, q).await,
+        Ok(Some(_))
+    )
+}
+
+/// How the attempts at one event ended.
+enum Attempts {
+    /// Delivered, or given up (counted): done with it.
+    Finished,
+    /// The node is stopping.
+    Stopped,
+    /// Another node took the lease while this one waited to retry.
+    LeaseLost,
+}
+
+/// Delivers `e`, with retries.
 async fn deliver_one(
     node: &Node,
     sender: &herald_hooks::Webhooks,
     e: &WebhookEvent,
     stop: &CancellationToken,
-) -> bool {
+) -> Attempts {
     let m = &node.metrics.webhook_events;
     let name = serde_json::from_str::<serde_json::Value>(&e.json)
         .ok()
@@ -221,49 +245,47 @@ async fn deliver_one(
         m.with_label_values(&[label, "retaken"]).inc();
     }
     let config = sender.config();
-    // Occupancy records are queued in pairs' worth (occupied and vacated); the
-    // unwanted one is finished without a call.
+    // Both occupancy events are queued whichever are wanted; an unwanted one is
+    // finished without a call.
     if !config.wants(&name) {
-        return true;
+        return Attempts::Finished;
     }
     let Some(body) = webhook::body(&e.id, &e.json) else {
         tracing::warn!(id = %e.id, "webhook event is not a JSON object; dropped");
         m.with_label_values(&[label, "failed"]).inc();
-        return true;
+        return Attempts::Finished;
     };
-    let q = queue(node);
+    let q = node.webhook_queue();
     for attempt in 1..=config.max_attempts {
         match sender.post(body.clone()).await {
             Ok(()) => {
                 m.with_label_values(&[label, "delivered"]).inc();
-                return true;
+                return Attempts::Finished;
             }
             Err(err) if attempt == config.max_attempts => {
                 tracing::warn!(error = %err, id = %e.id, event = label, "webhook given up");
                 m.with_label_values(&[label, "failed"]).inc();
-                return true;
+                return Attempts::Finished;
             }
             Err(err) => {
                 tracing::debug!(error = %err, attempt, "webhook attempt failed");
                 m.with_label_values(&[label, "retried"]).inc();
-                let wait = config.backoff(attempt);
-                // Hold the lease through the wait, so no other node delivers behind
-                // this one's back (and out of order).
-                let renew = async {
-                    let mut left = wait;
-                    while !left.is_zero() {
-                        let step = left.min(q.lease / 3);
-                        tokio::time::sleep(step).await;
-                        left -= step;
-                        let _ = node.broker.webhook_take(&node.instance, 0, q).await;
+                // Hold the lease through the wait (renewed every third of it), so no
+                // other node delivers behind this one's back, out of order.
+                let mut left = config.backoff(attempt);
+                while !left.is_zero() {
+                    let step = left.min(q.lease / 3);
+                    tokio::select! {
+                        _ = stop.cancelled() => return Attempts::Stopped,
+                        _ = tokio::time::sleep(step) => {}
                     }
-                };
-                tokio::select! {
-                    _ = stop.cancelled() => return false,
-                    _ = renew => {}
+                    left -= step;
+                    if !holds_lease(node, q).await {
+                        return Attempts::LeaseLost;
+                    }
                 }
             }
         }
     }
-    true
+    Attempts::Finished
 }

@@ -853,7 +853,9 @@ async fn a_killed_nodes_channels_are_vacated_once() {
         &config,
         format!(
             "[redis]\nurl = \"{}\"\n[webhooks]\nurl = \"http://{}/events\"\n\
-             timeout = \"300ms\"\noccupancy_ttl = \"1s\"\ntakeover_after = \"1s\"\n",
+             timeout = \"300ms\"\noccupancy_ttl = \"1s\"\ntakeover_after = \"1s\"\n\
+             [presence]\nrefresh_interval = \"200ms\"\nttl = \"1s\"\n\
+             [[channels.rules]]\npattern = \"room:*\"\npresence = true\n",
             redis.url(),
             backend.addr
         ),
@@ -875,9 +877,14 @@ async fn a_killed_nodes_channels_are_vacated_once() {
     on_a.subscribe("kept").await;
     let mut on_b = Client::connect(&format!("ws://{b_addr}/ws")).await.unwrap();
     on_b.subscribe("doomed").await;
+    // A presence member on the doomed node alone: nobody else holds its channel, so
+    // nobody else would sweep it; its `leave` must still be told.
+    on_b.subscribe("room:1").await;
     backend
-        .wait_for("both occupied", |c| {
-            taken("channel_occupied", "kept")(c) && taken("channel_occupied", "doomed")(c)
+        .wait_for("both occupied, and the member joined", |c| {
+            taken("channel_occupied", "kept")(c)
+                && taken("channel_occupied", "doomed")(c)
+                && taken("join", "room:1")(c)
         })
         .await;
 
@@ -892,6 +899,9 @@ async fn a_killed_nodes_channels_are_vacated_once() {
         took < Duration::from_secs(4),
         "vacated {took:?} after the kill (ttl 1 s)"
     );
+    backend
+        .wait_for("the dead node's member left", taken("leave", "room:1"))
+        .await;
     eprintln!(
         "the killed node's channel was vacated {} ms after the kill",
         took.as_millis()

@@ -28,12 +28,18 @@ pub(super) type Rejected = (RejectReason, Refusal);
 /// The client's identity from its token (`Authorization: Bearer`, or the
 /// `access_token` query parameter for browsers, which cannot set headers on a
 /// WebSocket) or from the connect hook. The token is never logged or echoed.
+///
+/// `gate` runs right before the backend would be asked, and may refuse instead (the
+/// sessionless `POST /sse/publish`, which holds no connection slot, passes its
+/// per-address rate there). `conn` is the connection's id; none for a request that is
+/// no session.
 pub(super) async fn authenticate(
     req: &Request<Incoming>,
     node: &Node,
-    conn: ConnId,
+    conn: Option<ConnId>,
     address: IpAddr,
     transport: Transport,
+    gate: impl FnOnce() -> Result<(), Rejected>,
 ) -> Result<Peer, Rejected> {
     let refuse = |message: String| {
         (
@@ -65,6 +71,7 @@ pub(super) async fn authenticate(
     if let Some((hooks, config)) = hook {
         let valid = verified.and_then(Result::ok);
         if config.always || valid.is_none() {
+            gate()?;
             let ask = Ask {
                 req,
                 conn,
@@ -90,8 +97,8 @@ pub(super) async fn authenticate(
 struct Ask<'a> {
     /// The client's request (for the forwarded headers).
     req: &'a Request<Incoming>,
-    /// The connection id the client will get.
-    conn: ConnId,
+    /// The connection id the client will get (none: a request that is no session).
+    conn: Option<ConnId>,
     /// The client's address.
     address: IpAddr,
     /// How it connects.
@@ -101,8 +108,8 @@ struct Ask<'a> {
 }
 
 /// The connect hook's `result`.
+/// Fields it does not know are ignored (a backend may answer more than Herald reads).
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Admitted {
     /// Who the client is; empty or absent: anonymous (or the token's user).
     #[serde(default)]
@@ -151,7 +158,7 @@ async fn ask_backend(
         }
     }
     let body = serde_json::json!({
-        "conn": conn_name(&node.instance, ask.conn),
+        "conn": ask.conn.map_or(String::new(), |c| conn_name(&node.instance, c)),
         "user": ask.token.as_ref().map_or("", |i| i.user.as_str()),
         "address": ask.address.to_string(),
         "transport": ask.transport.name(),

@@ -154,7 +154,7 @@ async fn open(
     let mut slot =
         admit(req.headers(), node, client, None, false).map_err(|(r, f)| (Some(r), f))?;
     let conn = node.next_conn_id();
-    let peer = authenticate(req, node, conn, client, Transport::Sse)
+    let peer = authenticate(req, node, Some(conn), client, Transport::Sse, || Ok(()))
         .await
         .map_err(|(r, f)| (Some(r), f))?;
     if let Some(i) = &peer.identity {
@@ -465,25 +465,52 @@ async fn publish_inner(
     if req.method() != Method::POST {
         return Err(Refusal::method_not_allowed("POST"));
     }
-    // A publish is no session: the connect hook is asked with connection id 0.
-    let identity = authenticate(&req, node, 0, client, Transport::Sse)
+    // Everything cheap first, so that a request the node refuses anyway never reaches
+    // the application's backend: a page of another site (its browser sends the
+    // user's cookies along), a body that is not JSON.
+    let origins = &node.config.auth.allowed_origins;
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok());
+    if origin.is_some_and(|o| !super::upgrade::origin_allowed(origins, o)) {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "origin not allowed",
+        ));
+    }
+    api::require_json(&req)?;
+    let rate_limited = || {
+        node.metrics
+            .client_errors
+            .with_label_values(&[ErrorCode::RateLimited.as_str()])
+            .inc();
+        Refusal::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "more publishes than limits.messages_per_second / message_burst allow",
+        )
+    };
+    // A publish is no session (no connection slot, no per-address connection limit):
+    // the connect hook, when it must be asked, is asked only within the address's
+    // publish rate.
+    let gate = || {
+        if node.sessionless_publish_allowed(None, client) {
+            Ok(())
+        } else {
+            Err((RejectReason::HookRefused, rate_limited()))
+        }
+    };
+    let identity = authenticate(&req, node, None, client, Transport::Sse, gate)
         .await
         .map_err(|(_, f)| f)?
         .identity;
     // Before the body is read: a client over its rate costs as little as possible.
     let user = identity.as_ref().map(|i| i.user.as_str());
     if !node.sessionless_publish_allowed(user, client) {
-        node.metrics
-            .client_errors
-            .with_label_values(&[ErrorCode::RateLimited.as_str()])
-            .inc();
-        return Err(Refusal::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            ErrorCode::RateLimited,
-            "more publishes than limits.messages_per_second / message_burst allow",
-        ));
+        return Err(rate_limited());
     }
-    api::require_json(&req)?;
     let body = api::read_body(req, &node.config.limits).await?;
     let mut p = herald_protocol::api::parse_publish(&body).map_err(Refusal::body)?;
     let channel = p.publication.channel.clone();

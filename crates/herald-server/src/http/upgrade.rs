@@ -46,7 +46,15 @@ pub(crate) async fn upgrade(
         // the connect hook's call included; the user's limit once the user is known.
         let mut slot = admit(req.headers(), &node, client, None, true)?;
         let conn = node.next_conn_id();
-        let peer = authenticate(&req, &node, conn, client, Transport::WebSocket).await?;
+        let peer = authenticate(
+            &req,
+            &node,
+            Some(conn),
+            client,
+            Transport::WebSocket,
+            || Ok(()),
+        )
+        .await?;
         if let Some(i) = &peer.identity {
             slot.count_user(&i.user).map_err(slot_refused)?;
         }
