@@ -1054,3 +1054,48 @@ async fn a_short_refresh_is_not_asked_in_a_loop() {
         "{refreshes} refresh calls in 4.5 s"
     );
 }
+
+/// A Redis that comes back without its data has lost the webhook queue with the events
+/// waiting in it: not silent, counted once (`outcome="lost"`), and delivery goes on with
+/// what is decided afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_queue_lost_with_redis_is_counted() {
+    let mut redis = herald_testkit::RedisServer::start();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answering = up.clone();
+    let backend = herald_testkit::Backend::start(move |_| {
+        if answering.load(std::sync::atomic::Ordering::SeqCst) {
+            (204, String::new())
+        } else {
+            (503, String::new())
+        }
+    })
+    .await;
+    let url = format!("http://{}/events", backend.addr);
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.webhooks.url = url;
+        c.webhooks.timeout = Duration::from_millis(300);
+        c.webhooks.max_attempts = 1000;
+    })
+    .await;
+    let mut c = node.client().await;
+    c.subscribe("news").await;
+    backend
+        .wait_for("an attempt", |calls| !calls.is_empty())
+        .await;
+    assert_eq!(redis.cli(&["XLEN", "{herald:webhooks}.q"]).trim(), "1");
+    tokio::task::block_in_place(|| redis.restart());
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = "herald_webhook_events_total{event=\"unknown\",outcome=\"lost\"}";
+    herald_testkit::eventually("the lost queue counted", || node.metric(lost) == 1.0).await;
+    // What is decided afterwards is delivered.
+    c.subscribe("sports").await;
+    backend
+        .wait_for("sports occupied", |calls| {
+            calls
+                .iter()
+                .any(|c| c.status == 204 && c.body["channel"] == "sports")
+        })
+        .await;
+    assert_eq!(node.metric(lost), 1.0);
+}
