@@ -19,6 +19,25 @@ use crate::InvalidHooks;
 /// The client.
 pub(crate) type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// A `POST` of the JSON `body` to `url`, with `X-Herald-Timestamp` and, when `secret`
+/// is set, `X-Herald-Signature` ([`crate::sign`]).
+pub(crate) fn signed_post(
+    url: &str,
+    secret: &str,
+    body: Bytes,
+) -> Result<hyper::Request<Full<Bytes>>, String> {
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-herald-timestamp", timestamp.to_string());
+    if !secret.is_empty() {
+        req = req.header("x-herald-signature", crate::sign(secret, timestamp, &body));
+    }
+    req.body(Full::new(body)).map_err(|e| e.to_string())
+}
+
 /// Checks that `url` (of the table `name`) is an `http://` or `https://` URL with a host.
 pub(crate) fn check_url(name: &str, url: &str) -> Result<(), InvalidHooks> {
     let uri: hyper::Uri = url

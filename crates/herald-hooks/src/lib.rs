@@ -27,7 +27,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
@@ -441,21 +441,8 @@ impl Hooks {
                 .await
                 .map_err(|_| HookError::Failed("shutting down".into()))?;
             let body = Bytes::from(serde_json::to_vec(body).expect("JSON serializes"));
-            let timestamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            let mut req = hyper::Request::post(url.as_str())
-                .header("content-type", "application/json")
-                .header("x-herald-timestamp", timestamp.to_string());
-            if !self.config.secret.is_empty() {
-                req = req.header(
-                    "x-herald-signature",
-                    sign(&self.config.secret, timestamp, &body),
-                );
-            }
-            let req = req
-                .body(Full::new(body))
-                .map_err(|e| HookError::Failed(e.to_string()))?;
+            let req =
+                client::signed_post(url, &self.config.secret, body).map_err(HookError::Failed)?;
             let resp = self
                 .client
                 .request(req)

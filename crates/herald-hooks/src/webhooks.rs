@@ -7,10 +7,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
-use crate::{client, sign, InvalidHooks};
+use crate::{client, InvalidHooks};
 
 /// `[webhooks]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -159,22 +158,8 @@ impl Webhooks {
 
     /// One attempt to deliver `body`.
     pub async fn post(&self, body: String) -> Result<(), WebhookError> {
-        let body = Bytes::from(body);
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut req = hyper::Request::post(self.config.url.as_str())
-            .header("content-type", "application/json")
-            .header("x-herald-timestamp", timestamp.to_string());
-        if !self.config.secret.is_empty() {
-            req = req.header(
-                "x-herald-signature",
-                sign(&self.config.secret, timestamp, &body),
-            );
-        }
-        let req = req
-            .body(Full::new(body))
-            .map_err(|e| WebhookError::Failed(e.to_string()))?;
+        let req = client::signed_post(&self.config.url, &self.config.secret, Bytes::from(body))
+            .map_err(WebhookError::Failed)?;
         let work = async {
             let resp = self
                 .client

@@ -21,7 +21,7 @@ use herald_protocol::ChannelName;
 use redis::Value;
 
 use crate::publish::Redis;
-use crate::scripts::{invoke, millis, unavailable};
+use crate::scripts::{invoke, millis, now_ms, unavailable};
 use crate::shared::Conn;
 
 /// The three keys of `channel`'s presence.
@@ -32,12 +32,6 @@ fn keys(prefix: &str, channel: &ChannelName) -> [String; 3] {
         format!("{tag}.pe"),
         format!("{tag}.pu"),
     ]
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn run(

@@ -533,6 +533,13 @@ pub(crate) fn payload(p: &Publication) -> Bytes {
     }
 }
 
+/// Now, in Unix milliseconds (what the scripts' expiry scores count in).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 pub(crate) fn millis(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }

@@ -24,18 +24,12 @@ use herald_protocol::ChannelName;
 use redis::Value;
 
 use crate::publish::Redis;
-use crate::scripts::{invoke, millis};
+use crate::scripts::{invoke, millis, now_ms};
 
 /// The four keys.
 fn keys(prefix: &str) -> [String; 4] {
     let tag = format!("{{{prefix}webhooks}}");
     ["n", "x", "q", "l"].map(|k| format!("{tag}.{k}"))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn run(
