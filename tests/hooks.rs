@@ -1099,3 +1099,44 @@ async fn a_webhook_queue_lost_with_redis_is_counted() {
         .await;
     assert_eq!(node.metric(lost), 1.0);
 }
+
+/// `POST /sse/publish` by a client the connect hook admits without a user is counted
+/// once against its address's publish rate (it was counted twice: half the burst).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_anonymous_hook_publish_is_counted_once() {
+    let backend =
+        herald_testkit::Backend::start(|_| (200, json!({"result": {}}).to_string())).await;
+    let addr = backend.addr;
+    let node = Node::start_with(move |c| {
+        c.limits.messages_per_second = 0.001;
+        c.limits.message_burst = 4;
+        c.channels.client_publish = herald_protocol::ChannelPatterns::new(["open"]).unwrap();
+        c.hooks.connect = Some(herald_hooks::ConnectHookConfig {
+            url: format!("http://{addr}/connect"),
+            timeout: Duration::from_secs(1),
+            forward_headers: vec![],
+            always: true,
+        });
+    })
+    .await;
+    let mut statuses = Vec::new();
+    for n in 0..6 {
+        let r = herald_testkit::http(
+            node.addr,
+            "POST",
+            "/sse/publish",
+            &[("content-type", "application/json")],
+            json!({"channel": "open", "data": n})
+                .to_string()
+                .into_bytes(),
+        )
+        .await;
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429]);
+    assert_eq!(
+        backend.calls().len(),
+        4,
+        "the backend is asked only within the rate"
+    );
+}

@@ -222,6 +222,10 @@ pub enum HookError {
     /// The answer was not one of the three the contract allows.
     #[error("the backend's answer is not a hook answer: {0}")]
     BadAnswer(String),
+    /// A request that is no session found the share of slots such requests may hold
+    /// taken (see [`Hooks::call_sessionless`]).
+    #[error("too many sessionless hook calls in flight")]
+    Busy,
 }
 
 impl HookError {
@@ -231,6 +235,7 @@ impl HookError {
             HookError::Timeout => "timeout",
             HookError::Failed(_) => "failed",
             HookError::BadAnswer(_) => "bad_answer",
+            HookError::Busy => "busy",
         }
     }
 }
@@ -245,6 +250,8 @@ pub struct Hooks {
     config: HooksConfig,
     client: client::HttpClient,
     slots: Semaphore,
+    /// The share of `slots` requests that are no session may hold (half).
+    sessionless: Semaphore,
     metrics: herald_metrics::Metrics,
 }
 
@@ -382,6 +389,7 @@ impl Hooks {
         let client = client::new(config.tls_ca_file.as_deref())?;
         Ok(Some(Hooks {
             slots: Semaphore::new(config.max_concurrency),
+            sessionless: Semaphore::new((config.max_concurrency / 2).max(1)),
             config: config.clone(),
             client,
             metrics,
@@ -401,6 +409,25 @@ impl Hooks {
     /// The `[hooks.rpc]` table, if set.
     pub fn rpc(&self) -> Option<&RpcHookConfig> {
         self.config.rpc.as_ref()
+    }
+
+    /// As [`Hooks::call`], for a request that is no session (`POST /sse/publish`):
+    /// such requests hold at most half the slots, and one that finds that half taken
+    /// fails at once ([`HookError::Busy`]), so that sessionless requests from many
+    /// addresses cannot take every slot from connecting clients.
+    pub async fn call_sessionless(
+        &self,
+        hook: Hook,
+        body: &serde_json::Value,
+    ) -> Result<Reply, HookError> {
+        let Ok(_share) = self.sessionless.try_acquire() else {
+            self.metrics
+                .hook_calls
+                .with_label_values(&[hook.name(), HookError::Busy.outcome()])
+                .inc();
+            return Err(HookError::Busy);
+        };
+        self.call(hook, body).await
     }
 
     /// Calls `hook` with `body` (a JSON object): its answer, or why there is none.

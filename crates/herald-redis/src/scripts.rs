@@ -349,6 +349,20 @@ if holder and holder ~= ARGV[1] then return {0, fresh} end
 redis.call('SET', KEYS[4], ARGV[1], 'PX', ARGV[3])
 local out, max = {1, fresh}, tonumber(ARGV[2])
 if max == 0 then return out end
+-- Taking the lease over: forget consumers with nothing pending (nodes gone, or live
+-- ones that will be made again by their next read), so that deploys do not pile them
+-- up in the group.
+if not holder then
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[3], 'herald')) do
+    local name, pending
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then name = c[i + 1] elseif c[i] == 'pending' then pending = c[i + 1] end
+    end
+    if name and name ~= ARGV[1] and pending == 0 then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[3], 'herald', name)
+    end
+  end
+end
 local function take(entries, retaken)
   for _, e in ipairs(entries) do
     local fields = e[2]

@@ -77,7 +77,14 @@ pub(crate) async fn ask(
     let Some(hooks) = node.hooks.as_ref() else {
         return Answer::Failed;
     };
-    match hooks.call(hook, &caller.request(fields)).await {
+    let body = caller.request(fields);
+    // A caller without a connection (`POST /sse/publish`) holds at most its share.
+    let answer = if caller.conn.is_empty() {
+        hooks.call_sessionless(hook, &body).await
+    } else {
+        hooks.call(hook, &body).await
+    };
+    match answer {
         Ok(Reply::Result(r)) => Answer::Allow(r),
         Ok(Reply::Error { code, message }) => Answer::Refuse { code, message },
         Ok(Reply::Disconnect { code, reason }) => Answer::Disconnect { code, reason },

@@ -191,17 +191,9 @@ impl Gateway {
                 }
             }
         });
-        background.spawn({
-            let (node, stop) = (node.clone(), stop.clone());
-            async move {
-                webhooks::run(node, stop.clone()).await;
-                if stop.is_cancelled() {
-                    Ok(())
-                } else {
-                    Err(ServerError::TaskEnded("webhooks"))
-                }
-            }
-        });
+        // Outside `background`: after the drain it still sends the last vacancies,
+        // and is waited for (within the grace period) rather than aborted.
+        let webhooks = tokio::spawn(webhooks::run(node.clone(), stop.clone()));
         background.spawn({
             let (node, stop) = (node.clone(), stop.clone());
             async move {
@@ -270,6 +262,7 @@ impl Gateway {
         {
             tracing::warn!("grace period over; dropping open HTTP connections");
         }
+        let _ = tokio::time::timeout_at(grace, webhooks).await;
         background.abort_all();
         tracing::info!("drained");
         failure.map_or(Ok(()), Err)

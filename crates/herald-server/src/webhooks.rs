@@ -52,6 +52,55 @@ pub(crate) async fn run(node: Arc<Node>, stop: CancellationToken) {
         },
         deliver(&node, &sender, stop.clone()),
     );
+    last_pass(&node, &sender).await;
+}
+
+/// On the way out, once this node's last occupancy changes are queued: one attempt at
+/// what is waiting, within [`LAST_PASS`], so that the vacancies a drain just decided
+/// reach the backend now (with the embedded broker, the queue ends with the process).
+/// What is left stays queued for the next holder (Redis), or is counted as lost.
+async fn last_pass(node: &Node, sender: &herald_hooks::Webhooks) {
+    let q = node.webhook_queue();
+    let work = async {
+        loop {
+            let Ok(Some(events)) = node.broker.webhook_take(&node.instance, BATCH, q).await else {
+                return;
+            };
+            if events.is_empty() {
+                return;
+            }
+            for e in events {
+                let body = webhook::body(&e.id, &e.json);
+                let label = event_label(&e);
+                let wanted = sender.config().wants(label);
+                if let (Some(body), true) = (body, wanted) {
+                    if sender.post(body).await.is_err() {
+                        // Leave it (and what follows) for the next holder.
+                        return;
+                    }
+                    node.metrics
+                        .webhook_events
+                        .with_label_values(&[label, "delivered"])
+                        .inc();
+                }
+                let _ = node.broker.webhook_done(vec![e.id]).await;
+            }
+        }
+    };
+    if tokio::time::timeout(LAST_PASS, work).await.is_err() {
+        tracing::info!("webhook events left queued at shutdown");
+    }
+}
+
+/// How long a stopping node keeps delivering.
+const LAST_PASS: Duration = Duration::from_secs(3);
+
+/// The event's name for metrics (`unknown` for a record without a known one).
+fn event_label(e: &WebhookEvent) -> &'static str {
+    serde_json::from_str::<serde_json::Value>(&e.json)
+        .ok()
+        .and_then(|v| v["event"].as_str().and_then(webhook::Event::parse))
+        .map_or("unknown", webhook::Event::name)
 }
 
 async fn occupy(node: &Arc<Node>, stop: CancellationToken) {
@@ -236,18 +285,15 @@ async fn deliver_one(
     stop: &CancellationToken,
 ) -> Attempts {
     let m = &node.metrics.webhook_events;
-    let name = serde_json::from_str::<serde_json::Value>(&e.json)
-        .ok()
-        .and_then(|v| v["event"].as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let label = webhook::Event::parse(&name).map_or("unknown", webhook::Event::name);
+    let label = event_label(e);
+    let name = label;
     if e.retakes > 0 {
         m.with_label_values(&[label, "retaken"]).inc();
     }
     let config = sender.config();
     // Both occupancy events are queued whichever are wanted; an unwanted one is
     // finished without a call.
-    if !config.wants(&name) {
+    if !config.wants(name) {
         return Attempts::Finished;
     }
     let Some(body) = webhook::body(&e.id, &e.json) else {

@@ -922,3 +922,33 @@ async fn a_killed_nodes_channels_are_vacated_once() {
     let _ = a.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// On the embedded broker the webhook queue ends with the process: a drain's last
+/// vacancies are sent before it exits, not lost with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_drain_sends_its_last_vacancies_on_the_embedded_broker() {
+    let backend = herald_testkit::Backend::start(|_| (200, String::new())).await;
+    let url = format!("http://{}/events", backend.addr);
+    let (child, addr) = start(
+        &[],
+        &[
+            ("HERALD_WEBHOOKS__URL", url.as_str()),
+            ("HERALD_SHUTDOWN__DRAIN_WINDOW", "10ms"),
+        ],
+    );
+    let mut c = Client::connect(&format!("ws://{addr}/ws")).await.unwrap();
+    c.subscribe("news").await;
+    backend
+        .wait_for("occupied", |calls| {
+            calls.iter().any(|c| c.body["event"] == "channel_occupied")
+        })
+        .await;
+    signal(&child, "-TERM");
+    assert_exits_cleanly(child).await;
+    let vacated = backend
+        .calls()
+        .iter()
+        .filter(|c| c.body["event"] == "channel_vacated" && c.body["channel"] == "news")
+        .count();
+    assert_eq!(vacated, 1);
+}

@@ -175,7 +175,17 @@ async fn ask_backend(
             ),
         )
     };
-    let result = match hooks.call(herald_hooks::Hook::Connect, &body).await {
+    // A request that is no session (`POST /sse/publish`) holds at most its share of
+    // the hook slots.
+    let answer = match ask.conn {
+        Some(_) => hooks.call(herald_hooks::Hook::Connect, &body).await,
+        None => {
+            hooks
+                .call_sessionless(herald_hooks::Hook::Connect, &body)
+                .await
+        }
+    };
+    let result = match answer {
         Ok(herald_hooks::Reply::Result(r)) => r,
         Ok(herald_hooks::Reply::Error { code, message }) => {
             // 401 when the backend says so (not signed in); any other refusal is 403.

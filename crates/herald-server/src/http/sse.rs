@@ -469,11 +469,16 @@ async fn publish_inner(
     // the application's backend: a page of another site (its browser sends the
     // user's cookies along), a body that is not JSON.
     let origins = &node.config.auth.allowed_origins;
-    let origin = req
+    // One that is not text is no origin on the list.
+    let listed = |o: &HeaderValue| {
+        o.to_str()
+            .is_ok_and(|o| super::upgrade::origin_allowed(origins, o))
+    };
+    if req
         .headers()
         .get(header::ORIGIN)
-        .and_then(|o| o.to_str().ok());
-    if origin.is_some_and(|o| !super::upgrade::origin_allowed(origins, o)) {
+        .is_some_and(|o| !listed(o))
+    {
         return Err(Refusal::new(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
@@ -495,7 +500,9 @@ async fn publish_inner(
     // A publish is no session (no connection slot, no per-address connection limit):
     // the connect hook, when it must be asked, is asked only within the address's
     // publish rate.
+    let gated = std::sync::atomic::AtomicBool::new(false);
     let gate = || {
+        gated.store(true, std::sync::atomic::Ordering::Relaxed);
         if node.sessionless_publish_allowed(None, client) {
             Ok(())
         } else {
@@ -506,9 +513,11 @@ async fn publish_inner(
         .await
         .map_err(|(_, f)| f)?
         .identity;
-    // Before the body is read: a client over its rate costs as little as possible.
+    // Before the body is read: a client over its rate costs as little as possible. An
+    // anonymous one the gate already counted is not counted twice.
     let user = identity.as_ref().map(|i| i.user.as_str());
-    if !node.sessionless_publish_allowed(user, client) {
+    let counted = gated.load(std::sync::atomic::Ordering::Relaxed) && user.is_none();
+    if !counted && !node.sessionless_publish_allowed(user, client) {
         return Err(rate_limited());
     }
     let body = api::read_body(req, &node.config.limits).await?;

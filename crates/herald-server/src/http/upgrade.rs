@@ -130,11 +130,11 @@ pub(super) fn admit(
     }
     let origins = &node.config.auth.allowed_origins;
     if !origins.is_empty() {
-        let origin = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok());
         // Browsers send `Origin` on every WebSocket handshake, but not on a same-origin
         // GET (an SSE stream from the gateway's own site): there, none is no refusal.
-        let admitted = match origin {
-            Some(o) => origin_allowed(origins, o),
+        // One that is not text is no origin on the list (refused, never taken as none).
+        let admitted = match headers.get(header::ORIGIN) {
+            Some(o) => o.to_str().is_ok_and(|o| origin_allowed(origins, o)),
             None => !origin_required,
         };
         if !admitted {
