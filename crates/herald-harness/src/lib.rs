@@ -183,13 +183,45 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server on a free port.
+    /// Starts a server on a free port (another one if the port was taken before the
+    /// server bound it: a parallel test's connection can take any free port).
     pub fn start() -> RedisServer {
-        RedisServer::start_with(free_port(), &[])
+        RedisServer::start_on_free_port(&[], false)
+    }
+
+    /// Starts a server on a free port with extra arguments, trying other ports while
+    /// one is taken before the server binds it; `bus`: the port 10,000 above must be
+    /// free too (Redis Cluster's bus).
+    fn start_on_free_port(extra: &[&str], bus: bool) -> RedisServer {
+        for _ in 0..10 {
+            let port = free_port();
+            if bus
+                && (port > 55_535
+                    || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err())
+            {
+                continue;
+            }
+            let extra: Vec<String> = extra
+                .iter()
+                .map(|e| e.replace("{port}", &port.to_string()))
+                .collect();
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            if let Some(s) = RedisServer::try_start_with(port, &extra) {
+                return s;
+            }
+        }
+        panic!("redis-server did not come up on ten free ports in a row");
     }
 
     /// Starts a server on `port` with extra `redis-server` arguments.
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        RedisServer::try_start_with(port, extra)
+            .unwrap_or_else(|| panic!("redis-server on {port} did not come up"))
+    }
+
+    /// As [`RedisServer::start_with`]; `None` when the server exited at once (its port
+    /// was taken).
+    fn try_start_with(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let mut s = RedisServer {
@@ -198,11 +230,19 @@ impl RedisServer {
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        s.spawn();
-        s
+        s.try_spawn().then_some(s)
     }
 
     fn spawn(&mut self) {
+        assert!(
+            self.try_spawn(),
+            "redis-server on {} did not come up",
+            self.port
+        );
+    }
+
+    /// Starts the process; false when it exited before answering (its port is taken).
+    fn try_spawn(&mut self) -> bool {
         let child = Command::new(system_tool("redis-server", "redis-server"))
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -215,13 +255,17 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cli(&["PING"]).trim() != "PONG" {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} did not come up",
-                self.port
-            );
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() >= deadline {
+                self.kill();
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
+        true
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -295,17 +339,16 @@ impl RedisCluster {
         let n = masters * (1 + replicas);
         let servers: Vec<RedisServer> = (0..n)
             .map(|_| {
-                let port = free_port();
-                RedisServer::start_with(
-                    port,
+                RedisServer::start_on_free_port(
                     &[
                         "--cluster-enabled",
                         "yes",
                         "--cluster-config-file",
-                        &format!("nodes-{port}.conf"),
+                        "nodes-{port}.conf",
                         "--cluster-node-timeout",
                         "2000",
                     ],
+                    true,
                 )
             })
             .collect();
