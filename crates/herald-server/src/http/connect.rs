@@ -19,6 +19,7 @@ use hyper::{Request, StatusCode};
 use serde_json::value::RawValue;
 
 use super::reply::Refusal;
+use crate::backend;
 use crate::handle::ConnId;
 use crate::node::Node;
 use crate::session::{conn_name, Peer, Transport};
@@ -64,11 +65,7 @@ pub(super) async fn authenticate(
         by_hook: false,
         welcome: None,
     };
-    let hook = node
-        .hooks
-        .as_ref()
-        .and_then(|h| Some((h.as_ref(), h.connect()?)));
-    if let Some((hooks, config)) = hook {
+    if let Some(config) = node.hooks.as_ref().and_then(|h| h.connect()) {
         let valid = verified.and_then(Result::ok);
         if config.always || valid.is_none() {
             gate()?;
@@ -79,7 +76,7 @@ pub(super) async fn authenticate(
                 transport,
                 token: valid,
             };
-            return ask_backend(hooks, config, ask, node).await;
+            return ask_backend(config, ask, node).await;
         }
         return Ok(peer(valid));
     }
@@ -133,7 +130,6 @@ struct Admitted {
 const MAX_INFO_BYTES: usize = 1024;
 
 async fn ask_backend(
-    hooks: &herald_hooks::Hooks,
     config: &herald_hooks::ConnectHookConfig,
     ask: Ask<'_>,
     node: &Node,
@@ -157,15 +153,16 @@ async fn ask_backend(
             headers.insert(name.to_ascii_lowercase(), values.join(sep).into());
         }
     }
-    let body = serde_json::json!({
-        "conn": ask.conn.map_or(String::new(), |c| conn_name(&node.instance, c)),
-        "user": ask.token.as_ref().map_or("", |i| i.user.as_str()),
-        "address": ask.address.to_string(),
-        "transport": ask.transport.name(),
-        "headers": headers,
-    });
-    let failed = |why: String| {
-        tracing::debug!(error = %why, "connect hook failed");
+    let caller = backend::Caller {
+        conn: ask
+            .conn
+            .map_or(String::new(), |c| conn_name(&node.instance, c)),
+        user: ask.token.as_ref().map_or("", |i| i.user.as_str()),
+        address: ask.address,
+        transport: ask.transport.name(),
+    };
+    let fields = serde_json::json!({ "headers": headers });
+    let failed = || {
         (
             RejectReason::HookFailed,
             Refusal::new(
@@ -175,19 +172,9 @@ async fn ask_backend(
             ),
         )
     };
-    // A request that is no session (`POST /sse/publish`) holds at most its share of
-    // the hook slots.
-    let answer = match ask.conn {
-        Some(_) => hooks.call(herald_hooks::Hook::Connect, &body).await,
-        None => {
-            hooks
-                .call_sessionless(herald_hooks::Hook::Connect, &body)
-                .await
-        }
-    };
-    let result = match answer {
-        Ok(herald_hooks::Reply::Result(r)) => r,
-        Ok(herald_hooks::Reply::Error { code, message }) => {
+    let result = match backend::ask(node, herald_hooks::Hook::Connect, &caller, fields).await {
+        backend::Answer::Allow(r) => r,
+        backend::Answer::Refuse { code, message } => {
             // 401 when the backend says so (not signed in); any other refusal is 403.
             let status = if code == 401 {
                 StatusCode::UNAUTHORIZED
@@ -199,16 +186,18 @@ async fn ask_backend(
                 Refusal::by_hook(status, code, message),
             ));
         }
-        Ok(herald_hooks::Reply::Disconnect { code, reason }) => {
+        backend::Answer::Disconnect { code, reason } => {
             return Err((
                 RejectReason::HookRefused,
                 Refusal::by_hook(StatusCode::FORBIDDEN, code.into(), reason),
             ))
         }
-        Err(e) => return Err(failed(e.to_string())),
+        backend::Answer::Failed => return Err(failed()),
     };
-    let admitted: Admitted =
-        serde_json::from_str(result.get()).map_err(|e| failed(format!("result: {e}")))?;
+    let admitted: Admitted = serde_json::from_str(result.get()).map_err(|e| {
+        tracing::debug!(error = %e, "connect hook: not a connect result");
+        failed()
+    })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
