@@ -226,15 +226,12 @@ impl Node {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Takes a connection slot for a client at `ip` (and `user`, with a token), or
-    /// says which limit is reached: `limits.max_connections`,
-    /// `max_connections_per_ip`, `max_connections_per_user`. Everything taken is given
-    /// back when the returned guard drops (upgrade failed or session over).
-    pub(crate) fn take_slot(
-        self: &Arc<Self>,
-        ip: IpAddr,
-        user: Option<&str>,
-    ) -> Result<Slot, SlotRefused> {
+    /// Takes a connection slot for a client at `ip`, or says which limit is reached:
+    /// `limits.max_connections`, `max_connections_per_ip` (the user's,
+    /// `max_connections_per_user`, is counted once it is known: [`Slot::count_user`]).
+    /// Everything taken is given back when the returned guard drops (upgrade failed or
+    /// session over).
+    pub(crate) fn take_slot(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, SlotRefused> {
         let max = self.config.limits.max_connections;
         if self.n_slots.fetch_add(1, Ordering::AcqRel) >= max {
             self.n_slots.fetch_sub(1, Ordering::AcqRel);
@@ -256,9 +253,6 @@ impl Node {
             }
             *n += 1;
             slot.ip = Some(ip);
-        }
-        if let Some(user) = user {
-            slot.count_user(user)?;
         }
         Ok(slot)
     }

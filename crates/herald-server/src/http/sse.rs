@@ -149,19 +149,9 @@ async fn open(
             "name at least one channel: /sse?channel=news&channel=chat",
         ));
     }
-    // The slot (node and address limits) before any work is done for the client,
-    // the connect hook's call included; the user's limit once the user is known.
-    let mut slot =
-        admit(req.headers(), node, client, None, false).map_err(|(r, f)| (Some(r), f))?;
-    let conn = node.next_conn_id();
-    let peer = authenticate(req, node, Some(conn), client, Transport::Sse, || Ok(()))
+    let (slot, conn, peer) = admit(req, node, client, Transport::Sse)
         .await
         .map_err(|(r, f)| (Some(r), f))?;
-    if let Some(i) = &peer.identity {
-        slot.count_user(&i.user)
-            .map_err(super::upgrade::slot_refused)
-            .map_err(|(r, f)| (Some(r), f))?;
-    }
     let identity = peer.identity.as_ref();
     // Refuse up front what the session would refuse channel by channel: an SSE client
     // cannot send subscription tokens, so the rules and its token decide (or, for

@@ -42,22 +42,7 @@ pub(crate) async fn upgrade(
 ) -> Response<Body> {
     let admitted = async {
         let accept = validate(&req)?;
-        // The slot (node and address limits) before any work is done for the client,
-        // the connect hook's call included; the user's limit once the user is known.
-        let mut slot = admit(req.headers(), &node, client, None, true)?;
-        let conn = node.next_conn_id();
-        let peer = authenticate(
-            &req,
-            &node,
-            Some(conn),
-            client,
-            Transport::WebSocket,
-            || Ok(()),
-        )
-        .await?;
-        if let Some(i) = &peer.identity {
-            slot.count_user(&i.user).map_err(slot_refused)?;
-        }
+        let (slot, conn, peer) = admit(&req, &node, client, Transport::WebSocket).await?;
         Ok((accept, conn, peer, slot))
     };
     match admitted.await {
@@ -110,13 +95,31 @@ fn validate(req: &Request<Incoming>) -> Result<String, Rejected> {
     }
 }
 
-/// Decides whether this node takes the client; on yes, holds its connection slot.
-pub(super) fn admit(
+/// Decides whether this node takes the client (`/ws`, `/sse`): the slot (drain, origin,
+/// node and address limits) first, before any work is done for the client, the connect
+/// hook's call included; then who the client is ([`authenticate`]); then the user's
+/// limit, once the user is known. On yes, the slot held, the connection's id, and the
+/// client.
+pub(super) async fn admit(
+    req: &Request<Incoming>,
+    node: &Arc<Node>,
+    client: IpAddr,
+    transport: Transport,
+) -> Result<(Slot, ConnId, Peer), Rejected> {
+    let mut slot = take_slot(req.headers(), node, client, transport)?;
+    let conn = node.next_conn_id();
+    let peer = authenticate(req, node, Some(conn), client, transport, || Ok(())).await?;
+    if let Some(i) = &peer.identity {
+        slot.count_user(&i.user).map_err(slot_refused)?;
+    }
+    Ok((slot, conn, peer))
+}
+
+fn take_slot(
     headers: &HeaderMap,
     node: &Arc<Node>,
     client: IpAddr,
-    user: Option<&str>,
-    origin_required: bool,
+    transport: Transport,
 ) -> Result<Slot, Rejected> {
     if node.is_draining() {
         return Err((
@@ -135,7 +138,7 @@ pub(super) fn admit(
         // One that is not text is no origin on the list (refused, never taken as none).
         let admitted = match headers.get(header::ORIGIN) {
             Some(o) => o.to_str().is_ok_and(|o| origin_allowed(origins, o)),
-            None => !origin_required,
+            None => transport == Transport::Sse,
         };
         if !admitted {
             return Err((
@@ -148,7 +151,7 @@ pub(super) fn admit(
             ));
         }
     }
-    node.take_slot(client, user).map_err(slot_refused)
+    node.take_slot(client).map_err(slot_refused)
 }
 
 /// Why a slot was refused, as the client is told.
