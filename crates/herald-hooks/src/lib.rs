@@ -92,6 +92,17 @@ impl Default for HooksConfig {
 }
 
 impl HooksConfig {
+    /// Where `hook` is called and how long it may take, when its table is set.
+    pub fn endpoint(&self, hook: Hook) -> Option<(&str, Duration)> {
+        match hook {
+            Hook::Connect => self.connect.as_ref().map(|c| (c.url.as_str(), c.timeout)),
+            Hook::Refresh => self.refresh.as_ref().map(|c| (c.url.as_str(), c.timeout)),
+            Hook::Rpc => self.rpc.as_ref().map(|c| (c.url.as_str(), c.timeout)),
+            Hook::Subscribe => self.subscribe.as_ref().map(|c| (c.url.as_str(), c.timeout)),
+            Hook::Publish => self.publish.as_ref().map(|c| (c.url.as_str(), c.timeout)),
+        }
+    }
+
     /// Whether the connect hook is told the client's cookies (cookie sessions).
     pub fn forwards_cookies(&self) -> bool {
         self.connect.as_ref().is_some_and(|c| {
@@ -174,7 +185,16 @@ pub enum Hook {
 }
 
 impl Hook {
-    /// Its name, in metrics and logs.
+    /// Every hook.
+    pub const ALL: [Hook; 5] = [
+        Hook::Connect,
+        Hook::Refresh,
+        Hook::Rpc,
+        Hook::Subscribe,
+        Hook::Publish,
+    ];
+
+    /// Its name, in metrics, logs and configuration (`[hooks.NAME]`).
     pub fn name(self) -> &'static str {
         match self {
             Hook::Connect => "connect",
@@ -272,29 +292,11 @@ pub fn validate(config: &HooksConfig) -> Result<(), InvalidHooks> {
             "max_concurrency and max_response_bytes must be greater than 0".into(),
         ));
     }
-    let tables = [
-        (
-            "connect",
-            config.connect.as_ref().map(|r| (&r.url, r.timeout)),
-        ),
-        (
-            "refresh",
-            config.refresh.as_ref().map(|r| (&r.url, r.timeout)),
-        ),
-        ("rpc", config.rpc.as_ref().map(|r| (&r.url, r.timeout))),
-        (
-            "subscribe",
-            config.subscribe.as_ref().map(|r| (&r.url, r.timeout)),
-        ),
-        (
-            "publish",
-            config.publish.as_ref().map(|r| (&r.url, r.timeout)),
-        ),
-    ];
-    for (name, table) in tables {
-        let Some((url, timeout)) = table else {
+    for hook in Hook::ALL {
+        let Some((url, timeout)) = config.endpoint(hook) else {
             continue;
         };
+        let name = hook.name();
         client::check_url(name, url)?;
         if timeout.is_zero() {
             return Err(InvalidHooks(format!(
@@ -379,11 +381,7 @@ impl Hooks {
         config: &HooksConfig,
         metrics: herald_metrics::Metrics,
     ) -> Result<Option<Hooks>, InvalidHooks> {
-        if config.connect.is_none()
-            && config.rpc.is_none()
-            && config.subscribe.is_none()
-            && config.publish.is_none()
-        {
+        if Hook::ALL.iter().all(|h| config.endpoint(*h).is_none()) {
             return Ok(None);
         }
         let client = client::new(config.tls_ca_file.as_deref())?;
@@ -452,15 +450,7 @@ impl Hooks {
     }
 
     async fn call_inner(&self, hook: Hook, body: &serde_json::Value) -> Result<Reply, HookError> {
-        let c = &self.config;
-        let table = match hook {
-            Hook::Connect => c.connect.as_ref().map(|c| (&c.url, c.timeout)),
-            Hook::Refresh => c.refresh.as_ref().map(|c| (&c.url, c.timeout)),
-            Hook::Rpc => c.rpc.as_ref().map(|c| (&c.url, c.timeout)),
-            Hook::Subscribe => c.subscribe.as_ref().map(|c| (&c.url, c.timeout)),
-            Hook::Publish => c.publish.as_ref().map(|c| (&c.url, c.timeout)),
-        };
-        let (url, limit) = table.ok_or(HookError::NotConfigured)?;
+        let (url, limit) = self.config.endpoint(hook).ok_or(HookError::NotConfigured)?;
         let work = async {
             let _slot = self
                 .slots
