@@ -52,38 +52,20 @@ pub(crate) async fn run(node: Arc<Node>, stop: CancellationToken) {
         },
         deliver(&node, &sender, stop.clone()),
     );
-    last_pass(&node, &sender).await;
+    last_pass(&node, &sender, &stop).await;
 }
 
-/// On the way out, once this node's last occupancy changes are queued: one attempt at
-/// what is waiting, within [`LAST_PASS`], so that the vacancies a drain just decided
-/// reach the backend now (with the embedded broker, the queue ends with the process).
-/// What is left stays queued for the next holder (Redis), or is counted as lost.
-async fn last_pass(node: &Node, sender: &herald_hooks::Webhooks) {
+/// On the way out, once this node's last occupancy changes are queued: what is
+/// waiting is delivered, one attempt each (`stop` has fired, so a failed attempt is not
+/// waited on), within [`LAST_PASS`], so that the vacancies a drain just decided reach
+/// the backend now. What is left stays queued for the next holder (Redis); with the
+/// embedded broker it ends with the process, uncounted.
+async fn last_pass(node: &Node, sender: &herald_hooks::Webhooks, stop: &CancellationToken) {
     let q = node.webhook_queue();
     let work = async {
-        loop {
-            let Ok(Some(events)) = node.broker.webhook_take(&node.instance, BATCH, q).await else {
+        while let Ok(Some(events)) = node.broker.webhook_take(&node.instance, BATCH, q).await {
+            if events.is_empty() || !deliver_batch(node, sender, events, stop).await {
                 return;
-            };
-            if events.is_empty() {
-                return;
-            }
-            for e in events {
-                let body = webhook::body(&e.id, &e.json);
-                let label = event_label(&e);
-                let wanted = sender.config().wants(label);
-                if let (Some(body), true) = (body, wanted) {
-                    if sender.post(body).await.is_err() {
-                        // Leave it (and what follows) for the next holder.
-                        return;
-                    }
-                    node.metrics
-                        .webhook_events
-                        .with_label_values(&[label, "delivered"])
-                        .inc();
-                }
-                let _ = node.broker.webhook_done(vec![e.id]).await;
             }
         }
     };
@@ -238,24 +220,37 @@ async fn deliver(node: &Node, sender: &herald_hooks::Webhooks, stop: Cancellatio
                 _ = tokio::time::sleep(IDLE) => continue,
             }
         }
-        for e in events {
-            // Still ours? One event may take a whole `timeout`, a node may have been
-            // stalled past its lease: a node that lost the lease stops here, and the
-            // new holder delivers the rest, in order.
-            if !holds_lease(node, q).await {
-                break;
-            }
-            match deliver_one(node, sender, &e, &stop).await {
-                Attempts::Finished => {}
-                // The event stays taken; the next holder of the lease delivers it.
-                Attempts::Stopped => return,
-                Attempts::LeaseLost => break,
-            }
-            if let Err(err) = node.broker.webhook_done(vec![e.id.clone()]).await {
-                tracing::debug!(error = %err, "webhook event not marked done; it may be sent again");
-            }
+        // A batch cut short (stopping, or the lease lost) ends at the loop's head, or
+        // goes back to asking for the lease.
+        deliver_batch(node, sender, events, &stop).await;
+    }
+}
+
+/// Delivers `events` in order while this node holds the queue's lease; false when it
+/// stopped early (stopping, or the lease lost): the rest stay taken, and the next
+/// holder of the lease delivers them, in order.
+async fn deliver_batch(
+    node: &Node,
+    sender: &herald_hooks::Webhooks,
+    events: Vec<WebhookEvent>,
+    stop: &CancellationToken,
+) -> bool {
+    let q = node.webhook_queue();
+    for e in events {
+        // Still ours? One event may take a whole `timeout`, a node may have been
+        // stalled past its lease.
+        if !holds_lease(node, q).await {
+            return false;
+        }
+        match deliver_one(node, sender, &e, stop).await {
+            Attempts::Finished => {}
+            Attempts::Stopped | Attempts::LeaseLost => return false,
+        }
+        if let Err(err) = node.broker.webhook_done(vec![e.id.clone()]).await {
+            tracing::debug!(error = %err, "webhook event not marked done; it may be sent again");
         }
     }
+    true
 }
 
 /// Renews this node's lease on the queue; false when another node holds it, or the
