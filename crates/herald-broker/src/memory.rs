@@ -643,10 +643,9 @@ impl Broker for MemoryBroker {
     fn webhook_done(&self, ids: Vec<String>) -> BoxFuture<'_, Result<(), BrokerError>> {
         Box::pin(async move {
             let mut state = self.state.lock().await;
-            state
-                .webhooks
-                .events
-                .retain(|e| !ids.iter().any(|d| *d == e.id.to_string()));
+            // Ids are this queue's numbers: one parse each, not a string per comparison.
+            let ids: Vec<u64> = ids.iter().filter_map(|d| d.parse().ok()).collect();
+            state.webhooks.events.retain(|e| !ids.contains(&e.id));
             Ok(())
         })
     }
