@@ -936,7 +936,8 @@ async fn webhooks_tell_occupancy_decided_across_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hooks_and_webhooks_reach_an_https_backend() {
     use herald_testkit::{signed_certificate, test_ca, CertUse};
-    let dir = tempfile_dir("herald-hooks-tls");
+    let dir = std::env::temp_dir().join(format!("herald-hooks-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
     test_ca(&dir, "ca");
     signed_certificate(&dir, "ca", "backend", "127.0.0.1", CertUse::Server);
     let backend = herald_testkit::Backend::start_tls(
@@ -987,23 +988,6 @@ async fn hooks_and_webhooks_reach_an_https_backend() {
         1.0
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn tempfile_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "{name}-{}-{}",
-        std::process::id(),
-        fastrand_suffix()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn fastrand_suffix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
 }
 
 /// A backend whose refresh extends a connection by less than `before_expiry` is asked

@@ -15,28 +15,16 @@ http server, keep-alive), alternated rounds in one run:
 
 Usage: hooks.py HERALD_BIN [HANDSHAKES] [PUBLISHES]
 Needs node and the `websockets` package (target/openapi-venv has it)."""
-import asyncio, base64, hashlib, hmac, json, os, socket, subprocess, sys, tempfile, time, urllib.request
+import asyncio, base64, hashlib, hmac, json, os, subprocess, sys, tempfile, time, urllib.request
 import websockets
+
+from common import cpu_s, free_port
 
 BIN = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
 M = int(sys.argv[3]) if len(sys.argv) > 3 else 20000
 SECRET = "hooks-probe-secret-hooks-probe-secret-0123"
-TICK = os.sysconf("SC_CLK_TCK")
 LIMIT = 64
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def cpu_s(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
 
 
 def rss_mb(pid):

@@ -14,26 +14,14 @@
 
 Usage: presence.py HERALD_BIN [CHURN_CYCLES]
 Needs redis-server and the `websockets` package (target/openapi-venv has it)."""
-import asyncio, json, os, socket, subprocess, sys, tempfile, time, urllib.request
+import asyncio, json, os, subprocess, sys, tempfile, time, urllib.request
 import websockets
+
+from common import cpu_s, free_port
 
 BIN = sys.argv[1]
 CYCLES = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
 KEY = "presence-probe-key"
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def cpu_s(pid):
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
 
 
 redis_port = free_port()
