@@ -265,8 +265,10 @@ test('the classic build defines globalThis.Herald', () => {
 });
 
 test('retries a subscribe answered unavailable, and receives once Redis is back', async () => {
-  const port = await freePort();
-  let redis = await startRedis(port);
+  // The first start picks its port (and tries another if it was taken before
+  // redis-server bound it); the restart reuses it.
+  let redis = await startRedis();
+  const port = Number(new URL(redis.url).port);
   const h = await herald(0, ['--redis', redis.url], {
     HERALD_LIMITS__SUBSCRIBE_TIMEOUT: '300ms',
     HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms',
