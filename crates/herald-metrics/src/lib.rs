@@ -155,6 +155,12 @@ pub struct Metrics {
     /// Resumes refused because their replay would not fit the subscriber's queue (told
     /// `recovered:false`; also counted in `not_recovered`).
     pub replays_refused: IntCounter,
+    /// Publications sent as Fossil deltas (once per publication and node, whatever the
+    /// number of subscribers that took the delta).
+    pub delta_sent: IntCounter,
+    /// Publications whose delta was not smaller than the data (or not UTF-8): sent
+    /// whole to the subscribers that wanted a delta.
+    pub delta_whole: IntCounter,
     /// Gaps in a history channel's offsets that the node repaired from the stream.
     pub history_repairs: IntCounter,
     /// Publications the node fetched from streams to repair gaps.
@@ -255,6 +261,12 @@ impl Metrics {
         let recoveries = counter_vec(
             "herald_recoveries_total",
             "Subscribes that asked to resume (since), by outcome (recovered, not_recovered).",
+            "outcome",
+        )?;
+
+        let deltas = counter_vec(
+            "herald_delta_publications_total",
+            "Publications on delta channels with subscribers holding the one before, by outcome: delta (sent as a Fossil delta), whole (the delta was not smaller, or not UTF-8: sent whole).",
             "outcome",
         )?;
 
@@ -453,6 +465,8 @@ impl Metrics {
                 "herald_replays_refused_total",
                 "Resumes answered recovered:false because their replay would take more than half the subscriber's queue (limits.outbound_queue_bytes).",
             )?,
+            delta_sent: deltas.with_label_values(&["delta"]),
+            delta_whole: deltas.with_label_values(&["whole"]),
             history_repairs: counter(
                 "herald_history_repairs_total",
                 "Gaps in history channels' offsets that the node repaired from the stream.",

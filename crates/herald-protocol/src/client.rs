@@ -30,6 +30,10 @@ pub enum Request {
         since: Option<Since>,
         /// A subscription token for a channel the client's own token does not open.
         token: Option<String>,
+        /// The client applies Fossil deltas on this subscription (`"delta":"fossil"`);
+        /// the node sends them where the channel's rule allows (the `subscribed` reply
+        /// says whether).
+        delta: bool,
     },
     /// Stop receiving a channel's messages.
     Unsubscribe {
@@ -159,6 +163,8 @@ struct RawRequest<'a> {
     limit: Option<u64>,
     #[serde(borrow)]
     method: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    delta: Option<Cow<'a, str>>,
 }
 
 fn present<'de, D>(d: D) -> Result<Option<&'de RawValue>, D::Error>
@@ -234,12 +240,24 @@ pub fn parse_text(frame: &Bytes) -> Result<Request, RequestError> {
                 offset: s.offset,
                 epoch: Epoch::parse(&s.epoch),
             });
+            let delta = match raw.delta.as_deref() {
+                None => false,
+                Some(crate::delta::FOSSIL) => true,
+                Some(_) => {
+                    return Err(RequestError::new(
+                        id,
+                        ErrorCode::BadRequest,
+                        "delta: the one format is \"fossil\"",
+                    ))
+                }
+            };
             Ok(Request::Subscribe {
                 channel: channel()?,
                 id,
                 recover: raw.recover.unwrap_or(false) || since.is_some(),
                 since,
                 token: raw.token.map(Cow::into_owned),
+                delta,
             })
         }
         "refresh" => Ok(Request::Refresh {
@@ -358,6 +376,13 @@ pub fn encode_resume(
     s
 }
 
+/// A subscribe frame (from [`encode_subscribe`] or [`encode_resume`]) that asks for
+/// Fossil deltas (`"delta":"fossil"`).
+pub fn with_delta(mut subscribe: String) -> String {
+    subscribe.insert_str(subscribe.len() - 1, r#","delta":"fossil""#);
+    subscribe
+}
+
 /// `{"op":"publish","channel":C,"data":D,"id":N}` as a client sends it; `data` is
 /// JSON text, put in as it is (the caller serialised it). The channel is escaped, not
 /// checked: the server answers a bad name with an error frame.
@@ -457,6 +482,7 @@ mod tests {
                 recover: false,
                 since: None,
                 token: None,
+                delta: false,
             }
         );
         assert_eq!(
@@ -471,6 +497,7 @@ mod tests {
                     epoch: Epoch::new(10)
                 }),
                 token: None,
+                delta: false,
             }
         );
         // An epoch this server could not have issued is no error: the resume fails.
@@ -544,6 +571,24 @@ mod tests {
     }
 
     #[test]
+    fn a_subscribe_may_ask_for_fossil_deltas_and_nothing_else() {
+        let news = ChannelName::new("news").unwrap();
+        let frame = with_delta(encode_resume(&news, Some(3), None));
+        assert!(matches!(
+            parse_text(&Bytes::from(frame)).unwrap(),
+            Request::Subscribe {
+                delta: true,
+                recover: true,
+                id: Some(3),
+                ..
+            }
+        ));
+        let e = parse(r#"{"op":"subscribe","channel":"n","id":4,"delta":"zstd"}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(4), ErrorCode::BadRequest));
+        assert!(parse(r#"{"op":"subscribe","channel":"n","delta":true}"#).is_err());
+    }
+
+    #[test]
     fn encoded_resume_tracks_positions() {
         let news = ChannelName::new("news").unwrap();
         match parse_text(&Bytes::from(encode_resume(&news, Some(2), None))).unwrap() {
@@ -568,6 +613,7 @@ mod tests {
                 recover: false,
                 since: None,
                 token: None,
+                delta: false,
             }
         );
         let at = crate::StreamPosition {

@@ -12,6 +12,7 @@
 //! - [`sse`]: Server-Sent Events framing and the resumable event id.
 //! - [`client`]: parsing of client text and binary frames into [`client::Request`]s.
 //! - [`server`]: encoding of server frames (welcome, replies, errors, deliveries).
+//! - [`delta`]: Fossil delta compression of deliveries (`delta = "fossil"`).
 //! - [`envelope`]: how a publication travels through a broker between nodes.
 //! - [`publication`]: the node-independent unit a broker carries ([`Publication`]).
 //! - [`backoff`]: the reconnect policy every client and the Redis broker follow.
@@ -31,6 +32,7 @@ pub mod channel;
 pub mod client;
 pub mod close;
 pub mod control;
+pub mod delta;
 pub mod envelope;
 pub mod presence;
 pub mod publication;

@@ -42,14 +42,16 @@ pub fn ack(op: Ack, channel: &str, id: Option<u64>) -> String {
     s
 }
 
-/// `{"op":"subscribed","channel":C,"id":N,"offset":O,"epoch":E[,"recovered":R]}`: the
-/// reply to a subscribe on a history channel. `position` is the stream's at subscribe
-/// time; `recovered` is there when the client asked to resume (`since`).
+/// `{"op":"subscribed","channel":C,"id":N,"offset":O,"epoch":E[,"recovered":R][,"delta":"fossil"]}`:
+/// the reply to a subscribe on a history channel. `position` is the stream's at
+/// subscribe time; `recovered` is there when the client asked to resume (`since`);
+/// `delta` when deliveries may come as Fossil deltas ([`delta_delivery`]).
 pub fn subscribed(
     channel: &str,
     id: Option<u64>,
     position: StreamPosition,
     recovered: Option<bool>,
+    delta: bool,
 ) -> String {
     let mut s = ack(Ack::Subscribed, channel, id);
     s.pop();
@@ -57,8 +59,38 @@ pub fn subscribed(
     if let Some(r) = recovered {
         let _ = write!(s, r#","recovered":{r}"#);
     }
+    if delta {
+        s.push_str(r#","delta":"fossil""#);
+    }
     s.push('}');
     s
+}
+
+/// `{"op":"message","channel":C,"delta":D,"offset":O}`: the publication at `offset`,
+/// as the Fossil delta (`D`, a JSON string) that turns the subscriber's previous
+/// delivery on this channel (offset `O - 1`, always a full or delta text delivery) into
+/// this one's `data`, byte for byte. Only on subscriptions whose `subscribed` said
+/// `"delta":"fossil"`.
+pub fn delta_delivery(channel: &str, offset: u64, delta: &str) -> String {
+    let delta = json_string(delta);
+    let mut s = String::with_capacity(56 + channel.len() + delta.len());
+    let _ = write!(
+        s,
+        r#"{{"op":"message","channel":"{channel}","delta":{delta},"offset":{offset}}}"#
+    );
+    s
+}
+
+/// The publisher's bytes inside a text `message` frame from [`encode_delivery`] on a
+/// history channel: the text between `"data":` and the `,"offset":` after it. This is
+/// what a delta's base is; clients without a raw JSON reader (browsers) take it so.
+pub fn raw_data<'a>(frame: &'a str, channel: &str) -> Option<&'a str> {
+    let rest = frame
+        .strip_prefix(r#"{"op":"message","channel":""#)?
+        .strip_prefix(channel)?
+        .strip_prefix(r#"","data":"#)?;
+    // The last `,"offset":`: the data may hold the same text, what follows it never does.
+    Some(&rest[..rest.rfind(r#","offset":"#)?])
 }
 
 /// `{"op":"reset","channel":C,"offset":O,"epoch":E}`: the node could not deliver every
@@ -201,9 +233,14 @@ pub struct TextDelivery<'a> {
     /// The channel it was published on.
     #[serde(borrow)]
     pub channel: std::borrow::Cow<'a, str>,
-    /// The publisher's JSON, byte for byte (whitespace and key order kept).
-    #[serde(borrow)]
-    pub data: &'a serde_json::value::RawValue,
+    /// The publisher's JSON, byte for byte (whitespace and key order kept); absent
+    /// from a delta delivery.
+    #[serde(borrow, default)]
+    pub data: Option<&'a serde_json::value::RawValue>,
+    /// A delta delivery's Fossil delta against the previous delivery's data
+    /// ([`delta_delivery`]).
+    #[serde(borrow, default)]
+    pub delta: Option<std::borrow::Cow<'a, str>>,
     /// Its position in the channel's stream, on history channels.
     #[serde(default)]
     pub offset: Option<u64>,
@@ -219,7 +256,7 @@ pub struct TextDelivery<'a> {
 pub fn parse_text_delivery(text: &str) -> Option<TextDelivery<'_>> {
     serde_json::from_str::<TextDelivery<'_>>(text)
         .ok()
-        .filter(|d| d.op == "message")
+        .filter(|d| d.op == "message" && (d.data.is_some() || d.delta.is_some()))
 }
 
 /// Builds `[1 byte L][L bytes channel][payload]`. `channel` must be a valid channel
@@ -352,6 +389,43 @@ mod tests {
     use crate::ChannelName;
 
     #[test]
+    fn a_delta_delivery_rebuilds_the_data_of_the_frame_before() {
+        let channel = ChannelName::new("scores:1").unwrap();
+        let at = |offset| StreamPosition {
+            offset,
+            epoch: crate::Epoch::new(7).unwrap(),
+        };
+        let doc = |s: &str| Publication {
+            position: Some(at(1)),
+            ..Publication::now(
+                channel.clone(),
+                Payload::Json(bytes::Bytes::from(s.to_owned())),
+            )
+        };
+        // The data holds the very text that ends it, and offset 1 names its epoch.
+        let base = r#"{"note":"x,\"offset\":9","score":[1,0],"team":"ünïcode"}"#;
+        let Delivery::Text(first) = encode_delivery(&doc(base)) else {
+            panic!()
+        };
+        assert_eq!(raw_data(&first, "scores:1"), Some(base));
+        assert_eq!(raw_data(&first, "scores:2"), None);
+        let next = r#"{"note":"x,\"offset\":9","score":[1,1],"team":"ünïcode"}"#;
+        let d = crate::delta::fossil(base.as_bytes(), next.as_bytes()).unwrap();
+        let frame = delta_delivery("scores:1", 2, &d);
+        let parsed = parse_text_delivery(&frame).unwrap();
+        assert_eq!((parsed.offset, parsed.data.is_none()), (Some(2), true));
+        let rebuilt =
+            crate::delta::apply_fossil(base.as_bytes(), parsed.delta.unwrap().as_bytes(), 1 << 20)
+                .unwrap();
+        assert_eq!(rebuilt, next.as_bytes());
+        let reply = subscribed("scores:1", Some(1), at(1), Some(true), true);
+        assert!(
+            reply.ends_with(r#","recovered":true,"delta":"fossil"}"#),
+            "{reply}"
+        );
+    }
+
+    #[test]
     fn frames_are_valid_json() {
         for s in [
             welcome("node\"1", "c1", None, 25000, None),
@@ -376,11 +450,11 @@ mod tests {
             epoch: crate::Epoch::new(36).unwrap(),
         };
         assert_eq!(
-            subscribed("news", Some(1), at, Some(true)),
+            subscribed("news", Some(1), at, Some(true), false),
             r#"{"op":"subscribed","channel":"news","id":1,"offset":57,"epoch":"00000010","recovered":true}"#
         );
         assert_eq!(
-            subscribed("news", None, at, None),
+            subscribed("news", None, at, None, false),
             r#"{"op":"subscribed","channel":"news","offset":57,"epoch":"00000010"}"#
         );
         assert_eq!(
@@ -456,7 +530,7 @@ mod tests {
         };
         let d = parse_text_delivery(&frame).expect("a delivery");
         assert_eq!(
-            (d.channel.as_ref(), d.data.get(), d.offset),
+            (d.channel.as_ref(), d.data.unwrap().get(), d.offset),
             ("news", data, None)
         );
         p.position = Some(StreamPosition {
@@ -496,7 +570,7 @@ mod tests {
             offset: 3,
             epoch: e,
         };
-        let text = subscribed("c", Some(2), at, Some(true));
+        let text = subscribed("c", Some(2), at, Some(true), false);
         let r = parse_reply(&text).unwrap();
         assert_eq!(
             (r.op.as_ref(), r.id, r.recovered),

@@ -140,6 +140,7 @@ mod tests {
             join_leave_per: Default::default(),
             presence_access: Default::default(),
             history_access: Default::default(),
+            delta: None,
         }
     }
 

@@ -70,6 +70,7 @@ impl GatewayConfig {
             join_leave_per: JoinLeavePer::User,
             presence_access: PresenceAccess::Subscribers,
             history_access: PresenceAccess::Subscribers,
+            delta: None,
         };
         vec![
             rule("demo:feed", PublishAccess::Nobody),
@@ -240,6 +241,27 @@ pub struct ChannelRule {
     /// channels; resuming with `since` is not governed by this).
     #[serde(default)]
     pub history_access: PresenceAccess,
+    /// `"fossil"`: subscriptions that ask for it (`"delta":"fossil"`) receive each
+    /// publication as a Fossil delta against the one before when that is smaller
+    /// (history channels; default: off).
+    #[serde(default)]
+    pub delta: Option<DeltaFormat>,
+}
+
+/// A rule's `delta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum DeltaFormat {
+    /// Fossil's delta format (what centrifuge-js and the `fossil-delta` packages read).
+    Fossil,
+}
+
+impl TryFrom<String> for DeltaFormat {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, String> {
+        choice(&value, &[("fossil", DeltaFormat::Fossil)])
+    }
 }
 
 /// A rule's `join_leave_per`.
@@ -750,6 +772,12 @@ impl GatewayConfig {
                 return bad(
                     key,
                     &format!("{at}: history_meta_ttl must not be shorter than history_ttl"),
+                );
+            }
+            if r.history_size == 0 && r.delta.is_some() {
+                return bad(
+                    key,
+                    &format!("{at}: delta needs history_size > 0 (a delta is against the publication before, which only history channels number)"),
                 );
             }
             if r.history_size == 0 && r.max_recovery > 0 {

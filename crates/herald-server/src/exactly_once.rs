@@ -467,7 +467,7 @@ mod history {
                     pending: HashMap::new(),
                     seen: vec![vec![Seen::default(); CHANNELS]; SUBSCRIBERS],
                 };
-                let opts = SubscribeOpts { history: Some(POLICY), positions: true };
+                let opts = SubscribeOpts { history: Some(POLICY), positions: true, delta: false };
                 for op in ops {
                     match op {
                         Op::Publish(c) => w.publish(c).await,

@@ -47,6 +47,7 @@ use herald_protocol::{close, ChannelName, Payload, Publication, StreamPosition};
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::handle::{ConnId, Item, SessionHandle};
 
@@ -111,6 +112,9 @@ struct State {
     floor: Option<StreamPosition>,
     /// A repair is reading the stream: arrivals wait here, in order.
     repairing: Option<Vec<Publication>>,
+    /// The last publication fanned out, when it was JSON: the base of the next one's
+    /// delta, for members whose `base` is its position.
+    prev: Option<Publication>,
     /// The local subscribers and where each stands.
     members: IndexMap<ConnId, Member>,
     /// How often the broker re-established its subscriptions ([`Stream::catch_up`]): a
@@ -132,6 +136,12 @@ struct Member {
     handle: Arc<SessionHandle>,
     /// Binary deliveries carry their offset (the client tracks positions).
     positions: bool,
+    /// It takes Fossil deltas (it asked, and the channel's rule allows them).
+    delta: bool,
+    /// The position of the last text delivery it was sent on this subscription: the
+    /// data its client holds, against which a delta can be sent. `None` until then,
+    /// and after a binary delivery.
+    base: Option<StreamPosition>,
     /// Recovering, live, or dropped as a slow consumer.
     phase: Phase,
 }
@@ -192,18 +202,27 @@ impl Stream {
                 last: None,
                 floor: None,
                 repairing: None,
+                prev: None,
                 members: IndexMap::new(),
                 catch_ups: 0,
             }),
         }
     }
 
-    /// Adds `conn` as a recovering member (again, if it was one). Returns whether it is
-    /// new.
-    pub(crate) fn join(&self, conn: ConnId, handle: &Arc<SessionHandle>, positions: bool) -> bool {
+    /// Adds `conn` as a recovering member (again, if it was one), tracking positions
+    /// and taking deltas as asked. Returns whether it is new.
+    pub(crate) fn join(
+        &self,
+        conn: ConnId,
+        handle: &Arc<SessionHandle>,
+        positions: bool,
+        delta: bool,
+    ) -> bool {
         let member = Member {
             handle: handle.clone(),
             positions,
+            delta,
+            base: None,
             phase: Phase::Recovering(Vec::new()),
         };
         self.state.lock().members.insert(conn, member).is_none()
@@ -379,8 +398,14 @@ impl Stream {
         };
         let channel = self.channel.as_str();
         member.handle.push(Item::reply(server::subscribed(
-            channel, r.id, page.top, recovered,
+            channel,
+            r.id,
+            page.top,
+            recovered,
+            member.delta,
         )));
+        // A resume (and every subscribe) starts with whole publications: the client
+        // holds no base from before that the node can vouch for.
         let mut replayed = 0u64;
         for o in out {
             match o {
@@ -393,6 +418,7 @@ impl Stream {
                         member.handle.push(epoch);
                     }
                     member.handle.push(Item::delivery(&p, member.positions));
+                    member.base = p.position.filter(|_| matches!(p.payload, Payload::Json(_)));
                 }
                 Out::Reset(at) => {
                     self.env.metrics.history_unrepairable.inc();
@@ -604,16 +630,73 @@ impl Stream {
             let to = live(Some(true)).map(|m| &m.handle);
             SessionHandle::push_to_all(to, &positioned, metrics);
         } else {
-            // Text deliveries carry the offset for everyone: one encoding, one pass.
-            SessionHandle::push_to_all(live(None).map(|m| &m.handle), &plain, metrics);
+            // Text deliveries carry the offset for everyone: one encoding, one pass;
+            // members that hold the publication before take its delta instead, when
+            // one is worth sending (computed once, here, for all of them).
+            let base = s.prev.as_ref().and_then(|prev| {
+                let at = prev.position?;
+                (at.epoch == pos.epoch && at.offset + 1 == pos.offset).then_some((prev, at))
+            });
+            let holds_base = |m: &Member| m.delta && base.is_some_and(|(_, at)| m.base == Some(at));
+            let delta = match (base, &p.payload) {
+                (Some((prev, _)), Payload::Json(data)) if live(None).any(holds_base) => {
+                    self.delta_item(prev, p, data, plain.len)
+                }
+                _ => None,
+            };
+            match &delta {
+                Some(d) => {
+                    let (whole, deltas) = (
+                        live(None).filter(|m| !holds_base(m)),
+                        live(None).filter(|m| holds_base(m)),
+                    );
+                    SessionHandle::push_to_all(whole.map(|m| &m.handle), &plain, metrics);
+                    SessionHandle::push_to_all(deltas.map(|m| &m.handle), d, metrics);
+                }
+                None => SessionHandle::push_to_all(live(None).map(|m| &m.handle), &plain, metrics),
+            }
         }
+        let json = matches!(p.payload, Payload::Json(_));
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
                 if through.same_epoch(pos) && through.offset < pos.offset {
                     *through = pos;
+                    m.base = json.then_some(pos);
                 }
             }
         }
+        s.prev = json.then(|| p.clone());
+    }
+
+    /// The delta delivery turning `prev`'s data into `p`'s (`data`), when it is
+    /// smaller than the whole delivery (`whole` bytes); `None` otherwise (counted
+    /// either way).
+    fn delta_item(
+        &self,
+        prev: &Publication,
+        p: &Publication,
+        data: &[u8],
+        whole: usize,
+    ) -> Option<Item> {
+        let (Payload::Json(before), Some(at)) = (&prev.payload, p.position) else {
+            return None;
+        };
+        let metrics = &self.env.metrics;
+        let frame = herald_protocol::delta::fossil(before, data)
+            .map(|d| server::delta_delivery(self.channel.as_str(), at.offset, &d))
+            .filter(|f| f.len() < whole);
+        let Some(frame) = frame else {
+            metrics.delta_whole.inc();
+            return None;
+        };
+        metrics.delta_sent.inc();
+        let len = frame.len();
+        Some(Item {
+            msg: Message::Text(frame.into()),
+            len,
+            published_at_us: p.published_at_us,
+            delivery: true,
+        })
     }
 
     /// Reads the publications after `since` from the stream and delivers them, then
@@ -1239,7 +1322,7 @@ mod tests {
         let news = stream();
         let env = crate::handle::tests::env(1 << 20);
         let live = Arc::new(SessionHandle::new(0, env.clone()));
-        news.join(1, &live, true);
+        news.join(1, &live, true, false);
         assert_eq!(
             news.complete(1, &page(0, vec![]), MARK, resume(Some(1), None), false),
             Completion::Done { recovered: None }
@@ -1250,7 +1333,7 @@ mod tests {
         // A client that had offset 1 resumes; its history read saw the stream up to 2,
         // then 3 and 4 arrive before the subscribe completes (2 arrives again too).
         let resuming = Arc::new(SessionHandle::new(0, env.clone()));
-        news.join(2, &resuming, true);
+        news.join(2, &resuming, true, false);
         news.arrive(positioned(3));
         news.arrive(positioned(4));
         assert_eq!(
@@ -1289,8 +1372,8 @@ mod tests {
         let env = crate::handle::tests::env(1 << 20);
         let early = Arc::new(SessionHandle::new(0, env.clone()));
         let late = Arc::new(SessionHandle::new(0, env.clone()));
-        news.join(1, &early, true);
-        news.join(2, &late, true);
+        news.join(1, &early, true, false);
+        news.join(2, &late, true, false);
         news.complete(2, &page(5, vec![]), MARK, resume(None, None), false);
         news.complete(1, &page(3, vec![]), MARK, resume(None, None), false);
         for n in 4..=6 {
@@ -1323,7 +1406,7 @@ mod tests {
         }
         let env = crate::handle::tests::env(1 << 20);
         let h = Arc::new(SessionHandle::new(0, env));
-        news.join(1, &h, false);
+        news.join(1, &h, false, false);
         let top = HistoryPage {
             top: StreamPosition {
                 offset: 0,
@@ -1347,5 +1430,75 @@ mod tests {
         // were then skipped.
         assert_eq!(metrics.history_repaired.get(), 2);
         assert_eq!(metrics.history_duplicates.get(), 2);
+    }
+
+    /// Members that asked for deltas get each publication after their first as a delta
+    /// against the one before (computed once for all of them), whole when the delta
+    /// is not smaller or they do not hold the one before; the others always whole.
+    #[tokio::test]
+    async fn deltas_go_to_members_that_hold_the_publication_before() {
+        let metrics = Metrics::unregistered();
+        let (tx, _rx) = inbound(8, metrics.clone());
+        let news = stream_on(Arc::new(MemoryBroker::new(tx)), metrics.clone());
+        let env = crate::handle::tests::env(1 << 20);
+        let (a, b, c) = (
+            Arc::new(SessionHandle::new(0, env.clone())),
+            Arc::new(SessionHandle::new(0, env.clone())),
+            Arc::new(SessionHandle::new(0, env.clone())),
+        );
+        news.join(1, &a, true, true);
+        news.join(2, &b, true, true);
+        news.join(3, &c, true, false);
+        for conn in [1, 2, 3] {
+            news.complete(conn, &page(0, vec![]), MARK, resume(None, None), false);
+        }
+        let doc = |offset: u64, score: u64| {
+            let text = format!(
+                r#"{{"match":"Sunderland v Newcastle","venue":"Stadium of Light","score":[{score},0],"minute":{offset}}}"#
+            );
+            Publication {
+                position: Some(pos(offset)),
+                ..Publication::now(
+                    ChannelName::new("news").unwrap(),
+                    Payload::Json(Bytes::from(text)),
+                )
+            }
+        };
+        news.arrive(doc(1, 0));
+        news.arrive(doc(2, 1));
+        // A tiny publication: its delta is no smaller, so it goes whole to everyone.
+        news.arrive(Publication {
+            position: Some(pos(3)),
+            ..Publication::now(
+                ChannelName::new("news").unwrap(),
+                Payload::Json(Bytes::from("1")),
+            )
+        });
+        news.arrive(doc(4, 1));
+        news.arrive(doc(5, 2));
+        // The `subscribed` reply says whether deltas come, then the deliveries.
+        let kinds = |h: &SessionHandle| -> (serde_json::Value, Vec<&'static str>) {
+            let frames = texts(h);
+            let kinds = frames[1..]
+                .iter()
+                .map(|f| {
+                    if f.get("delta").is_some() {
+                        "delta"
+                    } else {
+                        "whole"
+                    }
+                })
+                .collect();
+            (frames[0]["delta"].clone(), kinds)
+        };
+        let want = ["whole", "delta", "whole", "whole", "delta"];
+        assert_eq!(kinds(&a), ("fossil".into(), want.to_vec()));
+        assert_eq!(kinds(&b), ("fossil".into(), want.to_vec()));
+        assert_eq!(kinds(&c), (serde_json::Value::Null, vec!["whole"; 5]));
+        // Computed once per publication, not per member.
+        assert_eq!(metrics.delta_sent.get(), 2);
+        // 3 (the delta was larger) and 4 (its base, 3, is "1": a delta of the whole
+        // document is no smaller than the document).
+        assert_eq!(metrics.delta_whole.get(), 2);
     }
 }

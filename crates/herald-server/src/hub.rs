@@ -59,6 +59,9 @@ pub(crate) struct SubscribeOpts {
     pub(crate) history: Option<HistoryPolicy>,
     /// The client tracks positions on this subscription.
     pub(crate) positions: bool,
+    /// The client applies Fossil deltas on this subscription, and the channel's rule
+    /// allows them.
+    pub(crate) delta: bool,
 }
 
 /// What [`Hub::subscribe`] hands back.
@@ -171,7 +174,10 @@ impl Hub {
         });
         let (new, stream) = match &mut entry.members {
             Members::Plain(m) => (m.insert(conn, handle.clone()).is_none(), None),
-            Members::History(s) => (s.join(conn, handle, opts.positions), Some(s.clone())),
+            Members::History(s) => (
+                s.join(conn, handle, opts.positions, opts.delta),
+                Some(s.clone()),
+            ),
             // Internal names are not a client's to subscribe to (no channel name parses
             // to one); should one get here, it takes nothing.
             Members::Node(_) => (false, None),

@@ -402,6 +402,7 @@ impl Session {
                 recover,
                 since,
                 token,
+                delta,
             }) => {
                 let identity = self.identity.as_deref();
                 let hook = access::subscribe_hook(
@@ -424,7 +425,7 @@ impl Session {
                     }
                 };
                 if allowed {
-                    self.subscribe(channel, id, recover, since).await;
+                    self.subscribe(channel, id, recover, since, delta).await;
                 }
                 self.grant_info = None;
             }
@@ -463,7 +464,7 @@ impl Session {
                 // The backend decided: no permission check; the client hears an
                 // unsolicited `subscribed` (no id) and then the channel's messages.
                 SessionCommand::Subscribe { channel, since } => {
-                    self.subscribe(channel, None, true, since).await
+                    self.subscribe(channel, None, true, since, false).await
                 }
                 SessionCommand::Unsubscribe(channel) => {
                     if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
@@ -573,6 +574,7 @@ impl Session {
         id: Option<u64>,
         recover: bool,
         since: Option<Since>,
+        delta: bool,
     ) {
         if self.subscriptions.contains(&channel) {
             return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
@@ -593,6 +595,9 @@ impl Session {
         let opts = SubscribeOpts {
             history,
             positions: recover,
+            // Deltas where the client applies them and the rule allows them (a rule
+            // with `delta` keeps history: the configuration is checked for it).
+            delta: delta && rule.is_some_and(|r| r.delta.is_some()),
         };
         let subscribed = self
             .node

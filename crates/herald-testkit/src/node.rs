@@ -43,6 +43,7 @@ pub fn history_rule(pattern: &str, size: usize) -> ChannelRule {
         join_leave_per: Default::default(),
         presence_access: Default::default(),
         history_access: Default::default(),
+        delta: None,
     }
 }
 

@@ -6,7 +6,8 @@
 //! per-user limits), permissions, recovery, queues, slow-consumer and write-timeout
 //! rules and metrics as a WebSocket session. Its requests are the subscribes this
 //! module makes for it, one per channel named in the URL, resuming from the positions
-//! in `Last-Event-ID` (or `last_event_id`); its frames become events (`SseSink`).
+//! in `Last-Event-ID` (or `last_event_id`), asking for Fossil deltas with
+//! `delta=fossil`; its frames become events (`SseSink`).
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -17,7 +18,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::{Sink, StreamExt};
 use herald_metrics::{RejectReason, Source};
-use herald_protocol::client::encode_resume;
+use herald_protocol::client::{encode_resume, with_delta};
 use herald_protocol::sse::{self, Positions};
 use herald_protocol::{ChannelName, ErrorCode, Payload};
 use http_body_util::{BodyExt, StreamBody};
@@ -116,6 +117,7 @@ async fn open(
     let max = node.config.limits.max_sse_channels;
     let mut channels: Vec<ChannelName> = Vec::new();
     let mut last_event_id = None;
+    let mut delta = false;
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
             "channel" => {
@@ -141,6 +143,8 @@ async fn open(
                 }
             }
             "last_event_id" => last_event_id = Some(v.into_owned()),
+            "delta" if v == herald_protocol::delta::FOSSIL => delta = true,
+            "delta" => return Err(bad("delta: the one format is \"fossil\"")),
             _ => {}
         }
     }
@@ -208,7 +212,10 @@ async fn open(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let frame = encode_resume(c, Some(i as u64 + 1), positions.get(c));
+            let mut frame = encode_resume(c, Some(i as u64 + 1), positions.get(c));
+            if delta {
+                frame = with_delta(frame);
+            }
             Ok(Message::Text(frame.into()))
         })
         .collect();
