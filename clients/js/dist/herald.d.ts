@@ -33,6 +33,14 @@ export interface Options {
      * none. WebSocket only. */
     getSubscriptionToken?: (channel: string) => Promise<string | null | undefined> | string | null | undefined;
 }
+/** How a subscription is made. */
+export interface SubscribeOptions {
+    /** `'fossil'`: on channels whose rule allows it, publications after the first may
+     * arrive as Fossil deltas against the one before; the client applies them, and
+     * `message` always carries the whole data. Saves bandwidth on documents that change
+     * a little at a time (scores, prices, dashboards). */
+    delta?: 'fossil';
+}
 export interface MessageContext {
     channel: string;
     /** Present on history channels. */
@@ -94,13 +102,25 @@ export interface Member {
 export declare class Subscription extends Emitter<SubscriptionEvents> {
     readonly channel: string;
     private client;
+    /** What was asked for (see SubscribeOptions). */
+    readonly options: SubscribeOptions;
     /** The last position seen, on history channels. */
     offset?: number;
     epoch?: string;
     active: boolean;
+    /** The server sends deltas on this subscription (its `subscribed` said so). */
+    delta: boolean;
     /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
     _retries: number;
-    constructor(channel: string, client: Client);
+    /** @internal With deltas: the last text delivery's offset and raw JSON text, which
+     * the next delta applies to. */
+    _base?: {
+        offset: number;
+        text: string;
+    };
+    constructor(channel: string, client: Client, 
+    /** What was asked for (see SubscribeOptions). */
+    options?: SubscribeOptions);
     /** Stops receiving the channel. */
     unsubscribe(): void;
     /** One page of who is present (channels with presence; subscribers only by default).
@@ -170,7 +190,7 @@ export declare class Client extends Emitter<ClientEvents> {
     connect(): void;
     /** Subscribes (or returns the existing subscription). History channels resume by
      * themselves after every reconnect. */
-    subscribe(channel: string): Subscription;
+    subscribe(channel: string, options?: SubscribeOptions): Subscription;
     /** Publishes JSON `data`; resolves once the server accepted it. While disconnected
      * the publish waits (at most `maxQueuedPublishes`, each `publishTimeout` ms). */
     publish(channel: string, data: unknown): Promise<unknown>;
@@ -193,6 +213,10 @@ export declare class Client extends Emitter<ClientEvents> {
     private onFrame;
     private onWelcome;
     private onSubscribed;
+    /** A text delivery, whole or a delta. A delta that does not apply to the data held
+     * (it never should) drops the connection: the resume after it starts whole, from the
+     * last delivered offset, so nothing is lost. */
+    private onText;
     private onMessage;
     private onBinary;
     private settle;

@@ -1,3 +1,304 @@
+var __defProp = Object.defineProperty;
+var __defNormalProp = (obj, key, value) => key in obj ? __defProp(obj, key, { enumerable: true, configurable: true, writable: true, value }) : obj[key] = value;
+var __publicField = (obj, key, value) => __defNormalProp(obj, typeof key !== "symbol" ? key + "" : key, value);
+
+// node_modules/fossil-delta/fossil-delta.js
+var zDigits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz~".split("").map(function(x) {
+  return x.charCodeAt(0);
+});
+var zValue = [
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  0,
+  1,
+  2,
+  3,
+  4,
+  5,
+  6,
+  7,
+  8,
+  9,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  -1,
+  10,
+  11,
+  12,
+  13,
+  14,
+  15,
+  16,
+  17,
+  18,
+  19,
+  20,
+  21,
+  22,
+  23,
+  24,
+  25,
+  26,
+  27,
+  28,
+  29,
+  30,
+  31,
+  32,
+  33,
+  34,
+  35,
+  -1,
+  -1,
+  -1,
+  -1,
+  36,
+  -1,
+  37,
+  38,
+  39,
+  40,
+  41,
+  42,
+  43,
+  44,
+  45,
+  46,
+  47,
+  48,
+  49,
+  50,
+  51,
+  52,
+  53,
+  54,
+  55,
+  56,
+  57,
+  58,
+  59,
+  60,
+  61,
+  62,
+  -1,
+  -1,
+  -1,
+  63,
+  -1
+];
+var Reader = class {
+  constructor(array) {
+    __publicField(this, "a");
+    __publicField(this, "pos");
+    this.a = array;
+    this.pos = 0;
+  }
+  haveBytes() {
+    return this.pos < this.a.length;
+  }
+  getByte() {
+    const b = this.a[this.pos];
+    this.pos++;
+    if (this.pos > this.a.length)
+      throw new RangeError("out of bounds");
+    return b;
+  }
+  getChar() {
+    return String.fromCharCode(this.getByte());
+  }
+  // Read base64-encoded unsigned integer.
+  getInt() {
+    let v = 0;
+    let c;
+    while (this.haveBytes() && (c = zValue[127 & this.getByte()]) >= 0) {
+      v = (v << 6) + c;
+    }
+    this.pos--;
+    return v >>> 0;
+  }
+};
+var Writer = class {
+  constructor() {
+    __publicField(this, "a", []);
+  }
+  toByteArray(sourceType) {
+    if (Array.isArray(sourceType)) {
+      return this.a;
+    }
+    return new Uint8Array(this.a);
+  }
+  putByte(b) {
+    this.a.push(b & 255);
+  }
+  // Write an ASCII character (s is a one-char string).
+  putChar(s) {
+    this.putByte(s.charCodeAt(0));
+  }
+  // Write a base64 unsigned integer.
+  putInt(v) {
+    const zBuf = [];
+    if (v === 0) {
+      this.putChar("0");
+      return;
+    }
+    let i = 0;
+    for (; v > 0; i++, v >>>= 6) {
+      zBuf.push(zDigits[v & 63]);
+    }
+    for (let j = i - 1; j >= 0; j--) {
+      this.putByte(zBuf[j]);
+    }
+  }
+  // Copy from array at start to end.
+  putArray(a, start, end) {
+    for (let i = start; i < end; i++)
+      this.a.push(a[i]);
+  }
+};
+function checksum(arr) {
+  let sum0 = 0, sum1 = 0, sum2 = 0, sum3 = 0, z = 0, N = arr.length;
+  while (N >= 16) {
+    sum0 = sum0 + arr[z + 0] | 0;
+    sum1 = sum1 + arr[z + 1] | 0;
+    sum2 = sum2 + arr[z + 2] | 0;
+    sum3 = sum3 + arr[z + 3] | 0;
+    sum0 = sum0 + arr[z + 4] | 0;
+    sum1 = sum1 + arr[z + 5] | 0;
+    sum2 = sum2 + arr[z + 6] | 0;
+    sum3 = sum3 + arr[z + 7] | 0;
+    sum0 = sum0 + arr[z + 8] | 0;
+    sum1 = sum1 + arr[z + 9] | 0;
+    sum2 = sum2 + arr[z + 10] | 0;
+    sum3 = sum3 + arr[z + 11] | 0;
+    sum0 = sum0 + arr[z + 12] | 0;
+    sum1 = sum1 + arr[z + 13] | 0;
+    sum2 = sum2 + arr[z + 14] | 0;
+    sum3 = sum3 + arr[z + 15] | 0;
+    z += 16;
+    N -= 16;
+  }
+  while (N >= 4) {
+    sum0 = sum0 + arr[z + 0] | 0;
+    sum1 = sum1 + arr[z + 1] | 0;
+    sum2 = sum2 + arr[z + 2] | 0;
+    sum3 = sum3 + arr[z + 3] | 0;
+    z += 4;
+    N -= 4;
+  }
+  sum3 = ((sum3 + (sum2 << 8) | 0) + (sum1 << 16) | 0) + (sum0 << 24) | 0;
+  switch (N) {
+    case 3:
+      sum3 = sum3 + (arr[z + 2] << 8) | 0;
+    /* falls through */
+    case 2:
+      sum3 = sum3 + (arr[z + 1] << 16) | 0;
+    /* falls through */
+    case 1:
+      sum3 = sum3 + (arr[z + 0] << 24) | 0;
+  }
+  return sum3 >>> 0;
+}
+function applyDelta(source, delta, opts) {
+  let limit, total = 0;
+  const zDelta = new Reader(delta);
+  const lenSrc = source.length;
+  const lenDelta = delta.length;
+  limit = zDelta.getInt();
+  if (zDelta.getChar() !== "\n")
+    throw new Error("size integer not terminated by '\\n'");
+  const zOut = new Writer();
+  while (zDelta.haveBytes()) {
+    let cnt = zDelta.getInt();
+    let ofst;
+    switch (zDelta.getChar()) {
+      case "@":
+        ofst = zDelta.getInt();
+        if (zDelta.haveBytes() && zDelta.getChar() !== ",")
+          throw new Error("copy command not terminated by ','");
+        total += cnt;
+        if (total > limit)
+          throw new Error("copy exceeds output file size");
+        if (ofst + cnt > lenSrc)
+          throw new Error("copy extends past end of input");
+        zOut.putArray(source, ofst, ofst + cnt);
+        break;
+      case ":":
+        total += cnt;
+        if (total > limit)
+          throw new Error("insert command gives an output larger than predicted");
+        if (cnt > lenDelta)
+          throw new Error("insert count exceeds size of delta");
+        zOut.putArray(zDelta.a, zDelta.pos, zDelta.pos + cnt);
+        zDelta.pos += cnt;
+        break;
+      case ";":
+        const out = zOut.toByteArray(source);
+        if ((!opts || opts.verifyChecksum !== false) && cnt !== checksum(out))
+          throw new Error("bad checksum");
+        if (total !== limit)
+          throw new Error("generated size does not match predicted size");
+        return out;
+      default:
+        throw new Error("unknown delta operator");
+    }
+  }
+  throw new Error("unterminated delta");
+}
+function applyStringDelta(source, delta, opts) {
+  const deltaArray = applyDelta(new TextEncoder().encode(source), new TextEncoder().encode(delta), opts);
+  return new TextDecoder().decode(new Uint8Array(deltaArray));
+}
+
 // src/herald.ts
 var Emitter = class {
   constructor() {
@@ -39,11 +340,14 @@ var HeraldError = class extends Error {
   }
 };
 var Subscription = class extends Emitter {
-  constructor(channel, client) {
+  constructor(channel, client, options = {}) {
     super();
     this.channel = channel;
     this.client = client;
+    this.options = options;
     this.active = false;
+    /** The server sends deltas on this subscription (its `subscribed` said so). */
+    this.delta = false;
     /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
     this._retries = 0;
   }
@@ -126,10 +430,10 @@ var Client = class extends Emitter {
   }
   /** Subscribes (or returns the existing subscription). History channels resume by
    * themselves after every reconnect. */
-  subscribe(channel) {
+  subscribe(channel, options = {}) {
     let sub = this.subscriptions.get(channel);
     if (sub) return sub;
-    sub = new Subscription(channel, this);
+    sub = new Subscription(channel, this, options);
     this.subscriptions.set(channel, sub);
     if (this.state === "connected") {
       if (this.transport === "websocket") this.sendSubscribe(sub);
@@ -331,7 +635,8 @@ var Client = class extends Emitter {
       case "welcome":
         return this.onWelcome(f);
       case "message":
-        return this.onMessage(f.channel, f.base64 !== void 0 ? base64(f.base64) : f.data, f.offset, f.epoch);
+        if (f.base64 !== void 0) return this.onMessage(f.channel, base64(f.base64), f.offset, f.epoch);
+        return this.onText(text, f);
       case "subscribed":
         return this.onSubscribed(f);
       case "epoch": {
@@ -408,6 +713,8 @@ var Client = class extends Emitter {
     if (f.id !== void 0) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;
+    sub.delta = f.delta === "fossil";
+    sub._base = void 0;
     const atStart = isStart(sub.offset, sub.epoch);
     const resumed = f.recovered === true && (sub.epoch === f.epoch || atStart);
     if (f.offset !== void 0 && !resumed) {
@@ -417,6 +724,33 @@ var Client = class extends Emitter {
     }
     sub._emit("subscribed", f);
     if (f.recovered !== void 0) sub._emit("recovered", f.recovered);
+  }
+  /** A text delivery, whole or a delta. A delta that does not apply to the data held
+   * (it never should) drops the connection: the resume after it starts whole, from the
+   * last delivered offset, so nothing is lost. */
+  onText(text, f) {
+    const sub = this.subscriptions.get(f.channel);
+    if (!sub) return;
+    if (f.delta === void 0) {
+      if (sub.delta && f.offset !== void 0) {
+        const raw = rawData(text, f.channel);
+        sub._base = raw === void 0 ? void 0 : { offset: f.offset, text: raw };
+      }
+      return this.onMessage(f.channel, f.data, f.offset, f.epoch);
+    }
+    const base = sub._base;
+    let data;
+    try {
+      if (!base || base.offset + 1 !== f.offset) throw new Error("no base for it");
+      const whole = applyStringDelta(base.text, f.delta);
+      data = JSON.parse(whole);
+      sub._base = { offset: f.offset, text: whole };
+    } catch (e) {
+      sub._base = void 0;
+      this.emit("error", new HeraldError("delta", `a delta on ${f.channel} at ${f.offset} did not apply: ${e}`));
+      return this.drop("delta");
+    }
+    this.onMessage(f.channel, data, f.offset, f.epoch);
   }
   onMessage(channel, data, offset, epoch) {
     const sub = this.subscriptions.get(channel);
@@ -436,6 +770,8 @@ var Client = class extends Emitter {
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
+    const sub = this.subscriptions.get(channel);
+    if (sub) sub._base = void 0;
     this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
   settle(id, value, err) {
@@ -487,6 +823,7 @@ var Client = class extends Emitter {
     const frame = { op: "subscribe", channel: sub.channel, id, recover: true };
     if (sub.offset !== void 0 && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     if (token) frame.token = token;
+    if (sub.options.delta) frame.delta = sub.options.delta;
     this.send(frame);
   }
   sendPublish(q) {
@@ -599,6 +936,7 @@ var Client = class extends Emitter {
     for (const c of channels) u.searchParams.append("channel", c);
     const positions = [...this.subscriptions.values()].filter((s) => s.offset !== void 0 && s.epoch).map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
     if (positions.length) u.searchParams.set("last_event_id", positions.join(","));
+    if ([...this.subscriptions.values()].some((s) => s.options.delta)) u.searchParams.set("delta", "fossil");
     const abort = new AbortController();
     this.sse = abort;
     const headers = { accept: "text/event-stream" };
@@ -696,6 +1034,11 @@ function tokenClaims(token) {
     return void 0;
   }
 }
+function rawData(frame, channel) {
+  const head = `{"op":"message","channel":"${channel}","data":`;
+  const end = frame.lastIndexOf(',"offset":');
+  return frame.startsWith(head) && end >= head.length ? frame.slice(head.length, end) : void 0;
+}
 function base64(s) {
   return Uint8Array.from(atob(s), (c) => c.charCodeAt(0));
 }
@@ -704,3 +1047,8 @@ export {
   HeraldError,
   Subscription
 };
+/*! Bundled license information:
+
+fossil-delta/fossil-delta.js:
+  (*! (c) Dmitry Chestnykh, D. Richard Hipp | BSD License | https://github.com/dchest/fossil-delta-js/ *)
+*/

@@ -3,7 +3,10 @@
 // resubscribing with the last offset seen (so history channels lose nothing across
 // drops and deploys), noticing dead connections, refreshing tokens, queueing
 // publishes while offline, and falling back to Server-Sent Events where WebSocket is
-// refused. No runtime dependencies; browsers and Node 20+.
+// refused, and applying Fossil deltas where asked. Browsers and Node 20+; one runtime
+// dependency (fossil-delta, bundled into dist).
+
+import { applyStringDelta } from 'fossil-delta';
 
 export type State = 'connecting' | 'connected' | 'disconnected' | 'closed';
 export type Transport = 'websocket' | 'sse';
@@ -40,6 +43,15 @@ export interface Options {
    * channel (after reconnects too: tokens expire). Return null for channels that need
    * none. WebSocket only. */
   getSubscriptionToken?: (channel: string) => Promise<string | null | undefined> | string | null | undefined;
+}
+
+/** How a subscription is made. */
+export interface SubscribeOptions {
+  /** `'fossil'`: on channels whose rule allows it, publications after the first may
+   * arrive as Fossil deltas against the one before; the client applies them, and
+   * `message` always carries the whole data. Saves bandwidth on documents that change
+   * a little at a time (scores, prices, dashboards). */
+  delta?: 'fossil';
 }
 
 export interface MessageContext {
@@ -166,11 +178,18 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   offset?: number;
   epoch?: string;
   active = false;
+  /** The server sends deltas on this subscription (its `subscribed` said so). */
+  delta = false;
   /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
   _retries = 0;
+  /** @internal With deltas: the last text delivery's offset and raw JSON text, which
+   * the next delta applies to. */
+  _base?: { offset: number; text: string };
   constructor(
     readonly channel: string,
     private client: Client,
+    /** What was asked for (see SubscribeOptions). */
+    readonly options: SubscribeOptions = {},
   ) {
     super();
   }
@@ -272,10 +291,10 @@ export class Client extends Emitter<ClientEvents> {
 
   /** Subscribes (or returns the existing subscription). History channels resume by
    * themselves after every reconnect. */
-  subscribe(channel: string): Subscription {
+  subscribe(channel: string, options: SubscribeOptions = {}): Subscription {
     let sub = this.subscriptions.get(channel);
     if (sub) return sub;
-    sub = new Subscription(channel, this);
+    sub = new Subscription(channel, this, options);
     this.subscriptions.set(channel, sub);
     if (this.state === 'connected') {
       if (this.transport === 'websocket') this.sendSubscribe(sub);
@@ -502,7 +521,8 @@ export class Client extends Emitter<ClientEvents> {
       case 'welcome':
         return this.onWelcome(f);
       case 'message':
-        return this.onMessage(f.channel, f.base64 !== undefined ? base64(f.base64) : f.data, f.offset, f.epoch);
+        if (f.base64 !== undefined) return this.onMessage(f.channel, base64(f.base64), f.offset, f.epoch);
+        return this.onText(text, f);
       case 'subscribed':
         return this.onSubscribed(f);
       case 'epoch': {
@@ -587,6 +607,9 @@ export class Client extends Emitter<ClientEvents> {
     if (f.id !== undefined) this.pending.delete(f.id);
     sub.active = true;
     sub._retries = 0;
+    // Every subscribe starts whole: no delta applies to what came before.
+    sub.delta = f.delta === 'fossil';
+    sub._base = undefined;
     // The position moves only with delivered messages: a resumed subscription's replay
     // follows this reply, and a connection lost during it must resume from what
     // arrived, not from the top (which would lose the rest of the replay).
@@ -602,6 +625,35 @@ export class Client extends Emitter<ClientEvents> {
     }
     sub._emit('subscribed', f);
     if (f.recovered !== undefined) sub._emit('recovered', f.recovered);
+  }
+
+  /** A text delivery, whole or a delta. A delta that does not apply to the data held
+   * (it never should) drops the connection: the resume after it starts whole, from the
+   * last delivered offset, so nothing is lost. */
+  private onText(text: string, f: any): void {
+    const sub = this.subscriptions.get(f.channel);
+    if (!sub) return;
+    if (f.delta === undefined) {
+      // The base of the next delta: the publisher's bytes, as they are in the frame.
+      if (sub.delta && f.offset !== undefined) {
+        const raw = rawData(text, f.channel);
+        sub._base = raw === undefined ? undefined : { offset: f.offset, text: raw };
+      }
+      return this.onMessage(f.channel, f.data, f.offset, f.epoch);
+    }
+    const base = sub._base;
+    let data: unknown;
+    try {
+      if (!base || base.offset + 1 !== f.offset) throw new Error('no base for it');
+      const whole = applyStringDelta(base.text, f.delta);
+      data = JSON.parse(whole);
+      sub._base = { offset: f.offset, text: whole };
+    } catch (e) {
+      sub._base = undefined;
+      this.emit('error', new HeraldError('delta', `a delta on ${f.channel} at ${f.offset} did not apply: ${e}`));
+      return this.drop('delta');
+    }
+    this.onMessage(f.channel, data, f.offset, f.epoch);
   }
 
   private onMessage(channel: string, data: unknown, offset?: number, epoch?: string): void {
@@ -624,6 +676,9 @@ export class Client extends Emitter<ClientEvents> {
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
+    // Deltas are between text deliveries only.
+    const sub = this.subscriptions.get(channel);
+    if (sub) sub._base = undefined;
     this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
 
@@ -685,6 +740,7 @@ export class Client extends Emitter<ClientEvents> {
     const frame: any = { op: 'subscribe', channel: sub.channel, id, recover: true };
     if (sub.offset !== undefined && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     if (token) frame.token = token;
+    if (sub.options.delta) frame.delta = sub.options.delta;
     this.send(frame);
   }
 
@@ -820,6 +876,9 @@ export class Client extends Emitter<ClientEvents> {
       .filter((s) => s.offset !== undefined && s.epoch)
       .map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
     if (positions.length) u.searchParams.set('last_event_id', positions.join(','));
+    // One stream for every channel: deltas where any subscription asked for them (each
+    // `subscribed` says where they come; the client applies them wherever they do).
+    if ([...this.subscriptions.values()].some((s) => s.options.delta)) u.searchParams.set('delta', 'fossil');
     const abort = new AbortController();
     this.sse = abort;
     const headers: Record<string, string> = { accept: 'text/event-stream' };
@@ -925,6 +984,14 @@ function tokenClaims(token: string): { exp?: number; iat?: number } | undefined 
   } catch {
     return undefined;
   }
+}
+
+/** The publisher's JSON text inside a whole `message` frame of a history channel:
+ * between `"data":` and the last `,"offset":` (PROTOCOL.md, "Deltas"). */
+function rawData(frame: string, channel: string): string | undefined {
+  const head = `{"op":"message","channel":"${channel}","data":`;
+  const end = frame.lastIndexOf(',"offset":');
+  return frame.startsWith(head) && end >= head.length ? frame.slice(head.length, end) : undefined;
 }
 
 function base64(s: string): Uint8Array {

@@ -32,6 +32,10 @@ publish = "anyone"
 pattern = "feed:*"
 history_size = 1000
 [[channels.rules]]
+pattern = "doc:*"
+history_size = 1000
+delta = "fossil"
+[[channels.rules]]
 pattern = "room:*"
 presence = true
 join_leave = true
@@ -251,6 +255,113 @@ test('falls back to Server-Sent Events where WebSocket is refused, and publishes
   } finally {
     c.close();
     await stop(h);
+  }
+});
+
+/** A live-score document of about 2 KB where a few fields change per update. */
+function scoreDoc(seq) {
+  const players = Array.from({ length: 22 }, (_, i) => ({
+    name: `Player ${String.fromCharCode(65 + (i % 26))}${i}`,
+    team: i < 11 ? 'home' : 'away',
+    rating: 6 + ((i * 7 + Math.floor(seq / 5)) % 30) / 10,
+    cards: i === seq % 22 ? 1 : 0,
+  }));
+  return { seq, match: 'Sunderland – Newcastle', minute: 10 + seq, score: [Math.floor(seq / 7), Math.floor(seq / 11)], possession: [50 + (seq % 9), 50 - (seq % 9)], players };
+}
+
+/** A WebSocket that counts the delta frames it receives. */
+function countingWebSocket(counts) {
+  return class extends globalThis.WebSocket {
+    constructor(url) {
+      super(url);
+      this.addEventListener('message', (ev) => {
+        if (typeof ev.data !== 'string' || !ev.data.startsWith('{"op":"message"')) return;
+        counts[ev.data.includes('"delta":') ? 'delta' : 'whole']++;
+      });
+    }
+  };
+}
+
+test('fossil deltas rebuild every publication, over WebSocket and SSE, through a node change and a Redis reset', async () => {
+  let redis = await startRedis();
+  const redisPort = Number(new URL(redis.url).port);
+  const port = await freePort();
+  let a = await herald(port, ['--redis', redis.url], { HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms' });
+  const b = await herald(0, ['--redis', redis.url], { HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms' });
+  const counts = { delta: 0, whole: 0 };
+  const opts = { minReconnectDelay: 50, maxReconnectDelay: 200 };
+  const ws = new Client(`ws://127.0.0.1:${port}/ws`, { ...opts, WebSocket: countingWebSocket(counts) });
+  // WebSocket refused (404): SSE to the same node.
+  const sse = new Client(`ws://127.0.0.1:${port}/no-ws`, { ...opts, sseUrl: `http://127.0.0.1:${port}/sse`, sseAfterFailures: 1 });
+  const plain = new Client(`ws://127.0.0.1:${port}/ws`, opts);
+  const clients = [ws, sse, plain];
+  const errors = [];
+  for (const c of clients) c.on('error', (e) => e.code === 'delta' && errors.push(e));
+  const subs = [ws.subscribe('doc:live', { delta: 'fossil' }), sse.subscribe('doc:live', { delta: 'fossil' }), plain.subscribe('doc:live')];
+  const got = subs.map(collect);
+  const resets = subs.map((s) => {
+    const n = { n: 0 };
+    s.on('reset', () => n.n++);
+    return n;
+  });
+  // Every delivery is the document published with its seq, field for field (a delta
+  // applied to the wrong base fails its checksum, or rebuilds another document).
+  const check = () => {
+    for (const g of got) for (const m of g) assert.deepEqual(m.data, scoreDoc(m.data.seq));
+  };
+  const seqs = (g) => g.map((m) => m.data.seq);
+  try {
+    await until('subscribed', () => subs.every((s) => s.active));
+    assert.equal(sse.transport, 'sse');
+    assert.deepEqual(subs.map((s) => s.delta), [true, true, false]);
+    for (let i = 1; i <= 20; i++) await publish(b.addr, 'doc:live', scoreDoc(i));
+    await until('20 each', () => got.every((g) => g.length === 20));
+    check();
+    for (const g of got) assert.deepEqual(seqs(g), Array.from({ length: 20 }, (_, i) => i + 1));
+    // The first whole, then deltas (each far smaller than the 2 KB document).
+    assert.equal(counts.whole, 1);
+    assert.equal(counts.delta, 19);
+
+    // The node dies; the clients resume elsewhere... here, on the same port once it is
+    // back: whole first (every resume is), then deltas again.
+    await stop(a, 'SIGKILL');
+    for (let i = 21; i <= 30; i++) await publish(b.addr, 'doc:live', scoreDoc(i));
+    a = await herald(port, ['--redis', redis.url], { HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms' });
+    await until('30 each', () => got.every((g) => g.length === 30), 20000);
+    check();
+    for (const g of got) assert.deepEqual(seqs(g), Array.from({ length: 30 }, (_, i) => i + 1));
+    for (let i = 31; i <= 35; i++) await publish(b.addr, 'doc:live', scoreDoc(i));
+    await until('35 each', () => got.every((g) => g.length === 35));
+    assert.ok(counts.whole >= 2 && counts.delta >= 19 + 4, JSON.stringify(counts));
+
+    // Redis restarts empty: a new epoch. The clients are told (reset), and what follows
+    // rebuilds correctly (whole after the reset, deltas after that).
+    redis.proc.kill('SIGKILL');
+    redis = await startRedis(redisPort);
+    const before = { ...counts };
+    let seq = 36;
+    // Publishing goes on meanwhile (some attempts fail while Redis is away).
+    for (const end = Date.now() + 20000; !resets.every((r) => r.n > 0); seq++) {
+      if (Date.now() > end) throw new Error(`timed out waiting for a reset everywhere: ${JSON.stringify(resets)}`);
+      await publish(b.addr, 'doc:live', scoreDoc(seq)).catch(() => {});
+      await sleep(50);
+    }
+    const last = seq + 5;
+    for (; seq <= last; seq++) await publish(b.addr, 'doc:live', scoreDoc(seq));
+    await until('the last document everywhere', () => got.every((g) => g.at(-1)?.data.seq === last), 20000);
+    check();
+    for (const g of got) {
+      const s = seqs(g);
+      assert.ok(s.every((x, i) => i === 0 || x > s[i - 1]), `in order: ${s}`);
+    }
+    console.log(`WebSocket message frames: ${JSON.stringify(counts)}`);
+    assert.ok(counts.delta - before.delta >= 4, `deltas after the reset: ${JSON.stringify(counts)}`);
+    assert.deepEqual(errors, []);
+  } finally {
+    for (const c of clients) c.close();
+    await stop(a);
+    await stop(b);
+    redis.proc.kill('SIGKILL');
   }
 });
 

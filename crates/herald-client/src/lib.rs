@@ -37,6 +37,7 @@ use futures_util::{SinkExt, StreamExt};
 use herald_protocol::backoff::Backoff;
 use herald_protocol::client::{
     encode_ping, encode_presence, encode_publish, encode_resume, encode_rpc, encode_unsubscribe,
+    with_delta,
 };
 use herald_protocol::server::{parse_binary_delivery, parse_reply, parse_text_delivery};
 use herald_protocol::{ChannelName, Epoch, StreamPosition};
@@ -67,7 +68,16 @@ pub struct Config {
     pub publish_timeout: Duration,
     /// How long a connection attempt (TCP, handshake, welcome) may take.
     pub connect_timeout: Duration,
+    /// Ask for Fossil deltas on every subscription (`"delta":"fossil"`): on channels
+    /// whose rule allows them, a publication may arrive as the delta against the one
+    /// before, which the client applies; [`Event::Message`] always carries the whole
+    /// data. Default off.
+    pub delta: bool,
 }
+
+/// The largest publication a delta may rebuild (a delta names its result's size
+/// first; a bigger one is refused before anything is reserved).
+const MAX_DELTA_TARGET: usize = 64 << 20;
 
 /// Fetches a connection token (from the application's backend, typically).
 #[derive(Clone)]
@@ -106,6 +116,7 @@ impl Config {
             ping_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            delta: false,
         }
     }
 }
@@ -383,6 +394,9 @@ struct Sub {
     listeners: Vec<(u64, mpsc::UnboundedSender<Event>)>,
     /// The last offset delivered, and its epoch.
     position: Option<StreamPosition>,
+    /// With deltas: the last text delivery's offset and data on this subscription,
+    /// the base the next delta applies to.
+    base: Option<(u64, Bytes)>,
     /// The server confirmed it on this connection.
     active: bool,
     /// How long to wait before asking again after `unavailable`.
@@ -394,6 +408,7 @@ impl Sub {
         Sub {
             listeners: vec![(listener, events)],
             position: None,
+            base: None,
             active: false,
             retry: Backoff::new(config.min_backoff, config.max_backoff),
         }
@@ -603,11 +618,18 @@ impl Requests {
         self.next_id
     }
 
-    /// The frame subscribing to `channel`, resuming after `since`.
-    fn subscribe(&mut self, channel: &ChannelName, since: Option<StreamPosition>) -> Message {
+    /// The frame subscribing to `channel`, resuming after `since`, asking for deltas
+    /// when `delta`.
+    fn subscribe(
+        &mut self,
+        channel: &ChannelName,
+        since: Option<StreamPosition>,
+        delta: bool,
+    ) -> Message {
         let id = self.id();
         self.subscribing.insert(id, channel.clone());
-        Message::Text(encode_resume(channel, Some(id), since).into())
+        let frame = encode_resume(channel, Some(id), since);
+        Message::Text(if delta { with_delta(frame) } else { frame }.into())
     }
 
     /// The frame publishing `data`; `reply` hears the outcome.
@@ -634,7 +656,7 @@ async fn session(
     }
     for (channel, sub) in subs.iter() {
         if ws
-            .send(requests.subscribe(channel, sub.position))
+            .send(requests.subscribe(channel, sub.position, config.delta))
             .await
             .is_err()
         {
@@ -662,7 +684,12 @@ async fn session(
                 pinged = None;
                 match msg {
                     Some(Ok(Message::Text(t))) => {
-                        on_text(config, t.as_str(), subs, &mut requests, made)
+                        if let Err(e) = on_text(config, t.as_str(), subs, &mut requests, made) {
+                            // Nothing was lost: the resume after reconnecting starts
+                            // whole, from the last delivered offset.
+                            tracing::warn!(error = %e, "reconnecting");
+                            break Ended::Reconnect { at_once: true };
+                        }
                     }
                     Some(Ok(Message::Binary(b))) => on_binary(&b, subs),
                     Some(Ok(Message::Close(frame))) => {
@@ -688,7 +715,7 @@ async fn session(
                 }
                 Some(Command::Subscribe(channel, listener, events)) => {
                     if add_listener(config, subs, channel.clone(), listener, events) {
-                        let frame = requests.subscribe(&channel, None);
+                        let frame = requests.subscribe(&channel, None, config.delta);
                         if ws.send(frame).await.is_err() {
                             break Ended::Reconnect { at_once: false };
                         }
@@ -730,7 +757,7 @@ async fn session(
                 requests.retry = later;
                 for (_, channel) in due {
                     let Some(sub) = subs.get(&channel).filter(|s| !s.active) else { continue };
-                    let frame = requests.subscribe(&channel, sub.position);
+                    let frame = requests.subscribe(&channel, sub.position, config.delta);
                     if ws.send(frame).await.is_err() {
                         break;
                     }
@@ -777,29 +804,69 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>, epoch: Option<Epoch>
     sub.emit(Event::Message { data, offset });
 }
 
+/// A delta that did not apply (see [`on_text`]).
+#[derive(Debug, thiserror::Error)]
+#[error("a delta on {0} did not apply to the data held")]
+struct BadDelta(String);
+
+/// Handles a text frame. A delta that does not apply to the data held is an error:
+/// the connection is dropped and the subscriptions resume (whole) from what was
+/// delivered.
 fn on_text(
     config: &Config,
     text: &str,
     subs: &mut HashMap<ChannelName, Sub>,
     requests: &mut Requests,
     made: &Made,
-) {
+) -> Result<(), BadDelta> {
     // Deliveries are most frames: their `data` is handed on as the publisher's bytes,
     // not parsed and printed again.
     if let Some(d) = parse_text_delivery(text) {
-        if let Some(sub) = ChannelName::new(&d.channel)
+        let Some(sub) = ChannelName::new(&d.channel)
             .ok()
             .and_then(|c| subs.get_mut(&c))
-        {
-            deliver(
-                sub,
-                Bytes::copy_from_slice(d.data.get().as_bytes()),
-                d.offset,
-                d.epoch.as_deref().and_then(Epoch::parse),
-            );
+        else {
+            return Ok(());
+        };
+        let data = match (d.data, d.delta.as_deref(), d.offset) {
+            (Some(data), _, _) => Bytes::copy_from_slice(data.get().as_bytes()),
+            (None, Some(delta), Some(o)) => {
+                let bad = || BadDelta(d.channel.to_string());
+                let Some((_, base)) = sub.base.as_ref().filter(|(at, _)| at + 1 == o) else {
+                    return Err(bad());
+                };
+                let data =
+                    herald_protocol::delta::apply_fossil(base, delta.as_bytes(), MAX_DELTA_TARGET)
+                        .map_err(|_| bad())?;
+                Bytes::from(data)
+            }
+            _ => return Err(BadDelta(d.channel.to_string())),
+        };
+        // The base is the last text delivery the server sent, whether or not it is
+        // handed on (a replayed one already delivered is not).
+        if config.delta {
+            sub.base = d.offset.map(|o| (o, data.clone()));
         }
-        return;
+        deliver(
+            sub,
+            data,
+            d.offset,
+            d.epoch.as_deref().and_then(Epoch::parse),
+        );
+        return Ok(());
     }
+    on_reply(config, text, subs, requests, made);
+    Ok(())
+}
+
+/// Handles a text frame other than a delivery.
+fn on_reply(
+    config: &Config,
+    text: &str,
+    subs: &mut HashMap<ChannelName, Sub>,
+    requests: &mut Requests,
+    made: &Made,
+) {
     let Some(r) = parse_reply(text) else {
         return;
     };
@@ -818,6 +885,8 @@ fn on_text(
             let Some(sub) = subs.get_mut(&channel) else {
                 return;
             };
+            // Every subscribe starts whole: no delta applies to what came before.
+            sub.base = None;
             if let Some(at) = r.position() {
                 match sub.position.as_mut() {
                     // Resumed: the replay from our position follows this reply.
@@ -937,6 +1006,8 @@ fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {
         return;
     };
     if let Some(sub) = subs.get_mut(&d.channel) {
+        // Deltas are between text deliveries only.
+        sub.base = None;
         deliver(sub, d.payload, d.offset, None);
     }
 }
