@@ -5,6 +5,7 @@
 mod auth;
 mod client;
 mod control;
+mod delta;
 mod deploy;
 mod edge;
 mod hooks;

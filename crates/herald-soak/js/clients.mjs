@@ -37,6 +37,11 @@ function rand() {
   return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
 }
 
+// The document message m on ch carries (record.rs's `doc`).
+const FILLER =
+  'The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. The five boxing wizards jump quickly; jackdaws love my big sphinx of quartz.';
+const doc = (ch, m) => `${ch} #${m} ${FILLER}`;
+
 const b64 = (b) => Buffer.from(b).toString('base64url');
 function token(sub) {
   const now = Math.floor(Date.now() / 1000);
@@ -94,14 +99,19 @@ for (let i = 0; i < count; i++) {
   });
   const chosen = [...channels].sort(() => rand() - 0.5).slice(0, Math.max(1, perClient));
   for (const ch of chosen) {
-    const sub = client.subscribe(ch);
+    // Half the clients take Fossil deltas on history channels.
+    const sub = client.subscribe(ch, i % 2 === 0 ? { delta: 'fossil' } : {});
     emit(rec(id, ch, 'start'));
     subs.push([id, ch]);
     sub.on('subscribed', () => emit(rec(id, ch, 'sub')));
     sub.on('recovered', (ok) => emit(rec(id, ch, ok ? 'rec' : 'lost')));
     sub.on('reset', () => emit(rec(id, ch, 'reset')));
     sub.on('message', (data, ctx) => {
-      if (!data || typeof data.m !== 'number') return;
+      const o = ctx.offset === undefined ? {} : { o: ctx.offset };
+      if (!data || typeof data.m !== 'number' || data.doc !== doc(ch, data.m)) {
+        emit(rec(id, ch, 'corrupt', { ...o, why: `not the publisher's data: ${JSON.stringify(data).slice(0, 200)}` }));
+        return;
+      }
       const r = rec(id, ch, 'msg', { m: data.m, a: data.a });
       if (ctx.offset !== undefined) r.o = ctx.offset;
       emit(r);

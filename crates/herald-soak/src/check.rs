@@ -19,7 +19,9 @@
 //! - **stalled**: a subscription that stopped receiving (found by the run's final
 //!   fence, [`Checker::behind`]);
 //! - **refused** / **unexpected**: a subscribe refused, or a publish answered with a
-//!   status the soak never provokes.
+//!   status the soak never provokes;
+//! - **corrupt**: a message whose data is not what its publisher sent (half the
+//!   clients take Fossil deltas on history channels and rebuild each message).
 //!
 //! Plain channels promise at most once: their undelivered publications are counted,
 //! not violations.
@@ -198,6 +200,16 @@ impl Checker {
                 ));
             }
             Kind::End => sub.ended = true,
+            Kind::Corrupt => found.push((
+                "corrupt",
+                format!(
+                    "{} on {} at offset {:?}: {}",
+                    r.c,
+                    r.ch,
+                    r.o,
+                    r.why.as_deref().unwrap_or("")
+                ),
+            )),
             Kind::Msg => {
                 self.deliveries += 1;
                 sub.messages += 1;

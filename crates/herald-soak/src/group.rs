@@ -20,7 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::record::{now_ms, Kind, Payload, Record};
+use crate::record::{doc, now_ms, Kind, Payload, Record};
 
 /// `herald-soak clients`.
 #[derive(clap::Args, Debug, Clone)]
@@ -153,6 +153,8 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
         config.max_backoff = Duration::from_secs(2);
         config.ping_timeout = Duration::from_secs(2);
         config.connect_timeout = Duration::from_secs(5);
+        // Half the clients take Fossil deltas on history channels.
+        config.delta = i % 2 == 0;
         let (secret, sub) = (args.secret.clone(), id.clone());
         let (lo, hi) = (args.token_min_s, args.token_max_s.max(args.token_min_s + 1));
         let seed = rng.u64(..);
@@ -177,8 +179,28 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
                 while let Some(ev) = s.next().await {
                     let r = match ev {
                         Event::Message { data, offset } => {
-                            let Ok(p) = serde_json::from_slice::<Payload>(&data) else {
-                                continue;
+                            let p = match serde_json::from_slice::<Payload>(&data) {
+                                Ok(p) if p.doc == doc(&ch, p.m) => p,
+                                other => {
+                                    let why = match other {
+                                        Ok(p) => {
+                                            format!("message {} carries another document", p.m)
+                                        }
+                                        Err(e) => format!(
+                                            "not a soak payload ({e}): {}",
+                                            String::from_utf8_lossy(&data)
+                                        ),
+                                    };
+                                    let r = Record {
+                                        why: Some(why),
+                                        o: offset,
+                                        ..rec(&id2, &ch, Kind::Corrupt)
+                                    };
+                                    if tx.send(r).is_err() {
+                                        break;
+                                    }
+                                    continue;
+                                }
                             };
                             Record {
                                 m: Some(p.m),

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
-use crate::record::{now_ms, Attempt, Outcome, Payload, Sent};
+use crate::record::{doc, now_ms, Attempt, Outcome, Payload, Sent};
 
 /// What every publisher shares with the run.
 #[derive(Default)]
@@ -62,7 +62,7 @@ impl Publisher {
                 let node = nodes[rng.usize(..nodes.len())];
                 let body = json!({
                     "channel": self.ch,
-                    "data": Payload { m, a },
+                    "data": Payload { m, a, doc: doc(&self.ch, m) },
                     "idempotency_key": key,
                 });
                 let start = now_ms();

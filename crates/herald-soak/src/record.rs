@@ -49,16 +49,31 @@ pub(crate) enum Kind {
     Refused,
     /// The group stopped this client at the end of the run.
     End,
+    /// A message whose data was not what its publisher sent (`why` says how): a delta
+    /// rebuilt wrongly, or bytes changed on the way.
+    Corrupt,
 }
 
-/// The payload every publication carries: which message and which attempt.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// The payload every publication carries: which message and which attempt, and a
+/// document ([`doc`]) that changes a little from one message to the next, so that
+/// history channels (`delta = "fossil"`) send deltas to the clients that ask.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct Payload {
     /// The message's number on its channel (1, 2, ...).
     pub(crate) m: u64,
     /// The attempt (1 for the first try; a retry is a new attempt of the same message,
     /// sent with the same idempotency key).
     pub(crate) a: u32,
+    /// [`doc`] of the channel and `m`; clients check it (the JS group computes the same).
+    pub(crate) doc: String,
+}
+
+/// Text the same for every message but for the channel and number in front.
+const FILLER: &str = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. The five boxing wizards jump quickly; jackdaws love my big sphinx of quartz.";
+
+/// The document message `m` on `ch` carries.
+pub(crate) fn doc(ch: &str, m: u64) -> String {
+    format!("{ch} #{m} {FILLER}")
 }
 
 /// What one publish attempt was answered.

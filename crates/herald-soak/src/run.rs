@@ -165,6 +165,7 @@ grace_period = "{grace_period}"
 [[channels.rules]]
 pattern = "h:*"
 history_size = 1000
+delta = "fossil"
 "#
         ),
     )?;
@@ -570,12 +571,23 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }
     let sent = std::mem::take(&mut *ledger.sent.lock().expect("ledger"));
     let report = checker.finish(&sent);
+    // How much the delta path was exercised (counted since each node's last start).
+    let mut deltas = 0u64;
+    for n in nodes.iter().filter(|n| n.running()) {
+        let metrics = n.get("/metrics").await.unwrap_or_default();
+        deltas += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"herald_delta_publications_total{outcome="delta"} "#))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
     let summary = serde_json::json!({
         "seed": seed,
         "fault_seconds": faulty.as_secs_f64().round(),
         "clients": args.rust_clients + args.netns_clients + args.js_clients,
         "channels": {"history": args.history_channels, "plain": args.plain_channels},
         "faults": injected,
+        "delta_publications_on_running_nodes": deltas,
         "report": report,
     });
     let text = serde_json::to_string_pretty(&summary)?;

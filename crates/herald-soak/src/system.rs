@@ -207,20 +207,26 @@ impl Node {
 
     /// Whether `/readyz` answers 200.
     pub(crate) async fn ready(&self) -> bool {
+        self.get("/readyz")
+            .await
+            .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// The whole HTTP/1.1 response to `GET path` (within 2 s), if any.
+    pub(crate) async fn get(&self, path: &str) -> Option<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let probe = async {
             let mut s = tokio::net::TcpStream::connect(self.addr).await.ok()?;
-            s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                .await
-                .ok()?;
+            let req = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
             let mut buf = Vec::new();
             s.read_to_end(&mut buf).await.ok()?;
-            Some(buf.starts_with(b"HTTP/1.1 200"))
+            String::from_utf8(buf).ok()
         };
-        matches!(
-            tokio::time::timeout(Duration::from_secs(2), probe).await,
-            Ok(Some(true))
-        )
+        tokio::time::timeout(Duration::from_secs(2), probe)
+            .await
+            .ok()
+            .flatten()
     }
 }
 

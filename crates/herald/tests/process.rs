@@ -109,7 +109,32 @@ fn invalid_configuration_exits_64_before_binding() {
     )
     .unwrap();
     let overlapping = overlapping.to_str().unwrap().to_owned();
+    // A delta is against the publication before: only history channels number them.
+    let delta = std::env::temp_dir().join(format!("herald-delta-{}.toml", std::process::id()));
+    std::fs::write(
+        &delta,
+        "[[channels.rules]]\npattern = \"d:*\"\ndelta = \"fossil\"\n",
+    )
+    .unwrap();
+    let delta = delta.to_str().unwrap().to_owned();
+    let bad_format = std::env::temp_dir().join(format!("herald-zstd-{}.toml", std::process::id()));
+    std::fs::write(
+        &bad_format,
+        "[[channels.rules]]\npattern = \"z:*\"\nhistory_size = 5\ndelta = \"zstd\"\n",
+    )
+    .unwrap();
+    let bad_format = bad_format.to_str().unwrap().to_owned();
     for (args, env, needle) in [
+        (
+            vec!["--config", delta.as_str()],
+            vec![],
+            "delta needs history_size",
+        ),
+        (
+            vec!["--config", bad_format.as_str()],
+            vec![],
+            "\"zstd\" is not one of \"fossil\"",
+        ),
         (vec!["--config", overlapping.as_str()], vec![], "{sub}:*"),
         (
             vec![],
