@@ -51,6 +51,18 @@ mod tests {
         assert_eq!(apply_fossil(base, d.as_bytes(), 1 << 20).unwrap(), next);
     }
 
+    /// The example in PROTOCOL.md ("Deltas").
+    #[test]
+    fn the_documented_example_holds() {
+        let base = br#"{"match":"Sunderland - Newcastle","minute":41,"score":[1,0],"possession":[54,46],"venue":"Stadium of Light"}"#;
+        let next = br#"{"match":"Sunderland - Newcastle","minute":42,"score":[1,1],"possession":[53,47],"venue":"Stadium of Light"}"#;
+        let delta: String =
+            serde_json::from_str(r#""1h\nh@0,E:2,\"score\":[1,1H@v,4:3,47T@1F,1_7qqz;""#).unwrap();
+        assert_eq!(fossil(base, next).unwrap(), delta);
+        assert_eq!(apply_fossil(base, delta.as_bytes(), 1 << 10).unwrap(), next);
+        assert_eq!((delta.len(), next.len()), (45, 108));
+    }
+
     #[test]
     fn a_bad_delta_is_an_error_not_a_panic() {
         let base = b"0123456789abcdefghijklmnopqrstuvwxyz";
