@@ -8,7 +8,8 @@ pub(crate) struct RunArgs {
     /// Tiny sizes and one-second phases: checks that every scenario and peer works.
     #[arg(long)]
     pub(crate) smoke: bool,
-    /// Scenarios, in order.
+    /// Scenarios, in order. Also: `burstN` (bursts of N publications to one channel,
+    /// e.g. `burst400`), `channels1000` (1,000 channels, `subscribers / 1000` each).
     #[arg(
         long,
         value_delimiter = ',',

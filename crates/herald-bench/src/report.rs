@@ -24,7 +24,14 @@ pub(crate) struct Report {
 /// The figures shown per scenario, and whether higher is better.
 fn columns(scenario: &str) -> &'static [(&'static str, bool)] {
     match scenario {
-        "fanout" | "channels" | "crossnode" => &[
+        s if s.starts_with("burst") => &[
+            ("delivered_per_s", true),
+            ("cpu_us_per_delivery", false),
+            ("p50_us", false),
+            ("p99_us", false),
+            ("lost", false),
+        ],
+        "fanout" | "channels" | "channels1000" | "crossnode" => &[
             ("delivered_per_s", true),
             ("cpu_us_per_delivery", false),
             ("server_cpu_cores", false),

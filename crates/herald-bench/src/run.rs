@@ -11,7 +11,7 @@ use crate::args::RunArgs;
 use crate::procfs;
 use crate::report::Row;
 use crate::scenarios::{
-    auth_costs, churn, closed_loop, connect_rate, drops, history_costs, idle, latency,
+    auth_costs, burst, churn, closed_loop, connect_rate, drops, history_costs, idle, latency,
 };
 use crate::target::setup;
 
@@ -68,7 +68,25 @@ async fn main(args: RunArgs) -> anyhow::Result<()> {
                 "crossnode" => closed_loop(&args, &redis, target, scenario, 2, args.subscribers, 1)
                     .await
                     .map(Some),
+                // 1,000 channels of `subscribers / 1000` each (5 with the default).
+                "channels1000" => closed_loop(
+                    &args,
+                    &redis,
+                    target,
+                    scenario,
+                    1,
+                    args.subscribers,
+                    1000.min(args.subscribers),
+                )
+                .await
+                .map(Some),
                 "latency" => latency(&args, &redis, target, &max_rate).await.map(Some),
+                s if s.starts_with("burst") => {
+                    let size: usize = s["burst".len()..]
+                        .parse()
+                        .with_context(|| format!("{s}: burstN, N publications per burst"))?;
+                    burst(&args, &redis, target, size).await.map(Some)
+                }
                 "idle" => idle(&args, &redis, target).await.map(Some),
                 "connect" => connect_rate(&args, &redis, target).await.map(Some),
                 "drops" => drops(&args, target).await,

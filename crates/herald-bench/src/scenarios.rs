@@ -295,6 +295,78 @@ pub(crate) async fn closed_loop(
     })
 }
 
+/// Bursts: `size` publications at once (one pipelined batch into Redis) to every
+/// subscriber of one channel, three times with a pause between: how fast a burst is
+/// delivered (deliveries per second from the publish to the last delivery), the server's
+/// CPU per delivery, and each message's publish→receive latency (p50, p99 over the three
+/// bursts).
+pub(crate) async fn burst(
+    args: &RunArgs,
+    redis: &RedisServer,
+    kind: &str,
+    size: usize,
+) -> anyhow::Result<Row> {
+    const BURSTS: u64 = 3;
+    let mut target = Target::start(kind, 1, redis).await?;
+    let mut ws = workers(&target.addrs, args.subscribers, 1, 2, kind).await?;
+    for w in ws.iter_mut() {
+        w.cmd("reset").await?;
+    }
+    let per_burst = (size * args.subscribers) as u64;
+    let (mut busy, mut cpu, mut received) = (0f64, 0f64, 0u64);
+    for b in 0..BURSTS {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let msgs: Vec<(String, String)> = (0..size as u64)
+            .map(|i| ("bench-0".to_owned(), payload(b * size as u64 + i)))
+            .collect();
+        let cpu0 = target.cpu();
+        let started = Instant::now();
+        target.publisher.publish(&msgs).await?;
+        let deadline = started + Duration::from_secs(30);
+        let want = per_burst * (b + 1);
+        loop {
+            received = total(&mut ws).await?;
+            if received >= want || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        busy += started.elapsed().as_secs_f64();
+        cpu += target.cpu() - cpu0;
+    }
+    let mut figures = BTreeMap::new();
+    let (mut p50, mut p99) = (0f64, 0f64);
+    for w in ws.iter_mut() {
+        let s = w.cmd("stats").await?;
+        p50 = p50.max(s["p50_us"].as_f64().unwrap_or(0.0));
+        p99 = p99.max(s["p99_us"].as_f64().unwrap_or(0.0));
+    }
+    figures.insert("delivered_per_s".into(), received as f64 / busy);
+    figures.insert(
+        "cpu_us_per_delivery".into(),
+        cpu * 1e6 / received.max(1) as f64,
+    );
+    figures.insert("p50_us".into(), p50);
+    figures.insert("p99_us".into(), p99);
+    figures.insert(
+        "lost".into(),
+        (per_burst * BURSTS).saturating_sub(received) as f64,
+    );
+    for w in ws {
+        w.quit().await;
+    }
+    target.stop().await;
+    Ok(Row {
+        scenario: format!("burst{size}"),
+        target: kind.into(),
+        figures,
+        note: format!(
+            "{} subscribers, bursts of {size} publications, {BURSTS} bursts",
+            args.subscribers
+        ),
+    })
+}
+
 /// Publish at a fixed rate and report publish→receive latency percentiles.
 ///
 /// The rate is `latency_fraction` of the floor's fan-out maximum; a target whose own
