@@ -39,7 +39,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// (channel index, publication number) of each delivery in `h`'s queue, read now.
 fn read(h: &SessionHandle) -> Vec<(usize, u64)> {
-    let mut items = Vec::new();
+    let mut items = std::collections::VecDeque::new();
     h.drain(&mut items);
     h.finish_batch();
     items
@@ -244,7 +244,7 @@ mod history {
 
         /// Reads subscriber `s`'s queue and checks every frame against what it saw.
         fn read(&mut self, s: usize) -> Result<(), TestCaseError> {
-            let mut items = Vec::new();
+            let mut items = std::collections::VecDeque::new();
             self.handles[s].drain(&mut items);
             self.handles[s].finish_batch();
             for i in items {

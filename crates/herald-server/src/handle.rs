@@ -140,6 +140,16 @@ impl Item {
     pub(crate) fn cost(&self) -> usize {
         self.len + ITEM_OVERHEAD
     }
+
+    /// Another queue entry for the same frame (its bytes are shared, not copied).
+    pub(crate) fn share(&self) -> Item {
+        Item {
+            msg: self.msg.clone(),
+            len: self.len,
+            published_at_us: self.published_at_us,
+            delivery: self.delivery,
+        }
+    }
 }
 
 /// How a session should end.
@@ -416,6 +426,8 @@ impl SessionHandle {
             return Err(sink);
         }
         s.writer = WriterSlot::Parked(sink);
+        // Most sessions are idle most of the time: an idle one holds no ring.
+        s.queue = VecDeque::new();
         Ok(())
     }
 
@@ -461,13 +473,7 @@ impl SessionHandle {
     ) {
         let (mut queued, mut closing) = (0usize, 0u64);
         for handle in to {
-            let copy = Item {
-                msg: item.msg.clone(),
-                len: item.len,
-                published_at_us: item.published_at_us,
-                delivery: item.delivery,
-            };
-            match handle.enqueue(copy) {
+            match handle.enqueue(item.share()) {
                 Pushed::Queued => queued += 1,
                 Pushed::Closed => closing += 1,
                 Pushed::Overflow => {}
@@ -484,6 +490,68 @@ impl SessionHandle {
         }
     }
 
+    /// Queues `items` (consecutive deliveries of one channel, encoded once) to every
+    /// handle in `to`, each taking the whole run under one lock: all of it fits, or the
+    /// session closes as a slow consumer (as it would at the item that did not fit).
+    pub(crate) fn push_run_to_all<'a>(
+        to: impl Iterator<Item = &'a Arc<SessionHandle>>,
+        items: &[Item],
+        metrics: &Metrics,
+    ) {
+        let [first, ..] = items else { return };
+        if items.len() == 1 {
+            return SessionHandle::push_to_all(to, first, metrics);
+        }
+        let cost: usize = items.iter().map(Item::cost).sum();
+        let (mut queued, mut closing) = (0usize, 0u64);
+        for handle in to {
+            match handle.enqueue_run(items, cost) {
+                Pushed::Queued => queued += 1,
+                Pushed::Closed => closing += items.len() as u64,
+                Pushed::Overflow => {}
+            }
+        }
+        metrics.outbound_queue_bytes.add((queued * cost) as i64);
+        if closing > 0 {
+            metrics.dropped(DropReason::Disconnected, closing);
+        }
+    }
+
+    /// [`SessionHandle::enqueue`] for a run of deliveries costing `cost` in all.
+    fn enqueue_run(self: &Arc<Self>, items: &[Item], cost: usize) -> Pushed {
+        let mut s = self.state.lock();
+        if s.closing.is_some() {
+            return Pushed::Closed;
+        }
+        if s.bytes + s.inflight + cost > self.env.max_queued_bytes {
+            self.overflow(s, items.len());
+            return Pushed::Overflow;
+        }
+        let was_empty = s.queue.is_empty();
+        s.bytes += cost;
+        s.queue.extend(items.iter().map(Item::share));
+        self.start_writer(s, was_empty);
+        Pushed::Queued
+    }
+
+    /// Over budget: the session closes as a slow consumer; what it had queued and the
+    /// `refused` deliveries that did not fit are dropped (counted).
+    fn overflow(self: &Arc<Self>, mut s: MutexGuard<'_, State>, refused: usize) {
+        let discarded = s.queue.iter().filter(|i| i.delivery).count() + refused;
+        let m = &self.env.metrics;
+        m.slow_consumer_disconnects.inc();
+        m.dropped(DropReason::SlowConsumer, discarded as u64);
+        m.outbound_queue_bytes.sub(s.bytes as i64);
+        s.queue = VecDeque::new();
+        s.bytes = 0;
+        s.closing = Some(Closing {
+            code: herald_protocol::close::TRY_AGAIN_LATER,
+            reason: Cow::Borrowed("slow consumer"),
+            flush_queue: false,
+        });
+        self.start_writer(s, true);
+    }
+
     /// Queues `item` without touching the gauge for it (the caller adds what was queued).
     fn enqueue(self: &Arc<Self>, item: Item) -> Pushed {
         let mut s = self.state.lock();
@@ -491,19 +559,7 @@ impl SessionHandle {
             return Pushed::Closed;
         }
         if s.bytes + s.inflight + item.cost() > self.env.max_queued_bytes {
-            let discarded = s.queue.iter().chain([&item]).filter(|i| i.delivery).count();
-            let m = &self.env.metrics;
-            m.slow_consumer_disconnects.inc();
-            m.dropped(DropReason::SlowConsumer, discarded as u64);
-            m.outbound_queue_bytes.sub(s.bytes as i64);
-            s.queue = VecDeque::new();
-            s.bytes = 0;
-            s.closing = Some(Closing {
-                code: herald_protocol::close::TRY_AGAIN_LATER,
-                reason: Cow::Borrowed("slow consumer"),
-                flush_queue: false,
-            });
-            self.start_writer(s, true);
+            self.overflow(s, usize::from(item.delivery));
             return Pushed::Overflow;
         }
         let was_empty = s.queue.is_empty();
@@ -534,11 +590,17 @@ impl SessionHandle {
     /// Moves everything queued into `out` (the writer's batch, which stays within the
     /// budget until [`SessionHandle::finish_batch`]) and returns the closing request, if
     /// any (then the queue is moved only if it should be written first).
-    pub(crate) fn drain(&self, out: &mut Vec<Item>) -> Option<Closing> {
+    ///
+    /// `out` must be empty: the two swap, so the queue goes on in the ring the writer
+    /// last emptied. A session in a burst then reuses two rings instead of growing a
+    /// fresh one (and faulting in fresh pages) for every batch; they are released when
+    /// the writer parks.
+    pub(crate) fn drain(&self, out: &mut VecDeque<Item>) -> Option<Closing> {
+        debug_assert!(out.is_empty());
         let mut s = self.state.lock();
         let closing = s.closing.clone();
         if closing.as_ref().is_none_or(|c| c.flush_queue) {
-            out.extend(s.queue.drain(..));
+            std::mem::swap(&mut s.queue, out);
             s.inflight += s.bytes;
         } else {
             let dropped = s.queue.iter().filter(|i| i.delivery).count();
@@ -549,10 +611,6 @@ impl SessionHandle {
             s.queue.clear();
         }
         s.bytes = 0;
-        if s.queue.is_empty() {
-            // Most sessions are idle most of the time: hold no ring between bursts.
-            s.queue = VecDeque::new();
-        }
         closing
     }
 
@@ -636,10 +694,53 @@ pub(crate) mod tests {
         assert_eq!(m.dropped_total(DropReason::SlowConsumer), 2);
         assert_eq!(m.outbound_queue_bytes.get(), 0);
         assert_eq!(o.push(item(1)), Pushed::Closed);
-        let mut out = Vec::new();
+        let mut out = std::collections::VecDeque::new();
         let closing = o.drain(&mut out);
         assert!(out.is_empty());
         assert_eq!(closing.unwrap().code, 1013);
+    }
+
+    /// A run of deliveries is all queued, or the session closes: never part of a run
+    /// and never in silence (every delivery counted once: queued, or dropped).
+    #[test]
+    fn a_run_is_queued_whole_or_closes_the_session() {
+        let e = env(10 * (10 + ITEM_OVERHEAD));
+        let (a, b) = (
+            Arc::new(SessionHandle::new(0, e.clone())),
+            Arc::new(SessionHandle::new(0, e.clone())),
+        );
+        let m = e.metrics.clone();
+        let run: Vec<Item> = (0..4).map(|_| item(10)).collect();
+        for _ in 0..3 {
+            b.push(item(10));
+        }
+        SessionHandle::push_run_to_all([&a].into_iter(), &run, &m);
+        SessionHandle::push_run_to_all([&a, &b].into_iter(), &run, &m);
+        assert_eq!(
+            m.outbound_queue_bytes.get(),
+            (15 * (10 + ITEM_OVERHEAD)) as i64
+        );
+        let mut out = std::collections::VecDeque::new();
+        assert!(a.drain(&mut out).is_none());
+        assert_eq!(out.len(), 8);
+        // `b` holds 7 of its 10: the next run of 4 does not fit.
+        SessionHandle::push_run_to_all([&b].into_iter(), &run, &m);
+        assert_eq!(m.slow_consumer_disconnects.get(), 1);
+        // What `b` had queued and the whole run that did not fit.
+        assert_eq!(m.dropped_total(DropReason::SlowConsumer), 7 + 4);
+        assert_eq!(
+            m.outbound_queue_bytes.get(),
+            (8 * (10 + ITEM_OVERHEAD)) as i64
+        );
+        assert_eq!(
+            b.drain(&mut std::collections::VecDeque::new())
+                .unwrap()
+                .code,
+            1013
+        );
+        // A closing session takes nothing more, counted as dropped.
+        SessionHandle::push_run_to_all([&b].into_iter(), &run, &m);
+        assert_eq!(m.dropped_total(DropReason::Disconnected), 4);
     }
 
     #[test]
@@ -658,7 +759,7 @@ pub(crate) mod tests {
         let o = Arc::new(SessionHandle::new(0, env(1000)));
         o.push(item(10));
         o.close(1001, "bye", true);
-        let mut out = Vec::new();
+        let mut out = std::collections::VecDeque::new();
         let closing = o.drain(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(closing.unwrap().code, 1001);
@@ -694,7 +795,7 @@ pub(crate) mod tests {
         for _ in 0..(budget / (2 + ITEM_OVERHEAD)) {
             o.push(item(2));
         }
-        let mut batch = Vec::new();
+        let mut batch = std::collections::VecDeque::new();
         o.drain(&mut batch);
         assert_eq!(o.push(item(2)), Pushed::Overflow);
     }
@@ -712,7 +813,7 @@ pub(crate) mod tests {
         );
         a.discard();
         assert_eq!(m.dropped_total(DropReason::Disconnected), 1);
-        b.drain(&mut Vec::new());
+        b.drain(&mut std::collections::VecDeque::new());
         b.finish_batch();
         assert_eq!(m.outbound_queue_bytes.get(), 0);
     }

@@ -1253,7 +1253,7 @@ mod tests {
     }
 
     fn texts(h: &SessionHandle) -> Vec<serde_json::Value> {
-        let mut q = Vec::new();
+        let mut q = std::collections::VecDeque::new();
         h.drain(&mut q);
         q.into_iter()
             .map(|i| match i.msg {

@@ -10,6 +10,7 @@
 //! the handle's queue and this writer, so the byte budget covers all of it and frames
 //! never interleave.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,9 +36,10 @@ pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>) {
 async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
     let env = handle.env.clone();
     let metrics = &env.metrics;
+    // Swapped with the handle's queue at every drain (see `SessionHandle::drain`), and
+    // gone with the task when it parks.
+    let mut batch: VecDeque<Item> = VecDeque::new();
     loop {
-        // A fresh vector per round: idle sessions then hold no buffer at all.
-        let mut batch: Vec<Item> = Vec::new();
         let closing = handle.drain(&mut batch);
         if batch.is_empty() && closing.is_none() {
             tokio::select! {
@@ -112,7 +114,7 @@ enum Written {
 
 async fn write_batch<S>(
     sink: &mut S,
-    batch: &mut Vec<Item>,
+    batch: &mut VecDeque<Item>,
     handle: &SessionHandle,
     metrics: &herald_metrics::Metrics,
 ) -> Written
