@@ -191,6 +191,81 @@ async fn deltas_on_the_wire_rebuild_the_publishers_bytes() {
     assert_eq!(again[0].0, published[25]);
 }
 
+/// Where a delta cannot help or cannot be trusted, the next delivery goes whole: a
+/// subscribe of a channel the client holds (its `subscribed` resets the client's base),
+/// a document holding a carriage return (SSE framing would change it), one larger than
+/// `limits.max_delta_bytes`, and for 10 s after a delta that was slow to compute.
+#[tokio::test]
+async fn deltas_give_way_where_they_cannot_help() {
+    let node = Node::start_with(|c| {
+        c.channels.rules = vec![delta_rule("doc:*")];
+        c.limits.max_delta_bytes = 256 * 1024;
+        c.limits.max_body_bytes = 1 << 20;
+    })
+    .await;
+    let mut c = node.client().await;
+    let r = subscribe(&mut c, "doc:a", 1, json!({"delta": "fossil"})).await;
+    assert_eq!(r["delta"], "fossil");
+    let kinds = |got: &[(String, usize, bool)]| got.iter().map(|g| g.2).collect::<Vec<_>>();
+    node.publish("doc:a", &doc(1)).await;
+    node.publish("doc:a", &doc(2)).await;
+    assert_eq!(kinds(&rebuild(&mut c, "doc:a", 2).await), [false, true]);
+
+    // Subscribing again: `subscribed` (with "delta"), then whole, then deltas.
+    let r = subscribe(&mut c, "doc:a", 2, json!({"delta": "fossil"})).await;
+    assert_eq!(
+        (r["op"].as_str(), r["delta"].as_str(), r["id"].as_u64()),
+        (Some("subscribed"), Some("fossil"), Some(2))
+    );
+    node.publish("doc:a", &doc(3)).await;
+    node.publish("doc:a", &doc(4)).await;
+    assert_eq!(kinds(&rebuild(&mut c, "doc:a", 2).await), [false, true]);
+
+    // A carriage return (JSON whitespace) in a document: it and the next go whole.
+    let crlf = doc(5).replacen(", ", ",\r\n ", 3);
+    node.publish("doc:a", &crlf).await;
+    node.publish("doc:a", &doc(6)).await;
+    node.publish("doc:a", &doc(7)).await;
+    let got = rebuild(&mut c, "doc:a", 3).await;
+    assert_eq!(got[0].0, crlf);
+    assert_eq!(kinds(&got), [false, false, true]);
+    let skipped = r#"herald_delta_publications_total{outcome="skipped"}"#;
+    assert_eq!(node.metric(skipped), 2.0);
+
+    // Large documents: past the limit whole; under it, a delta that takes long to
+    // compute pauses the channel's deltas (the documents after it go whole too).
+    // Digits from a linear congruential generator: nothing in common between two.
+    let mut x: u64 = 7;
+    let mut noise = |n: usize| -> String {
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                char::from(b'0' + (x >> 60) as u8 % 10)
+            })
+            .collect()
+    };
+    let big = format!(r#"{{"seq":8,"blob":"{}"}}"#, noise(300 * 1024));
+    let slow_a = format!(r#"{{"seq":9,"blob":"{}"}}"#, noise(100 * 1024));
+    let slow_b = format!(r#"{{"seq":10,"blob":"{}"}}"#, noise(100 * 1024));
+    for d in [&big, &slow_a, &slow_b] {
+        assert_eq!(node.publish("doc:a", d).await, 200);
+    }
+    node.publish("doc:a", &doc(11)).await;
+    node.publish("doc:a", &doc(12)).await;
+    let got = rebuild(&mut c, "doc:a", 5).await;
+    assert_eq!(got[2].0, slow_b);
+    assert_eq!(kinds(&got), [false; 5], "whole throughout the pause");
+    // `big` (too large), `slow_a` (its base, `big`, is too), `slow_b` (slow), then two
+    // in the pause.
+    assert_eq!(node.metric(skipped), 2.0 + 5.0);
+    assert_eq!(
+        node.metric(r#"herald_delta_publications_total{outcome="delta"}"#),
+        3.0
+    );
+}
+
 /// The channel's epoch, from a subscribe.
 async fn r_epoch(node: &Node) -> String {
     let mut c = node.client().await;
@@ -209,6 +284,8 @@ async fn until_doc(sub: &mut herald_client::Subscription, last: u64) -> (Vec<u64
             .expect("an event within the wait")
             .expect("the client is running");
         match ev {
+            // Published straight into Redis: no offset, not a document.
+            Event::Message { offset: None, .. } => others.push(ev),
             Event::Message { data, .. } => {
                 let v: Value = serde_json::from_slice(&data).expect("JSON");
                 let seq = v["seq"].as_u64().expect("a document");
@@ -262,13 +339,23 @@ async fn the_rust_client_rebuilds_every_delta_through_a_node_change_and_a_reset(
     let (seqs, others) = until_doc(&mut sub, 30).await;
     assert_eq!(seqs, (21..=30).collect::<Vec<_>>());
     assert!(others.contains(&Event::Recovered(true)), "{others:?}");
+    // Publications straight into Redis (no offset, no history; JSON and binary) reach
+    // the subscriber between the documents and leave its delta base alone.
+    redis.cli(&["PUBLISH", "herald:doc:x", r#"{"raw":1}"#]);
+    redis.cli(&["PUBLISH", "herald:doc:x", "raw \x01 bytes"]);
     for i in 31..=35 {
         assert_eq!(b.publish("doc:x", &doc(i)).await, 200);
     }
+    let (seqs, others) = until_doc(&mut sub, 35).await;
+    assert_eq!(seqs, (31..=35).collect::<Vec<_>>());
     assert_eq!(
-        until_doc(&mut sub, 35).await,
-        ((31..=35).collect::<Vec<_>>(), vec![])
+        others.len(),
+        2,
+        "the two raw publications, no reconnect: {others:?}"
     );
+    assert!(others
+        .iter()
+        .all(|e| matches!(e, Event::Message { offset: None, .. })));
     // The resume replayed whole; the new node's deltas began after it.
     assert_eq!(
         a.metric(r#"herald_delta_publications_total{outcome="delta"}"#),

@@ -112,12 +112,16 @@ export declare class Subscription extends Emitter<SubscriptionEvents> {
     delta: boolean;
     /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
     _retries: number;
-    /** @internal With deltas: the last text delivery's offset and raw JSON text, which
-     * the next delta applies to. */
+    /** @internal With deltas: the last positioned text delivery's offset and raw JSON
+     * text, which the next delta applies to. */
     _base?: {
         offset: number;
         text: string;
     };
+    /** @internal A delta did not apply here: deltas are no longer asked for on this
+     * subscription, so whatever made it fail cannot make the client reconnect again and
+     * again. */
+    _noDelta: boolean;
     constructor(channel: string, client: Client, 
     /** What was asked for (see SubscribeOptions). */
     options?: SubscribeOptions);

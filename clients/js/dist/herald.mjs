@@ -350,6 +350,10 @@ var Subscription = class extends Emitter {
     this.delta = false;
     /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
     this._retries = 0;
+    /** @internal A delta did not apply here: deltas are no longer asked for on this
+     * subscription, so whatever made it fail cannot make the client reconnect again and
+     * again. */
+    this._noDelta = false;
   }
   /** Stops receiving the channel. */
   unsubscribe() {
@@ -738,6 +742,7 @@ var Client = class extends Emitter {
       }
       return this.onMessage(f.channel, f.data, f.offset, f.epoch);
     }
+    if (!sub.active) return;
     const base = sub._base;
     let data;
     try {
@@ -747,6 +752,7 @@ var Client = class extends Emitter {
       sub._base = { offset: f.offset, text: whole };
     } catch (e) {
       sub._base = void 0;
+      sub._noDelta = true;
       this.emit("error", new HeraldError("delta", `a delta on ${f.channel} at ${f.offset} did not apply: ${e}`));
       return this.drop("delta");
     }
@@ -770,8 +776,6 @@ var Client = class extends Emitter {
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    const sub = this.subscriptions.get(channel);
-    if (sub) sub._base = void 0;
     this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
   settle(id, value, err) {
@@ -823,7 +827,7 @@ var Client = class extends Emitter {
     const frame = { op: "subscribe", channel: sub.channel, id, recover: true };
     if (sub.offset !== void 0 && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     if (token) frame.token = token;
-    if (sub.options.delta) frame.delta = sub.options.delta;
+    if (sub.options.delta && !sub._noDelta) frame.delta = sub.options.delta;
     this.send(frame);
   }
   sendPublish(q) {
@@ -936,7 +940,8 @@ var Client = class extends Emitter {
     for (const c of channels) u.searchParams.append("channel", c);
     const positions = [...this.subscriptions.values()].filter((s) => s.offset !== void 0 && s.epoch).map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
     if (positions.length) u.searchParams.set("last_event_id", positions.join(","));
-    if ([...this.subscriptions.values()].some((s) => s.options.delta)) u.searchParams.set("delta", "fossil");
+    const subs = [...this.subscriptions.values()];
+    if (subs.some((s) => s.options.delta) && !subs.some((s) => s._noDelta)) u.searchParams.set("delta", "fossil");
     const abort = new AbortController();
     this.sse = abort;
     const headers = { accept: "text/event-stream" };

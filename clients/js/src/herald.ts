@@ -182,9 +182,13 @@ export class Subscription extends Emitter<SubscriptionEvents> {
   delta = false;
   /** @internal Subscribes answered `unavailable` in a row (retried with backoff). */
   _retries = 0;
-  /** @internal With deltas: the last text delivery's offset and raw JSON text, which
-   * the next delta applies to. */
+  /** @internal With deltas: the last positioned text delivery's offset and raw JSON
+   * text, which the next delta applies to. */
   _base?: { offset: number; text: string };
+  /** @internal A delta did not apply here: deltas are no longer asked for on this
+   * subscription, so whatever made it fail cannot make the client reconnect again and
+   * again. */
+  _noDelta = false;
   constructor(
     readonly channel: string,
     private client: Client,
@@ -641,6 +645,9 @@ export class Client extends Emitter<ClientEvents> {
       }
       return this.onMessage(f.channel, f.data, f.offset, f.epoch);
     }
+    // A delta before this subscription's `subscribed` belongs to an earlier one
+    // (unsubscribed and subscribed again with frames still on their way).
+    if (!sub.active) return;
     const base = sub._base;
     let data: unknown;
     try {
@@ -650,6 +657,7 @@ export class Client extends Emitter<ClientEvents> {
       sub._base = { offset: f.offset, text: whole };
     } catch (e) {
       sub._base = undefined;
+      sub._noDelta = true;
       this.emit('error', new HeraldError('delta', `a delta on ${f.channel} at ${f.offset} did not apply: ${e}`));
       return this.drop('delta');
     }
@@ -676,9 +684,8 @@ export class Client extends Emitter<ClientEvents> {
     }
     const len = b[i];
     const channel = new TextDecoder().decode(b.subarray(i + 1, i + 1 + len));
-    // Deltas are between text deliveries only.
-    const sub = this.subscriptions.get(channel);
-    if (sub) sub._base = undefined;
+    // (Deltas are between text deliveries only: after a binary one the server sends
+    // whole, which sets the next base.)
     this.onMessage(channel, b.subarray(i + 1 + len), offset);
   }
 
@@ -740,7 +747,7 @@ export class Client extends Emitter<ClientEvents> {
     const frame: any = { op: 'subscribe', channel: sub.channel, id, recover: true };
     if (sub.offset !== undefined && sub.epoch) frame.since = { offset: sub.offset, epoch: sub.epoch };
     if (token) frame.token = token;
-    if (sub.options.delta) frame.delta = sub.options.delta;
+    if (sub.options.delta && !sub._noDelta) frame.delta = sub.options.delta;
     this.send(frame);
   }
 
@@ -877,8 +884,10 @@ export class Client extends Emitter<ClientEvents> {
       .map((s) => `${s.channel}=${s.offset}~${s.epoch}`);
     if (positions.length) u.searchParams.set('last_event_id', positions.join(','));
     // One stream for every channel: deltas where any subscription asked for them (each
-    // `subscribed` says where they come; the client applies them wherever they do).
-    if ([...this.subscriptions.values()].some((s) => s.options.delta)) u.searchParams.set('delta', 'fossil');
+    // `subscribed` says where they come; the client applies them wherever they do), and
+    // none once one failed (the stream cannot leave that one out).
+    const subs = [...this.subscriptions.values()];
+    if (subs.some((s) => s.options.delta) && !subs.some((s) => s._noDelta)) u.searchParams.set('delta', 'fossil');
     const abort = new AbortController();
     this.sse = abort;
     const headers: Record<string, string> = { accept: 'text/event-stream' };

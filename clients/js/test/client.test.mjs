@@ -290,7 +290,8 @@ test('fossil deltas rebuild every publication, over WebSocket and SSE, through a
   const b = await herald(0, ['--redis', redis.url], { HERALD_REDIS__MAX_RECONNECT_DELAY: '100ms' });
   const counts = { delta: 0, whole: 0 };
   const opts = { minReconnectDelay: 50, maxReconnectDelay: 200 };
-  const ws = new Client(`ws://127.0.0.1:${port}/ws`, { ...opts, WebSocket: countingWebSocket(counts) });
+  // Stays on WebSocket while the node is down (its frames are the ones counted).
+  const ws = new Client(`ws://127.0.0.1:${port}/ws`, { ...opts, sseAfterFailures: 0, WebSocket: countingWebSocket(counts) });
   // WebSocket refused (404): SSE to the same node.
   const sse = new Client(`ws://127.0.0.1:${port}/no-ws`, { ...opts, sseUrl: `http://127.0.0.1:${port}/sse`, sseAfterFailures: 1 });
   const plain = new Client(`ws://127.0.0.1:${port}/ws`, opts);
@@ -362,6 +363,43 @@ test('fossil deltas rebuild every publication, over WebSocket and SSE, through a
     await stop(a);
     await stop(b);
     redis.proc.kill('SIGKILL');
+  }
+});
+
+test('subscribing again at once on a busy delta channel (mount, unmount, mount) keeps the connection', async () => {
+  const h = await herald(0);
+  const c = new Client(`ws://${h.addr}/ws`, { minReconnectDelay: 50 });
+  const errors = [];
+  const states = [];
+  c.on('error', (e) => errors.push(e.message));
+  c.on('state', (s) => states.push(s));
+  let publishing = true;
+  const publisher = (async () => {
+    for (let i = 1; publishing; i++) {
+      await publish(h.addr, 'doc:toggle', scoreDoc(i));
+      await sleep(2);
+    }
+  })();
+  try {
+    let sub = c.subscribe('doc:toggle', { delta: 'fossil' });
+    await until('subscribed', () => sub.active);
+    await sleep(200);
+    for (let k = 0; k < 20; k++) {
+      // Deltas of the first subscription are still on their way to the second.
+      sub.unsubscribe();
+      sub = c.subscribe('doc:toggle', { delta: 'fossil' });
+      await sleep(50);
+    }
+    const got = collect(sub);
+    await until('messages on the last subscription', () => got.length >= 10);
+    for (const m of got) assert.deepEqual(m.data, scoreDoc(m.data.seq));
+    assert.deepEqual(errors, []);
+    assert.deepEqual(states.filter((s) => s !== 'connected'), []);
+  } finally {
+    publishing = false;
+    await publisher;
+    c.close();
+    await stop(h);
   }
 });
 

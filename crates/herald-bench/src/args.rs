@@ -46,6 +46,10 @@ pub(crate) struct RunArgs {
     /// Latency scenario publish rate, as a fraction of the floor's maximum.
     #[arg(long, default_value_t = 0.5)]
     pub(crate) latency_fraction: f64,
+    /// Latency scenario publish rate in publications per second, for every target
+    /// (instead of `latency_fraction`).
+    #[arg(long)]
+    pub(crate) latency_rate: Option<f64>,
     /// Publications in flight in the closed-loop scenarios.
     #[arg(long, default_value_t = 64)]
     pub(crate) window: u64,

@@ -380,7 +380,9 @@ pub(crate) async fn latency(
 ) -> anyhow::Result<Row> {
     let floor = max_rate.get("floor").copied().unwrap_or(400.0);
     let own = max_rate.get(kind).copied().unwrap_or(floor);
-    let rate = (args.latency_fraction * floor.min(own)).max(1.0);
+    let rate = args
+        .latency_rate
+        .unwrap_or((args.latency_fraction * floor.min(own)).max(1.0));
     let mut target = Target::start(kind, 1, redis).await?;
     let mut ws = workers(&target.addrs, args.subscribers, 1, 2, kind).await?;
     for w in ws.iter_mut() {
@@ -428,7 +430,12 @@ pub(crate) async fn latency(
         scenario: "latency".into(),
         target: kind.into(),
         figures,
-        note: if own < floor {
+        note: if args.latency_rate.is_some() {
+            format!(
+                "{} subscribers at {rate:.0} publications/s",
+                args.subscribers
+            )
+        } else if own < floor {
             format!(
                 "{} subscribers at {rate:.0} publications/s ({}% of its own maximum: it cannot sustain {:.0}/s)",
                 args.subscribers,

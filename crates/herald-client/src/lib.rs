@@ -394,9 +394,13 @@ struct Sub {
     listeners: Vec<(u64, mpsc::UnboundedSender<Event>)>,
     /// The last offset delivered, and its epoch.
     position: Option<StreamPosition>,
-    /// With deltas: the last text delivery's offset and data on this subscription,
-    /// the base the next delta applies to.
+    /// With deltas: the last positioned text delivery's offset and data (the frame's
+    /// raw text, PROTOCOL.md "Deltas") on this subscription, the base the next delta
+    /// applies to.
     base: Option<(u64, Bytes)>,
+    /// A delta did not apply on this channel: deltas are no longer asked for on it, so
+    /// whatever made it fail cannot make the client reconnect again and again.
+    no_delta: bool,
     /// The server confirmed it on this connection.
     active: bool,
     /// How long to wait before asking again after `unavailable`.
@@ -409,6 +413,7 @@ impl Sub {
             listeners: vec![(listener, events)],
             position: None,
             base: None,
+            no_delta: false,
             active: false,
             retry: Backoff::new(config.min_backoff, config.max_backoff),
         }
@@ -656,7 +661,7 @@ async fn session(
     }
     for (channel, sub) in subs.iter() {
         if ws
-            .send(requests.subscribe(channel, sub.position, config.delta))
+            .send(requests.subscribe(channel, sub.position, config.delta && !sub.no_delta))
             .await
             .is_err()
         {
@@ -686,9 +691,13 @@ async fn session(
                     Some(Ok(Message::Text(t))) => {
                         if let Err(e) = on_text(config, t.as_str(), subs, &mut requests, made) {
                             // Nothing was lost: the resume after reconnecting starts
-                            // whole, from the last delivered offset.
+                            // whole, from the last delivered offset, without deltas on
+                            // that channel from then on.
                             tracing::warn!(error = %e, "reconnecting");
-                            break Ended::Reconnect { at_once: true };
+                            if let Some(sub) = subs.get_mut(&e.0) {
+                                sub.no_delta = true;
+                            }
+                            break Ended::Reconnect { at_once: false };
                         }
                     }
                     Some(Ok(Message::Binary(b))) => on_binary(&b, subs),
@@ -757,7 +766,7 @@ async fn session(
                 requests.retry = later;
                 for (_, channel) in due {
                     let Some(sub) = subs.get(&channel).filter(|s| !s.active) else { continue };
-                    let frame = requests.subscribe(&channel, sub.position, config.delta);
+                    let frame = requests.subscribe(&channel, sub.position, config.delta && !sub.no_delta);
                     if ws.send(frame).await.is_err() {
                         break;
                     }
@@ -807,7 +816,7 @@ fn deliver(sub: &mut Sub, data: Bytes, offset: Option<u64>, epoch: Option<Epoch>
 /// A delta that did not apply (see [`on_text`]).
 #[derive(Debug, thiserror::Error)]
 #[error("a delta on {0} did not apply to the data held")]
-struct BadDelta(String);
+struct BadDelta(ChannelName);
 
 /// Handles a text frame. A delta that does not apply to the data held is an error:
 /// the connection is dropped and the subscriptions resume (whole) from what was
@@ -822,30 +831,41 @@ fn on_text(
     // Deliveries are most frames: their `data` is handed on as the publisher's bytes,
     // not parsed and printed again.
     if let Some(d) = parse_text_delivery(text) {
-        let Some(sub) = ChannelName::new(&d.channel)
+        let Some((channel, sub)) = ChannelName::new(&d.channel)
             .ok()
-            .and_then(|c| subs.get_mut(&c))
+            .and_then(|c| subs.get_mut(&c).map(|s| (c, s)))
         else {
             return Ok(());
         };
-        let data = match (d.data, d.delta.as_deref(), d.offset) {
-            (Some(data), _, _) => Bytes::copy_from_slice(data.get().as_bytes()),
+        let (data, base) = match (d.data, d.delta.as_deref(), d.offset) {
+            (Some(data), _, _) => (Bytes::copy_from_slice(data.get().as_bytes()), None),
+            // A delta before this subscription's `subscribed` belongs to an earlier one
+            // (unsubscribed and subscribed again with frames still on their way): its
+            // deliveries are not this one's.
+            (None, Some(_), _) if !sub.active => return Ok(()),
             (None, Some(delta), Some(o)) => {
-                let bad = || BadDelta(d.channel.to_string());
                 let Some((_, base)) = sub.base.as_ref().filter(|(at, _)| at + 1 == o) else {
-                    return Err(bad());
+                    return Err(BadDelta(channel));
                 };
                 let data =
                     herald_protocol::delta::apply_fossil(base, delta.as_bytes(), MAX_DELTA_TARGET)
-                        .map_err(|_| bad())?;
-                Bytes::from(data)
+                        .map_err(|_| BadDelta(channel.clone()))?;
+                let data = Bytes::from(data);
+                (data.clone(), Some(data))
             }
-            _ => return Err(BadDelta(d.channel.to_string())),
+            _ => return Err(BadDelta(channel)),
         };
-        // The base is the last text delivery the server sent, whether or not it is
-        // handed on (a replayed one already delivered is not).
-        if config.delta {
-            sub.base = d.offset.map(|o| (o, data.clone()));
+        // The base is the last positioned text delivery the server sent, whether or not
+        // it is handed on (a replayed one already delivered is not); a delivery without
+        // an offset (published straight into Redis) leaves it.
+        if let (true, Some(o)) = (config.delta, d.offset) {
+            // A whole one's is the frame's raw text, whitespace around the value
+            // included (which the value itself leaves out).
+            let base = base.unwrap_or_else(|| {
+                herald_protocol::server::raw_data(text, &d.channel)
+                    .map_or_else(|| data.clone(), |r| Bytes::copy_from_slice(r.as_bytes()))
+            });
+            sub.base = Some((o, base));
         }
         deliver(
             sub,
@@ -1006,8 +1026,8 @@ fn on_binary(frame: &Bytes, subs: &mut HashMap<ChannelName, Sub>) {
         return;
     };
     if let Some(sub) = subs.get_mut(&d.channel) {
-        // Deltas are between text deliveries only.
-        sub.base = None;
+        // (Deltas are between text deliveries only: after a binary one the server sends
+        // whole, which sets the next base.)
         deliver(sub, d.payload, d.offset, None);
     }
 }

@@ -161,6 +161,10 @@ pub struct Metrics {
     /// Publications whose delta was not smaller than the data (or not UTF-8): sent
     /// whole to the subscribers that wanted a delta.
     pub delta_whole: IntCounter,
+    /// Publications sent whole without trying a delta: larger than
+    /// `limits.max_delta_bytes`, holding a carriage return, or on a channel whose deltas
+    /// are paused after a slow one (counted too).
+    pub delta_skipped: IntCounter,
     /// Gaps in a history channel's offsets that the node repaired from the stream.
     pub history_repairs: IntCounter,
     /// Publications the node fetched from streams to repair gaps.
@@ -266,7 +270,7 @@ impl Metrics {
 
         let deltas = counter_vec(
             "herald_delta_publications_total",
-            "Publications on delta channels with subscribers holding the one before, by outcome: delta (sent as a Fossil delta), whole (the delta was not smaller, or not UTF-8: sent whole).",
+            "Publications on delta channels with subscribers holding the one before, by outcome: delta (sent as a Fossil delta), whole (the delta was not smaller, or not UTF-8: sent whole), skipped (sent whole without a delta: larger than limits.max_delta_bytes, holding a carriage return, or the channel's deltas paused for 10 s after one took over 2 ms).",
             "outcome",
         )?;
 
@@ -467,6 +471,7 @@ impl Metrics {
             )?,
             delta_sent: deltas.with_label_values(&["delta"]),
             delta_whole: deltas.with_label_values(&["whole"]),
+            delta_skipped: deltas.with_label_values(&["skipped"]),
             history_repairs: counter(
                 "herald_history_repairs_total",
                 "Gaps in history channels' offsets that the node repaired from the stream.",

@@ -26,15 +26,25 @@ pub struct DeltaError;
 /// checksum. A malformed delta, one made for another base, or one whose target would
 /// be longer than `max_len` is an error (never a panic, whatever the bytes).
 pub fn apply_fossil(base: &[u8], delta: &[u8], max_len: usize) -> Result<Vec<u8>, DeltaError> {
-    // The crate reserves the size the delta's header names before reading on.
-    if fossil_delta::delta_output_size(delta) > max_len {
+    // The header is the target's size in base-64 digits and a newline. The crate
+    // reserves that size before reading on (reading it into 32 bits, where the
+    // reservation takes all of it): at most 5 digits (under 2^30), and at most
+    // `max_len`. The last command is the checksum (`;`): without it the crate would
+    // return what it built unchecked.
+    let digits = delta.iter().position(|&b| b == b'\n').ok_or(DeltaError)?;
+    let size = fossil_delta::delta_output_size(delta);
+    if digits == 0 || digits > 5 || size > max_len || delta.last() != Some(&b';') {
         return Err(DeltaError);
     }
     // The crate indexes past the end of a truncated delta instead of failing; such a
     // delta is an error like any other.
-    std::panic::catch_unwind(|| fossil_delta::apply(base, delta))
+    let out = std::panic::catch_unwind(|| fossil_delta::apply(base, delta))
         .map_err(|_| DeltaError)?
-        .map_err(|_| DeltaError)
+        .map_err(|_| DeltaError)?;
+    if out.len() != size {
+        return Err(DeltaError);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -78,8 +88,16 @@ mod tests {
         .is_err());
         assert!(apply_fossil(base, b"", 1 << 20).is_err());
         assert!(apply_fossil(base, b"5\n9@99999,0;", 1 << 20).is_err());
-        // A header naming a huge target is refused before anything is reserved.
+        // A header naming a huge target is refused before anything is reserved: over
+        // the limit, or past 32 bits (which the crate would read truncated).
         assert!(apply_fossil(base, b"zzzzz\n1:a0;", 1 << 20).is_err());
+        assert!(apply_fossil(base, b"4000005\n1:a0;", 1 << 26).is_err());
+        // No checksum, or a result of another size than the header says.
+        assert!(apply_fossil(base, b"3\n3:abc", 1 << 20).is_err());
+        let abc = fossil(b"", b"abc").unwrap();
+        assert_eq!(apply_fossil(b"", abc.as_bytes(), 1 << 20).unwrap(), b"abc");
+        let longer = abc.replacen('3', "4", 1);
+        assert!(apply_fossil(b"", longer.as_bytes(), 1 << 20).is_err());
     }
 
     proptest! {

@@ -66,6 +66,17 @@ pub fn subscribed(
     s
 }
 
+/// `{"op":"subscribed","channel":C,"id":N[,"delta":"fossil"]}`: the reply to a
+/// subscribe of a channel the connection already holds (nothing changes but that the
+/// next delivery is whole, as after every `subscribed`).
+pub fn subscribed_again(channel: &str, id: Option<u64>, delta: bool) -> String {
+    let mut s = ack(Ack::Subscribed, channel, id);
+    if delta {
+        s.insert_str(s.len() - 1, r#","delta":"fossil""#);
+    }
+    s
+}
+
 /// `{"op":"message","channel":C,"delta":D,"offset":O}`: the publication at `offset`,
 /// as the Fossil delta (`D`, a JSON string) that turns the subscriber's previous
 /// delivery on this channel (offset `O - 1`, always a full or delta text delivery) into

@@ -455,6 +455,10 @@ pub struct LimitsConfig {
     pub outbound_queue_bytes: usize,
     /// Largest HTTP request body on `/api/*` (413 past it).
     pub max_body_bytes: usize,
+    /// Publications on `delta` channels larger than this, or following one that is, are
+    /// sent whole (computing a delta takes time in proportion to the data, on the node's
+    /// fan-out path).
+    pub max_delta_bytes: usize,
     /// Time a request body has to arrive completely (408 past it), so a slow POST
     /// cannot hold a connection and a body buffer indefinitely.
     #[serde(with = "humantime_serde")]
@@ -504,6 +508,7 @@ impl Default for LimitsConfig {
             rate_limit_window: Duration::from_secs(10),
             outbound_queue_bytes: 1024 * 1024,
             max_body_bytes: 1024 * 1024,
+            max_delta_bytes: 16 * 1024,
             body_timeout: Duration::from_secs(10),
             max_http_connections: 4096,
             max_batch: 1000,

@@ -59,6 +59,14 @@ pub(crate) const ATTEMPTS: usize = 3;
 /// node serves catches up; this keeps that from flooding Redis).
 const REPAIRS_AT_ONCE: usize = 16;
 
+/// A delta that took longer than this to compute (data made to be slow to diff, or
+/// just large) pauses the channel's deltas for [`DELTA_PAUSE`]: it is computed on the
+/// fan-out path, which every channel of the node shares.
+const SLOW_DELTA: Duration = Duration::from_millis(2);
+
+/// See [`SLOW_DELTA`].
+const DELTA_PAUSE: Duration = Duration::from_secs(10);
+
 /// What every stream of a node shares.
 pub(crate) struct StreamEnv {
     /// Where histories are read from.
@@ -73,6 +81,8 @@ pub(crate) struct StreamEnv {
     /// What a replay may queue to one subscriber (half of `limits.outbound_queue_bytes`):
     /// more would close it as a slow consumer.
     replay_budget: usize,
+    /// `limits.max_delta_bytes`: larger publications go whole.
+    max_delta: usize,
 }
 
 impl StreamEnv {
@@ -81,6 +91,7 @@ impl StreamEnv {
         metrics: Metrics,
         max_pending: usize,
         replay_budget: usize,
+        max_delta: usize,
     ) -> Self {
         StreamEnv {
             broker,
@@ -88,6 +99,7 @@ impl StreamEnv {
             max_pending,
             repairs: Semaphore::new(REPAIRS_AT_ONCE),
             replay_budget,
+            max_delta,
         }
     }
 }
@@ -112,9 +124,13 @@ struct State {
     floor: Option<StreamPosition>,
     /// A repair is reading the stream: arrivals wait here, in order.
     repairing: Option<Vec<Publication>>,
-    /// The last publication fanned out, when it was JSON: the base of the next one's
-    /// delta, for members whose `base` is its position.
+    /// The last publication fanned out, when it was JSON and some member takes deltas:
+    /// the base of the next one's delta, for members whose `base` is its position.
     prev: Option<Publication>,
+    /// Members that take deltas.
+    delta_members: usize,
+    /// No delta is computed before this (the last one was slow: [`SLOW_DELTA`]).
+    deltas_paused_until: Option<std::time::Instant>,
     /// The local subscribers and where each stands.
     members: IndexMap<ConnId, Member>,
     /// How often the broker re-established its subscriptions ([`Stream::catch_up`]): a
@@ -203,6 +219,8 @@ impl Stream {
                 floor: None,
                 repairing: None,
                 prev: None,
+                delta_members: 0,
+                deltas_paused_until: None,
                 members: IndexMap::new(),
                 catch_ups: 0,
             }),
@@ -225,14 +243,37 @@ impl Stream {
             base: None,
             phase: Phase::Recovering(Vec::new()),
         };
-        self.state.lock().members.insert(conn, member).is_none()
+        let mut s = self.state.lock();
+        s.delta_members += usize::from(delta);
+        let old = s.members.insert(conn, member);
+        s.delta_members -= old.as_ref().map_or(0, |m| usize::from(m.delta));
+        old.is_none()
     }
 
     /// Removes `conn`. Returns whether it was a member, and how many remain.
     pub(crate) fn leave(&self, conn: ConnId) -> (bool, usize) {
         let mut s = self.state.lock();
-        let removed = s.members.swap_remove(&conn).is_some();
-        (removed, s.members.len())
+        let removed = s.members.swap_remove(&conn);
+        s.delta_members -= removed.as_ref().map_or(0, |m| usize::from(m.delta));
+        if s.delta_members == 0 {
+            s.prev = None;
+        }
+        (removed.is_some(), s.members.len())
+    }
+
+    /// Answers a subscribe of `conn`, which holds the channel already, with
+    /// `subscribed` (and `id`). Its client forgets its delta base at every `subscribed`,
+    /// so its next delivery goes whole: both under the lock, so that no delivery queued
+    /// between them takes the old base. Whether `conn` is a member.
+    pub(crate) fn subscribed_again(&self, conn: ConnId, id: Option<u64>) -> bool {
+        let mut s = self.state.lock();
+        let Some(m) = s.members.get_mut(&conn) else {
+            return false;
+        };
+        m.base = None;
+        let reply = server::subscribed_again(self.channel.as_str(), id, m.delta);
+        m.handle.push(Item::reply(reply));
+        true
     }
 
     /// Every member's handle.
@@ -640,10 +681,17 @@ impl Stream {
             let holds_base = |m: &Member| m.delta && base.is_some_and(|(_, at)| m.base == Some(at));
             let delta = match (base, &p.payload) {
                 (Some((prev, _)), Payload::Json(data)) if live(None).any(holds_base) => {
-                    self.delta_item(prev, p, data, plain.len)
+                    let paused = s
+                        .deltas_paused_until
+                        .is_some_and(|t| std::time::Instant::now() < t);
+                    self.delta_item(prev, p, data, plain.len, paused)
                 }
                 _ => None,
             };
+            if let Some(Err(until)) = &delta {
+                s.deltas_paused_until = Some(*until);
+            }
+            let delta = delta.and_then(Result::ok);
             match &delta {
                 Some(d) => {
                     let (whole, deltas) = (
@@ -665,38 +713,57 @@ impl Stream {
                 }
             }
         }
-        s.prev = json.then(|| p.clone());
+        s.prev = (json && s.delta_members > 0).then(|| p.clone());
     }
 
     /// The delta delivery turning `prev`'s data into `p`'s (`data`), when it is
     /// smaller than the whole delivery (`whole` bytes); `None` otherwise (counted
-    /// either way).
+    /// either way), or `Err` with when to compute deltas again when this one was slow
+    /// ([`SLOW_DELTA`]).
     fn delta_item(
         &self,
         prev: &Publication,
         p: &Publication,
         data: &[u8],
         whole: usize,
-    ) -> Option<Item> {
+        paused: bool,
+    ) -> Option<Result<Item, std::time::Instant>> {
         let (Payload::Json(before), Some(at)) = (&prev.payload, p.position) else {
             return None;
         };
         let metrics = &self.env.metrics;
+        // A carriage return (JSON whitespace only) does not survive SSE framing, which
+        // splits lines on it: the client's base would differ from the node's.
+        if paused
+            || data.len().max(before.len()) > self.env.max_delta
+            || data.contains(&b'\r')
+            || before.contains(&b'\r')
+        {
+            metrics.delta_skipped.inc();
+            return None;
+        }
+        let started = std::time::Instant::now();
         let frame = herald_protocol::delta::fossil(before, data)
             .map(|d| server::delta_delivery(self.channel.as_str(), at.offset, &d))
             .filter(|f| f.len() < whole);
+        let took = started.elapsed();
+        if took > SLOW_DELTA {
+            tracing::info!(channel = %self.channel, ?took, "slow delta: the channel's deltas pause");
+            metrics.delta_skipped.inc();
+            return Some(Err(started + took + DELTA_PAUSE));
+        }
         let Some(frame) = frame else {
             metrics.delta_whole.inc();
             return None;
         };
         metrics.delta_sent.inc();
         let len = frame.len();
-        Some(Item {
+        Some(Ok(Item {
             msg: Message::Text(frame.into()),
             len,
             published_at_us: p.published_at_us,
             delivery: true,
-        })
+        }))
     }
 
     /// Reads the publications after `since` from the stream and delivers them, then
@@ -1229,7 +1296,7 @@ mod tests {
     }
 
     fn stream_on(broker: Arc<dyn Broker>, metrics: Metrics) -> Arc<Stream> {
-        let env = Arc::new(StreamEnv::new(broker, metrics, 100, 1 << 20));
+        let env = Arc::new(StreamEnv::new(broker, metrics, 100, 1 << 20, 1 << 14));
         Arc::new(Stream::new(
             ChannelName::new("news").unwrap(),
             policy(),

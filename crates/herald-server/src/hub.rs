@@ -95,12 +95,14 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// `max_pending`: `limits.max_recovery_buffer`; `replay_budget`: what one replay may
-    /// queue to a subscriber (half of `limits.outbound_queue_bytes`).
+    /// queue to a subscriber (half of `limits.outbound_queue_bytes`); `max_delta`:
+    /// `limits.max_delta_bytes`.
     pub(crate) fn new(
         broker: Arc<dyn Broker>,
         metrics: Metrics,
         max_pending: usize,
         replay_budget: usize,
+        max_delta: usize,
     ) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -110,6 +112,7 @@ impl Hub {
                 metrics.clone(),
                 max_pending,
                 replay_budget,
+                max_delta,
             )),
             broker,
             metrics,
@@ -247,6 +250,17 @@ impl Hub {
         }
     }
 
+    /// On a history channel `conn` holds: answers its subscribe again (see
+    /// [`Stream::subscribed_again`]) and returns true; false elsewhere (the caller
+    /// answers).
+    pub(crate) fn subscribed_again(&self, channel: &str, conn: ConnId, id: Option<u64>) -> bool {
+        let stream = match self.shard(channel).read().get(channel).map(|c| &c.members) {
+            Some(Members::History(s)) => s.clone(),
+            _ => return false,
+        };
+        stream.subscribed_again(conn, id)
+    }
+
     /// Whether `conn` subscribes to `channel`.
     pub(crate) fn has(&self, channel: &str, conn: ConnId) -> bool {
         self.shard(channel)
@@ -379,6 +393,7 @@ mod tests {
             metrics,
             100,
             1 << 20,
+            1 << 14,
         ))
     }
 

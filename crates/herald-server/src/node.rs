@@ -142,6 +142,7 @@ impl Node {
                 metrics.clone(),
                 config.limits.max_recovery_buffer,
                 config.limits.outbound_queue_bytes / 2,
+                config.limits.max_delta_bytes,
             )),
             broker,
             instance: format!("{node_id}-{:08x}", fastrand::u32(..)),

@@ -577,7 +577,14 @@ impl Session {
         delta: bool,
     ) {
         if self.subscriptions.contains(&channel) {
-            return self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+            if !self
+                .node
+                .hub
+                .subscribed_again(channel.as_str(), self.conn, id)
+            {
+                self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
+            }
+            return;
         }
         if self.subscriptions.len() >= self.node.config.limits.max_subscriptions {
             return self.error(RequestError {
