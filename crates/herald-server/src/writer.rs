@@ -64,6 +64,9 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
             ))
             .await;
             handle.finish_batch();
+            // What an interrupted write left is dropped (counted below); the ring goes
+            // back to the handle empty at the next drain.
+            batch.clear();
             match written {
                 Ok(Written::All) => {}
                 // Slow consumer mid-batch: what the batch held is dropped with the
