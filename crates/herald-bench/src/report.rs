@@ -29,6 +29,7 @@ fn columns(scenario: &str) -> &'static [(&'static str, bool)] {
             ("cpu_us_per_delivery", false),
             ("p50_us", false),
             ("p99_us", false),
+            ("rss_growth_mib", false),
             ("lost", false),
         ],
         "fanout" | "channels" | "channels1000" | "crossnode" => &[

@@ -314,6 +314,10 @@ pub(crate) async fn burst(
     }
     let per_burst = (size * args.subscribers) as u64;
     let (mut busy, mut cpu, mut received) = (0f64, 0f64, 0u64);
+    // Resident memory before the first burst, and the most seen during any (sampled
+    // while waiting for the deliveries): what a burst's queues cost.
+    let rss0 = target.rss();
+    let mut rss_peak = rss0;
     for b in 0..BURSTS {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let msgs: Vec<(String, String)> = (0..size as u64)
@@ -325,6 +329,7 @@ pub(crate) async fn burst(
         let deadline = started + Duration::from_secs(30);
         let want = per_burst * (b + 1);
         loop {
+            rss_peak = rss_peak.max(target.rss());
             received = total(&mut ws).await?;
             if received >= want || Instant::now() > deadline {
                 break;
@@ -348,6 +353,10 @@ pub(crate) async fn burst(
     );
     figures.insert("p50_us".into(), p50);
     figures.insert("p99_us".into(), p99);
+    figures.insert(
+        "rss_growth_mib".into(),
+        rss_peak.saturating_sub(rss0) as f64 / (1 << 20) as f64,
+    );
     figures.insert(
         "lost".into(),
         (per_burst * BURSTS).saturating_sub(received) as f64,

@@ -492,7 +492,8 @@ impl SessionHandle {
 
     /// Queues `items` (consecutive deliveries of one channel, encoded once) to every
     /// handle in `to`, each taking the whole run under one lock: all of it fits, or the
-    /// session closes as a slow consumer (as it would at the item that did not fit).
+    /// session closes as a slow consumer, all of it counted as dropped. (Runs are small
+    /// next to the budget: the hub bounds them.)
     pub(crate) fn push_run_to_all<'a>(
         to: impl Iterator<Item = &'a Arc<SessionHandle>>,
         items: &[Item],
@@ -636,6 +637,15 @@ impl SessionHandle {
         s.bytes = 0;
         s.inflight = 0;
         s.queue = VecDeque::new();
+        // Anything pushed from now on (a `join` whose sender took the handle before the
+        // session left the channel) is refused and counted, not queued for no writer.
+        if s.closing.is_none() {
+            s.closing = Some(Closing {
+                code: 1006,
+                reason: Cow::Borrowed("session over"),
+                flush_queue: false,
+            });
+        }
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -815,6 +825,11 @@ pub(crate) mod tests {
         assert_eq!(m.dropped_total(DropReason::Disconnected), 1);
         b.drain(&mut std::collections::VecDeque::new());
         b.finish_batch();
+        assert_eq!(m.outbound_queue_bytes.get(), 0);
+        // A push after the session is over (its writer gone) is refused and counted,
+        // never left in a queue nobody drains.
+        assert_eq!(a.push(item(30)), Pushed::Closed);
+        assert_eq!(m.dropped_total(DropReason::Disconnected), 2);
         assert_eq!(m.outbound_queue_bytes.get(), 0);
     }
 

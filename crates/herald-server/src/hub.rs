@@ -24,6 +24,15 @@ use crate::history::{Stream, StreamEnv};
 
 const SHARDS: usize = 32;
 
+/// A run ([`Hub::dispatch_run`]) ends at this many publications, or at
+/// [`RUN_BYTES`] of them: it goes to each subscriber whole or not at all, and holds
+/// its channel's shard lock while it does.
+const RUN_PUBLICATIONS: usize = 16;
+
+/// See [`RUN_PUBLICATIONS`]: a run larger than what a subscriber has room for would
+/// close it as a slow consumer even if it reads fast.
+const RUN_BYTES: usize = 64 * 1024;
+
 struct Channel {
     /// Whether the broker delivers this channel yet.
     ready: Ready,
@@ -356,23 +365,31 @@ impl Hub {
     /// consecutive publications of one channel together.
     pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
         let mut batch = Vec::with_capacity(64);
-        let mut run: Vec<Publication> = Vec::with_capacity(64);
+        let mut run: Vec<Publication> = Vec::with_capacity(RUN_PUBLICATIONS);
+        let mut run_bytes = 0;
         while inbound.recv_many(&mut batch, 64).await > 0 {
             for r in batch.drain(..) {
                 match r {
                     Received::Publication(p) => {
-                        if run.last().is_some_and(|q| q.channel != p.channel) {
+                        if run.last().is_some_and(|q| q.channel != p.channel)
+                            || run.len() == RUN_PUBLICATIONS
+                            || run_bytes + p.payload.len() > RUN_BYTES
+                        {
                             self.dispatch_run(&mut run);
+                            run_bytes = 0;
                         }
+                        run_bytes += p.payload.len();
                         run.push(p);
                     }
                     Received::Resubscribed => {
                         self.dispatch_run(&mut run);
+                        run_bytes = 0;
                         self.catch_up();
                     }
                 }
             }
             self.dispatch_run(&mut run);
+            run_bytes = 0;
         }
     }
 }

@@ -24,6 +24,10 @@ use herald_metrics::DropReason;
 
 use crate::handle::{BoxSink, Closing, Item, SessionHandle, Signal};
 
+/// The largest ring a writer keeps between rounds (entries): the common small batches
+/// reuse one, a burst's is freed once written.
+const KEEP_RING: usize = 64;
+
 /// Starts a writer task that owns `sink` and drains `handle` (a
 /// [`crate::handle::StartWriter`]).
 pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>) {
@@ -65,8 +69,13 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
             .await;
             handle.finish_batch();
             // What an interrupted write left is dropped (counted below); the ring goes
-            // back to the handle empty at the next drain.
+            // back to the handle empty at the next drain, unless a burst grew it: only
+            // small rings are kept (a burst's would stay with every session that took
+            // it until its writer parks).
             batch.clear();
+            if batch.capacity() > KEEP_RING {
+                batch = VecDeque::new();
+            }
             match written {
                 Ok(Written::All) => {}
                 // Slow consumer mid-batch: what the batch held is dropped with the
