@@ -78,7 +78,14 @@ proptest! {
         let mut expected: Vec<Vec<(usize, u64)>> = vec![Vec::new(); SUBSCRIBERS];
         let mut got: Vec<Vec<(usize, u64)>> = vec![Vec::new(); SUBSCRIBERS];
         let mut next: HashMap<usize, u64> = HashMap::new();
+        // Consecutive publications of one channel go out as one run, as the
+        // dispatcher sends them (each subscriber takes the run whole, or closes).
+        let mut run: Vec<Publication> = Vec::new();
         for op in ops {
+            let same_channel = matches!(op, Op::Publish(c) if run.first().is_some_and(|p| p.channel == channels[c]));
+            if !same_channel {
+                hub.dispatch_run(&mut run);
+            }
             match op {
                 Op::Subscribe(s, c) => {
                     hub.subscribe(&channels[c], s as u64, &handles[s], SubscribeOpts::default());
@@ -92,7 +99,7 @@ proptest! {
                     let n = next.entry(c).or_default();
                     *n += 1;
                     let p = Publication::now(channels[c].clone(), Payload::Json(Bytes::from(n.to_string())));
-                    hub.dispatch(p);
+                    run.push(p);
                     for s in 0..SUBSCRIBERS {
                         if subscribed[s][c] {
                             expected[s].push((c, *n));
@@ -103,6 +110,7 @@ proptest! {
                 Op::Read(_) => {}
             }
         }
+        hub.dispatch_run(&mut run);
         for s in 0..SUBSCRIBERS {
             if s != slow {
                 got[s].extend(read(&handles[s]));

@@ -320,7 +320,7 @@ impl Hub {
     /// subscriber of it, and empties it. On a plain channel each subscriber takes the
     /// whole run in one push (one lock, one budget check, one wake-up), which is what a
     /// burst costs most.
-    fn dispatch_run(&self, run: &mut Vec<Publication>) {
+    pub(crate) fn dispatch_run(&self, run: &mut Vec<Publication>) {
         let Some(first) = run.first() else { return };
         // The shard lock is held throughout, so a channel dropped and created again
         // meanwhile cannot miss a publication that was already on its way.
