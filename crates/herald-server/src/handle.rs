@@ -454,7 +454,7 @@ impl SessionHandle {
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let cost = item.cost();
         let delivery = item.delivery;
-        let pushed = self.enqueue(item);
+        let pushed = self.enqueue(std::slice::from_ref(&item), cost);
         match pushed {
             Pushed::Queued => self.env.metrics.outbound_queue_bytes.add(cost as i64),
             Pushed::Closed if delivery => self.env.metrics.dropped(DropReason::Disconnected, 1),
@@ -464,25 +464,40 @@ impl SessionHandle {
     }
 
     /// Queues `item` (one encoded delivery) to every handle in `to`, sharing its bytes.
-    /// Fan-out touches the node-wide queued-bytes gauge once per message instead of once
-    /// per subscriber: the gauge is shared by every core.
     pub(crate) fn push_to_all<'a>(
         to: impl Iterator<Item = &'a Arc<SessionHandle>>,
         item: &Item,
         metrics: &Metrics,
     ) {
+        SessionHandle::push_run_to_all(to, std::slice::from_ref(item), metrics)
+    }
+
+    /// Queues `items` (consecutive deliveries of one channel, encoded once) to every
+    /// handle in `to`, sharing their bytes, each taking the whole run under one lock:
+    /// all of it fits, or the session closes as a slow consumer, all of it counted as
+    /// dropped. (Runs are small next to the budget: the hub bounds them.) Fan-out
+    /// touches the node-wide queued-bytes gauge once per run instead of once per
+    /// subscriber: the gauge is shared by every core.
+    pub(crate) fn push_run_to_all<'a>(
+        to: impl Iterator<Item = &'a Arc<SessionHandle>>,
+        items: &[Item],
+        metrics: &Metrics,
+    ) {
+        if items.is_empty() {
+            return;
+        }
+        let cost: usize = items.iter().map(Item::cost).sum();
+        let deliveries = items.iter().filter(|i| i.delivery).count() as u64;
         let (mut queued, mut closing) = (0usize, 0u64);
         for handle in to {
-            match handle.enqueue(item.share()) {
+            match handle.enqueue(items, cost) {
                 Pushed::Queued => queued += 1,
-                Pushed::Closed => closing += 1,
+                Pushed::Closed => closing += deliveries,
                 Pushed::Overflow => {}
             }
         }
-        metrics
-            .outbound_queue_bytes
-            .add((queued * item.cost()) as i64);
-        if item.delivery && closing > 0 {
+        metrics.outbound_queue_bytes.add((queued * cost) as i64);
+        if closing > 0 {
             // Sessions already closing (drain, heartbeat, slow consumer) take nothing
             // more: counted, and on history channels the client resumes from what it
             // last received.
@@ -490,42 +505,16 @@ impl SessionHandle {
         }
     }
 
-    /// Queues `items` (consecutive deliveries of one channel, encoded once) to every
-    /// handle in `to`, each taking the whole run under one lock: all of it fits, or the
-    /// session closes as a slow consumer, all of it counted as dropped. (Runs are small
-    /// next to the budget: the hub bounds them.)
-    pub(crate) fn push_run_to_all<'a>(
-        to: impl Iterator<Item = &'a Arc<SessionHandle>>,
-        items: &[Item],
-        metrics: &Metrics,
-    ) {
-        let [first, ..] = items else { return };
-        if items.len() == 1 {
-            return SessionHandle::push_to_all(to, first, metrics);
-        }
-        let cost: usize = items.iter().map(Item::cost).sum();
-        let (mut queued, mut closing) = (0usize, 0u64);
-        for handle in to {
-            match handle.enqueue_run(items, cost) {
-                Pushed::Queued => queued += 1,
-                Pushed::Closed => closing += items.len() as u64,
-                Pushed::Overflow => {}
-            }
-        }
-        metrics.outbound_queue_bytes.add((queued * cost) as i64);
-        if closing > 0 {
-            metrics.dropped(DropReason::Disconnected, closing);
-        }
-    }
-
-    /// [`SessionHandle::enqueue`] for a run of deliveries costing `cost` in all.
-    fn enqueue_run(self: &Arc<Self>, items: &[Item], cost: usize) -> Pushed {
+    /// Queues `items` (costing `cost` in all) without touching the gauge for them (the
+    /// caller adds what was queued): all of them, or none and the session closes as a
+    /// slow consumer.
+    fn enqueue(self: &Arc<Self>, items: &[Item], cost: usize) -> Pushed {
         let mut s = self.state.lock();
         if s.closing.is_some() {
             return Pushed::Closed;
         }
         if s.bytes + s.inflight + cost > self.env.max_queued_bytes {
-            self.overflow(s, items.len());
+            self.overflow(s, items);
             return Pushed::Overflow;
         }
         let was_empty = s.queue.is_empty();
@@ -536,9 +525,9 @@ impl SessionHandle {
     }
 
     /// Over budget: the session closes as a slow consumer; what it had queued and the
-    /// `refused` deliveries that did not fit are dropped (counted).
-    fn overflow(self: &Arc<Self>, mut s: MutexGuard<'_, State>, refused: usize) {
-        let discarded = s.queue.iter().filter(|i| i.delivery).count() + refused;
+    /// deliveries among `refused` (what did not fit) are dropped (counted).
+    fn overflow(self: &Arc<Self>, mut s: MutexGuard<'_, State>, refused: &[Item]) {
+        let discarded = s.queue.iter().chain(refused).filter(|i| i.delivery).count();
         let m = &self.env.metrics;
         m.slow_consumer_disconnects.inc();
         m.dropped(DropReason::SlowConsumer, discarded as u64);
@@ -551,23 +540,6 @@ impl SessionHandle {
             flush_queue: false,
         });
         self.start_writer(s, true);
-    }
-
-    /// Queues `item` without touching the gauge for it (the caller adds what was queued).
-    fn enqueue(self: &Arc<Self>, item: Item) -> Pushed {
-        let mut s = self.state.lock();
-        if s.closing.is_some() {
-            return Pushed::Closed;
-        }
-        if s.bytes + s.inflight + item.cost() > self.env.max_queued_bytes {
-            self.overflow(s, usize::from(item.delivery));
-            return Pushed::Overflow;
-        }
-        let was_empty = s.queue.is_empty();
-        s.bytes += item.cost();
-        s.queue.push_back(item);
-        self.start_writer(s, was_empty);
-        Pushed::Queued
     }
 
     /// Asks the writer to end the session with `code`. The first close wins.

@@ -366,30 +366,26 @@ impl Hub {
     pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
         let mut batch = Vec::with_capacity(64);
         let mut run: Vec<Publication> = Vec::with_capacity(RUN_PUBLICATIONS);
-        let mut run_bytes = 0;
         while inbound.recv_many(&mut batch, 64).await > 0 {
             for r in batch.drain(..) {
                 match r {
                     Received::Publication(p) => {
+                        let run_bytes: usize = run.iter().map(|q| q.payload.len()).sum();
                         if run.last().is_some_and(|q| q.channel != p.channel)
                             || run.len() == RUN_PUBLICATIONS
                             || run_bytes + p.payload.len() > RUN_BYTES
                         {
                             self.dispatch_run(&mut run);
-                            run_bytes = 0;
                         }
-                        run_bytes += p.payload.len();
                         run.push(p);
                     }
                     Received::Resubscribed => {
                         self.dispatch_run(&mut run);
-                        run_bytes = 0;
                         self.catch_up();
                     }
                 }
             }
             self.dispatch_run(&mut run);
-            run_bytes = 0;
         }
     }
 }

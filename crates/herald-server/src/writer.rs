@@ -68,11 +68,11 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
             ))
             .await;
             handle.finish_batch();
-            // What an interrupted write left is dropped (counted below); the ring goes
-            // back to the handle empty at the next drain, unless a burst grew it: only
-            // small rings are kept (a burst's would stay with every session that took
-            // it until its writer parks).
-            batch.clear();
+            // The write took the items out as it went (an interrupted one dropped the
+            // rest with it, counted below), so the ring goes back to the handle empty
+            // at the next drain, unless a burst grew it: only small rings are kept (a
+            // burst's would stay with every session that took it until its writer
+            // parks).
             if batch.capacity() > KEEP_RING {
                 batch = VecDeque::new();
             }
