@@ -419,6 +419,11 @@ impl Sub {
         }
     }
 
+    /// Whether its subscribe asks for deltas: the client does, and no delta failed here.
+    fn asks_delta(&self, config: &Config) -> bool {
+        config.delta && !self.no_delta
+    }
+
     /// Tells every listener (those that went away are forgotten).
     fn emit(&mut self, e: Event) {
         self.listeners.retain(|(_, tx)| tx.send(e.clone()).is_ok());
@@ -661,7 +666,7 @@ async fn session(
     }
     for (channel, sub) in subs.iter() {
         if ws
-            .send(requests.subscribe(channel, sub.position, config.delta && !sub.no_delta))
+            .send(requests.subscribe(channel, sub.position, sub.asks_delta(config)))
             .await
             .is_err()
         {
@@ -766,7 +771,7 @@ async fn session(
                 requests.retry = later;
                 for (_, channel) in due {
                     let Some(sub) = subs.get(&channel).filter(|s| !s.active) else { continue };
-                    let frame = requests.subscribe(&channel, sub.position, config.delta && !sub.no_delta);
+                    let frame = requests.subscribe(&channel, sub.position, sub.asks_delta(config));
                     if ws.send(frame).await.is_err() {
                         break;
                     }
