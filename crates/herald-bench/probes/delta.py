@@ -18,10 +18,10 @@ other half not) receive U updates published at a steady rate through `POST
 
 Usage: delta.py HERALD_BIN [SUBSCRIBERS] [UPDATES] [ROUNDS]
 Needs the `websockets` package (target/openapi-venv has it)."""
-import asyncio, json, os, random, subprocess, sys, tempfile, time, urllib.request, zlib
+import asyncio, json, random, sys, time, urllib.request, zlib
 import websockets
 
-from common import cpu_s, free_port
+from common import cpu_s, start_node
 
 BIN = sys.argv[1]
 S = int(sys.argv[2]) if len(sys.argv) > 2 else 100
@@ -29,8 +29,7 @@ U = int(sys.argv[3]) if len(sys.argv) > 3 else 300
 ROUNDS = int(sys.argv[4]) if len(sys.argv) > 4 else 3
 RATE = 100  # updates per second
 
-cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-cfg.write("""
+node, port = start_node(BIN, """
 [limits]
 max_connections_per_ip = 0
 [[channels.rules]]
@@ -38,12 +37,6 @@ pattern = "board:*"
 history_size = 1000
 delta = "fossil"
 """)
-cfg.close()
-port = free_port()
-node = subprocess.Popen([BIN, "--config", cfg.name, "--listen", f"127.0.0.1:{port}"],
-                        env=dict(os.environ, HERALD_LOG__LEVEL="error"),
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-time.sleep(1.0)
 
 
 def board(rng):

@@ -15,10 +15,10 @@ http server, keep-alive), alternated rounds in one run:
 
 Usage: hooks.py HERALD_BIN [HANDSHAKES] [PUBLISHES]
 Needs node and the `websockets` package (target/openapi-venv has it)."""
-import asyncio, base64, hashlib, hmac, json, os, subprocess, sys, tempfile, time, urllib.request
+import asyncio, base64, hashlib, hmac, json, subprocess, sys, tempfile, time, urllib.request
 import websockets
 
-from common import cpu_s, free_port
+from common import cpu_s, free_port, start_node
 
 BIN = sys.argv[1]
 N = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
@@ -81,8 +81,7 @@ backend = subprocess.Popen(["node", backend_js.name])
 
 
 def start(hook_path):
-    cfg = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-    cfg.write(f"""
+    return start_node(BIN, f"""
 [auth]
 allowed_origins = ["http://bench.test"]
 [auth.jwt]
@@ -106,13 +105,6 @@ publish = "hook"
 pattern = "free:*"
 publish = "anyone"
 """)
-    cfg.close()
-    port = free_port()
-    proc = subprocess.Popen([BIN, "--config", cfg.name, "--listen", f"127.0.0.1:{port}"],
-                            env=dict(os.environ, HERALD_LOG__LEVEL="error"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    return proc, port
 
 
 async def handshake(port, cookie=None, tok=None):

@@ -340,12 +340,7 @@ pub(crate) async fn burst(
         cpu += target.cpu() - cpu0;
     }
     let mut figures = BTreeMap::new();
-    let (mut p50, mut p99) = (0f64, 0f64);
-    for w in ws.iter_mut() {
-        let s = w.cmd("stats").await?;
-        p50 = p50.max(s["p50_us"].as_f64().unwrap_or(0.0));
-        p99 = p99.max(s["p99_us"].as_f64().unwrap_or(0.0));
-    }
+    let Latency { p50, p99, .. } = latency_stats(&mut ws).await?;
     figures.insert("delivered_per_s".into(), received as f64 / busy);
     figures.insert(
         "cpu_us_per_delivery".into(),
@@ -374,6 +369,32 @@ pub(crate) async fn burst(
             args.subscribers
         ),
     })
+}
+
+/// What the workers measured: deliveries, and publish→receive latency percentiles (µs).
+struct Latency {
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    received: u64,
+}
+
+/// Every worker's count, and the worst of each percentile among them.
+async fn latency_stats(ws: &mut [Worker]) -> anyhow::Result<Latency> {
+    let mut l = Latency {
+        p50: 0.0,
+        p99: 0.0,
+        p999: 0.0,
+        received: 0,
+    };
+    for w in ws.iter_mut() {
+        let s = w.cmd("stats").await?;
+        l.received += s["received"].as_u64().unwrap_or(0);
+        l.p50 = l.p50.max(s["p50_us"].as_f64().unwrap_or(0.0));
+        l.p99 = l.p99.max(s["p99_us"].as_f64().unwrap_or(0.0));
+        l.p999 = l.p999.max(s["p999_us"].as_f64().unwrap_or(0.0));
+    }
+    Ok(l)
 }
 
 /// Publish at a fixed rate and report publish→receive latency percentiles.
@@ -414,15 +435,12 @@ pub(crate) async fn latency(
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut figures = BTreeMap::new();
-    let (mut p50, mut p99, mut p999, mut recv) = (0f64, 0f64, 0f64, 0u64);
-    for w in ws.iter_mut() {
-        let s = w.cmd("stats").await?;
-        recv += s["received"].as_u64().unwrap_or(0);
-        // With several workers, report the worst of each percentile.
-        p50 = p50.max(s["p50_us"].as_f64().unwrap_or(0.0));
-        p99 = p99.max(s["p99_us"].as_f64().unwrap_or(0.0));
-        p999 = p999.max(s["p999_us"].as_f64().unwrap_or(0.0));
-    }
+    let Latency {
+        p50,
+        p99,
+        p999,
+        received: recv,
+    } = latency_stats(&mut ws).await?;
     figures.insert("publish_rate".into(), rate);
     figures.insert("p50_us".into(), p50);
     figures.insert("p99_us".into(), p99);
