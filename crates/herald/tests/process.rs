@@ -17,6 +17,14 @@ fn herald() -> Command {
     c
 }
 
+/// Writes `text` to a file of this test process named after `name` (in the temp dir)
+/// and returns its path.
+fn temp_file(name: &str, text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("herald-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
 /// Starts `herald` on a free port and returns the child and its address.
 fn start(extra: &[&str], env: &[(&str, &str)]) -> (Child, std::net::SocketAddr) {
     let (child, addr, _) = start_logged(extra, env);
@@ -98,32 +106,21 @@ fn signal(child: &Child, sig: &str) {
 #[test]
 fn invalid_configuration_exits_64_before_binding() {
     // An empty JWKS would start with token checking off.
-    let empty_jwks = std::env::temp_dir().join(format!("herald-empty-{}.json", std::process::id()));
-    std::fs::write(&empty_jwks, r#"{"keys":[]}"#).unwrap();
-    let empty_jwks = empty_jwks.to_str().unwrap().to_owned();
+    let empty_jwks = temp_file("empty.json", r#"{"keys":[]}"#);
     // A rule whose {sub} is not a whole segment would let user 4 read user 42's channels.
-    let overlapping = std::env::temp_dir().join(format!("herald-sub-{}.toml", std::process::id()));
-    std::fs::write(
-        &overlapping,
+    let overlapping = temp_file(
+        "sub.toml",
         "[[channels.rules]]\npattern = \"dm.{sub}*\"\nsubscribe = \"authenticated\"\n",
-    )
-    .unwrap();
-    let overlapping = overlapping.to_str().unwrap().to_owned();
+    );
     // A delta is against the publication before: only history channels number them.
-    let delta = std::env::temp_dir().join(format!("herald-delta-{}.toml", std::process::id()));
-    std::fs::write(
-        &delta,
+    let delta = temp_file(
+        "delta.toml",
         "[[channels.rules]]\npattern = \"d:*\"\ndelta = \"fossil\"\n",
-    )
-    .unwrap();
-    let delta = delta.to_str().unwrap().to_owned();
-    let bad_format = std::env::temp_dir().join(format!("herald-zstd-{}.toml", std::process::id()));
-    std::fs::write(
-        &bad_format,
+    );
+    let bad_format = temp_file(
+        "zstd.toml",
         "[[channels.rules]]\npattern = \"z:*\"\nhistory_size = 5\ndelta = \"zstd\"\n",
-    )
-    .unwrap();
-    let bad_format = bad_format.to_str().unwrap().to_owned();
+    );
     for (args, env, needle) in [
         (
             vec!["--config", delta.as_str()],
