@@ -607,7 +607,8 @@ pub struct WebSocketConfig {
     /// until a frame header announces a bigger frame (which is then read whole).
     /// Small keeps idle sessions cheap; client messages are small ops.
     pub read_buffer_bytes: usize,
-    /// Bytes buffered before a socket write; a write batch is flushed as a whole anyway.
+    /// Bytes a session's writer gathers (frames it copied, runs it shares) before it
+    /// starts a socket write; a batch is flushed as a whole anyway.
     pub write_buffer_bytes: usize,
     /// How long a session's writer task stays after its last write before it parks the
     /// socket and ends (idle sessions then hold no writer task).

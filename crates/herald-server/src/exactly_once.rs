@@ -44,9 +44,10 @@ fn read(h: &SessionHandle) -> Vec<(usize, u64)> {
     h.finish_batch();
     items
         .into_iter()
-        .filter(|i| i.delivery)
-        .map(|i| {
-            let Message::Text(t) = i.msg else {
+        .filter(|i| i.deliveries > 0)
+        .flat_map(|i| i.out.into_messages())
+        .map(|m| {
+            let Message::Text(t) = m else {
                 panic!("text deliveries only")
             };
             let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
@@ -255,8 +256,8 @@ mod history {
             let mut items = std::collections::VecDeque::new();
             self.handles[s].drain(&mut items);
             self.handles[s].finish_batch();
-            for i in items {
-                let Message::Text(t) = i.msg else {
+            for m in items.into_iter().flat_map(|i| i.out.into_messages()) {
+                let Message::Text(t) = m else {
                     panic!("text frames only")
                 };
                 let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();

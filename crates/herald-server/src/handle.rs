@@ -30,14 +30,21 @@ use herald_protocol::server::{self, encode_delivery, Delivery};
 use herald_protocol::{ChannelName, Payload, Publication};
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::wire::{Frames, Out};
+
+/// Close code 1005 ("no status received"), which no close frame may carry: a
+/// [`Closing`] with it sends an empty close frame.
+pub(crate) const NO_STATUS: u16 = 1005;
 
 /// A node-local session id.
 pub(crate) type ConnId = u64;
 
 /// The sending half of a session's socket, owned by its writer task while one runs and
 /// parked in the handle otherwise.
-pub(crate) type BoxSink = Pin<Box<dyn Sink<Message, Error = WsError> + Send>>;
+pub(crate) type BoxSink = Pin<Box<dyn Sink<Out, Error = WsError> + Send>>;
 
 /// Starts a writer task that owns `sink` and drains `handle`.
 pub(crate) type StartWriter = fn(sink: BoxSink, handle: Arc<SessionHandle>);
@@ -72,32 +79,53 @@ enum WriterSlot {
     Parked(BoxSink),
 }
 
-/// What a queued item costs beyond its frame's bytes: its slot in the queue (the frame
-/// itself is a reference-counted handle to bytes shared by every subscriber). Charged
-/// per item, so a flood of tiny frames cannot hold many times the byte budget.
+/// What a queued item costs beyond its frames' bytes: its slot in the queue (the
+/// frames themselves are a reference-counted handle to bytes shared by every
+/// subscriber). Charged per item, so a flood of tiny frames cannot hold many times the
+/// byte budget.
 pub(crate) const ITEM_OVERHEAD: usize = std::mem::size_of::<Item>();
 
-/// One frame waiting to be written.
+/// One frame, or a run of frames, waiting to be written.
 pub(crate) struct Item {
-    /// The frame, encoded once and shared by every subscriber it goes to.
-    pub(crate) msg: Message,
-    /// The frame's payload bytes (the budget charges [`Item::cost`]).
+    /// The frame or frames, encoded once and shared by every subscriber they go to.
+    pub(crate) out: Out,
+    /// Their payload bytes (the budget charges [`Item::cost`]).
     pub(crate) len: usize,
-    /// When the publication was accepted (µs since the epoch), for the lag metric; 0 for
-    /// replies and control frames.
+    /// When the (first) publication was accepted (µs since the epoch), for the lag
+    /// metric; 0 for replies and control frames.
     pub(crate) published_at_us: u64,
-    /// Whether this is a message delivery (counted as delivered once written).
-    pub(crate) delivery: bool,
+    /// The message deliveries it carries (counted as delivered once written): 0 for a
+    /// reply or control frame, 1 for a delivery, a run's length for a run.
+    pub(crate) deliveries: u32,
 }
 
 impl Item {
     /// A reply or control frame (not a delivery) of `len` budgeted bytes.
     pub(crate) fn control(msg: Message, len: usize) -> Self {
         Item {
-            msg,
+            out: Out::Message(msg),
             len,
             published_at_us: 0,
-            delivery: false,
+            deliveries: 0,
+        }
+    }
+
+    /// One item delivering `run` (publications of a plain channel, in order), framed
+    /// once into one buffer that every subscriber shares.
+    pub(crate) fn run(run: &[Publication]) -> Self {
+        let mut frames = Frames::default();
+        for p in run {
+            match encode_delivery(p) {
+                Delivery::Text(s) => frames.text(&s),
+                Delivery::Binary(b) => frames.binary(&b),
+            }
+        }
+        let out = frames.finish();
+        Item {
+            len: out.len(),
+            out: Out::Frames(out),
+            published_at_us: run.first().map_or(0, |p| p.published_at_us),
+            deliveries: run.len() as u32,
         }
     }
 
@@ -123,10 +151,10 @@ impl Item {
             },
         };
         Item {
-            msg,
+            out: Out::Message(msg),
             len,
             published_at_us: p.published_at_us,
-            delivery: true,
+            deliveries: 1,
         }
     }
 
@@ -144,10 +172,10 @@ impl Item {
     /// Another queue entry for the same frame (its bytes are shared, not copied).
     pub(crate) fn share(&self) -> Item {
         Item {
-            msg: self.msg.clone(),
+            out: self.out.clone(),
             len: self.len,
             published_at_us: self.published_at_us,
-            delivery: self.delivery,
+            deliveries: self.deliveries,
         }
     }
 }
@@ -161,6 +189,10 @@ pub(crate) struct Closing {
     pub(crate) reason: Cow<'static, str>,
     /// Write what is queued before the close frame (drain) or discard it (slow consumer).
     pub(crate) flush_queue: bool,
+    /// The peer closed first: the frame echoes its close (`code` 1005, which no close
+    /// frame may carry, stands for its empty one) and is not one of the server's own
+    /// closes in `herald_close_codes_total` (a peer's code is any it likes).
+    pub(crate) by_peer: bool,
 }
 
 /// Outcome of [`SessionHandle::push`].
@@ -453,44 +485,35 @@ impl SessionHandle {
     /// Queues a reply or control frame.
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let cost = item.cost();
-        let delivery = item.delivery;
-        let pushed = self.enqueue(std::slice::from_ref(&item), cost);
+        let deliveries = item.deliveries;
+        let pushed = self.enqueue(&item);
         match pushed {
             Pushed::Queued => self.env.metrics.outbound_queue_bytes.add(cost as i64),
-            Pushed::Closed if delivery => self.env.metrics.dropped(DropReason::Disconnected, 1),
+            Pushed::Closed if deliveries > 0 => self
+                .env
+                .metrics
+                .dropped(DropReason::Disconnected, deliveries.into()),
             _ => {}
         }
         pushed
     }
 
-    /// Queues `item` (one encoded delivery) to every handle in `to`, sharing its bytes.
+    /// Queues `item` (a delivery, or a run of deliveries of one channel, encoded once)
+    /// to every handle in `to`, sharing its bytes: a run is queued whole, or the session
+    /// closes as a slow consumer, all of it counted as dropped. (Runs are small next to
+    /// the budget: the hub bounds them.) Fan-out touches the node-wide queued-bytes
+    /// gauge once per item instead of once per subscriber: the gauge is shared by every
+    /// core.
     pub(crate) fn push_to_all<'a>(
         to: impl Iterator<Item = &'a Arc<SessionHandle>>,
         item: &Item,
         metrics: &Metrics,
     ) {
-        SessionHandle::push_run_to_all(to, std::slice::from_ref(item), metrics)
-    }
-
-    /// Queues `items` (consecutive deliveries of one channel, encoded once) to every
-    /// handle in `to`, sharing their bytes, each taking the whole run under one lock:
-    /// all of it fits, or the session closes as a slow consumer, all of it counted as
-    /// dropped. (Runs are small next to the budget: the hub bounds them.) Fan-out
-    /// touches the node-wide queued-bytes gauge once per run instead of once per
-    /// subscriber: the gauge is shared by every core.
-    pub(crate) fn push_run_to_all<'a>(
-        to: impl Iterator<Item = &'a Arc<SessionHandle>>,
-        items: &[Item],
-        metrics: &Metrics,
-    ) {
-        if items.is_empty() {
-            return;
-        }
-        let cost: usize = items.iter().map(Item::cost).sum();
-        let deliveries = items.iter().filter(|i| i.delivery).count() as u64;
+        let cost = item.cost();
+        let deliveries = u64::from(item.deliveries);
         let (mut queued, mut closing) = (0usize, 0u64);
         for handle in to {
-            match handle.enqueue(items, cost) {
+            match handle.enqueue(item) {
                 Pushed::Queued => queued += 1,
                 Pushed::Closed => closing += deliveries,
                 Pushed::Overflow => {}
@@ -505,32 +528,32 @@ impl SessionHandle {
         }
     }
 
-    /// Queues `items` (costing `cost` in all) without touching the gauge for them (the
-    /// caller adds what was queued): all of them, or none and the session closes as a
-    /// slow consumer.
-    fn enqueue(self: &Arc<Self>, items: &[Item], cost: usize) -> Pushed {
+    /// Queues `item` (sharing its bytes) without touching the gauge for it (the caller
+    /// adds what was queued), or the session closes as a slow consumer.
+    fn enqueue(self: &Arc<Self>, item: &Item) -> Pushed {
         let mut s = self.state.lock();
         if s.closing.is_some() {
             return Pushed::Closed;
         }
+        let cost = item.cost();
         if s.bytes + s.inflight + cost > self.env.max_queued_bytes {
-            self.overflow(s, items);
+            self.overflow(s, item);
             return Pushed::Overflow;
         }
         let was_empty = s.queue.is_empty();
         s.bytes += cost;
-        s.queue.extend(items.iter().map(Item::share));
+        s.queue.push_back(item.share());
         self.start_writer(s, was_empty);
         Pushed::Queued
     }
 
     /// Over budget: the session closes as a slow consumer; what it had queued and the
-    /// deliveries among `refused` (what did not fit) are dropped (counted).
-    fn overflow(self: &Arc<Self>, mut s: MutexGuard<'_, State>, refused: &[Item]) {
-        let discarded = s.queue.iter().chain(refused).filter(|i| i.delivery).count();
+    /// deliveries `refused` carries (what did not fit) are dropped (counted).
+    fn overflow(self: &Arc<Self>, mut s: MutexGuard<'_, State>, refused: &Item) {
+        let discarded = count(s.queue.iter().chain([refused]));
         let m = &self.env.metrics;
         m.slow_consumer_disconnects.inc();
-        m.dropped(DropReason::SlowConsumer, discarded as u64);
+        m.dropped(DropReason::SlowConsumer, discarded);
         m.outbound_queue_bytes.sub(s.bytes as i64);
         s.queue = VecDeque::new();
         s.bytes = 0;
@@ -538,6 +561,7 @@ impl SessionHandle {
             code: herald_protocol::close::TRY_AGAIN_LATER,
             reason: Cow::Borrowed("slow consumer"),
             flush_queue: false,
+            by_peer: false,
         });
         self.start_writer(s, true);
     }
@@ -555,6 +579,26 @@ impl SessionHandle {
                 code,
                 reason: reason.into(),
                 flush_queue,
+                by_peer: false,
+            });
+        }
+        self.start_writer(s, true);
+    }
+
+    /// The peer sent its close frame (`frame`, as tungstenite read it: a code no peer
+    /// may send is already 1002 there): the writer answers it after what is queued,
+    /// unless the session was closing already.
+    pub(crate) fn closed_by_peer(self: &Arc<Self>, frame: Option<CloseFrame>) {
+        let mut s = self.state.lock();
+        if s.closing.is_none() {
+            let (code, reason) = frame.map_or((NO_STATUS, String::new()), |f| {
+                (f.code.into(), f.reason.to_string())
+            });
+            s.closing = Some(Closing {
+                code,
+                reason: reason.into(),
+                flush_queue: true,
+                by_peer: true,
             });
         }
         self.start_writer(s, true);
@@ -576,10 +620,8 @@ impl SessionHandle {
             std::mem::swap(&mut s.queue, out);
             s.inflight += s.bytes;
         } else {
-            let dropped = s.queue.iter().filter(|i| i.delivery).count();
-            self.env
-                .metrics
-                .dropped(DropReason::SlowConsumer, dropped as u64);
+            let dropped = count(s.queue.iter());
+            self.env.metrics.dropped(DropReason::SlowConsumer, dropped);
             self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
             s.queue.clear();
         }
@@ -598,10 +640,8 @@ impl SessionHandle {
     /// dropped: `disconnected`).
     pub(crate) fn discard(&self) {
         let mut s = self.state.lock();
-        let dropped = s.queue.iter().filter(|i| i.delivery).count();
-        self.env
-            .metrics
-            .dropped(DropReason::Disconnected, dropped as u64);
+        let dropped = count(s.queue.iter());
+        self.env.metrics.dropped(DropReason::Disconnected, dropped);
         self.env
             .metrics
             .outbound_queue_bytes
@@ -616,6 +656,7 @@ impl SessionHandle {
                 code: 1006,
                 reason: Cow::Borrowed("session over"),
                 flush_queue: false,
+                by_peer: false,
             });
         }
     }
@@ -639,6 +680,11 @@ impl SessionHandle {
     }
 }
 
+/// The deliveries `items` carry.
+pub(crate) fn count<'a>(items: impl Iterator<Item = &'a Item>) -> u64 {
+    items.map(|i| u64::from(i.deliveries)).sum()
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -658,10 +704,10 @@ pub(crate) mod tests {
 
     fn item(len: usize) -> Item {
         Item {
-            msg: Message::Binary(vec![0; len].into()),
+            out: Out::Message(Message::Binary(vec![0; len].into())),
             len,
             published_at_us: 0,
-            delivery: true,
+            deliveries: 1,
         }
     }
 
@@ -686,34 +732,33 @@ pub(crate) mod tests {
     /// and never in silence (every delivery counted once: queued, or dropped).
     #[test]
     fn a_run_is_queued_whole_or_closes_the_session() {
-        let e = env(10 * (10 + ITEM_OVERHEAD));
+        const O: usize = ITEM_OVERHEAD;
+        let e = env(100 + 4 * O);
         let (a, b) = (
             Arc::new(SessionHandle::new(0, e.clone())),
             Arc::new(SessionHandle::new(0, e.clone())),
         );
         let m = e.metrics.clone();
-        let run: Vec<Item> = (0..4).map(|_| item(10)).collect();
+        // Four deliveries of 10 bytes, framed as one item.
+        let run = Item {
+            deliveries: 4,
+            ..item(40)
+        };
         for _ in 0..3 {
             b.push(item(10));
         }
-        SessionHandle::push_run_to_all([&a].into_iter(), &run, &m);
-        SessionHandle::push_run_to_all([&a, &b].into_iter(), &run, &m);
-        assert_eq!(
-            m.outbound_queue_bytes.get(),
-            (15 * (10 + ITEM_OVERHEAD)) as i64
-        );
+        SessionHandle::push_to_all([&a].into_iter(), &run, &m);
+        SessionHandle::push_to_all([&a, &b].into_iter(), &run, &m);
+        assert_eq!(m.outbound_queue_bytes.get(), (150 + 6 * O) as i64);
         let mut out = std::collections::VecDeque::new();
         assert!(a.drain(&mut out).is_none());
-        assert_eq!(out.len(), 8);
-        // `b` holds 7 of its 10: the next run of 4 does not fit.
-        SessionHandle::push_run_to_all([&b].into_iter(), &run, &m);
+        assert_eq!(count(out.iter()), 8);
+        // `b` holds 70 bytes in 4 items: the next run does not fit.
+        SessionHandle::push_to_all([&b].into_iter(), &run, &m);
         assert_eq!(m.slow_consumer_disconnects.get(), 1);
         // What `b` had queued and the whole run that did not fit.
         assert_eq!(m.dropped_total(DropReason::SlowConsumer), 7 + 4);
-        assert_eq!(
-            m.outbound_queue_bytes.get(),
-            (8 * (10 + ITEM_OVERHEAD)) as i64
-        );
+        assert_eq!(m.outbound_queue_bytes.get(), (80 + 2 * O) as i64);
         assert_eq!(
             b.drain(&mut std::collections::VecDeque::new())
                 .unwrap()
@@ -721,7 +766,7 @@ pub(crate) mod tests {
             1013
         );
         // A closing session takes nothing more, counted as dropped.
-        SessionHandle::push_run_to_all([&b].into_iter(), &run, &m);
+        SessionHandle::push_to_all([&b].into_iter(), &run, &m);
         assert_eq!(m.dropped_total(DropReason::Disconnected), 4);
     }
 

@@ -600,7 +600,7 @@ impl Stream {
             if let Phase::Live { through } = &mut m.phase {
                 if through.in_epoch(at.epoch).epoch != at.epoch || through.offset < at.offset {
                     *through = at;
-                    m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                    m.handle.push(reset.share());
                 }
             }
         }
@@ -618,7 +618,7 @@ impl Stream {
                 if let Phase::Live { through } = &mut m.phase {
                     if !through.same_epoch(at) {
                         *through = at;
-                        m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                        m.handle.push(reset.share());
                     }
                 }
             }
@@ -645,7 +645,7 @@ impl Stream {
                     if through.is_start() {
                         self.env.metrics.history_unrepairable.inc();
                         *through = at;
-                        m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                        m.handle.push(reset.share());
                     }
                 }
             }
@@ -759,10 +759,10 @@ impl Stream {
         metrics.delta_sent.inc();
         let len = frame.len();
         Some(Ok(Item {
-            msg: Message::Text(frame.into()),
+            out: crate::wire::Out::Message(Message::Text(frame.into())),
             len,
             published_at_us: p.published_at_us,
-            delivery: true,
+            deliveries: 1,
         }))
     }
 
@@ -837,7 +837,7 @@ impl Stream {
                 if stale(m) {
                     self.env.metrics.history_unrepairable.inc();
                     m.phase = Phase::Live { through: fresh };
-                    m.handle.push(Item::control(reset.msg.clone(), reset.len));
+                    m.handle.push(reset.share());
                 }
             }
         }
@@ -1323,7 +1323,8 @@ mod tests {
         let mut q = std::collections::VecDeque::new();
         h.drain(&mut q);
         q.into_iter()
-            .map(|i| match i.msg {
+            .flat_map(|i| i.out.into_messages())
+            .map(|m| match m {
                 Message::Text(t) => serde_json::from_str(t.as_str()).unwrap(),
                 other => panic!("{other:?}"),
             })

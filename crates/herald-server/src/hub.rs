@@ -336,8 +336,8 @@ impl Hub {
                 }
             }
             Members::Plain(m) => {
-                let items: Vec<Item> = run.drain(..).map(|p| Item::delivery(&p, false)).collect();
-                SessionHandle::push_run_to_all(m.values(), &items, &self.metrics);
+                SessionHandle::push_to_all(m.values(), &Item::run(run), &self.metrics);
+                run.clear();
             }
             Members::Node(to) => {
                 for p in run.drain(..) {
@@ -398,6 +398,8 @@ mod tests {
     use herald_protocol::Payload;
     use tokio_tungstenite::tungstenite::Message;
 
+    use crate::wire::Out;
+
     fn hub() -> Arc<Hub> {
         let metrics = Metrics::unregistered();
         let (tx, _rx) = inbound(8, metrics.clone());
@@ -432,12 +434,17 @@ mod tests {
         );
         a.drain(&mut qa);
         b.drain(&mut qb);
-        let (Message::Text(ta), Message::Text(tb)) = (&qa[0].msg, &qb[0].msg) else {
-            panic!("expected text");
+        let (Out::Frames(fa), Out::Frames(fb)) = (&qa[0].out, &qb[0].out) else {
+            panic!("expected framed deliveries");
         };
-        assert_eq!(ta.as_str(), r#"{"op":"message","channel":"news","data":1}"#);
+        assert_eq!(
+            qa[0].out.clone().into_messages(),
+            [Message::Text(
+                r#"{"op":"message","channel":"news","data":1}"#.into()
+            )]
+        );
         // The same allocation, not two copies.
-        assert_eq!(ta.as_str().as_ptr(), tb.as_str().as_ptr());
+        assert_eq!(fa.as_ptr(), fb.as_ptr());
         assert!(hub.unsubscribe(&news, 1));
         assert!(hub.unsubscribe(&news, 2));
         assert_eq!(hub.n_subscribers("news"), 0);

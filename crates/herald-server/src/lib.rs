@@ -38,6 +38,9 @@
 //!   (bounded in bytes; slow consumers are closed with 1013, never waited for), its
 //!   lifecycle signals and its liveness clock. The only code that changes
 //!   `herald_outbound_queue_bytes`.
+//! - `wire`: what a session sends, as WebSocket frames Herald frames and writes itself
+//!   (a run of deliveries framed once for every subscriber; the socket's sending half;
+//!   tungstenite's reading half, whose own replies it discards).
 //! - `tls`: the public listener's TLS keys (`[tls]`), reloaded on SIGHUP.
 //! - `error`: [`ServerError`].
 //! - [`config`]: [`GatewayConfig`], every limit with its default.
@@ -45,7 +48,8 @@
 //! # Data path
 //! publisher → [`herald_broker::Broker::publish`] → broker → [`herald_broker::Inbound`]
 //! (bounded) → hub dispatcher → each subscriber's handle (bounded, never blocks) →
-//! writer → socket.
+//! writer → socket. A plain channel's consecutive publications travel as one *run*,
+//! framed once (`wire::Frames`) and queued as one item per subscriber.
 #![deny(missing_docs)]
 
 mod access;
@@ -65,6 +69,7 @@ mod presence;
 mod session;
 mod tls;
 mod webhooks;
+mod wire;
 mod writer;
 
 #[cfg(test)]

@@ -32,12 +32,13 @@ use crate::history::{Resume, Resumed};
 use crate::hub::SubscribeOpts;
 use crate::node::{Node, Outgoing};
 use crate::presence;
+use crate::wire::Out;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
 pub(crate) async fn run<S, R>(sink: S, stream: R, node: Arc<Node>, conn: ConnId, peer: Peer)
 where
-    S: Sink<Message, Error = WsError> + Unpin + Send + 'static,
+    S: Sink<Out, Error = WsError> + Unpin + Send + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let Peer {
@@ -299,11 +300,17 @@ impl Session {
                         // state out of this future keeps every idle session small.
                         Some(Ok(Message::Text(t))) => Box::pin(self.on_text(Bytes::from(t))).await,
                         Some(Ok(Message::Binary(b))) => Box::pin(self.on_binary(b)).await,
-                        // Pings are answered by tungstenite; pongs only prove liveness.
-                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        // tungstenite answers the close; keep reading until it is flushed
-                        // and the stream ends.
-                        Some(Ok(Message::Close(_))) => {}
+                        // Answered through the queue, in order with everything else
+                        // (tungstenite's own answer is discarded: see `wire`).
+                        Some(Ok(Message::Ping(p))) => {
+                            let len = p.len();
+                            handle.push(Item::control(Message::Pong(p), len));
+                        }
+                        // Pongs only prove liveness.
+                        Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}
+                        // The writer answers after what is queued; the reader reads on
+                        // until the stream ends.
+                        Some(Ok(Message::Close(frame))) => handle.closed_by_peer(frame),
                         Some(Err(WsError::Capacity(_))) => {
                             self.close(close::MESSAGE_TOO_BIG, "message too big");
                         }

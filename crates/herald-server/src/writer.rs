@@ -22,7 +22,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use herald_metrics::DropReason;
 
-use crate::handle::{BoxSink, Closing, Item, SessionHandle, Signal};
+use crate::handle::{count, BoxSink, Closing, Item, SessionHandle, Signal, NO_STATUS};
+use crate::wire::Out;
 
 /// The largest ring a writer keeps between rounds (entries): the common small batches
 /// reuse one, a burst's is freed once written.
@@ -61,7 +62,7 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
         }
         if !batch.is_empty() {
             // Boxed: its state is only needed while writing, not in every idle writer.
-            let deliveries = batch.iter().filter(|i| i.delivery).count() as u64;
+            let deliveries = count(batch.iter());
             let written = Box::pin(timeout(
                 env.write_timeout,
                 write_batch(&mut sink, &mut batch, &handle, metrics),
@@ -131,21 +132,16 @@ async fn write_batch<S>(
     metrics: &herald_metrics::Metrics,
 ) -> Written
 where
-    S: Sink<Message, Error = WsError> + Unpin,
+    S: Sink<Out, Error = WsError> + Unpin,
 {
-    let mut delivered = 0u64;
-    let mut oldest_us = 0u64;
-    for item in batch.iter() {
-        if item.delivery {
-            delivered += 1;
-            if oldest_us == 0 {
-                oldest_us = item.published_at_us;
-            }
-        }
-    }
+    let delivered = count(batch.iter());
+    let oldest_us = batch
+        .iter()
+        .find(|i| i.deliveries > 0)
+        .map_or(0, |i| i.published_at_us);
     let write = async {
         for item in batch.drain(..) {
-            sink.feed(item.msg).await?;
+            sink.feed(item.out).await?;
         }
         sink.flush().await
     };
@@ -188,19 +184,26 @@ async fn send_close<S>(
     close_timeout: Duration,
     metrics: &herald_metrics::Metrics,
 ) where
-    S: Sink<Message, Error = WsError> + Unpin,
+    S: Sink<Out, Error = WsError> + Unpin,
 {
-    metrics.close_code(closing.code);
-    let frame = CloseFrame {
+    if !closing.by_peer {
+        metrics.close_code(closing.code);
+    }
+    let frame = (closing.code != NO_STATUS).then(|| CloseFrame {
         code: CloseCode::from(closing.code),
         reason: match &closing.reason {
             std::borrow::Cow::Borrowed(r) => (*r).into(),
             std::borrow::Cow::Owned(r) => r.clone().into(),
         },
-    };
+    });
     // A peer that reads nothing cannot take the close frame either: bound the attempt,
-    // then wait (bounded too) for the peer's reply, which ends the reader.
-    let sent = timeout(close_timeout, sink.send(Message::Close(Some(frame)))).await;
+    // then wait (bounded too) for the peer's reply, which ends the reader (when the
+    // peer closed first, the reader has ended already or ends at its next read).
+    let sent = timeout(
+        close_timeout,
+        sink.send(Out::Message(Message::Close(frame))),
+    )
+    .await;
     match sent {
         Ok(Ok(())) => {
             let _ = timeout(close_timeout, reader_done.wait()).await;

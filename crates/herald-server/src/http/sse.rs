@@ -36,6 +36,7 @@ use crate::access;
 use crate::backend;
 use crate::node::{Node, Outgoing};
 use crate::session::{self, Transport};
+use crate::wire::Out;
 
 /// Events buffered between the session's writer and the HTTP connection. The session's
 /// own queue is the real buffer (bounded in bytes, slow consumers closed); this only
@@ -372,7 +373,7 @@ impl SseSink {
     }
 }
 
-impl Sink<Message> for SseSink {
+impl Sink<Out> for SseSink {
     type Error = WsError;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
@@ -389,30 +390,33 @@ impl Sink<Message> for SseSink {
             .map_err(|_| WsError::ConnectionClosed)
     }
 
-    fn start_send(self: Pin<&mut Self>, msg: Message) -> Result<(), WsError> {
+    fn start_send(self: Pin<&mut Self>, out: Out) -> Result<(), WsError> {
         let this = self.get_mut();
-        let event = match msg {
-            Message::Text(t) => this.event(t.as_str()),
-            Message::Binary(b) => match sse::binary_as_json(&b) {
-                Some(frame) => this.event(&frame),
-                None => {
-                    this.tx.abort_send();
-                    return Ok(());
+        // A run of deliveries becomes one chunk of events.
+        let mut event = String::new();
+        for msg in out.into_messages() {
+            match msg {
+                Message::Text(t) => event.push_str(&this.event(t.as_str())),
+                Message::Binary(b) => {
+                    if let Some(frame) = sse::binary_as_json(&b) {
+                        event.push_str(&this.event(&frame));
+                    }
                 }
-            },
-            Message::Ping(_) => sse::comment("ping"),
-            Message::Close(frame) => {
-                let (code, reason) = frame.map_or((1000, String::new()), |f| {
-                    (u16::from(f.code), f.reason.to_string())
-                });
-                this.ended.cancel();
-                sse::close_event(code, &reason)
+                Message::Ping(_) => event.push_str(&sse::comment("ping")),
+                Message::Close(frame) => {
+                    let (code, reason) = frame.map_or((1000, String::new()), |f| {
+                        (u16::from(f.code), f.reason.to_string())
+                    });
+                    this.ended.cancel();
+                    event.push_str(&sse::close_event(code, &reason));
+                }
+                Message::Pong(_) | Message::Frame(_) => {}
             }
-            Message::Pong(_) | Message::Frame(_) => {
-                this.tx.abort_send();
-                return Ok(());
-            }
-        };
+        }
+        if event.is_empty() {
+            this.tx.abort_send();
+            return Ok(());
+        }
         this.inflight.add(event.len());
         this.tx
             .send_item(Bytes::from(event))

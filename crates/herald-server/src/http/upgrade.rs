@@ -17,7 +17,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use herald_metrics::RejectReason;
 use herald_protocol::ErrorCode;
 use hyper::body::Incoming;
@@ -33,6 +32,7 @@ use super::reply::{full, Body, Refusal};
 use crate::handle::ConnId;
 use crate::node::{Node, Slot, SlotRefused};
 use crate::session::{self, Peer, Transport};
+use crate::wire::{ReadHalf, WsSink};
 
 /// Serves `GET /ws`.
 pub(crate) async fn upgrade(
@@ -196,7 +196,9 @@ fn start(
     tracing::debug!(conn, client = %peer.address, "upgrade accepted");
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
-        .write_buffer_size(node.config.websocket.write_buffer_bytes)
+        // What tungstenite writes (its own pong and close replies) is discarded
+        // (`wire::ReadHalf`): it needs no write buffer.
+        .write_buffer_size(0)
         .max_message_size(Some(node.config.limits.max_message_bytes))
         .max_frame_size(Some(node.config.limits.max_message_bytes));
     // Take the upgrade handle now, so the task holds it rather than the whole request,
@@ -208,13 +210,15 @@ fn start(
         let _slot = slot;
         match upgrade.await {
             Ok(upgraded) => {
-                let ws = Box::pin(WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
+                // tungstenite reads; Herald frames and writes what it sends (`wire`).
+                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                let stream = Box::pin(WebSocketStream::from_raw_socket(
+                    ReadHalf(rd),
                     WsRole::Server,
                     Some(ws_config),
                 ))
                 .await;
-                let (sink, stream) = ws.split();
+                let sink = WsSink::new(wr, node.config.websocket.write_buffer_bytes);
                 session::run(sink, stream, node, conn, peer).await;
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
