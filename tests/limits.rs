@@ -428,3 +428,48 @@ async fn a_publication_no_queue_can_hold_is_refused_and_harms_no_subscriber() {
     assert_eq!(sub.recv_json().await["data"], 1);
     assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
 }
+
+/// A client that closes while far behind gets the close answered next, not after its
+/// backlog (RFC 6455 5.5.1: "as soon as practical"); the backlog is dropped and
+/// counted, every delivery is counted once (delivered or dropped), and a subscriber
+/// of the same channel gets everything.
+#[tokio::test]
+async fn a_peers_close_is_answered_before_its_backlog() {
+    const N: usize = 200;
+    let node = Node::start_with(|c| c.limits.outbound_queue_bytes = 16 * 1024 * 1024).await;
+    let mut behind = Client::connect_with_small_buffer(node.addr).await;
+    behind.subscribe("firehose").await;
+    let mut healthy = node.client().await;
+    healthy.subscribe("firehose").await;
+    let filler = "y".repeat(32 * 1024);
+    for i in 0..N {
+        let data = format!(r#"{{"i":{i},"pad":"{filler}"}}"#);
+        assert_eq!(node.publish("firehose", &data).await, 200);
+        assert_eq!(healthy.recv_json().await["data"]["i"], i);
+    }
+    // `behind` read nothing: most of the 6.4 MB wait in its queue.
+    behind
+        .ws()
+        .close(Some(tungstenite::protocol::CloseFrame {
+            code: tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "bye".into(),
+        }))
+        .await
+        .unwrap();
+    let (closed, frames) = behind.closed().await;
+    assert_eq!(closed.code, Some(1000), "the close is echoed: {closed:?}");
+    assert_eq!(closed.reason, "bye");
+    assert!(
+        frames < N / 2,
+        "{frames} of {N} frames came before the close: it waited behind the queue"
+    );
+    eventually("every delivery is counted once", || {
+        let delivered = node.metric("herald_messages_delivered_total");
+        let dropped = node.metric(r#"herald_messages_dropped_total{reason="disconnected"}"#);
+        delivered + dropped == (2 * N) as f64 && dropped >= (N / 2) as f64
+    })
+    .await;
+    assert_eq!(node.metric("herald_outbound_queue_bytes"), 0.0);
+    assert_eq!(node.publish("firehose", "0").await, 200);
+    assert_eq!(healthy.recv_json().await["data"], 0);
+}

@@ -608,7 +608,9 @@ pub struct WebSocketConfig {
     /// Small keeps idle sessions cheap; client messages are small ops.
     pub read_buffer_bytes: usize,
     /// Bytes a session's writer gathers (frames it copied, runs it shares) before it
-    /// starts a socket write; a batch is flushed as a whole anyway.
+    /// starts a socket write; a batch is flushed as a whole anyway. What it gathers is
+    /// already counted in `limits.outbound_queue_bytes`: this sets how much one write
+    /// takes (fewer, larger writes in a burst), not what a session may hold.
     pub write_buffer_bytes: usize,
     /// How long a session's writer task stays after its last write before it parks the
     /// socket and ends (idle sessions then hold no writer task).
@@ -630,7 +632,7 @@ impl Default for WebSocketConfig {
     fn default() -> Self {
         WebSocketConfig {
             read_buffer_bytes: 256,
-            write_buffer_bytes: 16 * 1024,
+            write_buffer_bytes: 256 * 1024,
             writer_linger: Duration::from_secs(2),
             write_timeout: Duration::from_secs(10),
             echo: false,

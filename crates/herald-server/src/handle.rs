@@ -46,8 +46,20 @@ pub(crate) type ConnId = u64;
 /// parked in the handle otherwise.
 pub(crate) type BoxSink = Pin<Box<dyn Sink<Out, Error = WsError> + Send>>;
 
-/// Starts a writer task that owns `sink` and drains `handle`.
-pub(crate) type StartWriter = fn(sink: BoxSink, handle: Arc<SessionHandle>);
+/// Starts a writer task that owns `sink` and drains `handle`; `unflushed`: what the
+/// sink already holds (a direct write the socket did not take whole), which the
+/// writer flushes first.
+pub(crate) type StartWriter =
+    fn(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>);
+
+/// Deliveries a sink holds that no write has taken yet (see [`StartWriter`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Unflushed {
+    /// How many.
+    pub(crate) deliveries: u32,
+    /// When the first was published (µs since the epoch), for the lag metric.
+    pub(crate) published_at_us: u64,
+}
 
 /// What every session of a node shares.
 #[derive(Clone)]
@@ -195,6 +207,17 @@ pub(crate) struct Closing {
     pub(crate) by_peer: bool,
 }
 
+impl Closing {
+    /// Why what it leaves unwritten is dropped.
+    fn drops(&self) -> DropReason {
+        if self.by_peer {
+            DropReason::Disconnected
+        } else {
+            DropReason::SlowConsumer
+        }
+    }
+}
+
 /// Outcome of [`SessionHandle::push`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Pushed {
@@ -221,6 +244,9 @@ struct State {
     writer: WriterSlot,
     /// What the control API asked of the session, for its reader to carry out.
     commands: Vec<SessionCommand>,
+    /// The last push came the direct way (see [`SessionHandle::push_to_all`]): the
+    /// writer parks as soon as it has written, so the next one can go direct too.
+    direct: bool,
 }
 
 /// What the control API asks a session to do on the node's behalf (the session task
@@ -329,6 +355,7 @@ impl SessionHandle {
                 closing: None,
                 writer: WriterSlot::Detached,
                 commands: Vec::new(),
+                direct: false,
             }),
             wake: Notify::new(),
             env,
@@ -475,7 +502,7 @@ impl SessionHandle {
                 return;
             };
             drop(s);
-            (self.env.start_writer)(sink, self.clone());
+            (self.env.start_writer)(sink, self.clone(), None);
         } else {
             drop(s);
             self.wake.notify_one();
@@ -486,7 +513,7 @@ impl SessionHandle {
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let cost = item.cost();
         let deliveries = item.deliveries;
-        let pushed = self.enqueue(&item);
+        let pushed = self.enqueue(&item, false);
         match pushed {
             Pushed::Queued => self.env.metrics.outbound_queue_bytes.add(cost as i64),
             Pushed::Closed if deliveries > 0 => self
@@ -504,16 +531,23 @@ impl SessionHandle {
     /// the budget: the hub bounds them.) Fan-out touches the node-wide queued-bytes
     /// gauge once per item instead of once per subscriber: the gauge is shared by every
     /// core.
+    ///
+    /// `direct`: a session with nothing queued and no writer running is written to
+    /// right here, without a writer task (the socket takes what it can; a writer
+    /// finishes the rest). The hub asks it for channels with few local subscribers,
+    /// where a task wake-up per delivery is what a delivery costs most; a big channel's
+    /// subscribers are written by their writer tasks, on every core.
     pub(crate) fn push_to_all<'a>(
         to: impl Iterator<Item = &'a Arc<SessionHandle>>,
         item: &Item,
         metrics: &Metrics,
+        direct: bool,
     ) {
         let cost = item.cost();
         let deliveries = u64::from(item.deliveries);
         let (mut queued, mut closing) = (0usize, 0u64);
         for handle in to {
-            match handle.enqueue(item) {
+            match handle.enqueue(item, direct) {
                 Pushed::Queued => queued += 1,
                 Pushed::Closed => closing += deliveries,
                 Pushed::Overflow => {}
@@ -529,8 +563,9 @@ impl SessionHandle {
     }
 
     /// Queues `item` (sharing its bytes) without touching the gauge for it (the caller
-    /// adds what was queued), or the session closes as a slow consumer.
-    fn enqueue(self: &Arc<Self>, item: &Item) -> Pushed {
+    /// adds what was queued), or the session closes as a slow consumer. `direct`: see
+    /// [`SessionHandle::push_to_all`].
+    fn enqueue(self: &Arc<Self>, item: &Item, direct: bool) -> Pushed {
         let mut s = self.state.lock();
         if s.closing.is_some() {
             return Pushed::Closed;
@@ -540,11 +575,114 @@ impl SessionHandle {
             self.overflow(s, item);
             return Pushed::Overflow;
         }
+        s.direct = direct;
+        if direct && s.queue.is_empty() && matches!(s.writer, WriterSlot::Parked(_)) {
+            let WriterSlot::Parked(sink) = std::mem::replace(&mut s.writer, WriterSlot::Running)
+            else {
+                unreachable!("matched above");
+            };
+            // Held (and within the budget) while it is written, like a writer's batch.
+            s.inflight += cost;
+            drop(s);
+            self.write_direct(sink, item);
+            return Pushed::Queued;
+        }
         let was_empty = s.queue.is_empty();
         s.bytes += cost;
         s.queue.push_back(item.share());
         self.start_writer(s, was_empty);
         Pushed::Queued
+    }
+
+    /// Writes `item` into `sink` (taken from its parking place: the slot says a writer
+    /// runs) from the caller's task, as far as the socket takes it without waiting,
+    /// then parks the sink again, or hands it to a writer task when the write did not
+    /// finish or something else arrived meanwhile.
+    fn write_direct(self: &Arc<Self>, mut sink: BoxSink, item: &Item) {
+        // Nothing wakes this caller: a socket that cannot take it all is the writer
+        // task's to wait for, which polls again with its own waker.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let unflushed = Unflushed {
+            deliveries: item.deliveries,
+            published_at_us: item.published_at_us,
+        };
+        let written = match sink.as_mut().poll_ready(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => match sink.as_mut().start_send(item.out.clone()) {
+                Ok(()) => matches!(
+                    sink.as_mut().poll_flush(&mut cx),
+                    std::task::Poll::Ready(Ok(()))
+                ),
+                // The writer's flush finds the socket's error and ends the session.
+                Err(_) => false,
+            },
+            // Not taken (an SSE body that is full): it goes through the queue.
+            _ => {
+                let mut s = self.state.lock();
+                if self.still_ours(&s, item.deliveries) {
+                    s.inflight -= item.cost();
+                    s.bytes += item.cost();
+                    s.queue.push_back(item.share());
+                    self.restart(s, sink, None);
+                }
+                return;
+            }
+        };
+        let mut s = self.state.lock();
+        if !written {
+            if self.still_ours(&s, item.deliveries) {
+                // The writer's batch accounting frees `inflight` once it has flushed.
+                self.restart(s, sink, Some(unflushed));
+            }
+            return;
+        }
+        let m = &self.env.metrics;
+        m.delivered.inc_by(item.deliveries.into());
+        if item.published_at_us > 0 {
+            let now = herald_protocol::publication::unix_micros();
+            m.delivery_lag_seconds
+                .observe(now.saturating_sub(item.published_at_us) as f64 / 1e6);
+        }
+        if self.still_ours(&s, 0) {
+            s.inflight -= item.cost();
+            m.outbound_queue_bytes.sub(item.cost() as i64);
+            self.restart(s, sink, None);
+        }
+    }
+
+    /// After a direct write: whether the slot still says a writer runs (the direct
+    /// writer holds the sink). Otherwise the session ended meanwhile: `discard` frees
+    /// what `inflight` holds (this write's bytes among it) whether it ran before or
+    /// runs after, and the `undelivered` deliveries are counted as dropped here.
+    fn still_ours(&self, s: &State, undelivered: u32) -> bool {
+        let ours = matches!(s.writer, WriterSlot::Running);
+        if !ours && undelivered > 0 {
+            self.env
+                .metrics
+                .dropped(DropReason::Disconnected, undelivered.into());
+        }
+        ours
+    }
+
+    /// After a direct write: parks `sink` again if there is nothing more to do, or
+    /// starts a writer with it.
+    fn restart(
+        self: &Arc<Self>,
+        mut s: MutexGuard<'_, State>,
+        sink: BoxSink,
+        unflushed: Option<Unflushed>,
+    ) {
+        if unflushed.is_none() && s.queue.is_empty() && s.closing.is_none() {
+            s.writer = WriterSlot::Parked(sink);
+            return;
+        }
+        drop(s);
+        (self.env.start_writer)(sink, self.clone(), unflushed);
+    }
+
+    /// Whether the writer should park as soon as it has nothing to write (the last
+    /// push came the direct way), instead of lingering.
+    pub(crate) fn parks_at_once(&self) -> bool {
+        self.state.lock().direct
     }
 
     /// Over budget: the session closes as a slow consumer; what it had queued and the
@@ -586,8 +724,10 @@ impl SessionHandle {
     }
 
     /// The peer sent its close frame (`frame`, as tungstenite read it: a code no peer
-    /// may send is already 1002 there): the writer answers it after what is queued,
-    /// unless the session was closing already.
+    /// may send is already 1002 there): the writer answers it next, unless the session
+    /// was closing already. What is queued is dropped (counted: `disconnected`): a
+    /// closing peer discards messages, and the answer must not wait behind them
+    /// (RFC 6455 5.5.1: "as soon as practical").
     pub(crate) fn closed_by_peer(self: &Arc<Self>, frame: Option<CloseFrame>) {
         let mut s = self.state.lock();
         if s.closing.is_none() {
@@ -597,7 +737,7 @@ impl SessionHandle {
             s.closing = Some(Closing {
                 code,
                 reason: reason.into(),
-                flush_queue: true,
+                flush_queue: false,
                 by_peer: true,
             });
         }
@@ -621,7 +761,10 @@ impl SessionHandle {
             s.inflight += s.bytes;
         } else {
             let dropped = count(s.queue.iter());
-            self.env.metrics.dropped(DropReason::SlowConsumer, dropped);
+            let why = closing
+                .as_ref()
+                .map_or(DropReason::SlowConsumer, Closing::drops);
+            self.env.metrics.dropped(why, dropped);
             self.env.metrics.outbound_queue_bytes.sub(s.bytes as i64);
             s.queue.clear();
         }
@@ -665,7 +808,16 @@ impl SessionHandle {
         self.state.lock().closing.is_some()
     }
 
-    /// Closing without writing what is queued (slow consumer).
+    /// Why what a discarding close leaves unwritten is dropped.
+    pub(crate) fn discarded_as(&self) -> DropReason {
+        self.state
+            .lock()
+            .closing
+            .as_ref()
+            .map_or(DropReason::SlowConsumer, Closing::drops)
+    }
+
+    /// Closing without writing what is queued (slow consumer, or the peer closed).
     pub(crate) fn is_discarding(&self) -> bool {
         self.state
             .lock()
@@ -697,7 +849,7 @@ pub(crate) mod tests {
             write_timeout: Duration::from_secs(1),
             linger: Duration::from_secs(1),
             max_queued_bytes,
-            start_writer: |_, _| {},
+            start_writer: |_, _, _| {},
             tasks: tokio_util::task::TaskTracker::new(),
         })
     }
@@ -747,14 +899,14 @@ pub(crate) mod tests {
         for _ in 0..3 {
             b.push(item(10));
         }
-        SessionHandle::push_to_all([&a].into_iter(), &run, &m);
-        SessionHandle::push_to_all([&a, &b].into_iter(), &run, &m);
+        SessionHandle::push_to_all([&a].into_iter(), &run, &m, false);
+        SessionHandle::push_to_all([&a, &b].into_iter(), &run, &m, false);
         assert_eq!(m.outbound_queue_bytes.get(), (150 + 6 * O) as i64);
         let mut out = std::collections::VecDeque::new();
         assert!(a.drain(&mut out).is_none());
         assert_eq!(count(out.iter()), 8);
         // `b` holds 70 bytes in 4 items: the next run does not fit.
-        SessionHandle::push_to_all([&b].into_iter(), &run, &m);
+        SessionHandle::push_to_all([&b].into_iter(), &run, &m, false);
         assert_eq!(m.slow_consumer_disconnects.get(), 1);
         // What `b` had queued and the whole run that did not fit.
         assert_eq!(m.dropped_total(DropReason::SlowConsumer), 7 + 4);
@@ -766,7 +918,7 @@ pub(crate) mod tests {
             1013
         );
         // A closing session takes nothing more, counted as dropped.
-        SessionHandle::push_to_all([&b].into_iter(), &run, &m);
+        SessionHandle::push_to_all([&b].into_iter(), &run, &m, false);
         assert_eq!(m.dropped_total(DropReason::Disconnected), 4);
     }
 
@@ -833,7 +985,7 @@ pub(crate) mod tests {
         let a = Arc::new(SessionHandle::new(0, env.clone()));
         let b = Arc::new(SessionHandle::new(0, env.clone()));
         let m = env.metrics.clone();
-        SessionHandle::push_to_all([&a, &b].into_iter(), &item(30), &m);
+        SessionHandle::push_to_all([&a, &b].into_iter(), &item(30), &m, false);
         assert_eq!(
             m.outbound_queue_bytes.get(),
             2 * (30 + ITEM_OVERHEAD) as i64

@@ -505,7 +505,7 @@ impl Stream {
             // A raw publish into Redis bypasses history: delivered to everyone as is.
             let item = Item::delivery(&p, false);
             let to = s.members.values().map(|m| &m.handle);
-            SessionHandle::push_to_all(to, &item, &self.env.metrics);
+            SessionHandle::push_to_all(to, &item, &self.env.metrics, false);
             return;
         }
         self.buffer(&mut s, std::slice::from_ref(&p));
@@ -662,14 +662,14 @@ impl Stream {
         let metrics = &self.env.metrics;
         if matches!(p.payload, Payload::Binary(_)) {
             let to = live(Some(false)).map(|m| &m.handle);
-            SessionHandle::push_to_all(to, &plain, metrics);
+            SessionHandle::push_to_all(to, &plain, metrics, false);
             if let Some(epoch) = epoch_frame(&self.channel, p) {
                 let to = live(Some(true)).map(|m| &m.handle);
-                SessionHandle::push_to_all(to, &epoch, metrics);
+                SessionHandle::push_to_all(to, &epoch, metrics, false);
             }
             let positioned = Item::delivery(p, true);
             let to = live(Some(true)).map(|m| &m.handle);
-            SessionHandle::push_to_all(to, &positioned, metrics);
+            SessionHandle::push_to_all(to, &positioned, metrics, false);
         } else {
             // Text deliveries carry the offset for everyone: one encoding, one pass;
             // members that hold the publication before take its delta instead, when
@@ -698,10 +698,15 @@ impl Stream {
                         live(None).filter(|m| !holds_base(m)),
                         live(None).filter(|m| holds_base(m)),
                     );
-                    SessionHandle::push_to_all(whole.map(|m| &m.handle), &plain, metrics);
-                    SessionHandle::push_to_all(deltas.map(|m| &m.handle), d, metrics);
+                    SessionHandle::push_to_all(whole.map(|m| &m.handle), &plain, metrics, false);
+                    SessionHandle::push_to_all(deltas.map(|m| &m.handle), d, metrics, false);
                 }
-                None => SessionHandle::push_to_all(live(None).map(|m| &m.handle), &plain, metrics),
+                None => SessionHandle::push_to_all(
+                    live(None).map(|m| &m.handle),
+                    &plain,
+                    metrics,
+                    false,
+                ),
             }
         }
         let json = matches!(p.payload, Payload::Json(_));

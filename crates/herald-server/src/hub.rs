@@ -33,6 +33,12 @@ const RUN_PUBLICATIONS: usize = 16;
 /// close it as a slow consumer even if it reads fast.
 const RUN_BYTES: usize = 64 * 1024;
 
+/// A plain channel with at most this many local subscribers is written to from the
+/// dispatcher (`SessionHandle::push_to_all`'s `direct`): its few writes cost less than
+/// waking a writer task each. A bigger channel's subscribers are written by their
+/// writer tasks, which run on every core.
+const DIRECT_SUBSCRIBERS: usize = 64;
+
 struct Channel {
     /// Whether the broker delivers this channel yet.
     ready: Ready,
@@ -336,7 +342,8 @@ impl Hub {
                 }
             }
             Members::Plain(m) => {
-                SessionHandle::push_to_all(m.values(), &Item::run(run), &self.metrics);
+                let direct = m.len() <= DIRECT_SUBSCRIBERS;
+                SessionHandle::push_to_all(m.values(), &Item::run(run), &self.metrics, direct);
                 run.clear();
             }
             Members::Node(to) => {

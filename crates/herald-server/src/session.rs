@@ -302,9 +302,11 @@ impl Session {
                         Some(Ok(Message::Binary(b))) => Box::pin(self.on_binary(b)).await,
                         // Answered through the queue, in order with everything else
                         // (tungstenite's own answer is discarded: see `wire`).
+                        // Copied: the payload is a slice of tungstenite's read buffer,
+                        // which a queued pong would otherwise keep whole.
                         Some(Ok(Message::Ping(p))) => {
-                            let len = p.len();
-                            handle.push(Item::control(Message::Pong(p), len));
+                            let pong = Bytes::copy_from_slice(&p);
+                            handle.push(Item::control(Message::Pong(pong), p.len()));
                         }
                         // Pongs only prove liveness.
                         Some(Ok(Message::Pong(_) | Message::Frame(_))) => {}

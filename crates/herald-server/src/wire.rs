@@ -200,6 +200,8 @@ impl<W: AsyncWrite + Unpin> WsSink<W> {
                 }
             }
         }
+        // Exact again, whatever a partial write left uncounted.
+        self.held = 0;
         Poll::Ready(Ok(()))
     }
 }
@@ -219,8 +221,7 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
         let this = self.get_mut();
         this.held += match &out {
             Out::Frames(b) => b.len(),
-            // A header is at most 10 bytes.
-            Out::Message(m) => m.len() + 10,
+            Out::Message(m) => m.len() + FrameHeader::default().len(m.len() as u64),
         };
         match out {
             Out::Frames(b) => {
@@ -353,6 +354,47 @@ mod tests {
                 reason: "bye".into()
             }))
         );
+    }
+
+    /// Counts the writes it takes.
+    struct Counting(usize);
+
+    impl AsyncWrite for Counting {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.get_mut().0 += 1;
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Writes start at the limit, however many small frames went before: what the
+    /// sink counts for a header it did not need must not pile up.
+    #[tokio::test]
+    async fn small_frames_keep_gathering_up_to_the_limit() {
+        let mut sink = WsSink::new(Counting(0), 1000);
+        let small = || Out::Message(Message::Text("a".into()));
+        for _ in 0..500 {
+            sink.send(small()).await.unwrap();
+        }
+        assert_eq!(sink.wr.0, 500, "one write per flush");
+        // 100 frames of 3 bytes: far below the limit, so no write before the flush.
+        for _ in 0..100 {
+            sink.feed(small()).await.unwrap();
+        }
+        assert_eq!(sink.wr.0, 500, "nothing written before the limit");
+        sink.flush().await.unwrap();
+        assert_eq!(sink.wr.0, 501);
     }
 
     #[test]

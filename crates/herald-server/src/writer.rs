@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use herald_metrics::DropReason;
 
-use crate::handle::{count, BoxSink, Closing, Item, SessionHandle, Signal, NO_STATUS};
+use crate::handle::{count, BoxSink, Closing, Item, SessionHandle, Signal, Unflushed, NO_STATUS};
 use crate::wire::Out;
 
 /// The largest ring a writer keeps between rounds (entries): the common small batches
@@ -31,27 +31,38 @@ const KEEP_RING: usize = 64;
 
 /// Starts a writer task that owns `sink` and drains `handle` (a
 /// [`crate::handle::StartWriter`]).
-pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>) {
+pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>) {
     let tasks = handle.env.tasks.clone();
-    tasks.spawn(write_loop(sink, handle));
+    tasks.spawn(write_loop(sink, handle, unflushed));
 }
 
 /// Writes what the handle holds until the session ends or nothing arrives for the
-/// linger period, then parks the sink back in the handle and ends.
-async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
+/// linger period (none after a direct write), then parks the sink back in the handle
+/// and ends.
+async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>) {
     let env = handle.env.clone();
     let metrics = &env.metrics;
     // Swapped with the handle's queue at every drain (see `SessionHandle::drain`), and
     // gone with the task when it parks.
     let mut batch: VecDeque<Item> = VecDeque::new();
+    // What a direct write left in the sink goes first: a batch that is already fed.
+    let mut fed = unflushed;
     loop {
-        let closing = handle.drain(&mut batch);
-        if batch.is_empty() && closing.is_none() {
+        let closing = match fed {
+            Some(_) => None,
+            None => handle.drain(&mut batch),
+        };
+        if batch.is_empty() && closing.is_none() && fed.is_none() {
+            let linger = if handle.parks_at_once() {
+                Duration::ZERO
+            } else {
+                env.linger
+            };
             tokio::select! {
                 biased;
                 _ = handle.done.wait() => return,
                 _ = handle.woken() => continue,
-                _ = tokio::time::sleep(env.linger) => match handle.park(sink) {
+                _ = tokio::time::sleep(linger) => match handle.park(sink) {
                     Ok(()) => return,
                     Err(s) => {
                         sink = s;
@@ -60,12 +71,28 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
                 },
             }
         }
-        if !batch.is_empty() {
+        if !batch.is_empty() || fed.is_some() {
+            let (mut deliveries, mut oldest_us) = (count(batch.iter()), 0);
+            if let Some(u) = fed.take() {
+                deliveries += u64::from(u.deliveries);
+                oldest_us = u.published_at_us;
+            }
+            if oldest_us == 0 {
+                oldest_us = batch
+                    .iter()
+                    .find(|i| i.deliveries > 0)
+                    .map_or(0, |i| i.published_at_us);
+            }
             // Boxed: its state is only needed while writing, not in every idle writer.
-            let deliveries = count(batch.iter());
             let written = Box::pin(timeout(
                 env.write_timeout,
-                write_batch(&mut sink, &mut batch, &handle, metrics),
+                write_batch(
+                    &mut sink,
+                    &mut batch,
+                    (deliveries, oldest_us),
+                    &handle,
+                    metrics,
+                ),
             ))
             .await;
             handle.finish_batch();
@@ -79,9 +106,11 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
             }
             match written {
                 Ok(Written::All) => {}
-                // Slow consumer mid-batch: what the batch held is dropped with the
-                // queue; fall through to the close.
-                Ok(Written::Aborted) => metrics.dropped(DropReason::SlowConsumer, deliveries),
+                // Slow consumer (or the peer closed) mid-batch: what the batch held
+                // is dropped with the queue; fall through to the close. (What the sink
+                // had taken is still written up to its end before the close frame, a
+                // frame cannot be cut: those few are counted dropped and yet arrive.)
+                Ok(Written::Aborted) => metrics.dropped(handle.discarded_as(), deliveries),
                 Ok(Written::Failed) => {
                     metrics.dropped(DropReason::Disconnected, deliveries);
                     handle.done.fire();
@@ -102,6 +131,11 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>) {
         let Some(closing) = closing else {
             continue;
         };
+        if handle.done.is_fired() {
+            // The session ended meanwhile (its `discard` closes with 1006, a code no
+            // close frame may carry): nothing more goes out.
+            return;
+        }
         // Boxed: once per session, so its state need not live in every idle writer.
         Box::pin(send_close(
             &mut sink,
@@ -125,20 +159,18 @@ enum Written {
     Failed,
 }
 
+/// Feeds `batch` to `sink` and flushes it (with what the sink already held), counting
+/// `delivered` deliveries, the oldest published at `oldest_us`, once written.
 async fn write_batch<S>(
     sink: &mut S,
     batch: &mut VecDeque<Item>,
+    (delivered, oldest_us): (u64, u64),
     handle: &SessionHandle,
     metrics: &herald_metrics::Metrics,
 ) -> Written
 where
     S: Sink<Out, Error = WsError> + Unpin,
 {
-    let delivered = count(batch.iter());
-    let oldest_us = batch
-        .iter()
-        .find(|i| i.deliveries > 0)
-        .map_or(0, |i| i.published_at_us);
     let write = async {
         for item in batch.drain(..) {
             sink.feed(item.out).await?;
