@@ -165,7 +165,9 @@ impl Gateway {
         background.spawn({
             let hub = node.hub.clone();
             async move {
-                hub.run_dispatcher(inbound).await;
+                // One dispatcher per worker thread: many channels fan out on every core.
+                let workers = tokio::runtime::Handle::current().metrics().num_workers();
+                hub.run_dispatcher(inbound, workers).await;
                 Err(ServerError::TaskEnded("fan-out dispatcher"))
             }
         });

@@ -599,22 +599,30 @@ impl SessionHandle {
     /// then parks the sink again, or hands it to a writer task when the write did not
     /// finish or something else arrived meanwhile.
     fn write_direct(self: &Arc<Self>, mut sink: BoxSink, item: &Item) {
-        // Nothing wakes this caller: a socket that cannot take it all is the writer
-        // task's to wait for, which polls again with its own waker.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        use std::task::Poll;
         let unflushed = Unflushed {
             deliveries: item.deliveries,
             published_at_us: item.published_at_us,
         };
-        let written = match sink.as_mut().poll_ready(&mut cx) {
-            std::task::Poll::Ready(Ok(())) => match sink.as_mut().start_send(item.out.clone()) {
-                Ok(()) => matches!(
-                    sink.as_mut().poll_flush(&mut cx),
-                    std::task::Poll::Ready(Ok(()))
-                ),
-                // The writer's flush finds the socket's error and ends the session.
-                Err(_) => false,
-            },
+        // One poll, with a waker that wakes nothing: a socket that cannot take it all
+        // is the writer task's to wait for, which polls again with its own. Outside
+        // tokio's cooperative budget: the dispatcher writes to many sockets per poll,
+        // and a spent budget would make every later write "not ready" (each then
+        // costing a writer task, which is what a direct write saves).
+        let attempt = std::future::poll_fn(|cx| {
+            Poll::Ready(match sink.as_mut().poll_ready(cx) {
+                Poll::Ready(Ok(())) => match sink.as_mut().start_send(item.out.clone()) {
+                    Ok(()) => Some(matches!(sink.as_mut().poll_flush(cx), Poll::Ready(Ok(())))),
+                    // The writer's flush finds the socket's error and ends the session.
+                    Err(_) => Some(false),
+                },
+                _ => None,
+            })
+        });
+        let attempt = std::pin::pin!(tokio::task::unconstrained(attempt));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let written = match std::future::Future::poll(attempt, &mut cx) {
+            Poll::Ready(Some(written)) => written,
             // Not taken (an SSE body that is full): it goes through the queue.
             _ => {
                 let mut s = self.state.lock();

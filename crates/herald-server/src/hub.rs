@@ -358,44 +358,138 @@ impl Hub {
 
     /// The broker's subscriptions were re-established: every history channel catches
     /// up from its stream.
+    #[cfg(test)]
     pub(crate) fn catch_up(&self) {
+        self.catch_up_for(Dispatcher { index: 0, of: 1 });
+    }
+
+    /// The broker's subscriptions were re-established: every history channel of
+    /// `dispatcher` catches up from its stream.
+    fn catch_up_for(&self, dispatcher: Dispatcher) {
         for shard in self.shards.iter() {
-            for entry in shard.read().values() {
+            for (name, entry) in shard.read().iter() {
                 if let Members::History(stream) = &entry.members {
-                    stream.catch_up();
+                    if self.dispatcher_of(name.as_str(), dispatcher.of) == dispatcher.index {
+                        stream.catch_up();
+                    }
                 }
             }
         }
     }
 
+    /// Which of `of` dispatchers fans `channel` out.
+    fn dispatcher_of(&self, channel: &str, of: usize) -> usize {
+        // The high half: the low bits pick the channel's map shard.
+        ((self.hasher.hash_one(channel) >> 32) as usize) % of.max(1)
+    }
+
     /// Feeds what the broker hands over into fan-out until every sender is gone,
-    /// consecutive publications of one channel together.
-    pub(crate) async fn run_dispatcher(self: Arc<Self>, mut inbound: InboundReceiver) {
+    /// consecutive publications of one channel together, with `dispatchers` tasks:
+    /// each fans out the channels [`Hub::dispatcher_of`] gives it, so that many
+    /// channels' fan-out (written straight into sockets, see
+    /// [`SessionHandle::push_to_all`]) runs on every core, and each channel's
+    /// publications keep their order (one dispatcher each).
+    pub(crate) async fn run_dispatcher(
+        self: Arc<Self>,
+        mut inbound: InboundReceiver,
+        dispatchers: usize,
+    ) {
         let mut batch = Vec::with_capacity(64);
-        let mut run: Vec<Publication> = Vec::with_capacity(RUN_PUBLICATIONS);
+        if dispatchers <= 1 {
+            let mut run = Vec::with_capacity(RUN_PUBLICATIONS);
+            let all = Dispatcher { index: 0, of: 1 };
+            while inbound.recv_many(&mut batch, 64).await > 0 {
+                self.dispatch_batch(&mut batch, &mut run, all);
+            }
+            return;
+        }
+        // Owned by this future: dropped (shutdown), the dispatchers are aborted.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut to = Vec::with_capacity(dispatchers);
+        for index in 0..dispatchers {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Received>>(DISPATCHER_QUEUE);
+            to.push(tx);
+            let (hub, me) = (
+                self.clone(),
+                Dispatcher {
+                    index,
+                    of: dispatchers,
+                },
+            );
+            tasks.spawn(async move {
+                let mut run = Vec::with_capacity(RUN_PUBLICATIONS);
+                while let Some(mut batch) = rx.recv().await {
+                    hub.dispatch_batch(&mut batch, &mut run, me);
+                }
+            });
+        }
         while inbound.recv_many(&mut batch, 64).await > 0 {
+            let mut parts: Vec<Vec<Received>> = (0..dispatchers).map(|_| Vec::new()).collect();
             for r in batch.drain(..) {
                 match r {
                     Received::Publication(p) => {
-                        let run_bytes: usize = run.iter().map(|q| q.payload.len()).sum();
-                        if run.last().is_some_and(|q| q.channel != p.channel)
-                            || run.len() == RUN_PUBLICATIONS
-                            || run_bytes + p.payload.len() > RUN_BYTES
-                        {
-                            self.dispatch_run(&mut run);
-                        }
-                        run.push(p);
+                        parts[self.dispatcher_of(p.channel.as_str(), dispatchers)]
+                            .push(Received::Publication(p));
                     }
+                    // Every dispatcher catches its channels up after what came before.
                     Received::Resubscribed => {
-                        self.dispatch_run(&mut run);
-                        self.catch_up();
+                        for part in &mut parts {
+                            part.push(Received::Resubscribed);
+                        }
                     }
                 }
             }
-            self.dispatch_run(&mut run);
+            for (tx, part) in to.iter().zip(parts) {
+                // Waits when a dispatcher is behind: the inbound queue before it is
+                // bounded, and counts what it cannot take.
+                if !part.is_empty() && tx.send(part).await.is_err() {
+                    return;
+                }
+            }
         }
+        // Every sender is gone: the dispatchers finish what they hold, then end.
+        drop(to);
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Fans out `batch` (emptied), consecutive publications of one channel as one run.
+    fn dispatch_batch(
+        &self,
+        batch: &mut Vec<Received>,
+        run: &mut Vec<Publication>,
+        me: Dispatcher,
+    ) {
+        for r in batch.drain(..) {
+            match r {
+                Received::Publication(p) => {
+                    let run_bytes: usize = run.iter().map(|q| q.payload.len()).sum();
+                    if run.last().is_some_and(|q| q.channel != p.channel)
+                        || run.len() == RUN_PUBLICATIONS
+                        || run_bytes + p.payload.len() > RUN_BYTES
+                    {
+                        self.dispatch_run(run);
+                    }
+                    run.push(p);
+                }
+                Received::Resubscribed => {
+                    self.dispatch_run(run);
+                    self.catch_up_for(me);
+                }
+            }
+        }
+        self.dispatch_run(run);
     }
 }
+
+/// One of the node's fan-out dispatchers: `index` of `of`.
+#[derive(Debug, Clone, Copy)]
+struct Dispatcher {
+    index: usize,
+    of: usize,
+}
+
+/// Batches (of at most 64 publications) waiting for one dispatcher.
+const DISPATCHER_QUEUE: usize = 64;
 
 #[cfg(test)]
 mod tests {
@@ -456,5 +550,65 @@ mod tests {
         assert!(hub.unsubscribe(&news, 2));
         assert_eq!(hub.n_subscribers("news"), 0);
         assert!(!hub.unsubscribe(&news, 2));
+    }
+
+    /// With several dispatchers, every channel's publications still reach its
+    /// subscribers once each and in order, whichever dispatcher fans it out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_dispatchers_keep_each_channels_order() {
+        const CHANNELS: usize = 12;
+        const EACH: u64 = 200;
+        let metrics = Metrics::unregistered();
+        let (tx, _rx) = inbound(8, metrics.clone());
+        let hub = Arc::new(Hub::new(
+            Arc::new(MemoryBroker::new(tx)),
+            metrics.clone(),
+            100,
+            1 << 20,
+            1 << 14,
+        ));
+        let env = crate::handle::tests::env(64 << 20);
+        let channels: Vec<ChannelName> = (0..CHANNELS)
+            .map(|c| ChannelName::new(&format!("c{c}")).unwrap())
+            .collect();
+        let handles: Vec<Arc<SessionHandle>> = channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let h = Arc::new(SessionHandle::new(0, env.clone()));
+                hub.subscribe(c, i as u64, &h, SubscribeOpts::default());
+                h
+            })
+            .collect();
+        let (to_hub, from_broker) = inbound(1024, metrics);
+        let dispatching = tokio::spawn(hub.clone().run_dispatcher(from_broker, 3));
+        for n in 1..=EACH {
+            for c in &channels {
+                let data = Bytes::from(n.to_string());
+                to_hub
+                    .send(Publication::now(c.clone(), Payload::Json(data)))
+                    .await
+                    .unwrap();
+            }
+            if n % 50 == 0 {
+                to_hub.resubscribed().await.unwrap();
+            }
+        }
+        drop(to_hub);
+        dispatching.await.unwrap();
+        for (h, c) in handles.iter().zip(&channels) {
+            let mut q = std::collections::VecDeque::new();
+            h.drain(&mut q);
+            let got: Vec<u64> = q
+                .into_iter()
+                .flat_map(|i| i.out.into_messages())
+                .map(|m| {
+                    let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+                    assert_eq!(v["channel"], c.as_str());
+                    v["data"].as_u64().unwrap()
+                })
+                .collect();
+            assert_eq!(got, (1..=EACH).collect::<Vec<_>>(), "{c}");
+        }
     }
 }
