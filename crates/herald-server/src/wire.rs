@@ -173,16 +173,22 @@ impl<W: AsyncWrite + Unpin> WsSink<W> {
     /// Writes every chunk.
     fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WsError>> {
         self.seal();
-        while !self.chunks.is_empty() {
-            let slices: Vec<IoSlice<'_>> = self
-                .chunks
-                .iter()
-                .take(MAX_SLICES)
-                .map(|c| IoSlice::new(c))
-                .collect();
-            let mut n = ready!(Pin::new(&mut self.wr).poll_write_vectored(cx, &slices))
-                .map_err(WsError::Io)?;
-            drop(slices);
+        while let Some(front) = self.chunks.front() {
+            let wr = Pin::new(&mut self.wr);
+            // One chunk (the common case: a run, or a few replies): a plain write,
+            // which costs the kernel less than a vector of one.
+            let written = if self.chunks.len() == 1 {
+                wr.poll_write(cx, front)
+            } else {
+                let slices: Vec<IoSlice<'_>> = self
+                    .chunks
+                    .iter()
+                    .take(MAX_SLICES)
+                    .map(|c| IoSlice::new(c))
+                    .collect();
+                wr.poll_write_vectored(cx, &slices)
+            };
+            let mut n = ready!(written).map_err(WsError::Io)?;
             self.held = self.held.saturating_sub(n);
             if n == 0 {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));

@@ -33,6 +33,8 @@ use crate::handle::ConnId;
 use crate::node::{Node, Slot, SlotRefused};
 use crate::session::{self, Peer, Transport};
 use crate::wire::{ReadHalf, WsSink};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::TcpStream;
 
 /// Serves `GET /ws`.
 pub(crate) async fn upgrade(
@@ -184,6 +186,25 @@ pub(super) fn slot_refused(refused: SlotRefused) -> Rejected {
     }
 }
 
+/// Runs a WebSocket session over the socket's halves: tungstenite reads; Herald frames
+/// and writes what it sends (`wire`).
+async fn serve<R, W>(
+    rd: R,
+    wr: W,
+    ws_config: WebSocketConfig,
+    node: Arc<Node>,
+    conn: ConnId,
+    peer: Peer,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let stream =
+        WebSocketStream::from_raw_socket(ReadHalf(rd), WsRole::Server, Some(ws_config)).await;
+    let sink = WsSink::new(wr, node.config.websocket.write_buffer_bytes);
+    session::run(sink, stream, node, conn, peer).await;
+}
+
 /// Spawns the session (it runs once hyper hands over the connection) and answers 101.
 fn start(
     req: Request<Incoming>,
@@ -209,18 +230,21 @@ fn start(
     tasks.spawn(async move {
         let _slot = slot;
         match upgrade.await {
-            Ok(upgraded) => {
-                // tungstenite reads; Herald frames and writes what it sends (`wire`).
-                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-                let stream = Box::pin(WebSocketStream::from_raw_socket(
-                    ReadHalf(rd),
-                    WsRole::Server,
-                    Some(ws_config),
-                ))
-                .await;
-                let sink = WsSink::new(wr, node.config.websocket.write_buffer_bytes);
-                session::run(sink, stream, node, conn, peer).await;
-            }
+            // A plain TCP connection is split into its own halves (no lock between
+            // them, no layers of the upgrade's I/O on every write); others (TLS) through
+            // tokio's split.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    let (rd, wr) = parts.io.into_inner().into_split();
+                    // What hyper read past the handshake comes first.
+                    let rd = std::io::Cursor::new(parts.read_buf).chain(rd);
+                    Box::pin(serve(rd, wr, ws_config, node, conn, peer)).await;
+                }
+                Err(upgraded) => {
+                    let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                    Box::pin(serve(rd, wr, ws_config, node, conn, peer)).await;
+                }
+            },
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
