@@ -416,3 +416,75 @@ subscribe = "authenticated"
     node.kill('SIGKILL');
   }
 });
+
+test('permessage-deflate ([websocket] deflate): Chromium negotiates it, and large messages cross compressed both ways intact', async () => {
+  tool(CHROMIUM, 'chromium');
+  const port = await freePort();
+  const node = (
+    await start(port, ['--node-id', 'd', '--demo'], {
+      HERALD_WEBSOCKET__DEFLATE: 'true',
+      HERALD_SHUTDOWN__DRAIN_WINDOW: '10ms',
+    })
+  ).proc;
+  let browser;
+  const consoles = [];
+  try {
+    browser = await launch();
+    const page = await browser.newPage();
+    page.on('console', (m) => consoles.push(m.text()));
+    page.on('pageerror', (e) => consoles.push(`error: ${e.message}`));
+    // The demo's own client (small chat frames, under deflate_min_bytes, go as they are).
+    await page.goto(`http://127.0.0.1:${port}/demo`, { timeout: 60000 });
+    await until('connected', async () => (await page.textContent('#state')) === 'connected', 30000);
+    await page.fill('#text', 'hello, compressed world');
+    await page.click('#send');
+    await until('the chat line', async () => (await items(page, 'chat')).some((t) => t.endsWith('hello, compressed world')));
+
+    // A board of 300 rows: the browser compresses its publish (it does for every
+    // message once negotiated), the node compresses the delivery.
+    const board = { rows: Array.from({ length: 300 }, (_, i) => ({ i, name: `instrument-${i}`, bid: 100 + i, ask: 101 + i })) };
+    const fromApi = { note: 'x'.repeat(5000), n: 7 };
+    const seen = page.evaluate(
+      async ({ port, board }) => {
+        const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`);
+        const got = [];
+        let wake = () => {};
+        ws.onmessage = (e) => {
+          got.push(JSON.parse(e.data));
+          wake();
+        };
+        await new Promise((ok, fail) => {
+          ws.onopen = ok;
+          ws.onerror = fail;
+        });
+        const next = async (pred) => {
+          for (;;) {
+            const hit = got.find(pred);
+            if (hit) return hit;
+            await new Promise((r) => (wake = r));
+          }
+        };
+        ws.send(JSON.stringify({ op: 'subscribe', channel: 'demo:chat', id: 1 }));
+        await next((f) => f.op === 'subscribed');
+        ws.send(JSON.stringify({ op: 'publish', channel: 'demo:chat', data: board, id: 2 }));
+        const echoed = await next((f) => f.op === 'message' && f.data?.rows);
+        window.__ready = true;
+        const api = await next((f) => f.op === 'message' && f.data?.note);
+        return { extensions: ws.extensions, echoed: echoed.data, api: api.data };
+      },
+      { port, board },
+    );
+    await until('the page has its board back', () => page.evaluate(() => window.__ready === true));
+    await publish(port, 'demo:chat', fromApi);
+    const result = await seen;
+    assert.match(result.extensions, /permessage-deflate/);
+    assert.match(result.extensions, /server_no_context_takeover/);
+    assert.deepEqual(result.echoed, board);
+    assert.deepEqual(result.api, fromApi);
+  } catch (e) {
+    throw explain(e, consoles, { d: node });
+  } finally {
+    await browser?.close();
+    node.kill('SIGKILL');
+  }
+});

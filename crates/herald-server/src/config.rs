@@ -622,6 +622,16 @@ pub struct WebSocketConfig {
     /// `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Offer permessage-deflate (RFC 7692) to clients that ask for it (browsers do),
+    /// with no context takeover either way: every message is compressed on its own, a
+    /// broadcast once for all its subscribers. Off by default: it costs CPU per message
+    /// and pays on large, repetitive messages (see BENCHMARKS.md).
+    pub deflate: bool,
+    /// Messages smaller than this, or that compression would not make smaller, are sent
+    /// uncompressed on a deflate connection; 0: every data message is compressed.
+    pub deflate_min_bytes: usize,
+    /// The compression level, 1 (fastest) to 9 (smallest).
+    pub deflate_level: u32,
     /// Conformance testing only: every session echoes each message back and speaks no
     /// Herald protocol (no welcome, no requests). Refused unless the public listener is
     /// a loopback address.
@@ -635,6 +645,9 @@ impl Default for WebSocketConfig {
             write_buffer_bytes: 256 * 1024,
             writer_linger: Duration::from_secs(2),
             write_timeout: Duration::from_secs(10),
+            deflate: false,
+            deflate_min_bytes: 256,
+            deflate_level: 1,
             echo: false,
         }
     }
@@ -704,6 +717,12 @@ impl GatewayConfig {
         };
         if let Err(e) = Verifier::new(&self.auth.jwt) {
             return bad("auth.jwt", &e.to_string());
+        }
+        if !(1..=9).contains(&self.websocket.deflate_level) {
+            return bad(
+                "websocket.deflate_level",
+                "must be 1 (fastest) to 9 (smallest)",
+            );
         }
         // (The files are parsed when the gateway starts: `tls::TlsKeys::load`.)
         match (&self.tls.cert_file, &self.tls.key_file) {

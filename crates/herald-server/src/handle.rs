@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::wire::{Frames, Out};
+use crate::wire::{Deflate, Frames, Out};
 
 /// Close code 1005 ("no status received"), which no close frame may carry: a
 /// [`Closing`] with it sends an empty close frame.
@@ -181,6 +181,22 @@ impl Item {
         self.len + ITEM_OVERHEAD
     }
 
+    /// The same run, compressed for connections that negotiated permessage-deflate
+    /// with `deflate` (each message on its own, when that pays); `None` for anything but
+    /// a run (a session's sink compresses those itself).
+    pub(crate) fn deflated(&self, deflate: Deflate) -> Option<Item> {
+        let Out::Frames(frames) = &self.out else {
+            return None;
+        };
+        let out = Frames::deflated(frames, deflate);
+        Some(Item {
+            len: out.len(),
+            out: Out::Frames(out),
+            published_at_us: self.published_at_us,
+            deliveries: self.deliveries,
+        })
+    }
+
     /// Another queue entry for the same frame (its bytes are shared, not copied).
     pub(crate) fn share(&self) -> Item {
         Item {
@@ -223,6 +239,10 @@ impl Closing {
 pub(crate) enum Pushed {
     /// In the queue; the writer takes it.
     Queued,
+    /// Written straight into the socket (or handed to a writer with what the socket
+    /// did not take), its bytes already in the gauge until written: see
+    /// [`SessionHandle::push_to_all`].
+    Direct,
     /// Over budget: the session is now closing as a slow consumer; what it had queued
     /// is discarded and counted as dropped.
     Overflow,
@@ -326,6 +346,9 @@ pub(crate) struct SessionHandle {
     user: std::sync::OnceLock<Box<str>>,
     /// Wakes the reader when a command arrives.
     poke: Notify,
+    /// How the session's WebSocket compresses (permessage-deflate), if it negotiated
+    /// it: fan-out hands it runs compressed for it (set once, at the start).
+    pub(crate) deflate: std::sync::OnceLock<Deflate>,
 }
 
 /// What the heartbeat sweeper should do with a session.
@@ -361,6 +384,7 @@ impl SessionHandle {
             env,
             user: std::sync::OnceLock::new(),
             poke: Notify::new(),
+            deflate: std::sync::OnceLock::new(),
         }
     }
 
@@ -543,17 +567,26 @@ impl SessionHandle {
         metrics: &Metrics,
         direct: bool,
     ) {
-        let cost = item.cost();
         let deliveries = u64::from(item.deliveries);
         let (mut queued, mut closing) = (0usize, 0u64);
+        // A run compressed for the subscribers that negotiated permessage-deflate: once,
+        // when the first of them comes (`None` inside: nothing to compress).
+        let mut deflated: Option<Option<Item>> = None;
         for handle in to {
+            let item = match handle.deflate.get() {
+                Some(d) => deflated
+                    .get_or_insert_with(|| item.deflated(*d))
+                    .as_ref()
+                    .unwrap_or(item),
+                None => item,
+            };
             match handle.enqueue(item, direct) {
-                Pushed::Queued => queued += 1,
+                Pushed::Queued => queued += item.cost(),
                 Pushed::Closed => closing += deliveries,
-                Pushed::Overflow => {}
+                Pushed::Overflow | Pushed::Direct => {}
             }
         }
-        metrics.outbound_queue_bytes.add((queued * cost) as i64);
+        metrics.outbound_queue_bytes.add(queued as i64);
         if closing > 0 {
             // Sessions already closing (drain, heartbeat, slow consumer) take nothing
             // more: counted, and on history channels the client resumes from what it
@@ -581,11 +614,13 @@ impl SessionHandle {
             else {
                 unreachable!("matched above");
             };
-            // Held (and within the budget) while it is written, like a writer's batch.
+            // Held (and within the budget) while it is written, like a writer's batch;
+            // in the gauge before the write takes it out again.
             s.inflight += cost;
             drop(s);
+            self.env.metrics.outbound_queue_bytes.add(cost as i64);
             self.write_direct(sink, item);
-            return Pushed::Queued;
+            return Pushed::Direct;
         }
         let was_empty = s.queue.is_empty();
         s.bytes += cost;

@@ -57,6 +57,7 @@ mod backend;
 mod cluster;
 pub mod config;
 mod control;
+mod deflate;
 mod error;
 mod gateway;
 mod handle;

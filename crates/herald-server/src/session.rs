@@ -47,6 +47,7 @@ where
         transport,
         by_hook,
         welcome,
+        deflate,
     } = peer;
     let limits = &node.config.limits;
     let handle = Arc::new(SessionHandle::new(node.now_ms(), node.session_env.clone()));
@@ -56,6 +57,13 @@ where
     }
     if transport == Transport::Sse {
         handle.set_one_way();
+    }
+    if deflate {
+        let ws = &node.config.websocket;
+        let _ = handle.deflate.set(crate::wire::Deflate {
+            level: ws.deflate_level,
+            min_bytes: ws.deflate_min_bytes,
+        });
     }
     let by_transport = match transport {
         Transport::WebSocket => &node.metrics.websocket_sessions,
@@ -198,6 +206,8 @@ pub(crate) struct Peer {
     pub(crate) by_hook: bool,
     /// `data` from the connect hook's result, for the welcome frame.
     pub(crate) welcome: Option<Box<RawValue>>,
+    /// The WebSocket negotiated permessage-deflate.
+    pub(crate) deflate: bool,
 }
 
 /// The connection id shown to clients: `instance` ([`Node::instance`]: the node id and a

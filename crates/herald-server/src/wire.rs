@@ -79,23 +79,76 @@ pub(crate) struct Frames {
 impl Frames {
     /// Appends a text frame.
     pub(crate) fn text(&mut self, text: &str) {
-        self.push(OpCode::Data(Data::Text), text.as_bytes());
+        self.push(OpCode::Data(Data::Text), text.as_bytes(), None);
     }
 
     /// Appends a binary frame.
     pub(crate) fn binary(&mut self, data: &[u8]) {
-        self.push(OpCode::Data(Data::Binary), data);
+        self.push(OpCode::Data(Data::Binary), data, None);
     }
 
-    fn push(&mut self, opcode: OpCode, payload: &[u8]) {
-        header(opcode, payload.len(), &mut self.buf);
-        self.buf.extend_from_slice(payload);
+    /// Appends a data frame, compressed with `deflate` when that pays (see
+    /// [`Deflate`]).
+    fn push(&mut self, opcode: OpCode, payload: &[u8], deflate: Option<Deflate>) {
+        match deflate.and_then(|d| d.compress(payload)) {
+            Some(compressed) => {
+                compressed_header(opcode, compressed.len(), &mut self.buf);
+                self.buf.extend_from_slice(&compressed);
+            }
+            None => {
+                header(opcode, payload.len(), &mut self.buf);
+                self.buf.extend_from_slice(payload);
+            }
+        }
+    }
+
+    /// `frames` (as [`Frames`] wrote them) again, each message compressed with
+    /// `deflate` when that pays.
+    pub(crate) fn deflated(frames: &Bytes, deflate: Deflate) -> Bytes {
+        let mut out = Frames::default();
+        for m in messages(frames.clone()) {
+            let (opcode, payload) = parts(m);
+            out.push(opcode, &payload, Some(deflate));
+        }
+        out.finish()
     }
 
     /// The frames, as one buffer.
     pub(crate) fn finish(self) -> Bytes {
         Bytes::from(self.buf)
     }
+}
+
+/// How a connection that negotiated permessage-deflate compresses what it is sent:
+/// messages of at least `min_bytes` (`websocket.deflate_min_bytes`), at `level`
+/// (`websocket.deflate_level`), when the result is smaller; with `min_bytes` 0, every
+/// data message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deflate {
+    pub(crate) level: u32,
+    pub(crate) min_bytes: usize,
+}
+
+impl Deflate {
+    /// `payload` compressed, when it is worth it.
+    fn compress(self, payload: &[u8]) -> Option<Vec<u8>> {
+        if payload.len() < self.min_bytes {
+            return None;
+        }
+        Some(crate::deflate::compress(payload, self.level))
+            .filter(|c| self.min_bytes == 0 || c.len() < payload.len())
+    }
+}
+
+/// Writes the header of a final, unmasked, compressed frame (RSV1: the first frame of a
+/// compressed message) of `len` payload bytes.
+fn compressed_header(opcode: OpCode, len: usize, out: &mut impl BufMut) {
+    let header = FrameHeader {
+        opcode,
+        rsv1: true,
+        ..FrameHeader::default()
+    };
+    let _ = header.format(len as u64, &mut out.writer());
 }
 
 /// Writes the header of a final, unmasked frame (a server's) of `len` payload bytes.
@@ -143,6 +196,9 @@ pub(crate) struct WsSink<W> {
     held: usize,
     /// `websocket.write_buffer_bytes`: writes start once this much is held.
     limit: usize,
+    /// permessage-deflate, if the connection negotiated it: the data messages it frames
+    /// are compressed (runs come compressed already, `handle::Item::deflated`).
+    deflate: Option<Deflate>,
     /// Small frames framed (copied) here since the last chunk was sealed.
     scratch: BytesMut,
     /// What the next writes send, in order; the front one may be partly written
@@ -151,11 +207,12 @@ pub(crate) struct WsSink<W> {
 }
 
 impl<W> WsSink<W> {
-    pub(crate) fn new(wr: W, limit: usize) -> Self {
+    pub(crate) fn new(wr: W, limit: usize, deflate: Option<Deflate>) -> Self {
         WsSink {
             wr,
             held: 0,
             limit,
+            deflate,
             scratch: BytesMut::new(),
             chunks: VecDeque::new(),
         }
@@ -236,6 +293,16 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
             }
             Out::Message(m) => {
                 let (opcode, payload) = parts(m);
+                let data = matches!(opcode, OpCode::Data(Data::Text | Data::Binary));
+                if let Some(compressed) = this
+                    .deflate
+                    .filter(|_| data)
+                    .and_then(|d| d.compress(&payload))
+                {
+                    compressed_header(opcode, compressed.len(), &mut this.scratch);
+                    this.scratch.extend_from_slice(&compressed);
+                    return Ok(());
+                }
                 header(opcode, payload.len(), &mut this.scratch);
                 if payload.len() > COPY_LIMIT {
                     this.seal();
@@ -263,10 +330,11 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
     }
 }
 
-/// The socket's reading half as tungstenite sees it: reads pass through; what it writes
+/// The socket's reading half as tungstenite sees it: reads pass through (inflated, when
+/// the connection negotiated permessage-deflate: see [`Inflating`]); what it writes
 /// (its automatic pong and close replies) is discarded, since the session sends those
 /// itself.
-pub(crate) struct ReadHalf<R>(pub(crate) R);
+pub(crate) struct ReadHalf<R>(pub(crate) Inflating<R>);
 
 impl<R: AsyncRead + Unpin> AsyncRead for ReadHalf<R> {
     fn poll_read(
@@ -275,6 +343,200 @@ impl<R: AsyncRead + Unpin> AsyncRead for ReadHalf<R> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+/// A client's frames on their way to tungstenite, which knows no extensions: with
+/// permessage-deflate negotiated, each compressed message (RSV1 on its first frame) is
+/// gathered, inflated and handed on as one plain frame; everything else passes as it
+/// came. A message that inflates past `max` is handed on as a frame header announcing
+/// more than `max`, which tungstenite refuses (the session closes with 1009); invalid
+/// compressed data, or a new message inside a compressed one, as a continuation with
+/// nothing to continue (1002).
+pub(crate) struct Inflating<R> {
+    inner: R,
+    /// permessage-deflate was negotiated; otherwise everything passes as it came.
+    on: bool,
+    /// `limits.max_message_bytes`.
+    max: usize,
+    /// Read, not yet a whole frame.
+    raw: BytesMut,
+    /// For tungstenite.
+    out: BytesMut,
+    /// A compressed message being gathered: its opcode, and its payload so far.
+    gathering: Option<(OpCode, Vec<u8>)>,
+    /// A plain message's later fragments are on their way.
+    fragmented: bool,
+    /// What comes next is passed on as it comes (tungstenite is about to fail the
+    /// session on what it has been given).
+    passing: bool,
+    /// A refusal was handed on: nothing more is read.
+    stopped: bool,
+}
+
+impl<R> Inflating<R> {
+    pub(crate) fn new(inner: R, on: bool, max: usize) -> Self {
+        Inflating {
+            inner,
+            on,
+            max,
+            raw: BytesMut::new(),
+            out: BytesMut::new(),
+            gathering: None,
+            fragmented: false,
+            passing: false,
+            stopped: false,
+        }
+    }
+
+    /// Moves the whole frames `raw` holds into `out`, inflating compressed messages.
+    fn frames(&mut self) {
+        while !self.passing && !self.stopped {
+            let mut cursor = Cursor::new(&self.raw[..]);
+            let (header, len) = match FrameHeader::parse(&mut cursor) {
+                Ok(Some(h)) => h,
+                Ok(None) => return,
+                Err(_) => return self.pass(),
+            };
+            let at = cursor.position() as usize;
+            if len > self.max as u64 {
+                // tungstenite refuses the header itself (1009).
+                return self.pass();
+            }
+            let end = at + len as usize;
+            if self.raw.len() < end {
+                self.raw.reserve(end - self.raw.len());
+                return;
+            }
+            let frame = self.raw.split_to(end);
+            let data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
+            let continuation = header.opcode == OpCode::Data(Data::Continue);
+            let (Some(mask), false, false) = (header.mask, header.rsv2, header.rsv3) else {
+                // Unmasked, or other reserved bits: tungstenite fails it.
+                self.out.extend_from_slice(&frame);
+                return self.pass();
+            };
+            let unmasked = || {
+                let mut p = frame[at..].to_vec();
+                for (i, b) in p.iter_mut().enumerate() {
+                    *b ^= mask[i % 4];
+                }
+                p
+            };
+            match (&mut self.gathering, data, continuation, header.rsv1) {
+                // A compressed message starts.
+                (None, true, _, true) if !self.fragmented => {
+                    self.gathering = Some((header.opcode, unmasked()));
+                }
+                // Its next fragment.
+                (Some((_, payload)), _, true, false) => {
+                    if payload.len() + frame.len() - at > self.max {
+                        return self.too_big();
+                    }
+                    payload.extend_from_slice(&unmasked());
+                }
+                // A new message inside a compressed one.
+                (Some(_), true, _, _) => return self.broken(),
+                _ => {
+                    if data {
+                        self.fragmented = !header.is_final;
+                    } else if continuation && header.is_final {
+                        self.fragmented = false;
+                    }
+                    self.out.extend_from_slice(&frame);
+                    continue;
+                }
+            }
+            if header.is_final {
+                let Some((opcode, payload)) = self.gathering.take() else {
+                    continue;
+                };
+                match crate::deflate::inflate(&payload, self.max) {
+                    Ok(message) => {
+                        // Masked, as a client's frame must be, with a mask of zeros.
+                        let header = FrameHeader {
+                            opcode,
+                            mask: Some([0; 4]),
+                            ..FrameHeader::default()
+                        };
+                        let _ = header.format(message.len() as u64, &mut (&mut self.out).writer());
+                        self.out.extend_from_slice(&message);
+                    }
+                    Err(crate::deflate::InflateError::TooBig) => return self.too_big(),
+                    Err(crate::deflate::InflateError::Invalid) => return self.broken(),
+                }
+            }
+        }
+    }
+
+    /// From now on, everything passes as it comes.
+    fn pass(&mut self) {
+        self.passing = true;
+        let raw = self.raw.split();
+        self.out.extend_from_slice(&raw);
+    }
+
+    /// A message over `max`: a header announcing more, which tungstenite refuses.
+    fn too_big(&mut self) {
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Binary),
+            mask: Some([0; 4]),
+            ..FrameHeader::default()
+        };
+        let _ = header.format(self.max as u64 + 1, &mut (&mut self.out).writer());
+        self.raw.clear();
+        self.stopped = true;
+    }
+
+    /// Not a valid message: a continuation with nothing to continue, which tungstenite
+    /// refuses.
+    fn broken(&mut self) {
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Continue),
+            mask: Some([0; 4]),
+            ..FrameHeader::default()
+        };
+        let _ = header.format(0, &mut (&mut self.out).writer());
+        self.raw.clear();
+        self.stopped = true;
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Inflating<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if !this.out.is_empty() {
+                let n = this.out.len().min(buf.remaining());
+                buf.put_slice(&this.out.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if this.stopped {
+                return Poll::Ready(Ok(()));
+            }
+            if !this.on || this.passing {
+                return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            // Read more, then take what is whole.
+            let mut chunk = [0u8; 4096];
+            let mut read = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                // The peer is gone: tungstenite sees what there was, then the end.
+                let rest = this.raw.split();
+                this.out.extend_from_slice(&rest);
+                if this.out.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.raw.extend_from_slice(read.filled());
+            this.frames();
+        }
     }
 }
 
@@ -309,7 +571,7 @@ mod tests {
     async fn a_client_reads_what_the_sink_writes() {
         let (server, client) = tokio::io::duplex(1 << 10);
         // A small limit: writes start before the flush, partial writes happen.
-        let mut sink = WsSink::new(server, 100);
+        let mut sink = WsSink::new(server, 100, None);
         let mut run = Frames::default();
         run.text("one");
         run.binary(&[1, 2, 3]);
@@ -388,7 +650,7 @@ mod tests {
     /// sink counts for a header it did not need must not pile up.
     #[tokio::test]
     async fn small_frames_keep_gathering_up_to_the_limit() {
-        let mut sink = WsSink::new(Counting(0), 1000);
+        let mut sink = WsSink::new(Counting(0), 1000, None);
         let small = || Out::Message(Message::Text("a".into()));
         for _ in 0..500 {
             sink.send(small()).await.unwrap();
@@ -414,5 +676,131 @@ mod tests {
         assert_eq!(got[0], Message::Text("{\"a\":1}".into()));
         assert_eq!(got[1], Message::Binary(Bytes::from_static(b"\x01\x02")));
         assert_eq!(got[2].len(), 300);
+    }
+
+    /// A client's frame: masked, with `rsv1` when it starts a compressed message.
+    fn client_frame(fin: bool, rsv1: bool, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mask = [7, 1, 3, 9];
+        let header = FrameHeader {
+            is_final: fin,
+            rsv1,
+            opcode,
+            mask: Some(mask),
+            ..FrameHeader::default()
+        };
+        let mut out = Vec::new();
+        header.format(payload.len() as u64, &mut out).unwrap();
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    /// What tungstenite reads from `bytes` (sent in small pieces) through `Inflating`.
+    async fn server_reads(bytes: Vec<u8>, max: usize) -> Vec<Result<Message, String>> {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let reading = async {
+            let rd = ReadHalf(Inflating::new(server, true, max));
+            let mut ws = WebSocketStream::from_raw_socket(rd, Role::Server, Some(config)).await;
+            let mut got = Vec::new();
+            while let Some(m) = ws.next().await {
+                let failed = m.is_err();
+                got.push(m.map_err(|e| e.to_string()));
+                if failed {
+                    break;
+                }
+            }
+            got
+        };
+        let writing = async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in bytes.chunks(7) {
+                client.write_all(piece).await.unwrap();
+            }
+            client.shutdown().await.unwrap();
+            // Keep the pipe open until the reader is done.
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            got = reading => got,
+            _ = writing => unreachable!(),
+        }
+    }
+
+    #[tokio::test]
+    async fn compressed_messages_reach_tungstenite_inflated() {
+        let text = "{\"op\":\"publish\",\"channel\":\"a\",\"data\":1}".repeat(40);
+        let compressed = crate::deflate::compress(text.as_bytes(), 6);
+        let (first, rest) = compressed.split_at(compressed.len() / 2);
+        let mut bytes = client_frame(true, true, OpCode::Data(Data::Text), &compressed);
+        // Fragmented, with a ping between its fragments.
+        bytes.extend(client_frame(false, true, OpCode::Data(Data::Binary), first));
+        bytes.extend(client_frame(
+            true,
+            false,
+            OpCode::Control(Control::Ping),
+            b"p",
+        ));
+        bytes.extend(client_frame(
+            true,
+            false,
+            OpCode::Data(Data::Continue),
+            rest,
+        ));
+        // Plain messages pass as they came, fragmented or not.
+        bytes.extend(client_frame(
+            true,
+            false,
+            OpCode::Data(Data::Text),
+            b"plain",
+        ));
+        bytes.extend(client_frame(false, false, OpCode::Data(Data::Text), b"pl"));
+        bytes.extend(client_frame(
+            true,
+            false,
+            OpCode::Data(Data::Continue),
+            b"ain",
+        ));
+        let got = server_reads(bytes, 1 << 20).await;
+        assert_eq!(got[0], Ok(Message::Text(text.clone().into())));
+        assert_eq!(got[1], Ok(Message::Ping(Bytes::from_static(b"p"))));
+        assert_eq!(got[2], Ok(Message::Binary(Bytes::from(text.into_bytes()))));
+        assert_eq!(got[3], Ok(Message::Text("plain".into())));
+        assert_eq!(got[4], Ok(Message::Text("plain".into())));
+    }
+
+    #[tokio::test]
+    async fn bombs_and_broken_messages_fail_the_session() {
+        let max = 64 * 1024;
+        let bomb = crate::deflate::compress(&vec![b'a'; 10 << 20], 9);
+        let got = server_reads(
+            client_frame(true, true, OpCode::Data(Data::Text), &bomb),
+            max,
+        )
+        .await;
+        assert!(
+            matches!(got.last(), Some(Err(e)) if e.contains("Space limit exceeded")),
+            "{got:?}"
+        );
+        // Garbage that is not deflate data.
+        let got = server_reads(
+            client_frame(true, true, OpCode::Data(Data::Text), &[0xff; 16]),
+            max,
+        )
+        .await;
+        assert!(matches!(got.last(), Some(Err(_))), "{got:?}");
+        // A new message while a compressed one is unfinished.
+        let mut bytes = client_frame(false, true, OpCode::Data(Data::Text), &[0xf2, 0x48]);
+        bytes.extend(client_frame(true, false, OpCode::Data(Data::Text), b"x"));
+        let got = server_reads(bytes, max).await;
+        assert!(matches!(got.last(), Some(Err(_))), "{got:?}");
+        // RSV1 on a control frame, as tungstenite refuses it.
+        let got = server_reads(
+            client_frame(true, true, OpCode::Control(Control::Ping), b""),
+            max,
+        )
+        .await;
+        assert!(matches!(got.last(), Some(Err(_))), "{got:?}");
     }
 }

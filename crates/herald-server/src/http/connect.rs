@@ -64,6 +64,7 @@ pub(super) async fn authenticate(
         transport,
         by_hook: false,
         welcome: None,
+        deflate: false,
     };
     if let Some(config) = node.hooks.as_ref().and_then(|h| h.connect()) {
         let valid = verified.and_then(Result::ok);
@@ -257,5 +258,6 @@ async fn ask_backend(
         transport: ask.transport,
         by_hook,
         welcome: admitted.data,
+        deflate: false,
     })
 }

@@ -32,7 +32,7 @@ use super::reply::{full, Body, Refusal};
 use crate::handle::ConnId;
 use crate::node::{Node, Slot, SlotRefused};
 use crate::session::{self, Peer, Transport};
-use crate::wire::{ReadHalf, WsSink};
+use crate::wire::{Deflate, Inflating, ReadHalf, WsSink};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::TcpStream;
 
@@ -199,9 +199,15 @@ async fn serve<R, W>(
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let ws = &node.config.websocket;
+    let deflate = peer.deflate.then_some(Deflate {
+        level: ws.deflate_level,
+        min_bytes: ws.deflate_min_bytes,
+    });
+    let rd = Inflating::new(rd, deflate.is_some(), node.config.limits.max_message_bytes);
     let stream =
         WebSocketStream::from_raw_socket(ReadHalf(rd), WsRole::Server, Some(ws_config)).await;
-    let sink = WsSink::new(wr, node.config.websocket.write_buffer_bytes);
+    let sink = WsSink::new(wr, ws.write_buffer_bytes, deflate);
     session::run(sink, stream, node, conn, peer).await;
 }
 
@@ -215,6 +221,15 @@ fn start(
     accept: &str,
 ) -> Response<Body> {
     tracing::debug!(conn, client = %peer.address, "upgrade accepted");
+    let mut peer = peer;
+    peer.deflate = node.config.websocket.deflate
+        && crate::deflate::negotiate(
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+    let deflate = peer.deflate;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
         // What tungstenite writes (its own pong and close replies) is discarded
@@ -255,6 +270,12 @@ fn start(
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(v) = HeaderValue::from_str(accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if deflate {
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(crate::deflate::ACCEPTED),
+        );
     }
     r
 }
