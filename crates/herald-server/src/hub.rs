@@ -423,7 +423,7 @@ impl Hub {
                 }
             });
         }
-        while inbound.recv_many(&mut batch, 64).await > 0 {
+        'feed: while inbound.recv_many(&mut batch, 64).await > 0 {
             let mut parts: Vec<Vec<Received>> = (0..dispatchers).map(|_| Vec::new()).collect();
             for r in batch.drain(..) {
                 match r {
@@ -443,13 +443,20 @@ impl Hub {
                 // Waits when a dispatcher is behind: the inbound queue before it is
                 // bounded, and counts what it cannot take.
                 if !part.is_empty() && tx.send(part).await.is_err() {
-                    return;
+                    // A dispatcher ended, which only a panic does: end (the node
+                    // stops: its fan-out is gone), saying why below.
+                    break 'feed;
                 }
             }
         }
-        // Every sender is gone: the dispatchers finish what they hold, then end.
+        // Every sender is gone (or a dispatcher failed): the dispatchers finish what
+        // they hold, then end.
         drop(to);
-        while tasks.join_next().await.is_some() {}
+        while let Some(ended) = tasks.join_next().await {
+            if let Err(e) = ended {
+                tracing::error!(error = %e, "a fan-out dispatcher failed");
+            }
+        }
     }
 
     /// Fans out `batch` (emptied), consecutive publications of one channel as one run.
@@ -484,12 +491,16 @@ impl Hub {
 /// One of the node's fan-out dispatchers: `index` of `of`.
 #[derive(Debug, Clone, Copy)]
 struct Dispatcher {
+    /// Which one.
     index: usize,
+    /// Of how many.
     of: usize,
 }
 
-/// Batches (of at most 64 publications) waiting for one dispatcher.
-const DISPATCHER_QUEUE: usize = 64;
+/// Batches (of at most 64 publications) waiting for one dispatcher: a little slack
+/// past `limits.inbound_queue`, so that one busy dispatcher holds the others up only
+/// once it is this far behind.
+const DISPATCHER_QUEUE: usize = 16;
 
 #[cfg(test)]
 mod tests {

@@ -40,7 +40,9 @@
 //!   `herald_outbound_queue_bytes`.
 //! - `wire`: what a session sends, as WebSocket frames Herald frames and writes itself
 //!   (a run of deliveries framed once for every subscriber; the socket's sending half;
-//!   tungstenite's reading half, whose own replies it discards).
+//!   tungstenite's reading half, whose own replies it discards, and which inflates
+//!   compressed client messages).
+//! - `deflate`: permessage-deflate's negotiation, compressing and inflating.
 //! - `tls`: the public listener's TLS keys (`[tls]`), reloaded on SIGHUP.
 //! - `error`: [`ServerError`].
 //! - [`config`]: [`GatewayConfig`], every limit with its default.

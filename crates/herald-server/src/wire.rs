@@ -73,6 +73,7 @@ fn messages(frames: Bytes) -> Vec<Message> {
 /// Frames data messages into one buffer, each a whole unmasked frame.
 #[derive(Default)]
 pub(crate) struct Frames {
+    /// The frames so far.
     buf: Vec<u8>,
 }
 
@@ -125,7 +126,9 @@ impl Frames {
 /// data message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Deflate {
+    /// `websocket.deflate_level`.
     pub(crate) level: u32,
+    /// `websocket.deflate_min_bytes`.
     pub(crate) min_bytes: usize,
 }
 
@@ -191,6 +194,7 @@ const MAX_SLICES: usize = 64;
 /// The socket's sending half: frames what it is given and writes it, vectored, on
 /// flush, or as soon as it holds `websocket.write_buffer_bytes`.
 pub(crate) struct WsSink<W> {
+    /// The socket's writing half.
     wr: W,
     /// Bytes held (copied or shared) that no write has taken yet.
     held: usize,
@@ -354,6 +358,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for ReadHalf<R> {
 /// compressed data, or a new message inside a compressed one, as a continuation with
 /// nothing to continue (1002).
 pub(crate) struct Inflating<R> {
+    /// The socket's reading half.
     inner: R,
     /// permessage-deflate was negotiated; otherwise everything passes as it came.
     on: bool,
