@@ -201,6 +201,8 @@ async fn deltas_give_way_where_they_cannot_help() {
         c.channels.rules = vec![delta_rule("doc:*")];
         c.limits.max_delta_bytes = 256 * 1024;
         c.limits.max_body_bytes = 1 << 20;
+        // The production bound: the slow document below takes longer.
+        c.limits.max_delta_time = std::time::Duration::from_millis(2);
     })
     .await;
     let mut c = node.client().await;

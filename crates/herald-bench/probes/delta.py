@@ -1,24 +1,23 @@
 #!/usr/bin/env python3
-"""Bytes on the wire for an incremental feed, with and without Fossil deltas, against one
-`herald` node (the binary given) on the embedded broker; alternated rounds in one run.
+"""Bytes on the wire for an incremental feed: whole messages, Fossil deltas and
+permessage-deflate, against one `herald` node (the binary given) on the embedded broker;
+alternated rounds in one run.
 
 The feed: a price board, a JSON document of about 2 KB (18 instruments: symbol, bid,
 ask, last, change, volume) where each update moves 2 instruments and the time stamp.
-Each round, S subscribers of one channel (half of the rounds asking for deltas, the
-other half not) receive U updates published at a steady rate through `POST
-/api/publish`. Measured per round:
+Each round, S subscribers of one channel receive U updates published at a steady rate
+through `POST /api/publish`; the rounds alternate subscribers that take whole messages,
+that ask for deltas, and that negotiate permessage-deflate (the node has
+`websocket.deflate = true`; the others do not offer it). Measured per round:
 
-- bytes per delivery: the WebSocket frames the subscribers read (payload plus the
-  frame's 2-4 byte header; TCP/IP headers not counted, and they are the same for both);
-- the node's CPU per delivery (from /proc);
-- what permessage-deflate without context takeover (RFC 7692, each message compressed on
-  its own, zlib's default level) would make of the same whole frames, computed here with
-  zlib, with its cost per message: Herald does not serve deflate yet, so this is an
-  estimate for the comparison, not a measurement of a server.
+- bytes per delivery: what the subscribers' sockets received during the updates (the
+  kernel's `tcpi_bytes_received`: WebSocket frames, headers included; TCP/IP headers
+  not counted, the same for every mode);
+- the node's CPU per delivery (from /proc).
 
 Usage: delta.py HERALD_BIN [SUBSCRIBERS] [UPDATES] [ROUNDS]
 Needs the `websockets` package (target/openapi-venv has it)."""
-import asyncio, json, random, sys, time, urllib.request, zlib
+import asyncio, json, random, sys, time, urllib.request
 import websockets
 
 from common import cpu_s, start_node
@@ -32,6 +31,8 @@ RATE = 100  # updates per second
 node, port = start_node(BIN, """
 [limits]
 max_connections_per_ip = 0
+[websocket]
+deflate = true
 [[channels.rules]]
 pattern = "board:*"
 history_size = 1000
@@ -58,8 +59,12 @@ def update(rows, rng, seq):
                        "rows": rows}, separators=(",", ":"))
 
 
-def frame_bytes(payload_len):
-    return payload_len + (2 if payload_len < 126 else 4 if payload_len < 65536 else 10)
+def received(ws):
+    """The bytes the socket has received (TCP_INFO tcpi_bytes_received, Linux)."""
+    import socket, struct
+    sock = ws.transport.get_extra_info("socket")
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    return struct.unpack_from("<Q", info, 128)[0]
 
 
 def publish(channel, doc):
@@ -69,7 +74,8 @@ def publish(channel, doc):
     urllib.request.urlopen(req).read()
 
 
-async def round_(n, delta):
+async def round_(n, mode):
+    delta = mode == "delta"
     channel = f"board:{n}"
     rng = random.Random(n)
     docs = []
@@ -77,11 +83,11 @@ async def round_(n, delta):
     for seq in range(1, U + 1):
         docs.append(update(rows, rng, seq))
     stats = {"bytes": 0, "frames": 0, "deltas": 0}
-    whole_frames = []
-    done = asyncio.Event()
+    start = asyncio.Event()
 
     async def subscriber(i):
-        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", ping_interval=None, max_size=None)
+        ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws", ping_interval=None, max_size=None,
+                                      compression="deflate" if mode == "deflate" else None)
         await ws.recv()  # welcome
         sub = {"op": "subscribe", "channel": channel, "id": 1}
         if delta:
@@ -90,24 +96,26 @@ async def round_(n, delta):
         reply = json.loads(await ws.recv())
         assert reply["op"] == "subscribed" and (reply.get("delta") == "fossil") == delta, reply
         ready.append(1)
+        await start.wait()
+        before = received(ws)
         got = 0
         while got < U:
             text = await ws.recv()
             if not text.startswith('{"op":"message"'):
                 continue
             got += 1
-            stats["bytes"] += frame_bytes(len(text.encode()))
             stats["frames"] += 1
             if '"delta":' in text:
                 stats["deltas"] += 1
-            elif i == 0:
-                whole_frames.append(text.encode())
+        stats["bytes"] += received(ws) - before
         await ws.close()
 
     ready = []
     tasks = [asyncio.create_task(subscriber(i)) for i in range(S)]
     while len(ready) < S:
         await asyncio.sleep(0.05)
+    start.set()
+    await asyncio.sleep(0.1)
     cpu0 = cpu_s(node.pid)
     t0 = time.perf_counter()
     loop = asyncio.get_running_loop()
@@ -119,38 +127,27 @@ async def round_(n, delta):
     await asyncio.gather(*tasks)
     cpu = cpu_s(node.pid) - cpu0
     deliveries = S * U
-    out = {"delta": delta, "bytes_per_delivery": stats["bytes"] / deliveries,
-           "cpu_us_per_delivery": cpu / deliveries * 1e6, "delta_share": stats["deltas"] / deliveries,
-           "doc_bytes": sum(len(d) for d in docs) / len(docs)}
-    if not delta:
-        # permessage-deflate, no context takeover: each whole frame on its own.
-        t = time.perf_counter()
-        sizes = []
-        for f in whole_frames:
-            c = zlib.compressobj(6, zlib.DEFLATED, -15)
-            z = c.compress(f) + c.flush(zlib.Z_SYNC_FLUSH)
-            sizes.append(frame_bytes(len(z) - 4))  # RFC 7692 drops the 00 00 ff ff tail
-        out["deflate_bytes_per_delivery"] = sum(sizes) / len(sizes)
-        out["deflate_us_per_message"] = (time.perf_counter() - t) / len(whole_frames) * 1e6
-    return out
+    return {"mode": mode, "bytes_per_delivery": stats["bytes"] / deliveries,
+            "cpu_us_per_delivery": cpu / deliveries * 1e6, "delta_share": stats["deltas"] / deliveries,
+            "doc_bytes": sum(len(d) for d in docs) / len(docs)}
 
 
 async def main():
     results = []
     for r in range(ROUNDS):
-        for delta in (False, True):
-            res = await round_(len(results), delta)
+        row = {}
+        for mode in ("whole", "delta", "deflate"):
+            res = await round_(len(results), mode)
             results.append(res)
+            row[mode] = res
             print(json.dumps(res), flush=True)
-    plain = [r for r in results if not r["delta"]]
-    deltas = [r for r in results if r["delta"]]
-    for a, b in zip(plain, deltas):
-        print(f"round: {a['bytes_per_delivery']:.0f} B whole, {b['bytes_per_delivery']:.0f} B with deltas "
-              f"({a['bytes_per_delivery'] / b['bytes_per_delivery']:.1f}x fewer), deflate would be "
-              f"{a['deflate_bytes_per_delivery']:.0f} B ({a['bytes_per_delivery'] / a['deflate_bytes_per_delivery']:.1f}x); "
-              f"node CPU per delivery {a['cpu_us_per_delivery']:.2f} vs {b['cpu_us_per_delivery']:.2f} us "
-              f"({b['cpu_us_per_delivery'] / a['cpu_us_per_delivery']:.2f}x); deflate {a['deflate_us_per_message']:.1f} us "
-              f"per message compressed")
+        w, d, z = row["whole"], row["delta"], row["deflate"]
+        print(f"round: whole {w['bytes_per_delivery']:.0f} B, delta {d['bytes_per_delivery']:.0f} B "
+              f"({w['bytes_per_delivery'] / d['bytes_per_delivery']:.1f}x fewer), deflate "
+              f"{z['bytes_per_delivery']:.0f} B ({w['bytes_per_delivery'] / z['bytes_per_delivery']:.1f}x fewer); "
+              f"node CPU per delivery {w['cpu_us_per_delivery']:.2f} / {d['cpu_us_per_delivery']:.2f} "
+              f"({d['cpu_us_per_delivery'] / w['cpu_us_per_delivery']:.2f}x) / {z['cpu_us_per_delivery']:.2f} us "
+              f"({z['cpu_us_per_delivery'] / w['cpu_us_per_delivery']:.2f}x)", flush=True)
 
 
 try:

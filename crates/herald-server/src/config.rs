@@ -459,6 +459,11 @@ pub struct LimitsConfig {
     /// sent whole (computing a delta takes time in proportion to the data, on the node's
     /// fan-out path).
     pub max_delta_bytes: usize,
+    /// A delta that takes longer than this to compute pauses that channel's deltas for
+    /// 10 s (it runs on the node's fan-out path; data made to be slow to diff must not
+    /// stall every channel).
+    #[serde(with = "humantime_serde")]
+    pub max_delta_time: Duration,
     /// Time a request body has to arrive completely (408 past it), so a slow POST
     /// cannot hold a connection and a body buffer indefinitely.
     #[serde(with = "humantime_serde")]
@@ -509,6 +514,7 @@ impl Default for LimitsConfig {
             outbound_queue_bytes: 1024 * 1024,
             max_body_bytes: 1024 * 1024,
             max_delta_bytes: 16 * 1024,
+            max_delta_time: Duration::from_millis(2),
             body_timeout: Duration::from_secs(10),
             max_http_connections: 4096,
             max_batch: 1000,

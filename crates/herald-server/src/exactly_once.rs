@@ -64,7 +64,7 @@ proptest! {
     fn every_publication_once_in_order(ops in proptest::collection::vec(op(), 1..200), slow in 0..SUBSCRIBERS) {
         let metrics = Metrics::unregistered();
         let (tx, _rx) = inbound(8, metrics.clone());
-        let hub = Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics.clone(), 100, 1 << 20, 1 << 14));
+        let hub = Arc::new(Hub::new(Arc::new(MemoryBroker::new(tx)), metrics.clone(), 100, 1 << 20, crate::history::DeltaLimits::default()));
         // One subscriber with a budget of a few messages (it never reads: a slow
         // consumer); the others with plenty.
         let env = |budget| Arc::new(SessionEnv { metrics: metrics.clone(), ..(*env(budget)).clone() });
@@ -461,7 +461,7 @@ mod history {
                 let metrics = Metrics::unregistered();
                 let (tx, rx) = inbound(100_000, metrics.clone());
                 let broker = Arc::new(MemoryBroker::new(tx));
-                let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 10_000, 1 << 24, 1 << 14));
+                let hub = Arc::new(Hub::new(broker.clone(), metrics.clone(), 10_000, 1 << 24, crate::history::DeltaLimits::default()));
                 let env = env(1 << 24);
                 let mut w = World {
                     broker,

@@ -181,14 +181,12 @@ impl Item {
         self.len + ITEM_OVERHEAD
     }
 
-    /// The same run, compressed for connections that negotiated permessage-deflate
-    /// with `deflate` (each message on its own, when that pays); `None` for anything but
-    /// a run (a session's sink compresses those itself).
+    /// The same frames, compressed for connections that negotiated permessage-deflate
+    /// with `deflate` (each message on its own, when that pays): a broadcast is
+    /// compressed once for all its subscribers, not by each one's sink. `None` for a
+    /// control frame.
     pub(crate) fn deflated(&self, deflate: Deflate) -> Option<Item> {
-        let Out::Frames(frames) = &self.out else {
-            return None;
-        };
-        let out = Frames::deflated(frames, deflate);
+        let out = Frames::deflated(&self.out, deflate)?;
         Some(Item {
             len: out.len(),
             out: Out::Frames(out),

@@ -59,13 +59,29 @@ pub(crate) const ATTEMPTS: usize = 3;
 /// node serves catches up; this keeps that from flooding Redis).
 const REPAIRS_AT_ONCE: usize = 16;
 
-/// A delta that took longer than this to compute (data made to be slow to diff, or
-/// just large) pauses the channel's deltas for [`DELTA_PAUSE`]: it is computed on the
-/// fan-out path, which every channel of the node shares.
-const SLOW_DELTA: Duration = Duration::from_millis(2);
-
-/// See [`SLOW_DELTA`].
+/// How long a channel's deltas pause after one took longer than
+/// [`DeltaLimits::max_time`].
 const DELTA_PAUSE: Duration = Duration::from_secs(10);
+
+/// Bounds on computing deltas, which runs on the fan-out path every channel of the node
+/// shares.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DeltaLimits {
+    /// `limits.max_delta_bytes`: larger publications go whole.
+    pub(crate) max_bytes: usize,
+    /// `limits.max_delta_time`: a delta that took longer (data made to be slow to diff,
+    /// or just large) pauses the channel's deltas for [`DELTA_PAUSE`].
+    pub(crate) max_time: Duration,
+}
+
+impl Default for DeltaLimits {
+    fn default() -> Self {
+        DeltaLimits {
+            max_bytes: 16 * 1024,
+            max_time: Duration::from_millis(2),
+        }
+    }
+}
 
 /// What every stream of a node shares.
 pub(crate) struct StreamEnv {
@@ -81,8 +97,8 @@ pub(crate) struct StreamEnv {
     /// What a replay may queue to one subscriber (half of `limits.outbound_queue_bytes`):
     /// more would close it as a slow consumer.
     replay_budget: usize,
-    /// `limits.max_delta_bytes`: larger publications go whole.
-    max_delta: usize,
+    /// `limits.max_delta_bytes` and `limits.max_delta_time`.
+    delta: DeltaLimits,
 }
 
 impl StreamEnv {
@@ -91,7 +107,7 @@ impl StreamEnv {
         metrics: Metrics,
         max_pending: usize,
         replay_budget: usize,
-        max_delta: usize,
+        delta: DeltaLimits,
     ) -> Self {
         StreamEnv {
             broker,
@@ -99,7 +115,7 @@ impl StreamEnv {
             max_pending,
             repairs: Semaphore::new(REPAIRS_AT_ONCE),
             replay_budget,
-            max_delta,
+            delta,
         }
     }
 }
@@ -129,7 +145,7 @@ struct State {
     prev: Option<Publication>,
     /// Members that take deltas.
     delta_members: usize,
-    /// No delta is computed before this (the last one was slow: [`SLOW_DELTA`]).
+    /// No delta is computed before this (the last one was slow: [`DeltaLimits::max_time`]).
     deltas_paused_until: Option<std::time::Instant>,
     /// The local subscribers and where each stands.
     members: IndexMap<ConnId, Member>,
@@ -724,7 +740,7 @@ impl Stream {
     /// The delta delivery turning `prev`'s data into `p`'s (`data`), when it is
     /// smaller than the whole delivery (`whole` bytes); `None` otherwise (counted
     /// either way), or `Err` with when to compute deltas again when this one was slow
-    /// ([`SLOW_DELTA`]).
+    /// ([`DeltaLimits::max_time`]).
     fn delta_item(
         &self,
         prev: &Publication,
@@ -740,7 +756,7 @@ impl Stream {
         // A carriage return (JSON whitespace only) does not survive SSE framing, which
         // splits lines on it: the client's base would differ from the node's.
         if paused
-            || data.len().max(before.len()) > self.env.max_delta
+            || data.len().max(before.len()) > self.env.delta.max_bytes
             || data.contains(&b'\r')
             || before.contains(&b'\r')
         {
@@ -752,7 +768,7 @@ impl Stream {
             .map(|d| server::delta_delivery(self.channel.as_str(), at.offset, &d))
             .filter(|f| f.len() < whole);
         let took = started.elapsed();
-        if took > SLOW_DELTA {
+        if took > self.env.delta.max_time {
             tracing::info!(channel = %self.channel, ?took, "slow delta: the channel's deltas pause");
             metrics.delta_skipped.inc();
             return Some(Err(started + took + DELTA_PAUSE));
@@ -1301,7 +1317,13 @@ mod tests {
     }
 
     fn stream_on(broker: Arc<dyn Broker>, metrics: Metrics) -> Arc<Stream> {
-        let env = Arc::new(StreamEnv::new(broker, metrics, 100, 1 << 20, 1 << 14));
+        let env = Arc::new(StreamEnv::new(
+            broker,
+            metrics,
+            100,
+            1 << 20,
+            DeltaLimits::default(),
+        ));
         Arc::new(Stream::new(
             ChannelName::new("news").unwrap(),
             policy(),

@@ -20,7 +20,7 @@ use indexmap::IndexMap;
 use parking_lot::RwLock;
 
 use crate::handle::{ConnId, Item, SessionHandle};
-use crate::history::{Stream, StreamEnv};
+use crate::history::{DeltaLimits, Stream, StreamEnv};
 
 const SHARDS: usize = 32;
 
@@ -110,14 +110,14 @@ pub(crate) struct Hub {
 
 impl Hub {
     /// `max_pending`: `limits.max_recovery_buffer`; `replay_budget`: what one replay may
-    /// queue to a subscriber (half of `limits.outbound_queue_bytes`); `max_delta`:
-    /// `limits.max_delta_bytes`.
+    /// queue to a subscriber (half of `limits.outbound_queue_bytes`); `delta`:
+    /// `limits.max_delta_bytes` and `limits.max_delta_time`.
     pub(crate) fn new(
         broker: Arc<dyn Broker>,
         metrics: Metrics,
         max_pending: usize,
         replay_budget: usize,
-        max_delta: usize,
+        delta: DeltaLimits,
     ) -> Self {
         Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -127,7 +127,7 @@ impl Hub {
                 metrics.clone(),
                 max_pending,
                 replay_budget,
-                max_delta,
+                delta,
             )),
             broker,
             metrics,
@@ -520,7 +520,7 @@ mod tests {
             metrics,
             100,
             1 << 20,
-            1 << 14,
+            DeltaLimits::default(),
         ))
     }
 
@@ -576,7 +576,7 @@ mod tests {
             metrics.clone(),
             100,
             1 << 20,
-            1 << 14,
+            DeltaLimits::default(),
         ));
         let env = crate::handle::tests::env(64 << 20);
         let channels: Vec<ChannelName> = (0..CHANNELS)

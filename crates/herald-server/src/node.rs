@@ -142,7 +142,10 @@ impl Node {
                 metrics.clone(),
                 config.limits.max_recovery_buffer,
                 config.limits.outbound_queue_bytes / 2,
-                config.limits.max_delta_bytes,
+                crate::history::DeltaLimits {
+                    max_bytes: config.limits.max_delta_bytes,
+                    max_time: config.limits.max_delta_time,
+                },
             )),
             broker,
             instance: format!("{node_id}-{:08x}", fastrand::u32(..)),

@@ -103,15 +103,20 @@ impl Frames {
         }
     }
 
-    /// `frames` (as [`Frames`] wrote them) again, each message compressed with
-    /// `deflate` when that pays.
-    pub(crate) fn deflated(frames: &Bytes, deflate: Deflate) -> Bytes {
-        let mut out = Frames::default();
-        for m in messages(frames.clone()) {
+    /// The data messages of `out` framed again, each compressed with `deflate` when
+    /// that pays; `None` for a control frame.
+    pub(crate) fn deflated(out: &Out, deflate: Deflate) -> Option<Bytes> {
+        let all = match out {
+            Out::Frames(frames) => messages(frames.clone()),
+            Out::Message(m @ (Message::Text(_) | Message::Binary(_))) => vec![m.clone()],
+            Out::Message(_) => return None,
+        };
+        let mut frames = Frames::default();
+        for m in all {
             let (opcode, payload) = parts(m);
-            out.push(opcode, &payload, Some(deflate));
+            frames.push(opcode, &payload, Some(deflate));
         }
-        out.finish()
+        Some(frames.finish())
     }
 
     /// The frames, as one buffer.
