@@ -10,21 +10,28 @@
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
-/// The response to an accepted offer.
-pub(crate) const ACCEPTED: &str =
-    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The response to an accepted offer (with `server_max_window_bits=15` added when the
+/// offer named it: a server accepts that parameter by naming it, section 7.1.2.1).
+const ACCEPTED: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 /// What every message ends with once compressed with a sync flush, and what RFC 7692
 /// leaves out of the frame (section 7.2.1).
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Whether the `Sec-WebSocket-Extensions` header values hold a permessage-deflate
-/// offer Herald can accept (the first one that is valid and does not ask the server for
-/// a window under 32 KiB: that is the response then, [`ACCEPTED`]).
-pub(crate) fn negotiate<'a>(headers: impl Iterator<Item = &'a str>) -> bool {
+/// The `Sec-WebSocket-Extensions` response to the header values, if they hold a
+/// permessage-deflate offer Herald can accept (the first one that is valid and does not
+/// ask the server for a window under 32 KiB).
+pub(crate) fn negotiate<'a>(headers: impl Iterator<Item = &'a str>) -> Option<String> {
     headers
         .flat_map(|h| h.split(','))
-        .any(|offer| acceptable(offer.trim()))
+        .find(|offer| acceptable(offer.trim()))
+        .map(|offer| {
+            if offer.contains("server_max_window_bits") {
+                format!("{ACCEPTED}; server_max_window_bits=15")
+            } else {
+                ACCEPTED.to_owned()
+            }
+        })
 }
 
 /// One offer: `permessage-deflate` and its parameters.
@@ -127,12 +134,9 @@ pub(crate) fn inflate(compressed: &[u8], limit: usize) -> Result<Vec<u8>, Inflat
             return Err(InflateError::TooBig);
         }
         if status == Status::StreamEnd {
-            // A final block: nothing after it belongs to the message.
-            return if input.is_empty() {
-                Ok(out)
-            } else {
-                Err(InflateError::Invalid)
-            };
+            // A final block (section 7.2.3.4): the message ends there; what follows it
+            // (the appended tail, padding) is not inflated.
+            return Ok(out);
         }
         let progressed = d.total_in() > before_in || d.total_out() > before_out;
         if progressed {
@@ -155,7 +159,7 @@ mod tests {
 
     #[test]
     fn offers() {
-        let ok = |h: &str| negotiate([h].into_iter());
+        let ok = |h: &str| negotiate([h].into_iter()).is_some();
         assert!(ok("permessage-deflate"));
         assert!(ok("permessage-deflate; client_max_window_bits"));
         assert!(ok(
@@ -179,6 +183,14 @@ mod tests {
         assert!(!ok("permessage-deflate; unknown"));
         assert!(!ok("deflate-frame"));
         assert!(!ok(""));
+        assert_eq!(
+            negotiate(["permessage-deflate; server_max_window_bits=15"].into_iter()).unwrap(),
+            format!("{ACCEPTED}; server_max_window_bits=15")
+        );
+        assert_eq!(
+            negotiate(["permessage-deflate; client_max_window_bits"].into_iter()).unwrap(),
+            ACCEPTED
+        );
     }
 
     /// Bytes deflate cannot shrink (a xorshift stream).
@@ -209,11 +221,34 @@ mod tests {
             assert!(!out.ends_with(&TAIL));
             assert_eq!(inflate(&out, 1 << 20).unwrap(), data);
         }
-        // Known bytes: RFC 7692 section 7.2.3.1's "Hello".
+        // Known bytes: RFC 7692 section 7.2.3.1's "Hello", and 7.2.3.4's, in a final
+        // block with a 0x00 after it.
         assert_eq!(
             inflate(&[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00], 100).unwrap(),
             b"Hello"
         );
+        assert_eq!(
+            inflate(&[0xf3, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00, 0x00], 100).unwrap(),
+            b"Hello"
+        );
+    }
+
+    /// A message compressed against the one before (context takeover, which the
+    /// negotiation ruled out) refers to bytes a fresh inflater does not have: refused,
+    /// not inflated with zeros in their place.
+    #[test]
+    fn a_message_that_needs_the_one_before_is_refused() {
+        let mut c = Compress::new(Compression::new(6), false);
+        let mut z = Vec::with_capacity(1 << 16);
+        let msg = br#"{"op":"publish","channel":"prices","data":{"bid":101,"ask":102}}"#;
+        for _ in 0..2 {
+            z.clear();
+            c.compress_vec(msg, &mut z, FlushCompress::Sync).unwrap();
+        }
+        assert!(z.ends_with(&TAIL));
+        z.truncate(z.len() - TAIL.len());
+        assert!(z.len() < msg.len() / 2, "{}", z.len());
+        assert_eq!(inflate(&z, 1 << 20), Err(InflateError::Invalid));
     }
 
     #[test]

@@ -222,14 +222,20 @@ fn start(
 ) -> Response<Body> {
     tracing::debug!(conn, client = %peer.address, "upgrade accepted");
     let mut peer = peer;
-    peer.deflate = node.config.websocket.deflate
-        && crate::deflate::negotiate(
-            req.headers()
-                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        );
-    let deflate = peer.deflate;
+    let deflate = node
+        .config
+        .websocket
+        .deflate
+        .then(|| {
+            crate::deflate::negotiate(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            )
+        })
+        .flatten();
+    peer.deflate = deflate.is_some();
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(node.config.websocket.read_buffer_bytes)
         // What tungstenite writes (its own pong and close replies) is discarded
@@ -271,11 +277,8 @@ fn start(
     if let Ok(v) = HeaderValue::from_str(accept) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
-    if deflate {
-        h.insert(
-            header::SEC_WEBSOCKET_EXTENSIONS,
-            HeaderValue::from_static(crate::deflate::ACCEPTED),
-        );
+    if let Some(v) = deflate.and_then(|d| HeaderValue::from_str(&d).ok()) {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
     }
     r
 }
