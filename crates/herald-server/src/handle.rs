@@ -50,15 +50,54 @@ pub(crate) type BoxSink = Pin<Box<dyn Sink<Out, Error = WsError> + Send>>;
 /// sink already holds (a direct write the socket did not take whole), which the
 /// writer flushes first.
 pub(crate) type StartWriter =
-    fn(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>);
+    fn(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Deliveries>);
 
-/// Deliveries a sink holds that no write has taken yet (see [`StartWriter`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Unflushed {
+/// Deliveries written together (a writer's batch, a direct write, or what a sink holds
+/// that no write has taken yet: see [`StartWriter`]), as the delivered counter and the
+/// lag metric count them once written.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Deliveries {
     /// How many.
-    pub(crate) deliveries: u32,
-    /// When the first was published (µs since the epoch), for the lag metric.
-    pub(crate) published_at_us: u64,
+    pub(crate) count: u64,
+    /// When the first was published (µs since the epoch); 0: none was.
+    pub(crate) oldest_us: u64,
+}
+
+impl Deliveries {
+    /// The deliveries `items` carry, in order.
+    pub(crate) fn of<'a>(items: impl IntoIterator<Item = &'a Item>) -> Self {
+        let mut d = Deliveries::default();
+        for i in items.into_iter().filter(|i| i.deliveries > 0) {
+            d.count += u64::from(i.deliveries);
+            if d.oldest_us == 0 {
+                d.oldest_us = i.published_at_us;
+            }
+        }
+        d
+    }
+
+    /// These, then `later` ones.
+    pub(crate) fn then(self, later: Deliveries) -> Self {
+        Deliveries {
+            count: self.count + later.count,
+            oldest_us: if self.oldest_us > 0 {
+                self.oldest_us
+            } else {
+                later.oldest_us
+            },
+        }
+    }
+
+    /// They were written: counted as delivered, and the oldest one's lag observed.
+    pub(crate) fn written(self, metrics: &Metrics) {
+        metrics.delivered.inc_by(self.count);
+        if self.oldest_us > 0 {
+            let now = herald_protocol::publication::unix_micros();
+            metrics
+                .delivery_lag_seconds
+                .observe(now.saturating_sub(self.oldest_us) as f64 / 1e6);
+        }
+    }
 }
 
 /// What every session of a node shares.
@@ -633,10 +672,7 @@ impl SessionHandle {
     /// finish or something else arrived meanwhile.
     fn write_direct(self: &Arc<Self>, mut sink: BoxSink, item: &Item) {
         use std::task::Poll;
-        let unflushed = Unflushed {
-            deliveries: item.deliveries,
-            published_at_us: item.published_at_us,
-        };
+        let deliveries = Deliveries::of([item]);
         // One poll, with a waker that wakes nothing: a socket that cannot take it all
         // is the writer task's to wait for, which polls again with its own. Outside
         // tokio's cooperative budget: the dispatcher writes to many sockets per poll,
@@ -659,7 +695,7 @@ impl SessionHandle {
             // Not taken (an SSE body that is full): it goes through the queue.
             _ => {
                 let mut s = self.state.lock();
-                if self.still_ours(&s, item.deliveries) {
+                if self.still_ours(&s, deliveries.count) {
                     s.inflight -= item.cost();
                     s.bytes += item.cost();
                     s.queue.push_back(item.share());
@@ -670,22 +706,19 @@ impl SessionHandle {
         };
         let mut s = self.state.lock();
         if !written {
-            if self.still_ours(&s, item.deliveries) {
+            if self.still_ours(&s, deliveries.count) {
                 // The writer's batch accounting frees `inflight` once it has flushed.
-                self.restart(s, sink, Some(unflushed));
+                self.restart(s, sink, Some(deliveries));
             }
             return;
         }
-        let m = &self.env.metrics;
-        m.delivered.inc_by(item.deliveries.into());
-        if item.published_at_us > 0 {
-            let now = herald_protocol::publication::unix_micros();
-            m.delivery_lag_seconds
-                .observe(now.saturating_sub(item.published_at_us) as f64 / 1e6);
-        }
+        deliveries.written(&self.env.metrics);
         if self.still_ours(&s, 0) {
             s.inflight -= item.cost();
-            m.outbound_queue_bytes.sub(item.cost() as i64);
+            self.env
+                .metrics
+                .outbound_queue_bytes
+                .sub(item.cost() as i64);
             self.restart(s, sink, None);
         }
     }
@@ -694,12 +727,12 @@ impl SessionHandle {
     /// writer holds the sink). Otherwise the session ended meanwhile: `discard` frees
     /// what `inflight` holds (this write's bytes among it) whether it ran before or
     /// runs after, and the `undelivered` deliveries are counted as dropped here.
-    fn still_ours(&self, s: &State, undelivered: u32) -> bool {
+    fn still_ours(&self, s: &State, undelivered: u64) -> bool {
         let ours = matches!(s.writer, WriterSlot::Running);
         if !ours && undelivered > 0 {
             self.env
                 .metrics
-                .dropped(DropReason::Disconnected, undelivered.into());
+                .dropped(DropReason::Disconnected, undelivered);
         }
         ours
     }
@@ -710,7 +743,7 @@ impl SessionHandle {
         self: &Arc<Self>,
         mut s: MutexGuard<'_, State>,
         sink: BoxSink,
-        unflushed: Option<Unflushed>,
+        unflushed: Option<Deliveries>,
     ) {
         if unflushed.is_none() && s.queue.is_empty() && s.closing.is_none() {
             s.writer = WriterSlot::Parked(sink);

@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use herald_metrics::DropReason;
 
-use crate::handle::{count, BoxSink, Closing, Item, SessionHandle, Signal, Unflushed, NO_STATUS};
+use crate::handle::{BoxSink, Closing, Deliveries, Item, SessionHandle, Signal, NO_STATUS};
 use crate::wire::Out;
 
 /// The largest ring a writer keeps between rounds (entries): the common small batches
@@ -31,7 +31,7 @@ const KEEP_RING: usize = 64;
 
 /// Starts a writer task that owns `sink` and drains `handle` (a
 /// [`crate::handle::StartWriter`]).
-pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>) {
+pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Deliveries>) {
     let tasks = handle.env.tasks.clone();
     tasks.spawn(write_loop(sink, handle, unflushed));
 }
@@ -39,7 +39,7 @@ pub(crate) fn start(sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option
 /// Writes what the handle holds until the session ends or nothing arrives for the
 /// linger period (none after a direct write), then parks the sink back in the handle
 /// and ends.
-async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Unflushed>) {
+async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Option<Deliveries>) {
     let env = handle.env.clone();
     let metrics = &env.metrics;
     // Swapped with the handle's queue at every drain (see `SessionHandle::drain`), and
@@ -72,27 +72,12 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
             }
         }
         if !batch.is_empty() || fed.is_some() {
-            let (mut deliveries, mut oldest_us) = (count(batch.iter()), 0);
-            if let Some(u) = fed.take() {
-                deliveries += u64::from(u.deliveries);
-                oldest_us = u.published_at_us;
-            }
-            if oldest_us == 0 {
-                oldest_us = batch
-                    .iter()
-                    .find(|i| i.deliveries > 0)
-                    .map_or(0, |i| i.published_at_us);
-            }
+            // What the sink held first, then the batch.
+            let deliveries = fed.take().unwrap_or_default().then(Deliveries::of(&batch));
             // Boxed: its state is only needed while writing, not in every idle writer.
             let written = Box::pin(timeout(
                 env.write_timeout,
-                write_batch(
-                    &mut sink,
-                    &mut batch,
-                    (deliveries, oldest_us),
-                    &handle,
-                    metrics,
-                ),
+                write_batch(&mut sink, &mut batch, deliveries, &handle, metrics),
             ))
             .await;
             handle.finish_batch();
@@ -110,9 +95,9 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
                 // is dropped with the queue; fall through to the close. (What the sink
                 // had taken is still written up to its end before the close frame, a
                 // frame cannot be cut: those few are counted dropped and yet arrive.)
-                Ok(Written::Aborted) => metrics.dropped(handle.discarded_as(), deliveries),
+                Ok(Written::Aborted) => metrics.dropped(handle.discarded_as(), deliveries.count),
                 Ok(Written::Failed) => {
-                    metrics.dropped(DropReason::Disconnected, deliveries);
+                    metrics.dropped(DropReason::Disconnected, deliveries.count);
                     handle.done.fire();
                     return;
                 }
@@ -120,7 +105,7 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
                     // The peer's TCP stack is alive but takes nothing: give the socket
                     // up rather than hold its memory and connection slot.
                     metrics.write_timeouts.inc();
-                    metrics.dropped(DropReason::Disconnected, deliveries);
+                    metrics.dropped(DropReason::Disconnected, deliveries.count);
                     handle.done.fire();
                     return;
                 }
@@ -160,11 +145,11 @@ enum Written {
 }
 
 /// Feeds `batch` to `sink` and flushes it (with what the sink already held), counting
-/// `delivered` deliveries, the oldest published at `oldest_us`, once written.
+/// `deliveries` (the sink's and the batch's) once written.
 async fn write_batch<S>(
     sink: &mut S,
     batch: &mut VecDeque<Item>,
-    (delivered, oldest_us): (u64, u64),
+    deliveries: Deliveries,
     handle: &SessionHandle,
     metrics: &herald_metrics::Metrics,
 ) -> Written
@@ -185,13 +170,7 @@ where
             r = &mut write => {
                 return match r {
                     Ok(()) => {
-                        metrics.delivered.inc_by(delivered);
-                        if oldest_us > 0 {
-                            let now = herald_protocol::publication::unix_micros();
-                            metrics
-                                .delivery_lag_seconds
-                                .observe(now.saturating_sub(oldest_us) as f64 / 1e6);
-                        }
+                        deliveries.written(metrics);
                         Written::All
                     }
                     Err(_) => Written::Failed,
