@@ -92,14 +92,8 @@ impl Frames {
     /// [`Deflate`]).
     fn push(&mut self, opcode: OpCode, payload: &[u8], deflate: Option<Deflate>) {
         match deflate.and_then(|d| d.compress(payload)) {
-            Some(compressed) => {
-                compressed_header(opcode, compressed.len(), &mut self.buf);
-                self.buf.extend_from_slice(&compressed);
-            }
-            None => {
-                header(opcode, payload.len(), &mut self.buf);
-                self.buf.extend_from_slice(payload);
-            }
+            Some(compressed) => put_frame(opcode, true, &compressed, &mut self.buf),
+            None => put_frame(opcode, false, payload, &mut self.buf),
         }
     }
 
@@ -148,25 +142,26 @@ impl Deflate {
     }
 }
 
-/// Writes the header of a final, unmasked, compressed frame (RSV1: the first frame of a
-/// compressed message) of `len` payload bytes.
-fn compressed_header(opcode: OpCode, len: usize, out: &mut impl BufMut) {
-    let header = FrameHeader {
-        opcode,
-        rsv1: true,
-        ..FrameHeader::default()
-    };
+/// Writes `header` for `len` payload bytes.
+fn put_header(header: FrameHeader, len: usize, out: &mut impl BufMut) {
+    // Writing into memory cannot fail.
     let _ = header.format(len as u64, &mut out.writer());
 }
 
-/// Writes the header of a final, unmasked frame (a server's) of `len` payload bytes.
-fn header(opcode: OpCode, len: usize, out: &mut impl BufMut) {
-    let header = FrameHeader {
+/// The header of a final, unmasked frame (a server's); RSV1 marks the first frame of a
+/// compressed message.
+fn server_header(opcode: OpCode, compressed: bool) -> FrameHeader {
+    FrameHeader {
         opcode,
+        rsv1: compressed,
         ..FrameHeader::default()
-    };
-    // Writing into memory cannot fail.
-    let _ = header.format(len as u64, &mut out.writer());
+    }
+}
+
+/// Writes a whole server frame: its header, then `payload`.
+fn put_frame(opcode: OpCode, compressed: bool, payload: &[u8], out: &mut impl BufMut) {
+    put_header(server_header(opcode, compressed), payload.len(), out);
+    out.put_slice(payload);
 }
 
 /// The opcode and payload of a message.
@@ -308,16 +303,17 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
                     .filter(|_| data)
                     .and_then(|d| d.compress(&payload))
                 {
-                    compressed_header(opcode, compressed.len(), &mut this.scratch);
-                    this.scratch.extend_from_slice(&compressed);
-                    return Ok(());
-                }
-                header(opcode, payload.len(), &mut this.scratch);
-                if payload.len() > COPY_LIMIT {
+                    put_frame(opcode, true, &compressed, &mut this.scratch);
+                } else if payload.len() > COPY_LIMIT {
+                    put_header(
+                        server_header(opcode, false),
+                        payload.len(),
+                        &mut this.scratch,
+                    );
                     this.seal();
                     this.chunks.push_back(payload);
                 } else {
-                    this.scratch.extend_from_slice(&payload);
+                    put_frame(opcode, false, &payload, &mut this.scratch);
                 }
             }
         }
@@ -473,13 +469,7 @@ impl<R> Inflating<R> {
                 };
                 match crate::deflate::inflate(&payload, self.max) {
                     Ok(message) => {
-                        // Masked, as a client's frame must be, with a mask of zeros.
-                        let header = FrameHeader {
-                            opcode,
-                            mask: Some([0; 4]),
-                            ..FrameHeader::default()
-                        };
-                        let _ = header.format(message.len() as u64, &mut (&mut self.out).writer());
+                        put_header(client_header(opcode), message.len(), &mut self.out);
                         self.out.extend_from_slice(&message);
                     }
                     Err(crate::deflate::InflateError::TooBig) => return self.too_big(),
@@ -498,27 +488,30 @@ impl<R> Inflating<R> {
 
     /// A message over `max`: a header announcing more, which tungstenite refuses.
     fn too_big(&mut self) {
-        let header = FrameHeader {
-            opcode: OpCode::Data(Data::Binary),
-            mask: Some([0; 4]),
-            ..FrameHeader::default()
-        };
-        let _ = header.format(self.max as u64 + 1, &mut (&mut self.out).writer());
-        self.raw.clear();
-        self.stopped = true;
+        self.refuse(OpCode::Data(Data::Binary), self.max + 1);
     }
 
     /// Not a valid message: a continuation with nothing to continue, which tungstenite
     /// refuses.
     fn broken(&mut self) {
-        let header = FrameHeader {
-            opcode: OpCode::Data(Data::Continue),
-            mask: Some([0; 4]),
-            ..FrameHeader::default()
-        };
-        let _ = header.format(0, &mut (&mut self.out).writer());
+        self.refuse(OpCode::Data(Data::Continue), 0);
+    }
+
+    /// Hands on a header tungstenite refuses (`opcode`, `len`); nothing more is read.
+    fn refuse(&mut self, opcode: OpCode, len: usize) {
+        put_header(client_header(opcode), len, &mut self.out);
         self.raw.clear();
         self.stopped = true;
+    }
+}
+
+/// The header of a final frame as tungstenite must see a client's: masked (with a mask
+/// of zeros, so the payload reads as it is).
+fn client_header(opcode: OpCode) -> FrameHeader {
+    FrameHeader {
+        opcode,
+        mask: Some([0; 4]),
+        ..FrameHeader::default()
     }
 }
 
