@@ -25,13 +25,23 @@ use crate::history::{DeltaLimits, Stream, StreamEnv};
 const SHARDS: usize = 32;
 
 /// A run ([`Hub::dispatch_run`]) ends at this many publications, or at
-/// [`RUN_BYTES`] of them: it goes to each subscriber whole or not at all, and holds
-/// its channel's shard lock while it does.
-const RUN_PUBLICATIONS: usize = 16;
+/// [`RUN_BYTES`] of frames: it goes to each subscriber whole or not at all, and holds
+/// its channel's shard lock while it is framed and pushed. The longer the run, the
+/// fewer pushes, wake-ups and writes a burst costs: a burst of 400 small publications
+/// is one or two runs, written to each subscriber like the raw-write floor writes it.
+const RUN_PUBLICATIONS: usize = BATCH;
 
 /// See [`RUN_PUBLICATIONS`]: a run larger than what a subscriber has room for would
-/// close it as a slow consumer even if it reads fast.
+/// close it as a slow consumer even if it reads fast, so a run is also kept within a
+/// quarter of `limits.outbound_queue_bytes`.
 const RUN_BYTES: usize = 64 * 1024;
+
+/// What a delivery frame adds to a publication's payload and channel name (the JSON
+/// envelope, the offset, the frame header), for the estimate that bounds a run.
+const FRAME_OVERHEAD: usize = 64;
+
+/// What a dispatcher takes from the inbound queue at once.
+const BATCH: usize = 256;
 
 /// A plain channel with at most this many local subscribers is written to from the
 /// dispatcher (`SessionHandle::push_to_all`'s `direct`): its few writes cost less than
@@ -100,6 +110,8 @@ pub(crate) struct Hub {
     broker: Arc<dyn Broker>,
     /// `herald_channels` and `herald_subscriptions` are kept here.
     metrics: Metrics,
+    /// Frame bytes a run holds at most ([`RUN_BYTES`], or less for small queues).
+    run_bytes: usize,
     /// Shared by every history channel's stream.
     streams: Arc<StreamEnv>,
     /// Told when a channel gets its first local subscriber (`true`) or loses its last
@@ -131,6 +143,7 @@ impl Hub {
             )),
             broker,
             metrics,
+            run_bytes: RUN_BYTES.min(replay_budget / 2),
             occupancy: std::sync::OnceLock::new(),
         }
     }
@@ -394,11 +407,11 @@ impl Hub {
         mut inbound: InboundReceiver,
         dispatchers: usize,
     ) {
-        let mut batch = Vec::with_capacity(64);
+        let mut batch = Vec::with_capacity(BATCH);
         if dispatchers <= 1 {
             let mut run = Vec::with_capacity(RUN_PUBLICATIONS);
             let all = Dispatcher { index: 0, of: 1 };
-            while inbound.recv_many(&mut batch, 64).await > 0 {
+            while inbound.recv_many(&mut batch, BATCH).await > 0 {
                 self.dispatch_batch(&mut batch, &mut run, all);
             }
             return;
@@ -423,7 +436,7 @@ impl Hub {
                 }
             });
         }
-        'feed: while inbound.recv_many(&mut batch, 64).await > 0 {
+        'feed: while inbound.recv_many(&mut batch, BATCH).await > 0 {
             let mut parts: Vec<Vec<Received>> = (0..dispatchers).map(|_| Vec::new()).collect();
             for r in batch.drain(..) {
                 match r {
@@ -466,20 +479,26 @@ impl Hub {
         run: &mut Vec<Publication>,
         me: Dispatcher,
     ) {
+        let frame_bytes =
+            |p: &Publication| p.payload.len() + p.channel.as_str().len() + FRAME_OVERHEAD;
+        let mut run_bytes = 0;
         for r in batch.drain(..) {
             match r {
                 Received::Publication(p) => {
-                    let run_bytes: usize = run.iter().map(|q| q.payload.len()).sum();
+                    let bytes = frame_bytes(&p);
                     if run.last().is_some_and(|q| q.channel != p.channel)
                         || run.len() == RUN_PUBLICATIONS
-                        || run_bytes + p.payload.len() > RUN_BYTES
+                        || run_bytes + bytes > self.run_bytes
                     {
                         self.dispatch_run(run);
+                        run_bytes = 0;
                     }
+                    run_bytes += bytes;
                     run.push(p);
                 }
                 Received::Resubscribed => {
                     self.dispatch_run(run);
+                    run_bytes = 0;
                     self.catch_up_for(me);
                 }
             }
@@ -497,10 +516,10 @@ struct Dispatcher {
     of: usize,
 }
 
-/// Batches (of at most 64 publications) waiting for one dispatcher: a little slack
-/// past `limits.inbound_queue`, so that one busy dispatcher holds the others up only
-/// once it is this far behind.
-const DISPATCHER_QUEUE: usize = 16;
+/// Batches (of at most [`BATCH`] publications) waiting for one dispatcher: a little
+/// slack past `limits.inbound_queue`, so that one busy dispatcher holds the others up
+/// only once it is this far behind.
+const DISPATCHER_QUEUE: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -561,6 +580,77 @@ mod tests {
         assert!(hub.unsubscribe(&news, 2));
         assert_eq!(hub.n_subscribers("news"), 0);
         assert!(!hub.unsubscribe(&news, 2));
+    }
+
+    /// A burst becomes few runs, each within a quarter of the subscriber's queue
+    /// budget however small that is configured, and nothing is lost or reordered.
+    #[test]
+    fn runs_are_long_but_fit_the_queue() {
+        let news = ChannelName::new("news").unwrap();
+        // A hub with `limits.outbound_queue_bytes` of `queue`, and a subscriber.
+        let hub_with = |queue: usize| {
+            let metrics = Metrics::unregistered();
+            let (tx, _rx) = inbound(8, metrics.clone());
+            let hub = Hub::new(
+                Arc::new(MemoryBroker::new(tx)),
+                metrics,
+                100,
+                queue / 2,
+                DeltaLimits::default(),
+            );
+            let h = Arc::new(SessionHandle::new(0, crate::handle::tests::env(64 << 20)));
+            hub.subscribe(&news, 1, &h, SubscribeOpts::default());
+            (hub, h)
+        };
+        let publish = |n: usize, size: usize| -> Vec<Received> {
+            (0..n)
+                .map(|i| {
+                    let data = format!("\"{i:0size$}\"");
+                    Received::Publication(Publication::now(
+                        news.clone(),
+                        Payload::Json(Bytes::from(data)),
+                    ))
+                })
+                .collect()
+        };
+        let all = Dispatcher { index: 0, of: 1 };
+        let mut run = Vec::new();
+        let mut q = std::collections::VecDeque::new();
+        // The default queue: a batch of small publications is one run.
+        let (hub, h) = hub_with(1 << 20);
+        hub.dispatch_batch(&mut publish(BATCH, 1), &mut run, all);
+        h.drain(&mut q);
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].deliveries as usize, BATCH);
+        // A 16 KiB queue: 500-byte publications in runs of at most 4 KiB.
+        let (hub, h) = hub_with(16 * 1024);
+        hub.dispatch_batch(&mut publish(100, 500), &mut run, all);
+        let mut small = std::collections::VecDeque::new();
+        h.drain(&mut small);
+        assert!(small.iter().all(|i| i.len <= 4 * 1024), "a run past 4 KiB");
+        let runs = small.len();
+        q.extend(small);
+        assert!(
+            (13..=20).contains(&runs),
+            "{runs} runs of 500-byte publications"
+        );
+        let got: Vec<String> = q
+            .into_iter()
+            .flat_map(|i| i.out.into_messages())
+            .map(|m| {
+                let v: serde_json::Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+                v["data"]
+                    .as_str()
+                    .unwrap()
+                    .trim_start_matches('0')
+                    .to_owned()
+            })
+            .collect();
+        let want: Vec<String> = (0..BATCH)
+            .chain(0..100)
+            .map(|i| if i == 0 { String::new() } else { i.to_string() })
+            .collect();
+        assert_eq!(got, want);
     }
 
     /// With several dispatchers, every channel's publications still reach its
