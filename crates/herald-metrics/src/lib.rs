@@ -150,6 +150,9 @@ pub struct Metrics {
     pub recovered: IntCounter,
     /// Subscribes with `since` that could not resume (told `recovered:false`).
     pub not_recovered: IntCounter,
+    /// History subscribers whose queue filled, caught up in place from the history once
+    /// their queue was written.
+    pub history_catch_ups: IntCounter,
     /// Publications delivered from history to resuming subscribers.
     pub replayed: IntCounter,
     /// Resumes refused because their replay would not fit the subscriber's queue (told
@@ -264,7 +267,7 @@ impl Metrics {
 
         let recoveries = counter_vec(
             "herald_recoveries_total",
-            "Subscribes that asked to resume (since), by outcome (recovered, not_recovered).",
+            "Subscribes that asked to resume (since), by outcome (recovered, not_recovered); and caught_up: history subscribers whose queue filled, caught up in place from the history once it was written (one that could not be is closed as a slow consumer instead).",
             "outcome",
         )?;
 
@@ -461,6 +464,7 @@ impl Metrics {
             )?,
             recovered: recoveries.with_label_values(&["recovered"]),
             not_recovered: recoveries.with_label_values(&["not_recovered"]),
+            history_catch_ups: recoveries.with_label_values(&["caught_up"]),
             replayed: counter(
                 "herald_publications_replayed_total",
                 "Publications delivered from history to subscribers that resumed.",

@@ -285,6 +285,22 @@ pub(crate) enum Pushed {
     Overflow,
     /// The session is already closing; the item was dropped.
     Closed,
+    /// Over what [`WhenFull::Refuse`] allows: not queued, and nothing else changed.
+    Refused,
+}
+
+/// What a push does when the item does not fit in the session's budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WhenFull {
+    /// The session closes as a slow consumer (1013), its queue dropped and counted.
+    Close,
+    /// The item is refused ([`Pushed::Refused`]) and the session goes on: a history
+    /// channel's stream stops pushing to it and catches it up from the history once its
+    /// queue is written ([`SessionHandle::catch_up_when_drained`]). Refused already
+    /// when the queue would pass seven eighths of the budget, so that what is still
+    /// pushed with [`WhenFull::Close`] (replies, pings, a plain channel's deliveries)
+    /// has room.
+    Refuse,
 }
 
 struct State {
@@ -304,6 +320,9 @@ struct State {
     /// The last push came the direct way (see [`SessionHandle::push_to_all`]): the
     /// writer parks as soon as it has written, so the next one can go direct too.
     direct: bool,
+    /// History channels that stopped pushing to the session (its queue was full):
+    /// each becomes a [`SessionCommand::CatchUp`] once the queue is empty and written.
+    catch_up: Vec<ChannelName>,
 }
 
 /// What the control API asks a session to do on the node's behalf (the session task
@@ -319,6 +338,10 @@ pub(crate) enum SessionCommand {
     },
     /// Unsubscribe, and tell the client.
     Unsubscribe(ChannelName),
+    /// Catch a history channel's subscription up from the history, in place: its stream
+    /// stopped pushing to the session when the queue was full, and the queue is now
+    /// written ([`SessionHandle::catch_up_when_drained`]).
+    CatchUp(ChannelName),
 }
 
 /// A one-shot flag that tasks can wait for (a lighter `CancellationToken`: sessions
@@ -416,6 +439,7 @@ impl SessionHandle {
                 writer: WriterSlot::Detached,
                 commands: Vec::new(),
                 direct: false,
+                catch_up: Vec::new(),
             }),
             wake: Notify::new(),
             env,
@@ -574,7 +598,7 @@ impl SessionHandle {
     pub(crate) fn push(self: &Arc<Self>, item: Item) -> Pushed {
         let cost = item.cost();
         let deliveries = item.deliveries;
-        let pushed = self.enqueue(&item, false);
+        let pushed = self.enqueue(&item, false, WhenFull::Close);
         match pushed {
             Pushed::Queued => self.env.metrics.outbound_queue_bytes.add(cost as i64),
             Pushed::Closed if deliveries > 0 => self
@@ -604,12 +628,27 @@ impl SessionHandle {
         metrics: &Metrics,
         direct: bool,
     ) {
+        let to = to.map(|h| ((), h));
+        Self::push_each(to, item, metrics, direct, WhenFull::Close, |()| {});
+    }
+
+    /// [`SessionHandle::push_to_all`] to keyed handles, doing `when_full` where the
+    /// item does not fit: `refused` is told the key of each handle that refused it
+    /// ([`WhenFull::Refuse`]).
+    pub(crate) fn push_each<'a, K>(
+        to: impl Iterator<Item = (K, &'a Arc<SessionHandle>)>,
+        item: &Item,
+        metrics: &Metrics,
+        direct: bool,
+        when_full: WhenFull,
+        mut refused: impl FnMut(K),
+    ) {
         let deliveries = u64::from(item.deliveries);
         let (mut queued, mut closing) = (0usize, 0u64);
         // A run compressed for the subscribers that negotiated permessage-deflate: once,
         // when the first of them comes (`None` inside: nothing to compress).
         let mut deflated: Option<Option<Item>> = None;
-        for handle in to {
+        for (key, handle) in to {
             let item = match handle.deflate.get() {
                 Some(d) => deflated
                     .get_or_insert_with(|| item.deflated(*d))
@@ -617,9 +656,10 @@ impl SessionHandle {
                     .unwrap_or(item),
                 None => item,
             };
-            match handle.enqueue(item, direct) {
+            match handle.enqueue(item, direct, when_full) {
                 Pushed::Queued => queued += item.cost(),
                 Pushed::Closed => closing += deliveries,
+                Pushed::Refused => refused(key),
                 Pushed::Overflow | Pushed::Direct => {}
             }
         }
@@ -633,17 +673,24 @@ impl SessionHandle {
     }
 
     /// Queues `item` (sharing its bytes) without touching the gauge for it (the caller
-    /// adds what was queued), or the session closes as a slow consumer. `direct`: see
+    /// adds what was queued), or does `when_full`. `direct`: see
     /// [`SessionHandle::push_to_all`].
-    fn enqueue(self: &Arc<Self>, item: &Item, direct: bool) -> Pushed {
+    fn enqueue(self: &Arc<Self>, item: &Item, direct: bool, when_full: WhenFull) -> Pushed {
         let mut s = self.state.lock();
         if s.closing.is_some() {
             return Pushed::Closed;
         }
         let cost = item.cost();
-        if s.bytes + s.inflight + cost > self.env.max_queued_bytes {
-            self.overflow(s, item);
-            return Pushed::Overflow;
+        let max = self.env.max_queued_bytes;
+        match when_full {
+            WhenFull::Refuse if s.bytes + s.inflight + cost > max - max / 8 => {
+                return Pushed::Refused;
+            }
+            _ if s.bytes + s.inflight + cost > max => {
+                self.overflow(s, item);
+                return Pushed::Overflow;
+            }
+            _ => {}
         }
         s.direct = direct;
         if direct && s.queue.is_empty() && matches!(s.writer, WriterSlot::Parked(_)) {
@@ -747,6 +794,10 @@ impl SessionHandle {
     ) {
         if unflushed.is_none() && s.queue.is_empty() && s.closing.is_none() {
             s.writer = WriterSlot::Parked(sink);
+            if s.inflight == 0 {
+                // A catch-up that came during this write.
+                self.catch_up_now(s);
+            }
             return;
         }
         drop(s);
@@ -851,6 +902,33 @@ impl SessionHandle {
         let mut s = self.state.lock();
         self.env.metrics.outbound_queue_bytes.sub(s.inflight as i64);
         s.inflight = 0;
+        if s.queue.is_empty() {
+            self.catch_up_now(s);
+        }
+    }
+
+    /// A history channel's stream stopped pushing to this session (its queue was
+    /// full, [`WhenFull::Refuse`]): once the queue is empty and written, the session
+    /// catches `channel` up from the history ([`SessionCommand::CatchUp`]), which
+    /// then has the room a replay needs.
+    pub(crate) fn catch_up_when_drained(&self, channel: ChannelName) {
+        let mut s = self.state.lock();
+        s.catch_up.push(channel);
+        if s.queue.is_empty() && s.inflight == 0 {
+            self.catch_up_now(s);
+        }
+    }
+
+    /// Hands the session the catch-ups waiting for an empty queue.
+    fn catch_up_now(&self, mut s: MutexGuard<'_, State>) {
+        if s.catch_up.is_empty() || s.closing.is_some() {
+            return;
+        }
+        let channels = std::mem::take(&mut s.catch_up);
+        s.commands
+            .extend(channels.into_iter().map(SessionCommand::CatchUp));
+        drop(s);
+        self.poke.notify_one();
     }
 
     /// The session is over: whatever is still queued is gone with it (counted as

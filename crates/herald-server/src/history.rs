@@ -35,6 +35,16 @@
 //! `subscribed` + history + buffer and makes the member live. A hole between the read
 //! and the buffer (a publication lost on its way to this node, being repaired) means
 //! "read again", at most [`ATTEMPTS`] times, then a `reset`.
+//!
+//! A live member whose session's queue has no room for a delivery is not closed: it
+//! becomes *lagging* (its `through` stays where its queue ends) and gets nothing more
+//! until its session has written everything queued. Then the session calls
+//! [`Stream::catch_up_member`], which is a resume from `through` that sends no
+//! `subscribed`: the client sees the missed offsets replayed, then live ones, as if it
+//! had never fallen behind. A catch-up that cannot recover everything (more missed
+//! than the rule's `max_recovery`, or than half the queue holds; the history trimmed
+//! or reset meanwhile) closes the session as a slow consumer (1013), as a plain
+//! channel would, and the client resumes on reconnect, where it is told the truth.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +59,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::handle::{ConnId, Item, SessionHandle};
+use crate::handle::{ConnId, Item, SessionHandle, WhenFull};
 
 /// Reads of one subscribe before a hole between history and live arrivals is given up
 /// on (and announced with a `reset`).
@@ -184,6 +194,10 @@ enum Phase {
     Recovering(Vec<Publication>),
     /// It has every offset of `through`'s epoch up to `through`: skip those.
     Live { through: StreamPosition },
+    /// Its session's queue had no room for a delivery: it has everything up to
+    /// `through` queued and gets nothing more until the session asks for a catch-up
+    /// ([`Stream::catch_up_member`]) once its queue is written.
+    Lagging { through: StreamPosition },
     /// Closed as a slow consumer while recovering: gets nothing more, and leaves when
     /// its session ends.
     Dropped,
@@ -200,6 +214,9 @@ pub(crate) struct Resume {
     pub(crate) max_recovery: usize,
     /// `limits.subscribe_timeout`, per history read.
     pub(crate) timeout: Duration,
+    /// A catch-up ([`Stream::catch_up_member`]): no `subscribed`, and anything short
+    /// of a full recovery closes the session as a slow consumer.
+    pub(crate) in_place: bool,
 }
 
 /// The one answer [`Stream::resume`] gives.
@@ -359,10 +376,11 @@ impl Stream {
             match self.complete(conn, &page, read_after, r, attempt == ATTEMPTS) {
                 Completion::Done { recovered } => {
                     let m = &self.env.metrics;
-                    match recovered {
-                        Some(true) => m.recovered.inc(),
-                        Some(false) => m.not_recovered.inc(),
-                        None => {}
+                    match (recovered, r.in_place) {
+                        (Some(true), true) => m.history_catch_ups.inc(),
+                        (Some(true), false) => m.recovered.inc(),
+                        (Some(false), false) => m.not_recovered.inc(),
+                        _ => {}
                     }
                     return Resumed::Done { recovered };
                 }
@@ -370,6 +388,35 @@ impl Stream {
                 Completion::Gone => return Resumed::Gone,
             }
         }
+    }
+
+    /// Catches `conn` up in place after it lagged ([`Phase::Lagging`]; its session
+    /// asks once its queue is written): a resume from where its queue ended, with
+    /// `r`'s `max_recovery` and timeout, that sends no `subscribed` and closes the
+    /// session as a slow consumer unless it recovers everything. `Gone` when `conn` is
+    /// not lagging (it left, or subscribed again, meanwhile).
+    pub(crate) async fn catch_up_member(self: &Arc<Self>, conn: ConnId, r: Resume) -> Resumed {
+        let through = {
+            let mut s = self.state.lock();
+            let Some(m) = s.members.get_mut(&conn) else {
+                return Resumed::Gone;
+            };
+            let Phase::Lagging { through } = m.phase else {
+                return Resumed::Gone;
+            };
+            m.phase = Phase::Recovering(Vec::new());
+            through
+        };
+        let since = Since {
+            offset: through.offset,
+            epoch: Some(through.epoch),
+        };
+        let r = Resume {
+            since: Some(since),
+            in_place: true,
+            ..r
+        };
+        self.resume(conn, r).await
     }
 
     /// Where `conn`'s subscribe stands as a read is issued now (its buffer's length,
@@ -454,13 +501,31 @@ impl Stream {
             return Completion::ReadAgain;
         };
         let channel = self.channel.as_str();
-        member.handle.push(Item::reply(server::subscribed(
-            channel,
-            r.id,
-            page.top,
-            recovered,
-            member.delta,
-        )));
+        if !r.in_place {
+            member.handle.push(Item::reply(server::subscribed(
+                channel,
+                r.id,
+                page.top,
+                recovered,
+                member.delta,
+            )));
+        } else if recovered != Some(true) {
+            // A catch-up that cannot replay everything missed: the session closes as a
+            // slow consumer, like a plain channel's, and its client resumes on
+            // reconnect, where it is told what was lost.
+            let missed = r
+                .since
+                .filter(|s| s.epoch == Some(page.top.epoch))
+                .map_or(0, |s| page.top.offset.saturating_sub(s.offset));
+            let m = &self.env.metrics;
+            m.slow_consumer_disconnects.inc();
+            m.dropped(DropReason::SlowConsumer, missed);
+            member
+                .handle
+                .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+            member.phase = Phase::Dropped;
+            return Completion::Done { recovered };
+        }
         // A resume (and every subscribe) starts with whole publications: the client
         // holds no base from before that the node can vouch for.
         let mut replayed = 0u64;
@@ -666,26 +731,36 @@ impl Stream {
                 }
             }
         }
+        // Members whose queue had no room: they lag, and catch up from the history.
+        let mut lagged: Vec<ConnId> = Vec::new();
         // `positions`: only members that do (or do not) track positions; `None`: all.
         let live = |positions: Option<bool>| {
-            s.members.values().filter(move |m| {
+            s.members.iter().filter(move |(_, m)| {
                 positions.is_none_or(|p| m.positions == p)
                     && matches!(m.phase, Phase::Live { through }
                         if through.same_epoch(pos) && through.offset < pos.offset)
             })
         };
-        let plain = Item::delivery(p, false);
         let metrics = &self.env.metrics;
+        let push = |to: &mut dyn Iterator<Item = (&ConnId, &Member)>,
+                    item: &Item,
+                    lagged: &mut Vec<ConnId>| {
+            let to = to.map(|(c, m)| (*c, &m.handle));
+            SessionHandle::push_each(to, item, metrics, false, WhenFull::Refuse, |c| {
+                lagged.push(c)
+            });
+        };
+        let plain = Item::delivery(p, false);
         if matches!(p.payload, Payload::Binary(_)) {
-            let to = live(Some(false)).map(|m| &m.handle);
-            SessionHandle::push_to_all(to, &plain, metrics, false);
+            push(&mut live(Some(false)), &plain, &mut lagged);
             if let Some(epoch) = epoch_frame(&self.channel, p) {
-                let to = live(Some(true)).map(|m| &m.handle);
-                SessionHandle::push_to_all(to, &epoch, metrics, false);
+                push(&mut live(Some(true)), &epoch, &mut lagged);
             }
             let positioned = Item::delivery(p, true);
-            let to = live(Some(true)).map(|m| &m.handle);
-            SessionHandle::push_to_all(to, &positioned, metrics, false);
+            // Not to a member that refused the epoch frame before it.
+            let before = lagged.clone();
+            let mut to = live(Some(true)).filter(|(c, _)| !before.contains(c));
+            push(&mut to, &positioned, &mut lagged);
         } else {
             // Text deliveries carry the offset for everyone: one encoding, one pass;
             // members that hold the publication before take its delta instead, when
@@ -696,7 +771,9 @@ impl Stream {
             });
             let holds_base = |m: &Member| m.delta && base.is_some_and(|(_, at)| m.base == Some(at));
             let delta = match (base, &p.payload) {
-                (Some((prev, _)), Payload::Json(data)) if live(None).any(holds_base) => {
+                (Some((prev, _)), Payload::Json(data))
+                    if live(None).any(|(_, m)| holds_base(m)) =>
+                {
                     let paused = s
                         .deltas_paused_until
                         .is_some_and(|t| std::time::Instant::now() < t);
@@ -710,19 +787,29 @@ impl Stream {
             let delta = delta.and_then(Result::ok);
             match &delta {
                 Some(d) => {
-                    let (whole, deltas) = (
-                        live(None).filter(|m| !holds_base(m)),
-                        live(None).filter(|m| holds_base(m)),
+                    push(
+                        &mut live(None).filter(|(_, m)| !holds_base(m)),
+                        &plain,
+                        &mut lagged,
                     );
-                    SessionHandle::push_to_all(whole.map(|m| &m.handle), &plain, metrics, false);
-                    SessionHandle::push_to_all(deltas.map(|m| &m.handle), d, metrics, false);
+                    push(
+                        &mut live(None).filter(|(_, m)| holds_base(m)),
+                        d,
+                        &mut lagged,
+                    );
                 }
-                None => SessionHandle::push_to_all(
-                    live(None).map(|m| &m.handle),
-                    &plain,
-                    metrics,
-                    false,
-                ),
+                None => push(&mut live(None), &plain, &mut lagged),
+            }
+        }
+        for c in lagged {
+            let Some(m) = s.members.get_mut(&c) else {
+                continue;
+            };
+            if let Phase::Live { through } = m.phase {
+                // It keeps what it has queued; the catch-up replays from there, whole.
+                m.phase = Phase::Lagging { through };
+                m.base = None;
+                m.handle.catch_up_when_drained(self.channel.clone());
             }
         }
         let json = matches!(p.payload, Payload::Json(_));
@@ -1343,6 +1430,7 @@ mod tests {
             since,
             max_recovery: 100,
             timeout: Duration::from_secs(1),
+            in_place: false,
         }
     }
 
@@ -1525,6 +1613,127 @@ mod tests {
         // were then skipped.
         assert_eq!(metrics.history_repaired.get(), 2);
         assert_eq!(metrics.history_duplicates.get(), 2);
+    }
+
+    /// A member whose queue fills is not closed: it lags, and once its queue is written
+    /// it catches up from the stream in place (no `subscribed`), every offset once and
+    /// in order, while a fast member is unaffected. One that missed more than a replay
+    /// may queue is closed as a slow consumer instead, what it missed counted.
+    #[tokio::test]
+    async fn a_member_whose_queue_fills_catches_up_in_place() {
+        let metrics = Metrics::unregistered();
+        let (tx, mut rx) = inbound(1024, metrics.clone());
+        let broker = Arc::new(MemoryBroker::new(tx));
+        // The slow session's queue: 8 KiB, about 30 deliveries (a replay may take half).
+        let queue = 8192;
+        let env = Arc::new(StreamEnv::new(
+            broker.clone(),
+            metrics.clone(),
+            100,
+            queue / 2,
+            DeltaLimits::default(),
+        ));
+        let news = Arc::new(Stream::new(
+            ChannelName::new("news").unwrap(),
+            policy(),
+            env,
+        ));
+        let publish = |range: std::ops::RangeInclusive<u64>| {
+            let reqs = range
+                .map(|n| herald_broker::PublishRequest {
+                    history: Some(policy()),
+                    ..herald_broker::PublishRequest::plain(Publication::now(
+                        ChannelName::new("news").unwrap(),
+                        Payload::Json(Bytes::from(format!("\"{n:0100}\""))),
+                    ))
+                })
+                .collect();
+            broker.publish(reqs)
+        };
+        let mut arrive = |news: &Arc<Stream>| {
+            while let Some(Received::Publication(p)) = rx.try_recv() {
+                news.arrive(p);
+            }
+        };
+        let fast = Arc::new(SessionHandle::new(0, crate::handle::tests::env(1 << 20)));
+        let slow = Arc::new(SessionHandle::new(0, crate::handle::tests::env(queue)));
+        for (conn, h) in [(1, &fast), (2, &slow)] {
+            news.join(conn, h, true, false);
+            let done = news.resume(conn, resume(None, None)).await;
+            assert_eq!(done, Resumed::Done { recovered: None });
+        }
+        let (mut fast_got, mut slow_got) = (delivered(&fast), delivered(&slow));
+        let offsets = |h: &SessionHandle| -> Vec<u64> {
+            texts(h)
+                .iter()
+                .map(|m| {
+                    assert_eq!(m["op"], "message", "{m}");
+                    m["offset"].as_u64().unwrap()
+                })
+                .collect()
+        };
+        // 30 publications: the slow queue takes most, then the member lags.
+        publish(1..=30).await.unwrap();
+        arrive(&news);
+        assert!(!slow.is_closing());
+        assert!(
+            slow.take_commands().is_empty(),
+            "a catch-up before the queue was written"
+        );
+        slow_got.extend(offsets(&slow));
+        assert!(slow_got.len() < 30, "{} queued: no lag", slow_got.len());
+        // Written: the session is asked to catch the channel up.
+        slow.finish_batch();
+        assert_eq!(
+            slow.take_commands(),
+            [crate::handle::SessionCommand::CatchUp(
+                ChannelName::new("news").unwrap()
+            )]
+        );
+        // More arrives before the catch-up's read, and during it (buffered).
+        publish(31..=32).await.unwrap();
+        arrive(&news);
+        let r = resume(None, None);
+        let catching_up = news.catch_up_member(2, r);
+        assert_eq!(
+            catching_up.await,
+            Resumed::Done {
+                recovered: Some(true)
+            }
+        );
+        publish(33..=35).await.unwrap();
+        arrive(&news);
+        slow_got.extend(offsets(&slow));
+        fast_got.extend(offsets(&fast));
+        assert_eq!(slow_got, (1..=35).collect::<Vec<_>>());
+        assert_eq!(fast_got, (1..=35).collect::<Vec<_>>());
+        assert_eq!(metrics.history_catch_ups.get(), 1);
+        assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
+        slow.finish_batch();
+
+        // Again, but 40 more are missed before the catch-up: more than half the queue.
+        publish(36..=100).await.unwrap();
+        arrive(&news);
+        let queued = offsets(&slow);
+        slow.finish_batch();
+        assert_eq!(slow.take_commands().len(), 1);
+        let missed = 100 - queued.last().unwrap();
+        assert!(missed > 20, "only {missed} missed");
+        let catching_up = news.catch_up_member(2, resume(None, None));
+        assert_eq!(
+            catching_up.await,
+            Resumed::Done {
+                recovered: Some(false)
+            }
+        );
+        assert!(slow.is_closing());
+        assert_eq!(metrics.slow_consumer_disconnects.get(), 1);
+        assert_eq!(metrics.dropped_total(DropReason::SlowConsumer), missed);
+        // Nothing more reaches it; the fast member has everything.
+        publish(101..=101).await.unwrap();
+        arrive(&news);
+        fast_got.extend(offsets(&fast));
+        assert_eq!(fast_got, (1..=101).collect::<Vec<_>>());
     }
 
     /// Members that asked for deltas get each publication after their first as a delta

@@ -282,11 +282,16 @@ impl Hub {
     /// [`Stream::subscribed_again`]) and returns true; false elsewhere (the caller
     /// answers).
     pub(crate) fn subscribed_again(&self, channel: &str, conn: ConnId, id: Option<u64>) -> bool {
-        let stream = match self.shard(channel).read().get(channel).map(|c| &c.members) {
-            Some(Members::History(s)) => s.clone(),
-            _ => return false,
-        };
-        stream.subscribed_again(conn, id)
+        self.stream(channel)
+            .is_some_and(|s| s.subscribed_again(conn, id))
+    }
+
+    /// `channel`'s stream, when it is a history channel with local subscribers.
+    pub(crate) fn stream(&self, channel: &str) -> Option<Arc<Stream>> {
+        match self.shard(channel).read().get(channel).map(|c| &c.members) {
+            Some(Members::History(s)) => Some(s.clone()),
+            _ => None,
+        }
     }
 
     /// Whether `conn` subscribes to `channel`.
