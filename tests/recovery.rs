@@ -926,3 +926,77 @@ async fn a_large_history_reply_fits_the_queue() {
     c.send_json(&json!({"op": "ping", "id": 2})).await;
     assert_eq!(c.recv_json().await["op"], "pong", "still connected");
 }
+
+/// A subscriber of a history channel that stops reading is not closed when its queue
+/// fills (it used to be, with 1013): it lags, and once it reads again it catches up
+/// from the history in place, a queue's worth at a time, on the same connection: every
+/// offset once and in order, no `subscribed` in between. A healthy subscriber of the
+/// same channel is unaffected. A reader that falls behind what the history holds is
+/// closed with 1013, what it missed counted, and its resume is told `recovered:false`.
+async fn slow_reader_story(node: &Node) {
+    const N: u64 = 500;
+    let mut slow = Client::connect_with_small_buffer(node.addr).await;
+    slow.subscribe_since("feed:live", None).await;
+    let mut healthy = node.client().await;
+    healthy.subscribe_since("feed:live", None).await;
+    let pad = "y".repeat(16 * 1024);
+    let publish = |i: u64| format!(r#"{{"i":{i},"pad":"{pad}"}}"#);
+    for i in 1..=N {
+        assert_eq!(node.publish("feed:live", &publish(i)).await, 200);
+        let m = healthy.recv_json().await;
+        assert_eq!((&m["offset"], &m["data"]["i"]), (&i.into(), &i.into()));
+    }
+    // Now the slow one reads: everything, in order, no close.
+    for i in 1..=N {
+        let m = slow.recv_json().await;
+        assert_eq!(m["op"], "message", "{m}");
+        assert_eq!(
+            (&m["offset"], &m["data"]["i"]),
+            (&i.into(), &i.into()),
+            "offset {i}"
+        );
+    }
+    assert!(
+        node.metric(r#"herald_recoveries_total{outcome="caught_up"}"#) >= 1.0,
+        "it never lagged: the test sent too little"
+    );
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
+    assert_eq!(node.publish("feed:live", "1").await, 200);
+    assert_eq!(slow.recv_json().await["offset"], N + 1);
+    assert_eq!(healthy.recv_json().await["offset"], N + 1);
+
+    // Too far behind: the history (1,000) no longer holds what it missed.
+    for i in 1..=1200 {
+        assert_eq!(node.publish("feed:live", &publish(i)).await, 200);
+        assert_eq!(healthy.recv_json().await["data"]["i"], i);
+    }
+    let (closed, frames) = slow.closed().await;
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+    assert_eq!(closed.reason, "slow consumer");
+    assert!(frames < 1200, "{frames} frames before the close");
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 1.0);
+    assert!(node.metric(r#"herald_messages_dropped_total{reason="slow_consumer"}"#) >= 200.0);
+    assert_eq!(node.publish("feed:live", "2").await, 200);
+    assert_eq!(healthy.recv_json().await["data"], 2);
+}
+
+#[tokio::test]
+async fn a_slow_reader_on_a_history_channel_catches_up_in_place() {
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 256 * 1024;
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    slow_reader_story(&node).await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_on_a_history_channel_catches_up_in_place_on_redis() {
+    let redis = RedisServer::start();
+    let node = Node::start_redis(&redis.url(), |c| {
+        c.limits.outbound_queue_bytes = 256 * 1024;
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    slow_reader_story(&node).await;
+}

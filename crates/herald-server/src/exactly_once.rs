@@ -492,7 +492,7 @@ mod history {
                             let stream = sub.stream.unwrap();
                             let mark = stream.mark(s as u64).unwrap();
                             let page = w.read_page(c, since).await;
-                            let resume = Resume { id: None, since, max_recovery: MAX_RECOVERY, timeout: Duration::from_secs(1), in_place: false };
+                            let resume = Resume { id: None, since, max_recovery: MAX_RECOVERY, timeout: Duration::from_secs(1) };
                             w.pending.insert((s, c), Pending { stream, page, resume, read_after: mark, attempt: 1 });
                         }
                         Op::Complete(s, c) => w.complete(s, c).await?,

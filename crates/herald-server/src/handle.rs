@@ -296,7 +296,7 @@ pub(crate) enum WhenFull {
     Close,
     /// The item is refused ([`Pushed::Refused`]) and the session goes on: a history
     /// channel's stream stops pushing to it and catches it up from the history once its
-    /// queue is written ([`SessionHandle::catch_up_when_drained`]). Refused already
+    /// queue has room again ([`SessionHandle::catch_up_when_room`]). Refused already
     /// when the queue would pass seven eighths of the budget, so that what is still
     /// pushed with [`WhenFull::Close`] (replies, pings, a plain channel's deliveries)
     /// has room.
@@ -321,7 +321,7 @@ struct State {
     /// writer parks as soon as it has written, so the next one can go direct too.
     direct: bool,
     /// History channels that stopped pushing to the session (its queue was full):
-    /// each becomes a [`SessionCommand::CatchUp`] once the queue is empty and written.
+    /// each becomes a [`SessionCommand::CatchUp`] once the queue is half empty.
     catch_up: Vec<ChannelName>,
 }
 
@@ -339,8 +339,8 @@ pub(crate) enum SessionCommand {
     /// Unsubscribe, and tell the client.
     Unsubscribe(ChannelName),
     /// Catch a history channel's subscription up from the history, in place: its stream
-    /// stopped pushing to the session when the queue was full, and the queue is now
-    /// written ([`SessionHandle::catch_up_when_drained`]).
+    /// stopped pushing to the session when the queue was full, and the queue now has
+    /// room again ([`SessionHandle::catch_up_when_room`]).
     CatchUp(ChannelName),
 }
 
@@ -610,6 +610,26 @@ impl SessionHandle {
         pushed
     }
 
+    /// What [`SessionHandle::offer`] would still queue, in bytes.
+    pub(crate) fn room(&self) -> usize {
+        let s = self.state.lock();
+        let max = self.env.max_queued_bytes;
+        (max - max / 8).saturating_sub(s.bytes + s.inflight)
+    }
+
+    /// Queues `item` unless the queue would pass seven eighths of its budget
+    /// ([`WhenFull::Refuse`]: the session goes on either way).
+    pub(crate) fn offer(self: &Arc<Self>, item: Item) -> Pushed {
+        let pushed = self.enqueue(&item, false, WhenFull::Refuse);
+        if pushed == Pushed::Queued {
+            self.env
+                .metrics
+                .outbound_queue_bytes
+                .add(item.cost() as i64);
+        }
+        pushed
+    }
+
     /// Queues `item` (a delivery, or a run of deliveries of one channel, encoded once)
     /// to every handle in `to`, sharing its bytes: a run is queued whole, or the session
     /// closes as a slow consumer, all of it counted as dropped. (Runs are small next to
@@ -794,10 +814,8 @@ impl SessionHandle {
     ) {
         if unflushed.is_none() && s.queue.is_empty() && s.closing.is_none() {
             s.writer = WriterSlot::Parked(sink);
-            if s.inflight == 0 {
-                // A catch-up that came during this write.
-                self.catch_up_now(s);
-            }
+            // A catch-up that came during this write.
+            self.catch_up_if_room(s);
             return;
         }
         drop(s);
@@ -902,26 +920,26 @@ impl SessionHandle {
         let mut s = self.state.lock();
         self.env.metrics.outbound_queue_bytes.sub(s.inflight as i64);
         s.inflight = 0;
-        if s.queue.is_empty() {
-            self.catch_up_now(s);
-        }
+        self.catch_up_if_room(s);
     }
 
     /// A history channel's stream stopped pushing to this session (its queue was
-    /// full, [`WhenFull::Refuse`]): once the queue is empty and written, the session
-    /// catches `channel` up from the history ([`SessionCommand::CatchUp`]), which
-    /// then has the room a replay needs.
-    pub(crate) fn catch_up_when_drained(&self, channel: ChannelName) {
+    /// full, [`WhenFull::Refuse`]): once what is queued and being written takes at most
+    /// half the budget, the session catches `channel` up from the history
+    /// ([`SessionCommand::CatchUp`]). Half, not empty: a connection whose other
+    /// channels keep its queue busy still gets there.
+    pub(crate) fn catch_up_when_room(&self, channel: ChannelName) {
         let mut s = self.state.lock();
         s.catch_up.push(channel);
-        if s.queue.is_empty() && s.inflight == 0 {
-            self.catch_up_now(s);
-        }
+        self.catch_up_if_room(s);
     }
 
-    /// Hands the session the catch-ups waiting for an empty queue.
-    fn catch_up_now(&self, mut s: MutexGuard<'_, State>) {
-        if s.catch_up.is_empty() || s.closing.is_some() {
+    /// Hands the session the catch-ups waiting for room, if it has it now.
+    fn catch_up_if_room(&self, mut s: MutexGuard<'_, State>) {
+        if s.catch_up.is_empty()
+            || s.closing.is_some()
+            || s.bytes + s.inflight > self.env.max_queued_bytes / 2
+        {
             return;
         }
         let channels = std::mem::take(&mut s.catch_up);
@@ -1072,6 +1090,37 @@ pub(crate) mod tests {
         // A closing session takes nothing more, counted as dropped.
         SessionHandle::push_to_all([&b].into_iter(), &run, &m, false);
         assert_eq!(m.dropped_total(DropReason::Disconnected), 4);
+    }
+
+    /// A refusing push stops at seven eighths of the budget and leaves the session
+    /// open, with room for replies; the catch-up it asks for comes once what is queued
+    /// and being written takes half the budget or less, even if the queue never
+    /// empties.
+    #[test]
+    fn a_refused_push_leaves_room_and_asks_a_catch_up_at_half() {
+        let o = Arc::new(SessionHandle::new(0, env(1000 + 10 * ITEM_OVERHEAD)));
+        let news = ChannelName::new("news").unwrap();
+        let mut queued = 0;
+        while o.offer(item(100)) == Pushed::Queued {
+            queued += 1;
+        }
+        assert_eq!(queued, 8, "seven eighths of ten items");
+        assert!(!o.is_closing());
+        o.catch_up_when_room(news.clone());
+        assert!(o.take_commands().is_empty());
+        // A reply still fits.
+        assert_eq!(o.push(item(100)), Pushed::Queued);
+        // The writer takes the batch: while it writes (all of it still held), the
+        // queue has no room.
+        let mut batch = std::collections::VecDeque::new();
+        o.drain(&mut batch);
+        assert_eq!(o.offer(item(100)), Pushed::Refused);
+        o.push(item(100));
+        assert!(o.take_commands().is_empty());
+        // Written: one item queued meanwhile, and the catch-up is asked.
+        o.finish_batch();
+        assert_eq!(o.take_commands(), [SessionCommand::CatchUp(news)]);
+        assert!(!o.is_closing());
     }
 
     #[test]

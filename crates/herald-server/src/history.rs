@@ -38,13 +38,15 @@
 //!
 //! A live member whose session's queue has no room for a delivery is not closed: it
 //! becomes *lagging* (its `through` stays where its queue ends) and gets nothing more
-//! until its session has written everything queued. Then the session calls
-//! [`Stream::catch_up_member`], which is a resume from `through` that sends no
-//! `subscribed`: the client sees the missed offsets replayed, then live ones, as if it
-//! had never fallen behind. A catch-up that cannot recover everything (more missed
-//! than the rule's `max_recovery`, or than half the queue holds; the history trimmed
-//! or reset meanwhile) closes the session as a slow consumer (1013), as a plain
-//! channel would, and the client resumes on reconnect, where it is told the truth.
+//! until its session's queue is half empty again. Then the session calls
+//! [`Stream::catch_up_member`]: it reads the history on from `through` and queues what
+//! fits, then what arrived meanwhile; the member is live again once it has everything
+//! the node delivered, and lags again (another round when its queue has room)
+//! otherwise. The client sees every offset in order, as if it had never fallen behind,
+//! however far behind it was, as long as the history still holds what it missed.
+//! When it does not (trimmed, expired, another epoch), the session closes as a slow
+//! consumer (1013), as on a plain channel, and the client resumes on reconnect, where
+//! it is told what was lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,7 +61,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::handle::{ConnId, Item, SessionHandle, WhenFull};
+use crate::handle::{ConnId, Item, Pushed, SessionHandle, WhenFull};
 
 /// Reads of one subscribe before a hole between history and live arrivals is given up
 /// on (and announced with a `reset`).
@@ -162,6 +164,9 @@ struct State {
     /// How often the broker re-established its subscriptions ([`Stream::catch_up`]): a
     /// subscribe whose read was issued before the latest reads again.
     catch_ups: u64,
+    /// What the last publication fanned out cost in a queue: how many entries a
+    /// catch-up's read asks for, to fill the room its member has.
+    entry_cost: usize,
 }
 
 /// Where a subscribe stood when its history read was issued ([`Stream::mark`]).
@@ -196,7 +201,7 @@ enum Phase {
     Live { through: StreamPosition },
     /// Its session's queue had no room for a delivery: it has everything up to
     /// `through` queued and gets nothing more until the session asks for a catch-up
-    /// ([`Stream::catch_up_member`]) once its queue is written.
+    /// ([`Stream::catch_up_member`]) once its queue is half empty.
     Lagging { through: StreamPosition },
     /// Closed as a slow consumer while recovering: gets nothing more, and leaves when
     /// its session ends.
@@ -214,9 +219,27 @@ pub(crate) struct Resume {
     pub(crate) max_recovery: usize,
     /// `limits.subscribe_timeout`, per history read.
     pub(crate) timeout: Duration,
-    /// A catch-up ([`Stream::catch_up_member`]): no `subscribed`, and anything short
-    /// of a full recovery closes the session as a slow consumer.
-    pub(crate) in_place: bool,
+}
+
+/// Entries one round of [`Stream::catch_up_member`] reads at most: it queues what the
+/// member's queue has room for, and the next round reads on from there.
+const CATCH_UP_PAGE: usize = 512;
+
+/// Entries one round reads at least (the channel's publications vary in size).
+const CATCH_UP_MIN: usize = 16;
+
+/// What one round of [`Stream::catch_up_member`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CaughtUp {
+    /// The member has everything the node delivered, and is live again.
+    Live,
+    /// Its queue filled again first: the next round starts once the queue has room.
+    Lagging,
+    /// What it missed is no longer in the history, or the history could not be read:
+    /// its session closes as a slow consumer.
+    Closed,
+    /// It is not lagging (it left, or subscribed again, meanwhile).
+    Gone,
 }
 
 /// The one answer [`Stream::resume`] gives.
@@ -256,6 +279,7 @@ impl Stream {
                 deltas_paused_until: None,
                 members: IndexMap::new(),
                 catch_ups: 0,
+                entry_cost: 0,
             }),
         }
     }
@@ -376,11 +400,10 @@ impl Stream {
             match self.complete(conn, &page, read_after, r, attempt == ATTEMPTS) {
                 Completion::Done { recovered } => {
                     let m = &self.env.metrics;
-                    match (recovered, r.in_place) {
-                        (Some(true), true) => m.history_catch_ups.inc(),
-                        (Some(true), false) => m.recovered.inc(),
-                        (Some(false), false) => m.not_recovered.inc(),
-                        _ => {}
+                    match recovered {
+                        Some(true) => m.recovered.inc(),
+                        Some(false) => m.not_recovered.inc(),
+                        None => {}
                     }
                     return Resumed::Done { recovered };
                 }
@@ -390,33 +413,171 @@ impl Stream {
         }
     }
 
-    /// Catches `conn` up in place after it lagged ([`Phase::Lagging`]; its session
-    /// asks once its queue is written): a resume from where its queue ended, with
-    /// `r`'s `max_recovery` and timeout, that sends no `subscribed` and closes the
-    /// session as a slow consumer unless it recovers everything. `Gone` when `conn` is
-    /// not lagging (it left, or subscribed again, meanwhile).
-    pub(crate) async fn catch_up_member(self: &Arc<Self>, conn: ConnId, r: Resume) -> Resumed {
-        let through = {
-            let mut s = self.state.lock();
-            let Some(m) = s.members.get_mut(&conn) else {
-                return Resumed::Gone;
+    /// One round of catching `conn` up in place after it lagged ([`Phase::Lagging`]);
+    /// its session asks once its queue is half empty. Reads the history on from where its
+    /// queue ended (at most [`CATCH_UP_PAGE`] entries) and queues, in order, what the
+    /// queue has room for ([`WhenFull::Refuse`]), then what reached the channel during
+    /// the read: live again once it has everything the node delivered, lagging again
+    /// (the next round once the queue has room) otherwise. What it missed that the
+    /// history no longer holds (trimmed, expired, another epoch), or a history that
+    /// cannot be read, closes the session as a slow consumer: its client resumes on
+    /// reconnect, where it is told what was lost.
+    pub(crate) async fn catch_up_member(
+        self: &Arc<Self>,
+        conn: ConnId,
+        timeout: Duration,
+    ) -> CaughtUp {
+        for _ in 0..ATTEMPTS {
+            let (through, catch_ups, limit) = {
+                let mut s = self.state.lock();
+                let (catch_ups, cost) = (s.catch_ups, s.entry_cost.max(1));
+                let Some(m) = s.members.get_mut(&conn) else {
+                    return CaughtUp::Gone;
+                };
+                let Phase::Lagging { through } = m.phase else {
+                    return CaughtUp::Gone;
+                };
+                // Arrivals during the read are held for it, as for a subscribe.
+                m.phase = Phase::Recovering(Vec::new());
+                // About what its queue has room for: a round reads little more than it
+                // queues, however large the channel's publications.
+                let fits = (m.handle.room() / cost).clamp(CATCH_UP_MIN, CATCH_UP_PAGE);
+                (through, catch_ups, fits.min(self.policy.size))
             };
-            let Phase::Lagging { through } = m.phase else {
-                return Resumed::Gone;
+            // The node's own position, not a client's: read without `only_in`, and the
+            // epoch checked below.
+            let read =
+                self.env
+                    .broker
+                    .history(&self.channel, self.policy, through.offset, limit, None);
+            let page = match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(page)) => page,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "catch-up read failed");
+                    return self.cut(conn, through);
+                }
+                Err(_) => return self.cut(conn, through),
             };
-            m.phase = Phase::Recovering(Vec::new());
+            if let Some(done) = self.catch_up_round(conn, through, catch_ups, &page) {
+                return done;
+            }
+        }
+        // Only a broker that keeps re-establishing its subscriptions gets here.
+        let through = match self.state.lock().members.get(&conn).map(|m| &m.phase) {
+            Some(Phase::Lagging { through }) => *through,
+            _ => return CaughtUp::Gone,
+        };
+        self.cut(conn, through)
+    }
+
+    /// Applies one catch-up read (`page`, read from `through`, issued when the node had
+    /// caught up `catch_ups` times) to `conn`, under the lock; `None`: read again.
+    fn catch_up_round(
+        &self,
+        conn: ConnId,
+        through: StreamPosition,
+        catch_ups: u64,
+        page: &HistoryPage,
+    ) -> Option<CaughtUp> {
+        let mut s = self.state.lock();
+        let (last, again) = (s.last, s.catch_ups != catch_ups);
+        let Some(m) = s.members.get_mut(&conn) else {
+            return Some(CaughtUp::Gone);
+        };
+        // Closed as a slow consumer meanwhile (its buffer overflowed), or it left.
+        let Phase::Recovering(arrived) = &mut m.phase else {
+            return Some(CaughtUp::Gone);
+        };
+        let arrived = std::mem::take(arrived);
+        if again {
+            // The broker re-established its subscriptions after the read was issued (a
+            // restarted Redis may have lost what it found): read again.
+            m.phase = Phase::Lagging { through };
+            return None;
+        }
+        // The history must go on where its queue ended: the same epoch (or, from a
+        // start, the epoch a start can continue into), nothing trimmed in between.
+        let continues = if through.is_start() {
             through
+                .epoch
+                .start_continues(page.now, self.policy.meta_ttl)
+        } else {
+            page.top.epoch == through.epoch
         };
-        let since = Since {
+        let first = page.publications.first().and_then(Publication::offset);
+        if !continues || (page.top.offset > through.offset && first != Some(through.offset + 1)) {
+            drop(s);
+            return Some(self.cut(conn, through));
+        }
+        let mut at = StreamPosition {
             offset: through.offset,
-            epoch: Some(through.epoch),
+            epoch: page.top.epoch,
         };
-        let r = Resume {
-            since: Some(since),
-            in_place: true,
-            ..r
+        let (mut full, mut replayed) = (false, 0u64);
+        let history = page.publications.iter().map(|p| (p, true));
+        for (p, from_history) in history.chain(arrived.iter().map(|p| (p, false))) {
+            let Some(pos) = p.position else { continue };
+            if pos.epoch != at.epoch || pos.offset <= at.offset {
+                continue;
+            }
+            if pos.offset != at.offset + 1 {
+                // A hole (not read yet, or still being repaired): the next round.
+                break;
+            }
+            let epoch = epoch_frame(&self.channel, p).filter(|_| m.positions);
+            let queued = epoch
+                .into_iter()
+                .chain([Item::delivery(p, m.positions)])
+                .all(|item| match m.handle.offer(item) {
+                    Pushed::Queued => true,
+                    _ => {
+                        full = true;
+                        false
+                    }
+                });
+            if !queued {
+                break;
+            }
+            at = pos;
+            m.base = Some(pos).filter(|_| matches!(p.payload, Payload::Json(_)));
+            replayed += u64::from(from_history);
+        }
+        self.env.metrics.replayed.inc_by(replayed);
+        let caught_up = !full && last.is_none_or(|l| l.same_epoch(at) && l.offset <= at.offset);
+        if caught_up {
+            m.phase = Phase::Live { through: at };
+            self.env.metrics.history_catch_ups.inc();
+            return Some(CaughtUp::Live);
+        }
+        if !full && at == through {
+            // Nothing to queue and still behind: the node is in another epoch than the
+            // history (a repair will tell), and this member cannot be brought there.
+            drop(s);
+            return Some(self.cut(conn, through));
+        }
+        m.phase = Phase::Lagging { through: at };
+        m.handle.catch_up_when_room(self.channel.clone());
+        Some(CaughtUp::Lagging)
+    }
+
+    /// A lagging member that cannot be caught up: its session closes as a slow
+    /// consumer, what it missed after `through` counted as dropped.
+    fn cut(&self, conn: ConnId, through: StreamPosition) -> CaughtUp {
+        let mut s = self.state.lock();
+        let last = s.last;
+        let Some(m) = s.members.get_mut(&conn) else {
+            return CaughtUp::Gone;
         };
-        self.resume(conn, r).await
+        let missed = last
+            .filter(|l| l.same_epoch(through))
+            .map_or(0, |l| l.offset.saturating_sub(through.offset));
+        let metrics = &self.env.metrics;
+        metrics.slow_consumer_disconnects.inc();
+        metrics.dropped(DropReason::SlowConsumer, missed);
+        m.handle
+            .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+        m.phase = Phase::Dropped;
+        CaughtUp::Closed
     }
 
     /// Where `conn`'s subscribe stands as a read is issued now (its buffer's length,
@@ -501,31 +662,13 @@ impl Stream {
             return Completion::ReadAgain;
         };
         let channel = self.channel.as_str();
-        if !r.in_place {
-            member.handle.push(Item::reply(server::subscribed(
-                channel,
-                r.id,
-                page.top,
-                recovered,
-                member.delta,
-            )));
-        } else if recovered != Some(true) {
-            // A catch-up that cannot replay everything missed: the session closes as a
-            // slow consumer, like a plain channel's, and its client resumes on
-            // reconnect, where it is told what was lost.
-            let missed = r
-                .since
-                .filter(|s| s.epoch == Some(page.top.epoch))
-                .map_or(0, |s| page.top.offset.saturating_sub(s.offset));
-            let m = &self.env.metrics;
-            m.slow_consumer_disconnects.inc();
-            m.dropped(DropReason::SlowConsumer, missed);
-            member
-                .handle
-                .close(close::TRY_AGAIN_LATER, "slow consumer", false);
-            member.phase = Phase::Dropped;
-            return Completion::Done { recovered };
-        }
+        member.handle.push(Item::reply(server::subscribed(
+            channel,
+            r.id,
+            page.top,
+            recovered,
+            member.delta,
+        )));
         // A resume (and every subscribe) starts with whole publications: the client
         // holds no base from before that the node can vouch for.
         let mut replayed = 0u64;
@@ -809,9 +952,10 @@ impl Stream {
                 // It keeps what it has queued; the catch-up replays from there, whole.
                 m.phase = Phase::Lagging { through };
                 m.base = None;
-                m.handle.catch_up_when_drained(self.channel.clone());
+                m.handle.catch_up_when_room(self.channel.clone());
             }
         }
+        s.entry_cost = plain.cost();
         let json = matches!(p.payload, Payload::Json(_));
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
@@ -1430,7 +1574,6 @@ mod tests {
             since,
             max_recovery: 100,
             timeout: Duration::from_secs(1),
-            in_place: false,
         }
     }
 
@@ -1615,16 +1758,17 @@ mod tests {
         assert_eq!(metrics.history_duplicates.get(), 2);
     }
 
-    /// A member whose queue fills is not closed: it lags, and once its queue is written
-    /// it catches up from the stream in place (no `subscribed`), every offset once and
-    /// in order, while a fast member is unaffected. One that missed more than a replay
-    /// may queue is closed as a slow consumer instead, what it missed counted.
+    /// A member whose queue fills is not closed: it lags, and once its queue has room
+    /// it catches up from the stream in place (no `subscribed`), a queue's worth per
+    /// round, every offset once and in order, however far behind, while a fast member
+    /// is unaffected. One whose missed offsets the history no longer holds is closed as
+    /// a slow consumer instead, what it missed counted.
     #[tokio::test]
     async fn a_member_whose_queue_fills_catches_up_in_place() {
         let metrics = Metrics::unregistered();
         let (tx, mut rx) = inbound(1024, metrics.clone());
         let broker = Arc::new(MemoryBroker::new(tx));
-        // The slow session's queue: 8 KiB, about 30 deliveries (a replay may take half).
+        // The slow session's queue: 8 KiB, about 30 deliveries. The history: 100.
         let queue = 8192;
         let env = Arc::new(StreamEnv::new(
             broker.clone(),
@@ -1663,77 +1807,89 @@ mod tests {
             assert_eq!(done, Resumed::Done { recovered: None });
         }
         let (mut fast_got, mut slow_got) = (delivered(&fast), delivered(&slow));
-        let offsets = |h: &SessionHandle| -> Vec<u64> {
-            texts(h)
+        // What the writer takes from the queue (and writes: the batch is finished).
+        let written = |h: &SessionHandle| -> Vec<u64> {
+            let got = texts(h)
                 .iter()
                 .map(|m| {
                     assert_eq!(m["op"], "message", "{m}");
                     m["offset"].as_u64().unwrap()
                 })
-                .collect()
+                .collect();
+            h.finish_batch();
+            got
+        };
+        let catch_up_asked = |h: &SessionHandle| {
+            let asked = h.take_commands();
+            assert!(asked.len() <= 1, "{asked:?}");
+            !asked.is_empty()
         };
         // 30 publications: the slow queue takes most, then the member lags.
         publish(1..=30).await.unwrap();
         arrive(&news);
         assert!(!slow.is_closing());
         assert!(
-            slow.take_commands().is_empty(),
+            !catch_up_asked(&slow),
             "a catch-up before the queue was written"
         );
-        slow_got.extend(offsets(&slow));
+        slow_got.extend(written(&slow));
         assert!(slow_got.len() < 30, "{} queued: no lag", slow_got.len());
-        // Written: the session is asked to catch the channel up.
-        slow.finish_batch();
-        assert_eq!(
-            slow.take_commands(),
-            [crate::handle::SessionCommand::CatchUp(
-                ChannelName::new("news").unwrap()
-            )]
-        );
-        // More arrives before the catch-up's read, and during it (buffered).
+        assert!(catch_up_asked(&slow));
+        // More arrives before the catch-up's read; then a round brings it up to date.
         publish(31..=32).await.unwrap();
         arrive(&news);
-        let r = resume(None, None);
-        let catching_up = news.catch_up_member(2, r);
-        assert_eq!(
-            catching_up.await,
-            Resumed::Done {
-                recovered: Some(true)
-            }
-        );
+        let round = news.catch_up_member(2, Duration::from_secs(1)).await;
+        assert_eq!(round, CaughtUp::Live);
         publish(33..=35).await.unwrap();
         arrive(&news);
-        slow_got.extend(offsets(&slow));
-        fast_got.extend(offsets(&fast));
+        slow_got.extend(written(&slow));
         assert_eq!(slow_got, (1..=35).collect::<Vec<_>>());
-        assert_eq!(fast_got, (1..=35).collect::<Vec<_>>());
         assert_eq!(metrics.history_catch_ups.get(), 1);
-        assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
-        slow.finish_batch();
 
-        // Again, but 40 more are missed before the catch-up: more than half the queue.
-        publish(36..=100).await.unwrap();
+        // Far behind (85 more, the queue holds about 30): a round per queue's worth,
+        // with arrivals between the rounds.
+        publish(36..=110).await.unwrap();
         arrive(&news);
-        let queued = offsets(&slow);
-        slow.finish_batch();
-        assert_eq!(slow.take_commands().len(), 1);
-        let missed = 100 - queued.last().unwrap();
-        assert!(missed > 20, "only {missed} missed");
-        let catching_up = news.catch_up_member(2, resume(None, None));
-        assert_eq!(
-            catching_up.await,
-            Resumed::Done {
-                recovered: Some(false)
+        let mut rounds = 0;
+        loop {
+            slow_got.extend(written(&slow));
+            assert!(
+                catch_up_asked(&slow),
+                "no catch-up asked after round {rounds}"
+            );
+            if rounds == 1 {
+                publish(111..=120).await.unwrap();
+                arrive(&news);
             }
-        );
+            rounds += 1;
+            match news.catch_up_member(2, Duration::from_secs(1)).await {
+                CaughtUp::Lagging => assert!(rounds < 10),
+                CaughtUp::Live => break,
+                other => panic!("{other:?} after {rounds} rounds"),
+            }
+        }
+        slow_got.extend(written(&slow));
+        assert!(rounds >= 2, "{rounds} rounds for 85 publications");
+        assert_eq!(slow_got, (1..=120).collect::<Vec<_>>());
+        assert_eq!(metrics.history_catch_ups.get(), 2);
+        assert_eq!(metrics.slow_consumer_disconnects.get(), 0);
+
+        // So far behind that the history (100) no longer holds what it missed.
+        publish(121..=300).await.unwrap();
+        arrive(&news);
+        let queued = written(&slow);
+        assert!(catch_up_asked(&slow));
+        let missed = 300 - queued.last().unwrap();
+        let round = news.catch_up_member(2, Duration::from_secs(1)).await;
+        assert_eq!(round, CaughtUp::Closed);
         assert!(slow.is_closing());
         assert_eq!(metrics.slow_consumer_disconnects.get(), 1);
         assert_eq!(metrics.dropped_total(DropReason::SlowConsumer), missed);
         // Nothing more reaches it; the fast member has everything.
-        publish(101..=101).await.unwrap();
+        publish(301..=301).await.unwrap();
         arrive(&news);
-        fast_got.extend(offsets(&fast));
-        assert_eq!(fast_got, (1..=101).collect::<Vec<_>>());
+        fast_got.extend(written(&fast));
+        assert_eq!(fast_got, (1..=301).collect::<Vec<_>>());
     }
 
     /// Members that asked for deltas get each publication after their first as a delta

@@ -651,7 +651,6 @@ impl Session {
             since,
             max_recovery: rule.map_or(0, |r| r.max_recovery()),
             timeout: limit,
-            in_place: false,
         };
         match stream.resume(self.conn, resume).await {
             Resumed::Done { .. } => self.joined(&channel).await,
@@ -660,27 +659,18 @@ impl Session {
         }
     }
 
-    /// Catches a history subscription up in place once the session's queue, which had
-    /// no room for its deliveries, is written (see `history`). A history that cannot be
-    /// read closes the session as a slow consumer: its client resumes on reconnect.
+    /// Catches a history subscription up in place (one round, see
+    /// `Stream::catch_up_member`) once the session's queue, which had no room for its
+    /// deliveries, is half empty. A history that cannot be read, or no longer holds what
+    /// it missed, closes the session as a slow consumer: its client resumes on
+    /// reconnect.
     async fn catch_up(&mut self, channel: &ChannelName) {
         let Some(stream) = self.node.hub.stream(channel.as_str()) else {
             return;
         };
-        let rule = self.node.config.channels.rule(channel.as_str());
-        let resume = Resume {
-            id: None,
-            since: None,
-            max_recovery: rule.map_or(0, |r| r.max_recovery()),
-            timeout: self.node.config.limits.subscribe_timeout,
-            in_place: true,
-        };
-        if let Resumed::Unavailable(why) = stream.catch_up_member(self.conn, resume).await {
-            tracing::debug!(channel = %channel, why, "catch-up failed");
-            self.node.metrics.slow_consumer_disconnects.inc();
-            self.handle
-                .close(close::TRY_AGAIN_LATER, "slow consumer", false);
-        }
+        let limit = self.node.config.limits.subscribe_timeout;
+        let done = stream.catch_up_member(self.conn, limit).await;
+        tracing::trace!(channel = %channel, ?done, "catch-up round");
     }
 
     /// This connection as a presence member of `channel`.
