@@ -1000,3 +1000,29 @@ async fn a_slow_reader_on_a_history_channel_catches_up_in_place_on_redis() {
     .await;
     slow_reader_story(&node).await;
 }
+
+/// A publication the node accepts (it fits a whole queue) but larger than seven eighths
+/// of it reaches a history subscriber whose queue is empty, and the session keeps
+/// reading its socket. (The first version of the catch-up refused it for ever, in a
+/// loop of history reads that kept the session from reading.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_near_the_queue_size_reaches_a_history_subscriber() {
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 64 * 1024;
+        c.channels.rules = vec![history_rule("feed:*", 100)];
+    })
+    .await;
+    let mut c = node.client().await;
+    c.subscribe_since("feed:big", None).await;
+    // 60 KiB of data: accepted (under the whole 64 KiB queue), over 7/8 of it.
+    let data = format!("\"{}\"", "z".repeat(60 * 1024));
+    assert_eq!(node.publish("feed:big", &data).await, 200);
+    assert_eq!(node.publish("feed:big", "1").await, 200);
+    let first = c.recv_json().await;
+    assert_eq!(first["offset"], 1);
+    assert_eq!(first["data"].as_str().map(str::len), Some(60 * 1024));
+    assert_eq!(c.recv_json().await["offset"], 2);
+    c.send_json(&json!({"op": "ping", "id": 99})).await;
+    assert_eq!(c.recv_json().await["id"], 99);
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
+}

@@ -467,7 +467,7 @@ impl Metrics {
             history_catch_ups: recoveries.with_label_values(&["caught_up"]),
             replayed: counter(
                 "herald_publications_replayed_total",
-                "Publications delivered from history to subscribers that resumed.",
+                "Publications delivered from history to subscribers that resumed, or that were caught up in place after their queue filled.",
             )?,
             replays_refused: counter(
                 "herald_replays_refused_total",

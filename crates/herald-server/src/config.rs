@@ -451,7 +451,9 @@ pub struct LimitsConfig {
     #[serde(with = "humantime_serde")]
     pub rate_limit_window: Duration,
     /// Bytes a session's outbound queue holds at most; a subscriber that falls this far
-    /// behind is closed with 1013 (slow consumer).
+    /// behind is closed with 1013 (slow consumer), except on history channels, where it
+    /// lags and is caught up from the history in place (PROTOCOL.md, "Slow readers on
+    /// history channels").
     pub outbound_queue_bytes: usize,
     /// Largest HTTP request body on `/api/*` (413 past it).
     pub max_body_bytes: usize,

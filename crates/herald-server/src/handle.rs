@@ -299,7 +299,8 @@ pub(crate) enum WhenFull {
     /// queue has room again ([`SessionHandle::catch_up_when_room`]). Refused already
     /// when the queue would pass seven eighths of the budget, so that what is still
     /// pushed with [`WhenFull::Close`] (replies, pings, a plain channel's deliveries)
-    /// has room.
+    /// has room; never by an empty queue (what is larger than that would be refused
+    /// for ever), which takes anything up to the whole budget.
     Refuse,
 }
 
@@ -320,9 +321,11 @@ struct State {
     /// The last push came the direct way (see [`SessionHandle::push_to_all`]): the
     /// writer parks as soon as it has written, so the next one can go direct too.
     direct: bool,
-    /// History channels that stopped pushing to the session (its queue was full):
-    /// each becomes a [`SessionCommand::CatchUp`] once the queue is half empty.
-    catch_up: Vec<ChannelName>,
+    /// History channels that stopped pushing to the session (its queue was full), each
+    /// with the cost of what it could not queue: each becomes a
+    /// [`SessionCommand::CatchUp`] once the queue has room for it
+    /// ([`SessionHandle::catch_up_when_room`]).
+    catch_up: Vec<(ChannelName, usize)>,
 }
 
 /// What the control API asks a session to do on the node's behalf (the session task
@@ -619,8 +622,8 @@ impl SessionHandle {
 
     /// Queues `item` unless the queue would pass seven eighths of its budget
     /// ([`WhenFull::Refuse`]: the session goes on either way).
-    pub(crate) fn offer(self: &Arc<Self>, item: Item) -> Pushed {
-        let pushed = self.enqueue(&item, false, WhenFull::Refuse);
+    pub(crate) fn offer(self: &Arc<Self>, item: &Item) -> Pushed {
+        let pushed = self.enqueue(item, false, WhenFull::Refuse);
         if pushed == Pushed::Queued {
             self.env
                 .metrics
@@ -700,10 +703,10 @@ impl SessionHandle {
         if s.closing.is_some() {
             return Pushed::Closed;
         }
-        let cost = item.cost();
+        let (cost, used) = (item.cost(), s.bytes + s.inflight);
         let max = self.env.max_queued_bytes;
         match when_full {
-            WhenFull::Refuse if s.bytes + s.inflight + cost > max - max / 8 => {
+            WhenFull::Refuse if used > 0 && used + cost > max - max / 8 => {
                 return Pushed::Refused;
             }
             _ if s.bytes + s.inflight + cost > max => {
@@ -923,30 +926,49 @@ impl SessionHandle {
         self.catch_up_if_room(s);
     }
 
-    /// A history channel's stream stopped pushing to this session (its queue was
-    /// full, [`WhenFull::Refuse`]): once what is queued and being written takes at most
-    /// half the budget, the session catches `channel` up from the history
+    /// A history channel's stream stopped pushing to this session (its queue had no
+    /// room for `need` bytes, [`WhenFull::Refuse`]): once what is queued and being
+    /// written takes at most half the budget, and leaves room for `need` (or nothing is
+    /// queued), the session catches `channel` up from the history
     /// ([`SessionCommand::CatchUp`]). Half, not empty: a connection whose other
-    /// channels keep its queue busy still gets there.
-    pub(crate) fn catch_up_when_room(&self, channel: ChannelName) {
+    /// channels keep its queue busy still gets there. Asked again before that, the
+    /// channel waits once, for the larger need.
+    pub(crate) fn catch_up_when_room(&self, channel: ChannelName, need: usize) {
         let mut s = self.state.lock();
-        s.catch_up.push(channel);
+        match s.catch_up.iter_mut().find(|(c, _)| *c == channel) {
+            Some((_, n)) => *n = (*n).max(need),
+            None => s.catch_up.push((channel, need)),
+        }
         self.catch_up_if_room(s);
     }
 
-    /// Hands the session the catch-ups waiting for room, if it has it now.
+    /// Hands the session the catch-ups waiting for room that it has now.
     fn catch_up_if_room(&self, mut s: MutexGuard<'_, State>) {
-        if s.catch_up.is_empty()
-            || s.closing.is_some()
-            || s.bytes + s.inflight > self.env.max_queued_bytes / 2
-        {
+        let (used, max) = (s.bytes + s.inflight, self.env.max_queued_bytes);
+        if s.catch_up.is_empty() || s.closing.is_some() || used > max / 2 {
             return;
         }
-        let channels = std::mem::take(&mut s.catch_up);
-        s.commands
-            .extend(channels.into_iter().map(SessionCommand::CatchUp));
+        let fits = |need: usize| used == 0 || used + need <= max - max / 8;
+        let before = s.commands.len();
+        let State {
+            catch_up, commands, ..
+        } = &mut *s;
+        catch_up.retain(|(channel, need)| {
+            if !fits(*need) {
+                return true;
+            }
+            // One waiting command per channel: each is a history read.
+            let command = SessionCommand::CatchUp(channel.clone());
+            if !commands.contains(&command) {
+                commands.push(command);
+            }
+            false
+        });
+        let asked = s.commands.len() > before;
         drop(s);
-        self.poke.notify_one();
+        if asked {
+            self.poke.notify_one();
+        }
     }
 
     /// The session is over: whatever is still queued is gone with it (counted as
@@ -1101,12 +1123,12 @@ pub(crate) mod tests {
         let o = Arc::new(SessionHandle::new(0, env(1000 + 10 * ITEM_OVERHEAD)));
         let news = ChannelName::new("news").unwrap();
         let mut queued = 0;
-        while o.offer(item(100)) == Pushed::Queued {
+        while o.offer(&item(100)) == Pushed::Queued {
             queued += 1;
         }
         assert_eq!(queued, 8, "seven eighths of ten items");
         assert!(!o.is_closing());
-        o.catch_up_when_room(news.clone());
+        o.catch_up_when_room(news.clone(), 0);
         assert!(o.take_commands().is_empty());
         // A reply still fits.
         assert_eq!(o.push(item(100)), Pushed::Queued);
@@ -1114,7 +1136,7 @@ pub(crate) mod tests {
         // queue has no room.
         let mut batch = std::collections::VecDeque::new();
         o.drain(&mut batch);
-        assert_eq!(o.offer(item(100)), Pushed::Refused);
+        assert_eq!(o.offer(&item(100)), Pushed::Refused);
         o.push(item(100));
         assert!(o.take_commands().is_empty());
         // Written: one item queued meanwhile, and the catch-up is asked.

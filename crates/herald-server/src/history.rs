@@ -38,15 +38,15 @@
 //!
 //! A live member whose session's queue has no room for a delivery is not closed: it
 //! becomes *lagging* (its `through` stays where its queue ends) and gets nothing more
-//! until its session's queue is half empty again. Then the session calls
-//! [`Stream::catch_up_member`]: it reads the history on from `through` and queues what
-//! fits, then what arrived meanwhile; the member is live again once it has everything
-//! the node delivered, and lags again (another round when its queue has room)
-//! otherwise. The client sees every offset in order, as if it had never fallen behind,
+//! until its session's queue has room again (`SessionHandle::catch_up_when_room`).
+//! Then the session calls [`Stream::catch_up_member`]: it reads the history on from
+//! `through` and queues what fits, then what arrived meanwhile; the member is live
+//! again once it has everything the node delivered, and lags again (another round when
+//! its queue has room) otherwise. The client sees every offset in order, as if it had never fallen behind,
 //! however far behind it was, as long as the history still holds what it missed.
 //! When it does not (trimmed, expired, another epoch), the session closes as a slow
-//! consumer (1013), as on a plain channel, and the client resumes on reconnect, where
-//! it is told what was lost.
+//! consumer (1013), as on a plain channel, and the client resumes on reconnect. What a
+//! lagging member missed is counted as dropped if it leaves before it is caught up.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,7 +61,7 @@ use parking_lot::Mutex;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::handle::{ConnId, Item, Pushed, SessionHandle, WhenFull};
+use crate::handle::{ConnId, Item, Pushed, SessionHandle, WhenFull, ITEM_OVERHEAD};
 
 /// Reads of one subscribe before a hole between history and live arrivals is given up
 /// on (and announced with a `reset`).
@@ -106,6 +106,8 @@ pub(crate) struct StreamEnv {
     max_pending: usize,
     /// Bounds the repairs reading at once ([`REPAIRS_AT_ONCE`]).
     repairs: Semaphore,
+    /// Bounds the catch-ups of lagging members reading at once ([`REPAIRS_AT_ONCE`]).
+    catch_up_reads: Semaphore,
     /// What a replay may queue to one subscriber (half of `limits.outbound_queue_bytes`):
     /// more would close it as a slow consumer.
     replay_budget: usize,
@@ -126,6 +128,7 @@ impl StreamEnv {
             metrics,
             max_pending,
             repairs: Semaphore::new(REPAIRS_AT_ONCE),
+            catch_up_reads: Semaphore::new(REPAIRS_AT_ONCE),
             replay_budget,
             delta,
         }
@@ -164,9 +167,6 @@ struct State {
     /// How often the broker re-established its subscriptions ([`Stream::catch_up`]): a
     /// subscribe whose read was issued before the latest reads again.
     catch_ups: u64,
-    /// What the last publication fanned out cost in a queue: how many entries a
-    /// catch-up's read asks for, to fill the room its member has.
-    entry_cost: usize,
 }
 
 /// Where a subscribe stood when its history read was issued ([`Stream::mark`]).
@@ -201,8 +201,13 @@ enum Phase {
     Live { through: StreamPosition },
     /// Its session's queue had no room for a delivery: it has everything up to
     /// `through` queued and gets nothing more until the session asks for a catch-up
-    /// ([`Stream::catch_up_member`]) once its queue is half empty.
-    Lagging { through: StreamPosition },
+    /// ([`Stream::catch_up_member`]) once its queue has room. `cost`: what one of the
+    /// channel's deliveries it missed costs in a queue (the last it could not take, or
+    /// the average of the last catch-up's read), to size the next read.
+    Lagging {
+        through: StreamPosition,
+        cost: usize,
+    },
     /// Closed as a slow consumer while recovering: gets nothing more, and leaves when
     /// its session ends.
     Dropped,
@@ -279,7 +284,6 @@ impl Stream {
                 deltas_paused_until: None,
                 members: IndexMap::new(),
                 catch_ups: 0,
-                entry_cost: 0,
             }),
         }
     }
@@ -311,6 +315,15 @@ impl Stream {
     pub(crate) fn leave(&self, conn: ConnId) -> (bool, usize) {
         let mut s = self.state.lock();
         let removed = s.members.swap_remove(&conn);
+        if let Some(Member {
+            phase: Phase::Lagging { through, .. },
+            ..
+        }) = &removed
+        {
+            // Nothing was pushed to it since it lagged: what it missed is counted here.
+            let missed = missed_since(s.last, *through);
+            self.env.metrics.dropped(DropReason::Disconnected, missed);
+        }
         s.delta_members -= removed.as_ref().map_or(0, |m| usize::from(m.delta));
         if s.delta_members == 0 {
             s.prev = None;
@@ -414,34 +427,38 @@ impl Stream {
     }
 
     /// One round of catching `conn` up in place after it lagged ([`Phase::Lagging`]);
-    /// its session asks once its queue is half empty. Reads the history on from where its
-    /// queue ended (at most [`CATCH_UP_PAGE`] entries) and queues, in order, what the
-    /// queue has room for ([`WhenFull::Refuse`]), then what reached the channel during
-    /// the read: live again once it has everything the node delivered, lagging again
-    /// (the next round once the queue has room) otherwise. What it missed that the
-    /// history no longer holds (trimmed, expired, another epoch), or a history that
-    /// cannot be read, closes the session as a slow consumer: its client resumes on
-    /// reconnect, where it is told what was lost.
+    /// its session asks once its queue has room. Reads the history on from where its
+    /// queue ended (about what the queue has room for, at most [`CATCH_UP_PAGE`]
+    /// entries) and queues, in order, what fits ([`WhenFull::Refuse`]), then what
+    /// reached the channel during the read: live again once it has everything the node
+    /// delivered, lagging again (the next round once the queue has room) otherwise.
+    /// What it missed that the history no longer holds (trimmed, expired, another
+    /// epoch), or a history that cannot be read, closes the session as a slow
+    /// consumer: its client resumes on reconnect.
     pub(crate) async fn catch_up_member(
         self: &Arc<Self>,
         conn: ConnId,
         timeout: Duration,
     ) -> CaughtUp {
         for _ in 0..ATTEMPTS {
+            // Bounded like repairs: many lagging members must not flood the broker.
+            let Ok(_permit) = self.env.catch_up_reads.acquire().await else {
+                return CaughtUp::Gone;
+            };
             let (through, catch_ups, limit) = {
                 let mut s = self.state.lock();
-                let (catch_ups, cost) = (s.catch_ups, s.entry_cost.max(1));
+                let catch_ups = s.catch_ups;
                 let Some(m) = s.members.get_mut(&conn) else {
                     return CaughtUp::Gone;
                 };
-                let Phase::Lagging { through } = m.phase else {
+                let Phase::Lagging { through, cost } = m.phase else {
                     return CaughtUp::Gone;
                 };
                 // Arrivals during the read are held for it, as for a subscribe.
                 m.phase = Phase::Recovering(Vec::new());
                 // About what its queue has room for: a round reads little more than it
                 // queues, however large the channel's publications.
-                let fits = (m.handle.room() / cost).clamp(CATCH_UP_MIN, CATCH_UP_PAGE);
+                let fits = (m.handle.room() / cost.max(1)).clamp(CATCH_UP_MIN, CATCH_UP_PAGE);
                 (through, catch_ups, fits.min(self.policy.size))
             };
             // The node's own position, not a client's: read without `only_in`, and the
@@ -464,7 +481,7 @@ impl Stream {
         }
         // Only a broker that keeps re-establishing its subscriptions gets here.
         let through = match self.state.lock().members.get(&conn).map(|m| &m.phase) {
-            Some(Phase::Lagging { through }) => *through,
+            Some(Phase::Lagging { through, .. }) => *through,
             _ => return CaughtUp::Gone,
         };
         self.cut(conn, through)
@@ -489,10 +506,20 @@ impl Stream {
             return Some(CaughtUp::Gone);
         };
         let arrived = std::mem::take(arrived);
+        // What the entries read cost in a queue, on average: the next read's size.
+        let read_cost = page
+            .publications
+            .iter()
+            .map(|p| p.payload.len() + p.channel.as_str().len() + 64 + ITEM_OVERHEAD)
+            .sum::<usize>()
+            / page.publications.len().max(1);
         if again {
             // The broker re-established its subscriptions after the read was issued (a
             // restarted Redis may have lost what it found): read again.
-            m.phase = Phase::Lagging { through };
+            m.phase = Phase::Lagging {
+                through,
+                cost: read_cost,
+            };
             return None;
         }
         // The history must go on where its queue ended: the same epoch (or, from a
@@ -513,7 +540,8 @@ impl Stream {
             offset: through.offset,
             epoch: page.top.epoch,
         };
-        let (mut full, mut replayed) = (false, 0u64);
+        // What did not fit, if something did not.
+        let (mut refused, mut replayed) = (None, 0u64);
         let history = page.publications.iter().map(|p| (p, true));
         for (p, from_history) in history.chain(arrived.iter().map(|p| (p, false))) {
             let Some(pos) = p.position else { continue };
@@ -524,18 +552,9 @@ impl Stream {
                 // A hole (not read yet, or still being repaired): the next round.
                 break;
             }
-            let epoch = epoch_frame(&self.channel, p).filter(|_| m.positions);
-            let queued = epoch
-                .into_iter()
-                .chain([Item::delivery(p, m.positions)])
-                .all(|item| match m.handle.offer(item) {
-                    Pushed::Queued => true,
-                    _ => {
-                        full = true;
-                        false
-                    }
-                });
-            if !queued {
+            let item = delivery(&self.channel, p, m.positions);
+            if m.handle.offer(&item) != Pushed::Queued {
+                refused = Some(item.cost());
                 break;
             }
             at = pos;
@@ -543,39 +562,48 @@ impl Stream {
             replayed += u64::from(from_history);
         }
         self.env.metrics.replayed.inc_by(replayed);
-        let caught_up = !full && last.is_none_or(|l| l.same_epoch(at) && l.offset <= at.offset);
+        let caught_up =
+            refused.is_none() && last.is_none_or(|l| l.same_epoch(at) && l.offset <= at.offset);
         if caught_up {
             m.phase = Phase::Live { through: at };
             self.env.metrics.history_catch_ups.inc();
             return Some(CaughtUp::Live);
         }
-        if !full && at == through {
+        if refused.is_none() && at == through {
             // Nothing to queue and still behind: the node is in another epoch than the
             // history (a repair will tell), and this member cannot be brought there.
             drop(s);
             return Some(self.cut(conn, through));
         }
-        m.phase = Phase::Lagging { through: at };
-        m.handle.catch_up_when_room(self.channel.clone());
+        m.phase = Phase::Lagging {
+            through: at,
+            cost: read_cost.max(1),
+        };
+        // The next round once what did not fit fits (at once after a round that
+        // stopped at the end of its read with room to spare).
+        m.handle
+            .catch_up_when_room(self.channel.clone(), refused.unwrap_or(0));
         Some(CaughtUp::Lagging)
     }
 
     /// A lagging member that cannot be caught up: its session closes as a slow
-    /// consumer, what it missed after `through` counted as dropped.
+    /// consumer, what it missed after `through` counted as dropped (as `disconnected`
+    /// when the session was closing anyway).
     fn cut(&self, conn: ConnId, through: StreamPosition) -> CaughtUp {
         let mut s = self.state.lock();
-        let last = s.last;
+        let missed = missed_since(s.last, through);
         let Some(m) = s.members.get_mut(&conn) else {
             return CaughtUp::Gone;
         };
-        let missed = last
-            .filter(|l| l.same_epoch(through))
-            .map_or(0, |l| l.offset.saturating_sub(through.offset));
         let metrics = &self.env.metrics;
-        metrics.slow_consumer_disconnects.inc();
-        metrics.dropped(DropReason::SlowConsumer, missed);
-        m.handle
-            .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+        if m.handle.is_closing() {
+            metrics.dropped(DropReason::Disconnected, missed);
+        } else {
+            metrics.slow_consumer_disconnects.inc();
+            metrics.dropped(DropReason::SlowConsumer, missed);
+            m.handle
+                .close(close::TRY_AGAIN_LATER, "slow consumer", false);
+        }
         m.phase = Phase::Dropped;
         CaughtUp::Closed
     }
@@ -678,11 +706,9 @@ impl Stream {
                     if p.offset().is_some_and(|o| o <= page.top.offset) {
                         replayed += 1;
                     }
-                    if let Some(epoch) = epoch_frame(&self.channel, &p).filter(|_| member.positions)
-                    {
-                        member.handle.push(epoch);
-                    }
-                    member.handle.push(Item::delivery(&p, member.positions));
+                    member
+                        .handle
+                        .push(delivery(&self.channel, &p, member.positions));
                     member.base = p.position.filter(|_| matches!(p.payload, Payload::Json(_)));
                 }
                 Out::Reset(at) => {
@@ -874,8 +900,9 @@ impl Stream {
                 }
             }
         }
-        // Members whose queue had no room: they lag, and catch up from the history.
-        let mut lagged: Vec<ConnId> = Vec::new();
+        // Members whose queue had no room (and what did not fit): they lag, and catch
+        // up from the history.
+        let mut lagged: Vec<(ConnId, usize)> = Vec::new();
         // `positions`: only members that do (or do not) track positions; `None`: all.
         let live = |positions: Option<bool>| {
             s.members.iter().filter(move |(_, m)| {
@@ -887,23 +914,17 @@ impl Stream {
         let metrics = &self.env.metrics;
         let push = |to: &mut dyn Iterator<Item = (&ConnId, &Member)>,
                     item: &Item,
-                    lagged: &mut Vec<ConnId>| {
+                    lagged: &mut Vec<(ConnId, usize)>| {
             let to = to.map(|(c, m)| (*c, &m.handle));
             SessionHandle::push_each(to, item, metrics, false, WhenFull::Refuse, |c| {
-                lagged.push(c)
+                lagged.push((c, item.cost()))
             });
         };
         let plain = Item::delivery(p, false);
         if matches!(p.payload, Payload::Binary(_)) {
             push(&mut live(Some(false)), &plain, &mut lagged);
-            if let Some(epoch) = epoch_frame(&self.channel, p) {
-                push(&mut live(Some(true)), &epoch, &mut lagged);
-            }
-            let positioned = Item::delivery(p, true);
-            // Not to a member that refused the epoch frame before it.
-            let before = lagged.clone();
-            let mut to = live(Some(true)).filter(|(c, _)| !before.contains(c));
-            push(&mut to, &positioned, &mut lagged);
+            let positioned = delivery(&self.channel, p, true);
+            push(&mut live(Some(true)), &positioned, &mut lagged);
         } else {
             // Text deliveries carry the offset for everyone: one encoding, one pass;
             // members that hold the publication before take its delta instead, when
@@ -944,18 +965,17 @@ impl Stream {
                 None => push(&mut live(None), &plain, &mut lagged),
             }
         }
-        for c in lagged {
+        for (c, cost) in lagged {
             let Some(m) = s.members.get_mut(&c) else {
                 continue;
             };
             if let Phase::Live { through } = m.phase {
                 // It keeps what it has queued; the catch-up replays from there, whole.
-                m.phase = Phase::Lagging { through };
+                m.phase = Phase::Lagging { through, cost };
                 m.base = None;
-                m.handle.catch_up_when_room(self.channel.clone());
+                m.handle.catch_up_when_room(self.channel.clone(), cost);
             }
         }
-        s.entry_cost = plain.cost();
         let json = matches!(p.payload, Payload::Json(_));
         for m in s.members.values_mut() {
             if let Phase::Live { through } = &mut m.phase {
@@ -1112,6 +1132,10 @@ impl Stream {
             // A new epoch's stream is replayed to every member it resets: within the
             // queue budget, or not at all (the reset then names the top).
             if replay_cost(&fetched) > self.env.replay_budget {
+                // Members still completing a subscribe hold them all the same (bounded
+                // by their buffer): their merge decides what they lack, and none of it
+                // may go missing without a `reset`.
+                self.buffer(&mut s, &fetched);
                 fetched.clear();
                 at.offset = page.top.offset;
             }
@@ -1152,14 +1176,35 @@ impl Stream {
     }
 }
 
-/// The `epoch` frame that goes before a binary delivery at offset 1 to a member that
-/// tracks positions (binary frames have no room for the epoch; text ones carry it).
-fn epoch_frame(channel: &ChannelName, p: &Publication) -> Option<Item> {
+/// How many offsets the node delivered after `through` (0 when it is in another epoch).
+fn missed_since(last: Option<StreamPosition>, through: StreamPosition) -> u64 {
+    last.filter(|l| l.same_epoch(through))
+        .map_or(0, |l| l.offset.saturating_sub(through.offset))
+}
+
+/// The queue item delivering `p` to a member (that tracks positions, or not): a
+/// binary delivery at offset 1 to a member that tracks positions goes after an `epoch`
+/// frame (binary frames have no room for the epoch; text ones carry it).
+fn delivery(channel: &ChannelName, p: &Publication, positions: bool) -> Item {
     match (&p.payload, p.position) {
-        (Payload::Binary(_), Some(at)) if at.offset == 1 => {
-            Some(Item::reply(server::epoch(channel.as_str(), at.epoch)))
+        (Payload::Binary(data), Some(at)) if positions && at.offset == 1 => {
+            // One item: queued (or refused) together, never an `epoch` frame alone.
+            let mut frames = crate::wire::Frames::default();
+            frames.text(&server::epoch(channel.as_str(), at.epoch));
+            frames.binary(&server::binary_frame_with_offset(
+                channel.as_str(),
+                at.offset,
+                data,
+            ));
+            let out = frames.finish();
+            Item {
+                len: out.len(),
+                out: crate::wire::Out::Frames(out),
+                published_at_us: p.published_at_us,
+                deliveries: 1,
+            }
         }
-        _ => None,
+        _ => Item::delivery(p, positions),
     }
 }
 

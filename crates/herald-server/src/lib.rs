@@ -76,6 +76,8 @@ mod wire;
 mod writer;
 
 #[cfg(test)]
+mod catch_up_tests;
+#[cfg(test)]
 mod exactly_once;
 
 pub use config::{GatewayConfig, TlsConfig};

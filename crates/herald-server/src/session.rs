@@ -302,7 +302,6 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = handle.done.wait() => return,
-                _ = handle.poked() => Box::pin(self.on_commands()).await,
                 msg = stream.next() => {
                     handle.heard(self.node.now_ms());
                     match msg {
@@ -338,6 +337,9 @@ impl Session {
                         self.close(close::POLICY_VIOLATION, "rate limit exceeded");
                     }
                 }
+                // After the client's frames: commands (a run of catch-up rounds among
+                // them) must not keep the session from reading its socket.
+                _ = handle.poked() => Box::pin(self.on_commands()).await,
             }
             if handle.is_closing() {
                 // Closing (slow consumer, drain, heartbeat): the writer owns the rest;
@@ -661,7 +663,7 @@ impl Session {
 
     /// Catches a history subscription up in place (one round, see
     /// `Stream::catch_up_member`) once the session's queue, which had no room for its
-    /// deliveries, is half empty. A history that cannot be read, or no longer holds what
+    /// deliveries, has room again. A history that cannot be read, or no longer holds what
     /// it missed, closes the session as a slow consumer: its client resumes on
     /// reconnect.
     async fn catch_up(&mut self, channel: &ChannelName) {
