@@ -321,7 +321,8 @@ async fn what_a_lagging_member_missed_is_counted_when_its_session_ends() {
     .iter()
     .map(|r| sm.dropped_total(*r) + f.metrics.dropped_total(*r))
     .sum::<u64>();
-    let never_written = 200 - 0; // the drained batch was never written either
+    // The drained batch was never written either.
+    let never_written = 200;
     assert!(
         counted + queued >= never_written,
         "{never_written} publications never reached the client, {counted} counted \
