@@ -390,3 +390,48 @@ fn a_channel_has_one_catch_up_waiting_at_a_time() {
     h.catch_up_when_room(news.clone(), 0);
     assert_eq!(catch_ups(&h), 1, "one lagging channel, two catch-ups asked");
 }
+
+/// A catch-up that reaches a delivery larger than the whole queue (the node refuses
+/// such publications, a raw one in the stream need not be) closes the session as a
+/// slow consumer, and every offset the client never gets is counted once: not again
+/// when the member leaves.
+#[tokio::test]
+async fn what_a_caught_up_member_cannot_take_is_counted_once() {
+    let queue = 8192;
+    let mut f = Fixture::new(queue, 1000);
+    let sm = Metrics::unregistered();
+    let senv = Arc::new(crate::handle::SessionEnv {
+        metrics: sm.clone(),
+        ..(*env(queue)).clone()
+    });
+    let h = Arc::new(SessionHandle::new(0, senv));
+    f.news.join(1, &h, true, false);
+    f.news.resume(1, plain_resume()).await;
+    written(&h);
+    f.publish(100, 40).await;
+    let mut got = offsets(&written(&h));
+    assert!(got.len() < 40, "no lag");
+    f.publish(10_000, 1).await;
+    let huge = 41;
+    f.publish(100, 5).await;
+    // Rounds until the session closes: the first queues up to the huge one, the next
+    // finds it larger than the whole queue.
+    let mut rounds = 0;
+    while catch_ups(&h) > 0 {
+        rounds += 1;
+        assert!(rounds < 10);
+        let round = f.news.catch_up_member(1, Duration::from_secs(1)).await;
+        if round == CaughtUp::Closed {
+            break;
+        }
+        got.extend(offsets(&written(&h)));
+    }
+    assert!(h.is_closing());
+    assert_eq!(got, (1..huge).collect::<Vec<_>>());
+    f.news.leave(1);
+    let dropped = [DropReason::SlowConsumer, DropReason::Disconnected]
+        .iter()
+        .map(|r| sm.dropped_total(*r) + f.metrics.dropped_total(*r))
+        .sum::<u64>();
+    assert_eq!(dropped, 46 - (huge - 1), "offsets {huge}..=46, each once");
+}

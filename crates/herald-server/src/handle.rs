@@ -623,6 +623,13 @@ impl SessionHandle {
     /// Queues `item` unless the queue would pass seven eighths of its budget
     /// ([`WhenFull::Refuse`]: the session goes on either way).
     pub(crate) fn offer(self: &Arc<Self>, item: &Item) -> Pushed {
+        // Pre-framed frames are written as they are: compressed here for a connection
+        // that negotiated it (the sink compresses single messages itself).
+        let deflated = match (&item.out, self.deflate.get()) {
+            (Out::Frames(_), Some(d)) => item.deflated(*d),
+            _ => None,
+        };
+        let item = deflated.as_ref().unwrap_or(item);
         let pushed = self.enqueue(item, false, WhenFull::Refuse);
         if pushed == Pushed::Queued {
             self.env

@@ -441,8 +441,18 @@ impl Stream {
         timeout: Duration,
     ) -> CaughtUp {
         for _ in 0..ATTEMPTS {
-            // Bounded like repairs: many lagging members must not flood the broker.
-            let Ok(_permit) = self.env.catch_up_reads.acquire().await else {
+            // Bounded like repairs: many lagging members must not flood the broker. The
+            // wait is the session reader's, so it is bounded too: past it, the member
+            // stays lagging and its session asks again after its next reads.
+            let permit = tokio::time::timeout(timeout, self.env.catch_up_reads.acquire()).await;
+            let Ok(Ok(_permit)) = permit else {
+                let s = self.state.lock();
+                if let Some(m) = s.members.get(&conn) {
+                    if matches!(m.phase, Phase::Lagging { .. }) {
+                        m.handle.catch_up_when_room(self.channel.clone(), 0);
+                        return CaughtUp::Lagging;
+                    }
+                }
                 return CaughtUp::Gone;
             };
             let (through, catch_ups, limit) = {
@@ -553,9 +563,23 @@ impl Stream {
                 break;
             }
             let item = delivery(&self.channel, p, m.positions);
-            if m.handle.offer(&item) != Pushed::Queued {
-                refused = Some(item.cost());
-                break;
+            match m.handle.offer(&item) {
+                Pushed::Queued => {}
+                Pushed::Refused => {
+                    refused = Some(item.cost());
+                    break;
+                }
+                // Larger than the whole queue (closed as a slow consumer, this one and
+                // what was queued counted), or the session is closing: what it misses
+                // past this one is counted here, and it gets nothing more.
+                pushed => {
+                    let from = if pushed == Pushed::Overflow { pos } else { at };
+                    let missed = missed_since(last, from);
+                    self.env.metrics.dropped(DropReason::Disconnected, missed);
+                    m.phase = Phase::Dropped;
+                    self.env.metrics.replayed.inc_by(replayed);
+                    return Some(CaughtUp::Closed);
+                }
             }
             at = pos;
             m.base = Some(pos).filter(|_| matches!(p.payload, Payload::Json(_)));
@@ -595,6 +619,10 @@ impl Stream {
         let Some(m) = s.members.get_mut(&conn) else {
             return CaughtUp::Gone;
         };
+        if !matches!(m.phase, Phase::Lagging { .. } | Phase::Recovering(_)) {
+            // Closed meanwhile (its buffer overflowed during the read: counted there).
+            return CaughtUp::Closed;
+        }
         let metrics = &self.env.metrics;
         if m.handle.is_closing() {
             metrics.dropped(DropReason::Disconnected, missed);
