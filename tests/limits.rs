@@ -256,6 +256,45 @@ async fn slow_consumer_is_closed_with_1013_and_nobody_else_suffers() {
     assert_eq!(healthy.recv_json().await["data"], 0);
 }
 
+/// With `limits.socket_send_buffer_bytes`, the kernel holds little of a reader's
+/// backlog: a subscriber that stops reading is found slow after about its queue's worth
+/// (with the kernel's own sizing it first takes megabytes: the test above sends 19 MiB).
+#[tokio::test]
+async fn a_small_socket_send_buffer_finds_a_stopped_reader_within_its_queue() {
+    const SIZE: usize = 1024;
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 128 * 1024;
+        c.limits.socket_send_buffer_bytes = 16 * 1024;
+    })
+    .await;
+    let mut slow = Client::connect_with_small_buffer(node.addr).await;
+    slow.subscribe("firehose").await;
+    let mut healthy = node.client().await;
+    healthy.subscribe("firehose").await;
+    let filler = "y".repeat(SIZE);
+    let mut published = 0usize;
+    while node.metric("herald_slow_consumer_disconnects_total") == 0.0 {
+        assert!(
+            published < 2000,
+            "2 MiB published and the stopped reader is not found slow"
+        );
+        let data = format!(r#"{{"i":{published},"pad":"{filler}"}}"#);
+        assert_eq!(node.publish("firehose", &data).await, 200);
+        assert_eq!(healthy.recv_json().await["data"]["i"], published);
+        published += 1;
+    }
+    // The queue (128 KiB), the kernel's doubled 16 KiB and the reader's small receive
+    // buffer: well under 300 KiB.
+    assert!(
+        published * SIZE < 300 * 1024,
+        "{published} KiB published before the reader was found slow"
+    );
+    let (closed, _) = slow.closed().await;
+    assert_eq!(closed.code, Some(1013), "{closed:?}");
+    assert_eq!(node.publish("firehose", "0").await, 200);
+    assert_eq!(healthy.recv_json().await["data"], 0);
+}
+
 #[tokio::test]
 async fn non_websocket_requests_to_ws_get_400() {
     let node = Node::start().await;

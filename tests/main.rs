@@ -17,4 +17,5 @@ mod presence;
 mod protocol;
 mod recovery;
 mod redis;
+mod slow_readers;
 mod sse;

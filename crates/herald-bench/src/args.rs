@@ -17,12 +17,13 @@ pub(crate) struct RunArgs {
     )]
     pub(crate) scenarios: Vec<String>,
     /// Targets: herald, herald-history (every bench channel keeps history; publishes go
-    /// through the history script), floor, node, python, socketio, and `herald@PATH`
+    /// through the history script), floor, floor-redis (the floor fed through Redis),
+    /// node, python, socketio, and `herald@PATH`
     /// for another Herald binary (before/after comparisons in one run).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "herald,herald-history,floor,node,python,socketio"
+        default_value = "herald,herald-history,floor,floor-redis,node,python,socketio"
     )]
     pub(crate) targets: Vec<String>,
     /// Subscribers in the fan-out, many-channels and cross-node scenarios.

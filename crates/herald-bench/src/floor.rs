@@ -7,13 +7,19 @@
 //! write each batch to each socket with one non-blocking `write`. Publications arrive
 //! on a control socket as lines `channel<TAB>json-data`; everything read at once
 //! becomes one batch.
+//!
+//! With `--redis`, publications come through Redis instead, read by Herald's own Redis
+//! broker (the same intake Herald has): the floor of a gateway fed by Redis, whose
+//! server shares the two cores with it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use herald_broker::{Broker, Ready, Received};
 use herald_protocol::{client, server, ChannelName, Payload, Publication};
+use herald_redis::{RedisBroker, RedisConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast;
@@ -28,6 +34,10 @@ pub(crate) struct FloorArgs {
     /// Control listener (publications, one per line).
     #[arg(long)]
     pub(crate) control: SocketAddr,
+    /// Take publications from this Redis (through Herald's Redis broker, prefix
+    /// `herald:`) as well as from the control socket.
+    #[arg(long)]
+    pub(crate) redis: Option<String>,
 }
 
 /// A batch of publications: per channel, the concatenated frames.
@@ -74,6 +84,10 @@ async fn main(args: FloorArgs) -> anyhow::Result<()> {
             tokio::spawn(control_loop(stream, b.clone()));
         }
     });
+    let redis = match &args.redis {
+        Some(url) => Some(Arc::new(from_redis(url, batches.clone())?)),
+        None => None,
+    };
     let mut next = 0usize;
     loop {
         let stream = match ws.accept().await {
@@ -86,8 +100,10 @@ async fn main(args: FloorArgs) -> anyhow::Result<()> {
         };
         let shard = shards[next % SHARDS].clone();
         next += 1;
+        let redis = redis.clone();
         tokio::spawn(async move {
-            if let Ok((channel, stream)) = handshake(stream).await {
+            let interest = |channel: &ChannelName| redis.as_ref().map(|r| r.subscribe(channel));
+            if let Ok((channel, stream)) = handshake(stream, interest).await {
                 let _ = shard.send((channel, stream));
             }
         });
@@ -167,6 +183,37 @@ fn write(c: &mut Conn, frames: &Bytes) -> bool {
     c.pending.len() < MAX_PENDING
 }
 
+/// Herald's Redis broker, its received publications batched like the control socket's
+/// lines: whatever is queued at once (up to 256) becomes one batch.
+fn from_redis(url: &str, batches: broadcast::Sender<Batch>) -> anyhow::Result<RedisBroker> {
+    let metrics = herald_metrics::Metrics::unregistered();
+    let (inbound, mut received) = herald_broker::inbound(65536, metrics.clone());
+    let broker = RedisBroker::start(
+        RedisConfig {
+            url: url.to_owned(),
+            ..RedisConfig::default()
+        },
+        inbound,
+        metrics,
+    )?;
+    tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(256);
+        let mut grouped: HashMap<String, BytesMut> = HashMap::new();
+        while received.recv_many(&mut buf, 256).await > 0 {
+            for r in buf.drain(..) {
+                if let Received::Publication(p) = r {
+                    let frames = grouped.entry(p.channel.as_str().to_owned()).or_default();
+                    push_publication(frames, &p);
+                }
+            }
+            let batch: Vec<(String, Bytes)> =
+                grouped.drain().map(|(c, b)| (c, b.freeze())).collect();
+            let _ = batches.send(Arc::new(batch));
+        }
+    });
+    Ok(broker)
+}
+
 /// Reads publications and broadcasts each read's worth, per channel, as one buffer of
 /// concatenated frames: the batching that makes this a floor.
 async fn control_loop(stream: TcpStream, batches: broadcast::Sender<Batch>) {
@@ -201,8 +248,11 @@ fn push(batches: &mut HashMap<String, BytesMut>, line: &str) {
         return;
     };
     let p = Publication::now(name, Payload::Json(Bytes::copy_from_slice(data.as_bytes())));
-    let buf = batches.entry(channel.to_owned()).or_default();
-    match server::encode_delivery(&p) {
+    push_publication(batches.entry(channel.to_owned()).or_default(), &p);
+}
+
+fn push_publication(buf: &mut BytesMut, p: &Publication) {
+    match server::encode_delivery(p) {
         server::Delivery::Text(text) => frame(buf, 0x1, text.as_bytes()),
         server::Delivery::Binary(b) => frame(buf, 0x2, &b),
     }
@@ -225,8 +275,13 @@ fn frame(buf: &mut BytesMut, opcode: u8, payload: &[u8]) {
     buf.put_slice(payload);
 }
 
-/// The HTTP upgrade, the welcome, and the subscribe; returns the channel.
-async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)> {
+/// The HTTP upgrade, the welcome, and the subscribe; returns the channel. `interest`
+/// tells the broker (if any) about the channel; the subscribe is acknowledged once the
+/// broker has it.
+async fn handshake(
+    mut stream: TcpStream,
+    interest: impl FnOnce(&ChannelName) -> Option<Ready>,
+) -> anyhow::Result<(String, TcpStream)> {
     stream.set_nodelay(true)?;
     // HTTP upgrade.
     let mut req = Vec::with_capacity(512);
@@ -265,6 +320,12 @@ async fn handshake(mut stream: TcpStream) -> anyhow::Result<(String, TcpStream)>
         Ok(client::Request::Subscribe { channel, id, .. }) => (channel, id),
         other => anyhow::bail!("expected a subscribe, got {other:?}"),
     };
+    if let Some(ready) = interest(&channel) {
+        anyhow::ensure!(
+            ready.wait(std::time::Duration::from_secs(10)).await,
+            "the broker did not subscribe {channel} in time"
+        );
+    }
     let mut ack = BytesMut::new();
     frame(
         &mut ack,

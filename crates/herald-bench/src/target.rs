@@ -24,7 +24,7 @@ pub(crate) fn peers_dir() -> PathBuf {
 /// Installs a peer's dependencies when they are missing.
 pub(crate) async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
-        "herald" | "herald-history" | "floor" => Ok(()),
+        "herald" | "herald-history" | "floor" | "floor-redis" => Ok(()),
         t if t.starts_with("herald@") => {
             anyhow::ensure!(Path::new(&t[7..]).is_file(), "{}: no such binary", &t[7..]);
             Ok(())
@@ -208,19 +208,22 @@ impl Target {
                         .kill_on_drop(true)
                         .spawn()?
                 }
-                "floor" => {
+                // `floor-redis`: the floor fed through Redis like Herald.
+                "floor" | "floor-redis" => {
                     let control = SocketAddr::from(([127, 0, 0, 1], free_port()));
                     controls.push(control);
-                    Command::new(std::env::current_exe()?)
-                        .args([
-                            "floor",
-                            "--listen",
-                            &addr.to_string(),
-                            "--control",
-                            &control.to_string(),
-                        ])
-                        .kill_on_drop(true)
-                        .spawn()?
+                    let mut cmd = Command::new(std::env::current_exe()?);
+                    cmd.args([
+                        "floor",
+                        "--listen",
+                        &addr.to_string(),
+                        "--control",
+                        &control.to_string(),
+                    ]);
+                    if kind == "floor-redis" {
+                        cmd.args(["--redis", &redis.url()]);
+                    }
+                    cmd.kill_on_drop(true).spawn()?
                 }
                 "node" => Command::new("node")
                     .arg(peers_dir().join("node/server.js"))

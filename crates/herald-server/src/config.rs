@@ -455,6 +455,12 @@ pub struct LimitsConfig {
     /// lags and is caught up from the history in place (PROTOCOL.md, "Slow readers on
     /// history channels").
     pub outbound_queue_bytes: usize,
+    /// The kernel's send buffer per accepted connection (`SO_SNDBUF`; Linux doubles
+    /// it); 0: the kernel's own sizing, which grows a buffer to `net.ipv4.tcp_wmem`'s
+    /// maximum (4 MiB by default) for a reader that does not keep up. Kernel memory a
+    /// slow reader can hold beyond `outbound_queue_bytes`, and how long it takes to be
+    /// noticed as slow.
+    pub socket_send_buffer_bytes: usize,
     /// Largest HTTP request body on `/api/*` (413 past it).
     pub max_body_bytes: usize,
     /// Publications on `delta` channels larger than this, or following one that is, are
@@ -514,6 +520,7 @@ impl Default for LimitsConfig {
             rate_limit_strikes: 20,
             rate_limit_window: Duration::from_secs(10),
             outbound_queue_bytes: 1024 * 1024,
+            socket_send_buffer_bytes: 0,
             max_body_bytes: 1024 * 1024,
             max_delta_bytes: 16 * 1024,
             max_delta_time: Duration::from_millis(2),

@@ -98,6 +98,12 @@ pub(crate) async fn serve(
             continue;
         }
         let _ = stream.set_nodelay(true);
+        let sndbuf = node.config.limits.socket_send_buffer_bytes;
+        if sndbuf > 0 {
+            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
+                tracing::debug!(error = %e, "SO_SNDBUF not set");
+            }
+        }
         let tasks = node.http_tasks.clone();
         tasks.spawn(connection(stream, peer, node.clone(), role, stop.clone()));
     }
