@@ -213,3 +213,148 @@ async fn slow_readers_with_seeded_pauses_miss_nothing_on_redis() {
     let node = Node::start_redis(&redis.url(), config).await;
     story(&node).await;
 }
+
+/// A reader that reads steadily but slowly through a backlog larger than it can take
+/// in a write timeout or a heartbeat timeout is neither dropped by the write timeout
+/// (it measured a whole batch, not progress) nor closed 1008 (the node's ping waited
+/// behind the backlog, so its pong could not come in time): it gets everything. On a
+/// history channel with a small queue (it lags and is caught up) and on a plain
+/// channel whose queue holds the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_neither_timed_out_nor_taken_for_dead() {
+    steady_reader("feed:slow", 64 * 1024).await;
+    steady_reader("wide", 1024 * 1024).await;
+}
+
+async fn steady_reader(channel: &str, queue: usize) {
+    const COUNT: u64 = 300;
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = queue;
+        c.limits.socket_send_buffer_bytes = 8 * 1024;
+        c.websocket.write_timeout = Duration::from_millis(800);
+        c.heartbeat.interval = Duration::from_millis(300);
+        c.heartbeat.timeout = Duration::from_millis(500);
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    let mut c = Client::connect_with_small_buffer(node.addr).await;
+    c.subscribe(channel).await;
+    let pad = "q".repeat(1000);
+    let items: Vec<Value> = (1..=COUNT)
+        .map(|i| json!({"channel": channel, "data": {"i": i, "pad": pad}}))
+        .collect();
+    let r = http(
+        node.api,
+        "POST",
+        "/api/batch",
+        &[("content-type", "application/json")],
+        json!({ "publications": items }).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // About 300 KB at under 100 KB/s: several write and heartbeat timeouts long.
+    let started = Instant::now();
+    let mut i = 0;
+    while i < COUNT {
+        let m = c.recv_json().await;
+        if m["op"] == "message" {
+            i += 1;
+            assert_eq!(m["data"]["i"], i, "{channel}: {m}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        started.elapsed() > Duration::from_secs(3),
+        "{channel}: read too fast to test anything"
+    );
+    assert_eq!(node.metric("herald_write_timeouts_total"), 0.0, "{channel}");
+    assert_eq!(
+        node.metric("herald_slow_consumer_disconnects_total"),
+        0.0,
+        "{channel}"
+    );
+    c_still_answers(&mut c).await;
+}
+
+async fn c_still_answers(c: &mut Client) {
+    c.send_json(&json!({"op": "ping", "id": 77})).await;
+    loop {
+        let m = c.recv_json().await;
+        if m["id"] == 77 {
+            return;
+        }
+    }
+}
+
+/// A subscriber lagging on a history channel asks for a page of history and resumes
+/// another channel: both answers wait for room in its queue instead of closing it
+/// 1013, and its lagging channel still arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_reader_may_read_history_and_resume_another_channel() {
+    let node = Node::start_with(|c| {
+        c.limits.outbound_queue_bytes = 32 * 1024;
+        c.limits.socket_send_buffer_bytes = 8 * 1024;
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    // Ten publications on feed:b to resume from offset 5.
+    node.publish_numbers("feed:b", 1, 10).await;
+    let mut c = Client::connect_with_small_buffer(node.addr).await;
+    let reply = c.subscribe_since("feed:a", None).await;
+    assert_eq!(reply["offset"], 0);
+    let epoch_b = {
+        let mut probe = node.client().await;
+        let r = probe.subscribe_since("feed:b", None).await;
+        r["epoch"].as_str().unwrap().to_owned()
+    };
+    let pad = "r".repeat(500);
+    for round in 0..3u64 {
+        let items: Vec<Value> = (1..=100)
+            .map(|i| json!({"channel": "feed:a", "data": {"i": round * 100 + i, "pad": pad}}))
+            .collect();
+        let r = http(
+            node.api,
+            "POST",
+            "/api/batch",
+            &[("content-type", "application/json")],
+            json!({ "publications": items }).to_string().into_bytes(),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    herald_testkit::eventually("the reader lags", || {
+        node.metric("herald_outbound_queue_bytes") > 16.0 * 1024.0
+    })
+    .await;
+    c.send_json(&json!({"op": "history", "channel": "feed:a", "id": 90, "limit": 100}))
+        .await;
+    c.send_json(
+        &json!({"op": "subscribe", "channel": "feed:b", "id": 91, "recover": true,
+        "since": {"offset": 5, "epoch": epoch_b}}),
+    )
+    .await;
+    let (mut next_a, mut b, mut answered) = (1u64, Vec::new(), 0);
+    while next_a <= 300 || answered < 2 || b.len() < 5 {
+        let m = match tokio::time::timeout(Duration::from_secs(20), c.ws().next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).unwrap(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("after {next_a} of feed:a, {b:?} of feed:b: {other:?}"),
+        };
+        match (m["op"].as_str(), m["channel"].as_str()) {
+            (Some("message"), Some("feed:a")) => {
+                assert_eq!(m["offset"], next_a, "{m}");
+                next_a += 1;
+            }
+            (Some("message"), Some("feed:b")) => b.push(m["offset"].as_u64().unwrap()),
+            (Some("history"), _) | (Some("subscribed"), Some("feed:b")) => {
+                if m["op"] == "subscribed" {
+                    assert_eq!(m["recovered"], true, "{m}");
+                }
+                answered += 1;
+            }
+            _ => panic!("unexpected {m}"),
+        }
+    }
+    assert_eq!(b, vec![6, 7, 8, 9, 10]);
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
+}

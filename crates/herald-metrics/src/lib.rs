@@ -125,8 +125,8 @@ pub struct Metrics {
     dropped_overflow: IntCounter,
     dropped_disconnected: IntCounter,
     dropped_stale: IntCounter,
-    /// Socket writes (or close frames) that did not complete within
-    /// `websocket.write_timeout`: the socket was dropped.
+    /// Socket writes that made no progress for `websocket.write_timeout` (or close
+    /// frames not written in time): the socket was dropped.
     pub write_timeouts: IntCounter,
     /// Sessions closed with 1013 because they could not keep up.
     pub slow_consumer_disconnects: IntCounter,
@@ -429,7 +429,7 @@ impl Metrics {
             dropped_stale: dropped.with_label_values(&["stale_connection"]),
             write_timeouts: counter(
                 "herald_write_timeouts_total",
-                "Socket writes that did not complete within websocket.write_timeout; the connection was dropped.",
+                "Socket writes that made no progress for websocket.write_timeout; the connection was dropped.",
             )?,
             slow_consumer_disconnects: counter(
                 "herald_slow_consumer_disconnects_total",

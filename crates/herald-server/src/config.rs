@@ -631,9 +631,10 @@ pub struct WebSocketConfig {
     /// socket and ends (idle sessions then hold no writer task).
     #[serde(with = "humantime_serde")]
     pub writer_linger: Duration,
-    /// A write of one batch of frames that takes longer than this (the peer's TCP stack
-    /// accepts nothing) drops the connection, freeing its queue and its slot
-    /// (`herald_write_timeouts_total`). The close frame is bounded by
+    /// A write that makes no progress for this long (the peer's TCP stack is alive but
+    /// the peer reads nothing) drops the connection, freeing its queue and its slot
+    /// (`herald_write_timeouts_total`). A peer that reads, however slowly, is not
+    /// dropped (see `wire::Progress`). The close frame is bounded by
     /// `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,

@@ -392,6 +392,11 @@ pub(crate) struct SessionHandle {
     last_heard_ms: AtomicU64,
     /// When the sweeper pinged the silent peer, in ms; 0 when not waiting for it.
     pinged_ms: AtomicU64,
+    /// The sink's count of writes taken after a wait (set once, at the start): the
+    /// peer reading through a backlog is alive though its answers wait behind it.
+    progress: std::sync::OnceLock<crate::wire::Progress>,
+    /// `progress` as the heartbeat sweeper last saw it.
+    progress_seen: AtomicU64,
     /// When the session's token expires (`exp`, Unix seconds); 0: it has none.
     expires_at: AtomicU64,
     /// The peer cannot answer (SSE): heartbeats are sent but never awaited; a peer
@@ -409,6 +414,8 @@ pub(crate) struct SessionHandle {
     user: std::sync::OnceLock<Box<str>>,
     /// Wakes the reader when a command arrives.
     poke: Notify,
+    /// Woken when the writer finished a batch: room may have come (`wait_room`).
+    roomy: Notify,
     /// How the session's WebSocket compresses (permessage-deflate), if it negotiated
     /// it: fan-out hands it runs compressed for it (set once, at the start).
     pub(crate) deflate: std::sync::OnceLock<Deflate>,
@@ -432,6 +439,8 @@ impl SessionHandle {
             reader_done: Signal::default(),
             last_heard_ms: AtomicU64::new(now_ms),
             pinged_ms: AtomicU64::new(0),
+            progress: std::sync::OnceLock::new(),
+            progress_seen: AtomicU64::new(0),
             expires_at: AtomicU64::new(0),
             one_way: AtomicBool::new(false),
             state: Mutex::new(State {
@@ -448,6 +457,7 @@ impl SessionHandle {
             env,
             user: std::sync::OnceLock::new(),
             poke: Notify::new(),
+            roomy: Notify::new(),
             deflate: std::sync::OnceLock::new(),
         }
     }
@@ -483,6 +493,16 @@ impl SessionHandle {
     pub(crate) fn heard(&self, now_ms: u64) {
         self.last_heard_ms.store(now_ms, Ordering::Relaxed);
         self.pinged_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// Counts `progress` (the session's sink's) as the peer's sign of life.
+    pub(crate) fn watch(&self, progress: crate::wire::Progress) {
+        let _ = self.progress.set(progress);
+    }
+
+    /// How often the peer took bytes after making the writer wait, so far.
+    pub(crate) fn progress(&self) -> u64 {
+        self.progress.get().map_or(0, crate::wire::Progress::get)
     }
 
     /// The peer cannot answer (SSE): see `one_way`.
@@ -529,6 +549,12 @@ impl SessionHandle {
             } else {
                 Liveness::Alive
             };
+        }
+        // A peer that took bytes after making the writer wait since the last look is
+        // reading: alive, though the ping (and so its pong) may wait behind its backlog.
+        let progress = self.progress();
+        if self.progress_seen.swap(progress, Ordering::Relaxed) != progress {
+            self.heard(now_ms);
         }
         let pinged = self.pinged_ms.load(Ordering::Relaxed);
         if pinged != 0 {
@@ -931,6 +957,32 @@ impl SessionHandle {
         self.env.metrics.outbound_queue_bytes.sub(s.inflight as i64);
         s.inflight = 0;
         self.catch_up_if_room(s);
+        self.roomy.notify_waiters();
+    }
+
+    /// Waits, at most `limit`, until what is queued and being written leaves `room`
+    /// bytes of the budget (or nothing is queued, or the session is closing). For the
+    /// session's own large replies (a resume's replay, a history page): pushed onto a
+    /// queue that a lagging history channel keeps seven eighths full, they would close
+    /// the session as a slow consumer, where a reader working through its backlog
+    /// needs only a moment. Past `limit` the caller goes on (and may close it).
+    pub(crate) async fn wait_room(&self, room: usize, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let roomy = self.roomy.notified();
+            tokio::pin!(roomy);
+            roomy.as_mut().enable();
+            {
+                let s = self.state.lock();
+                let used = s.bytes + s.inflight;
+                if s.closing.is_some() || used == 0 || used + room <= self.env.max_queued_bytes {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, roomy).await.is_err() {
+                return;
+            }
+        }
     }
 
     /// A history channel's stream stopped pushing to this session (its queue had no

@@ -150,6 +150,9 @@ pub(crate) struct Stream {
 struct State {
     /// The last publication that reached the node and was delivered.
     last: Option<StreamPosition>,
+    /// The last publication of the epoch before `last`'s, for counting what a member
+    /// still in that epoch missed (see [`State::missed_since`]).
+    prev_top: Option<StreamPosition>,
     /// Until the first arrival: the lowest position a live member has, so that the
     /// first arrival is checked for a gap against it.
     floor: Option<StreamPosition>,
@@ -277,6 +280,7 @@ impl Stream {
             env,
             state: Mutex::new(State {
                 last: None,
+                prev_top: None,
                 floor: None,
                 repairing: None,
                 prev: None,
@@ -321,7 +325,7 @@ impl Stream {
         }) = &removed
         {
             // Nothing was pushed to it since it lagged: what it missed is counted here.
-            let missed = missed_since(s.last, *through);
+            let missed = s.missed_since(*through);
             self.env.metrics.dropped(DropReason::Disconnected, missed);
         }
         s.delta_members -= removed.as_ref().map_or(0, |m| usize::from(m.delta));
@@ -508,6 +512,7 @@ impl Stream {
     ) -> Option<CaughtUp> {
         let mut s = self.state.lock();
         let (last, again) = (s.last, s.catch_ups != catch_ups);
+        let missed_since = s.missed_counter();
         let Some(m) = s.members.get_mut(&conn) else {
             return Some(CaughtUp::Gone);
         };
@@ -574,7 +579,7 @@ impl Stream {
                 // past this one is counted here, and it gets nothing more.
                 pushed => {
                     let from = if pushed == Pushed::Overflow { pos } else { at };
-                    let missed = missed_since(last, from);
+                    let missed = missed_since(from);
                     self.env.metrics.dropped(DropReason::Disconnected, missed);
                     m.phase = Phase::Dropped;
                     self.env.metrics.replayed.inc_by(replayed);
@@ -615,7 +620,7 @@ impl Stream {
     /// when the session was closing anyway).
     fn cut(&self, conn: ConnId, through: StreamPosition) -> CaughtUp {
         let mut s = self.state.lock();
-        let missed = missed_since(s.last, through);
+        let missed = s.missed_since(through);
         let Some(m) = s.members.get_mut(&conn) else {
             return CaughtUp::Gone;
         };
@@ -847,7 +852,7 @@ impl Stream {
         let reference = s.last.or(s.floor);
         match verdict(reference, pos) {
             Verdict::Deliver => {
-                s.last = Some(pos);
+                s.set_last(pos);
                 self.fan_out(s, &p);
             }
             Verdict::Duplicate => self.env.metrics.history_duplicates.inc(),
@@ -864,7 +869,7 @@ impl Stream {
                     epoch: pos.epoch,
                 };
                 self.reset_to(s, at);
-                s.last = Some(pos);
+                s.set_last(pos);
                 self.fan_out(s, &p);
             }
         }
@@ -1169,7 +1174,7 @@ impl Stream {
             }
             self.env.metrics.history_unrepairable.inc();
             self.reset_to(&mut s, at);
-            s.last = Some(at);
+            s.set_last(at);
         } else if !page.top.is_start() {
             // (A stream that is gone confirms no epoch: what arrives next will.)
             self.reset_other_epochs(&mut s, at);
@@ -1204,10 +1209,49 @@ impl Stream {
     }
 }
 
-/// How many offsets the node delivered after `through` (0 when it is in another epoch).
-fn missed_since(last: Option<StreamPosition>, through: StreamPosition) -> u64 {
-    last.filter(|l| l.same_epoch(through))
-        .map_or(0, |l| l.offset.saturating_sub(through.offset))
+impl State {
+    /// `last` moves to `pos`; an epoch it leaves (for another, or for a start: the
+    /// stream is gone) is remembered in `prev_top`.
+    fn set_last(&mut self, pos: StreamPosition) {
+        if let Some(last) = self.last.filter(|l| !l.is_start() && l.epoch != pos.epoch) {
+            self.prev_top = Some(last);
+        }
+        self.last = Some(pos);
+    }
+
+    /// How many offsets the node delivered after `through`: in the current epoch, or
+    /// in the one before (what was left of it, and the current epoch's so far); of an
+    /// older epoch, at least the current epoch's.
+    fn missed_since(&self, through: StreamPosition) -> u64 {
+        self.missed_counter()(through)
+    }
+
+    /// [`State::missed_since`], taken along where the lock is let go.
+    fn missed_counter(&self) -> impl Fn(StreamPosition) -> u64 {
+        let (last, prev_top) = (self.last, self.prev_top);
+        move |through| missed(last, prev_top, through)
+    }
+}
+
+/// [`State::missed_since`] for a stream whose last delivery is `last`, and the last of
+/// the epoch before `prev_top`.
+fn missed(
+    last: Option<StreamPosition>,
+    prev_top: Option<StreamPosition>,
+    through: StreamPosition,
+) -> u64 {
+    let Some(last) = last else { return 0 };
+    if through.is_start() {
+        // Before the first offset of any epoch it may continue into.
+        return prev_top.map_or(0, |p| p.offset) + last.offset;
+    }
+    if last.epoch == through.epoch {
+        return last.offset.saturating_sub(through.offset);
+    }
+    let before = prev_top
+        .filter(|p| p.epoch == through.epoch)
+        .map_or(0, |p| p.offset.saturating_sub(through.offset));
+    before + last.offset
 }
 
 /// The queue item delivering `p` to a member (that tracks positions, or not): a
@@ -1436,6 +1480,32 @@ mod tests {
             offset,
             epoch: Epoch::new(E).unwrap(),
         }
+    }
+
+    /// What a member missed is counted across an epoch change (Redis restarted while
+    /// it lagged): the rest of its epoch and the new one's so far; from a start, both.
+    #[test]
+    fn what_a_member_missed_is_counted_across_epochs() {
+        let at = |offset, e| StreamPosition {
+            offset,
+            epoch: Epoch::new(e).unwrap(),
+        };
+        // Same epoch.
+        assert_eq!(missed(Some(at(2000, 7)), None, at(101, 7)), 1899);
+        // The stream moved on to epoch 8 (3 delivered in it) after 2000 in epoch 7.
+        assert_eq!(missed(Some(at(3, 8)), Some(at(2000, 7)), at(101, 7)), 1902);
+        // A new epoch that has delivered nothing yet (its start: offset 0).
+        assert_eq!(missed(Some(at(0, 8)), Some(at(2000, 7)), at(101, 7)), 1899);
+        // From an older epoch still: at least the current epoch's.
+        assert_eq!(missed(Some(at(5, 9)), Some(at(2000, 8)), at(101, 7)), 5);
+        // From a start: all of the epoch before and the current one's.
+        let start = StreamPosition {
+            offset: 0,
+            epoch: Epoch::start(1, 0),
+        };
+        assert_eq!(missed(Some(at(4, 8)), Some(at(20, 7)), start), 24);
+        assert_eq!(missed(Some(at(20, 7)), None, start), 20);
+        assert_eq!(missed(None, None, at(3, 7)), 0);
     }
 
     fn pubs(offsets: impl IntoIterator<Item = u64>) -> Vec<Publication> {

@@ -36,8 +36,14 @@ use crate::wire::Out;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
-pub(crate) async fn run<S, R>(sink: S, stream: R, node: Arc<Node>, conn: ConnId, peer: Peer)
-where
+pub(crate) async fn run<S, R>(
+    sink: S,
+    progress: crate::wire::Progress,
+    stream: R,
+    node: Arc<Node>,
+    conn: ConnId,
+    peer: Peer,
+) where
     S: Sink<Out, Error = WsError> + Unpin + Send + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
@@ -51,6 +57,7 @@ where
     } = peer;
     let limits = &node.config.limits;
     let handle = Arc::new(SessionHandle::new(node.now_ms(), node.session_env.clone()));
+    handle.watch(progress);
     if let Some(i) = &identity {
         handle.set_expiry(i.expires_at);
         handle.set_user(&i.user);
@@ -621,6 +628,17 @@ impl Session {
         }
         let rule = self.node.config.channels.rule(channel.as_str());
         let history = rule.and_then(|r| r.history());
+        if history.is_some() && since.is_some() {
+            // A resume may replay up to half the queue, all of it or a close: room
+            // for it first (bounded), which a lagging channel may be holding.
+            let limits = &self.node.config.limits;
+            self.handle
+                .wait_room(
+                    limits.outbound_queue_bytes / 2,
+                    self.node.config.websocket.write_timeout,
+                )
+                .await;
+        }
         let opts = SubscribeOpts {
             history,
             positions: recover,
@@ -954,13 +972,18 @@ impl Session {
                     })
                     .count();
                 let from = page.publications.len() - fit;
-                self.reply(herald_protocol::api::history_frame(
+                let frame = herald_protocol::api::history_frame(
                     channel.as_str(),
                     id,
                     page.top,
                     from == 0,
                     &page.publications[from..],
-                ))
+                );
+                // Room for it first (bounded), which a lagging channel may be holding.
+                self.handle
+                    .wait_room(frame.len(), self.node.config.websocket.write_timeout)
+                    .await;
+                self.reply(frame)
             }
             Err(_) => self.error(RequestError {
                 id,

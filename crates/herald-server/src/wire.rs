@@ -16,6 +16,8 @@
 use std::collections::VecDeque;
 use std::io::{Cursor, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -193,9 +195,36 @@ const MAX_SLICES: usize = 64;
 
 /// The socket's sending half: frames what it is given and writes it, vectored, on
 /// flush, or as soon as it holds `websocket.write_buffer_bytes`.
+/// Counts the times a session's sink had to wait for its peer and was then taken from
+/// again: proof that the peer reads, however slowly. The heartbeat and the write
+/// timeout count it as life, so a reader working through a backlog is not taken for
+/// dead because the node's ping, or its batch, waits behind that backlog. A write the
+/// kernel takes at once proves nothing (a peer that is gone still has a send buffer
+/// until it fills), so only a wait followed by progress counts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Progress(Arc<AtomicU64>);
+
+impl Progress {
+    /// How often the peer took bytes after a wait, so far.
+    pub(crate) fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `waited` says the sink had to wait before this progress: counts it, and clears it.
+    pub(crate) fn after_wait(&self, waited: &mut bool) {
+        if std::mem::take(waited) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 pub(crate) struct WsSink<W> {
     /// The socket's writing half.
     wr: W,
+    /// Counts writes taken after the socket made us wait.
+    progress: Progress,
+    /// The last write had to wait for the socket.
+    waited: bool,
     /// Bytes held (copied or shared) that no write has taken yet.
     held: usize,
     /// `websocket.write_buffer_bytes`: writes start once this much is held.
@@ -211,9 +240,11 @@ pub(crate) struct WsSink<W> {
 }
 
 impl<W> WsSink<W> {
-    pub(crate) fn new(wr: W, limit: usize, deflate: Option<Deflate>) -> Self {
+    pub(crate) fn new(wr: W, limit: usize, deflate: Option<Deflate>, progress: Progress) -> Self {
         WsSink {
             wr,
+            progress,
+            waited: false,
             held: 0,
             limit,
             deflate,
@@ -249,11 +280,16 @@ impl<W: AsyncWrite + Unpin> WsSink<W> {
                     .collect();
                 wr.poll_write_vectored(cx, &slices)
             };
-            let mut n = ready!(written).map_err(WsError::Io)?;
+            let Poll::Ready(written) = written else {
+                self.waited = true;
+                return Poll::Pending;
+            };
+            let mut n = written.map_err(WsError::Io)?;
             self.held = self.held.saturating_sub(n);
             if n == 0 {
                 return Poll::Ready(Err(WsError::Io(std::io::ErrorKind::WriteZero.into())));
             }
+            self.progress.after_wait(&mut self.waited);
             while n > 0 {
                 let Some(front) = self.chunks.front_mut() else {
                     break;
@@ -588,7 +624,7 @@ mod tests {
     async fn a_client_reads_what_the_sink_writes() {
         let (server, client) = tokio::io::duplex(1 << 10);
         // A small limit: writes start before the flush, partial writes happen.
-        let mut sink = WsSink::new(server, 100, None);
+        let mut sink = WsSink::new(server, 100, None, Progress::default());
         let mut run = Frames::default();
         run.text("one");
         run.binary(&[1, 2, 3]);
@@ -667,7 +703,7 @@ mod tests {
     /// sink counts for a header it did not need must not pile up.
     #[tokio::test]
     async fn small_frames_keep_gathering_up_to_the_limit() {
-        let mut sink = WsSink::new(Counting(0), 1000, None);
+        let mut sink = WsSink::new(Counting(0), 1000, None, Progress::default());
         let small = || Out::Message(Message::Text("a".into()));
         for _ in 0..500 {
             sink.send(small()).await.unwrap();

@@ -75,11 +75,20 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
             // What the sink held first, then the batch.
             let deliveries = fed.take().unwrap_or_default().then(Deliveries::of(&batch));
             // Boxed: its state is only needed while writing, not in every idle writer.
-            let written = Box::pin(timeout(
-                env.write_timeout,
-                write_batch(&mut sink, &mut batch, deliveries, &handle, metrics),
-            ))
-            .await;
+            let mut write = Box::pin(write_batch(
+                &mut sink, &mut batch, deliveries, &handle, metrics,
+            ));
+            // Timed out only without progress for a whole `write_timeout`: a peer
+            // that reads slowly through a large batch is not one that reads nothing.
+            let written = loop {
+                let before = handle.progress();
+                match timeout(env.write_timeout, write.as_mut()).await {
+                    Ok(w) => break Ok(w),
+                    Err(_) if handle.progress() != before => continue,
+                    Err(e) => break Err(e),
+                }
+            };
+            drop(write);
             handle.finish_batch();
             // The write took the items out as it went (an interrupted one dropped the
             // rest with it, counted below), so the ring goes back to the handle empty

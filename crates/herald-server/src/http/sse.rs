@@ -225,12 +225,15 @@ async fn open(
         futures_util::stream::once(async move { until_ended.cancelled_owned().await })
             .filter_map(|()| async { None }),
     );
+    let progress = crate::wire::Progress::default();
     let sink = SseSink {
         tx: PollSender::new(tx),
         positions,
         ended,
         inflight: inflight.clone(),
         max_inflight: node.config.limits.outbound_queue_bytes,
+        progress: progress.clone(),
+        waited: false,
     };
     // Set once the connection has taken the last event (the body ended), or has gone
     // (the body was dropped: nothing is left to wait for).
@@ -239,7 +242,7 @@ async fn open(
     let (drained2, close_timeout) = (drained.clone(), node.config.limits.close_timeout);
     node.session_tasks.spawn(async move {
         let _slot = slot;
-        session::run(sink, Box::pin(incoming), session_node, conn, peer).await;
+        session::run(sink, progress, Box::pin(incoming), session_node, conn, peer).await;
         // The session is over; its events get `close_timeout` to be taken, then the
         // connection goes, with whatever it still holds.
         if tokio::time::timeout(close_timeout, drained2.cancelled())
@@ -359,6 +362,10 @@ struct SseSink {
     inflight: Arc<InFlight>,
     /// `limits.outbound_queue_bytes`: no more frames are taken past this many.
     max_inflight: usize,
+    /// Counts events taken after the connection made us wait.
+    progress: crate::wire::Progress,
+    /// The last event had to wait for the connection.
+    waited: bool,
 }
 
 impl SseSink {
@@ -382,12 +389,16 @@ impl Sink<Out> for SseSink {
             this.inflight.waker.register(cx.waker());
             // Taken meanwhile: the wake-up may have come before the registration.
             if this.inflight.bytes() > this.max_inflight {
+                this.waited = true;
                 return Poll::Pending;
             }
         }
-        this.tx
-            .poll_reserve(cx)
-            .map_err(|_| WsError::ConnectionClosed)
+        let Poll::Ready(reserved) = this.tx.poll_reserve(cx) else {
+            this.waited = true;
+            return Poll::Pending;
+        };
+        this.progress.after_wait(&mut this.waited);
+        Poll::Ready(reserved.map_err(|_| WsError::ConnectionClosed))
     }
 
     fn start_send(self: Pin<&mut Self>, out: Out) -> Result<(), WsError> {

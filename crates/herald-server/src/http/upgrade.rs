@@ -207,8 +207,9 @@ async fn serve<R, W>(
     let rd = Inflating::new(rd, deflate.is_some(), node.config.limits.max_message_bytes);
     let stream =
         WebSocketStream::from_raw_socket(ReadHalf(rd), WsRole::Server, Some(ws_config)).await;
-    let sink = WsSink::new(wr, ws.write_buffer_bytes, deflate);
-    session::run(sink, stream, node, conn, peer).await;
+    let progress = crate::wire::Progress::default();
+    let sink = WsSink::new(wr, ws.write_buffer_bytes, deflate, progress.clone());
+    session::run(sink, progress, stream, node, conn, peer).await;
 }
 
 /// Spawns the session (it runs once hyper hands over the connection) and answers 101.
