@@ -553,7 +553,8 @@ impl SessionHandle {
         // A peer that took bytes after making the writer wait since the last look is
         // reading: alive, though the ping (and so its pong) may wait behind its backlog.
         let progress = self.progress();
-        if self.progress_seen.swap(progress, Ordering::Relaxed) != progress {
+        if self.progress_seen.load(Ordering::Relaxed) != progress {
+            self.progress_seen.store(progress, Ordering::Relaxed);
             self.heard(now_ms);
         }
         let pinged = self.pinged_ms.load(Ordering::Relaxed);
