@@ -358,3 +358,139 @@ async fn a_lagging_reader_may_read_history_and_resume_another_channel() {
     assert_eq!(b, vec![6, 7, 8, 9, 10]);
     assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
 }
+
+const KEY: &str = "slow-readers-key";
+
+async fn api(node: &Node, path: &str, body: Value) -> u16 {
+    let auth = format!("Bearer {KEY}");
+    http(
+        node.api,
+        "POST",
+        path,
+        &[
+            ("authorization", &auth),
+            ("content-type", "application/json"),
+        ],
+        body.to_string().into_bytes(),
+    )
+    .await
+    .status
+}
+
+/// A backend's disconnect (a ban) of a reader working slowly through a large backlog
+/// closes it within the write timeout: progress extends writes, not a closing
+/// session's last flush (it did: 100 s and more at a trickle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
+    let node = Node::start_with(|c| {
+        c.auth.api_key = Some(KEY.into());
+        c.limits.outbound_queue_bytes = 1024 * 1024;
+        c.limits.socket_send_buffer_bytes = 8 * 1024;
+        c.websocket.write_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut c = Client::connect_with_small_buffer(node.addr).await;
+    c.subscribe("wide").await;
+    let conn = c.welcome["conn"].as_str().unwrap().to_owned();
+    let pad = "w".repeat(1000);
+    let items: Vec<Value> = (1..=400)
+        .map(|i| json!({"channel": "wide", "data": {"i": i, "pad": pad}}))
+        .collect();
+    assert_eq!(
+        api(&node, "/api/batch", json!({ "publications": items })).await,
+        200
+    );
+    // A reader at about 20 KB/s: 20 s for what is queued.
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT_FRAME, c.ws().next()).await {
+            if m.is_close() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let asked = Instant::now();
+    assert_eq!(
+        api(
+            &node,
+            "/api/disconnect",
+            json!({"conn": conn, "code": 4400})
+        )
+        .await,
+        200
+    );
+    while node.metric("herald_connections") > 0.0 {
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the banned reader is still connected"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.abort();
+}
+
+const WAIT_FRAME: Duration = Duration::from_secs(30);
+
+/// The control API's commands are carried out while a lagging reader's own requests
+/// wait for room in its queue (they held them off for a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_is_not_held_off_by_a_lagging_readers_requests() {
+    let node = Node::start_with(|c| {
+        c.auth.api_key = Some(KEY.into());
+        c.limits.outbound_queue_bytes = 32 * 1024;
+        c.limits.socket_send_buffer_bytes = 8 * 1024;
+        c.websocket.write_timeout = Duration::from_secs(20);
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    let mut c = Client::connect_with_small_buffer(node.addr).await;
+    c.subscribe_since("feed:a", None).await;
+    c.subscribe("other").await;
+    let conn = c.welcome["conn"].as_str().unwrap().to_owned();
+    let pad = "h".repeat(1000);
+    let items: Vec<Value> = (1..=800)
+        .map(|i| json!({"channel": "feed:a", "data": {"i": i, "pad": pad}}))
+        .collect();
+    assert_eq!(
+        api(&node, "/api/batch", json!({ "publications": items })).await,
+        200
+    );
+    herald_testkit::eventually("the reader lags", || {
+        node.metric("herald_outbound_queue_bytes") > 16.0 * 1024.0
+    })
+    .await;
+    // History pages, each waiting for room, while the reader trickles.
+    for id in 0..20 {
+        c.send_json(&json!({"op": "history", "channel": "feed:a", "id": 100 + id, "limit": 100}))
+            .await;
+    }
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT_FRAME, c.ws().next()).await {
+            if m.is_close() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = node.metric("herald_subscriptions");
+    let asked = Instant::now();
+    assert_eq!(
+        api(
+            &node,
+            "/api/unsubscribe",
+            json!({"conn": conn, "channel": "other"})
+        )
+        .await,
+        200
+    );
+    while node.metric("herald_subscriptions") >= before {
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "the unsubscribe waits behind the reader's requests"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reader.abort();
+}

@@ -633,8 +633,13 @@ pub struct WebSocketConfig {
     pub writer_linger: Duration,
     /// A write that makes no progress for this long (the peer's TCP stack is alive but
     /// the peer reads nothing) drops the connection, freeing its queue and its slot
-    /// (`herald_write_timeouts_total`). A peer that reads, however slowly, is not
-    /// dropped (see `wire::Progress`). The close frame is bounded by
+    /// (`herald_write_timeouts_total`). Progress is the kernel taking bytes again after
+    /// it made the writer wait (`wire::Progress`): with its own send buffer sizing
+    /// (`limits.socket_send_buffer_bytes = 0`, up to 4 MiB, writable again only once
+    /// about a third of it has drained) a reader slower than about 15-30 KB/s can go a
+    /// whole timeout without any and is dropped; with a small send buffer (8 KiB) only
+    /// one under about 300 B/s is. Once the session is closing, what is left before
+    /// its close frame gets one timeout, progress or not. The close frame is bounded by
     /// `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,

@@ -477,6 +477,13 @@ impl SessionHandle {
         self.state.lock().commands.push(c);
         // `notify_one` keeps a permit: a reader busy elsewhere sees it on its next wait.
         self.poke.notify_one();
+        // A reader waiting for room (`wait_room`) stops waiting: commands come first.
+        self.roomy.notify_waiters();
+    }
+
+    /// Whether commands are waiting for the reader.
+    pub(crate) fn has_commands(&self) -> bool {
+        !self.state.lock().commands.is_empty()
     }
 
     /// Resolves when a command may be waiting.
@@ -966,7 +973,9 @@ impl SessionHandle {
     /// session's own large replies (a resume's replay, a history page): pushed onto a
     /// queue that a lagging history channel keeps seven eighths full, they would close
     /// the session as a slow consumer, where a reader working through its backlog
-    /// needs only a moment. Past `limit` the caller goes on (and may close it).
+    /// needs only a moment. Past `limit` the caller goes on (and may close it); also at
+    /// once when a command arrives (the control API's must not wait behind a client's
+    /// requests).
     pub(crate) async fn wait_room(&self, room: usize, limit: std::time::Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -976,7 +985,11 @@ impl SessionHandle {
             {
                 let s = self.state.lock();
                 let used = s.bytes + s.inflight;
-                if s.closing.is_some() || used == 0 || used + room <= self.env.max_queued_bytes {
+                if s.closing.is_some()
+                    || !s.commands.is_empty()
+                    || used == 0
+                    || used + room <= self.env.max_queued_bytes
+                {
                     return;
                 }
             }

@@ -343,6 +343,12 @@ impl Session {
                     if self.strikes > self.node.config.limits.rate_limit_strikes {
                         self.close(close::POLICY_VIOLATION, "rate limit exceeded");
                     }
+                    // Commands get a turn after each frame: a client whose requests
+                    // keep coming (each may wait for room) must not hold the control
+                    // API's off.
+                    if handle.has_commands() {
+                        Box::pin(self.on_commands()).await;
+                    }
                 }
                 // After the client's frames: commands (a run of catch-up rounds among
                 // them) must not keep the session from reading its socket.

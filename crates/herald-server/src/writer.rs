@@ -80,11 +80,13 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
             ));
             // Timed out only without progress for a whole `write_timeout`: a peer
             // that reads slowly through a large batch is not one that reads nothing.
+            // Once the session is closing, no longer: what is left before the close
+            // frame (a ban's, a drain's) gets one `write_timeout`, as it always had.
             let written = loop {
                 let before = handle.progress();
                 match timeout(env.write_timeout, write.as_mut()).await {
                     Ok(w) => break Ok(w),
-                    Err(_) if handle.progress() != before => continue,
+                    Err(_) if handle.progress() != before && !handle.is_closing() => continue,
                     Err(e) => break Err(e),
                 }
             };
