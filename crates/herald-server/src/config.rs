@@ -459,7 +459,10 @@ pub struct LimitsConfig {
     /// it); 0: the kernel's own sizing, which grows a buffer to `net.ipv4.tcp_wmem`'s
     /// maximum (4 MiB by default) for a reader that does not keep up. Kernel memory a
     /// slow reader can hold beyond `outbound_queue_bytes`, and how long it takes to be
-    /// noticed as slow.
+    /// noticed as slow. 64 KiB by default: a connection's throughput is then at most
+    /// about 128 KiB per round trip (640 KB/s at 200 ms), plenty for messages, and
+    /// bursts, fan-out and many channels measured the same as with the kernel's sizing
+    /// (BENCHMARKS.md).
     pub socket_send_buffer_bytes: usize,
     /// Largest HTTP request body on `/api/*` (413 past it).
     pub max_body_bytes: usize,
@@ -520,7 +523,7 @@ impl Default for LimitsConfig {
             rate_limit_strikes: 20,
             rate_limit_window: Duration::from_secs(10),
             outbound_queue_bytes: 1024 * 1024,
-            socket_send_buffer_bytes: 0,
+            socket_send_buffer_bytes: 64 * 1024,
             max_body_bytes: 1024 * 1024,
             max_delta_bytes: 16 * 1024,
             max_delta_time: Duration::from_millis(2),
@@ -637,8 +640,8 @@ pub struct WebSocketConfig {
     /// it made the writer wait (`wire::Progress`): with its own send buffer sizing
     /// (`limits.socket_send_buffer_bytes = 0`, up to 4 MiB, writable again only once
     /// about a third of it has drained) a reader slower than about 15-30 KB/s can go a
-    /// whole timeout without any and is dropped; with a small send buffer (8 KiB) only
-    /// one under about 300 B/s is. Once the session is closing, what is left before
+    /// whole timeout without any and is dropped; with the default 64 KiB, a few KB/s;
+    /// with 8 KiB only one under about 300 B/s is. Once the session is closing, what is left before
     /// its close frame gets one timeout, progress or not. The close frame is bounded by
     /// `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
