@@ -131,11 +131,40 @@ async fn pausing_reader(addr: SocketAddr, seed: u64, deadline: Instant) -> Resul
     }
 }
 
+/// Publishes `{"i": i, "pad": ..}` for every `i` of `numbers` to `channel` in one
+/// `POST /api/batch` (with the API key when the node wants one); panics unless it is
+/// accepted.
+async fn publish_padded(
+    node: &Node,
+    key: Option<&str>,
+    channel: &str,
+    numbers: std::ops::RangeInclusive<u64>,
+    pad: usize,
+) {
+    let pad = "p".repeat(pad);
+    let items: Vec<Value> = numbers
+        .map(|i| json!({"channel": channel, "data": {"i": i, "pad": pad}}))
+        .collect();
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth));
+    }
+    let r = http(
+        node.api,
+        "POST",
+        "/api/batch",
+        &headers,
+        json!({ "publications": items }).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// Publishes `1..=N` to each channel in bursts of random size with random pauses
 /// (one `POST /api/batch` per burst), channels interleaved.
 async fn bursty_publisher(node: &Node, seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let pad = "p".repeat(200);
     let mut next: BTreeMap<&str, u64> = CHANNELS.iter().map(|c| (*c, 1)).collect();
     while next.values().any(|n| *n <= N) {
         let ch = CHANNELS[rng.usize(..CHANNELS.len())];
@@ -144,18 +173,7 @@ async fn bursty_publisher(node: &Node, seed: u64) {
             continue;
         }
         let to = (from + rng.u64(0..150)).min(N);
-        let items: Vec<Value> = (from..=to)
-            .map(|i| json!({"channel": ch, "data": {"i": i, "pad": pad}}))
-            .collect();
-        let r = http(
-            node.api,
-            "POST",
-            "/api/batch",
-            &[("content-type", "application/json")],
-            json!({ "publications": items }).to_string().into_bytes(),
-        )
-        .await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        publish_padded(node, None, ch, from..=to, 200).await;
         next.insert(ch, to + 1);
         tokio::time::sleep(Duration::from_millis(rng.u64(0..60))).await;
     }
@@ -239,19 +257,7 @@ async fn steady_reader(channel: &str, queue: usize) {
     .await;
     let mut c = Client::connect_with_small_buffer(node.addr).await;
     c.subscribe(channel).await;
-    let pad = "q".repeat(1000);
-    let items: Vec<Value> = (1..=COUNT)
-        .map(|i| json!({"channel": channel, "data": {"i": i, "pad": pad}}))
-        .collect();
-    let r = http(
-        node.api,
-        "POST",
-        "/api/batch",
-        &[("content-type", "application/json")],
-        json!({ "publications": items }).to_string().into_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    publish_padded(&node, None, channel, 1..=COUNT, 1000).await;
     // About 300 KB at under 100 KB/s: several write and heartbeat timeouts long.
     let started = Instant::now();
     let mut i = 0;
@@ -307,20 +313,9 @@ async fn a_lagging_reader_may_read_history_and_resume_another_channel() {
         let r = probe.subscribe_since("feed:b", None).await;
         r["epoch"].as_str().unwrap().to_owned()
     };
-    let pad = "r".repeat(500);
     for round in 0..3u64 {
-        let items: Vec<Value> = (1..=100)
-            .map(|i| json!({"channel": "feed:a", "data": {"i": round * 100 + i, "pad": pad}}))
-            .collect();
-        let r = http(
-            node.api,
-            "POST",
-            "/api/batch",
-            &[("content-type", "application/json")],
-            json!({ "publications": items }).to_string().into_bytes(),
-        )
-        .await;
-        assert_eq!(r.status, 200);
+        let first = round * 100 + 1;
+        publish_padded(&node, None, "feed:a", first..=first + 99, 500).await;
     }
     herald_testkit::eventually("the reader lags", || {
         node.metric("herald_outbound_queue_bytes") > 16.0 * 1024.0
@@ -392,14 +387,7 @@ async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
     let mut c = Client::connect_with_small_buffer(node.addr).await;
     c.subscribe("wide").await;
     let conn = c.welcome["conn"].as_str().unwrap().to_owned();
-    let pad = "w".repeat(1000);
-    let items: Vec<Value> = (1..=400)
-        .map(|i| json!({"channel": "wide", "data": {"i": i, "pad": pad}}))
-        .collect();
-    assert_eq!(
-        api(&node, "/api/batch", json!({ "publications": items })).await,
-        200
-    );
+    publish_padded(&node, Some(KEY), "wide", 1..=400, 1000).await;
     // A reader at about 20 KB/s: 20 s for what is queued.
     let reader = tokio::spawn(async move {
         while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT_FRAME, c.ws().next()).await {
@@ -448,14 +436,7 @@ async fn the_control_api_is_not_held_off_by_a_lagging_readers_requests() {
     c.subscribe_since("feed:a", None).await;
     c.subscribe("other").await;
     let conn = c.welcome["conn"].as_str().unwrap().to_owned();
-    let pad = "h".repeat(1000);
-    let items: Vec<Value> = (1..=800)
-        .map(|i| json!({"channel": "feed:a", "data": {"i": i, "pad": pad}}))
-        .collect();
-    assert_eq!(
-        api(&node, "/api/batch", json!({ "publications": items })).await,
-        200
-    );
+    publish_padded(&node, Some(KEY), "feed:a", 1..=800, 1000).await;
     herald_testkit::eventually("the reader lags", || {
         node.metric("herald_outbound_queue_bytes") > 16.0 * 1024.0
     })

@@ -119,6 +119,16 @@ impl Fixture {
         }
     }
 
+    /// A live member (connection 1) of `news` on a session of `env`, its `subscribed`
+    /// already taken from its queue.
+    async fn member(&self, env: Arc<crate::handle::SessionEnv>) -> Arc<SessionHandle> {
+        let h = Arc::new(SessionHandle::new(0, env));
+        self.news.join(1, &h, true, false);
+        self.news.resume(1, plain_resume()).await;
+        written(&h);
+        h
+    }
+
     async fn publish(&mut self, payload_len: usize, n: usize) {
         let reqs = (0..n)
             .map(|_| PublishRequest {
@@ -220,10 +230,7 @@ async fn a_publication_over_seven_eighths_of_the_queue_reaches_an_idle_subscribe
 async fn a_round_that_queued_nothing_waits_for_room_for_what_did_not_fit() {
     let queue = 8192;
     let mut f = Fixture::new(queue, 100);
-    let h = Arc::new(SessionHandle::new(0, env(queue)));
-    f.news.join(1, &h, true, false);
-    f.news.resume(1, plain_resume()).await;
-    written(&h);
+    let h = f.member(env(queue)).await;
     // Entries of ~3700 bytes (0.45 of the queue): two fit 7/8, the third lags.
     f.publish(3600, 6).await;
     // The writer takes the batch (2 entries, ~7.4 KiB inflight) and writes it.
@@ -257,10 +264,7 @@ async fn a_round_that_queued_nothing_waits_for_room_for_what_did_not_fit() {
 async fn catch_up_reads_are_sized_by_the_entries_read() {
     let queue = 64 * 1024;
     let mut f = Fixture::new(queue, 1000);
-    let h = Arc::new(SessionHandle::new(0, env(queue)));
-    f.news.join(1, &h, true, false);
-    f.news.resume(1, plain_resume()).await;
-    written(&h);
+    let h = f.member(env(queue)).await;
     f.publish(4000, 300).await; // ~1.2 MB the member cannot queue at once
     f.publish(10, 1).await; // one small one last: entry_cost is now tiny
     let mut delivered = offsets(&written(&h));
@@ -300,10 +304,7 @@ async fn what_a_lagging_member_missed_is_counted_when_its_session_ends() {
         metrics: sm.clone(),
         ..(*env(queue)).clone()
     });
-    let h = Arc::new(SessionHandle::new(0, senv));
-    f.news.join(1, &h, true, false);
-    f.news.resume(1, plain_resume()).await;
-    written(&h);
+    let h = f.member(senv).await;
     f.publish(100, 200).await;
     // The session ends (the peer went away) without reading anything more.
     let queued = {
@@ -336,10 +337,7 @@ async fn what_a_lagging_member_missed_is_counted_when_its_session_ends() {
 async fn an_epoch_frame_goes_with_its_delivery_or_not_at_all() {
     let queue = 4096;
     let mut f = Fixture::new(queue, 100);
-    let h = Arc::new(SessionHandle::new(0, env(queue)));
-    f.news.join(1, &h, true, false);
-    f.news.resume(1, plain_resume()).await;
-    written(&h);
+    let h = f.member(env(queue)).await;
     // Fill the queue with replies to just under 7/8, leaving room for an epoch frame.
     let max = queue - queue / 8;
     let filler = max - 300 - ITEM_OVERHEAD;
@@ -404,10 +402,7 @@ async fn what_a_caught_up_member_cannot_take_is_counted_once() {
         metrics: sm.clone(),
         ..(*env(queue)).clone()
     });
-    let h = Arc::new(SessionHandle::new(0, senv));
-    f.news.join(1, &h, true, false);
-    f.news.resume(1, plain_resume()).await;
-    written(&h);
+    let h = f.member(senv).await;
     f.publish(100, 40).await;
     let mut got = offsets(&written(&h));
     assert!(got.len() < 40, "no lag");
