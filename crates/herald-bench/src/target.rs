@@ -24,9 +24,10 @@ pub(crate) fn peers_dir() -> PathBuf {
 /// Installs a peer's dependencies when they are missing.
 pub(crate) async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
-        "herald" | "herald-history" | "floor" | "floor-redis" => Ok(()),
-        t if t.starts_with("herald@") => {
-            anyhow::ensure!(Path::new(&t[7..]).is_file(), "{}: no such binary", &t[7..]);
+        "herald" | "herald-history" | "herald-embedded" | "floor" | "floor-redis" => Ok(()),
+        t if t.starts_with("herald") && t.contains('@') => {
+            let path = &t[t.find('@').unwrap_or(0) + 1..];
+            anyhow::ensure!(Path::new(path).is_file(), "{path}: no such binary");
             Ok(())
         }
         "node" | "socketio" => {
@@ -92,6 +93,9 @@ pub(crate) enum Publisher {
     Redis(herald_redis::BackendPublisher),
     /// A backend publishing through Herald's publish script (history channels).
     History(herald_redis::BackendPublisher),
+    /// A backend posting to a single node's `POST /api/batch` over one kept-alive
+    /// HTTP/1.1 connection (the `herald-embedded` target: no Redis at all).
+    Http(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>),
     Floor(Vec<TcpStream>),
 }
 
@@ -127,6 +131,31 @@ impl Publisher {
                     })
                     .collect();
                 p.publish(&batch).await?;
+            }
+            Publisher::Http(sender) => {
+                let mut body = String::from(r#"{"publications":["#);
+                for (i, (c, d)) in msgs.iter().enumerate() {
+                    if i > 0 {
+                        body.push(',');
+                    }
+                    body.push_str(&format!(r#"{{"channel":"{c}","data":{d}}}"#));
+                }
+                body.push_str("]}");
+                sender.ready().await?;
+                let req = hyper::Request::post("/api/batch")
+                    .header("host", "herald")
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from(body)))?;
+                let resp = sender.send_request(req).await?;
+                let status = resp.status();
+                let reply = http_body_util::BodyExt::collect(resp.into_body())
+                    .await?
+                    .to_bytes();
+                anyhow::ensure!(
+                    status.is_success(),
+                    "POST /api/batch: {status}: {}",
+                    String::from_utf8_lossy(&reply)
+                );
             }
             Publisher::Floor(socks) => {
                 let mut buf = String::new();
@@ -186,10 +215,13 @@ impl Target {
                     // `herald@PATH`: another build of Herald (e.g. before a change),
                     // measured in the same run as this one. `herald-history`: this
                     // build with every bench channel keeping history (and
-                    // `herald-history@PATH`, another build so).
+                    // `herald-history@PATH`, another build so). `herald-embedded`: a
+                    // single node on its embedded broker, published to over HTTP
+                    // (the floor's counterpart: neither has Redis in the path).
                     let path = k
                         .strip_prefix("herald@")
-                        .or_else(|| k.strip_prefix("herald-history@"));
+                        .or_else(|| k.strip_prefix("herald-history@"))
+                        .or_else(|| k.strip_prefix("herald-embedded@"));
                     let bin = match path {
                         Some(path) => PathBuf::from(path),
                         None => sibling("herald")?,
@@ -198,8 +230,13 @@ impl Target {
                     if k.starts_with("herald-history") {
                         cmd.arg("--config").arg(history_config()?);
                     }
-                    cmd.args(["--listen", &addr.to_string(), "--redis", &redis.url()])
-                        .args(["--node-id", &format!("bench-{i}")])
+                    cmd.args(["--listen", &addr.to_string()]);
+                    if k.starts_with("herald-embedded") {
+                        anyhow::ensure!(nodes == 1, "{k} is a single node (no Redis)");
+                    } else {
+                        cmd.args(["--redis", &redis.url()]);
+                    }
+                    cmd.args(["--node-id", &format!("bench-{i}")])
                         .env("HERALD_LOG__LEVEL", "warn")
                         .env("HERALD_LIMITS__MAX_CONNECTIONS", "200000")
                         .env("HERALD_HEARTBEAT__INTERVAL", "300s")
@@ -262,6 +299,13 @@ impl Target {
                 socks.push(s);
             }
             Publisher::Floor(socks)
+        } else if kind.starts_with("herald-embedded") {
+            let stream = TcpStream::connect(addrs[0]).await?;
+            stream.set_nodelay(true)?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            Publisher::Http(sender)
         } else {
             let p = herald_redis::BackendPublisher::connect(&redis.url(), "herald:").await?;
             if kind.starts_with("herald-history") {
