@@ -531,7 +531,9 @@ async fn api(node: &Node, path: &str, body: Value) -> u16 {
 
 /// A backend's disconnect (a ban) of a reader working slowly through a large backlog
 /// closes it within the write timeout: progress extends writes, not a closing
-/// session's last flush (it did: 100 s and more at a trickle).
+/// session's last flush (it did: 100 s and more at a trickle). What is left is dropped
+/// and the close frame still reaches the reader, with the ban's code (it got none: a
+/// client would take that for a network failure and reconnect).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
     let node = Node::start_with(|c| {
@@ -548,11 +550,12 @@ async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
     // A reader at about 20 KB/s: 20 s for what is queued.
     let reader = tokio::spawn(async move {
         while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT_FRAME, c.ws().next()).await {
-            if m.is_close() {
-                break;
+            if let Message::Close(f) = m {
+                return f.map(|f| u16::from(f.code));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        None
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let asked = Instant::now();
@@ -572,13 +575,15 @@ async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    reader.abort();
+    let code = tokio::time::timeout(Duration::from_secs(10), reader).await;
+    assert_eq!(code.expect("the reader ends").unwrap(), Some(4400));
 }
 
 const WAIT_FRAME: Duration = Duration::from_secs(30);
 
 /// The control API's commands are carried out while a lagging reader's own requests
-/// wait for room in its queue (they held them off for a minute).
+/// wait for room in its queue (they held them off for a minute), and do not end those
+/// waits (they did, and the reply then closed the reader as a slow consumer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_api_is_not_held_off_by_a_lagging_readers_requests() {
     let node = Node::start_with(|c| {
@@ -630,5 +635,10 @@ async fn the_control_api_is_not_held_off_by_a_lagging_readers_requests() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // And the reader's own requests go on waiting for room: a command ended their
+    // wait, and the page then overflowed the queue (1013).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 0.0);
+    assert_eq!(node.metric("herald_connections"), 1.0);
     reader.abort();
 }

@@ -641,9 +641,11 @@ pub struct WebSocketConfig {
     /// (`limits.socket_send_buffer_bytes = 0`, up to 4 MiB, writable again only once
     /// about a third of it has drained) a reader slower than about 15-30 KB/s can go a
     /// whole timeout without any and is dropped; with the default 64 KiB, a few KB/s;
-    /// with 8 KiB only one under about 300 B/s is. Once the session is closing, what is left before
-    /// its close frame gets one timeout, progress or not. The close frame is bounded by
-    /// `limits.close_timeout`.
+    /// with 8 KiB only one under about 300 B/s is (checked every quarter of the timeout:
+    /// up to 1.25 timeouts without progress). Once the session is closing (a ban, a
+    /// drain), what is queued before its close frame has one timeout from the close,
+    /// progress or not; then the rest is dropped (counted `disconnected`) and the close
+    /// frame goes next, bounded by `limits.close_timeout`.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
     /// Offer permessage-deflate (RFC 7692) to clients that ask for it (browsers do),

@@ -23,7 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Sink;
 use herald_metrics::{DropReason, Metrics};
 use herald_protocol::client::Since;
 use herald_protocol::server::{self, encode_delivery, Delivery};
@@ -31,9 +30,9 @@ use herald_protocol::{ChannelName, Payload, Publication};
 use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 
-use crate::wire::{Deflate, Frames, Out};
+use crate::wire::{Deflate, Frames, Out, SessionSink};
 
 /// Close code 1005 ("no status received"), which no close frame may carry: a
 /// [`Closing`] with it sends an empty close frame.
@@ -44,7 +43,7 @@ pub(crate) type ConnId = u64;
 
 /// The sending half of a session's socket, owned by its writer task while one runs and
 /// parked in the handle otherwise.
-pub(crate) type BoxSink = Pin<Box<dyn Sink<Out, Error = WsError> + Send>>;
+pub(crate) type BoxSink = Pin<Box<dyn SessionSink>>;
 
 /// Starts a writer task that owns `sink` and drains `handle`; `unflushed`: what the
 /// sink already holds (a direct write the socket did not take whole), which the
@@ -258,12 +257,17 @@ pub(crate) struct Closing {
     /// frame may carry, stands for its empty one) and is not one of the server's own
     /// closes in `herald_close_codes_total` (a peer's code is any it likes).
     pub(crate) by_peer: bool,
+    /// When the close was asked for: what is left to write before the close frame has
+    /// until `websocket.write_timeout` after it.
+    pub(crate) since: tokio::time::Instant,
+    /// That time ran out: what was queued is dropped after all.
+    pub(crate) gave_up: bool,
 }
 
 impl Closing {
     /// Why what it leaves unwritten is dropped.
     fn drops(&self) -> DropReason {
-        if self.by_peer {
+        if self.by_peer || self.gave_up {
             DropReason::Disconnected
         } else {
             DropReason::SlowConsumer
@@ -430,6 +434,15 @@ pub(crate) enum Liveness {
     Ping,
     /// Pinged and silent for the timeout: close it.
     Dead,
+}
+
+/// How [`SessionHandle::wait_room`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Room {
+    /// Room came, or the deadline passed, or the session is closing: go on.
+    Done,
+    /// A command is waiting: carry it out, then wait again.
+    Commands,
 }
 
 impl SessionHandle {
@@ -887,6 +900,8 @@ impl SessionHandle {
             reason: Cow::Borrowed("slow consumer"),
             flush_queue: false,
             by_peer: false,
+            since: tokio::time::Instant::now(),
+            gave_up: false,
         });
         self.start_writer(s, true);
     }
@@ -905,6 +920,8 @@ impl SessionHandle {
                 reason: reason.into(),
                 flush_queue,
                 by_peer: false,
+                since: tokio::time::Instant::now(),
+                gave_up: false,
             });
         }
         self.start_writer(s, true);
@@ -926,6 +943,8 @@ impl SessionHandle {
                 reason: reason.into(),
                 flush_queue: false,
                 by_peer: true,
+                since: tokio::time::Instant::now(),
+                gave_up: false,
             });
         }
         self.start_writer(s, true);
@@ -968,16 +987,16 @@ impl SessionHandle {
         self.roomy.notify_waiters();
     }
 
-    /// Waits, at most `limit`, until what is queued and being written leaves `room`
-    /// bytes of the budget (or nothing is queued, or the session is closing). For the
+    /// Waits, until `deadline`, for what is queued and being written to leave `room`
+    /// bytes of the budget (or nothing to be queued, or the session to close). For the
     /// session's own large replies (a resume's replay, a history page): pushed onto a
     /// queue that a lagging history channel keeps seven eighths full, they would close
     /// the session as a slow consumer, where a reader working through its backlog
-    /// needs only a moment. Past `limit` the caller goes on (and may close it); also at
-    /// once when a command arrives (the control API's must not wait behind a client's
-    /// requests).
-    pub(crate) async fn wait_room(&self, room: usize, limit: std::time::Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
+    /// needs only a moment. Past the deadline the caller goes on (and may close it).
+    /// Returns early with [`Room::Commands`] when a command arrives: the control API's
+    /// must not wait behind a client's requests (the session carries them out and waits
+    /// again, see `Session::wait_room`).
+    pub(crate) async fn wait_room(&self, room: usize, deadline: tokio::time::Instant) -> Room {
         loop {
             let roomy = self.roomy.notified();
             tokio::pin!(roomy);
@@ -985,16 +1004,15 @@ impl SessionHandle {
             {
                 let s = self.state.lock();
                 let used = s.bytes + s.inflight;
-                if s.closing.is_some()
-                    || !s.commands.is_empty()
-                    || used == 0
-                    || used + room <= self.env.max_queued_bytes
-                {
-                    return;
+                if !s.commands.is_empty() {
+                    return Room::Commands;
+                }
+                if s.closing.is_some() || used == 0 || used + room <= self.env.max_queued_bytes {
+                    return Room::Done;
                 }
             }
             if tokio::time::timeout_at(deadline, roomy).await.is_err() {
-                return;
+                return Room::Done;
             }
         }
     }
@@ -1065,6 +1083,8 @@ impl SessionHandle {
                 reason: Cow::Borrowed("session over"),
                 flush_queue: false,
                 by_peer: false,
+                since: tokio::time::Instant::now(),
+                gave_up: false,
             });
         }
     }
@@ -1080,6 +1100,23 @@ impl SessionHandle {
             .closing
             .as_ref()
             .map_or(DropReason::SlowConsumer, Closing::drops)
+    }
+
+    /// When what is left to write before the close frame must be written by, while
+    /// closing: `websocket.write_timeout` after the close was asked for.
+    pub(crate) fn closing_deadline(&self) -> Option<tokio::time::Instant> {
+        let s = self.state.lock();
+        s.closing.as_ref().map(|c| c.since + self.env.write_timeout)
+    }
+
+    /// A closing session ran out of time to write what was queued before its close
+    /// frame: the rest is dropped (counted as `disconnected`: the connection ended with
+    /// it queued), the close frame goes next.
+    pub(crate) fn give_up_flushing(&self) {
+        if let Some(c) = self.state.lock().closing.as_mut() {
+            c.flush_queue = false;
+            c.gave_up = true;
+        }
     }
 
     /// Closing without writing what is queued (slow consumer, or the peer closed).

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{Sink, Stream, StreamExt};
+use futures_util::{Stream, StreamExt};
 use herald_broker::BrokerError;
 use herald_metrics::Source;
 use herald_protocol::client::{parse_binary, parse_text, Request, RequestError, Since};
@@ -27,12 +27,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::access;
 use crate::backend;
 use crate::config::PresenceAccess;
-use crate::handle::{ConnId, Item, SessionCommand, SessionHandle};
+use crate::handle::{ConnId, Item, Room, SessionCommand, SessionHandle};
 use crate::history::{Resume, Resumed};
 use crate::hub::SubscribeOpts;
 use crate::node::{Node, Outgoing};
 use crate::presence;
-use crate::wire::Out;
 
 /// Runs a session over an upgraded WebSocket until it ends. Generic over the socket's
 /// halves so that unit tests can drive it with in-memory streams.
@@ -44,7 +43,7 @@ pub(crate) async fn run<S, R>(
     conn: ConnId,
     peer: Peer,
 ) where
-    S: Sink<Out, Error = WsError> + Unpin + Send + 'static,
+    S: crate::wire::SessionSink + Unpin + 'static,
     R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let Peer {
@@ -491,6 +490,17 @@ impl Session {
         }
     }
 
+    /// Waits, at most `websocket.write_timeout`, for `room` bytes in the queue
+    /// ([`SessionHandle::wait_room`]), carrying out the control API's commands that
+    /// arrive meanwhile (they must not wait behind this, and this must not give up its
+    /// wait for them: the reply it makes room for would then close the session).
+    async fn wait_room(&mut self, room: usize) {
+        let deadline = tokio::time::Instant::now() + self.node.config.websocket.write_timeout;
+        while self.handle.wait_room(room, deadline).await == Room::Commands {
+            Box::pin(self.on_commands()).await;
+        }
+    }
+
     /// Carries out what the control API asked (server-side subscribe and unsubscribe).
     async fn on_commands(&mut self) {
         for c in self.handle.take_commands() {
@@ -632,18 +642,13 @@ impl Session {
                 .into(),
             });
         }
-        let rule = self.node.config.channels.rule(channel.as_str());
+        let node = self.node.clone();
+        let rule = node.config.channels.rule(channel.as_str());
         let history = rule.and_then(|r| r.history());
         if history.is_some() && since.is_some() {
             // A resume may replay up to half the queue, all of it or a close: room
             // for it first (bounded), which a lagging channel may be holding.
-            let limits = &self.node.config.limits;
-            self.handle
-                .wait_room(
-                    limits.outbound_queue_bytes / 2,
-                    self.node.config.websocket.write_timeout,
-                )
-                .await;
+            Box::pin(self.wait_room(self.node.config.limits.outbound_queue_bytes / 2)).await;
         }
         let opts = SubscribeOpts {
             history,
@@ -930,7 +935,7 @@ impl Session {
     /// `history`: a history channel's most recent publications (at most `limit` and
     /// `limits.max_history_page`), for subscribers by default (the rule's
     /// `history_access`).
-    async fn recent(&self, channel: ChannelName, id: Option<u64>, limit: Option<u64>) {
+    async fn recent(&mut self, channel: ChannelName, id: Option<u64>, limit: Option<u64>) {
         let rule = self.node.config.channels.rule(channel.as_str());
         let Some((rule, policy)) = rule.and_then(|r| Some((r, r.history()?))) else {
             return self.error(RequestError {
@@ -986,9 +991,7 @@ impl Session {
                     &page.publications[from..],
                 );
                 // Room for it first (bounded), which a lagging channel may be holding.
-                self.handle
-                    .wait_room(frame.len(), self.node.config.websocket.write_timeout)
-                    .await;
+                Box::pin(self.wait_room(frame.len())).await;
                 self.reply(frame)
             }
             Err(_) => self.error(RequestError {

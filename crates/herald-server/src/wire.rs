@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::Sink;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
@@ -218,6 +218,20 @@ impl Progress {
     }
 }
 
+/// A session's sending half, as its writer drives it: a sink of frames that can give
+/// up what it holds when a closing session runs out of time.
+pub(crate) trait SessionSink: Sink<Out, Error = WsError> + Send {
+    /// Drops the frames held that no write has started (the one partly written is
+    /// finished: a frame cannot be cut), so that the close frame goes next.
+    fn discard_unsent(self: Pin<&mut Self>);
+}
+
+impl<W: AsyncWrite + Unpin + Send> SessionSink for WsSink<W> {
+    fn discard_unsent(self: Pin<&mut Self>) {
+        self.get_mut().discard_unsent();
+    }
+}
+
 pub(crate) struct WsSink<W> {
     /// The socket's writing half.
     wr: W,
@@ -234,9 +248,28 @@ pub(crate) struct WsSink<W> {
     deflate: Option<Deflate>,
     /// Small frames framed (copied) here since the last chunk was sealed.
     scratch: BytesMut,
-    /// What the next writes send, in order; the front one may be partly written
-    /// (advanced past what was).
-    chunks: VecDeque<Bytes>,
+    /// What the next writes send, in order; the front one may be partly written (up to
+    /// `front_written`).
+    chunks: VecDeque<Chunk>,
+    /// How much of the front chunk was written.
+    front_written: usize,
+}
+
+/// Bytes the sink will write.
+struct Chunk {
+    /// What to write (all of it: the part written is `WsSink::front_written`).
+    bytes: Bytes,
+    /// A large message's payload, whose frame header ends the chunk before it: the
+    /// chunk starts inside a frame (every other one starts at a frame's beginning).
+    payload: bool,
+}
+
+/// A chunk of whole frames.
+fn whole(bytes: Bytes) -> Chunk {
+    Chunk {
+        bytes,
+        payload: false,
+    }
 }
 
 impl<W> WsSink<W> {
@@ -250,15 +283,65 @@ impl<W> WsSink<W> {
             deflate,
             scratch: BytesMut::new(),
             chunks: VecDeque::new(),
+            front_written: 0,
         }
     }
 
     /// Moves what `scratch` holds into `chunks`.
     fn seal(&mut self) {
         if !self.scratch.is_empty() {
-            self.chunks.push_back(self.scratch.split().freeze());
+            self.chunks.push_back(whole(self.scratch.split().freeze()));
         }
     }
+
+    /// Drops every frame held that no write has started, keeping the rest of the one
+    /// partly written (a frame cannot be cut): what a closing session that ran out of
+    /// time does, so that its close frame goes next. Returns the bytes dropped.
+    fn discard_unsent(&mut self) -> usize {
+        let mut dropped = self.scratch.len();
+        self.scratch.clear();
+        // How many chunks hold the rest of the frame being written.
+        let keep = match self.chunks.front() {
+            None => 0,
+            _ if self.front_written == 0 => 0,
+            Some(front) if front.payload => 1,
+            // The frame that holds the last byte written.
+            Some(front) => match frame_end(&front.bytes, self.front_written - 1) {
+                Some(end) if end <= front.bytes.len() => {
+                    dropped += front.bytes.len() - end;
+                    if let Some(front) = self.chunks.front_mut() {
+                        front.bytes.truncate(end);
+                    }
+                    1
+                }
+                // The frame's header ends the chunk: its payload is the next one.
+                Some(_) => 2,
+                // Not frames (cannot be: the sink framed them): keep the chunk.
+                None => 1,
+            },
+        };
+        for c in self.chunks.drain(keep.min(self.chunks.len())..) {
+            dropped += c.bytes.len();
+        }
+        self.held = self.chunks.iter().map(|c| c.bytes.len()).sum::<usize>() - self.front_written;
+        dropped
+    }
+}
+
+/// Where the frame that holds byte `at` of `frames` (which starts with a frame) ends;
+/// beyond `frames` when its payload is not in it. `None` if `frames` is not frames.
+fn frame_end(frames: &[u8], at: usize) -> Option<usize> {
+    let mut start = 0;
+    while start < frames.len() {
+        let mut cursor = Cursor::new(&frames[start..]);
+        let (_, len) = FrameHeader::parse(&mut cursor).ok()??;
+        let end = start + cursor.position() as usize + len as usize;
+        if end > at {
+            return Some(end);
+        }
+        start = end;
+    }
+    None
 }
 
 impl<W: AsyncWrite + Unpin> WsSink<W> {
@@ -267,16 +350,16 @@ impl<W: AsyncWrite + Unpin> WsSink<W> {
         self.seal();
         while let Some(front) = self.chunks.front() {
             let wr = Pin::new(&mut self.wr);
+            let rest = &front.bytes[self.front_written..];
             // One chunk (the common case: a run, or a few replies): a plain write,
             // which costs the kernel less than a vector of one.
             let written = if self.chunks.len() == 1 {
-                wr.poll_write(cx, front)
+                wr.poll_write(cx, rest)
             } else {
-                let slices: Vec<IoSlice<'_>> = self
-                    .chunks
-                    .iter()
+                let slices: Vec<IoSlice<'_>> = std::iter::once(rest)
+                    .chain(self.chunks.iter().skip(1).map(|c| &c.bytes[..]))
                     .take(MAX_SLICES)
-                    .map(|c| IoSlice::new(c))
+                    .map(IoSlice::new)
                     .collect();
                 wr.poll_write_vectored(cx, &slices)
             };
@@ -291,14 +374,16 @@ impl<W: AsyncWrite + Unpin> WsSink<W> {
             }
             self.progress.after_wait(&mut self.waited);
             while n > 0 {
-                let Some(front) = self.chunks.front_mut() else {
+                let Some(front) = self.chunks.front() else {
                     break;
                 };
-                if front.len() <= n {
-                    n -= front.len();
+                let left = front.bytes.len() - self.front_written;
+                if left <= n {
+                    n -= left;
                     self.chunks.pop_front();
+                    self.front_written = 0;
                 } else {
-                    front.advance(n);
+                    self.front_written += n;
                     n = 0;
                 }
             }
@@ -329,7 +414,7 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
         match out {
             Out::Frames(b) => {
                 this.seal();
-                this.chunks.push_back(b);
+                this.chunks.push_back(whole(b));
             }
             Out::Message(m) => {
                 let (opcode, payload) = parts(m);
@@ -347,7 +432,10 @@ impl<W: AsyncWrite + Unpin> Sink<Out> for WsSink<W> {
                         &mut this.scratch,
                     );
                     this.seal();
-                    this.chunks.push_back(payload);
+                    this.chunks.push_back(Chunk {
+                        bytes: payload,
+                        payload: true,
+                    });
                 } else {
                     put_frame(opcode, false, &payload, &mut this.scratch);
                 }
@@ -716,6 +804,106 @@ mod tests {
         assert_eq!(sink.wr.0, 500, "nothing written before the limit");
         sink.flush().await.unwrap();
         assert_eq!(sink.wr.0, 501);
+    }
+
+    /// Takes up to `allow` bytes, then makes the sink wait.
+    struct Gate {
+        out: Vec<u8>,
+        allow: usize,
+    }
+
+    impl AsyncWrite for Gate {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let this = self.get_mut();
+            let n = buf.len().min(this.allow.saturating_sub(this.out.len()));
+            if n == 0 {
+                return Poll::Pending;
+            }
+            this.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A closing session that ran out of time drops what its sink holds, except the
+    /// rest of the frame being written, wherever the socket stopped taking bytes: in a
+    /// small frame, in a shared run, in a large message's header or payload. The close
+    /// frame follows it, and the peer reads whole frames only.
+    #[test]
+    fn a_sink_giving_up_finishes_the_frame_it_started_and_nothing_more() {
+        let messages = || {
+            let mut run = Frames::default();
+            run.text("one");
+            run.binary(&[1, 2, 3]);
+            run.text(&"x".repeat(300));
+            vec![
+                Out::Message(Message::Text("hello".into())),
+                Out::Frames(run.finish()),
+                Out::Message(Message::Text("y".repeat(COPY_LIMIT * 3).into())),
+                Out::Message(Message::Text("after".into())),
+            ]
+        };
+        let close = Out::Message(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(4400),
+            reason: "banned".into(),
+        })));
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let written = |outs: Vec<Out>, allow: usize| {
+            let mut sink = WsSink::new(
+                Gate { out: vec![], allow },
+                1 << 20,
+                None,
+                Default::default(),
+            );
+            for o in outs {
+                Pin::new(&mut sink).start_send(o).unwrap();
+            }
+            sink
+        };
+        let mut all = written(messages(), usize::MAX);
+        assert!(Pin::new(&mut all).poll_flush(&mut cx).is_ready());
+        let full = all.wr.out;
+        let mut closing = written(vec![close.clone()], usize::MAX);
+        assert!(Pin::new(&mut closing).poll_flush(&mut cx).is_ready());
+        let close_bytes = closing.wr.out;
+        let mut starts = vec![];
+        let mut at = 0;
+        while at < full.len() {
+            starts.push(at);
+            at = frame_end(&full, at).unwrap();
+        }
+        assert_eq!(starts.len(), 6);
+        let mut stops: Vec<usize> = vec![0, 1, full.len() - 1];
+        for s in &starts[1..] {
+            stops.extend([s - 1, *s, s + 1, s + 3]);
+        }
+        for stop in stops {
+            let mut sink = written(messages(), stop);
+            assert!(Pin::new(&mut sink).poll_flush(&mut cx).is_pending());
+            sink.discard_unsent();
+            sink.wr.allow = usize::MAX;
+            Pin::new(&mut sink).start_send(close.clone()).unwrap();
+            assert!(Pin::new(&mut sink).poll_flush(&mut cx).is_ready());
+            let cut = if stop == 0 {
+                0
+            } else {
+                frame_end(&full, stop - 1).unwrap()
+            };
+            let out = &sink.wr.out;
+            assert_eq!(&out[..cut], &full[..cut], "stopped at {stop}");
+            assert_eq!(&out[cut..], &close_bytes[..], "stopped at {stop}");
+        }
     }
 
     #[test]

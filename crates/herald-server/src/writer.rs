@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt};
-use tokio::time::timeout;
+use tokio::time::{sleep_until, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -78,16 +78,20 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
             let mut write = Box::pin(write_batch(
                 &mut sink, &mut batch, deliveries, &handle, metrics,
             ));
-            // Timed out only without progress for a whole `write_timeout`: a peer
-            // that reads slowly through a large batch is not one that reads nothing.
-            // Once the session is closing, no longer: what is left before the close
-            // frame (a ban's, a drain's) gets one `write_timeout`, as it always had.
+            // Timed out only after a whole `write_timeout` without progress (checked
+            // every quarter of it): a peer that reads slowly through a large batch is
+            // not one that reads nothing. A closing session's writes also end at its
+            // closing deadline, progress or not (`write_batch`).
+            let tick = (env.write_timeout / 4).max(Duration::from_millis(1));
+            let (mut seen, mut since) = (handle.progress(), Instant::now());
             let written = loop {
-                let before = handle.progress();
-                match timeout(env.write_timeout, write.as_mut()).await {
-                    Ok(w) => break Ok(w),
-                    Err(_) if handle.progress() != before && !handle.is_closing() => continue,
-                    Err(e) => break Err(e),
+                if let Ok(w) = timeout(tick, write.as_mut()).await {
+                    break Some(w);
+                }
+                if handle.progress() != seen {
+                    (seen, since) = (handle.progress(), Instant::now());
+                } else if since.elapsed() >= env.write_timeout {
+                    break handle.is_closing().then_some(Written::OutOfTime);
                 }
             };
             drop(write);
@@ -101,18 +105,30 @@ async fn write_loop(mut sink: BoxSink, handle: Arc<SessionHandle>, unflushed: Op
                 batch = VecDeque::new();
             }
             match written {
-                Ok(Written::All) => {}
+                Some(Written::All) => {}
                 // Slow consumer (or the peer closed) mid-batch: what the batch held
-                // is dropped with the queue; fall through to the close. (What the sink
-                // had taken is still written up to its end before the close frame, a
-                // frame cannot be cut: those few are counted dropped and yet arrive.)
-                Ok(Written::Aborted) => metrics.dropped(handle.discarded_as(), deliveries.count),
-                Ok(Written::Failed) => {
+                // is dropped with the queue, and what the sink holds but has not
+                // started to write, so that the close frame goes next (the frame being
+                // written is finished: counted dropped, it still arrives).
+                Some(Written::Aborted) => {
+                    sink.as_mut().discard_unsent();
+                    metrics.dropped(handle.discarded_as(), deliveries.count);
+                }
+                // A closing session (a ban, a drain) that could not write what was
+                // queued before its close frame in time: the rest is dropped the same
+                // way, and the close frame is still sent, so the client learns why (a
+                // 4400 ban must not look like a network failure to reconnect after).
+                Some(Written::OutOfTime) => {
+                    sink.as_mut().discard_unsent();
+                    handle.give_up_flushing();
+                    metrics.dropped(handle.discarded_as(), deliveries.count);
+                }
+                Some(Written::Failed) => {
                     metrics.dropped(DropReason::Disconnected, deliveries.count);
                     handle.done.fire();
                     return;
                 }
-                Err(_) => {
+                None => {
                     // The peer's TCP stack is alive but takes nothing: give the socket
                     // up rather than hold its memory and connection slot.
                     metrics.write_timeouts.inc();
@@ -151,6 +167,8 @@ enum Written {
     All,
     /// The session started closing without flushing (slow consumer) mid-batch.
     Aborted,
+    /// The session is closing, and its closing deadline passed.
+    OutOfTime,
     /// The socket failed, or the session ended meanwhile.
     Failed,
 }
@@ -174,6 +192,8 @@ where
         sink.flush().await
     };
     tokio::pin!(write);
+    // Set once the session is closing: its writes end then.
+    let mut close_by = handle.closing_deadline();
     loop {
         tokio::select! {
             biased;
@@ -187,6 +207,9 @@ where
                     Err(_) => Written::Failed,
                 };
             }
+            _ = sleep_until(close_by.unwrap_or_else(Instant::now)), if close_by.is_some() => {
+                return Written::OutOfTime;
+            }
             // A push or close arrived while the socket was busy. Only a discarding close
             // (slow consumer) interrupts the write; anything else waits for the next round,
             // which drains before it waits, so the wake-up is not lost.
@@ -194,6 +217,7 @@ where
                 if handle.is_discarding() {
                     return Written::Aborted;
                 }
+                close_by = close_by.or_else(|| handle.closing_deadline());
             }
         }
     }

@@ -380,6 +380,11 @@ impl SseSink {
     }
 }
 
+impl crate::wire::SessionSink for SseSink {
+    /// Events go to the HTTP connection as they are sent: nothing is held here.
+    fn discard_unsent(self: Pin<&mut Self>) {}
+}
+
 impl Sink<Out> for SseSink {
     type Error = WsError;
 
