@@ -226,11 +226,35 @@ pub(crate) trait SessionSink: Sink<Out, Error = WsError> + Send {
     fn discard_unsent(self: Pin<&mut Self>);
 }
 
-impl<W: AsyncWrite + Unpin + Send> SessionSink for WsSink<W> {
+impl<W: AsyncWrite + WriteSocket + Unpin + Send> SessionSink for WsSink<W> {
     fn discard_unsent(self: Pin<&mut Self>) {
-        self.get_mut().discard_unsent();
+        let this = self.get_mut();
+        this.discard_unsent();
+        this.wr.make_room();
     }
 }
+
+/// The socket under a [`WsSink`], for what a closing session needs of it.
+pub(crate) trait WriteSocket {
+    /// Lets the close frame into a full socket at once. The kernel reports a full TCP
+    /// socket writable again only once about a third of its buffer has drained, which
+    /// takes a reader at a few KB/s longer than `limits.close_timeout`: enlarging the
+    /// buffer wakes the writer now, and the frame goes in behind what the buffer holds.
+    /// A no-op where the socket is out of reach (TLS, tests).
+    fn make_room(&self) {}
+}
+
+impl WriteSocket for tokio::net::tcp::OwnedWriteHalf {
+    fn make_room(&self) {
+        let socket = socket2::SockRef::from(self.as_ref());
+        // The size read is the kernel's (twice what was set); set, it doubles again.
+        if let Ok(n) = socket.send_buffer_size() {
+            let _ = socket.set_send_buffer_size(n);
+        }
+    }
+}
+
+impl<T> WriteSocket for tokio::io::WriteHalf<T> {}
 
 pub(crate) struct WsSink<W> {
     /// The socket's writing half.

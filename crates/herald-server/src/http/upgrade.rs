@@ -197,7 +197,7 @@ async fn serve<R, W>(
     peer: Peer,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + crate::wire::WriteSocket + Unpin + Send + 'static,
 {
     let ws = &node.config.websocket;
     let deflate = peer.deflate.then_some(Deflate {
