@@ -652,3 +652,91 @@ async fn the_control_api_is_not_held_off_by_a_lagging_readers_requests() {
     assert_eq!(node.metric("herald_connections"), 1.0);
     reader.abort();
 }
+
+/// A flood of resumes from the control API at a reader that lags: each may wait for
+/// room, and each used to be carried out inside the wait of the one before, nested
+/// without end until the node's stack overflowed (a crash of the whole node). They are
+/// now carried out in turn, and the limit on subscriptions holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_backend_resumes_at_a_lagging_reader_is_carried_out_in_turn() {
+    let node = Node::start_with(|c| {
+        c.auth.api_key = Some(KEY.into());
+        c.limits.outbound_queue_bytes = 64 * 1024;
+        c.limits.socket_send_buffer_bytes = 8 * 1024;
+        c.limits.max_subscriptions = 8;
+        c.websocket.write_timeout = Duration::from_secs(5);
+        c.channels.rules = vec![history_rule("feed:*", 1000)];
+    })
+    .await;
+    let mut c = Client::connect_with_small_buffer(node.addr).await;
+    c.subscribe_since("feed:lag", None).await;
+    let conn = c.welcome["conn"].as_str().unwrap().to_owned();
+    publish_padded(&node, Some(KEY), "feed:lag", 1..=300, 1000).await;
+    herald_testkit::eventually("the reader lags", || {
+        node.metric("herald_outbound_queue_bytes") > 32.0 * 1024.0
+    })
+    .await;
+    // The reader trickles during the flood; once it is over, it pings and reads its
+    // backlog at once, up to the pong.
+    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood_done = over.clone();
+    let reader = tokio::spawn(async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut pinged = false;
+        while Instant::now() < deadline {
+            if !pinged && flood_done.load(std::sync::atomic::Ordering::Relaxed) {
+                c.send_json(&json!({"op": "ping", "id": 7})).await;
+                pinged = true;
+            }
+            let Ok(m) = tokio::time::timeout(Duration::from_millis(100), c.ws().next()).await
+            else {
+                continue;
+            };
+            match m {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["op"] == "pong" && v["id"] == 7 {
+                        return Ok(());
+                    }
+                }
+                Some(Ok(Message::Close(f))) => return Err(format!("closed: {f:?}")),
+                Some(Ok(_)) => {}
+                other => return Err(format!("the session ended: {other:?}")),
+            }
+            // Trickling (about 3 KB/s) during the flood: the session lags throughout,
+            // so that each resume waits for room.
+            if !pinged {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        Err("no pong".to_owned())
+    });
+    let since = json!({"offset": 0, "epoch": "0k3f9a2b"});
+    for i in 0..1000 {
+        let body = json!({"conn": conn, "channel": format!("feed:x{}", i % 20), "since": since});
+        assert_eq!(api(&node, "/api/subscribe", body).await, 200);
+    }
+    let flood_over = Instant::now();
+    over.store(true, std::sync::atomic::Ordering::Relaxed);
+    // Every command was carried out (or refused past the limit) in bounded time: the
+    // session answers a ping behind its backlog, or, its queue overflowing with the
+    // flood's replies (a thousand, to a reader at 3 KB/s), it was closed as a slow
+    // consumer, the defined end. And the node is up.
+    match reader.await.unwrap() {
+        Ok(()) => println!("pong {:?} after the flood", flood_over.elapsed()),
+        Err(e) => {
+            assert!(e.contains("slow consumer"), "{e}");
+            assert_eq!(node.metric("herald_slow_consumer_disconnects_total"), 1.0);
+        }
+    }
+    let info = http(
+        node.api,
+        "GET",
+        "/api/info",
+        &[("authorization", &format!("Bearer {KEY}"))],
+        vec![],
+    )
+    .await;
+    assert_eq!(info.status, 200);
+    assert!(node.metric("herald_subscriptions") <= 8.0);
+}

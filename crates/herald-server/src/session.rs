@@ -93,6 +93,8 @@ pub(crate) async fn run<S, R>(
         node: node.clone(),
         channel_info: Vec::new(),
         grant_info: None,
+        deferred: Vec::new(),
+        commands_until: None,
         rpc_in_flight: Default::default(),
         address,
         transport,
@@ -263,6 +265,13 @@ struct Session {
     address: IpAddr,
     /// How the client is connected.
     transport: Transport,
+    /// Commands that came while a request waited for room ([`Session::wait_room`]) and
+    /// may wait themselves: carried out next, in order, never inside that wait.
+    deferred: Vec<SessionCommand>,
+    /// While a turn of commands runs: the deadline every wait for room in it shares,
+    /// so that a flood of resumes from the control API holds the session's reader for
+    /// one `websocket.write_timeout`, not one each.
+    commands_until: Option<tokio::time::Instant>,
 }
 
 /// How soon a refresh hook that gave no answer is asked again.
@@ -345,13 +354,16 @@ impl Session {
                     // Commands get a turn after each frame: a client whose requests
                     // keep coming (each may wait for room) must not hold the control
                     // API's off.
-                    if handle.has_commands() {
+                    if handle.has_commands() || !self.deferred.is_empty() {
                         Box::pin(self.on_commands()).await;
                     }
                 }
                 // After the client's frames: commands (a run of catch-up rounds among
                 // them) must not keep the session from reading its socket.
                 _ = handle.poked() => Box::pin(self.on_commands()).await,
+                _ = std::future::ready(()), if !self.deferred.is_empty() => {
+                    Box::pin(self.on_commands()).await;
+                }
             }
             if handle.is_closing() {
                 // Closing (slow consumer, drain, heartbeat): the writer owns the rest;
@@ -490,20 +502,41 @@ impl Session {
         }
     }
 
-    /// Waits, at most `websocket.write_timeout`, for `room` bytes in the queue
-    /// ([`SessionHandle::wait_room`]), carrying out the control API's commands that
-    /// arrive meanwhile (they must not wait behind this, and this must not give up its
-    /// wait for them: the reply it makes room for would then close the session).
+    /// Waits, at most `websocket.write_timeout` (or until the deadline of the turn of
+    /// commands it is part of), for `room` bytes in the queue
+    /// ([`SessionHandle::wait_room`]). Commands from the control API that arrive
+    /// meanwhile must not wait behind it, nor end it (the reply it makes room for would
+    /// then close the session): unsubscribes are carried out at once; a subscribe (which
+    /// may wait for room itself) and everything after it waits for the end of this
+    /// request, in order, instead of waiting inside this wait.
     async fn wait_room(&mut self, room: usize) {
-        let deadline = tokio::time::Instant::now() + self.node.config.websocket.write_timeout;
+        let deadline = self.commands_until.unwrap_or_else(|| {
+            tokio::time::Instant::now() + self.node.config.websocket.write_timeout
+        });
         while self.handle.wait_room(room, deadline).await == Room::Commands {
-            Box::pin(self.on_commands()).await;
+            for c in self.handle.take_commands() {
+                match c {
+                    SessionCommand::Unsubscribe(channel) if self.deferred.is_empty() => {
+                        self.unsubscribed_by_backend(channel).await;
+                    }
+                    c => self.deferred.push(c),
+                }
+            }
         }
     }
 
-    /// Carries out what the control API asked (server-side subscribe and unsubscribe).
+    /// Carries out what the control API asked (server-side subscribe and unsubscribe),
+    /// those deferred by a wait first; the waits for room in one turn share one
+    /// deadline.
     async fn on_commands(&mut self) {
-        for c in self.handle.take_commands() {
+        let outer = self.commands_until.is_none();
+        if outer {
+            self.commands_until =
+                Some(tokio::time::Instant::now() + self.node.config.websocket.write_timeout);
+        }
+        let mut turn = std::mem::take(&mut self.deferred);
+        turn.extend(self.handle.take_commands());
+        for c in turn {
             match c {
                 // The backend decided: no permission check; the client hears an
                 // unsolicited `subscribed` (no id) and then the channel's messages.
@@ -511,16 +544,22 @@ impl Session {
                     self.subscribe(channel, None, true, since, false).await
                 }
                 SessionCommand::CatchUp(channel) => self.catch_up(&channel).await,
-                SessionCommand::Unsubscribe(channel) => {
-                    if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
-                        self.subscriptions.swap_remove(i);
-                        self.node.hub.unsubscribe(&channel, self.conn);
-                        self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), None));
-                        self.left(&channel).await;
-                        self.channel_info.retain(|(c, _)| *c != channel);
-                    }
-                }
+                SessionCommand::Unsubscribe(channel) => self.unsubscribed_by_backend(channel).await,
             }
+        }
+        if outer {
+            self.commands_until = None;
+        }
+    }
+
+    /// The control API's unsubscribe.
+    async fn unsubscribed_by_backend(&mut self, channel: ChannelName) {
+        if let Some(i) = self.subscriptions.iter().position(|c| *c == channel) {
+            self.subscriptions.swap_remove(i);
+            self.node.hub.unsubscribe(&channel, self.conn);
+            self.reply(frames::ack(Ack::Unsubscribed, channel.as_str(), None));
+            self.left(&channel).await;
+            self.channel_info.retain(|(c, _)| *c != channel);
         }
     }
 
