@@ -241,7 +241,7 @@ impl<W: AsyncWrite + WriteSocket + Unpin + Send> SessionSink for WsSink<W> {
 
 /// The most a sink that gave up may still have to write (the rest of the frame it had
 /// started) for it to enlarge the socket's buffer for the close frame.
-const MAKE_ROOM_FOR: usize = 16 * 1024;
+const MAKE_ROOM_FOR: usize = 64 * 1024;
 
 /// The socket under a [`WsSink`], for what a closing session needs of it.
 pub(crate) trait WriteSocket {
