@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -552,14 +554,14 @@ async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
     publish_padded(&node, Some(KEY), "wide", 1..=400, 1000).await;
     // Trickles until the node is done with the connection, then reads what the kernel
     // still holds at once, up to the close frame.
-    let gone = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gone = Arc::new(AtomicBool::new(false));
     let reading = gone.clone();
     let reader = tokio::spawn(async move {
         while let Ok(Some(Ok(m))) = tokio::time::timeout(WAIT_FRAME, c.ws().next()).await {
             if let Message::Close(f) = m {
                 return f.map(|f| u16::from(f.code));
             }
-            if !reading.load(std::sync::atomic::Ordering::Relaxed) {
+            if !reading.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
@@ -583,7 +585,7 @@ async fn a_ban_ends_a_slow_reader_within_the_write_timeout() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    gone.store(true, std::sync::atomic::Ordering::Relaxed);
+    gone.store(true, Ordering::Relaxed);
     let code = tokio::time::timeout(Duration::from_secs(20), reader).await;
     assert_eq!(code.expect("the reader ends").unwrap(), Some(4400));
     assert_eq!(node.metric("herald_write_timeouts_total"), 0.0);
@@ -678,13 +680,13 @@ async fn a_flood_of_backend_resumes_at_a_lagging_reader_is_carried_out_in_turn()
     .await;
     // The reader trickles during the flood; once it is over, it pings and reads its
     // backlog at once, up to the pong.
-    let over = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let over = Arc::new(AtomicBool::new(false));
     let flood_done = over.clone();
     let reader = tokio::spawn(async move {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut pinged = false;
         while Instant::now() < deadline {
-            if !pinged && flood_done.load(std::sync::atomic::Ordering::Relaxed) {
+            if !pinged && flood_done.load(Ordering::Relaxed) {
                 c.send_json(&json!({"op": "ping", "id": 7})).await;
                 pinged = true;
             }
@@ -717,7 +719,7 @@ async fn a_flood_of_backend_resumes_at_a_lagging_reader_is_carried_out_in_turn()
         assert_eq!(api(&node, "/api/subscribe", body).await, 200);
     }
     let flood_over = Instant::now();
-    over.store(true, std::sync::atomic::Ordering::Relaxed);
+    over.store(true, Ordering::Relaxed);
     // Every command was carried out (or refused past the limit) in bounded time: the
     // session answers a ping behind its backlog, or, its queue overflowing with the
     // flood's replies (a thousand, to a reader at 3 KB/s), it was closed as a slow

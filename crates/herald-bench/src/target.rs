@@ -26,7 +26,7 @@ pub(crate) async fn setup(target: &str) -> anyhow::Result<()> {
     match target {
         "herald" | "herald-history" | "herald-embedded" | "floor" | "floor-redis" => Ok(()),
         t if t.starts_with("herald") && t.contains('@') => {
-            let path = &t[t.find('@').unwrap_or(0) + 1..];
+            let (_, path) = t.split_once('@').unwrap_or_default();
             anyhow::ensure!(Path::new(path).is_file(), "{path}: no such binary");
             Ok(())
         }

@@ -329,9 +329,8 @@ impl<W> WsSink<W> {
 
     /// Drops every frame held that no write has started, keeping the rest of the one
     /// partly written (a frame cannot be cut): what a closing session that ran out of
-    /// time does, so that its close frame goes next. Returns the bytes dropped.
-    fn discard_unsent(&mut self) -> usize {
-        let mut dropped = self.scratch.len();
+    /// time does, so that its close frame goes next.
+    fn discard_unsent(&mut self) {
         self.scratch.clear();
         // How many chunks hold the rest of the frame being written.
         let keep = match self.chunks.front() {
@@ -343,7 +342,6 @@ impl<W> WsSink<W> {
             // The frame that holds the last byte written.
             Some(front) => match frame_end(&front.bytes, self.front_written - 1) {
                 Some(end) if end <= front.bytes.len() => {
-                    dropped += front.bytes.len() - end;
                     if let Some(front) = self.chunks.front_mut() {
                         front.bytes.truncate(end);
                     }
@@ -355,11 +353,8 @@ impl<W> WsSink<W> {
                 None => 1,
             },
         };
-        for c in self.chunks.drain(keep.min(self.chunks.len())..) {
-            dropped += c.bytes.len();
-        }
+        self.chunks.truncate(keep);
         self.held = self.chunks.iter().map(|c| c.bytes.len()).sum::<usize>() - self.front_written;
-        dropped
     }
 }
 
