@@ -87,6 +87,25 @@ impl Deliveries {
         }
     }
 
+    /// They were written to `subscribers` sockets, each in one write: counted as
+    /// delivered and the lag observed once per write, with one update of the shared
+    /// metrics for them all.
+    pub(crate) fn written_to(self, subscribers: u64, metrics: &Metrics) {
+        if subscribers == 1 {
+            return self.written(metrics);
+        }
+        metrics.delivered.inc_by(self.count * subscribers);
+        if self.oldest_us > 0 {
+            let now = herald_protocol::publication::unix_micros();
+            let lag = now.saturating_sub(self.oldest_us) as f64 / 1e6;
+            let local = metrics.delivery_lag_seconds.local();
+            for _ in 0..subscribers {
+                local.observe(lag);
+            }
+            local.flush();
+        }
+    }
+
     /// They were written: counted as delivered, and the oldest one's lag observed.
     pub(crate) fn written(self, metrics: &Metrics) {
         metrics.delivered.inc_by(self.count);
@@ -280,10 +299,10 @@ impl Closing {
 pub(crate) enum Pushed {
     /// In the queue; the writer takes it.
     Queued,
-    /// Written straight into the socket (or handed to a writer with what the socket
-    /// did not take), its bytes already in the gauge until written: see
-    /// [`SessionHandle::push_to_all`].
-    Direct,
+    /// Written straight into the socket (`true`: whole; the caller counts it as
+    /// delivered), or handed to a writer with what the socket did not take, its bytes
+    /// in the gauge until written: see [`SessionHandle::push_to_all`].
+    Direct(bool),
     /// Over budget: the session is now closing as a slow consumer; what it had queued
     /// is discarded and counted as dropped.
     Overflow,
@@ -721,7 +740,7 @@ impl SessionHandle {
         mut refused: impl FnMut(K),
     ) {
         let deliveries = u64::from(item.deliveries);
-        let (mut queued, mut closing) = (0usize, 0u64);
+        let (mut queued, mut closing, mut written) = (0usize, 0u64, 0u64);
         // A run compressed for the subscribers that negotiated permessage-deflate: once,
         // when the first of them comes (`None` inside: nothing to compress).
         let mut deflated: Option<Option<Item>> = None;
@@ -737,8 +756,12 @@ impl SessionHandle {
                 Pushed::Queued => queued += item.cost(),
                 Pushed::Closed => closing += deliveries,
                 Pushed::Refused => refused(key),
-                Pushed::Overflow | Pushed::Direct => {}
+                Pushed::Direct(true) => written += 1,
+                Pushed::Overflow | Pushed::Direct(false) => {}
             }
+        }
+        if written > 0 {
+            Deliveries::of([item]).written_to(written, metrics);
         }
         metrics.outbound_queue_bytes.add(queued as i64);
         if closing > 0 {
@@ -775,13 +798,12 @@ impl SessionHandle {
             else {
                 unreachable!("matched above");
             };
-            // Held (and within the budget) while it is written, like a writer's batch;
-            // in the gauge before the write takes it out again.
+            // Held (and within the budget) while it is written, like a writer's batch.
+            // Not in the gauge: a write that finishes would take it out again at once,
+            // and the gauge is shared by every core (`write_direct` adds it otherwise).
             s.inflight += cost;
             drop(s);
-            self.env.metrics.outbound_queue_bytes.add(cost as i64);
-            self.write_direct(sink, item);
-            return Pushed::Direct;
+            return Pushed::Direct(self.write_direct(sink, item));
         }
         let was_empty = s.queue.is_empty();
         s.bytes += cost;
@@ -793,8 +815,11 @@ impl SessionHandle {
     /// Writes `item` into `sink` (taken from its parking place: the slot says a writer
     /// runs) from the caller's task, as far as the socket takes it without waiting,
     /// then parks the sink again, or hands it to a writer task when the write did not
-    /// finish or something else arrived meanwhile.
-    fn write_direct(self: &Arc<Self>, mut sink: BoxSink, item: &Item) {
+    /// finish or something else arrived meanwhile. Returns whether it was all written:
+    /// the caller counts it as delivered (once for all the subscribers it wrote to; the
+    /// delivery counters are shared by every core). Its bytes are added to the gauge
+    /// unless they leave `inflight` here, where the writer or `discard` takes them out.
+    fn write_direct(self: &Arc<Self>, mut sink: BoxSink, item: &Item) -> bool {
         use std::task::Poll;
         let deliveries = Deliveries::of([item]);
         // One poll, with a waker that wakes nothing: a socket that cannot take it all
@@ -818,6 +843,10 @@ impl SessionHandle {
             Poll::Ready(Some(written)) => written,
             // Not taken (an SSE body that is full): it goes through the queue.
             _ => {
+                self.env
+                    .metrics
+                    .outbound_queue_bytes
+                    .add(item.cost() as i64);
                 let mut s = self.state.lock();
                 if self.still_ours(&s, deliveries.count) {
                     s.inflight -= item.cost();
@@ -825,26 +854,34 @@ impl SessionHandle {
                     s.queue.push_back(item.share());
                     self.restart(s, sink, None);
                 }
-                return;
+                return false;
             }
         };
-        let mut s = self.state.lock();
         if !written {
+            self.env
+                .metrics
+                .outbound_queue_bytes
+                .add(item.cost() as i64);
+            let s = self.state.lock();
             if self.still_ours(&s, deliveries.count) {
                 // The writer's batch accounting frees `inflight` once it has flushed.
                 self.restart(s, sink, Some(deliveries));
             }
-            return;
+            return false;
         }
-        deliveries.written(&self.env.metrics);
+        let mut s = self.state.lock();
         if self.still_ours(&s, 0) {
             s.inflight -= item.cost();
+            self.restart(s, sink, None);
+        } else {
+            // `discard` takes `inflight` out of the gauge, this write's bytes among it.
+            drop(s);
             self.env
                 .metrics
                 .outbound_queue_bytes
-                .sub(item.cost() as i64);
-            self.restart(s, sink, None);
+                .add(item.cost() as i64);
         }
+        true
     }
 
     /// After a direct write: whether the slot still says a writer runs (the direct
@@ -1163,6 +1200,57 @@ pub(crate) mod tests {
             published_at_us: 0,
             deliveries: 1,
         }
+    }
+
+    /// Direct writes to several subscribers update the shared metrics once, and leave
+    /// them as one update per write would: each subscriber's deliveries counted, one lag
+    /// observation per socket written, nothing left in the gauge.
+    #[tokio::test]
+    async fn direct_writes_are_counted_once_per_subscriber_and_leave_the_gauge_empty() {
+        let e = env(1 << 20);
+        let m = e.metrics.clone();
+        let mut readers = Vec::new();
+        let handles: Vec<Arc<SessionHandle>> = (0..3)
+            .map(|_| {
+                let (server, client) = tokio::io::duplex(1 << 16);
+                let (_, wr) = tokio::io::split(server);
+                readers.push(client);
+                let h = Arc::new(SessionHandle::new(0, e.clone()));
+                let sink = crate::wire::WsSink::new(wr, 1 << 16, None, Default::default());
+                h.attach(Box::pin(sink));
+                h
+            })
+            .collect();
+        let run = Item {
+            deliveries: 2,
+            published_at_us: herald_protocol::publication::unix_micros() - 1_000,
+            ..item(40)
+        };
+        SessionHandle::push_to_all(handles.iter(), &run, &m, true);
+        assert_eq!(m.delivered.get(), 6);
+        assert_eq!(m.delivery_lag_seconds.get_sample_count(), 3);
+        assert!(m.delivery_lag_seconds.get_sample_sum() >= 3.0 * 0.001);
+        assert_eq!(m.outbound_queue_bytes.get(), 0);
+        for mut r in readers {
+            let mut got = vec![0u8; 42];
+            tokio::io::AsyncReadExt::read_exact(&mut r, &mut got)
+                .await
+                .unwrap();
+            assert_eq!(&got[..2], &[0x82, 40], "one binary frame of 40 bytes");
+        }
+        // A subscriber whose socket takes nothing: handed to a writer, in the gauge.
+        let (server, _client) = tokio::io::duplex(8);
+        let (_, wr) = tokio::io::split(server);
+        let h = Arc::new(SessionHandle::new(0, e.clone()));
+        h.attach(Box::pin(crate::wire::WsSink::new(
+            wr,
+            8,
+            None,
+            Default::default(),
+        )));
+        SessionHandle::push_to_all([&h].into_iter(), &run, &m, true);
+        assert_eq!(m.delivered.get(), 6);
+        assert_eq!(m.outbound_queue_bytes.get(), run.cost() as i64);
     }
 
     #[test]
