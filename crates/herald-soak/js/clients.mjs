@@ -136,6 +136,34 @@ for await (const line of lines) {
       }
     }
     process.stderr.write(`${prefix}: dropped ${n} connections\n`);
+  } else if (cmd === 'slow') {
+    // `slow <permille> <rate> <ms>`: these clients stop reading for `ms` (a rate is not
+    // kept here: Node reads 64 KiB at a time; the Rust groups throttle to it).
+    const ms = Number(line.trim().split(/\s+/)[3] ?? 1000);
+    let n = 0;
+    for (const pair of [...relayed]) {
+      if (rand() * 1000 < Number(arg)) {
+        // One stall at a time: a second one while stalled only extends it (two pipes
+        // would write every chunk twice).
+        pair.until = Math.max(pair.until ?? 0, Date.now() + ms);
+        if (!pair.stalled) {
+          pair.stalled = true;
+          pair.up.unpipe(pair.down);
+          pair.up.pause();
+          const resume = () => {
+            if (Date.now() < pair.until) {
+              setTimeout(resume, pair.until - Date.now());
+            } else {
+              pair.stalled = false;
+              if (!pair.up.destroyed) pair.up.pipe(pair.down);
+            }
+          };
+          setTimeout(resume, ms);
+        }
+        n++;
+      }
+    }
+    process.stderr.write(`${prefix}: ${n} connections stop reading for ${ms} ms\n`);
   } else if (cmd === 'stop') {
     break;
   }

@@ -30,6 +30,15 @@ pub(crate) enum Fault {
     NetCut(Duration),
     /// Drop this share (permille) of every client group's connections.
     ClientDrop(u32),
+    /// This share (permille) of every client group's connections reads what the
+    /// gateway sends at `rate` bytes per second (0: nothing) for a while, in the
+    /// background: later faults come meanwhile. (The JS group stops reading whatever
+    /// the rate.)
+    SlowReaders {
+        permille: u32,
+        rate: u32,
+        lasts: Duration,
+    },
 }
 
 impl Fault {
@@ -46,15 +55,33 @@ impl Fault {
             Fault::ClientKillOne(_) => "CLIENT KILL one node's",
             Fault::NetCut(_) => "network cut",
             Fault::ClientDrop(_) => "client drops",
+            Fault::SlowReaders { .. } => "slow readers",
         }
     }
 }
+
+/// Every fault's [`Fault::name`].
+pub(crate) const NAMES: [&str; 11] = [
+    "node SIGKILL",
+    "node SIGTERM",
+    "redis kill -9",
+    "redis kill -9 + client drops",
+    "redis rollback (AOF tail cut)",
+    "redis rollback (RDB snapshot)",
+    "CLIENT KILL every node's",
+    "CLIENT KILL one node's",
+    "network cut",
+    "client drops",
+    "slow readers",
+];
 
 /// Draws faults from a seed.
 pub(crate) struct Schedule {
     rng: fastrand::Rng,
     nodes: usize,
     netns: bool,
+    /// Only these kinds (names); empty: every kind.
+    only: Vec<String>,
 }
 
 impl Schedule {
@@ -63,7 +90,17 @@ impl Schedule {
             rng: fastrand::Rng::with_seed(seed),
             nodes,
             netns,
+            only: Vec::new(),
         }
+    }
+
+    /// Draws only faults named in `names` (to aim a run at one path).
+    pub(crate) fn only(mut self, names: &[String]) -> anyhow::Result<Schedule> {
+        if let Some(unknown) = names.iter().find(|n| !NAMES.contains(&n.as_str())) {
+            anyhow::bail!("no fault is named {unknown:?}; the faults: {NAMES:?}");
+        }
+        self.only = names.to_vec();
+        Ok(self)
     }
 
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
@@ -82,10 +119,19 @@ impl Schedule {
                 48..=54 => Fault::RedisSnapshot,
                 55..=60 => Fault::ClientKillAll,
                 61..=66 => Fault::ClientKillOne(self.rng.u32(..)),
-                67..=82 => Fault::NetCut(self.ms(500, 6000)),
+                67..=77 => Fault::NetCut(self.ms(500, 6000)),
+                78..=90 => Fault::SlowReaders {
+                    permille: self.rng.u32(100..500),
+                    rate: match self.rng.u32(0..3) {
+                        0 => 0,
+                        _ => self.rng.u32(300..4000),
+                    },
+                    lasts: self.ms(2000, 10_000),
+                },
                 _ => Fault::ClientDrop(self.rng.u32(50..600)),
             };
-            if self.netns || !matches!(f, Fault::NetCut(_)) {
+            let wanted = self.only.is_empty() || self.only.iter().any(|n| n == f.name());
+            if wanted && (self.netns || !matches!(f, Fault::NetCut(_))) {
                 break f;
             }
         };
@@ -107,7 +153,20 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         let names: std::collections::BTreeSet<&str> =
             draw(7).iter().map(|(f, _)| f.name()).collect();
-        assert_eq!(names.len(), 10, "{names:?}");
+        assert_eq!(
+            names,
+            NAMES.into_iter().collect(),
+            "every kind drawn, each named"
+        );
+        let only = ["slow readers".to_owned(), "network cut".to_owned()];
+        let mut s = Schedule::new(7, 3, true).only(&only).unwrap();
+        for _ in 0..100 {
+            let f = s.next().0;
+            assert!(only.iter().any(|n| n == f.name()), "{f:?}");
+        }
+        assert!(Schedule::new(7, 3, true)
+            .only(&["nope".to_owned()])
+            .is_err());
         let mut s = Schedule::new(7, 3, false);
         assert!((0..400).all(|_| !matches!(s.next().0, Fault::NetCut(_))));
     }

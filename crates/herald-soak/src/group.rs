@@ -63,9 +63,29 @@ pub(crate) fn token(secret: &str, sub: &str, life_s: u64) -> String {
     .expect("an HS256 token")
 }
 
-/// Relays TCP connections to `upstream` and drops a share of them on demand.
+/// How many bytes the relay's socket to the gateway buffers: small, so that a client
+/// whose reading is slowed ([`Relay::slow_some`]) soon holds the gateway's socket full
+/// instead of hiding behind megabytes of kernel buffers (HAProxy's are small too).
+const UPSTREAM_RCVBUF: u32 = 8 * 1024;
+
+/// A relayed connection: its task, and how its gateway-to-client direction is slowed.
+struct Relayed {
+    task: tokio::task::AbortHandle,
+    slow: Arc<Mutex<Slow>>,
+}
+
+/// How a relayed connection reads from the gateway: at full speed, or at `rate`
+/// bytes per second (0: not at all) until `until`.
+#[derive(Clone, Copy, Default)]
+struct Slow {
+    until: Option<tokio::time::Instant>,
+    rate: u32,
+}
+
+/// Relays TCP connections to `upstream`, drops a share of them on demand, and makes a
+/// share of them slow readers for a while.
 struct Relay {
-    conns: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+    conns: Mutex<HashMap<u64, Relayed>>,
 }
 
 impl Relay {
@@ -78,23 +98,31 @@ impl Relay {
         let r = relay.clone();
         tokio::spawn(async move {
             let mut next = 0u64;
-            while let Ok((mut down, _)) = listener.accept().await {
+            while let Ok((down, _)) = listener.accept().await {
                 next += 1;
                 let id = next;
                 let r2 = r.clone();
+                let slow = Arc::new(Mutex::new(Slow::default()));
+                let slow2 = slow.clone();
                 let task = tokio::spawn(async move {
-                    let up =
-                        tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(upstream))
-                            .await;
-                    if let Ok(Ok(mut up)) = up {
-                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    let up = tokio::time::timeout(Duration::from_secs(3), connect(upstream)).await;
+                    if let Ok(Ok(up)) = up {
+                        let (mut down_rd, down_wr) = down.into_split();
+                        let (up_rd, mut up_wr) = up.into_split();
+                        tokio::select! {
+                            _ = tokio::io::copy(&mut down_rd, &mut up_wr) => {}
+                            _ = copy_slowed(up_rd, down_wr, slow2) => {}
+                        }
                     }
                     r2.conns.lock().expect("relay lock").remove(&id);
                 });
-                r.conns
-                    .lock()
-                    .expect("relay lock")
-                    .insert(id, task.abort_handle());
+                r.conns.lock().expect("relay lock").insert(
+                    id,
+                    Relayed {
+                        task: task.abort_handle(),
+                        slow,
+                    },
+                );
             }
         });
         Ok((relay, addr))
@@ -109,11 +137,71 @@ impl Relay {
             .filter(|_| rng.u32(0..1000) < permille)
             .collect();
         for id in &doomed {
-            if let Some(h) = conns.remove(id) {
-                h.abort();
+            if let Some(c) = conns.remove(id) {
+                c.task.abort();
             }
         }
         doomed.len()
+    }
+
+    /// Makes each relayed connection, with probability `permille / 1000`, read what the
+    /// gateway sends at `rate` bytes per second (0: nothing) for `ms`.
+    fn slow_some(&self, permille: u32, rate: u32, ms: u64, rng: &mut fastrand::Rng) -> usize {
+        let until = tokio::time::Instant::now() + Duration::from_millis(ms);
+        let conns = self.conns.lock().expect("relay lock");
+        let mut n = 0;
+        for c in conns.values().filter(|_| rng.u32(0..1000) < permille) {
+            *c.slow.lock().expect("slow lock") = Slow {
+                until: Some(until),
+                rate,
+            };
+            n += 1;
+        }
+        n
+    }
+}
+
+async fn connect(upstream: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = match upstream {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // Before the connect: the window it advertises is fixed by then.
+    socket.set_recv_buffer_size(UPSTREAM_RCVBUF)?;
+    socket.connect(upstream).await
+}
+
+/// Copies the gateway's bytes to the client, slowed while `slow` says so.
+async fn copy_slowed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    slow: Arc<Mutex<Slow>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let now = tokio::time::Instant::now();
+        let s = *slow.lock().expect("slow lock");
+        let max = match s.until {
+            Some(until) if until > now && s.rate == 0 => {
+                tokio::time::sleep_until(until).await;
+                continue;
+            }
+            // A tenth of a second's worth at a time.
+            Some(until) if until > now => (s.rate as usize / 10).clamp(1, buf.len()),
+            _ => buf.len(),
+        };
+        let n = match from.read(&mut buf[..max]).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+        if max < buf.len() {
+            let pause = Duration::from_secs_f64(n as f64 / f64::from(s.rate.max(1)));
+            tokio::time::sleep(pause.min(Duration::from_secs(1))).await;
+        }
     }
 }
 
@@ -244,6 +332,15 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
             (Some("drop"), Some(permille)) => {
                 let n = relay.drop_some(permille, &mut rng);
                 eprintln!("{}: dropped {n} connections", args.prefix);
+            }
+            (Some("slow"), Some(permille)) => {
+                let mut rest = words.filter_map(|w| w.parse::<u64>().ok());
+                let (rate, ms) = (rest.next().unwrap_or(0), rest.next().unwrap_or(1000));
+                let n = relay.slow_some(permille, rate as u32, ms, &mut rng);
+                eprintln!(
+                    "{}: {n} connections read at {rate} B/s for {ms} ms",
+                    args.prefix
+                );
             }
             (Some("stop"), _) => break,
             _ => eprintln!("{}: unknown command {line:?}", args.prefix),

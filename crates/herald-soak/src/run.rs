@@ -41,6 +41,10 @@ pub(crate) struct RunArgs {
     /// JS clients (the repository's client, under Node).
     #[arg(long, default_value_t = 60)]
     js_clients: usize,
+    /// Rust clients on loopback subscribed to every channel: the connections that
+    /// carry the most, which slow-reader faults ([`Fault::SlowReaders`]) make lag.
+    #[arg(long, default_value_t = 12)]
+    greedy_clients: usize,
     #[arg(long, default_value_t = 8)]
     history_channels: usize,
     #[arg(long, default_value_t = 4)]
@@ -54,6 +58,10 @@ pub(crate) struct RunArgs {
     /// Without the network namespace (no root): no network cuts.
     #[arg(long)]
     no_netns: bool,
+    /// Inject only these faults (their names as the report lists them, comma-separated,
+    /// e.g. `--only "slow readers"`), to aim a run at one path.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where to write the report (JSON).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -131,8 +139,18 @@ fn node_config(
     dir: &std::path::Path,
     redis: &str,
     (drain_window, grace_period): (&str, &str),
+    rollout: bool,
 ) -> anyhow::Result<PathBuf> {
     let path = dir.join("herald.toml");
+    // Small queues and socket buffers, so that slow-reader faults make the greedy
+    // clients' sessions lag (history channels catch them up in place) or overflow (a
+    // plain channel's push closes them with 1013, and they resume): a few seconds of
+    // their traffic. The rollout, which injects no slow readers, keeps the defaults.
+    let limits = if rollout {
+        ""
+    } else {
+        "outbound_queue_bytes = 65536\nsocket_send_buffer_bytes = 4096\n"
+    };
     std::fs::write(
         &path,
         format!(
@@ -153,10 +171,12 @@ hmac_secret = "{SECRET}"
 # A subscribe waits this long for Redis before it is answered `unavailable` (which
 # clients must retry): shorter than the soak's longest Redis outage.
 subscribe_timeout = "2s"
-
+{limits}
+# A pong may wait behind a slow reader's backlog; a reader that takes nothing for
+# `interval + timeout` is dead, one that takes bytes is not.
 [heartbeat]
 interval = "2s"
-timeout = "2s"
+timeout = "6s"
 
 [shutdown]
 drain_window = "{drain_window}"
@@ -170,6 +190,37 @@ delta = "fossil"
         ),
     )?;
     Ok(path)
+}
+
+/// How often the nodes took the paths the faults aim at, summed over the run: each
+/// node's counters are read before it is killed or stopped, and at the end. (A node
+/// that dies between two reads, in a rollout, is not counted.)
+#[derive(Default, serde::Serialize)]
+struct Exercised {
+    /// Publications sent as Fossil deltas.
+    delta_publications: u64,
+    /// Lagging history subscribers caught up in place.
+    slow_readers_caught_up: u64,
+    /// Sessions closed with 1013.
+    slow_consumers_closed: u64,
+}
+
+impl Exercised {
+    async fn scrape(&mut self, node: &Node) {
+        let Some(metrics) = node.get("/metrics").await else {
+            return;
+        };
+        let value = |prefix: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0) as u64
+        };
+        self.delta_publications += value(r#"herald_delta_publications_total{outcome="delta"} "#);
+        self.slow_readers_caught_up += value(r#"herald_recoveries_total{outcome="caught_up"} "#);
+        self.slow_consumers_closed += value("herald_slow_consumer_disconnects_total ");
+    }
 }
 
 fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -290,7 +341,7 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         Some(r) => (r.drain_window.as_str(), r.grace_period.as_str()),
         None => ("1s", "3s"),
     };
-    let config = node_config(&dir, &redis.url(), shutdown)?;
+    let config = node_config(&dir, &redis.url(), shutdown, rollout.is_some())?;
     // A rollout's replacements start in spare slots (HAProxy knows every slot).
     let slots = NODES + rollout.as_ref().map_or(0, Rollout::spare_slots);
     let mut nodes: Vec<Node> = (0..slots)
@@ -321,7 +372,7 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }));
     let me = std::env::current_exe()?;
     let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log")));
-    let rust_group = |prefix: &str, n: usize, upstream: String, seed: u64| {
+    let rust_group_on = |prefix: &str, n: usize, upstream: String, seed: u64, on: &[String]| {
         vec![
             "clients".to_owned(),
             "--upstream".into(),
@@ -331,12 +382,15 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
             "--clients".into(),
             n.to_string(),
             "--channels".into(),
-            channels.join(","),
+            on.join(","),
             "--seed".into(),
             seed.to_string(),
             "--secret".into(),
             SECRET.into(),
         ]
+    };
+    let rust_group = |prefix: &str, n: usize, upstream: String, seed: u64| {
+        rust_group_on(prefix, n, upstream, seed, &channels)
     };
     let mut groups = Vec::new();
     let mut subscriptions = 0;
@@ -354,6 +408,22 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         cmd.args(["--token-min-s", "1800", "--token-max-s", "3600"]);
         groups.push(Group::spawn("rust", cmd, log("rust")?, checker.clone())?);
         subscriptions += args.rust_clients * 2;
+    }
+    // Greedy clients: half on every channel (a slow one is closed with 1013 when a
+    // plain channel's publication overflows its queue, and resumes), half on every
+    // history channel (a slow one lags and is caught up in place).
+    let history: Vec<String> = channels.iter().filter(|c| is_history(c)).cloned().collect();
+    let halves = [
+        ("greedy", "g", args.greedy_clients.div_ceil(2), &channels),
+        ("greedy-history", "gh", args.greedy_clients / 2, &history),
+    ];
+    for (name, prefix, n, on) in halves.into_iter().filter(|h| h.2 > 0) {
+        let mut cmd = Command::new(&me);
+        let upstream = format!("127.0.0.1:{port}");
+        cmd.args(rust_group_on(prefix, n, upstream, rng.u64(..), on));
+        cmd.args(["--per-client", &on.len().to_string()]);
+        groups.push(Group::spawn(name, cmd, log(name)?, checker.clone())?);
+        subscriptions += n * on.len();
     }
     if let (Some(ns), true) = (&ns, args.netns_clients > 0) {
         let mut cmd = Command::new(herald_harness::system_tool("ip", "iproute2"));
@@ -416,8 +486,9 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }
 
     let started = Instant::now();
-    let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some());
+    let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some()).only(&args.only)?;
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut exercised = Exercised::default();
     sleep(Duration::from_secs(2)).await;
     let killed = match &rollout {
         Some(r) => {
@@ -433,11 +504,13 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         *injected.entry(fault.name()).or_default() += 1;
         match fault {
             Fault::NodeKill(i, down) => {
+                exercised.scrape(&nodes[i]).await;
                 nodes[i].kill();
                 sleep(down).await;
                 nodes[i].start()?;
             }
             Fault::NodeTerm(i, down) => {
+                exercised.scrape(&nodes[i]).await;
                 nodes[i].terminate().await;
                 sleep(down).await;
                 nodes[i].start()?;
@@ -499,6 +572,16 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
             Fault::ClientDrop(permille) => {
                 for g in &mut groups {
                     g.say(&format!("drop {permille}")).await;
+                }
+            }
+            Fault::SlowReaders {
+                permille,
+                rate,
+                lasts,
+            } => {
+                for g in &mut groups {
+                    g.say(&format!("slow {permille} {rate} {}", lasts.as_millis()))
+                        .await;
                 }
             }
         }
@@ -571,23 +654,16 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }
     let sent = std::mem::take(&mut *ledger.sent.lock().expect("ledger"));
     let report = checker.finish(&sent);
-    // How much the delta path was exercised (counted since each node's last start).
-    let mut deltas = 0u64;
     for n in nodes.iter().filter(|n| n.running()) {
-        let metrics = n.get("/metrics").await.unwrap_or_default();
-        deltas += metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"herald_delta_publications_total{outcome="delta"} "#))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
+        exercised.scrape(n).await;
     }
     let summary = serde_json::json!({
         "seed": seed,
         "fault_seconds": faulty.as_secs_f64().round(),
-        "clients": args.rust_clients + args.netns_clients + args.js_clients,
+        "clients": args.rust_clients + args.netns_clients + args.js_clients + args.greedy_clients,
         "channels": {"history": args.history_channels, "plain": args.plain_channels},
         "faults": injected,
-        "delta_publications_on_running_nodes": deltas,
+        "exercised": exercised,
         "report": report,
     });
     let text = serde_json::to_string_pretty(&summary)?;

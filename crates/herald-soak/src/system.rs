@@ -239,11 +239,15 @@ impl Drop for Node {
 /// HAProxy in front of the nodes: WebSocket (and everything else) balanced over the
 /// healthy ones, on loopback and on the namespace link's host address. Its admin socket
 /// (`admin`) lets a rollout take a server out of rotation the way Kubernetes removes a
-/// terminating pod from its Service's endpoints.
+/// terminating pod from its Service's endpoints. Its buffers are kept small (8 KiB
+/// kernel buffers and HAProxy buffers): a slow client's backlog then reaches its node
+/// within seconds, as through a proxy tuned for many connections, instead of waiting
+/// in HAProxy.
 pub(crate) fn haproxy(nodes: &[SocketAddr], link: Option<&str>, admin: &Path) -> (Haproxy, u16) {
     Haproxy::start("soak", |port| {
         let mut cfg = format!(
             "global\n    maxconn 8000\n    stats socket {} level admin\n\
+             \x20   tune.sndbuf.client 8192\n    tune.rcvbuf.server 8192\n    tune.bufsize 8192\n\
              defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n\
              \x20   timeout server 30s\n    timeout tunnel 1h\n\
              frontend fe\n",
