@@ -341,6 +341,8 @@ impl<W> WsSink<W> {
             _ if self.front_written == 0 => 0,
             // The frame that holds the last byte written.
             Some(front) => match frame_end(&front.bytes, self.front_written - 1) {
+                // The socket stopped between two frames: nothing of the chunk is left.
+                Some(end) if end == self.front_written => 0,
                 Some(end) if end <= front.bytes.len() => {
                     if let Some(front) = self.chunks.front_mut() {
                         front.bytes.truncate(end);
@@ -354,6 +356,9 @@ impl<W> WsSink<W> {
             },
         };
         self.chunks.truncate(keep);
+        if keep == 0 {
+            self.front_written = 0;
+        }
         self.held = self.chunks.iter().map(|c| c.bytes.len()).sum::<usize>() - self.front_written;
     }
 }
@@ -864,6 +869,35 @@ mod tests {
         fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             Poll::Ready(Ok(()))
         }
+    }
+
+    /// A sink giving up where the socket stopped between two frames of a chunk keeps
+    /// nothing of it. Should nothing follow, its flush writes nothing more and does not
+    /// try an empty write, which a socket answers with 0 bytes, taken for a dead peer.
+    /// (The writer sends a close frame after giving up, which hid this: the sink must
+    /// not depend on it.)
+    #[test]
+    fn a_sink_giving_up_between_two_frames_keeps_nothing_of_them() {
+        let mut run = Frames::default();
+        run.text("one");
+        run.text("two");
+        let frames = run.finish();
+        let first = frame_end(&frames, 0).unwrap();
+        let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+        let gate = Gate {
+            out: vec![],
+            allow: first,
+        };
+        let mut sink = WsSink::new(gate, 1 << 20, None, Progress::default());
+        Pin::new(&mut sink)
+            .start_send(Out::Frames(frames.clone()))
+            .unwrap();
+        assert!(Pin::new(&mut sink).poll_flush(&mut cx).is_pending());
+        sink.discard_unsent();
+        assert_eq!(sink.held, 0);
+        sink.wr.allow = usize::MAX;
+        assert!(Pin::new(&mut sink).poll_flush(&mut cx).is_ready());
+        assert_eq!(sink.wr.out, frames[..first]);
     }
 
     /// A closing session that ran out of time drops what its sink holds, except the
