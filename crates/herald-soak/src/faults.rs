@@ -99,6 +99,9 @@ impl Schedule {
         if let Some(unknown) = names.iter().find(|n| !NAMES.contains(&n.as_str())) {
             anyhow::bail!("no fault is named {unknown:?}; the faults: {NAMES:?}");
         }
+        if !self.netns && !names.is_empty() && names.iter().all(|n| n == "network cut") {
+            anyhow::bail!("network cuts need the namespace (run without --no-netns)");
+        }
         self.only = names.to_vec();
         Ok(self)
     }
@@ -167,6 +170,9 @@ mod tests {
         assert!(Schedule::new(7, 3, true)
             .only(&["nope".to_owned()])
             .is_err());
+        // Nothing to draw: an error, not a schedule that never returns.
+        let cuts = ["network cut".to_owned()];
+        assert!(Schedule::new(7, 3, false).only(&cuts).is_err());
         let mut s = Schedule::new(7, 3, false);
         assert!((0..400).all(|_| !matches!(s.next().0, Fault::NetCut(_))));
     }

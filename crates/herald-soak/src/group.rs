@@ -49,6 +49,9 @@ pub(crate) struct GroupArgs {
     token_min_s: u64,
     #[arg(long, default_value_t = 20)]
     token_max_s: u64,
+    /// How long a client's ping may go unanswered before it gives the connection up.
+    #[arg(long, default_value_t = 2)]
+    ping_timeout_s: u64,
 }
 
 /// Mints a token for `sub` living `life_s` seconds.
@@ -239,7 +242,7 @@ async fn group(args: GroupArgs) -> anyhow::Result<()> {
         let mut config = Config::new(format!("ws://{addr}/ws"));
         config.min_backoff = Duration::from_millis(100);
         config.max_backoff = Duration::from_secs(2);
-        config.ping_timeout = Duration::from_secs(2);
+        config.ping_timeout = Duration::from_secs(args.ping_timeout_s);
         config.connect_timeout = Duration::from_secs(5);
         // Half the clients take Fossil deltas on history channels.
         config.delta = i % 2 == 0;

@@ -145,11 +145,14 @@ fn node_config(
     // Small queues and socket buffers, so that slow-reader faults make the greedy
     // clients' sessions lag (history channels catch them up in place) or overflow (a
     // plain channel's push closes them with 1013, and they resume): a few seconds of
-    // their traffic. The rollout, which injects no slow readers, keeps the defaults.
+    // their traffic. Not smaller: a resume's replay may take half the queue, and 64 KiB
+    // did not cover a long link cut's (5 resumes in a minute answered recovered:false,
+    // which excuses what they missed). The rollout, which injects no slow readers,
+    // keeps the defaults.
     let limits = if rollout {
         ""
     } else {
-        "outbound_queue_bytes = 65536\nsocket_send_buffer_bytes = 4096\n"
+        "outbound_queue_bytes = 131072\nsocket_send_buffer_bytes = 4096\n"
     };
     std::fs::write(
         &path,
@@ -203,6 +206,9 @@ struct Exercised {
     slow_readers_caught_up: u64,
     /// Sessions closed with 1013.
     slow_consumers_closed: u64,
+    /// Resumes answered `recovered:false` because their replay would take more than
+    /// half the subscriber's queue (small here: 128 KiB).
+    replays_refused: u64,
 }
 
 impl Exercised {
@@ -220,6 +226,7 @@ impl Exercised {
         self.delta_publications += value(r#"herald_delta_publications_total{outcome="delta"} "#);
         self.slow_readers_caught_up += value(r#"herald_recoveries_total{outcome="caught_up"} "#);
         self.slow_consumers_closed += value("herald_slow_consumer_disconnects_total ");
+        self.replays_refused += value("herald_replays_refused_total ");
     }
 }
 
@@ -421,7 +428,14 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         let mut cmd = Command::new(&me);
         let upstream = format!("127.0.0.1:{port}");
         cmd.args(rust_group_on(prefix, n, upstream, rng.u64(..), on));
-        cmd.args(["--per-client", &on.len().to_string()]);
+        // A stalled greedy client waits for its node to lag or to find it dead
+        // (heartbeat: 2 s + 6 s) rather than giving the connection up itself first.
+        cmd.args([
+            "--per-client",
+            &on.len().to_string(),
+            "--ping-timeout-s",
+            "8",
+        ]);
         groups.push(Group::spawn(name, cmd, log(name)?, checker.clone())?);
         subscriptions += n * on.len();
     }
@@ -486,6 +500,9 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }
 
     let started = Instant::now();
+    if rollout.is_some() && !args.only.is_empty() {
+        bail!("--only picks faults; a rolling update injects none");
+    }
     let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some()).only(&args.only)?;
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut exercised = Exercised::default();
