@@ -1,6 +1,7 @@
 //! Real processes for Herald's tests and benchmark tool: free loopback ports, system
 //! programs (a missing one fails with the command that installs it, never a skip),
-//! `redis-server` / Redis Cluster on free ports, and HAProxy.
+//! `redis-server` / Redis Cluster on free ports, and HAProxy; and reading a sample from
+//! a node's `/metrics` text.
 //!
 //! It panics where it cannot go on (a missing program, a server that does not come
 //! up): both of its users, the test kit and the bench tool, treat that as fatal, and
@@ -163,6 +164,14 @@ pub fn signed_certificate(dir: &Path, ca: &str, name: &str, cn: &str, usage: Cer
             &pem,
         ],
     );
+}
+
+/// Finds `sample` (name plus label set, exactly as printed) in Prometheus text output.
+pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == sample).then(|| value.parse().ok())?
+    })
 }
 
 /// A port that was free a moment ago.

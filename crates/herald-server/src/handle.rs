@@ -95,9 +95,7 @@ impl Deliveries {
             return self.written(metrics);
         }
         metrics.delivered.inc_by(self.count * subscribers);
-        if self.oldest_us > 0 {
-            let now = herald_protocol::publication::unix_micros();
-            let lag = now.saturating_sub(self.oldest_us) as f64 / 1e6;
+        if let Some(lag) = self.lag_seconds() {
             let local = metrics.delivery_lag_seconds.local();
             for _ in 0..subscribers {
                 local.observe(lag);
@@ -109,12 +107,15 @@ impl Deliveries {
     /// They were written: counted as delivered, and the oldest one's lag observed.
     pub(crate) fn written(self, metrics: &Metrics) {
         metrics.delivered.inc_by(self.count);
-        if self.oldest_us > 0 {
-            let now = herald_protocol::publication::unix_micros();
-            metrics
-                .delivery_lag_seconds
-                .observe(now.saturating_sub(self.oldest_us) as f64 / 1e6);
+        if let Some(lag) = self.lag_seconds() {
+            metrics.delivery_lag_seconds.observe(lag);
         }
+    }
+
+    /// How long ago the first was published, if one was.
+    fn lag_seconds(&self) -> Option<f64> {
+        let now = || herald_protocol::publication::unix_micros();
+        (self.oldest_us > 0).then(|| now().saturating_sub(self.oldest_us) as f64 / 1e6)
     }
 }
 
@@ -1209,18 +1210,16 @@ pub(crate) mod tests {
     async fn direct_writes_are_counted_once_per_subscriber_and_leave_the_gauge_empty() {
         let e = env(1 << 20);
         let m = e.metrics.clone();
-        let mut readers = Vec::new();
-        let handles: Vec<Arc<SessionHandle>> = (0..3)
-            .map(|_| {
-                let (server, client) = tokio::io::duplex(1 << 16);
-                let (_, wr) = tokio::io::split(server);
-                readers.push(client);
-                let h = Arc::new(SessionHandle::new(0, e.clone()));
-                let sink = crate::wire::WsSink::new(wr, 1 << 16, None, Default::default());
-                h.attach(Box::pin(sink));
-                h
-            })
-            .collect();
+        // A session whose socket takes `room` bytes, and the socket's other end.
+        let attached = |room| {
+            let (server, client) = tokio::io::duplex(room);
+            let (_, wr) = tokio::io::split(server);
+            let h = Arc::new(SessionHandle::new(0, e.clone()));
+            let sink = crate::wire::WsSink::new(wr, room, None, Default::default());
+            h.attach(Box::pin(sink));
+            (h, client)
+        };
+        let (handles, readers): (Vec<_>, Vec<_>) = (0..3).map(|_| attached(1 << 16)).unzip();
         let run = Item {
             deliveries: 2,
             published_at_us: herald_protocol::publication::unix_micros() - 1_000,
@@ -1239,15 +1238,7 @@ pub(crate) mod tests {
             assert_eq!(&got[..2], &[0x82, 40], "one binary frame of 40 bytes");
         }
         // A subscriber whose socket takes nothing: handed to a writer, in the gauge.
-        let (server, _client) = tokio::io::duplex(8);
-        let (_, wr) = tokio::io::split(server);
-        let h = Arc::new(SessionHandle::new(0, e.clone()));
-        h.attach(Box::pin(crate::wire::WsSink::new(
-            wr,
-            8,
-            None,
-            Default::default(),
-        )));
+        let (h, _client) = attached(8);
         SessionHandle::push_to_all([&h].into_iter(), &run, &m, true);
         assert_eq!(m.delivered.get(), 6);
         assert_eq!(m.outbound_queue_bytes.get(), run.cost() as i64);

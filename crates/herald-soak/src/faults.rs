@@ -75,6 +75,19 @@ pub(crate) const NAMES: [&str; 11] = [
     "slow readers",
 ];
 
+/// Whether a schedule can draw only faults named in `names` (empty: every kind), with
+/// or without the namespace: an unknown name, or only network cuts without the
+/// namespace (nothing could be drawn), is an error.
+pub(crate) fn check_only(names: &[String], netns: bool) -> anyhow::Result<()> {
+    if let Some(unknown) = names.iter().find(|n| !NAMES.contains(&n.as_str())) {
+        anyhow::bail!("no fault is named {unknown:?}; the faults: {NAMES:?}");
+    }
+    if !netns && !names.is_empty() && names.iter().all(|n| n == "network cut") {
+        anyhow::bail!("network cuts need the namespace (run without --no-netns)");
+    }
+    Ok(())
+}
+
 /// Draws faults from a seed.
 pub(crate) struct Schedule {
     rng: fastrand::Rng,
@@ -94,14 +107,10 @@ impl Schedule {
         }
     }
 
-    /// Draws only faults named in `names` (to aim a run at one path).
+    /// Draws only faults named in `names` (to aim a run at one path); see
+    /// [`check_only`].
     pub(crate) fn only(mut self, names: &[String]) -> anyhow::Result<Schedule> {
-        if let Some(unknown) = names.iter().find(|n| !NAMES.contains(&n.as_str())) {
-            anyhow::bail!("no fault is named {unknown:?}; the faults: {NAMES:?}");
-        }
-        if !self.netns && !names.is_empty() && names.iter().all(|n| n == "network cut") {
-            anyhow::bail!("network cuts need the namespace (run without --no-netns)");
-        }
+        check_only(names, self.netns)?;
         self.only = names.to_vec();
         Ok(self)
     }

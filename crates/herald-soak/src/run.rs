@@ -216,17 +216,11 @@ impl Exercised {
         let Some(metrics) = node.get("/metrics").await else {
             return;
         };
-        let value = |prefix: &str| {
-            metrics
-                .lines()
-                .find_map(|l| l.strip_prefix(prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0) as u64
-        };
-        self.delta_publications += value(r#"herald_delta_publications_total{outcome="delta"} "#);
-        self.slow_readers_caught_up += value(r#"herald_recoveries_total{outcome="caught_up"} "#);
-        self.slow_consumers_closed += value("herald_slow_consumer_disconnects_total ");
-        self.replays_refused += value("herald_replays_refused_total ");
+        let value = |sample| herald_harness::metric_value(&metrics, sample).unwrap_or(0.0) as u64;
+        self.delta_publications += value(r#"herald_delta_publications_total{outcome="delta"}"#);
+        self.slow_readers_caught_up += value(r#"herald_recoveries_total{outcome="caught_up"}"#);
+        self.slow_consumers_closed += value("herald_slow_consumer_disconnects_total");
+        self.replays_refused += value("herald_replays_refused_total");
     }
 }
 
@@ -330,6 +324,11 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
         "herald-soak: seed {seed} (replay the schedule: herald-soak run --seed {seed} --seconds {}{replay})",
         args.seconds
     );
+    // Before anything starts: a run that cannot inject what it was asked to.
+    if args.rolling_update.is_some() && !args.only.is_empty() {
+        bail!("--only picks faults; a rolling update injects none");
+    }
+    crate::faults::check_only(&args.only, !args.no_netns)?;
     let mut rng = fastrand::Rng::with_seed(seed);
     let herald = match &args.herald {
         Some(p) => p.clone(),
@@ -500,9 +499,6 @@ async fn soak(args: RunArgs) -> anyhow::Result<Report> {
     }
 
     let started = Instant::now();
-    if rollout.is_some() && !args.only.is_empty() {
-        bail!("--only picks faults; a rolling update injects none");
-    }
     let mut schedule = Schedule::new(rng.u64(..), NODES, ns.is_some()).only(&args.only)?;
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut exercised = Exercised::default();

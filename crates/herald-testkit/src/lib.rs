@@ -39,6 +39,6 @@ pub use node::*;
 pub use sse::*;
 
 pub use herald_harness::{
-    free_port, key_pair, openssl, signed_certificate, system_tool, test_ca, CertUse, Haproxy,
-    KeyKind, RedisCluster, RedisServer,
+    free_port, key_pair, metric_value, openssl, signed_certificate, system_tool, test_ca, CertUse,
+    Haproxy, KeyKind, RedisCluster, RedisServer,
 };

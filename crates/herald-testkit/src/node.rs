@@ -1,10 +1,11 @@
 //! [`Node`]: a gateway in this process on `127.0.0.1:0` (memory broker or a real
-//! Redis), its configuration helpers, and [`eventually`] / [`metric_value`].
+//! Redis), its configuration helpers, and [`eventually`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use herald::Settings;
+use herald_harness::metric_value;
 use herald_metrics::{prometheus::Registry, Metrics};
 use herald_redis::RedisConfig;
 use herald_server::config::ChannelRule;
@@ -288,14 +289,6 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.begin_shutdown();
     }
-}
-
-/// Finds `sample` (name plus label set, exactly as printed) in Prometheus text output.
-pub fn metric_value(text: &str, sample: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == sample).then(|| value.parse().ok())?
-    })
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after [`WAIT`].
