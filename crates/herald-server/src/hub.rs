@@ -340,7 +340,14 @@ impl Hub {
         self.dispatch_run(&mut vec![p]);
     }
 
-    /// Delivers `run`, consecutive publications of one channel, to every local
+    /// Fans out `batch` (emptied) as the only dispatcher does.
+    #[cfg(test)]
+    pub(crate) fn dispatch_received(&self, batch: &mut Vec<Received>) {
+        let mut run = Vec::new();
+        self.dispatch_batch(batch, &mut run, Dispatcher { index: 0, of: 1 });
+    }
+
+    /// Delivers `run`, publications of one channel in their order, to every local
     /// subscriber of it, and empties it. On a plain channel each subscriber takes the
     /// whole run in one push (one lock, one budget check, one wake-up), which is what a
     /// burst costs most.
@@ -402,7 +409,7 @@ impl Hub {
     }
 
     /// Feeds what the broker hands over into fan-out until every sender is gone,
-    /// consecutive publications of one channel together, with `dispatchers` tasks:
+    /// each channel's publications in a batch together, with `dispatchers` tasks:
     /// each fans out the channels [`Hub::dispatcher_of`] gives it, so that many
     /// channels' fan-out (written straight into sockets, see
     /// [`SessionHandle::push_to_all`]) runs on every core, and each channel's

@@ -50,7 +50,7 @@
 //! # Data path
 //! publisher → [`herald_broker::Broker::publish`] → broker → [`herald_broker::Inbound`]
 //! (bounded) → hub dispatcher → each subscriber's handle (bounded, never blocks) →
-//! writer → socket. A plain channel's consecutive publications travel as one *run*,
+//! writer → socket. A plain channel's publications in one batch travel as one *run*,
 //! framed once (`wire::Frames`) and queued as one item per subscriber.
 #![deny(missing_docs)]
 

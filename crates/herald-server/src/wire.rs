@@ -3,7 +3,7 @@
 //! tungstenite reads (and validates) everything a client sends; what the server sends is
 //! framed here, with tungstenite's own [`FrameHeader`], and written by the session's
 //! writer through [`WsSink`]. Framing our own frames is what lets a *run* of deliveries
-//! (consecutive publications of one plain channel, see `hub`) be framed once into one
+//! (a batch's publications of one plain channel, see `hub`) be framed once into one
 //! buffer that every subscriber shares: one queue entry, one reference count and one
 //! contiguous write per subscriber per run, where tungstenite's `Sink` takes, frames and
 //! copies every message for every subscriber.
