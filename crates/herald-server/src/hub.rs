@@ -526,26 +526,35 @@ impl Hub {
     /// board: every symbol changes every tick), and a run per publication would cost
     /// each subscriber a write per publication; grouped, a subscriber gets what the
     /// batch holds for it in one write. Channels have no order among themselves
-    /// (PROTOCOL.md), which several dispatchers already make true.
+    /// (PROTOCOL.md): with two or more workers, several dispatchers interleave them
+    /// anyway.
     fn group_by_channel(&self, batch: &mut [Received]) {
+        let hash = |r: &Received| match r {
+            Received::Publication(p) => self.hasher.hash_one(p.channel.as_str()),
+            Received::Resubscribed => unreachable!("segments are split at these"),
+        };
         let mut first: HashMap<u64, usize> = HashMap::new();
         for segment in batch.split_mut(|r| matches!(r, Received::Resubscribed)) {
             // Fewer than three cannot interleave.
             if segment.len() < 3 {
                 continue;
             }
+            // Each channel's place: where it first appears. Two channels whose hashes
+            // collide share one and stay interleaved, which only costs a run (runs
+            // break where the channel changes).
             first.clear();
-            // Stable: a channel's publications keep their order. Two channels whose
-            // hashes collide share a key and stay interleaved, which only costs a run
-            // (the runs break where the channel changes).
-            segment.sort_by_cached_key(|r| {
-                let channel = match r {
-                    Received::Publication(p) => p.channel.as_str(),
-                    Received::Resubscribed => unreachable!("segments are split at these"),
-                };
+            let mut grouped = true;
+            let mut last = 0;
+            for r in segment.iter() {
                 let next = first.len();
-                *first.entry(self.hasher.hash_one(channel)).or_insert(next)
-            });
+                let place = *first.entry(hash(r)).or_insert(next);
+                grouped &= place >= last;
+                last = place;
+            }
+            if !grouped {
+                // Stable: a channel's publications keep their order.
+                segment.sort_by_cached_key(|r| first[&hash(r)]);
+            }
         }
     }
 }
