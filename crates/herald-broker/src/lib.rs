@@ -612,6 +612,11 @@ impl InboundReceiver {
         self.rx.try_recv().ok()
     }
 
+    /// Whether nothing is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// Receives up to `limit` items into `buf`, waiting for at least one.
     /// Returns 0 once every [`Inbound`] is gone.
     pub async fn recv_many(&mut self, buf: &mut Vec<Received>, limit: usize) -> usize {

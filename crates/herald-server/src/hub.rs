@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use herald_broker::{Broker, HistoryPolicy, InboundReceiver, Ready, Received};
@@ -54,6 +55,8 @@ struct Channel {
     ready: Ready,
     /// Its local subscribers (plain), or its history stream.
     members: Members,
+    /// The last round ([`Dispatcher::round`]) of its dispatcher that fanned it out.
+    last_round: AtomicU64,
 }
 
 /// A channel's local subscribers.
@@ -201,6 +204,7 @@ impl Hub {
             Channel {
                 ready: self.broker.subscribe(channel),
                 members,
+                last_round: AtomicU64::new(0),
             }
         });
         let (new, stream) = match &mut entry.members {
@@ -256,6 +260,7 @@ impl Hub {
             Channel {
                 ready: self.broker.subscribe(channel),
                 members: Members::Node(to),
+                last_round: AtomicU64::new(0),
             },
         );
     }
@@ -337,21 +342,27 @@ impl Hub {
     /// Delivers `p` to every local subscriber of its channel.
     #[cfg(test)]
     pub(crate) fn dispatch(&self, p: Publication) {
-        self.dispatch_run(&mut vec![p]);
+        self.dispatch_run(&mut vec![p], Dispatcher::only());
     }
 
     /// Fans out `batch` (emptied) as the only dispatcher does.
     #[cfg(test)]
     pub(crate) fn dispatch_received(&self, batch: &mut Vec<Received>) {
         let mut run = Vec::new();
-        self.dispatch_batch(batch, &mut run, Dispatcher { index: 0, of: 1 });
+        self.dispatch_batch(batch, &mut run, Dispatcher::only());
     }
 
     /// Delivers `run`, publications of one channel in their order, to every local
     /// subscriber of it, and empties it. On a plain channel each subscriber takes the
     /// whole run in one push (one lock, one budget check, one wake-up), which is what a
     /// burst costs most.
-    pub(crate) fn dispatch_run(&self, run: &mut Vec<Publication>) {
+    ///
+    /// A plain channel with few local subscribers is written to from here (`direct`),
+    /// unless the dispatcher `me` is behind and the channel was fanned out in its
+    /// previous round too: a busy channel on a node that cannot keep up. Its
+    /// subscribers' writers then write what accumulates meanwhile with one write each,
+    /// where direct writes would cost a write per run.
+    fn dispatch_run(&self, run: &mut Vec<Publication>, me: Dispatcher) {
         let Some(first) = run.first() else { return };
         // The shard lock is held throughout, so a channel dropped and created again
         // meanwhile cannot miss a publication that was already on its way.
@@ -367,7 +378,9 @@ impl Hub {
                 }
             }
             Members::Plain(m) => {
-                let direct = m.len() <= DIRECT_SUBSCRIBERS;
+                let before = entry.last_round.swap(me.round, Ordering::Relaxed);
+                let busy = me.behind && before != 0 && before + 1 >= me.round;
+                let direct = m.len() <= DIRECT_SUBSCRIBERS && !busy;
                 SessionHandle::push_to_all(m.values(), &Item::run(run), &self.metrics, direct);
                 run.clear();
             }
@@ -385,7 +398,7 @@ impl Hub {
     /// up from its stream.
     #[cfg(test)]
     pub(crate) fn catch_up(&self) {
-        self.catch_up_for(Dispatcher { index: 0, of: 1 });
+        self.catch_up_for(Dispatcher::only());
     }
 
     /// The broker's subscriptions were re-established: every history channel of
@@ -422,9 +435,10 @@ impl Hub {
         let mut batch = Vec::with_capacity(BATCH);
         if dispatchers <= 1 {
             let mut run = Vec::with_capacity(RUN_PUBLICATIONS);
-            let all = Dispatcher { index: 0, of: 1 };
+            let mut me = Dispatcher::only();
             while inbound.recv_many(&mut batch, BATCH).await > 0 {
-                self.dispatch_batch(&mut batch, &mut run, all);
+                me.next_round(!inbound.is_empty());
+                self.dispatch_batch(&mut batch, &mut run, me);
             }
             return;
         }
@@ -432,18 +446,20 @@ impl Hub {
         let mut tasks = tokio::task::JoinSet::new();
         let mut to = Vec::with_capacity(dispatchers);
         for index in 0..dispatchers {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Received>>(DISPATCHER_QUEUE);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Part>(DISPATCHER_QUEUE);
             to.push(tx);
-            let (hub, me) = (
+            let (hub, mut me) = (
                 self.clone(),
                 Dispatcher {
                     index,
                     of: dispatchers,
+                    ..Dispatcher::only()
                 },
             );
             tasks.spawn(async move {
                 let mut run = Vec::with_capacity(RUN_PUBLICATIONS);
-                while let Some(mut batch) = rx.recv().await {
+                while let Some(Part { mut batch, behind }) = rx.recv().await {
+                    me.next_round(behind || !rx.is_empty());
                     hub.dispatch_batch(&mut batch, &mut run, me);
                 }
             });
@@ -464,10 +480,11 @@ impl Hub {
                     }
                 }
             }
-            for (tx, part) in to.iter().zip(parts) {
+            let behind = !inbound.is_empty();
+            for (tx, batch) in to.iter().zip(parts) {
                 // Waits when a dispatcher is behind: the inbound queue before it is
                 // bounded, and counts what it cannot take.
-                if !part.is_empty() && tx.send(part).await.is_err() {
+                if !batch.is_empty() && tx.send(Part { batch, behind }).await.is_err() {
                     // A dispatcher ended, which only a panic does: end (the node
                     // stops: its fan-out is gone), saying why below.
                     break 'feed;
@@ -504,20 +521,20 @@ impl Hub {
                         || run.len() == RUN_PUBLICATIONS
                         || run_bytes + bytes > self.run_bytes
                     {
-                        self.dispatch_run(run);
+                        self.dispatch_run(run, me);
                         run_bytes = 0;
                     }
                     run_bytes += bytes;
                     run.push(p);
                 }
                 Received::Resubscribed => {
-                    self.dispatch_run(run);
+                    self.dispatch_run(run, me);
                     run_bytes = 0;
                     self.catch_up_for(me);
                 }
             }
         }
-        self.dispatch_run(run);
+        self.dispatch_run(run, me);
     }
 
     /// Puts each channel's publications in `batch` next to each other, in their order,
@@ -559,13 +576,45 @@ impl Hub {
     }
 }
 
-/// One of the node's fan-out dispatchers: `index` of `of`.
+/// One of the node's fan-out dispatchers: `index` of `of`, and the round (batch) it is
+/// in.
 #[derive(Debug, Clone, Copy)]
 struct Dispatcher {
     /// Which one.
     index: usize,
     /// Of how many.
     of: usize,
+    /// Counts its batches, from 1 (a channel's `last_round` 0 is none).
+    round: u64,
+    /// More was waiting when it took this batch: the node is not keeping up.
+    behind: bool,
+}
+
+impl Dispatcher {
+    /// The only dispatcher, before its first round.
+    fn only() -> Self {
+        Dispatcher {
+            index: 0,
+            of: 1,
+            round: 0,
+            behind: false,
+        }
+    }
+
+    /// Starts the next batch.
+    fn next_round(&mut self, behind: bool) {
+        self.round += 1;
+        self.behind = behind;
+    }
+}
+
+/// What the feed hands a dispatcher: its share of a batch, and whether more was
+/// waiting in the inbound queue when the feed took it.
+struct Part {
+    /// The publications (and resubscriptions) of the dispatcher's channels.
+    batch: Vec<Received>,
+    /// More was waiting in the inbound queue.
+    behind: bool,
 }
 
 /// Batches (of at most [`BATCH`] publications) waiting for one dispatcher: a little
@@ -668,7 +717,7 @@ mod tests {
         batch.push(Received::Resubscribed);
         batch.extend((6..=7).flat_map(|n| (0..3).map(move |c| publication(c, n))));
         let mut run = Vec::new();
-        hub.dispatch_batch(&mut batch, &mut run, Dispatcher { index: 0, of: 1 });
+        hub.dispatch_batch(&mut batch, &mut run, Dispatcher::only());
         assert!(batch.is_empty() && run.is_empty());
         for (c, h) in handles.iter().enumerate() {
             let mut q = std::collections::VecDeque::new();
@@ -687,6 +736,36 @@ mod tests {
             let want: Vec<String> = (1..=7).map(|n| n.to_string()).collect();
             assert_eq!(got, want, "channel {}", names[c]);
         }
+    }
+
+    /// A small channel's subscribers are written to directly, unless the dispatcher is
+    /// behind and the channel was fanned out in its round before too: then their
+    /// writers take it, and write what accumulates meanwhile at once.
+    #[test]
+    fn a_busy_channel_on_a_node_behind_goes_through_writers() {
+        let hub = hub();
+        let news = ChannelName::new("news").unwrap();
+        let h = Arc::new(SessionHandle::new(0, crate::handle::tests::env(1 << 20)));
+        hub.subscribe(&news, 1, &h, SubscribeOpts::default());
+        let mut me = Dispatcher::only();
+        // Whether the round's push asked for a direct write.
+        let mut round = |behind: bool, publish: bool| {
+            me.next_round(behind);
+            if publish {
+                let p = Publication::now(news.clone(), Payload::Json(Bytes::from("1")));
+                hub.dispatch_run(&mut vec![p], me);
+            }
+            h.parks_at_once()
+        };
+        assert!(round(true, true), "first seen: direct");
+        assert!(
+            !round(true, true),
+            "seen in the round before, behind: writers"
+        );
+        assert!(round(false, true), "keeping up: direct");
+        round(true, false);
+        assert!(round(true, true), "not seen in the round before: direct");
+        assert!(!round(true, true), "busy again");
     }
 
     /// A burst becomes few runs, each within a quarter of the subscriber's queue
@@ -720,7 +799,7 @@ mod tests {
                 })
                 .collect()
         };
-        let all = Dispatcher { index: 0, of: 1 };
+        let all = Dispatcher::only();
         let mut run = Vec::new();
         let mut q = std::collections::VecDeque::new();
         // The default queue: a batch of small publications is one run.
