@@ -716,7 +716,8 @@ impl SessionHandle {
     ///
     /// `direct`: a session with nothing queued and no writer running is written to
     /// right here, without a writer task (the socket takes what it can; a writer
-    /// finishes the rest). The hub asks it for channels with few local subscribers,
+    /// finishes the rest). The hub asks it for channels with few local subscribers
+    /// (unless one is busy while the hub is behind: its writers coalesce then),
     /// where a task wake-up per delivery is what a delivery costs most; a big channel's
     /// subscribers are written by their writer tasks, on every core.
     pub(crate) fn push_to_all<'a>(

@@ -46,8 +46,9 @@ const BATCH: usize = 256;
 
 /// A plain channel with at most this many local subscribers is written to from the
 /// dispatcher (`SessionHandle::push_to_all`'s `direct`): its few writes cost less than
-/// waking a writer task each. A bigger channel's subscribers are written by their
-/// writer tasks, which run on every core.
+/// waking a writer task each (unless it is busy on a node that is behind, see
+/// [`Hub::dispatch_run`]). A bigger channel's subscribers are written by their writer
+/// tasks, which run on every core.
 const DIRECT_SUBSCRIBERS: usize = 64;
 
 struct Channel {
@@ -359,7 +360,8 @@ impl Hub {
     ///
     /// A plain channel with few local subscribers is written to from here (`direct`),
     /// unless the dispatcher `me` is behind and the channel was fanned out in its
-    /// previous round too: a busy channel on a node that cannot keep up. Its
+    /// previous round too (or earlier in this one: a run cut at its size limit): a
+    /// busy channel on a node that cannot keep up. Its
     /// subscribers' writers then write what accumulates meanwhile with one write each,
     /// where direct writes would cost a write per run.
     fn dispatch_run(&self, run: &mut Vec<Publication>, me: Dispatcher) {
@@ -766,6 +768,50 @@ mod tests {
         round(true, false);
         assert!(round(true, true), "not seen in the round before: direct");
         assert!(!round(true, true), "busy again");
+    }
+
+    /// The dispatcher is behind while the inbound queue holds more than it takes:
+    /// a channel in two such batches in a row goes through writers; one in a batch
+    /// taken when nothing more waited is written directly.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_dispatcher_knows_when_it_is_behind() {
+        for dispatchers in [1, 2] {
+            let hub = hub();
+            let env = crate::handle::tests::env(64 << 20);
+            let (a, b) = (
+                ChannelName::new("a").unwrap(),
+                ChannelName::new("b").unwrap(),
+            );
+            let (ha, hb) = (
+                Arc::new(SessionHandle::new(0, env.clone())),
+                Arc::new(SessionHandle::new(0, env.clone())),
+            );
+            hub.subscribe(&a, 1, &ha, SubscribeOpts::default());
+            hub.subscribe(&b, 2, &hb, SubscribeOpts::default());
+            // Three batches waiting before the dispatcher starts: a, a (each taken
+            // while more waited), then b (nothing more).
+            let (to_hub, from_broker) = inbound(3 * BATCH, Metrics::unregistered());
+            for c in [&a, &a, &b] {
+                for _ in 0..BATCH {
+                    let p = Publication::now(c.clone(), Payload::Json(Bytes::from("1")));
+                    to_hub.send(p).await.unwrap();
+                }
+            }
+            drop(to_hub);
+            hub.clone().run_dispatcher(from_broker, dispatchers).await;
+            assert!(
+                !ha.parks_at_once(),
+                "{dispatchers}: a, busy, through writers"
+            );
+            assert!(hb.parks_at_once(), "{dispatchers}: b, direct");
+            let (mut qa, mut qb) = Default::default();
+            ha.drain(&mut qa);
+            hb.drain(&mut qb);
+            let delivered = |q: &std::collections::VecDeque<Item>| -> usize {
+                q.iter().map(|i| i.deliveries as usize).sum()
+            };
+            assert_eq!((delivered(&qa), delivered(&qb)), (2 * BATCH, BATCH));
+        }
     }
 
     /// A burst becomes few runs, each within a quarter of the subscriber's queue
