@@ -361,9 +361,9 @@ impl Hub {
     /// A plain channel with few local subscribers is written to from here (`direct`),
     /// unless the dispatcher `me` is behind and the channel was fanned out in its
     /// previous round too (or earlier in this one: a run cut at its size limit): a
-    /// busy channel on a node that cannot keep up. Its
-    /// subscribers' writers then write what accumulates meanwhile with one write each,
-    /// where direct writes would cost a write per run.
+    /// busy channel on a node that cannot keep up. Its subscribers' writers then write
+    /// what accumulates meanwhile with one write each, where direct writes would cost a
+    /// write per run.
     fn dispatch_run(&self, run: &mut Vec<Publication>, me: Dispatcher) {
         let Some(first) = run.first() else { return };
         // The shard lock is held throughout, so a channel dropped and created again
