@@ -646,6 +646,20 @@ mod tests {
         ))
     }
 
+    /// One session per channel in `channels`, each subscribed to its own.
+    fn one_subscriber_each(hub: &Hub, channels: &[ChannelName]) -> Vec<Arc<SessionHandle>> {
+        let env = crate::handle::tests::env(64 << 20);
+        channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let h = Arc::new(SessionHandle::new(0, env.clone()));
+                hub.subscribe(c, i as u64, &h, SubscribeOpts::default());
+                h
+            })
+            .collect()
+    }
+
     #[test]
     fn fan_out_shares_one_encoding() {
         let hub = hub();
@@ -691,20 +705,11 @@ mod tests {
     #[test]
     fn a_batch_of_interleaved_channels_is_one_run_per_channel() {
         let hub = hub();
-        let env = crate::handle::tests::env(64 << 20);
         let names: Vec<ChannelName> = ["a", "b", "c"]
             .iter()
             .map(|c| ChannelName::new(c).unwrap())
             .collect();
-        let handles: Vec<Arc<SessionHandle>> = names
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let h = Arc::new(SessionHandle::new(0, env.clone()));
-                hub.subscribe(c, i as u64, &h, SubscribeOpts::default());
-                h
-            })
-            .collect();
+        let handles = one_subscriber_each(&hub, &names);
         // a1 b1 c1 a2 b2 c2 ... a5 b5 c5, a resubscription, then a6 b6 c6 a7 b7 c7.
         let publication = |c: usize, n: usize| {
             Received::Publication(Publication::now(
@@ -777,17 +782,12 @@ mod tests {
     async fn the_dispatcher_knows_when_it_is_behind() {
         for dispatchers in [1, 2] {
             let hub = hub();
-            let env = crate::handle::tests::env(64 << 20);
             let (a, b) = (
                 ChannelName::new("a").unwrap(),
                 ChannelName::new("b").unwrap(),
             );
-            let (ha, hb) = (
-                Arc::new(SessionHandle::new(0, env.clone())),
-                Arc::new(SessionHandle::new(0, env.clone())),
-            );
-            hub.subscribe(&a, 1, &ha, SubscribeOpts::default());
-            hub.subscribe(&b, 2, &hb, SubscribeOpts::default());
+            let handles = one_subscriber_each(&hub, &[a.clone(), b.clone()]);
+            let (ha, hb) = (&handles[0], &handles[1]);
             // Three batches waiting before the dispatcher starts: a, a (each taken
             // while more waited), then b (nothing more).
             let (to_hub, from_broker) = inbound(3 * BATCH, Metrics::unregistered());
@@ -900,19 +900,10 @@ mod tests {
             1 << 20,
             DeltaLimits::default(),
         ));
-        let env = crate::handle::tests::env(64 << 20);
         let channels: Vec<ChannelName> = (0..CHANNELS)
             .map(|c| ChannelName::new(&format!("c{c}")).unwrap())
             .collect();
-        let handles: Vec<Arc<SessionHandle>> = channels
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let h = Arc::new(SessionHandle::new(0, env.clone()));
-                hub.subscribe(c, i as u64, &h, SubscribeOpts::default());
-                h
-            })
-            .collect();
+        let handles = one_subscriber_each(&hub, &channels);
         let (to_hub, from_broker) = inbound(1024, metrics);
         let dispatching = tokio::spawn(hub.clone().run_dispatcher(from_broker, 3));
         for n in 1..=EACH {
