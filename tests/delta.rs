@@ -268,6 +268,83 @@ async fn deltas_give_way_where_they_cannot_help() {
     );
 }
 
+/// A subscribe of a channel the connection holds: the subscription goes on, its deltas
+/// follow the request (off when it asks for none, on again when it asks), and the
+/// reply says the position of the last delivery before it; a `since` replays nothing
+/// (nothing was missed on this connection).
+#[tokio::test]
+async fn subscribing_again_sets_deltas_and_says_the_position() {
+    let node = Node::start_with(|c| c.channels.rules = vec![delta_rule("doc:*")]).await;
+    let mut c = node.client().await;
+    let r = subscribe(&mut c, "doc:a", 1, json!({"delta": "fossil"})).await;
+    assert_eq!(r["delta"], "fossil");
+    let kinds = |got: &[(String, usize, bool)]| got.iter().map(|g| g.2).collect::<Vec<_>>();
+    node.publish("doc:a", &doc(1)).await;
+    node.publish("doc:a", &doc(2)).await;
+    assert_eq!(kinds(&rebuild(&mut c, "doc:a", 2).await), [false, true]);
+    let epoch = r_epoch(&node).await;
+
+    // Again without `delta`: no deltas from here on.
+    let r = subscribe(&mut c, "doc:a", 2, json!({})).await;
+    assert_eq!(
+        (r["op"].as_str(), r["id"].as_u64(), r["delta"].clone()),
+        (Some("subscribed"), Some(2), Value::Null),
+        "{r}"
+    );
+    assert_eq!(
+        (r["offset"].as_u64(), r["epoch"].as_str()),
+        (Some(2), Some(epoch.as_str())),
+        "{r}"
+    );
+    for i in 3..=5 {
+        node.publish("doc:a", &doc(i)).await;
+    }
+    let got = rebuild(&mut c, "doc:a", 3).await;
+    assert_eq!(kinds(&got), [false, false, false]);
+    assert_eq!(got[2].0, doc(5));
+
+    // Again with `delta` and an old `since`: deltas again, the position, no replay.
+    let r = subscribe(
+        &mut c,
+        "doc:a",
+        3,
+        json!({"delta": "fossil", "since": {"offset": 1, "epoch": epoch}}),
+    )
+    .await;
+    assert_eq!(
+        (
+            r["delta"].as_str(),
+            r["offset"].as_u64(),
+            r["recovered"].clone()
+        ),
+        (Some("fossil"), Some(5), Value::Null),
+        "{r}"
+    );
+    node.publish("doc:a", &doc(6)).await;
+    node.publish("doc:a", &doc(7)).await;
+    let got = rebuild(&mut c, "doc:a", 2).await;
+    assert_eq!(
+        got.iter().map(|g| (g.0.as_str(), g.2)).collect::<Vec<_>>(),
+        [(doc(6).as_str(), false), (doc(7).as_str(), true)],
+        "offsets 6 and 7 only: the first whole, then a delta"
+    );
+
+    // A plain channel held: `subscribed`, no position and no deltas.
+    let r = subscribe(&mut c, "plain", 4, json!({})).await;
+    assert_eq!(r["op"], "subscribed");
+    let r = subscribe(&mut c, "plain", 5, json!({"delta": "fossil"})).await;
+    assert_eq!(
+        (
+            r["op"].as_str(),
+            r["id"].as_u64(),
+            r["offset"].clone(),
+            r["delta"].clone()
+        ),
+        (Some("subscribed"), Some(5), Value::Null, Value::Null),
+        "{r}"
+    );
+}
+
 /// The channel's epoch, from a subscribe.
 async fn r_epoch(node: &Node) -> String {
     let mut c = node.client().await;

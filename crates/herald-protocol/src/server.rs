@@ -67,8 +67,9 @@ pub fn subscribed(
 }
 
 /// `{"op":"subscribed","channel":C,"id":N[,"delta":"fossil"]}`: the reply to a
-/// subscribe of a channel the connection already holds (nothing changes but that the
-/// next delivery is whole, as after every `subscribed`).
+/// subscribe of a channel the connection already holds, while its first subscribe is
+/// still being answered (that one's reply carries the position). The next delivery is
+/// whole, as after every `subscribed`.
 pub fn subscribed_again(channel: &str, id: Option<u64>, delta: bool) -> String {
     let mut s = ack(Ack::Subscribed, channel, id);
     if delta {

@@ -336,17 +336,34 @@ impl Stream {
     }
 
     /// Answers a subscribe of `conn`, which holds the channel already, with
-    /// `subscribed` (and `id`). Its client forgets its delta base at every `subscribed`,
-    /// so its next delivery goes whole: both under the lock, so that no delivery queued
-    /// between them takes the old base. Whether `conn` is a member.
-    pub(crate) fn subscribed_again(&self, conn: ConnId, id: Option<u64>) -> bool {
+    /// `subscribed` (and `id`), and makes its deltas what this subscribe asked
+    /// (`delta`: it asked, and the rule allows them). The reply carries the position of
+    /// the last delivery queued before it, when the subscription is past its own
+    /// subscribe: the client has, or is about to read, every offset up to there, so a
+    /// `since` in the request has nothing to add. Its client forgets its delta base at
+    /// every `subscribed`, so its next delivery goes whole: all under the lock, so that
+    /// no delivery queued between them takes the old base. Whether `conn` is a member.
+    pub(crate) fn subscribed_again(&self, conn: ConnId, id: Option<u64>, delta: bool) -> bool {
         let mut s = self.state.lock();
         let Some(m) = s.members.get_mut(&conn) else {
             return false;
         };
+        let was = std::mem::replace(&mut m.delta, delta);
         m.base = None;
-        let reply = server::subscribed_again(self.channel.as_str(), id, m.delta);
+        let reply = match m.phase {
+            Phase::Live { through } | Phase::Lagging { through, .. } => {
+                server::subscribed(self.channel.as_str(), id, through, None, delta)
+            }
+            // Its own `subscribed`, with the position, is still to come.
+            Phase::Recovering(_) | Phase::Dropped => {
+                server::subscribed_again(self.channel.as_str(), id, delta)
+            }
+        };
         m.handle.push(Item::reply(reply));
+        s.delta_members = s.delta_members + usize::from(delta) - usize::from(was);
+        if s.delta_members == 0 {
+            s.prev = None;
+        }
         true
     }
 

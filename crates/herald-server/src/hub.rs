@@ -287,9 +287,15 @@ impl Hub {
     /// On a history channel `conn` holds: answers its subscribe again (see
     /// [`Stream::subscribed_again`]) and returns true; false elsewhere (the caller
     /// answers).
-    pub(crate) fn subscribed_again(&self, channel: &str, conn: ConnId, id: Option<u64>) -> bool {
+    pub(crate) fn subscribed_again(
+        &self,
+        channel: &str,
+        conn: ConnId,
+        id: Option<u64>,
+        delta: bool,
+    ) -> bool {
         self.stream(channel)
-            .is_some_and(|s| s.subscribed_again(conn, id))
+            .is_some_and(|s| s.subscribed_again(conn, id, delta))
     }
 
     /// `channel`'s stream, when it is a history channel with local subscribers.

@@ -661,10 +661,14 @@ impl Session {
         delta: bool,
     ) {
         if self.subscriptions.contains(&channel) {
+            // Held already: the subscription goes on (nothing to replay: it has been
+            // live on this connection); only whether it takes deltas follows the request.
+            let rule = self.node.config.channels.rule(channel.as_str());
+            let delta = delta && rule.is_some_and(|r| r.delta.is_some());
             if !self
                 .node
                 .hub
-                .subscribed_again(channel.as_str(), self.conn, id)
+                .subscribed_again(channel.as_str(), self.conn, id, delta)
             {
                 self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
             }
