@@ -8,7 +8,7 @@ use herald_client::{Client as RustClient, Config, Event};
 use herald_protocol::delta::apply_fossil;
 use herald_protocol::server::raw_data;
 use herald_server::config::{ChannelRule, DeltaFormat};
-use herald_testkit::{history_rule, Client, Node, RedisServer, WAIT};
+use herald_testkit::{history_rule, http, Client, Node, RedisServer, WAIT};
 use serde_json::{json, Value};
 
 fn delta_rule(pattern: &str) -> ChannelRule {
@@ -271,7 +271,8 @@ async fn deltas_give_way_where_they_cannot_help() {
 /// A subscribe of a channel the connection holds: the subscription goes on, its deltas
 /// follow the request (off when it asks for none, on again when it asks), and the
 /// reply says the position of the last delivery before it; a `since` replays nothing
-/// (nothing was missed on this connection).
+/// (nothing was missed on this connection). A subscribe the backend makes leaves the
+/// deltas as they are.
 #[tokio::test]
 async fn subscribing_again_sets_deltas_and_says_the_position() {
     let node = Node::start_with(|c| c.channels.rules = vec![delta_rule("doc:*")]).await;
@@ -328,6 +329,32 @@ async fn subscribing_again_sets_deltas_and_says_the_position() {
         [(doc(6).as_str(), false), (doc(7).as_str(), true)],
         "offsets 6 and 7 only: the first whole, then a delta"
     );
+
+    // The backend subscribes it again (the control API): its deltas stay as they are.
+    let body = json!({"conn": c.welcome["conn"], "channel": "doc:a"}).to_string();
+    let r = http(
+        node.api,
+        "POST",
+        "/api/subscribe",
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = c.recv_json().await;
+    assert_eq!(
+        (
+            r["op"].as_str(),
+            r["id"].clone(),
+            r["delta"].as_str(),
+            r["offset"].as_u64()
+        ),
+        (Some("subscribed"), Value::Null, Some("fossil"), Some(7)),
+        "{r}"
+    );
+    node.publish("doc:a", &doc(8)).await;
+    node.publish("doc:a", &doc(9)).await;
+    assert_eq!(kinds(&rebuild(&mut c, "doc:a", 2).await), [false, true]);
 
     // A plain channel held: `subscribed`, no position and no deltas.
     let r = subscribe(&mut c, "plain", 4, json!({})).await;

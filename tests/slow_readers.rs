@@ -348,8 +348,12 @@ async fn story(node: &Node, redis: Option<&mut RedisServer>) {
         "slow readers: seed {seed}: {caught_up} catch-ups, {cuts} closes (resumed), \
          {announced} gaps announced"
     );
+    // A reader that lags while Redis is down cannot be caught up from the history: it
+    // is closed (1013) and resumes, which is lag exercised too. (One run of the whole
+    // suite, on a loaded machine, saw no catch-up at all with crashes.)
+    let lagged = caught_up + if crashes { cuts as f64 } else { 0.0 };
     assert!(
-        caught_up >= 1.0,
+        lagged >= 1.0,
         "seed {seed}: no reader ever lagged: the test exercised nothing"
     );
     if !crashes {

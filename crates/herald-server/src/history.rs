@@ -337,18 +337,26 @@ impl Stream {
 
     /// Answers a subscribe of `conn`, which holds the channel already, with
     /// `subscribed` (and `id`), and makes its deltas what this subscribe asked
-    /// (`delta`: it asked, and the rule allows them). The reply carries the position of
+    /// (`delta`: it asked, and the rule allows them; `None`: a subscribe the server
+    /// made, which leaves them as they are). The reply carries the position of
     /// the last delivery queued before it, when the subscription is past its own
     /// subscribe: the client has, or is about to read, every offset up to there, so a
     /// `since` in the request has nothing to add. Its client forgets its delta base at
     /// every `subscribed`, so its next delivery goes whole: all under the lock, so that
     /// no delivery queued between them takes the old base. Whether `conn` is a member.
-    pub(crate) fn subscribed_again(&self, conn: ConnId, id: Option<u64>, delta: bool) -> bool {
+    pub(crate) fn subscribed_again(
+        &self,
+        conn: ConnId,
+        id: Option<u64>,
+        delta: Option<bool>,
+    ) -> bool {
         let mut s = self.state.lock();
         let Some(m) = s.members.get_mut(&conn) else {
             return false;
         };
-        let was = std::mem::replace(&mut m.delta, delta);
+        let was = m.delta;
+        let delta = delta.unwrap_or(was);
+        m.delta = delta;
         m.base = None;
         let reply = match m.phase {
             Phase::Live { through } | Phase::Lagging { through, .. } => {

@@ -292,7 +292,7 @@ impl Hub {
         channel: &str,
         conn: ConnId,
         id: Option<u64>,
-        delta: bool,
+        delta: Option<bool>,
     ) -> bool {
         self.stream(channel)
             .is_some_and(|s| s.subscribed_again(conn, id, delta))

@@ -470,7 +470,8 @@ impl Session {
                     }
                 };
                 if allowed {
-                    self.subscribe(channel, id, recover, since, delta).await;
+                    self.subscribe(channel, id, recover, since, Some(delta))
+                        .await;
                 }
                 self.grant_info = None;
             }
@@ -541,7 +542,7 @@ impl Session {
                 // The backend decided: no permission check; the client hears an
                 // unsolicited `subscribed` (no id) and then the channel's messages.
                 SessionCommand::Subscribe { channel, since } => {
-                    self.subscribe(channel, None, true, since, false).await
+                    self.subscribe(channel, None, true, since, None).await
                 }
                 SessionCommand::CatchUp(channel) => self.catch_up(&channel).await,
                 SessionCommand::Unsubscribe(channel) => self.unsubscribed_by_backend(channel).await,
@@ -658,13 +659,14 @@ impl Session {
         id: Option<u64>,
         recover: bool,
         since: Option<Since>,
-        delta: bool,
+        delta: Option<bool>,
     ) {
         if self.subscriptions.contains(&channel) {
             // Held already: the subscription goes on (nothing to replay: it has been
-            // live on this connection); only whether it takes deltas follows the request.
+            // live on this connection); only whether it takes deltas follows the
+            // client's request (a subscribe the server makes leaves them as they are).
             let rule = self.node.config.channels.rule(channel.as_str());
-            let delta = delta && rule.is_some_and(|r| r.delta.is_some());
+            let delta = delta.map(|d| d && rule.is_some_and(|r| r.delta.is_some()));
             if !self
                 .node
                 .hub
@@ -698,7 +700,7 @@ impl Session {
             positions: recover,
             // Deltas where the client applies them and the rule allows them (a rule
             // with `delta` keeps history: the configuration is checked for it).
-            delta: delta && rule.is_some_and(|r| r.delta.is_some()),
+            delta: delta == Some(true) && rule.is_some_and(|r| r.delta.is_some()),
         };
         let subscribed = self
             .node
