@@ -304,7 +304,9 @@ async fn subscribing_again_sets_deltas_and_says_the_position() {
     assert_eq!(kinds(&got), [false, false, false]);
     assert_eq!(got[2].0, doc(5));
 
-    // Again with `delta` and an old `since`: deltas again, the position, no replay.
+    // Again with `delta` and an old `since`: deltas again, the position, no replay
+    // (it has had every offset since its first subscribe, made before the first
+    // publication: nothing after offset 1 was lost).
     let r = subscribe(
         &mut c,
         "doc:a",
@@ -316,9 +318,9 @@ async fn subscribing_again_sets_deltas_and_says_the_position() {
         (
             r["delta"].as_str(),
             r["offset"].as_u64(),
-            r["recovered"].clone()
+            r["recovered"].as_bool()
         ),
-        (Some("fossil"), Some(5), Value::Null),
+        (Some("fossil"), Some(5), Some(true)),
         "{r}"
     );
     node.publish("doc:a", &doc(6)).await;
@@ -370,6 +372,73 @@ async fn subscribing_again_sets_deltas_and_says_the_position() {
         (Some("subscribed"), Some(5), Value::Null, Value::Null),
         "{r}"
     );
+}
+
+/// A subscription the application made (the control API, as a token's `subscribe`
+/// claim does at connect) is held when the client's own resume arrives: nothing is
+/// replayed behind what it already delivers, and the reply's `recovered` says whether
+/// the client's `since` lost anything, instead of moving it on unseen.
+#[tokio::test]
+async fn a_resume_into_a_held_subscription_says_what_was_lost() {
+    let node = Node::start_with(|c| c.channels.rules = vec![history_rule("h:*", 100)]).await;
+    for i in 1..=3 {
+        assert_eq!(node.publish("h:x", &i.to_string()).await, 200);
+    }
+    let mut c = node.client().await;
+    let body = json!({"conn": c.welcome["conn"], "channel": "h:x"}).to_string();
+    let r = http(
+        node.api,
+        "POST",
+        "/api/subscribe",
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = c.recv_json().await;
+    assert_eq!(
+        (r["op"].as_str(), r["offset"].as_u64()),
+        (Some("subscribed"), Some(3))
+    );
+    let epoch = r["epoch"].as_str().unwrap().to_owned();
+    let since = |offset: u64| json!({"since": {"offset": offset, "epoch": epoch}});
+    // The client had offset 1 (from an earlier connection): 2 and 3 came before this
+    // subscription began.
+    let r = subscribe(&mut c, "h:x", 1, since(1)).await;
+    assert_eq!(
+        (
+            r["id"].as_u64(),
+            r["offset"].as_u64(),
+            r["recovered"].as_bool()
+        ),
+        (Some(1), Some(3), Some(false)),
+        "{r}"
+    );
+    let r = subscribe(&mut c, "h:x", 2, since(3)).await;
+    assert_eq!(r["recovered"].as_bool(), Some(true), "{r}");
+    node.publish("h:x", "4").await;
+    let m = c.recv_json().await;
+    assert_eq!(
+        (m["op"].as_str(), m["offset"].as_u64()),
+        (Some("message"), Some(4))
+    );
+    for (id, offset) in [(3, 3), (4, 4)] {
+        let r = subscribe(&mut c, "h:x", id, since(offset)).await;
+        assert_eq!(
+            (r["offset"].as_u64(), r["recovered"].as_bool()),
+            (Some(4), Some(true)),
+            "{r}"
+        );
+    }
+    // Without `since`: the position, no `recovered`.
+    let r = subscribe(&mut c, "h:x", 5, json!({})).await;
+    assert_eq!(
+        (r["offset"].as_u64(), r["recovered"].clone()),
+        (Some(4), Value::Null),
+        "{r}"
+    );
+    c.expect_silence(std::time::Duration::from_millis(200))
+        .await;
 }
 
 /// The channel's epoch, from a subscribe.

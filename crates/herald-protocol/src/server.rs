@@ -67,9 +67,8 @@ pub fn subscribed(
 }
 
 /// `{"op":"subscribed","channel":C,"id":N[,"delta":"fossil"]}`: the reply to a
-/// subscribe of a channel the connection already holds, while its first subscribe is
-/// still being answered (that one's reply carries the position). The next delivery is
-/// whole, as after every `subscribed`.
+/// subscribe of a channel the connection already holds, whose subscription has no
+/// position to vouch for yet. The next delivery is whole, as after every `subscribed`.
 pub fn subscribed_again(channel: &str, id: Option<u64>, delta: bool) -> String {
     let mut s = ack(Ack::Subscribed, channel, id);
     if delta {

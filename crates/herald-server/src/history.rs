@@ -192,6 +192,11 @@ struct Member {
     /// data its client holds, against which a delta can be sent. `None` until then,
     /// and after a binary delivery.
     base: Option<StreamPosition>,
+    /// Where this subscription began to have every offset on this connection: its
+    /// `subscribed` position, the `since` it recovered from, or its last `reset`.
+    /// `None` until its subscribe completes. A client's `since` at or after it, in the
+    /// epoch the member is in, lost nothing ([`Stream::subscribed_again`]).
+    from: Option<StreamPosition>,
     /// Recovering, live, or dropped as a slow consumer.
     phase: Phase,
 }
@@ -306,6 +311,7 @@ impl Stream {
             positions,
             delta,
             base: None,
+            from: None,
             phase: Phase::Recovering(Vec::new()),
         };
         let mut s = self.state.lock();
@@ -340,8 +346,9 @@ impl Stream {
     /// (`delta`: it asked, and the rule allows them; `None`: a subscribe the server
     /// made, which leaves them as they are). The reply carries the position of
     /// the last delivery queued before it, when the subscription is past its own
-    /// subscribe: the client has, or is about to read, every offset up to there, so a
-    /// `since` in the request has nothing to add. Its client forgets its delta base at
+    /// subscribe, and with a `since`, whether the subscription has delivered every
+    /// offset after it (`recovered`). Nothing is replayed: it would come behind later
+    /// offsets already queued. Its client forgets its delta base at
     /// every `subscribed`, so its next delivery goes whole: all under the lock, so that
     /// no delivery queued between them takes the old base. Whether `conn` is a member.
     pub(crate) fn subscribed_again(
@@ -349,6 +356,7 @@ impl Stream {
         conn: ConnId,
         id: Option<u64>,
         delta: Option<bool>,
+        since: Option<Since>,
     ) -> bool {
         let mut s = self.state.lock();
         let Some(m) = s.members.get_mut(&conn) else {
@@ -360,9 +368,22 @@ impl Stream {
         m.base = None;
         let reply = match m.phase {
             Phase::Live { through } | Phase::Lagging { through, .. } => {
-                server::subscribed(self.channel.as_str(), id, through, None, delta)
+                // A `since` this subscription covers lost nothing; one before where it
+                // began (a subscription the application made at connect, before the
+                // client resumed) cannot be replayed in order behind what it already
+                // has: `recovered:false`, so the client reloads instead of losing it
+                // unseen.
+                let recovered = since.map(|since| {
+                    since.epoch.is_some_and(|e| {
+                        let from = m.from.map(|f| f.in_epoch(e));
+                        through.epoch == e
+                            && from.is_some_and(|f| f.epoch == e && f.offset <= since.offset)
+                    })
+                });
+                server::subscribed(self.channel.as_str(), id, through, recovered, delta)
             }
-            // Its own `subscribed`, with the position, is still to come.
+            // Not reached from a session, whose requests wait for its own subscribe
+            // and catch-ups to finish: no position to vouch for here.
             Phase::Recovering(_) | Phase::Dropped => {
                 server::subscribed_again(self.channel.as_str(), id, delta)
             }
@@ -755,6 +776,15 @@ impl Stream {
             recovered,
             member.delta,
         )));
+        // Everything after `since` when it recovered, after the reply's position
+        // otherwise (or after a reset below).
+        member.from = Some(match (recovered, r.since) {
+            (Some(true), Some(since)) => StreamPosition {
+                offset: since.offset,
+                epoch: through.epoch,
+            },
+            _ => page.top,
+        });
         // A resume (and every subscribe) starts with whole publications: the client
         // holds no base from before that the node can vouch for.
         let mut replayed = 0u64;
@@ -772,6 +802,7 @@ impl Stream {
                 Out::Reset(at) => {
                     self.env.metrics.history_unrepairable.inc();
                     member.handle.push(Item::reply(server::reset(channel, at)));
+                    member.from = Some(at);
                 }
             }
         }
@@ -908,6 +939,7 @@ impl Stream {
             if let Phase::Live { through } = &mut m.phase {
                 if through.in_epoch(at.epoch).epoch != at.epoch || through.offset < at.offset {
                     *through = at;
+                    m.from = Some(at);
                     m.handle.push(reset.share());
                 }
             }
@@ -926,6 +958,7 @@ impl Stream {
                 if let Phase::Live { through } = &mut m.phase {
                     if !through.same_epoch(at) {
                         *through = at;
+                        m.from = Some(at);
                         m.handle.push(reset.share());
                     }
                 }
@@ -953,6 +986,7 @@ impl Stream {
                     if through.is_start() {
                         self.env.metrics.history_unrepairable.inc();
                         *through = at;
+                        m.from = Some(at);
                         m.handle.push(reset.share());
                     }
                 }
@@ -1167,6 +1201,7 @@ impl Stream {
                 if stale(m) {
                     self.env.metrics.history_unrepairable.inc();
                     m.phase = Phase::Live { through: fresh };
+                    m.from = Some(fresh);
                     m.handle.push(reset.share());
                 }
             }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use herald_broker::{Broker, HistoryPolicy, InboundReceiver, Ready, Received};
 use herald_metrics::Metrics;
+use herald_protocol::client::Since;
 use herald_protocol::{ChannelName, Publication};
 use indexmap::IndexMap;
 use parking_lot::RwLock;
@@ -293,9 +294,10 @@ impl Hub {
         conn: ConnId,
         id: Option<u64>,
         delta: Option<bool>,
+        since: Option<Since>,
     ) -> bool {
         self.stream(channel)
-            .is_some_and(|s| s.subscribed_again(conn, id, delta))
+            .is_some_and(|s| s.subscribed_again(conn, id, delta, since))
     }
 
     /// `channel`'s stream, when it is a history channel with local subscribers.

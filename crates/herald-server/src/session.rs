@@ -662,15 +662,16 @@ impl Session {
         delta: Option<bool>,
     ) {
         if self.subscriptions.contains(&channel) {
-            // Held already: the subscription goes on (nothing to replay: it has been
-            // live on this connection); only whether it takes deltas follows the
-            // client's request (a subscribe the server makes leaves them as they are).
+            // Held already: the subscription goes on, and what it delivers is not
+            // replayed (the reply says whether a `since` lost anything); only whether
+            // it takes deltas follows the client's request (a subscribe the server
+            // makes leaves them as they are).
             let rule = self.node.config.channels.rule(channel.as_str());
             let delta = delta.map(|d| d && rule.is_some_and(|r| r.delta.is_some()));
             if !self
                 .node
                 .hub
-                .subscribed_again(channel.as_str(), self.conn, id, delta)
+                .subscribed_again(channel.as_str(), self.conn, id, delta, since)
             {
                 self.reply(frames::ack(Ack::Subscribed, channel.as_str(), id));
             }
