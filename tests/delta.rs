@@ -75,6 +75,20 @@ async fn rebuild(c: &mut Client, channel: &str, n: usize) -> Vec<(String, usize,
     out
 }
 
+/// The control API subscribes `c`'s connection to `channel`, as a backend would.
+async fn backend_subscribes(node: &Node, c: &Client, channel: &str) {
+    let body = json!({"conn": c.welcome["conn"], "channel": channel}).to_string();
+    let r = http(
+        node.api,
+        "POST",
+        "/api/subscribe",
+        &[("content-type", "application/json")],
+        body.into_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+}
+
 async fn subscribe(c: &mut Client, channel: &str, id: u64, extra: Value) -> Value {
     let mut frame = json!({"op": "subscribe", "channel": channel, "id": id});
     for (k, v) in extra.as_object().unwrap() {
@@ -333,16 +347,7 @@ async fn subscribing_again_sets_deltas_and_says_the_position() {
     );
 
     // The backend subscribes it again (the control API): its deltas stay as they are.
-    let body = json!({"conn": c.welcome["conn"], "channel": "doc:a"}).to_string();
-    let r = http(
-        node.api,
-        "POST",
-        "/api/subscribe",
-        &[("content-type", "application/json")],
-        body.into_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    backend_subscribes(&node, &c, "doc:a").await;
     let r = c.recv_json().await;
     assert_eq!(
         (
@@ -385,16 +390,7 @@ async fn a_resume_into_a_held_subscription_says_what_was_lost() {
         assert_eq!(node.publish("h:x", &i.to_string()).await, 200);
     }
     let mut c = node.client().await;
-    let body = json!({"conn": c.welcome["conn"], "channel": "h:x"}).to_string();
-    let r = http(
-        node.api,
-        "POST",
-        "/api/subscribe",
-        &[("content-type", "application/json")],
-        body.into_bytes(),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{:?}", r.json());
+    backend_subscribes(&node, &c, "h:x").await;
     let r = c.recv_json().await;
     assert_eq!(
         (r["op"].as_str(), r["offset"].as_u64()),

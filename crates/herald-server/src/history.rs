@@ -201,6 +201,16 @@ struct Member {
     phase: Phase,
 }
 
+impl Member {
+    /// Tells it (`reset`: the frame) that its stream goes on after `at`: it is live
+    /// there, with every offset from `at` on and nothing before vouched for.
+    fn reset(&mut self, at: StreamPosition, reset: &Item) {
+        self.phase = Phase::Live { through: at };
+        self.from = Some(at);
+        self.handle.push(reset.share());
+    }
+}
+
 enum Phase {
     /// Its subscribe is reading the history: every publication that reached the
     /// channel since (duplicates possible; the merge sorts them out).
@@ -936,12 +946,10 @@ impl Stream {
     fn reset_to(&self, s: &mut State, at: StreamPosition) {
         let reset = Item::reply(server::reset(self.channel.as_str(), at));
         for m in s.members.values_mut() {
-            if let Phase::Live { through } = &mut m.phase {
-                if through.in_epoch(at.epoch).epoch != at.epoch || through.offset < at.offset {
-                    *through = at;
-                    m.from = Some(at);
-                    m.handle.push(reset.share());
-                }
+            if matches!(m.phase, Phase::Live { through }
+                if through.in_epoch(at.epoch).epoch != at.epoch || through.offset < at.offset)
+            {
+                m.reset(at, &reset);
             }
         }
     }
@@ -955,12 +963,8 @@ impl Stream {
         {
             let reset = Item::reply(server::reset(self.channel.as_str(), at));
             for m in s.members.values_mut() {
-                if let Phase::Live { through } = &mut m.phase {
-                    if !through.same_epoch(at) {
-                        *through = at;
-                        m.from = Some(at);
-                        m.handle.push(reset.share());
-                    }
+                if matches!(m.phase, Phase::Live { through } if !through.same_epoch(at)) {
+                    m.reset(at, &reset);
                 }
             }
         }
@@ -982,13 +986,9 @@ impl Stream {
             };
             let reset = Item::reply(server::reset(self.channel.as_str(), at));
             for m in s.members.values_mut() {
-                if let Phase::Live { through } = &mut m.phase {
-                    if through.is_start() {
-                        self.env.metrics.history_unrepairable.inc();
-                        *through = at;
-                        m.from = Some(at);
-                        m.handle.push(reset.share());
-                    }
+                if matches!(m.phase, Phase::Live { through } if through.is_start()) {
+                    self.env.metrics.history_unrepairable.inc();
+                    m.reset(at, &reset);
                 }
             }
         }
@@ -1200,9 +1200,7 @@ impl Stream {
             for m in s.members.values_mut() {
                 if stale(m) {
                     self.env.metrics.history_unrepairable.inc();
-                    m.phase = Phase::Live { through: fresh };
-                    m.from = Some(fresh);
-                    m.handle.push(reset.share());
+                    m.reset(fresh, &reset);
                 }
             }
         }

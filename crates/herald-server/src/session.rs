@@ -661,13 +661,17 @@ impl Session {
         since: Option<Since>,
         delta: Option<bool>,
     ) {
+        let node = self.node.clone();
+        let rule = node.config.channels.rule(channel.as_str());
+        // Deltas where the client applies them and the rule allows them (a rule with
+        // `delta` keeps history: the configuration is checked for it). `None`: a
+        // subscribe the server makes, which asks for none.
+        let delta = delta.map(|d| d && rule.is_some_and(|r| r.delta.is_some()));
         if self.subscriptions.contains(&channel) {
             // Held already: the subscription goes on, and what it delivers is not
             // replayed (the reply says whether a `since` lost anything); only whether
             // it takes deltas follows the client's request (a subscribe the server
             // makes leaves them as they are).
-            let rule = self.node.config.channels.rule(channel.as_str());
-            let delta = delta.map(|d| d && rule.is_some_and(|r| r.delta.is_some()));
             if !self
                 .node
                 .hub
@@ -688,8 +692,6 @@ impl Session {
                 .into(),
             });
         }
-        let node = self.node.clone();
-        let rule = node.config.channels.rule(channel.as_str());
         let history = rule.and_then(|r| r.history());
         if history.is_some() && since.is_some() {
             // A resume may replay up to half the queue, all of it or a close: room
@@ -699,9 +701,7 @@ impl Session {
         let opts = SubscribeOpts {
             history,
             positions: recover,
-            // Deltas where the client applies them and the rule allows them (a rule
-            // with `delta` keeps history: the configuration is checked for it).
-            delta: delta == Some(true) && rule.is_some_and(|r| r.delta.is_some()),
+            delta: delta == Some(true),
         };
         let subscribed = self
             .node
